@@ -1,0 +1,7 @@
+//! The Claude Code CLI: how it is started, and how its stream is read.
+
+mod process;
+pub mod stream;
+
+pub use process::{AgentCommand, AgentOutcome, AgentStop, build_command, run_agent};
+pub use stream::{AgentResult, Tally};

@@ -1,0 +1,233 @@
+//! Starting Claude Code headless in its own process group with a scrubbed environment, reading
+//! its stream as it arrives, and stopping it on timeout, silence or cancel.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::stream::Tally;
+use crate::api::Resolved;
+
+/// Environment variables passed through to the agent when set (everything else is dropped).
+const PASSTHROUGH_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "ANTHROPIC_BASE_URL",
+    "CLAUDE_CODE_MAX_RETRIES",
+    "API_TIMEOUT_MS",
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+];
+
+/// How the agent process is started: program, arguments, environment, directory, stdin.
+#[derive(Debug, Clone)]
+pub struct AgentCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// The prompt, written to stdin (not argv: prompts can be long, and argv is world-readable).
+    pub stdin: String,
+}
+
+/// Builds the command line. `home` is a private directory for this execution.
+pub fn build_command(
+    r: &Resolved,
+    claude_bin: &Path,
+    workspace: &Path,
+    home: &Path,
+    api_key: Option<&str>,
+    parent_env: impl Fn(&str) -> Option<String>,
+) -> AgentCommand {
+    let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions"]
+        .map(String::from)
+        .into();
+    // Sessions are not resumed; keep nothing in the private HOME beyond the run.
+    args.push("--no-session-persistence".into());
+    if let Some(m) = &r.model {
+        args.extend(["--model".into(), m.clone()]);
+    }
+    if let Some(n) = r.max_turns {
+        args.extend(["--max-turns".into(), n.to_string()]);
+    }
+    if let Some(b) = r.max_budget_usd {
+        args.extend(["--max-budget-usd".into(), b.to_string()]);
+    }
+    if !r.allowed_tools.is_empty() {
+        args.extend(["--allowedTools".into(), r.allowed_tools.join(",")]);
+    }
+    if !r.disallowed_tools.is_empty() {
+        args.extend(["--disallowedTools".into(), r.disallowed_tools.join(",")]);
+    }
+    if let Some(s) = &r.append_system_prompt {
+        args.extend(["--append-system-prompt".into(), s.clone()]);
+    }
+    let mut env: Vec<(String, String)> = PASSTHROUGH_ENV
+        .iter()
+        .filter_map(|k| parent_env(k).map(|v| (k.to_string(), v)))
+        .collect();
+    let home_s = home.to_string_lossy().into_owned();
+    env.extend([
+        ("HOME".into(), home_s.clone()),
+        ("CLAUDE_CONFIG_DIR".into(), home.join(".claude").to_string_lossy().into_owned()),
+        // Claude Code needs a writable TMPDIR; with a read-only /tmp it exits silently.
+        ("TMPDIR".into(), home.join("tmp").to_string_lossy().into_owned()),
+        // The workspace is the sandbox: lets bypassPermissions run as root in containers.
+        ("IS_SANDBOX".into(), "1".into()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()),
+        ("DISABLE_TELEMETRY".into(), "1".into()),
+        ("DISABLE_AUTOUPDATER".into(), "1".into()),
+        ("DISABLE_ERROR_REPORTING".into(), "1".into()),
+        // The operator owns git: keep the agent's git from reaching the user's config.
+        ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
+        ("GIT_TERMINAL_PROMPT".into(), "0".into()),
+    ]);
+    if let Some(k) = api_key {
+        env.push(("ANTHROPIC_API_KEY".into(), k.to_string()));
+    }
+    AgentCommand { program: claude_bin.to_path_buf(), args, env, cwd: workspace.to_path_buf(), stdin: r.prompt.clone() }
+}
+
+/// Why the agent stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStop {
+    /// The process exited by itself with this code (None: killed by a signal).
+    Exited(Option<i32>),
+    /// The wall-clock deadline passed.
+    TimedOut,
+    /// Nothing was printed for the idle limit.
+    Idle,
+    /// Cancel was requested.
+    Cancelled,
+}
+
+/// What one agent run produced.
+#[derive(Debug, Clone)]
+pub struct AgentOutcome {
+    pub tally: Tally,
+    pub stop: AgentStop,
+    /// Last part of stderr (for error messages).
+    pub stderr_tail: String,
+    pub duration: Duration,
+}
+
+/// How long a stopped agent gets between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+const STDERR_TAIL: usize = 4096;
+
+/// Runs the agent to the end, a deadline, silence or cancel. `on_line` sees every stdout line
+/// and the totals after it (the caller persists progress and logs).
+pub async fn run_agent(
+    cmd: &AgentCommand,
+    deadline: Instant,
+    idle: Duration,
+    cancel: &CancellationToken,
+    mut on_line: impl FnMut(&str, &Tally, bool),
+) -> std::io::Result<AgentOutcome> {
+    let started = Instant::now();
+    let mut child = Command::new(&cmd.program)
+        .args(&cmd.args)
+        .env_clear()
+        .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&cmd.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so that stopping it stops the tools it started too.
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pgid = child.id().map(|id| Pid::from_raw(id as i32));
+    if let Some(mut stdin) = child.stdin.take() {
+        let prompt = cmd.stdin.clone();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(prompt.as_bytes()).await;
+        });
+    }
+    let stderr_task = child.stderr.take().map(|mut e| {
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = e.read_to_end(&mut buf).await;
+            let s = String::from_utf8_lossy(&buf).into_owned();
+            let start = s.len().saturating_sub(STDERR_TAIL);
+            let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
+            s[start..].to_string()
+        })
+    });
+    let mut tally = Tally::default();
+    let mut stop = None;
+    let mut lines = child.stdout.take().map(|out| BufReader::new(out).lines());
+    if let Some(lines) = lines.as_mut() {
+        let mut idle_at = Instant::now() + idle;
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(l)) => {
+                        idle_at = Instant::now() + idle;
+                        let changed = tally.push_line(&l);
+                        on_line(&l, &tally, changed);
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => { stop = Some(AgentStop::TimedOut); break; }
+                _ = tokio::time::sleep_until(idle_at) => { stop = Some(AgentStop::Idle); break; }
+                _ = cancel.cancelled() => { stop = Some(AgentStop::Cancelled); break; }
+            }
+        }
+    }
+    let stop = match stop {
+        Some(s) => {
+            terminate(&mut child, pgid).await;
+            // What it printed while stopping still counts (a final usage line, if any).
+            if let Some(lines) = lines.as_mut() {
+                while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+                    let changed = tally.push_line(&l);
+                    on_line(&l, &tally, changed);
+                }
+            }
+            s
+        }
+        None => {
+            // stdout closed: the agent is exiting. Still bound the wait by deadline and cancel.
+            tokio::select! {
+                st = child.wait() => AgentStop::Exited(st.ok().and_then(|s| s.code())),
+                _ = tokio::time::sleep_until(deadline) => { terminate(&mut child, pgid).await; AgentStop::TimedOut }
+                _ = cancel.cancelled() => { terminate(&mut child, pgid).await; AgentStop::Cancelled }
+            }
+        }
+    };
+    // Tools the agent started may linger in its group after it exits; they go with it.
+    if let Some(pg) = pgid {
+        let _ = killpg(pg, Signal::SIGKILL);
+    }
+    let stderr_tail = match stderr_task {
+        Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
+        None => String::new(),
+    };
+    Ok(AgentOutcome { tally, stop, stderr_tail, duration: started.elapsed() })
+}
+
+/// SIGTERM to the whole group, then SIGKILL after a grace period.
+async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>) {
+    if let Some(pg) = pgid {
+        let _ = killpg(pg, Signal::SIGTERM);
+    }
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
+        if let Some(pg) = pgid {
+            let _ = killpg(pg, Signal::SIGKILL);
+        }
+        let _ = child.kill().await;
+    }
+}

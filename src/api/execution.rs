@@ -1,0 +1,395 @@
+//! `AgentExecution`: one run of the agent on one repository.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the user asks for. Immutable after creation except `cancel`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "agentops.dev",
+    version = "v1alpha1",
+    kind = "AgentExecution",
+    namespaced,
+    shortname = "ax",
+    status = "AgentExecutionStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Repo","type":"string","jsonPath":".spec.repository.url","priority":1}"#,
+    printcolumn = r#"{"name":"Branch","type":"string","jsonPath":".status.git.branch"}"#,
+    printcolumn = r#"{"name":"Cost","type":"number","jsonPath":".status.costUsd"}"#,
+    printcolumn = r#"{"name":"Tokens","type":"integer","jsonPath":".status.tokensUsed"}"#,
+    printcolumn = r#"{"name":"Turns","type":"integer","jsonPath":".status.numTurns"}"#,
+    printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentExecutionSpec {
+    /// The task for the agent. Required unless the template gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// An `AgentTemplate` in the same namespace whose settings this execution starts from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+    /// The repository to clone and push to.
+    pub repository: Repository,
+    /// How the operator commits and pushes the agent's changes.
+    #[serde(default)]
+    pub git: GitSpec,
+    /// Agent settings; each one overrides the template's.
+    #[serde(default)]
+    pub agent: AgentSpec,
+    /// Wall-clock limit for the whole execution, e.g. `30m`, `1h30m`. Default 1h.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Set to true to stop the execution; usage spent so far is kept.
+    #[serde(default)]
+    pub cancel: bool,
+    /// Commands or webhooks run around the agent.
+    #[serde(default)]
+    pub hooks: Hooks,
+    /// Where the clone lives.
+    #[serde(default)]
+    pub workspace: WorkspaceSpec,
+    /// Delete the resource this many seconds after it finished (the store keeps its record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<i64>,
+    /// Higher runs first when executions are queued.
+    #[serde(default)]
+    pub priority: i32,
+    /// Free-form attribution: which worker asked for this execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Free-form attribution: which work item this execution serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_item: Option<String>,
+}
+
+/// A reference to an `AgentTemplate` by name.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct TemplateRef {
+    /// Name of the template.
+    pub name: String,
+}
+
+/// A key in a Secret (on one machine: the file `<secrets-dir>/<name>/<key>`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key inside the Secret; each reference documents its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The repository the agent works on.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Repository {
+    /// Clone URL (`https://` or `http://`). Never put a token in it: use `credentialsSecretRef`.
+    #[schemars(regex(pattern = r"^(https?|file)://"))]
+    pub url: String,
+    /// Branch or tag to start from. Default: the remote's default branch.
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// History depth to fetch. Default 1; 0 fetches everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub depth: Option<i32>,
+    /// Secret with keys `token` (or `key`) and optional `username` (default `x-access-token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+}
+
+/// How the operator commits and pushes.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitSpec {
+    /// Work branch to create and push. Default `agentops/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Branch the work is meant to merge into (recorded for pull requests). Default: `repository.ref`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_branch: Option<String>,
+    /// Commit message. Default: `agentops: <name>` and the first line of the prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_message: Option<String>,
+    /// Commit author. Default `agentops <agentops@localhost>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<GitAuthor>,
+    /// Push the work branch. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<bool>,
+}
+
+/// A commit author.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct GitAuthor {
+    /// Author name.
+    pub name: String,
+    /// Author email.
+    pub email: String,
+}
+
+/// Agent settings. Each one overrides the template's.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Model name passed to Claude Code (`--model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Stop after this many agent turns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_turns: Option<i32>,
+    /// Stop once this many US dollars are spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_budget_usd: Option<f64>,
+    /// Tools the agent may use without asking, e.g. `Write`, `Bash(git diff:*)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_tools: Option<Vec<String>>,
+    /// Tools the agent may not use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disallowed_tools: Option<Vec<String>>,
+    /// Text appended to Claude Code's system prompt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_system_prompt: Option<String>,
+    /// Secret key holding the Anthropic API key (default key `api-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+    /// Stop the agent when it prints nothing for this long, e.g. `5m`. Default 10m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<String>,
+}
+
+/// Hooks run around the agent.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hooks {
+    /// Run after the clone, before the agent; any failure aborts (reason `PreHookRejected`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pre: Vec<Hook>,
+    /// Run after the agent succeeded and its work was committed; they receive the result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<Hook>,
+    /// Run when the execution fails, times out or is cancelled; they receive the error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on_error: Vec<Hook>,
+}
+
+/// One hook: a command run in the workspace, or a webhook that receives the execution as JSON.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hook {
+    /// Name shown in logs. Default `<phase>-<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Command and arguments, run in the workspace with the context JSON on stdin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// URL that receives a POST of the context JSON; a non-2xx answer is a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Limit for this hook, e.g. `30s`. Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// Workspace volume settings.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// Storage class of the workspace PVC. Empty: an emptyDir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Size of the workspace volume, e.g. `10Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// What happens to the workspace when the execution ends. Default `Delete`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain: Option<RetainPolicy>,
+}
+
+/// Workspace retention.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RetainPolicy {
+    /// Remove the workspace when the execution ends.
+    #[default]
+    Delete,
+    /// Keep the workspace.
+    Retain,
+    /// Keep the workspace only when the execution did not succeed.
+    RetainOnFailure,
+}
+
+/// Lifecycle phase of an execution.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Accepted, not yet started.
+    #[default]
+    Pending,
+    /// Waiting for a concurrency slot.
+    Queued,
+    /// The runner is working.
+    Running,
+    /// Finished; the work (if any) is committed and pushed.
+    Succeeded,
+    /// Finished with an error.
+    Failed,
+    /// Stopped by `cancel`.
+    Cancelled,
+    /// Stopped by the timeout.
+    TimedOut,
+}
+
+impl Phase {
+    /// True once the execution can no longer change.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::TimedOut
+        )
+    }
+
+    /// The name used in the store and the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Queued => "Queued",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Cancelled => "Cancelled",
+            Phase::TimedOut => "TimedOut",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Token usage, as the Anthropic API reports it.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// Uncached input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Input tokens read from the prompt cache.
+    pub cache_read_input_tokens: u64,
+    /// Input tokens written to the prompt cache.
+    pub cache_creation_input_tokens: u64,
+}
+
+impl Usage {
+    /// All tokens billed, of every kind.
+    pub fn total(&self) -> u64 {
+        self.input_tokens
+            + self.output_tokens
+            + self.cache_read_input_tokens
+            + self.cache_creation_input_tokens
+    }
+}
+
+/// Tool calls the agent made.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolCalls {
+    /// All tool calls.
+    pub total: u64,
+    /// Tool calls per tool name.
+    pub by_tool: BTreeMap<String, u64>,
+}
+
+/// What the operator did in git.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitResult {
+    /// The work branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// The commit made for the agent's changes, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Whether the commit reached the remote.
+    pub pushed: bool,
+    /// Files added, modified or deleted.
+    pub changed_files: u64,
+    /// Lines added.
+    pub insertions: u64,
+    /// Lines removed.
+    pub deletions: u64,
+    /// Pull request, when one was opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request_url: Option<String>,
+}
+
+/// What happened: the fields `kubectl get ax` and GitOps tools read.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentExecutionStatus {
+    /// Lifecycle phase.
+    #[serde(default)]
+    pub phase: Phase,
+    /// kstatus conditions: `Ready`, `Reconciling`, `Stalled`, `Succeeded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the runner started (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    /// When the execution ended (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// Run time in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Run time for people, e.g. `1m 12s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    /// The Job running this execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// The workspace (PVC name, or directory on one machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// Tokens by kind.
+    #[serde(default)]
+    pub usage: Usage,
+    /// All tokens, of every kind.
+    #[serde(default)]
+    pub tokens_used: u64,
+    /// Cost in US dollars, as Claude Code computes it.
+    #[serde(default)]
+    pub cost_usd: f64,
+    /// Agent turns.
+    #[serde(default)]
+    pub num_turns: u64,
+    /// Tool calls, total and per tool.
+    #[serde(default)]
+    pub tool_calls: ToolCalls,
+    /// Claude Code session id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// The agent's final text (truncated to 4 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    /// What the operator did in git.
+    #[serde(default)]
+    pub git: GitResult,
+    /// Machine-readable reason for the phase, e.g. `NoChanges`, `PushRejected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Human-readable explanation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,199 @@
+//! Reading a manifest file: one `AgentExecution`, optionally with the `AgentTemplate`s it uses,
+//! as YAML documents. Errors name the document and the field path.
+
+use kube::api::ObjectMeta;
+use serde::de::DeserializeOwned;
+
+use super::{API_VERSION, AgentExecution, AgentExecutionSpec, AgentTemplate, AgentTemplateSpec};
+
+/// The resources found in a manifest file.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The execution to run.
+    pub execution: AgentExecution,
+    /// Templates given alongside it.
+    pub templates: Vec<AgentTemplate>,
+}
+
+/// A manifest that cannot be used, with the field it is about.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}{field}: {message}", document.map(|d| format!("document {d}: ")).unwrap_or_default())]
+pub struct ManifestError {
+    /// 1-based index of the YAML document, when the file has several.
+    pub document: Option<usize>,
+    /// Field path, e.g. `spec.repository.url`.
+    pub field: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl ManifestError {
+    pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { document: None, field: field.into(), message: message.into() }
+    }
+}
+
+/// Parses the text of a manifest file.
+pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(de).map_err(|e| ManifestError {
+                document: Some(i + 1),
+                field: "(yaml)".into(),
+                message: format!("not valid YAML: {e}"),
+            })?;
+        if !value.is_null() {
+            docs.push((i + 1, value));
+        }
+    }
+    let multi = docs.len() > 1;
+    let mut executions = Vec::new();
+    let mut templates = Vec::new();
+    for (index, value) in docs {
+        let at = |mut e: ManifestError| {
+            if multi {
+                e.document = Some(index);
+            }
+            e
+        };
+        let obj = value.as_object().ok_or_else(|| {
+            at(ManifestError::new("(document)", "expected a mapping with apiVersion, kind, metadata and spec"))
+        })?;
+        for key in obj.keys() {
+            if !matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "spec" | "status") {
+                return Err(at(ManifestError::new(key.as_str(), "unknown field; expected apiVersion, kind, metadata, spec")));
+            }
+        }
+        let api_version = obj.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
+        if api_version != API_VERSION {
+            return Err(at(ManifestError::new(
+                "apiVersion",
+                format!("is {api_version:?}; expected {API_VERSION:?}"),
+            )));
+        }
+        let kind = obj.get("kind").and_then(|v| v.as_str()).unwrap_or_default();
+        let metadata: ObjectMeta = field(obj.get("metadata"), "metadata", false).map_err(at)?;
+        if metadata.name.as_deref().unwrap_or_default().is_empty() {
+            return Err(at(ManifestError::new("metadata.name", "is required")));
+        }
+        match kind {
+            "AgentExecution" => {
+                let spec: AgentExecutionSpec = field(obj.get("spec"), "spec", true).map_err(at)?;
+                let mut ax = AgentExecution::new(metadata.name.as_deref().unwrap_or_default(), spec);
+                ax.metadata = metadata;
+                executions.push(ax);
+            }
+            "AgentTemplate" => {
+                let spec: AgentTemplateSpec = field(obj.get("spec"), "spec", true).map_err(at)?;
+                let mut t = AgentTemplate::new(metadata.name.as_deref().unwrap_or_default(), spec);
+                t.metadata = metadata;
+                templates.push(t);
+            }
+            other => {
+                return Err(at(ManifestError::new(
+                    "kind",
+                    format!("is {other:?}; expected AgentExecution or AgentTemplate"),
+                )));
+            }
+        }
+    }
+    let mut executions = executions.into_iter();
+    let execution = executions
+        .next()
+        .ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
+    if executions.next().is_some() {
+        return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
+    }
+    Ok(Manifest { execution, templates })
+}
+
+/// Deserializes one top-level field, naming the full path of a wrong type or an unknown field.
+fn field<T: DeserializeOwned + Default>(
+    value: Option<&serde_json::Value>,
+    name: &str,
+    required: bool,
+) -> Result<T, ManifestError> {
+    let Some(value) = value else {
+        return if required {
+            Err(ManifestError::new(name, "is required"))
+        } else {
+            Ok(T::default())
+        };
+    };
+    let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let path = if path == "." { name.to_string() } else { format!("{name}.{path}") };
+        ManifestError::new(path, e.inner().to_string())
+    })?;
+    // A second pass finds fields the types do not know (a typo would otherwise be silently dropped).
+    let mut unknown = Vec::new();
+    let _: Result<T, _> = serde_ignored::deserialize(value, |p| unknown.push(p.to_string()));
+    if let Some(p) = unknown.into_iter().next() {
+        return Err(ManifestError::new(format!("{name}.{p}"), "unknown field; check its spelling against `agentops crd`"));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+apiVersion: agentops.dev/v1alpha1
+kind: AgentExecution
+metadata: {name: hello}
+spec:
+  prompt: add a greeting
+  repository: {url: "http://127.0.0.1/repo.git"}
+"#;
+
+    #[test]
+    fn reads_an_execution() {
+        let m = parse_manifest(OK).unwrap();
+        assert_eq!(m.execution.metadata.name.as_deref(), Some("hello"));
+        assert_eq!(m.execution.spec.repository.url, "http://127.0.0.1/repo.git");
+        assert!(m.templates.is_empty());
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = parse_manifest(&OK.replace("prompt:", "promt:")).unwrap_err();
+        assert_eq!(err.field, "spec.promt");
+        let err = parse_manifest(&OK.replace("{url:", "{branch: x, url:")).unwrap_err();
+        assert_eq!(err.field, "spec.repository.branch");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = format!("{OK}  agent: {{maxTurns: many}}\n");
+        let err = parse_manifest(&text).unwrap_err();
+        assert_eq!(err.field, "spec.agent.maxTurns");
+        assert!(err.message.contains("invalid type"), "{}", err.message);
+    }
+
+    #[test]
+    fn missing_url_is_named() {
+        let err = parse_manifest(&OK.replace("repository: {url: \"http://127.0.0.1/repo.git\"}", "repository: {}")).unwrap_err();
+        assert_eq!(err.field, "spec.repository");
+        assert!(err.message.contains("missing field `url`"), "{}", err.message);
+    }
+
+    #[test]
+    fn multi_document_with_template() {
+        let text = format!(
+            "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {{name: t}}\nspec: {{agent: {{model: m}}}}\n---{OK}"
+        );
+        let m = parse_manifest(&text).unwrap();
+        assert_eq!(m.templates.len(), 1);
+        let err = parse_manifest(&text.replace("kind: AgentTemplate", "kind: Nope")).unwrap_err();
+        assert_eq!((err.document, err.field.as_str()), (Some(1), "kind"));
+    }
+
+    #[test]
+    fn broken_yaml_is_an_error_not_a_panic() {
+        assert!(parse_manifest("spec: [unclosed").is_err());
+        assert!(parse_manifest("").is_err());
+        assert!(parse_manifest("- a\n- b").is_err());
+    }
+}

@@ -1,0 +1,248 @@
+//! Git through libgit2: clone one ref shallowly, commit the workspace as the operator, push.
+//! Credentials only ever go through the credentials callback: never in a URL, the remote's
+//! config, an argument or a log line.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+
+use git2::{
+    AutotagOption, Cred, CredentialType, Direction, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks,
+    Repository, Signature,
+};
+
+/// Basic-auth credentials for the git host.
+#[derive(Clone)]
+pub struct GitCredentials {
+    pub username: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for GitCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitCredentials").field("username", &self.username).field("token", &"***").finish()
+    }
+}
+
+/// A git failure, classified so the user knows what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("authentication to {url} failed: check the token in spec.repository.credentialsSecretRef")]
+    Auth { url: String },
+    #[error("{url} needs credentials: set spec.repository.credentialsSecretRef")]
+    AuthRequired { url: String },
+    #[error("cannot reach {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("ref {git_ref:?} not found in {url}: check spec.repository.ref")]
+    RefNotFound { url: String, git_ref: String },
+    #[error("push of {branch} was rejected: {message}")]
+    PushRejected { branch: String, message: String },
+    #[error("git: {0}")]
+    Other(#[from] git2::Error),
+}
+
+/// What a clone produced.
+#[derive(Debug, Clone)]
+pub struct Cloned {
+    /// The commit the work starts from.
+    pub base: Oid,
+    /// The remote branch it came from.
+    pub source_branch: String,
+}
+
+/// Files and lines changed by the operator's commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangeStats {
+    pub changed_files: u64,
+    pub insertions: u64,
+    pub deletions: u64,
+}
+
+/// How many times the credentials callback may answer before we call it a failure.
+/// libgit2 asks again after every 401, forever, unless told to stop.
+const MAX_CREDENTIAL_ATTEMPTS: u32 = 1;
+
+fn callbacks<'a>(creds: Option<&'a GitCredentials>, attempts: &'a Cell<u32>, stop: &'a AtomicBool) -> RemoteCallbacks<'a> {
+    let mut cb = RemoteCallbacks::new();
+    // Returning false aborts the transfer: how cancel and timeout stop a clone or push mid-way.
+    cb.transfer_progress(move |_| !stop.load(Ordering::Relaxed));
+    cb.sideband_progress(move |_| !stop.load(Ordering::Relaxed));
+    cb.credentials(move |_url, username, allowed| {
+        let n = attempts.get();
+        attempts.set(n + 1);
+        match creds {
+            Some(c) if n < MAX_CREDENTIAL_ATTEMPTS && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => {
+                Cred::userpass_plaintext(username.filter(|u| !u.is_empty()).unwrap_or(&c.username), &c.token)
+            }
+            _ => Err(git2::Error::from_str("credentials rejected")),
+        }
+    });
+    cb
+}
+
+fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, attempts: u32) -> GitError {
+    if attempts > 0 || e.code() == git2::ErrorCode::Auth {
+        return match creds {
+            Some(_) => GitError::Auth { url: url.into() },
+            None => GitError::AuthRequired { url: url.into() },
+        };
+    }
+    match e.class() {
+        git2::ErrorClass::Net | git2::ErrorClass::Http | git2::ErrorClass::Ssl | git2::ErrorClass::Os => {
+            GitError::Unreachable { url: url.into(), message: e.message().to_string() }
+        }
+        _ => GitError::Other(e),
+    }
+}
+
+/// Clones `git_ref` (default: the remote's default branch) of `url` into `dest` with `depth`
+/// (0: full history), and checks out a new local branch `work_branch` at it.
+pub fn clone(
+    url: &str,
+    dest: &Path,
+    git_ref: Option<&str>,
+    depth: u32,
+    creds: Option<&GitCredentials>,
+    work_branch: &str,
+    stop: &AtomicBool,
+) -> Result<(Repository, Cloned), GitError> {
+    let repo = Repository::init(dest)?;
+    let attempts = Cell::new(0);
+    let wrap = |e: git2::Error| classify(e, url, creds, attempts.get());
+    // The remote is created with the plain URL; nothing secret reaches .git/config.
+    let mut remote = repo.remote("origin", url)?;
+
+    // One connection to learn the refs (and the default branch), then fetch only the one we need.
+    remote.connect_auth(Direction::Fetch, Some(callbacks(creds, &attempts, stop)), None).map_err(wrap)?;
+    let heads: Vec<(String, Oid)> = remote.list().map_err(wrap)?.iter().map(|h| (h.name().to_string(), h.oid())).collect();
+    let default = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from));
+    remote.disconnect().map_err(wrap)?;
+
+    let wanted = match git_ref {
+        Some(r) => [format!("refs/heads/{r}"), format!("refs/tags/{r}"), r.to_string()]
+            .into_iter()
+            .find(|cand| heads.iter().any(|(n, _)| n == cand))
+            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?,
+        None => default
+            .or_else(|| heads.iter().find(|(n, _)| n.starts_with("refs/heads/")).map(|(n, _)| n.clone()))
+            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: "HEAD".into() })?,
+    };
+    let short = wanted.rsplit_once("refs/heads/").map(|(_, b)| b).unwrap_or(&wanted).to_string();
+    let tracking = format!("refs/remotes/origin/{short}");
+    let refspec = format!("+{wanted}:{tracking}");
+
+    let mut fo = FetchOptions::new();
+    fo.remote_callbacks(callbacks(creds, &attempts, stop));
+    fo.download_tags(AutotagOption::None);
+    if depth > 0 {
+        fo.depth(depth as i32);
+    }
+    attempts.set(0);
+    remote.fetch(&[&refspec], Some(&mut fo), None).map_err(wrap)?;
+    drop(remote);
+
+    let base = repo.refname_to_id(&tracking)?;
+    let commit = repo.find_commit(base)?;
+    repo.branch(work_branch, &commit, true)?;
+    repo.set_head(&format!("refs/heads/{work_branch}"))?;
+    repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
+    drop(commit);
+    Ok((repo, Cloned { base, source_branch: short }))
+}
+
+/// The work tree's changes against the base, staged as a tree but not yet committed.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub tree: Oid,
+    pub stats: ChangeStats,
+    /// The unified diff against the base.
+    pub patch: String,
+}
+
+/// Stages everything in the work tree (additions, edits, deletions; `.gitignore` respected)
+/// and compares it with `base`. None when nothing changed.
+pub fn stage_changes(repo: &Repository, base: Oid) -> Result<Option<Staged>, GitError> {
+    let mut index = repo.index()?;
+    index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
+    index.update_all(["*"], None)?;
+    index.write()?;
+    let tree_id = index.write_tree()?;
+    let base_tree = repo.find_commit(base)?.tree()?;
+    if tree_id == base_tree.id() {
+        return Ok(None);
+    }
+    let tree = repo.find_tree(tree_id)?;
+    let diff = repo.diff_tree_to_tree(Some(&base_tree), Some(&tree), None)?;
+    let st = diff.stats()?;
+    let stats = ChangeStats {
+        changed_files: st.files_changed() as u64,
+        insertions: st.insertions() as u64,
+        deletions: st.deletions() as u64,
+    };
+    let mut patch = String::new();
+    diff.print(git2::DiffFormat::Patch, |_, _, line| {
+        if matches!(line.origin(), '+' | '-' | ' ') {
+            patch.push(line.origin());
+        }
+        patch.push_str(&String::from_utf8_lossy(line.content()));
+        true
+    })?;
+    Ok(Some(Staged { tree: tree_id, stats, patch }))
+}
+
+/// Commits a staged tree on `branch` as one commit on top of `base`, whatever the agent did to
+/// HEAD: the operator owns history and authorship.
+pub fn commit_staged(
+    repo: &Repository,
+    base: Oid,
+    staged: &Staged,
+    branch: &str,
+    author: &Signature<'_>,
+    message: &str,
+) -> Result<Oid, GitError> {
+    let tree = repo.find_tree(staged.tree)?;
+    let parent = repo.find_commit(base)?;
+    let oid = repo.commit(None, author, author, message, &tree, &[&parent])?;
+    repo.reference(&format!("refs/heads/{branch}"), oid, true, "agentops: commit agent changes")?;
+    repo.set_head(&format!("refs/heads/{branch}"))?;
+    Ok(oid)
+}
+
+/// Pushes `branch` to origin. A rejection (non-fast-forward, protected branch, hook) is an error
+/// carrying the server's message.
+pub fn push(
+    repo: &Repository,
+    url: &str,
+    branch: &str,
+    creds: Option<&GitCredentials>,
+    stop: &AtomicBool,
+) -> Result<(), GitError> {
+    let attempts = Cell::new(0);
+    let rejected: std::cell::RefCell<Option<String>> = Default::default();
+    let mut cb = callbacks(creds, &attempts, stop);
+    cb.push_update_reference(|_refname, status| {
+        if let Some(msg) = status {
+            *rejected.borrow_mut() = Some(msg.to_string());
+        }
+        Ok(())
+    });
+    let mut po = PushOptions::new();
+    po.remote_callbacks(cb);
+    let mut remote = repo.find_remote("origin")?;
+    let spec = format!("refs/heads/{branch}:refs/heads/{branch}");
+    match remote.push(&[&spec], Some(&mut po)) {
+        Ok(()) => {}
+        Err(e) => {
+            let err = classify(e, url, creds, attempts.get());
+            return Err(match err {
+                GitError::Other(e) => GitError::PushRejected { branch: branch.into(), message: e.message().to_string() },
+                other => other,
+            });
+        }
+    }
+    drop(po);
+    match rejected.into_inner() {
+        Some(message) => Err(GitError::PushRejected { branch: branch.into(), message }),
+        None => Ok(()),
+    }
+}

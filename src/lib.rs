@@ -1,0 +1,10 @@
+//! agentops: run the Claude Code agent against git repositories, on one machine or as a
+//! Kubernetes operator.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod crd;
+pub mod git;
+pub mod runner;
+pub mod store;

@@ -1,0 +1,116 @@
+//! Hooks: commands run in the workspace with the context JSON on stdin, or webhooks that
+//! receive it as a POST. Their output goes to the log (redacted).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use crate::api::{HookAction, ResolvedHook};
+
+/// Why a hook failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HookError {
+    #[error("hook {name} exited with status {code}")]
+    Exit { name: String, code: String },
+    #[error("hook {name} answered HTTP {status}")]
+    Status { name: String, status: u16 },
+    #[error("hook {name} took longer than {secs}s")]
+    Timeout { name: String, secs: u64 },
+    #[error("hook {name} could not run: {message}")]
+    Start { name: String, message: String },
+}
+
+/// Where the hook runs and what it may see.
+pub struct HookEnv<'a> {
+    pub cwd: &'a Path,
+    pub home: &'a Path,
+    pub phase: &'a str,
+    pub execution_id: &'a str,
+}
+
+/// A shared HTTP client for webhooks (rustls with the ring provider, installed once).
+pub fn http_client() -> reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::builder()
+                .user_agent(concat!("agentops/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .unwrap_or_default()
+        })
+        .clone()
+}
+
+/// Runs one hook; `log` receives its output lines. Ok(()) only for exit 0 / HTTP 2xx.
+pub async fn run_hook(
+    hook: &ResolvedHook,
+    context: &serde_json::Value,
+    env: &HookEnv<'_>,
+    mut log: impl FnMut(String),
+) -> Result<(), HookError> {
+    let name = hook.name.clone();
+    let body = serde_json::to_vec(context).unwrap_or_default();
+    let timeout = hook.timeout;
+    let timed_out = || HookError::Timeout { name: name.clone(), secs: timeout.as_secs() };
+    match &hook.action {
+        HookAction::Command(argv) => {
+            let mut child = Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(env.cwd)
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
+                .env("HOME", env.home)
+                .env("AGENTOPS_HOOK_PHASE", env.phase)
+                .env("AGENTOPS_EXECUTION_ID", env.execution_id)
+                .env("AGENTOPS_WORKSPACE", env.cwd)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| HookError::Start { name: name.clone(), message: format!("{}: {e}", argv[0]) })?;
+            if let Some(mut stdin) = child.stdin.take() {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&body).await;
+                });
+            }
+            let out = tokio::time::timeout(timeout, child.wait_with_output()).await.map_err(|_| timed_out())?;
+            let out = out.map_err(|e| HookError::Start { name: name.clone(), message: e.to_string() })?;
+            for stream in [&out.stdout, &out.stderr] {
+                for line in String::from_utf8_lossy(stream).lines() {
+                    log(line.to_string());
+                }
+            }
+            if out.status.success() {
+                Ok(())
+            } else {
+                let code = out.status.code().map_or_else(|| "killed".to_string(), |c| c.to_string());
+                Err(HookError::Exit { name, code })
+            }
+        }
+        HookAction::Webhook(url) => {
+            let send = http_client()
+                .post(url)
+                .header("content-type", "application/json")
+                .header("x-agentops-hook-phase", env.phase)
+                .body(body)
+                .timeout(timeout)
+                .send();
+            let resp = send.await.map_err(|e| {
+                if e.is_timeout() { timed_out() } else { HookError::Start { name: name.clone(), message: e.to_string() } }
+            })?;
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            for line in text.lines().take(200) {
+                log(line.to_string());
+            }
+            log(format!("HTTP {}", status.as_u16()));
+            if status.is_success() { Ok(()) } else { Err(HookError::Status { name, status: status.as_u16() }) }
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The pipeline of one execution: workspace → clone → pre-hooks → agent → collect →
+//! commit/push → post-hooks (or error hooks) → report. Runs the same on one machine
+//! (`agentops run`) and inside a Job's pod (`agentops runner`).
+
+mod hooks;
+mod recorder;
+mod report;
+pub mod secrets;
+mod workspace;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentStop, Tally};
+use crate::api::{GitResult, Phase, Resolved, RetainPolicy};
+use crate::git::{self, GitError};
+use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, now};
+
+pub use hooks::{HookError, http_client};
+pub use recorder::Recorder;
+pub use report::*;
+pub use secrets::{Redactor, SecretError, Secrets};
+pub use workspace::Workspace;
+
+/// Where things are on this machine.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Directory under which workspaces are created.
+    pub workspace_root: PathBuf,
+    /// The Claude Code CLI.
+    pub claude_bin: PathBuf,
+    /// Secrets laid out as `<dir>/<secret>/<key>`.
+    pub secrets_dir: PathBuf,
+    /// Print progress lines to stderr.
+    pub progress: bool,
+}
+
+/// Why an execution could not even start. Everything after the start ends in a Summary.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RunError {
+    /// Exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Secret(_) => EXIT_INVALID,
+            RunError::Store(_) => EXIT_FAILED,
+        }
+    }
+}
+
+/// How the execution ended, before it is written down.
+struct Outcome {
+    phase: Phase,
+    reason: &'static str,
+    message: String,
+}
+
+impl Outcome {
+    fn new(phase: Phase, reason: &'static str, message: impl Into<String>) -> Self {
+        Self { phase, reason, message: message.into() }
+    }
+    fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Phase::Failed, reason, message)
+    }
+}
+
+/// Limits of the final result text kept in the summary and status.
+const RESULT_LIMIT: usize = 4096;
+
+/// State of one execution while it runs.
+struct Run<'a> {
+    id: String,
+    r: &'a Resolved,
+    opts: &'a RunOptions,
+    secrets: Secrets,
+    redactor: Redactor,
+    rec: Recorder,
+    cancel: CancellationToken,
+    deadline: Instant,
+    /// Set when cancel or the deadline fires: aborts a clone or push in progress.
+    abort: Arc<AtomicBool>,
+    ws: Option<Workspace>,
+    tally: Tally,
+    git: GitResult,
+    diff: Option<String>,
+    /// A commit exists that did not reach the remote: the workspace must be kept.
+    unpushed: bool,
+    hook_failure: Option<String>,
+}
+
+/// Runs one execution to its end and returns its summary. `env` looks up the process
+/// environment (API key fallback and pass-through variables).
+pub async fn run_execution(
+    store: &Store,
+    opts: &RunOptions,
+    r: &Resolved,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+    cancel: CancellationToken,
+) -> Result<Summary, RunError> {
+    // Secrets first: a missing one is bad input, and nothing is created.
+    let secrets = secrets::load(r, &opts.secrets_dir, env)?;
+    let redactor = Redactor::new(&secrets);
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+    store
+        .create_execution(&NewExecution {
+            id: &id,
+            name: &r.name,
+            namespace: &r.namespace,
+            prompt: &r.prompt,
+            repo_url: &r.repo_url,
+            branch: &r.branch,
+            model: r.model.as_deref(),
+            worker: r.worker.as_deref(),
+            work_item: r.work_item.as_deref(),
+        })
+        .await?;
+    let started = Instant::now();
+    let start_time = now();
+    store.mark_running(&id, &start_time).await?;
+
+    let deadline = started + r.timeout;
+    let abort = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (abort, cancel) = (abort.clone(), cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+            abort.store(true, Ordering::Relaxed);
+        })
+    };
+    let mut run = Run {
+        rec: Recorder::start(store.clone(), id.clone(), redactor.clone()),
+        id,
+        r,
+        opts,
+        secrets,
+        redactor,
+        cancel,
+        deadline,
+        abort,
+        ws: None,
+        tally: Tally::default(),
+        git: GitResult { branch: Some(r.branch.clone()), ..Default::default() },
+        diff: None,
+        unpushed: false,
+        hook_failure: None,
+    };
+    run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
+    let mut outcome = run.pipeline(store, env).await;
+    if outcome.phase == Phase::Succeeded
+        && let Err(e) = run.hooks("post", &outcome).await
+    {
+        outcome = Outcome::failed("PostHookFailed", e.to_string());
+    }
+    if outcome.phase != Phase::Succeeded {
+        // Error hooks run whatever stopped the execution; their own failure is only logged.
+        let _ = run.hooks("onError", &outcome).await;
+    }
+    watcher.abort();
+    let summary = run.summary(&outcome, &start_time, started);
+    let Run { rec, ws, unpushed, diff, redactor, .. } = run;
+    rec.finish().await;
+    let error = (outcome.phase != Phase::Succeeded).then(|| redactor.redact(&outcome.message));
+    store.finish_execution(&summary, error.as_deref(), diff.as_deref()).await?;
+    if let Some(ws) = ws {
+        let ok = outcome.phase == Phase::Succeeded;
+        store.set_workspace_status(&ws.id, if ok { WorkspaceStatus::Completed } else { WorkspaceStatus::Error }).await?;
+        let remove = match r.retain {
+            RetainPolicy::Delete => true,
+            RetainPolicy::Retain => false,
+            RetainPolicy::RetainOnFailure => ok,
+        };
+        // Never delete the only copy of work that did not reach the remote.
+        if remove && !unpushed {
+            store.set_workspace_status(&ws.id, WorkspaceStatus::Cleaning).await?;
+            match Workspace::remove(&ws.root) {
+                Ok(()) => store.set_workspace_status(&ws.id, WorkspaceStatus::Cleaned).await?,
+                Err(e) => tracing::warn!(workspace = %ws.root.display(), error = %e, "cannot remove workspace"),
+            }
+        }
+    }
+    Ok(summary)
+}
+
+impl Run<'_> {
+    fn say(&self, line: &str) {
+        self.rec.log("runner", line);
+        if self.opts.progress {
+            eprintln!("{}", self.redactor.redact(line));
+        }
+    }
+
+    /// Cancelled or timed out, if either happened.
+    fn stopped(&self) -> Option<Outcome> {
+        if self.cancel.is_cancelled() {
+            Some(Outcome::new(Phase::Cancelled, "Cancelled", "cancelled; the usage spent so far is recorded"))
+        } else if Instant::now() >= self.deadline {
+            Some(Outcome::new(
+                Phase::TimedOut,
+                "Timeout",
+                format!("the execution exceeded its timeout of {}", humantime::format_duration(self.r.timeout)),
+            ))
+        } else {
+            None
+        }
+    }
+
+    async fn pipeline(&mut self, store: &Store, env: &(dyn Fn(&str) -> Option<String> + Sync)) -> Outcome {
+        let ws = match Workspace::create(&self.opts.workspace_root, &self.id) {
+            Ok(ws) => ws,
+            Err(e) => {
+                let where_ = self.opts.workspace_root.display();
+                return Outcome::failed("WorkspaceFailed", format!("cannot create a workspace under {where_}: {e}"));
+            }
+        };
+        if let Err(e) = store.create_workspace(&ws.id, &self.id, &ws.root.to_string_lossy()).await {
+            return Outcome::failed("StoreFailed", e.to_string());
+        }
+        self.ws = Some(ws.clone());
+
+        // Clone.
+        self.say(&format!("  cloning {} (depth {})", self.r.repo_url, self.r.depth));
+        let cloned = {
+            let (r, dest, creds, abort) = (self.r.clone(), ws.repo.clone(), self.secrets.git.clone(), self.abort.clone());
+            tokio::task::spawn_blocking(move || {
+                git::clone(&r.repo_url, &dest, r.git_ref.as_deref(), r.depth, creds.as_ref(), &r.branch, &abort)
+                    .map(|(_, c)| c)
+            })
+            .await
+        };
+        let cloned = match cloned {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return self.stopped().unwrap_or_else(|| Outcome::failed("CloneFailed", e.to_string())),
+            Err(e) => return Outcome::failed("CloneFailed", format!("clone task failed: {e}")),
+        };
+        if let Some(o) = self.stopped() {
+            return o;
+        }
+
+        // Pre-hooks.
+        if let Err(e) = self.hooks("pre", &Outcome::new(Phase::Running, "Running", "")).await {
+            return self.stopped().unwrap_or_else(|| Outcome::failed("PreHookRejected", e.to_string()));
+        }
+        if let Some(o) = self.stopped() {
+            return o;
+        }
+
+        // Agent.
+        self.say(&format!("  agent {} starting", self.r.model.as_deref().unwrap_or("(default model)")));
+        let cmd = agent::build_command(self.r, &self.opts.claude_bin, &ws.repo, &ws.home, self.secrets.api_key.as_deref(), env);
+        let (rec, echo) = (&self.rec, self.opts.progress);
+        let mut shown_tools = 0;
+        let outcome = agent::run_agent(&cmd, self.deadline, self.r.idle_timeout, &self.cancel, |line, tally, changed| {
+            rec.log("agent", line);
+            if changed {
+                rec.progress(progress_of(tally));
+                if echo && tally.tool_calls.total != shown_tools {
+                    shown_tools = tally.tool_calls.total;
+                    eprintln!(
+                        "  turn {} · {} tokens · ${:.4} · {} tool calls",
+                        tally.num_turns(),
+                        tally.usage().total(),
+                        tally.cost_usd(),
+                        shown_tools
+                    );
+                }
+            }
+        })
+        .await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let bin = self.opts.claude_bin.display();
+                return Outcome::failed("AgentStartFailed", format!("cannot start the agent {bin}: {e}; install Claude Code or pass --claude-bin"));
+            }
+        };
+        if !outcome.stderr_tail.trim().is_empty() {
+            for line in outcome.stderr_tail.lines() {
+                self.rec.log("agent-stderr", line);
+            }
+        }
+        self.tally = outcome.tally;
+        self.rec.progress(progress_of(&self.tally));
+        if let Some(o) = self.judge_agent(&outcome.stop, &outcome.stderr_tail) {
+            return o;
+        }
+
+        // Collect and commit.
+        let staged = {
+            let (path, base) = (ws.repo.clone(), cloned.base);
+            tokio::task::spawn_blocking(move || {
+                let repo = git2::Repository::open(&path)?;
+                git::stage_changes(&repo, base)
+            })
+            .await
+        };
+        let staged = match staged {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => {
+                self.say("  no changes: nothing to commit");
+                return Outcome::new(Phase::Succeeded, "NoChanges", "the agent changed nothing; no commit, no push");
+            }
+            Ok(Err(e)) => return Outcome::failed("CommitFailed", e.to_string()),
+            Err(e) => return Outcome::failed("CommitFailed", format!("commit task failed: {e}")),
+        };
+        if self.redactor.finds_secret(&staged.patch) {
+            return Outcome::failed(
+                "SecretInChanges",
+                "the agent's changes contain a credential (git token or API key); nothing was committed or pushed",
+            );
+        }
+        self.git.changed_files = staged.stats.changed_files;
+        self.git.insertions = staged.stats.insertions;
+        self.git.deletions = staged.stats.deletions;
+        self.diff = Some(staged.patch.clone());
+        let committed = {
+            let (path, base, r) = (ws.repo.clone(), cloned.base, self.r.clone());
+            tokio::task::spawn_blocking(move || -> Result<git2::Oid, GitError> {
+                let repo = git2::Repository::open(&path)?;
+                let sig = git2::Signature::now(&r.author.name, &r.author.email)?;
+                git::commit_staged(&repo, base, &staged, &r.branch, &sig, &r.commit_message)
+            })
+            .await
+        };
+        let oid = match committed {
+            Ok(Ok(oid)) => oid,
+            Ok(Err(e)) => return Outcome::failed("CommitFailed", e.to_string()),
+            Err(e) => return Outcome::failed("CommitFailed", format!("commit task failed: {e}")),
+        };
+        self.git.commit = Some(oid.to_string());
+        self.unpushed = true;
+        self.say(&format!(
+            "  committed {} ({} files, +{} -{})",
+            &oid.to_string()[..12],
+            self.git.changed_files,
+            self.git.insertions,
+            self.git.deletions
+        ));
+        if !self.r.push {
+            self.unpushed = false;
+            return Outcome::new(Phase::Succeeded, "Committed", "committed; push is disabled (spec.git.push: false)");
+        }
+        if let Some(o) = self.stopped() {
+            return o;
+        }
+
+        // Push.
+        let pushed = {
+            let (path, r, creds, abort) = (ws.repo.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), GitError> {
+                let repo = git2::Repository::open(&path)?;
+                git::push(&repo, &r.repo_url, &r.branch, creds.as_ref(), &abort)
+            })
+            .await
+        };
+        match pushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let reason = if matches!(e, GitError::PushRejected { .. }) { "PushRejected" } else { "PushFailed" };
+                let keep = format!("{e}; the commit is kept in the workspace {}", ws.root.display());
+                return self.stopped().unwrap_or_else(|| Outcome::failed(reason, keep));
+            }
+            Err(e) => return Outcome::failed("PushFailed", format!("push task failed: {e}")),
+        }
+        self.git.pushed = true;
+        self.unpushed = false;
+        self.say(&format!("  pushed {} to {}", self.r.branch, self.r.repo_url));
+        Outcome::new(Phase::Succeeded, "Completed", format!("pushed {} to {}", self.r.branch, self.r.repo_url))
+    }
+
+    /// Maps how the agent stopped (and its result line) to an outcome; None means go on.
+    fn judge_agent(&self, stop: &AgentStop, stderr: &str) -> Option<Outcome> {
+        let t = &self.tally;
+        match stop {
+            AgentStop::Cancelled | AgentStop::TimedOut => return self.stopped(),
+            AgentStop::Idle => {
+                let idle = humantime::format_duration(self.r.idle_timeout);
+                return Some(Outcome::failed("AgentIdle", format!("the agent printed nothing for {idle} and was stopped (spec.agent.idleTimeout)")));
+            }
+            AgentStop::Exited(code) => {
+                let Some(res) = &t.result else {
+                    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+                    let code = code.map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
+                    return Some(Outcome::failed(
+                        "AgentCrashed",
+                        format!("the agent exited with {code} without a result: {}", self.redactor.redact(last)),
+                    ));
+                };
+                if !res.is_error && res.subtype == "success" {
+                    return None;
+                }
+                let text = res.text.as_deref().unwrap_or_default();
+                return Some(match res.subtype.as_str() {
+                    "error_max_turns" => Outcome::failed(
+                        "MaxTurns",
+                        format!("the agent used its {} turns (spec.agent.maxTurns) before finishing; nothing was pushed", self.r.max_turns.unwrap_or_default()),
+                    ),
+                    s if s.contains("budget") => Outcome::failed(
+                        "BudgetExceeded",
+                        format!("the agent reached spec.agent.maxBudgetUsd (${}); nothing was pushed", self.r.max_budget_usd.unwrap_or_default()),
+                    ),
+                    _ if res.api_error_status.is_some() => Outcome::failed(
+                        "ApiError",
+                        format!(
+                            "the Anthropic API failed with HTTP {} after {} retries: {}",
+                            res.api_error_status.unwrap_or_default(),
+                            t.api_retries,
+                            self.redactor.redact(&report::truncate(text, 300))
+                        ),
+                    ),
+                    s => Outcome::failed("AgentError", format!("the agent ended with {s}: {}", self.redactor.redact(&report::truncate(text, 300)))),
+                });
+            }
+        }
+    }
+
+    /// Runs the hooks of one phase in order; stops at the first failure.
+    async fn hooks(&mut self, phase: &str, outcome: &Outcome) -> Result<(), HookError> {
+        let list = match phase {
+            "pre" => &self.r.pre_hooks,
+            "post" => &self.r.post_hooks,
+            _ => &self.r.error_hooks,
+        };
+        let Some(ws) = self.ws.clone() else { return Ok(()) };
+        if list.is_empty() {
+            return Ok(());
+        }
+        let context = serde_json::json!({
+            "phase": phase,
+            "execution": {"id": self.id, "name": self.r.name, "namespace": self.r.namespace,
+                          "worker": self.r.worker, "workItem": self.r.work_item},
+            "prompt": self.r.prompt,
+            "repository": {"url": self.r.repo_url, "ref": self.r.git_ref, "branch": self.r.branch},
+            "workspace": ws.repo,
+            "outcome": (phase != "pre").then(|| serde_json::json!({
+                "phase": outcome.phase, "reason": outcome.reason, "message": self.redactor.redact(&outcome.message)})),
+            "summary": (phase != "pre").then(|| self.summary(outcome, "", Instant::now())),
+        });
+        for hook in list {
+            let source = format!("hook:{phase}:{}", hook.name);
+            self.say(&format!("  hook {phase} {}", hook.name));
+            let env = hooks::HookEnv { cwd: &ws.repo, home: &ws.home, phase, execution_id: &self.id };
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let mut h = hook.clone();
+            if phase == "pre" {
+                h.timeout = h.timeout.min(remaining.max(std::time::Duration::from_millis(1)));
+            }
+            let rec = &self.rec;
+            let res = tokio::select! {
+                r = hooks::run_hook(&h, &context, &env, |l| rec.log(&source, &l)) => r,
+                _ = self.cancel.cancelled(), if phase == "pre" => Err(HookError::Timeout { name: h.name.clone(), secs: 0 }),
+            };
+            if let Err(e) = res {
+                self.rec.log(&source, &e.to_string());
+                self.hook_failure = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn summary(&self, o: &Outcome, start_time: &str, started: Instant) -> Summary {
+        let t = &self.tally;
+        let usage = t.usage();
+        let result = t.result.as_ref().and_then(|r| r.text.clone()).or_else(|| t.last_text.clone());
+        Summary {
+            id: self.id.clone(),
+            name: self.r.name.clone(),
+            namespace: self.r.namespace.clone(),
+            phase: o.phase,
+            reason: Some(o.reason.to_string()),
+            message: Some(self.redactor.redact(&o.message)).filter(|m| !m.is_empty()),
+            start_time: Some(start_time.to_string()).filter(|s| !s.is_empty()),
+            completion_time: Some(now()),
+            duration_ms: started.elapsed().as_millis() as u64,
+            tokens_used: usage.total(),
+            usage,
+            cost_usd: t.cost_usd(),
+            num_turns: t.num_turns(),
+            tool_calls: t.tool_calls.clone(),
+            session_id: t.session_id.clone(),
+            result: result.map(|r| self.redactor.redact(&report::truncate(&r, RESULT_LIMIT))),
+            api_retries: t.api_retries,
+            git: self.git.clone(),
+            workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
+        }
+    }
+}
+
+fn progress_of(t: &Tally) -> Progress {
+    Progress {
+        usage: t.usage(),
+        cost_usd: t.cost_usd(),
+        num_turns: t.num_turns(),
+        tool_calls: t.tool_calls.clone(),
+        session_id: t.session_id.clone(),
+    }
+}

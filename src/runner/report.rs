@@ -1,0 +1,106 @@
+//! The execution's summary (the JSON of `agentops run --output json`, the store's output JSON)
+//! and the exit status each outcome maps to.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{GitResult, Phase, ToolCalls, Usage};
+
+/// Exit status: the execution succeeded (including "no changes").
+pub const EXIT_SUCCEEDED: i32 = 0;
+/// Exit status: the execution failed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit status: the manifest, a secret or an option is invalid; nothing was run.
+pub const EXIT_INVALID: i32 = 2;
+/// Exit status: the timeout stopped the execution.
+pub const EXIT_TIMED_OUT: i32 = 3;
+/// Exit status: the execution was cancelled (Ctrl-C / SIGTERM).
+pub const EXIT_CANCELLED: i32 = 4;
+
+/// Everything an execution produced.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub phase: Phase,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub start_time: Option<String>,
+    pub completion_time: Option<String>,
+    pub duration_ms: u64,
+    pub tokens_used: u64,
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub num_turns: u64,
+    pub tool_calls: ToolCalls,
+    pub session_id: Option<String>,
+    pub result: Option<String>,
+    pub api_retries: u64,
+    pub git: GitResult,
+    pub workspace: Option<String>,
+}
+
+impl Summary {
+    /// The process exit status for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self.phase {
+            Phase::Succeeded => EXIT_SUCCEEDED,
+            Phase::TimedOut => EXIT_TIMED_OUT,
+            Phase::Cancelled => EXIT_CANCELLED,
+            _ => EXIT_FAILED,
+        }
+    }
+
+    /// A few lines for people.
+    pub fn human(&self) -> String {
+        let mut s = format!(
+            "{} {} ({}){}\n",
+            self.phase,
+            self.name,
+            self.reason.as_deref().unwrap_or("-"),
+            self.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+        );
+        s += &format!("  id        {}\n", self.id);
+        s += &format!(
+            "  usage     {} tokens (in {}, out {}, cache read {}, cache write {}), ${:.4}, {} turns\n",
+            self.tokens_used,
+            self.usage.input_tokens,
+            self.usage.output_tokens,
+            self.usage.cache_read_input_tokens,
+            self.usage.cache_creation_input_tokens,
+            self.cost_usd,
+            self.num_turns
+        );
+        let tools: Vec<String> = self.tool_calls.by_tool.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        s += &format!("  tools     {} {}\n", self.tool_calls.total, tools.join(" "));
+        if let Some(b) = &self.git.branch {
+            s += &format!(
+                "  git       {} {} {} ({} files, +{} -{})\n",
+                b,
+                self.git.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("no commit"),
+                if self.git.pushed { "pushed" } else { "not pushed" },
+                self.git.changed_files,
+                self.git.insertions,
+                self.git.deletions
+            );
+        }
+        s += &format!("  duration  {:.1}s\n", self.duration_ms as f64 / 1000.0);
+        if let Some(w) = &self.workspace {
+            s += &format!("  workspace {w}\n");
+        }
+        s
+    }
+}
+
+/// Truncates text to at most `max` bytes on a character boundary, marking the cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [truncated]", &text[..end])
+}

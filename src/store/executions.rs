@@ -1,0 +1,248 @@
+//! Execution records: created, updated with live usage while the agent runs, finished once.
+
+use crate::api::{Phase, ToolCalls, Usage};
+use crate::runner::Summary;
+
+use super::{Store, StoreError, now};
+
+/// What is known when an execution starts.
+#[derive(Debug, Clone)]
+pub struct NewExecution<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub prompt: &'a str,
+    pub repo_url: &'a str,
+    pub branch: &'a str,
+    pub model: Option<&'a str>,
+    pub worker: Option<&'a str>,
+    pub work_item: Option<&'a str>,
+}
+
+/// Running totals written while the agent works.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub num_turns: u64,
+    pub tool_calls: ToolCalls,
+    pub session_id: Option<String>,
+}
+
+/// One log line.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct LogLine {
+    pub seq: i64,
+    pub source: String,
+    pub line: String,
+    pub at: String,
+}
+
+/// One row of `agent_executions`.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct ExecutionRow {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub workspace_id: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub message: Option<String>,
+    pub error_message: Option<String>,
+    pub prompt: String,
+    pub repo_url: String,
+    pub branch: Option<String>,
+    pub model: Option<String>,
+    pub worker: Option<String>,
+    pub work_item: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub updated_at: String,
+    pub duration_ms: Option<i64>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cache_read_input_tokens: i64,
+    pub cache_creation_input_tokens: i64,
+    pub tokens_used: i64,
+    pub cost_usd: f64,
+    pub num_turns: i64,
+    pub tool_calls: i64,
+    pub tool_calls_by_tool: String,
+    pub session_id: Option<String>,
+    pub result: Option<String>,
+    pub git_commit: Option<String>,
+    pub pushed: bool,
+    pub changed_files: i64,
+    pub insertions: i64,
+    pub deletions: i64,
+    pub diff: Option<String>,
+    pub output_json: Option<String>,
+}
+
+fn i(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Records a new execution in phase Pending.
+    pub async fn create_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
+        let at = now();
+        sqlx::query(
+            "INSERT INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
+             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.id)
+        .bind(e.name)
+        .bind(e.namespace)
+        .bind(e.prompt)
+        .bind(e.repo_url)
+        .bind(e.branch)
+        .bind(e.model)
+        .bind(e.worker)
+        .bind(e.work_item)
+        .bind(&at)
+        .bind(&at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the execution Running.
+    pub async fn mark_running(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agent_executions SET status = 'Running', started_at = ?, updated_at = ? WHERE id = ?")
+            .bind(started_at)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the live totals.
+    pub async fn record_progress(&self, id: &str, p: &Progress) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agent_executions SET input_tokens = ?, output_tokens = ?, cache_read_input_tokens = ?,
+               cache_creation_input_tokens = ?, tokens_used = ?, cost_usd = ?, num_turns = ?, tool_calls = ?,
+               tool_calls_by_tool = ?, session_id = COALESCE(?, session_id), updated_at = ? WHERE id = ?",
+        )
+        .bind(i(p.usage.input_tokens))
+        .bind(i(p.usage.output_tokens))
+        .bind(i(p.usage.cache_read_input_tokens))
+        .bind(i(p.usage.cache_creation_input_tokens))
+        .bind(i(p.usage.total()))
+        .bind(p.cost_usd)
+        .bind(i(p.num_turns))
+        .bind(i(p.tool_calls.total))
+        .bind(serde_json::to_string(&p.tool_calls.by_tool).unwrap_or_else(|_| "{}".into()))
+        .bind(&p.session_id)
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends log lines in one transaction.
+    pub async fn append_logs(&self, id: &str, lines: &[(i64, String, String, String)]) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (seq, source, line, at) in lines {
+            sqlx::query("INSERT INTO execution_logs (execution_id, seq, source, line, at) VALUES (?, ?, ?, ?, ?)")
+                .bind(id)
+                .bind(seq)
+                .bind(source)
+                .bind(line)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Writes the final state once: phase, usage, git, diff and the summary JSON.
+    pub async fn finish_execution(&self, s: &Summary, error: Option<&str>, diff: Option<&str>) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agent_executions SET status = ?, reason = ?, message = ?, error_message = ?, completed_at = ?,
+               duration_ms = ?, input_tokens = ?, output_tokens = ?, cache_read_input_tokens = ?,
+               cache_creation_input_tokens = ?, tokens_used = ?, cost_usd = ?, num_turns = ?, tool_calls = ?,
+               tool_calls_by_tool = ?, session_id = ?, result = ?, git_commit = ?, pushed = ?, changed_files = ?,
+               insertions = ?, deletions = ?, diff = ?, output_json = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(s.phase.as_str())
+        .bind(&s.reason)
+        .bind(&s.message)
+        .bind(error)
+        .bind(&s.completion_time)
+        .bind(i(s.duration_ms))
+        .bind(i(s.usage.input_tokens))
+        .bind(i(s.usage.output_tokens))
+        .bind(i(s.usage.cache_read_input_tokens))
+        .bind(i(s.usage.cache_creation_input_tokens))
+        .bind(i(s.tokens_used))
+        .bind(s.cost_usd)
+        .bind(i(s.num_turns))
+        .bind(i(s.tool_calls.total))
+        .bind(serde_json::to_string(&s.tool_calls.by_tool).unwrap_or_else(|_| "{}".into()))
+        .bind(&s.session_id)
+        .bind(&s.result)
+        .bind(&s.git.commit)
+        .bind(s.git.pushed)
+        .bind(i(s.git.changed_files))
+        .bind(i(s.git.insertions))
+        .bind(i(s.git.deletions))
+        .bind(diff)
+        .bind(serde_json::to_string(s).ok())
+        .bind(now())
+        .bind(&s.id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest executions first.
+    pub async fn list_executions(&self, limit: i64) -> Result<Vec<ExecutionRow>, StoreError> {
+        Ok(sqlx::query_as("SELECT * FROM agent_executions ORDER BY created_at DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// One execution by full id or unique prefix.
+    pub async fn get_execution(&self, id: &str) -> Result<ExecutionRow, StoreError> {
+        let escaped = id.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let mut rows: Vec<ExecutionRow> =
+            sqlx::query_as("SELECT * FROM agent_executions WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2")
+                .bind(id)
+                .bind(format!("{escaped}%"))
+                .fetch_all(&self.pool)
+                .await?;
+        if let Some(pos) = rows.iter().position(|r| r.id == id) {
+            return Ok(rows.swap_remove(pos));
+        }
+        match rows.len() {
+            0 => Err(StoreError::NotFound(id.into())),
+            1 => Ok(rows.remove(0)),
+            _ => Err(StoreError::Ambiguous(id.into())),
+        }
+    }
+
+    /// All log lines of an execution, in order.
+    pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
+        Ok(sqlx::query_as("SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// Executions in a given phase (e.g. those left Running by a crash).
+    pub async fn count_in_phase(&self, phase: Phase) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
+            .bind(phase.as_str())
+            .fetch_one(&self.pool)
+            .await?)
+    }
+}

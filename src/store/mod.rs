@@ -1,0 +1,69 @@
+//! The store: a SQLite file through sqlx. Executions, their workspaces and their logs.
+
+mod executions;
+mod workspaces;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+pub use executions::{ExecutionRow, LogLine, NewExecution, Progress};
+pub use workspaces::{WorkspaceRow, WorkspaceStatus};
+
+/// A store error, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: String, source: sqlx::Error },
+    #[error("cannot migrate the store at {path}: {source}")]
+    Migrate { path: String, source: sqlx::migrate::MigrateError },
+    #[error("store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("no execution matches {0:?}; see `agentops executions list`")]
+    NotFound(String),
+    #[error("{0:?} matches several executions; give more of the id")]
+    Ambiguous(String),
+}
+
+/// Handle to the SQLite store. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store file and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open { path: shown.clone(), source: sqlx::Error::Io(e) })?;
+        }
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| StoreError::Migrate { path: shown, source: e })?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for queries this module does not wrap.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+/// Now, as the RFC 3339 text the store keeps.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
