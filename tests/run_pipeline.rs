@@ -1,0 +1,237 @@
+//! The one-machine pipeline end to end: real git over smart HTTP, the real Claude Code CLI
+//! against a scripted model, a real SQLite store.
+
+mod support;
+
+use std::time::Duration;
+
+use agentops::api::Phase;
+use serde_json::json;
+use support::*;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn success_with_write_edit_bash_is_committed_and_pushed() {
+    let h = Harness::new(happy_script()).await;
+    let s = h.run(&h.manifest("happy", "")).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    assert_eq!(s.reason.as_deref(), Some("Completed"));
+
+    // The remote has the branch at our commit, with the agent's work.
+    let head = h.git.branch_head("demo", "agentops/happy").expect("branch pushed");
+    assert_eq!(Some(&head), s.git.commit.as_ref());
+    assert!(s.git.pushed);
+    assert_eq!(h.git.show("demo", &head, "greeting.txt").as_deref(), Some("Hello, agentops!\n"));
+    assert!(h.git.show("demo", &head, "README.md").unwrap().contains("Hello from the agent."));
+    assert_eq!(h.git.show("demo", &head, "build.txt").as_deref(), Some("built\n"));
+    assert_eq!(h.git.show("demo", &head, "src/lib.txt"), None, "deletions are committed too");
+    // One commit on top of main, by the operator's author.
+    let main = h.git.branch_head("demo", "main").unwrap();
+    assert_eq!(h.git.git("demo", &["rev-parse", &format!("{head}^")]).trim(), main);
+    assert_eq!(h.git.git("demo", &["log", "-1", "--format=%an <%ae>", &head]).trim(), "agentops <agentops@localhost>");
+    assert_eq!((s.git.changed_files, s.git.deletions > 0), (4, true), "{:?}", s.git);
+
+    // Usage and tool calls come from the agent's stream.
+    assert_eq!(s.tool_calls.by_tool.get("Write"), Some(&1));
+    assert_eq!(s.tool_calls.by_tool.get("Edit"), Some(&1));
+    assert_eq!(s.tool_calls.by_tool.get("Bash"), Some(&1));
+    assert_eq!(s.tool_calls.total, 4);
+    assert!(s.usage.input_tokens >= 520 && s.usage.output_tokens >= 150, "{:?}", s.usage);
+    assert_eq!(s.tokens_used, s.usage.input_tokens + s.usage.output_tokens + s.usage.cache_read_input_tokens + s.usage.cache_creation_input_tokens);
+    assert!(s.cost_usd > 0.0);
+    assert!(s.num_turns >= 5, "turns {}", s.num_turns);
+    assert!(s.session_id.is_some());
+    assert_eq!(s.result.as_deref(), Some("Added greeting.txt, edited README.md, built."));
+    assert_eq!(h.model.remaining(), 0, "every scripted step was used");
+    // The agent got the key from the secret, nothing else.
+    assert!(h.model.seen().iter().all(|r| r.api_key.as_deref() == Some(API_KEY)));
+
+    // The store agrees with the summary.
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert_eq!(row.status, "Succeeded");
+    assert_eq!(row.tokens_used as u64, s.tokens_used);
+    assert_eq!(row.git_commit, s.git.commit);
+    assert!(row.pushed);
+    assert!(row.diff.as_deref().unwrap().contains("+Hello, agentops!"));
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(logs.iter().any(|l| l.source == "agent" && l.line.contains("\"type\":\"result\"")));
+    // The workspace was removed (default retention) and its record says so.
+    let ws = h.store.list_workspaces().await.unwrap();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(ws[0].status, "cleaned");
+    assert!(ws[0].cleanup_at.is_some() && ws[0].completed_at.is_some());
+    assert!(!std::path::Path::new(&ws[0].path).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_changes_means_no_commit_and_no_push() {
+    let h = Harness::new(vec![Step::text("Nothing needs changing.")]).await;
+    let s = h.run(&h.manifest("quiet", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("NoChanges")), "{s:#?}");
+    assert_eq!(s.git.commit, None);
+    assert!(!s.git.pushed);
+    assert_eq!(h.git.branch_head("demo", "agentops/quiet"), None);
+    assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), 0, "no push attempted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_5xx_then_recovery_succeeds_and_counts_the_retry() {
+    let mut script = vec![Step::Error(500)];
+    script.extend(happy_script());
+    let h = Harness::new(script).await;
+    let s = h.run(&h.manifest("flaky", "")).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    assert!(s.api_retries >= 1, "retries {}", s.api_retries);
+    assert!(h.git.branch_head("demo", "agentops/flaky").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_api_failure_fails_and_pushes_nothing() {
+    let h = Harness::new(vec![Step::Error(500), Step::Error(500), Step::Error(500), Step::Error(500)]).await;
+    let s = h.run(&h.manifest("down", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("ApiError")), "{s:#?}");
+    assert!(s.message.as_deref().unwrap().contains("HTTP 500"), "{:?}", s.message);
+    assert_eq!(h.git.branch_head("demo", "agentops/down"), None);
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert_eq!(row.status, "Failed");
+    assert!(row.error_message.unwrap().contains("500"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_turns_stops_the_agent_and_pushes_nothing() {
+    let h = Harness::new(happy_script()).await;
+    let s = h.run(&h.manifest("short", "  timeout: 2m\n").replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    maxTurns: 2")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("MaxTurns")), "{s:#?}");
+    assert!(s.tokens_used > 0, "usage of the turns taken is kept");
+    assert_eq!(h.git.branch_head("demo", "agentops/short"), None);
+    assert!(h.model.remaining() >= 2, "the agent stopped early");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_stops_a_hanging_agent_and_keeps_usage() {
+    let h = Harness::new(vec![Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})), Step::Hang]).await;
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("slow", "  timeout: 4s\n")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::TimedOut, Some("Timeout")), "{s:#?}");
+    assert!(started.elapsed() < Duration::from_secs(12), "stopped promptly: {:?}", started.elapsed());
+    assert!(s.tokens_used > 0 && s.cost_usd > 0.0, "partial usage kept: {s:?}");
+    assert_eq!(s.tool_calls.total, 1);
+    assert_eq!(h.git.branch_head("demo", "agentops/slow"), None);
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "TimedOut");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_run_stops_within_seconds_and_keeps_partial_usage() {
+    let h = Harness::new(vec![
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([300, 50, 0, 0]),
+        Step::Hang,
+    ])
+    .await;
+    let cancel = CancellationToken::new();
+    let run = {
+        let yaml = h.manifest("stopme", "");
+        let cancel = cancel.clone();
+        let h = &h;
+        async move { h.try_run(&yaml, cancel).await }
+    };
+    let trigger = async {
+        assert!(h.model.wait_for_main_requests(2, Duration::from_secs(60)).await, "agent reached its second turn");
+        let at = std::time::Instant::now();
+        cancel.cancel();
+        at
+    };
+    let (s, cancelled_at) = tokio::join!(run, trigger);
+    let s = s.unwrap();
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5), "stopped within 5 s: {:?}", cancelled_at.elapsed());
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(s.usage.input_tokens >= 300, "partial usage kept: {:?}", s.usage);
+    assert_eq!(s.tool_calls.total, 1);
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert_eq!((row.status.as_str(), row.input_tokens >= 300), ("Cancelled", true));
+    assert_eq!(h.git.branch_head("demo", "agentops/stopme"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_hook_veto_stops_before_the_agent() {
+    let h = Harness::new(happy_script()).await;
+    let hooks = "  hooks:\n    pre:\n      - name: policy\n        command: [sh, -c, 'echo vetoed by policy; exit 3']\n";
+    let s = h.run(&h.manifest("veto", hooks)).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PreHookRejected")), "{s:#?}");
+    assert!(s.message.as_deref().unwrap().contains("policy"));
+    assert_eq!(h.model.main_requests(), 0, "the agent never started");
+    assert_eq!(h.git.branch_head("demo", "agentops/veto"), None);
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(logs.iter().any(|l| l.source == "hook:pre:policy" && l.line == "vetoed by policy"), "{logs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_git_token_fails_clearly_without_a_retry_storm() {
+    let h = Harness::new(happy_script()).await;
+    write_secret(&h.opts.secrets_dir, "git-cred", "token", "ghp_wrong");
+    let s = h.run(&h.manifest("badtoken", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("CloneFailed")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("authentication") && msg.contains("credentialsSecretRef"), "{msg}");
+    let unauthorized = h.git.stats().unauthorized.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(unauthorized <= 3, "{unauthorized} rejected requests");
+    assert_eq!(h.model.main_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_repository_fails_clearly() {
+    let h = Harness::new(happy_script()).await;
+    let yaml = h.manifest("nowhere", "").replace(&h.git.url("demo"), "http://127.0.0.1:9/nothing.git");
+    let s = h.run(&yaml).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("CloneFailed")), "{s:#?}");
+    assert!(s.message.unwrap().contains("cannot reach http://127.0.0.1:9/nothing.git"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_file_is_invalid_input_and_creates_nothing() {
+    let h = Harness::new(happy_script()).await;
+    std::fs::remove_file(h.opts.secrets_dir.join("anthropic/api-key")).unwrap();
+    let err = h.try_run(&h.manifest("nokey", ""), CancellationToken::new()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("spec.agent.apiKeySecretRef") && msg.contains("anthropic/api-key"), "{msg}");
+    assert_eq!(err.exit_code(), agentops::runner::EXIT_INVALID);
+    assert!(h.store.list_executions(10).await.unwrap().is_empty());
+    assert!(h.store.list_workspaces().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_crash_without_result_is_a_failure() {
+    let mut h = Harness::new(happy_script()).await;
+    let fake = h.dir.path().join("crashing-claude");
+    std::fs::write(&fake, "#!/bin/sh\necho 'Error: segfault in the agent' >&2\nexit 7\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    h.opts.claude_bin = fake;
+    let s = h.run(&h.manifest("crash", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentCrashed")), "{s:#?}");
+    assert!(s.message.unwrap().contains("status 7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_exit_zero_is_a_failure_not_no_changes() {
+    let mut h = Harness::new(happy_script()).await;
+    let fake = h.dir.path().join("silent-claude");
+    std::fs::write(&fake, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    h.opts.claude_bin = fake;
+    let s = h.run(&h.manifest("silent", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentCrashed")), "{s:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_rejected_fails_with_the_server_message_and_keeps_the_workspace() {
+    let h = Harness::new(happy_script()).await;
+    h.git.reject_pushes("demo", "branch protected by policy");
+    let s = h.run(&h.manifest("rejected", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("pre-receive") || msg.contains("rejected"), "{msg}");
+    assert!(s.git.commit.is_some() && !s.git.pushed);
+    let ws = std::path::Path::new(s.workspace.as_deref().unwrap());
+    assert!(ws.join("repo/greeting.txt").exists(), "workspace kept with the work");
+    assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "error");
+}

@@ -1,0 +1,209 @@
+//! A git smart-HTTP server for tests: git's own `git http-backend` (CGI) behind HTTP basic
+//! auth on 127.0.0.1, bridged by a small axum handler. Stops when the runtime ends.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Response, StatusCode, Uri};
+use base64::Engine;
+use tokio::io::AsyncWriteExt;
+
+/// Counters of what the server saw.
+#[derive(Default, Debug)]
+pub struct GitStats {
+    pub requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    pub receive_pack: AtomicU64,
+}
+
+struct Inner {
+    root: PathBuf,
+    user: String,
+    token: Option<String>,
+    stats: GitStats,
+}
+
+/// A running server. Repositories live under `root` as `<name>.git`.
+pub struct GitServer {
+    pub base_url: String,
+    pub root: PathBuf,
+    inner: Arc<Inner>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl GitServer {
+    /// Starts a server that requires `user:token` basic auth (None: no auth at all).
+    pub async fn start(user: &str, token: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Self::start_in(dir.path(), user, token).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    /// Like `start`, with repositories under `root` (kept after the server stops).
+    pub async fn start_in(root: &Path, user: &str, token: Option<&str>) -> Self {
+        let inner = Arc::new(Inner { root: root.to_path_buf(), user: user.into(), token: token.map(Into::into), stats: GitStats::default() });
+        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { base_url: format!("http://{addr}"), root: root.to_path_buf(), inner, _dir: None }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &GitStats {
+        &self.inner.stats
+    }
+
+    /// URL of repository `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("{}/{name}.git", self.base_url)
+    }
+
+    /// Path of the bare repository `name`.
+    pub fn repo_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.git"))
+    }
+
+    /// Creates bare repository `name` with one commit on `main` holding `files`.
+    pub fn create_repo(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let work = tempfile::tempdir().expect("tempdir");
+        for (path, content) in files {
+            let p = work.path().join(path);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, content).expect("write");
+        }
+        git(work.path(), &["init", "-q", "-b", "main"]);
+        git(work.path(), &["add", "-A"]);
+        git(work.path(), &["-c", "user.name=Seed", "-c", "user.email=seed@example.com", "commit", "-q", "-m", "initial"]);
+        let bare = self.repo_path(name);
+        git(&self.root, &["clone", "-q", "--bare", &work.path().to_string_lossy(), &bare.to_string_lossy()]);
+        bare
+    }
+
+    /// Makes every push to `name` fail with `message` (a real pre-receive hook).
+    pub fn reject_pushes(&self, name: &str, message: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let hook = self.repo_path(name).join("hooks/pre-receive");
+        std::fs::write(&hook, format!("#!/bin/sh\necho '{message}' >&2\nexit 1\n")).expect("hook");
+        std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// The commit a branch points at in the bare repository, if it exists.
+    pub fn branch_head(&self, name: &str, branch: &str) -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")])
+            .current_dir(self.repo_path(name))
+            .output()
+            .expect("git rev-parse");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `git show <rev>:<path>` in the bare repository.
+    pub fn show(&self, name: &str, rev: &str, path: &str) -> Option<String> {
+        let out = std::process::Command::new("git")
+            .args(["show", &format!("{rev}:{path}")])
+            .current_dir(self.repo_path(name))
+            .output()
+            .expect("git show");
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs git in the bare repository and returns stdout.
+    pub fn git(&self, name: &str, args: &[&str]) -> String {
+        git(&self.repo_path(name), args)
+    }
+}
+
+/// Runs git with a clean config and returns stdout; panics on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
+    let Some(token) = &inner.token else { return true };
+    let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else { return false };
+    let Some(b64) = value.strip_prefix("Basic ") else { return false };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b64) else { return false };
+    let expected = format!("{}:{}", inner.user, token);
+    decoded == expected.as_bytes() || String::from_utf8_lossy(&decoded).split_once(':').map(|(_, t)| t) == Some(token.as_str())
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response<Body> {
+    inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if !authorized(&inner, &headers) {
+        inner.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", "Basic realm=\"git\"")
+            .body(Body::from("unauthorized"))
+            .expect("response");
+    }
+    if uri.path().ends_with("git-receive-pack") {
+        inner.stats.receive_pack.fetch_add(1, Ordering::Relaxed);
+    }
+    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    let mut child = tokio::process::Command::new("git")
+        .arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", &inner.root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("PATH_INFO", uri.path())
+        .env("REQUEST_METHOD", method.as_str())
+        .env("QUERY_STRING", uri.query().unwrap_or_default())
+        .env("CONTENT_TYPE", header("content-type"))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", header("content-encoding"))
+        .env("HTTP_GIT_PROTOCOL", header("git-protocol"))
+        .env("REMOTE_USER", &inner.user)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("git http-backend");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&body).await;
+    });
+    let out = child.wait_with_output().await.expect("http-backend output");
+    let _ = writer.await;
+    cgi_response(&out.stdout)
+}
+
+/// Turns CGI output (headers, blank line, body) into an HTTP response.
+fn cgi_response(raw: &[u8]) -> Response<Body> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4)).or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+    let Some((end, sep)) = split else {
+        return Response::builder().status(500).body(Body::from("bad CGI output")).expect("response");
+    };
+    let mut builder = Response::builder().status(200);
+    for line in String::from_utf8_lossy(&raw[..end]).lines() {
+        if let Some((k, v)) = line.split_once(':') {
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("status") {
+                let code = v.split_whitespace().next().and_then(|c| c.parse::<u16>().ok()).unwrap_or(500);
+                builder = builder.status(code);
+            } else {
+                builder = builder.header(k.trim(), v);
+            }
+        }
+    }
+    builder.body(Body::from(raw[end + sep..].to_vec())).expect("response")
+}
