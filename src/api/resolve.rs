@@ -286,7 +286,7 @@ mod tests {
 
     #[test]
     fn template_fills_what_the_execution_leaves_out() {
-        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec: {prompt: from template, timeout: 5m, agent: {model: m1, maxTurns: 3}, hooks: {pre: [{command: [true]}]}}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a}\nspec: {templateRef: {name: t}, agent: {maxTurns: 7}, repository: {url: 'http://h/r.git'}}\n";
+        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec: {prompt: from template, timeout: 5m, agent: {model: m1, maxTurns: 3}, hooks: {pre: [{command: [\"true\"]}]}}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a}\nspec: {templateRef: {name: t}, agent: {maxTurns: 7}, repository: {url: 'http://h/r.git'}}\n";
         let m = parse_manifest(text).unwrap();
         let r = resolve(&m.execution, &m.templates).unwrap();
         assert_eq!(r.prompt, "from template");
