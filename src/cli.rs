@@ -203,8 +203,9 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let mut t = Table::new();
-            t.load_style(UTF8_NO_BORDERS)
-                .set_header(["ID", "NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "DURATION", "CREATED"]);
+            t.load_style(UTF8_NO_BORDERS).set_header([
+                "ID", "NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "DURATION", "CREATED",
+            ]);
             for r in rows {
                 t.add_row([
                     r.id,
@@ -214,16 +215,27 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                     r.tokens_used.to_string(),
                     format!("${:.4}", r.cost_usd),
                     r.num_turns.to_string(),
-                    r.duration_ms.map(|d| format!("{:.1}s", d as f64 / 1000.0)).unwrap_or_default(),
+                    r.duration_ms
+                        .map(|d| format!("{:.1}s", d as f64 / 1000.0))
+                        .unwrap_or_default(),
                     r.created_at,
                 ]);
             }
             println!("{t}");
             Ok(0)
         }
-        ExecutionsCmd::Show { id, logs, diff, json } => {
+        ExecutionsCmd::Show {
+            id,
+            logs,
+            diff,
+            json,
+        } => {
             let row = store.get_execution(&id).await?;
-            let log_lines = if logs { store.logs(&row.id).await? } else { Vec::new() };
+            let log_lines = if logs {
+                store.logs(&row.id).await?
+            } else {
+                Vec::new()
+            };
             if json {
                 let mut v = serde_json::to_value(&row)?;
                 if let Some(o) = v.as_object_mut() {
@@ -238,10 +250,16 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(0);
             }
-            let summary: Option<runner::Summary> = row.output_json.as_deref().and_then(|j| serde_json::from_str(j).ok());
+            let summary: Option<runner::Summary> = row
+                .output_json
+                .as_deref()
+                .and_then(|j| serde_json::from_str(j).ok());
             match summary {
                 Some(s) => print!("{}", s.human()),
-                None => println!("{} {}/{} {} (running or interrupted)", row.status, row.namespace, row.name, row.id),
+                None => println!(
+                    "{} {}/{} {} (running or interrupted)",
+                    row.status, row.namespace, row.name, row.id
+                ),
             }
             if diff {
                 println!("{}", row.diff.as_deref().unwrap_or("(no diff)"));
@@ -263,15 +281,33 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let mut t = Table::new();
-            t.load_style(UTF8_NO_BORDERS).set_header(["ID", "STATUS", "PATH", "CREATED", "COMPLETED", "CLEANED"]);
+            t.load_style(UTF8_NO_BORDERS).set_header([
+                "ID",
+                "STATUS",
+                "PATH",
+                "CREATED",
+                "COMPLETED",
+                "CLEANED",
+            ]);
             for r in rows {
-                t.add_row([r.id, r.status, r.path, r.created_at, r.completed_at.unwrap_or_default(), r.cleanup_at.unwrap_or_default()]);
+                t.add_row([
+                    r.id,
+                    r.status,
+                    r.path,
+                    r.created_at,
+                    r.completed_at.unwrap_or_default(),
+                    r.cleanup_at.unwrap_or_default(),
+                ]);
             }
             println!("{t}");
             Ok(0)
         }
-        WorkspacesCmd::Clean { older_than, dry_run } => {
-            let cutoff = chrono::Utc::now() - chrono::Duration::from_std(older_than).context("--older-than is too large")?;
+        WorkspacesCmd::Clean {
+            older_than,
+            dry_run,
+        } => {
+            let cutoff = chrono::Utc::now()
+                - chrono::Duration::from_std(older_than).context("--older-than is too large")?;
             let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let stale = store.stale_workspaces(&cutoff).await?;
             let mut removed = 0;
@@ -280,10 +316,14 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
                     println!("would remove {} ({})", w.path, w.status);
                     continue;
                 }
-                store.set_workspace_status(&w.id, WorkspaceStatus::Cleaning).await?;
+                store
+                    .set_workspace_status(&w.id, WorkspaceStatus::Cleaning)
+                    .await?;
                 match Workspace::remove(std::path::Path::new(&w.path)) {
                     Ok(()) => {
-                        store.set_workspace_status(&w.id, WorkspaceStatus::Cleaned).await?;
+                        store
+                            .set_workspace_status(&w.id, WorkspaceStatus::Cleaned)
+                            .await?;
                         println!("removed {}", w.path);
                         removed += 1;
                     }

@@ -3,12 +3,12 @@
 //! config, an argument or a log line.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use git2::{
-    AutotagOption, Cred, CredentialType, Direction, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks,
-    Repository, Signature,
+    AutotagOption, Cred, CredentialType, Direction, FetchOptions, IndexAddOption, Oid, PushOptions,
+    RemoteCallbacks, Repository, Signature,
 };
 
 /// Basic-auth credentials for the git host.
@@ -20,14 +20,19 @@ pub struct GitCredentials {
 
 impl std::fmt::Debug for GitCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GitCredentials").field("username", &self.username).field("token", &"***").finish()
+        f.debug_struct("GitCredentials")
+            .field("username", &self.username)
+            .field("token", &"***")
+            .finish()
     }
 }
 
 /// A git failure, classified so the user knows what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    #[error("authentication to {url} failed: check the token in spec.repository.credentialsSecretRef")]
+    #[error(
+        "authentication to {url} failed: check the token in spec.repository.credentialsSecretRef"
+    )]
     Auth { url: String },
     #[error("{url} needs credentials: set spec.repository.credentialsSecretRef")]
     AuthRequired { url: String },
@@ -62,7 +67,11 @@ pub struct ChangeStats {
 /// libgit2 asks again after every 401, forever, unless told to stop.
 const MAX_CREDENTIAL_ATTEMPTS: u32 = 1;
 
-fn callbacks<'a>(creds: Option<&'a GitCredentials>, attempts: &'a Cell<u32>, stop: &'a AtomicBool) -> RemoteCallbacks<'a> {
+fn callbacks<'a>(
+    creds: Option<&'a GitCredentials>,
+    attempts: &'a Cell<u32>,
+    stop: &'a AtomicBool,
+) -> RemoteCallbacks<'a> {
     let mut cb = RemoteCallbacks::new();
     // Returning false aborts the transfer: how cancel and timeout stop a clone or push mid-way.
     cb.transfer_progress(move |_| !stop.load(Ordering::Relaxed));
@@ -71,8 +80,14 @@ fn callbacks<'a>(creds: Option<&'a GitCredentials>, attempts: &'a Cell<u32>, sto
         let n = attempts.get();
         attempts.set(n + 1);
         match creds {
-            Some(c) if n < MAX_CREDENTIAL_ATTEMPTS && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) => {
-                Cred::userpass_plaintext(username.filter(|u| !u.is_empty()).unwrap_or(&c.username), &c.token)
+            Some(c)
+                if n < MAX_CREDENTIAL_ATTEMPTS
+                    && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) =>
+            {
+                Cred::userpass_plaintext(
+                    username.filter(|u| !u.is_empty()).unwrap_or(&c.username),
+                    &c.token,
+                )
             }
             _ => Err(git2::Error::from_str("credentials rejected")),
         }
@@ -88,9 +103,13 @@ fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, attempts:
         };
     }
     match e.class() {
-        git2::ErrorClass::Net | git2::ErrorClass::Http | git2::ErrorClass::Ssl | git2::ErrorClass::Os => {
-            GitError::Unreachable { url: url.into(), message: e.message().to_string() }
-        }
+        git2::ErrorClass::Net
+        | git2::ErrorClass::Http
+        | git2::ErrorClass::Ssl
+        | git2::ErrorClass::Os => GitError::Unreachable {
+            url: url.into(),
+            message: e.message().to_string(),
+        },
         _ => GitError::Other(e),
     }
 }
@@ -113,21 +132,54 @@ pub fn clone(
     let mut remote = repo.remote("origin", url)?;
 
     // One connection to learn the refs (and the default branch), then fetch only the one we need.
-    remote.connect_auth(Direction::Fetch, Some(callbacks(creds, &attempts, stop)), None).map_err(wrap)?;
-    let heads: Vec<(String, Oid)> = remote.list().map_err(wrap)?.iter().map(|h| (h.name().to_string(), h.oid())).collect();
-    let default = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from));
+    remote
+        .connect_auth(
+            Direction::Fetch,
+            Some(callbacks(creds, &attempts, stop)),
+            None,
+        )
+        .map_err(wrap)?;
+    let heads: Vec<(String, Oid)> = remote
+        .list()
+        .map_err(wrap)?
+        .iter()
+        .map(|h| (h.name().to_string(), h.oid()))
+        .collect();
+    let default = remote
+        .default_branch()
+        .ok()
+        .and_then(|b| b.as_str().ok().map(String::from));
     remote.disconnect().map_err(wrap)?;
 
     let wanted = match git_ref {
-        Some(r) => [format!("refs/heads/{r}"), format!("refs/tags/{r}"), r.to_string()]
-            .into_iter()
-            .find(|cand| heads.iter().any(|(n, _)| n == cand))
-            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?,
+        Some(r) => [
+            format!("refs/heads/{r}"),
+            format!("refs/tags/{r}"),
+            r.to_string(),
+        ]
+        .into_iter()
+        .find(|cand| heads.iter().any(|(n, _)| n == cand))
+        .ok_or_else(|| GitError::RefNotFound {
+            url: url.into(),
+            git_ref: r.into(),
+        })?,
         None => default
-            .or_else(|| heads.iter().find(|(n, _)| n.starts_with("refs/heads/")).map(|(n, _)| n.clone()))
-            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: "HEAD".into() })?,
+            .or_else(|| {
+                heads
+                    .iter()
+                    .find(|(n, _)| n.starts_with("refs/heads/"))
+                    .map(|(n, _)| n.clone())
+            })
+            .ok_or_else(|| GitError::RefNotFound {
+                url: url.into(),
+                git_ref: "HEAD".into(),
+            })?,
     };
-    let short = wanted.rsplit_once("refs/heads/").map(|(_, b)| b).unwrap_or(&wanted).to_string();
+    let short = wanted
+        .rsplit_once("refs/heads/")
+        .map(|(_, b)| b)
+        .unwrap_or(&wanted)
+        .to_string();
     let tracking = format!("refs/remotes/origin/{short}");
     let refspec = format!("+{wanted}:{tracking}");
 
@@ -138,7 +190,9 @@ pub fn clone(
         fo.depth(depth as i32);
     }
     attempts.set(0);
-    remote.fetch(&[&refspec], Some(&mut fo), None).map_err(wrap)?;
+    remote
+        .fetch(&[&refspec], Some(&mut fo), None)
+        .map_err(wrap)?;
     drop(remote);
 
     let base = repo.refname_to_id(&tracking)?;
@@ -147,7 +201,13 @@ pub fn clone(
     repo.set_head(&format!("refs/heads/{work_branch}"))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
-    Ok((repo, Cloned { base, source_branch: short }))
+    Ok((
+        repo,
+        Cloned {
+            base,
+            source_branch: short,
+        },
+    ))
 }
 
 /// The work tree's changes against the base, staged as a tree but not yet committed.
@@ -187,7 +247,11 @@ pub fn stage_changes(repo: &Repository, base: Oid) -> Result<Option<Staged>, Git
         patch.push_str(&String::from_utf8_lossy(line.content()));
         true
     })?;
-    Ok(Some(Staged { tree: tree_id, stats, patch }))
+    Ok(Some(Staged {
+        tree: tree_id,
+        stats,
+        patch,
+    }))
 }
 
 /// Commits a staged tree on `branch` as one commit on top of `base`, whatever the agent did to
@@ -203,7 +267,12 @@ pub fn commit_staged(
     let tree = repo.find_tree(staged.tree)?;
     let parent = repo.find_commit(base)?;
     let oid = repo.commit(None, author, author, message, &tree, &[&parent])?;
-    repo.reference(&format!("refs/heads/{branch}"), oid, true, "agentops: commit agent changes")?;
+    repo.reference(
+        &format!("refs/heads/{branch}"),
+        oid,
+        true,
+        "agentops: commit agent changes",
+    )?;
     repo.set_head(&format!("refs/heads/{branch}"))?;
     Ok(oid)
 }
@@ -235,14 +304,20 @@ pub fn push(
         Err(e) => {
             let err = classify(e, url, creds, attempts.get());
             return Err(match err {
-                GitError::Other(e) => GitError::PushRejected { branch: branch.into(), message: e.message().to_string() },
+                GitError::Other(e) => GitError::PushRejected {
+                    branch: branch.into(),
+                    message: e.message().to_string(),
+                },
                 other => other,
             });
         }
     }
     drop(po);
     match rejected.into_inner() {
-        Some(message) => Err(GitError::PushRejected { branch: branch.into(), message }),
+        Some(message) => Err(GitError::PushRejected {
+            branch: branch.into(),
+            message,
+        }),
         None => Ok(()),
     }
 }

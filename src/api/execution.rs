@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Tokens","type":"integer","jsonPath":".status.tokensUsed"}"#,
     printcolumn = r#"{"name":"Turns","type":"integer","jsonPath":".status.numTurns"}"#,
     printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentExecutionSpec {

@@ -29,7 +29,11 @@ pub struct ManifestError {
 
 impl ManifestError {
     pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { document: None, field: field.into(), message: message.into() }
+        Self {
+            document: None,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -58,14 +62,26 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
             e
         };
         let obj = value.as_object().ok_or_else(|| {
-            at(ManifestError::new("(document)", "expected a mapping with apiVersion, kind, metadata and spec"))
+            at(ManifestError::new(
+                "(document)",
+                "expected a mapping with apiVersion, kind, metadata and spec",
+            ))
         })?;
         for key in obj.keys() {
-            if !matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "spec" | "status") {
-                return Err(at(ManifestError::new(key.as_str(), "unknown field; expected apiVersion, kind, metadata, spec")));
+            if !matches!(
+                key.as_str(),
+                "apiVersion" | "kind" | "metadata" | "spec" | "status"
+            ) {
+                return Err(at(ManifestError::new(
+                    key.as_str(),
+                    "unknown field; expected apiVersion, kind, metadata, spec",
+                )));
             }
         }
-        let api_version = obj.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         if api_version != API_VERSION {
             return Err(at(ManifestError::new(
                 "apiVersion",
@@ -80,7 +96,8 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
         match kind {
             "AgentExecution" => {
                 let spec: AgentExecutionSpec = field(obj.get("spec"), "spec", true).map_err(at)?;
-                let mut ax = AgentExecution::new(metadata.name.as_deref().unwrap_or_default(), spec);
+                let mut ax =
+                    AgentExecution::new(metadata.name.as_deref().unwrap_or_default(), spec);
                 ax.metadata = metadata;
                 executions.push(ax);
             }
@@ -103,9 +120,15 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
         .next()
         .ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
     if executions.next().is_some() {
-        return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
+        return Err(ManifestError::new(
+            "kind",
+            "the file has more than one AgentExecution; run one per file",
+        ));
     }
-    Ok(Manifest { execution, templates })
+    Ok(Manifest {
+        execution,
+        templates,
+    })
 }
 
 /// Deserializes one top-level field, naming the full path of a wrong type or an unknown field.
@@ -123,14 +146,21 @@ fn field<T: DeserializeOwned + Default>(
     };
     let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." { name.to_string() } else { format!("{name}.{path}") };
+        let path = if path == "." {
+            name.to_string()
+        } else {
+            format!("{name}.{path}")
+        };
         ManifestError::new(path, e.inner().to_string())
     })?;
     // A second pass finds fields the types do not know (a typo would otherwise be silently dropped).
     let mut unknown = Vec::new();
     let _: Result<T, _> = serde_ignored::deserialize(value, |p| unknown.push(p.to_string()));
     if let Some(p) = unknown.into_iter().next() {
-        return Err(ManifestError::new(format!("{name}.{p}"), "unknown field; check its spelling against `agentops crd`"));
+        return Err(ManifestError::new(
+            format!("{name}.{p}"),
+            "unknown field; check its spelling against `agentops crd`",
+        ));
     }
     Ok(parsed)
 }
@@ -174,9 +204,17 @@ spec:
 
     #[test]
     fn missing_url_is_named() {
-        let err = parse_manifest(&OK.replace("repository: {url: \"http://127.0.0.1/repo.git\"}", "repository: {}")).unwrap_err();
+        let err = parse_manifest(&OK.replace(
+            "repository: {url: \"http://127.0.0.1/repo.git\"}",
+            "repository: {}",
+        ))
+        .unwrap_err();
         assert_eq!(err.field, "spec.repository");
-        assert!(err.message.contains("missing field `url`"), "{}", err.message);
+        assert!(
+            err.message.contains("missing field `url`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

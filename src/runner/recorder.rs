@@ -8,7 +8,11 @@ use super::secrets::Redactor;
 use crate::store::{Progress, Store, now};
 
 enum Record {
-    Log { source: String, line: String, at: String },
+    Log {
+        source: String,
+        line: String,
+        at: String,
+    },
     Progress(Progress),
 }
 
@@ -57,7 +61,11 @@ impl Recorder {
     /// Queues a log line (secrets masked).
     pub fn log(&self, source: &str, line: &str) {
         let line = self.redactor.redact(line);
-        let _ = self.tx.send(Record::Log { source: source.to_string(), line, at: now() });
+        let _ = self.tx.send(Record::Log {
+            source: source.to_string(),
+            line,
+            at: now(),
+        });
     }
 
     /// Queues the latest totals (only the newest pending one is written).

@@ -59,7 +59,10 @@ impl Summary {
             self.phase,
             self.name,
             self.reason.as_deref().unwrap_or("-"),
-            self.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
+            self.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
         );
         s += &format!("  id        {}\n", self.id);
         s += &format!(
@@ -72,14 +75,31 @@ impl Summary {
             self.cost_usd,
             self.num_turns
         );
-        let tools: Vec<String> = self.tool_calls.by_tool.iter().map(|(k, v)| format!("{k}×{v}")).collect();
-        s += &format!("  tools     {} {}\n", self.tool_calls.total, tools.join(" "));
+        let tools: Vec<String> = self
+            .tool_calls
+            .by_tool
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect();
+        s += &format!(
+            "  tools     {} {}\n",
+            self.tool_calls.total,
+            tools.join(" ")
+        );
         if let Some(b) = &self.git.branch {
             s += &format!(
                 "  git       {} {} {} ({} files, +{} -{})\n",
                 b,
-                self.git.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("no commit"),
-                if self.git.pushed { "pushed" } else { "not pushed" },
+                self.git
+                    .commit
+                    .as_deref()
+                    .map(|c| &c[..c.len().min(12)])
+                    .unwrap_or("no commit"),
+                if self.git.pushed {
+                    "pushed"
+                } else {
+                    "not pushed"
+                },
                 self.git.changed_files,
                 self.git.insertions,
                 self.git.deletions

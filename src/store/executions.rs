@@ -144,7 +144,11 @@ impl Store {
     }
 
     /// Appends log lines in one transaction.
-    pub async fn append_logs(&self, id: &str, lines: &[(i64, String, String, String)]) -> Result<(), StoreError> {
+    pub async fn append_logs(
+        &self,
+        id: &str,
+        lines: &[(i64, String, String, String)],
+    ) -> Result<(), StoreError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -164,7 +168,12 @@ impl Store {
     }
 
     /// Writes the final state once: phase, usage, git, diff and the summary JSON.
-    pub async fn finish_execution(&self, s: &Summary, error: Option<&str>, diff: Option<&str>) -> Result<(), StoreError> {
+    pub async fn finish_execution(
+        &self,
+        s: &Summary,
+        error: Option<&str>,
+        diff: Option<&str>,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE agent_executions SET status = ?, reason = ?, message = ?, error_message = ?, completed_at = ?,
                duration_ms = ?, input_tokens = ?, output_tokens = ?, cache_read_input_tokens = ?,
@@ -205,21 +214,27 @@ impl Store {
 
     /// The newest executions first.
     pub async fn list_executions(&self, limit: i64) -> Result<Vec<ExecutionRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM agent_executions ORDER BY created_at DESC LIMIT ?")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as("SELECT * FROM agent_executions ORDER BY created_at DESC LIMIT ?")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// One execution by full id or unique prefix.
     pub async fn get_execution(&self, id: &str) -> Result<ExecutionRow, StoreError> {
-        let escaped = id.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-        let mut rows: Vec<ExecutionRow> =
-            sqlx::query_as("SELECT * FROM agent_executions WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2")
-                .bind(id)
-                .bind(format!("{escaped}%"))
-                .fetch_all(&self.pool)
-                .await?;
+        let escaped = id
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        let mut rows: Vec<ExecutionRow> = sqlx::query_as(
+            "SELECT * FROM agent_executions WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2",
+        )
+        .bind(id)
+        .bind(format!("{escaped}%"))
+        .fetch_all(&self.pool)
+        .await?;
         if let Some(pos) = rows.iter().position(|r| r.id == id) {
             return Ok(rows.swap_remove(pos));
         }
@@ -232,17 +247,21 @@ impl Store {
 
     /// All log lines of an execution, in order.
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
-        Ok(sqlx::query_as("SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(
+            "SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Executions in a given phase (e.g. those left Running by a crash).
     pub async fn count_in_phase(&self, phase: Phase) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
-            .bind(phase.as_str())
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
+                .bind(phase.as_str())
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 }

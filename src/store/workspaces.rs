@@ -39,7 +39,12 @@ pub struct WorkspaceRow {
 
 impl Store {
     /// Records a new active workspace and links it to its execution.
-    pub async fn create_workspace(&self, id: &str, execution_id: &str, path: &str) -> Result<(), StoreError> {
+    pub async fn create_workspace(
+        &self,
+        id: &str,
+        execution_id: &str,
+        path: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO workspaces (id, execution_id, path, status, created_at) VALUES (?, ?, ?, 'active', ?)")
             .bind(id)
@@ -59,12 +64,22 @@ impl Store {
     }
 
     /// Moves a workspace to a new status, stamping completion or cleanup time.
-    pub async fn set_workspace_status(&self, id: &str, status: WorkspaceStatus) -> Result<(), StoreError> {
+    pub async fn set_workspace_status(
+        &self,
+        id: &str,
+        status: WorkspaceStatus,
+    ) -> Result<(), StoreError> {
         // Static statements per column: sqlx refuses SQL built at run time.
         let sql = match status {
-            WorkspaceStatus::Completed | WorkspaceStatus::Error => "UPDATE workspaces SET status = ?, completed_at = ? WHERE id = ?",
-            WorkspaceStatus::Cleaning | WorkspaceStatus::Cleaned => "UPDATE workspaces SET status = ?, cleanup_at = ? WHERE id = ?",
-            WorkspaceStatus::Active => "UPDATE workspaces SET status = ?, created_at = ? WHERE id = ?",
+            WorkspaceStatus::Completed | WorkspaceStatus::Error => {
+                "UPDATE workspaces SET status = ?, completed_at = ? WHERE id = ?"
+            }
+            WorkspaceStatus::Cleaning | WorkspaceStatus::Cleaned => {
+                "UPDATE workspaces SET status = ?, cleanup_at = ? WHERE id = ?"
+            }
+            WorkspaceStatus::Active => {
+                "UPDATE workspaces SET status = ?, created_at = ? WHERE id = ?"
+            }
         };
         sqlx::query(sql)
             .bind(status.as_str())
@@ -77,7 +92,11 @@ impl Store {
 
     /// All workspaces, newest first.
     pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>, StoreError> {
-        Ok(sqlx::query_as("SELECT * FROM workspaces ORDER BY created_at DESC").fetch_all(&self.pool).await?)
+        Ok(
+            sqlx::query_as("SELECT * FROM workspaces ORDER BY created_at DESC")
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
     /// Finished (or abandoned) workspaces not yet cleaned whose last change is before `before`.

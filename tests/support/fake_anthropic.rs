@@ -34,11 +34,20 @@ pub enum Step {
 impl Step {
     /// A final text answer (end_turn).
     pub fn text(t: &str) -> Self {
-        Step::Reply { blocks: vec![Block::Text(t.into())], usage: [100, 20, 0, 0] }
+        Step::Reply {
+            blocks: vec![Block::Text(t.into())],
+            usage: [100, 20, 0, 0],
+        }
     }
     /// One tool call.
     pub fn tool(name: &str, input: Value) -> Self {
-        Step::Reply { blocks: vec![Block::ToolUse { name: name.into(), input }], usage: [100, 30, 0, 0] }
+        Step::Reply {
+            blocks: vec![Block::ToolUse {
+                name: name.into(),
+                input,
+            }],
+            usage: [100, 30, 0, 0],
+        }
     }
     /// Sets the usage reported for this step.
     pub fn with_usage(self, usage: [u64; 4]) -> Self {
@@ -81,13 +90,20 @@ impl FakeAnthropic {
             notify: tokio::sync::Notify::new(),
             tool_ids: Default::default(),
         });
-        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { base_url: format!("http://{addr}"), inner }
+        Self {
+            base_url: format!("http://{addr}"),
+            inner,
+        }
     }
 
     /// Every request so far.
@@ -120,21 +136,48 @@ impl FakeAnthropic {
     }
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response<Body> {
+async fn handle(
+    State(inner): State<Arc<Inner>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response<Body> {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let main = body.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
-    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(String::from);
+    let main = body
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
+    let api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
     let path = uri.path().to_string();
-    inner.seen.lock().expect("lock").push(Seen { path: path.clone(), api_key, body: body.clone(), main });
+    inner.seen.lock().expect("lock").push(Seen {
+        path: path.clone(),
+        api_key,
+        body: body.clone(),
+        main,
+    });
     inner.notify.notify_waiters();
     if path.ends_with("/count_tokens") {
         return json_response(200, json!({"input_tokens": 10}));
     }
     if !path.ends_with("/v1/messages") {
-        return json_response(404, json!({"type": "error", "error": {"type": "not_found_error", "message": "not here"}}));
+        return json_response(
+            404,
+            json!({"type": "error", "error": {"type": "not_found_error", "message": "not here"}}),
+        );
     }
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("claude-test").to_string();
-    let step = if main { inner.script.lock().expect("lock").pop_front() } else { None };
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("claude-test")
+        .to_string();
+    let step = if main {
+        inner.script.lock().expect("lock").pop_front()
+    } else {
+        None
+    };
     let step = step.unwrap_or_else(|| Step::text(if main { "(script exhausted)" } else { "ok" }));
     match step {
         Step::Error(status) => json_response(
@@ -146,9 +189,16 @@ async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, b
             sse(futures::stream::iter(events).boxed())
         }
         Step::Hang => {
-            let start = reply_events(&inner, &model, &[Block::Text("thinking…".into())], [100, 1, 0, 0]);
+            let start = reply_events(
+                &inner,
+                &model,
+                &[Block::Text("thinking…".into())],
+                [100, 1, 0, 0],
+            );
             let first: Vec<String> = start.into_iter().take(3).collect();
-            sse(futures::stream::iter(first).chain(futures::stream::pending()).boxed())
+            sse(futures::stream::iter(first)
+                .chain(futures::stream::pending())
+                .boxed())
         }
     }
 }
@@ -178,7 +228,9 @@ fn ev(kind: &str, data: Value) -> String {
 }
 
 fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -> Vec<String> {
-    let n = inner.tool_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = inner
+        .tool_ids
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut out = vec![ev(
         "message_start",
         json!({"type": "message_start", "message": {"id": format!("msg_{n}"), "type": "message", "role": "assistant",
@@ -204,7 +256,10 @@ fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -
                 ));
             }
         }
-        out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": i})));
+        out.push(ev(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": i}),
+        ));
     }
     let stop = if tool { "tool_use" } else { "end_turn" };
     out.push(ev(

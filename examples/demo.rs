@@ -1,0 +1,63 @@
+//! The offline demo: one real execution of `agentops run` against a local git server and the
+//! scripted model from `tests/support/` (no network, no Anthropic account), then the pushed
+//! branch and the recorded usage. Run it with `scripts/demo`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use support::*;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let h = Harness::new(happy_script()).await;
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|dir| dir.join("agentops"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("build the binary first: cargo build --bin agentops"))?;
+    let manifest = h.dir.path().join("demo.yaml");
+    std::fs::write(&manifest, h.manifest("demo", "  timeout: 5m\n"))?;
+    println!(
+        "== manifest ({})\n{}",
+        manifest.display(),
+        std::fs::read_to_string(&manifest)?
+    );
+
+    let agentops = |args: &[&str]| {
+        let mut c = tokio::process::Command::new(&bin);
+        c.args(args)
+            .env("AGENTOPS_DB", &h.db_path)
+            .env("AGENTOPS_CLAUDE_BIN", claude_bin())
+            .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
+            .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
+            .env("ANTHROPIC_BASE_URL", &h.model.base_url)
+            .env_remove("ANTHROPIC_API_KEY")
+            .stdin(Stdio::null());
+        c
+    };
+    let shown = manifest.to_string_lossy().into_owned();
+    println!("== agentops run -f {shown}");
+    let status = agentops(&["run", "-f", &shown]).status().await?;
+
+    println!("\n== the pushed branch on the git server");
+    let log = h.git.git(
+        "demo",
+        &[
+            "log",
+            "--stat",
+            "--format=%h %an <%ae>%n    %s",
+            "main..agentops/demo",
+        ],
+    );
+    println!("{log}");
+    println!("== agentops executions list");
+    agentops(&["executions", "list"]).status().await?;
+    let code = status.code().unwrap_or(1);
+    let db: PathBuf = h.db_path.clone();
+    println!("\n(store: {}; exit status {code})", db.display());
+    std::process::exit(code);
+}
