@@ -5,6 +5,7 @@
 use std::cell::Cell;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use git2::{
     AutotagOption, Cred, CredentialType, Direction, FetchOptions, IndexAddOption, Oid, PushOptions,
@@ -53,6 +54,19 @@ pub struct Cloned {
     pub base: Oid,
     /// The remote branch it came from.
     pub source_branch: String,
+    /// Where the time went.
+    pub timings: CloneTimings,
+}
+
+/// Time spent in each phase of a clone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CloneTimings {
+    /// Connecting and listing the remote's refs.
+    pub connect: Duration,
+    /// Downloading and indexing the pack.
+    pub fetch: Duration,
+    /// Writing the work tree and index.
+    pub checkout: Duration,
 }
 
 /// Files and lines changed by the operator's commit.
@@ -125,6 +139,7 @@ pub fn clone(
     work_branch: &str,
     stop: &AtomicBool,
 ) -> Result<(Repository, Cloned), GitError> {
+    let t0 = Instant::now();
     let repo = Repository::init(dest)?;
     let attempts = Cell::new(0);
     let wrap = |e: git2::Error| classify(e, url, creds, attempts.get());
@@ -190,10 +205,12 @@ pub fn clone(
         fo.depth(depth as i32);
     }
     attempts.set(0);
+    let t1 = Instant::now();
     remote
         .fetch(&[&refspec], Some(&mut fo), None)
         .map_err(wrap)?;
     drop(remote);
+    let t2 = Instant::now();
 
     let base = repo.refname_to_id(&tracking)?;
     let commit = repo.find_commit(base)?;
@@ -201,11 +218,17 @@ pub fn clone(
     repo.set_head(&format!("refs/heads/{work_branch}"))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
+    let timings = CloneTimings {
+        connect: t1 - t0,
+        fetch: t2 - t1,
+        checkout: t2.elapsed(),
+    };
     Ok((
         repo,
         Cloned {
             base,
             source_branch: short,
+            timings,
         },
     ))
 }

@@ -315,6 +315,16 @@ impl Run<'_> {
             }
             Err(e) => return Outcome::failed("CloneFailed", format!("clone task failed: {e}")),
         };
+        let t = cloned.timings;
+        self.say(&format!(
+            "  cloned {} at {} in {} ms (connect {}, fetch {}, checkout {})",
+            cloned.source_branch,
+            &cloned.base.to_string()[..12],
+            (t.connect + t.fetch + t.checkout).as_millis(),
+            t.connect.as_millis(),
+            t.fetch.as_millis(),
+            t.checkout.as_millis()
+        ));
         if let Some(o) = self.stopped() {
             return o;
         }
