@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use git2::{
-    AutotagOption, Cred, CredentialType, Direction, FetchOptions, IndexAddOption, Oid, PushOptions,
+    AutotagOption, Cred, CredentialType, FetchOptions, IndexAddOption, Oid, PushOptions,
     RemoteCallbacks, Repository, Signature,
 };
 
@@ -146,73 +146,54 @@ pub fn clone(
     // The remote is created with the plain URL; nothing secret reaches .git/config.
     let mut remote = repo.remote("origin", url)?;
 
-    // One connection to learn the refs (and the default branch), then fetch only the one we need.
-    remote
-        .connect_auth(
-            Direction::Fetch,
-            Some(callbacks(creds, &attempts, stop)),
-            None,
-        )
-        .map_err(wrap)?;
-    let heads: Vec<(String, Oid)> = remote
-        .list()
-        .map_err(wrap)?
-        .iter()
-        .map(|h| (h.name().to_string(), h.oid()))
-        .collect();
-    let default = remote
-        .default_branch()
-        .ok()
-        .and_then(|b| b.as_str().ok().map(String::from));
-    remote.disconnect().map_err(wrap)?;
-
-    let wanted = match git_ref {
-        Some(r) => [
-            format!("refs/heads/{r}"),
-            format!("refs/tags/{r}"),
-            r.to_string(),
-        ]
-        .into_iter()
-        .find(|cand| heads.iter().any(|(n, _)| n == cand))
-        .ok_or_else(|| GitError::RefNotFound {
-            url: url.into(),
-            git_ref: r.into(),
-        })?,
-        None => default
-            .or_else(|| {
-                heads
-                    .iter()
-                    .find(|(n, _)| n.starts_with("refs/heads/"))
-                    .map(|(n, _)| n.clone())
-            })
-            .ok_or_else(|| GitError::RefNotFound {
-                url: url.into(),
-                git_ref: "HEAD".into(),
-            })?,
-    };
-    let short = wanted
-        .rsplit_once("refs/heads/")
-        .map(|(_, b)| b)
-        .unwrap_or(&wanted)
-        .to_string();
-    let tracking = format!("refs/remotes/origin/{short}");
-    let refspec = format!("+{wanted}:{tracking}");
-
+    // One connection: fetch the wanted ref (the remote's HEAD when none is given) straight
+    // into a local ref. The advertised refs stay readable afterwards, for the branch name and
+    // for the rare ref that is a tag rather than a branch.
+    const BASE_REF: &str = "refs/agentops/base";
     let mut fo = FetchOptions::new();
     fo.remote_callbacks(callbacks(creds, &attempts, stop));
     fo.download_tags(AutotagOption::None);
     if depth > 0 {
         fo.depth(depth as i32);
     }
-    attempts.set(0);
     let t1 = Instant::now();
+    let first = match git_ref {
+        Some(r) if r.starts_with("refs/") => r.to_string(),
+        Some(r) => format!("refs/heads/{r}"),
+        None => "HEAD".to_string(),
+    };
     remote
-        .fetch(&[&refspec], Some(&mut fo), None)
+        .fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fo), None)
         .map_err(wrap)?;
+    let heads: Vec<String> = remote.list().map_err(wrap)?.iter().map(|h| h.name().to_string()).collect();
+    let mut fetched = first.clone();
+    if repo.refname_to_id(BASE_REF).is_err() {
+        // Not a branch: a tag or a full ref name, if the remote has it.
+        let r = git_ref.unwrap_or("HEAD");
+        let other = [format!("refs/tags/{r}"), r.to_string()]
+            .into_iter()
+            .find(|cand| heads.iter().any(|n| n == cand))
+            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?;
+        let mut fo = FetchOptions::new();
+        fo.remote_callbacks(callbacks(creds, &attempts, stop));
+        fo.download_tags(AutotagOption::None);
+        if depth > 0 {
+            fo.depth(depth as i32);
+        }
+        remote.fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
+        fetched = other;
+    }
+    if fetched == "HEAD" {
+        if let Some(b) = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from)) {
+            fetched = b;
+        }
+    }
     drop(remote);
     let t2 = Instant::now();
+    let short = fetched.strip_prefix("refs/heads/").unwrap_or(&fetched).to_string();
+    let tracking = BASE_REF;
 
-    let base = repo.refname_to_id(&tracking)?;
+    let base = repo.refname_to_id(tracking)?;
     let commit = repo.find_commit(base)?;
     repo.branch(work_branch, &commit, true)?;
     repo.set_head(&format!("refs/heads/{work_branch}"))?;

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod git;
 pub mod runner;
