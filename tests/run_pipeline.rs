@@ -257,7 +257,10 @@ async fn cancel_mid_run_stops_within_seconds_and_keeps_partial_usage() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(live.status, "Running");
-        assert!(live.input_tokens >= 300 && live.cost_usd > 0.0, "live usage: {live:?}");
+        assert!(
+            live.input_tokens >= 300 && live.cost_usd > 0.0,
+            "live usage: {live:?}"
+        );
         let at = std::time::Instant::now();
         cancel.cancel();
         at
@@ -531,25 +534,44 @@ async fn a_failing_post_webhook_fails_the_execution() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_watchdog_stops_a_silent_agent() {
     let h = Harness::new(vec![Step::Hang]).await;
-    let yaml = h.manifest("idle", "").replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    idleTimeout: 3s");
+    let yaml = h.manifest("idle", "").replace(
+        "apiKeySecretRef: {name: anthropic}",
+        "apiKeySecretRef: {name: anthropic}\n    idleTimeout: 3s",
+    );
     let started = std::time::Instant::now();
     let s = h.run(&yaml).await;
-    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentIdle")), "{s:#?}");
-    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    assert_eq!(
+        (s.phase, s.reason.as_deref()),
+        (Phase::Failed, Some("AgentIdle")),
+        "{s:#?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_limit_stops_the_agent() {
     // One turn that costs far more than the budget (10M input tokens).
     let h = Harness::new(vec![
-        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([10_000_000, 100, 0, 0]),
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"}))
+            .with_usage([10_000_000, 100, 0, 0]),
         Step::tool("Write", json!({"file_path": "b.txt", "content": "b\n"})),
         Step::text("done"),
     ])
     .await;
-    let yaml = h.manifest("budget", "").replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    maxBudgetUsd: 0.5");
+    let yaml = h.manifest("budget", "").replace(
+        "apiKeySecretRef: {name: anthropic}",
+        "apiKeySecretRef: {name: anthropic}\n    maxBudgetUsd: 0.5",
+    );
     let s = h.run(&yaml).await;
-    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("BudgetExceeded")), "{s:#?}");
+    assert_eq!(
+        (s.phase, s.reason.as_deref()),
+        (Phase::Failed, Some("BudgetExceeded")),
+        "{s:#?}"
+    );
     assert!(s.cost_usd > 0.5, "cost {}", s.cost_usd);
     assert_eq!(h.git.branch_head("demo", "agentops/budget"), None);
 }

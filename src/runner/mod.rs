@@ -397,6 +397,15 @@ impl Run<'_> {
                 self.rec.log("agent-stderr", line);
             }
         }
+        self.say(&format!(
+            "  agent stopped after {} ms ({:?}): {} turns, {} tool calls, {} tokens, ${:.4}",
+            outcome.duration.as_millis(),
+            outcome.stop,
+            outcome.tally.num_turns(),
+            outcome.tally.tool_calls.total,
+            outcome.tally.usage().total(),
+            outcome.tally.cost_usd()
+        ));
         self.tally = outcome.tally;
         self.rec.progress(progress_of(&self.tally));
         if let Some(o) = self.judge_agent(&outcome.stop, &outcome.stderr_tail) {

@@ -1,15 +1,16 @@
 //! Git through libgit2: clone one ref shallowly, commit the workspace as the operator, push.
-//! Credentials only ever go through the credentials callback: never in a URL, the remote's
-//! config, an argument or a log line.
+//! HTTP(S) goes through our own transport (`http.rs`), which puts the token in an
+//! Authorization header: never in a URL, the remote's config, an argument or a log line.
 
-use std::cell::Cell;
+mod http;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use git2::{
-    AutotagOption, Cred, CredentialType, FetchOptions, IndexAddOption, Oid, PushOptions,
-    RemoteCallbacks, Repository, Signature,
+    AutotagOption, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks, Repository,
+    Signature,
 };
 
 /// Basic-auth credentials for the git host.
@@ -77,40 +78,21 @@ pub struct ChangeStats {
     pub deletions: u64,
 }
 
-/// How many times the credentials callback may answer before we call it a failure.
-/// libgit2 asks again after every 401, forever, unless told to stop.
-const MAX_CREDENTIAL_ATTEMPTS: u32 = 1;
-
-fn callbacks<'a>(
-    creds: Option<&'a GitCredentials>,
-    attempts: &'a Cell<u32>,
-    stop: &'a AtomicBool,
-) -> RemoteCallbacks<'a> {
+fn callbacks(stop: &AtomicBool) -> RemoteCallbacks<'_> {
     let mut cb = RemoteCallbacks::new();
     // Returning false aborts the transfer: how cancel and timeout stop a clone or push mid-way.
     cb.transfer_progress(move |_| !stop.load(Ordering::Relaxed));
     cb.sideband_progress(move |_| !stop.load(Ordering::Relaxed));
-    cb.credentials(move |_url, username, allowed| {
-        let n = attempts.get();
-        attempts.set(n + 1);
-        match creds {
-            Some(c)
-                if n < MAX_CREDENTIAL_ATTEMPTS
-                    && allowed.contains(CredentialType::USER_PASS_PLAINTEXT) =>
-            {
-                Cred::userpass_plaintext(
-                    username.filter(|u| !u.is_empty()).unwrap_or(&c.username),
-                    &c.token,
-                )
-            }
-            _ => Err(git2::Error::from_str("credentials rejected")),
-        }
-    });
     cb
 }
 
-fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, attempts: u32) -> GitError {
-    if attempts > 0 || e.code() == git2::ErrorCode::Auth {
+fn classify(
+    e: git2::Error,
+    url: &str,
+    creds: Option<&GitCredentials>,
+    auth_rejected: bool,
+) -> GitError {
+    if auth_rejected || e.code() == git2::ErrorCode::Auth {
         return match creds {
             Some(_) => GitError::Auth { url: url.into() },
             None => GitError::AuthRequired { url: url.into() },
@@ -139,10 +121,37 @@ pub fn clone(
     work_branch: &str,
     stop: &AtomicBool,
 ) -> Result<(Repository, Cloned), GitError> {
+    let (result, rejected) = http::with_credentials(creds, || {
+        clone_inner(url, dest, git_ref, depth, creds, work_branch, stop)
+    });
+    result.map_err(|e| {
+        if rejected {
+            classify_auth(url, creds)
+        } else {
+            e
+        }
+    })
+}
+
+fn classify_auth(url: &str, creds: Option<&GitCredentials>) -> GitError {
+    match creds {
+        Some(_) => GitError::Auth { url: url.into() },
+        None => GitError::AuthRequired { url: url.into() },
+    }
+}
+
+fn clone_inner(
+    url: &str,
+    dest: &Path,
+    git_ref: Option<&str>,
+    depth: u32,
+    creds: Option<&GitCredentials>,
+    work_branch: &str,
+    stop: &AtomicBool,
+) -> Result<(Repository, Cloned), GitError> {
     let t0 = Instant::now();
     let repo = Repository::init(dest)?;
-    let attempts = Cell::new(0);
-    let wrap = |e: git2::Error| classify(e, url, creds, attempts.get());
+    let wrap = |e: git2::Error| classify(e, url, creds, false);
     // The remote is created with the plain URL; nothing secret reaches .git/config.
     let mut remote = repo.remote("origin", url)?;
 
@@ -151,7 +160,7 @@ pub fn clone(
     // for the rare ref that is a tag rather than a branch.
     const BASE_REF: &str = "refs/agentops/base";
     let mut fo = FetchOptions::new();
-    fo.remote_callbacks(callbacks(creds, &attempts, stop));
+    fo.remote_callbacks(callbacks(stop));
     fo.download_tags(AutotagOption::None);
     if depth > 0 {
         fo.depth(depth as i32);
@@ -165,7 +174,12 @@ pub fn clone(
     remote
         .fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fo), None)
         .map_err(wrap)?;
-    let heads: Vec<String> = remote.list().map_err(wrap)?.iter().map(|h| h.name().to_string()).collect();
+    let heads: Vec<String> = remote
+        .list()
+        .map_err(wrap)?
+        .iter()
+        .map(|h| h.name().to_string())
+        .collect();
     let mut fetched = first.clone();
     if repo.refname_to_id(BASE_REF).is_err() {
         // Not a branch: a tag or a full ref name, if the remote has it.
@@ -173,24 +187,36 @@ pub fn clone(
         let other = [format!("refs/tags/{r}"), r.to_string()]
             .into_iter()
             .find(|cand| heads.iter().any(|n| n == cand))
-            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?;
+            .ok_or_else(|| GitError::RefNotFound {
+                url: url.into(),
+                git_ref: r.into(),
+            })?;
         let mut fo = FetchOptions::new();
-        fo.remote_callbacks(callbacks(creds, &attempts, stop));
+        fo.remote_callbacks(callbacks(stop));
         fo.download_tags(AutotagOption::None);
         if depth > 0 {
             fo.depth(depth as i32);
         }
-        remote.fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
+        remote
+            .fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None)
+            .map_err(wrap)?;
         fetched = other;
     }
     if fetched == "HEAD" {
-        if let Some(b) = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from)) {
+        if let Some(b) = remote
+            .default_branch()
+            .ok()
+            .and_then(|b| b.as_str().ok().map(String::from))
+        {
             fetched = b;
         }
     }
     drop(remote);
     let t2 = Instant::now();
-    let short = fetched.strip_prefix("refs/heads/").unwrap_or(&fetched).to_string();
+    let short = fetched
+        .strip_prefix("refs/heads/")
+        .unwrap_or(&fetched)
+        .to_string();
     let tracking = BASE_REF;
 
     let base = repo.refname_to_id(tracking)?;
@@ -290,9 +316,26 @@ pub fn push(
     creds: Option<&GitCredentials>,
     stop: &AtomicBool,
 ) -> Result<(), GitError> {
-    let attempts = Cell::new(0);
+    let (result, auth_rejected) =
+        http::with_credentials(creds, || push_inner(repo, url, branch, creds, stop));
+    result.map_err(|e| {
+        if auth_rejected {
+            classify_auth(url, creds)
+        } else {
+            e
+        }
+    })
+}
+
+fn push_inner(
+    repo: &Repository,
+    url: &str,
+    branch: &str,
+    creds: Option<&GitCredentials>,
+    stop: &AtomicBool,
+) -> Result<(), GitError> {
     let rejected: std::cell::RefCell<Option<String>> = Default::default();
-    let mut cb = callbacks(creds, &attempts, stop);
+    let mut cb = callbacks(stop);
     cb.push_update_reference(|_refname, status| {
         if let Some(msg) = status {
             *rejected.borrow_mut() = Some(msg.to_string());
@@ -306,7 +349,7 @@ pub fn push(
     match remote.push(&[&spec], Some(&mut po)) {
         Ok(()) => {}
         Err(e) => {
-            let err = classify(e, url, creds, attempts.get());
+            let err = classify(e, url, creds, false);
             return Err(match err {
                 GitError::Other(e) => GitError::PushRejected {
                     branch: branch.into(),
