@@ -202,14 +202,13 @@ fn clone_inner(
             .map_err(wrap)?;
         fetched = other;
     }
-    if fetched == "HEAD" {
-        if let Some(b) = remote
+    if fetched == "HEAD"
+        && let Some(b) = remote
             .default_branch()
             .ok()
             .and_then(|b| b.as_str().ok().map(String::from))
-        {
-            fetched = b;
-        }
+    {
+        fetched = b;
     }
     drop(remote);
     let t2 = Instant::now();
