@@ -4,6 +4,7 @@
 
 pub mod fake_anthropic;
 pub mod git_server;
+pub mod kube_api;
 
 use std::path::{Path, PathBuf};
 
