@@ -31,6 +31,11 @@ pub enum Command {
     ///
     /// Exit status: 0 succeeded, 1 failed, 2 invalid input (nothing ran), 3 timed out, 4 cancelled.
     Run(RunArgs),
+    /// Run the execution given in $AGENTOPS_MANIFEST (used inside the Job's pod and by the
+    /// local executor): the JSON summary goes to stdout and to the termination log.
+    Runner(RunnerArgs),
+    /// Run the Kubernetes operator (kubeconfig from $KUBECONFIG, ~/.kube/config or in-cluster).
+    Controller(ControllerArgs),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Recorded executions.
@@ -69,6 +74,72 @@ pub struct RunArgs {
     /// No progress lines on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+/// Options of `agentops runner`.
+#[derive(clap::Args, Debug)]
+pub struct RunnerArgs {
+    /// The AgentExecution (and its AgentTemplate) as YAML.
+    #[arg(long, env = "AGENTOPS_MANIFEST", hide_env_values = true)]
+    pub manifest: String,
+    #[arg(long, env = "AGENTOPS_WORKSPACE_ROOT")]
+    pub workspace_root: Option<PathBuf>,
+    #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: PathBuf,
+    #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Where Kubernetes reads the container's final message (the compact summary).
+    #[arg(
+        long,
+        env = "AGENTOPS_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_log: PathBuf,
+}
+
+/// How runners are run.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutorArg {
+    /// A Kubernetes Job per execution.
+    Job,
+    /// A child process of the controller (single node, tests).
+    Local,
+}
+
+/// Options of `agentops controller`.
+#[derive(clap::Args, Debug)]
+pub struct ControllerArgs {
+    /// Where runners run.
+    #[arg(long, env = "AGENTOPS_EXECUTOR", value_enum, default_value = "job")]
+    pub executor: ExecutorArg,
+    /// Executions running at once, over all namespaces (0: unlimited).
+    #[arg(long, env = "AGENTOPS_MAX_CONCURRENT", default_value_t = 10)]
+    pub max_concurrent: usize,
+    /// Executions running at once in one namespace (0: unlimited).
+    #[arg(long, env = "AGENTOPS_MAX_PER_NAMESPACE", default_value_t = 0)]
+    pub max_per_namespace: usize,
+    /// Runner image for Jobs.
+    #[arg(
+        long,
+        env = "AGENTOPS_RUNNER_IMAGE",
+        default_value = "ghcr.io/agentops/agentops:0.1.0"
+    )]
+    pub image: String,
+    /// Storage class for workspace PVCs when an execution names none (empty: emptyDir).
+    #[arg(long, env = "AGENTOPS_STORAGE_CLASS")]
+    pub storage_class: Option<String>,
+    /// Workspace size when an execution gives none.
+    #[arg(long, env = "AGENTOPS_WORKSPACE_SIZE", default_value = "10Gi")]
+    pub workspace_size: String,
+    /// Local executor: secrets as files `<dir>/<secret>/<key>`.
+    #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// Local executor: directory for workspaces.
+    #[arg(long, env = "AGENTOPS_WORKSPACE_ROOT")]
+    pub workspace_root: Option<PathBuf>,
+    /// Local executor: the Claude Code CLI.
+    #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
+    pub claude_bin: PathBuf,
 }
 
 /// `agentops executions ...`
@@ -135,6 +206,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&db, args).await,
+        Command::Runner(args) => runner(&db, args).await,
+        Command::Controller(args) => controller(&db, args).await,
         Command::Executions(cmd) => executions(&Store::open(&db).await?, cmd).await,
         Command::Workspaces(cmd) => workspaces(&Store::open(&db).await?, cmd).await,
     }
@@ -148,29 +221,15 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_INVALID);
         }
     };
-    let resolved = match parse_manifest(&text).and_then(|m| resolve(&m.execution, &m.templates)) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {}: {e}", args.file.display());
-            return Ok(EXIT_INVALID);
-        }
-    };
-    let store = Store::open(db).await?;
     let opts = RunOptions {
         workspace_root: args.workspace_root.unwrap_or_else(std::env::temp_dir),
         claude_bin: args.claude_bin,
         secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
         progress: !args.quiet,
     };
-    let cancel = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(cancel.clone()));
-    let env = |k: &str| std::env::var(k).ok();
-    let summary = match runner::run_execution(&store, &opts, &resolved, &env, cancel).await {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(e.exit_code());
-        }
+    let source = args.file.display().to_string();
+    let Some(summary) = execute(db, &text, &source, &opts).await? else {
+        return Ok(EXIT_INVALID);
     };
     let mut out = std::io::stdout().lock();
     match args.output {
@@ -178,6 +237,117 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
         Output::Text => write!(out, "{}", summary.human())?,
     }
     Ok(summary.exit_code())
+}
+
+async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
+    let opts = RunOptions {
+        workspace_root: args.workspace_root.unwrap_or_else(std::env::temp_dir),
+        claude_bin: args.claude_bin,
+        secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
+        progress: true,
+    };
+    let Some(summary) = execute(db, &args.manifest, "AGENTOPS_MANIFEST", &opts).await? else {
+        return Ok(EXIT_INVALID);
+    };
+    println!("{}", serde_json::to_string(&summary)?);
+    // Best effort: outside a pod there is no termination log.
+    let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
+    Ok(summary.exit_code())
+}
+
+/// Validates and runs one manifest. None: invalid input (already reported on stderr).
+async fn execute(
+    db: &std::path::Path,
+    text: &str,
+    source: &str,
+    opts: &RunOptions,
+) -> anyhow::Result<Option<runner::Summary>> {
+    let resolved = match parse_manifest(text).and_then(|m| resolve(&m.execution, &m.templates)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {source}: {e}");
+            return Ok(None);
+        }
+    };
+    let store = Store::open(db).await?;
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    let env = |k: &str| std::env::var(k).ok();
+    match runner::run_execution(&store, opts, &resolved, &env, cancel).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            if e.exit_code() == EXIT_INVALID {
+                Ok(None)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Result<i32> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API: check KUBECONFIG or run in a cluster")?;
+    let store = Store::open(db).await?;
+    let config = crate::controller::ControllerConfig {
+        job: crate::controller::desired::JobConfig {
+            image: args.image,
+            default_storage_class: args.storage_class.filter(|s| !s.is_empty()),
+            default_workspace_size: args.workspace_size,
+            ..Default::default()
+        },
+        limits: crate::controller::queue::Limits {
+            global: (args.max_concurrent > 0).then_some(args.max_concurrent),
+            per_namespace: (args.max_per_namespace > 0).then_some(args.max_per_namespace),
+        },
+        ..Default::default()
+    };
+    let executor = match args.executor {
+        ExecutorArg::Job => crate::controller::ExecutorKind::Job,
+        ExecutorArg::Local => {
+            let mut env = vec![
+                (
+                    "AGENTOPS_CLAUDE_BIN".to_string(),
+                    args.claude_bin.display().to_string(),
+                ),
+                (
+                    "AGENTOPS_SECRETS_DIR".to_string(),
+                    args.secrets_dir
+                        .unwrap_or_else(default_secrets_dir)
+                        .display()
+                        .to_string(),
+                ),
+            ];
+            let root = args.workspace_root.unwrap_or_else(std::env::temp_dir);
+            env.push(("AGENTOPS_WORKSPACE_ROOT".into(), root.display().to_string()));
+            // Each runner keeps its own log store; the controller's store holds the record.
+            env.push((
+                "AGENTOPS_DB".into(),
+                root.join("agentops-runner.db").display().to_string(),
+            ));
+            env.push(("AGENTOPS_TERMINATION_LOG".into(), "/dev/null".into()));
+            crate::controller::ExecutorKind::Local {
+                bin: std::env::current_exe()?,
+                env,
+            }
+        }
+    };
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    crate::controller::run(client, config, Some(store), executor, shutdown).await;
+    Ok(0)
 }
 
 /// Ctrl-C or SIGTERM cancels the execution (the agent is stopped, usage kept).

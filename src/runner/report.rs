@@ -124,3 +124,25 @@ pub fn truncate(text: &str, max: usize) -> String {
     }
     format!("{}… [truncated]", &text[..end])
 }
+
+/// Kubernetes keeps at most 4096 bytes of a container's termination message.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// The summary as JSON that fits a termination message: the final text is shortened first,
+/// then dropped, so the usage and git figures always arrive.
+pub fn termination_message(s: &Summary) -> String {
+    let mut s = s.clone();
+    for keep in [1024usize, 256, 0] {
+        let text = serde_json::to_string(&s).unwrap_or_default();
+        if text.len() <= TERMINATION_MESSAGE_LIMIT {
+            return text;
+        }
+        s.result = s
+            .result
+            .as_deref()
+            .filter(|_| keep > 0)
+            .map(|r| truncate(r, keep));
+        s.message = s.message.as_deref().map(|m| truncate(m, 512));
+    }
+    serde_json::to_string(&s).unwrap_or_default()
+}

@@ -265,3 +265,28 @@ impl Store {
         )
     }
 }
+
+impl Store {
+    /// Records an execution the controller saw, once (keyed by its id, the resource's uid).
+    pub async fn ensure_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
+        let at = now();
+        sqlx::query(
+            "INSERT OR IGNORE INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
+             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.id)
+        .bind(e.name)
+        .bind(e.namespace)
+        .bind(e.prompt)
+        .bind(e.repo_url)
+        .bind(e.branch)
+        .bind(e.model)
+        .bind(e.worker)
+        .bind(e.work_item)
+        .bind(&at)
+        .bind(&at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

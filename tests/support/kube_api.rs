@@ -474,7 +474,22 @@ async fn handle(
             }
             let new = if ctype.contains("json-patch") {
                 let mut doc = old.clone();
-                let Ok(p) = serde_json::from_value::<json_patch::Patch>(parsed) else {
+                // Like the apiserver's JSON patch, a `test` for null passes on a missing path
+                // (kube's finalizer helper relies on it).
+                let ops: Vec<Value> = parsed
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|op| {
+                        !(op["op"] == "test"
+                            && op["value"].is_null()
+                            && op["path"]
+                                .as_str()
+                                .is_some_and(|p| doc.pointer(p).is_none()))
+                    })
+                    .collect();
+                let Ok(p) = serde_json::from_value::<json_patch::Patch>(Value::Array(ops)) else {
                     return status_body(400, "BadRequest", "bad JSON patch");
                 };
                 if let Err(e) = json_patch::patch(&mut doc, &p) {

@@ -1,0 +1,298 @@
+//! Where the runner of an execution runs: a Kubernetes Job (the default), or a child process
+//! on the controller's machine (`--executor local`, for single-node installs and end-to-end
+//! tests without a kubelet). Both report the runner's JSON summary at the end: the Job through
+//! its pod's termination message, the child through its stdout.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use super::desired::{self, JobConfig};
+use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
+use crate::api::{AgentExecution, Resolved};
+use crate::runner::Summary;
+
+/// What the controller can see of an execution's runner.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    /// No runner exists.
+    NotStarted,
+    /// The runner is working; `progress` holds its latest figures when it reports them.
+    Running { progress: Option<Summary> },
+    /// The runner ended; `summary` is its report, when it could deliver one.
+    Finished {
+        summary: Option<Summary>,
+        failed: bool,
+        deadline_exceeded: bool,
+    },
+}
+
+/// The two ways of running the runner.
+pub enum Executor {
+    Job,
+    Local(LocalExecutor),
+}
+
+impl Executor {
+    /// Name of the runner (the Job's name, also used for the local process).
+    pub fn runner_name(&self, ax: &AgentExecution) -> String {
+        desired::job_name(ax)
+    }
+
+    /// Looks at the runner.
+    pub async fn observe(
+        &self,
+        client: &Client,
+        ax: &AgentExecution,
+    ) -> Result<Observation, Error> {
+        match self {
+            Executor::Job => observe_job(client, ax).await,
+            Executor::Local(l) => Ok(l.observe(ax)),
+        }
+    }
+
+    /// Starts the runner (idempotent: an existing Job is adopted, never duplicated).
+    pub async fn start(
+        &self,
+        client: &Client,
+        ax: &AgentExecution,
+        r: &Resolved,
+        manifest: &str,
+        cfg: &JobConfig,
+    ) -> Result<(), Error> {
+        match self {
+            Executor::Job => {
+                let ns = ax.namespace().unwrap_or_else(|| "default".into());
+                let pp = PatchParams::apply(FIELD_MANAGER).force();
+                if let Some(pvc) = desired::desired_pvc(ax, cfg) {
+                    let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+                    api.patch(
+                        &pvc.name_any(),
+                        &pp,
+                        &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")),
+                    )
+                    .await?;
+                }
+                let job = desired::desired_job(ax, r, manifest, cfg);
+                let api: Api<Job> = Api::namespaced(client.clone(), &ns);
+                api.patch(
+                    &job.name_any(),
+                    &pp,
+                    &Patch::Apply(&with_type(&job, "batch/v1", "Job")),
+                )
+                .await?;
+                Ok(())
+            }
+            Executor::Local(l) => l.start(ax, manifest),
+        }
+    }
+
+    /// Stops the runner. The local runner is given a few seconds to report its partial usage.
+    pub async fn stop(
+        &self,
+        client: &Client,
+        ax: &AgentExecution,
+    ) -> Result<Option<Summary>, Error> {
+        match self {
+            Executor::Job => {
+                let api: Api<Job> = Api::namespaced(
+                    client.clone(),
+                    &ax.namespace().unwrap_or_else(|| "default".into()),
+                );
+                delete_ignoring_missing(&api, &desired::job_name(ax)).await?;
+                Ok(None)
+            }
+            Executor::Local(l) => Ok(l.stop(ax).await),
+        }
+    }
+}
+
+fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    v
+}
+
+async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
+    let ns = ax.namespace().unwrap_or_else(|| "default".into());
+    let name = desired::job_name(ax);
+    let Some(job) = Api::<Job>::namespaced(client.clone(), &ns)
+        .get_opt(&name)
+        .await?
+    else {
+        return Ok(Observation::NotStarted);
+    };
+    let conds = job
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let is = |t: &str| conds.iter().find(|c| c.type_ == t && c.status == "True");
+    let (failed, deadline) = match (is("Complete"), is("Failed")) {
+        (Some(_), _) => (false, false),
+        (None, Some(f)) => (true, f.reason.as_deref() == Some("DeadlineExceeded")),
+        (None, None) => return Ok(Observation::Running { progress: None }),
+    };
+    // The runner's report is its pod's termination message.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("job-name={name}")))
+        .await?;
+    let summary = pods.items.iter().find_map(|p| {
+        let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
+        let msg = statuses
+            .iter()
+            .find(|c| c.name == "runner")?
+            .state
+            .as_ref()?
+            .terminated
+            .as_ref()?
+            .message
+            .as_ref()?;
+        serde_json::from_str::<Summary>(msg).ok()
+    });
+    Ok(Observation::Finished {
+        summary,
+        failed,
+        deadline_exceeded: deadline,
+    })
+}
+
+#[derive(Debug, Default)]
+struct LocalRun {
+    pid: Option<u32>,
+    done: Option<(Option<Summary>, i32)>,
+}
+
+/// Runs `agentops runner` as child processes of the controller.
+pub struct LocalExecutor {
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    runs: Arc<Mutex<HashMap<(String, String), LocalRun>>>,
+    wake: mpsc::UnboundedSender<()>,
+}
+
+impl LocalExecutor {
+    /// `bin` is the agentops binary; `env` is added to each runner's environment (secrets
+    /// dir, workspace root, Claude Code binary, ...). `wake` reconciles an execution whose
+    /// runner ended.
+    pub fn new(bin: PathBuf, env: Vec<(String, String)>, wake: mpsc::UnboundedSender<()>) -> Self {
+        Self {
+            bin,
+            env,
+            runs: Default::default(),
+            wake,
+        }
+    }
+
+    fn key(ax: &AgentExecution) -> (String, String) {
+        (
+            ax.namespace().unwrap_or_else(|| "default".into()),
+            ax.name_any(),
+        )
+    }
+
+    fn observe(&self, ax: &AgentExecution) -> Observation {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        match runs.get(&Self::key(ax)) {
+            None => Observation::NotStarted,
+            Some(LocalRun { done: None, .. }) => Observation::Running { progress: None },
+            Some(LocalRun {
+                done: Some((summary, code)),
+                ..
+            }) => Observation::Finished {
+                summary: summary.clone(),
+                failed: *code != 0,
+                deadline_exceeded: false,
+            },
+        }
+    }
+
+    fn start(&self, ax: &AgentExecution, manifest: &str) -> Result<(), Error> {
+        let key = Self::key(ax);
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        if runs.contains_key(&key) {
+            return Ok(());
+        }
+        let mut child = tokio::process::Command::new(&self.bin)
+            .arg("runner")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("AGENTOPS_MANIFEST", manifest)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Executor(format!("cannot start {}: {e}", self.bin.display())))?;
+        runs.insert(
+            key.clone(),
+            LocalRun {
+                pid: child.id(),
+                done: None,
+            },
+        );
+        let (runs, wake) = (self.runs.clone(), self.wake.clone());
+        tokio::spawn(async move {
+            let mut last = None;
+            if let Some(out) = child.stdout.take() {
+                let mut lines = tokio::io::BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(s) = serde_json::from_str::<Summary>(&line) {
+                        last = Some(s);
+                    }
+                }
+            }
+            let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
+            if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
+                run.done = Some((last, code));
+            }
+            let _ = wake.send(());
+        });
+        Ok(())
+    }
+
+    /// SIGTERM (the runner cancels: stops the agent, keeps usage, reports), then wait for it.
+    async fn stop(&self, ax: &AgentExecution) -> Option<Summary> {
+        let key = Self::key(ax);
+        let pid = {
+            let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+            match runs.get(&key) {
+                Some(LocalRun {
+                    pid: Some(pid),
+                    done: None,
+                }) => *pid,
+                Some(LocalRun {
+                    done: Some((s, _)), ..
+                }) => return s.clone(),
+                _ => return None,
+            }
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        for _ in 0..100 {
+            if let Some(LocalRun {
+                done: Some((s, _)), ..
+            }) = self
+                .runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+            {
+                return s.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+}

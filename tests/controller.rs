@@ -1,0 +1,507 @@
+//! The real kube-runtime Controller against the in-memory API server: Jobs and PVCs created,
+//! status from the Job and the runner's report, cancel, deletion, queueing, restart, stalled
+//! references. The test plays the kubelet and Job controller by writing Job and Pod status.
+
+mod support;
+
+use std::time::Duration;
+
+use agentops::api::AgentExecution;
+use agentops::controller::{self, ControllerConfig, ExecutorKind};
+use agentops::store::Store;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::kube_api::FakeKube;
+
+const BATCH: &str = "apis/batch/v1";
+const CORE: &str = "api/v1";
+const AX: &str = "apis/agentops.dev/v1alpha1";
+
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Running {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let task = tokio::spawn(async move {
+        controller::run(client, config, store, ExecutorKind::Job, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    Running {
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn config(max: Option<usize>) -> ControllerConfig {
+    let mut c = ControllerConfig::default();
+    c.limits.global = max;
+    c.recheck_stalled = Duration::from_millis(200);
+    c
+}
+
+async fn secrets(kube: &FakeKube, ns: &str) {
+    let api: Api<Secret> = Api::namespaced(kube.client(), ns);
+    for (name, key) in [("git-cred", "token"), ("anthropic", "api-key")] {
+        let s: Secret = serde_json::from_value(
+            json!({"metadata": {"name": name}, "stringData": {key: "x"}, "data": {key: "eA=="}}),
+        )
+        .unwrap();
+        api.create(&PostParams::default(), &s).await.unwrap();
+    }
+}
+
+fn execution(name: &str, extra: Value) -> AgentExecution {
+    let mut v = json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
+        "metadata": {"name": name},
+        "spec": {"prompt": "do it", "timeout": "10m",
+                 "repository": {"url": "https://git.example.com/r.git", "credentialsSecretRef": {"name": "git-cred"}},
+                 "agent": {"apiKeySecretRef": {"name": "anthropic"}}}
+    });
+    json_merge(&mut v["spec"], &extra);
+    serde_json::from_value(v).unwrap()
+}
+
+fn json_merge(a: &mut Value, b: &Value) {
+    if let (Value::Object(a), Value::Object(b)) = (&mut *a, b) {
+        for (k, v) in b {
+            json_merge(a.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    } else {
+        *a = b.clone();
+    }
+}
+
+/// Polls the fake until `f` returns Some (bounded).
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn phase(kube: &FakeKube, ns: &str, name: &str) -> Option<String> {
+    kube.get(AX, "agentexecutions", ns, name)?["status"]["phase"]
+        .as_str()
+        .map(String::from)
+}
+
+/// Plays the Job controller and kubelet: the Job finished, its pod left this report.
+fn finish_job(kube: &FakeKube, ns: &str, job: &str, ok: bool, report: Option<Value>) {
+    let cond = if ok {
+        json!({"type": "Complete", "status": "True"})
+    } else {
+        json!({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+    };
+    if let Some(report) = report {
+        kube.put(CORE, "pods", json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{job}-abcde"), "namespace": ns, "labels": {"job-name": job}},
+            "status": {"containerStatuses": [{"name": "runner", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                "state": {"terminated": {"exitCode": if ok {0} else {1}, "message": report.to_string()}}}]}}));
+    }
+    kube.patch_status(BATCH, "jobs", ns, job, json!({"conditions": [cond]}));
+}
+
+fn report(phase: &str, reason: &str) -> Value {
+    json!({"id": "r1", "name": "x", "namespace": "ns", "phase": phase, "reason": reason, "message": "pushed",
+           "durationMs": 4200, "tokensUsed": 1500, "usage": {"inputTokens": 1000, "outputTokens": 400, "cacheReadInputTokens": 100, "cacheCreationInputTokens": 0},
+           "costUsd": 0.42, "numTurns": 6, "toolCalls": {"total": 3, "byTool": {"Write": 2, "Bash": 1}}, "sessionId": "s-1",
+           "result": "done", "apiRetries": 0,
+           "git": {"branch": "agentops/x", "commit": "abc123", "pushed": true, "changedFiles": 2, "insertions": 10, "deletions": 1},
+           "workspace": null, "startTime": null, "completionTime": null})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_makes_a_job_and_pvc_and_success_reports_usage() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let ctl = start(&kube, config(None), Some(store.clone()));
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(
+        &PostParams::default(),
+        &execution(
+            "fix",
+            json!({"workspace": {"storageClassName": "fast", "size": "2Gi"}}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-fix")).await;
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["command"],
+        json!(["agentops", "runner"])
+    );
+    assert_eq!(
+        job["metadata"]["ownerReferences"][0]["kind"],
+        "AgentExecution"
+    );
+    assert_eq!(job["spec"]["backoffLimit"], 0);
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 660);
+    let pvc = kube
+        .get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix")
+        .expect("pvc");
+    assert_eq!(pvc["spec"]["storageClassName"], "fast");
+    until("Running", || {
+        (phase(&kube, "ns", "fix")? == "Running").then_some(())
+    })
+    .await;
+    let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
+    assert_eq!(
+        ax["metadata"]["finalizers"],
+        json!(["agentops.dev/cleanup"])
+    );
+    assert_eq!(ax["status"]["jobName"], "agentops-fix");
+    let cond = |ax: &Value, t: &str| {
+        ax["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == t)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(cond(&ax, "Reconciling"), "True");
+
+    finish_job(
+        &kube,
+        "ns",
+        "agentops-fix",
+        true,
+        Some(report("Succeeded", "Completed")),
+    );
+    until("Succeeded", || {
+        (phase(&kube, "ns", "fix")? == "Succeeded").then_some(())
+    })
+    .await;
+    let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
+    let st = &ax["status"];
+    assert_eq!(
+        (
+            st["tokensUsed"].as_u64(),
+            st["costUsd"].as_f64(),
+            st["numTurns"].as_u64()
+        ),
+        (Some(1500), Some(0.42), Some(6))
+    );
+    assert_eq!(st["git"]["commit"], "abc123");
+    assert_eq!(st["toolCalls"]["byTool"]["Write"], 2);
+    assert_eq!(
+        (
+            cond(&ax, "Ready"),
+            cond(&ax, "Succeeded"),
+            cond(&ax, "Reconciling")
+        ),
+        (json!("True"), json!("True"), json!("False"))
+    );
+    assert_eq!(st["observedGeneration"], ax["metadata"]["generation"]);
+    // The workspace PVC is released (retention Delete), the store has the record, events were sent.
+    until("pvc deleted", || {
+        kube.get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let row = store
+        .get_execution(ax["metadata"]["uid"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.status.as_str(),
+            row.tokens_used,
+            row.git_commit.as_deref()
+        ),
+        ("Succeeded", 1500, Some("abc123"))
+    );
+    let events = kube.list("apis/events.k8s.io/v1", "events", "ns");
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert!(
+        reasons.contains(&"Started") && reasons.contains(&"Succeeded"),
+        "{reasons:?}"
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_failures_map_to_failed_and_timed_out() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("a", json!({})))
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &execution("b", json!({})))
+        .await
+        .unwrap();
+    until("jobs", || {
+        kube.get(BATCH, "jobs", "ns", "agentops-b")
+            .and(kube.get(BATCH, "jobs", "ns", "agentops-a"))
+    })
+    .await;
+    // a: the runner reported a failure; b: the Job hit its deadline.
+    finish_job(
+        &kube,
+        "ns",
+        "agentops-a",
+        false,
+        Some(report("Failed", "ApiError")),
+    );
+    kube.patch_status(
+        BATCH,
+        "jobs",
+        "ns",
+        "agentops-b",
+        json!({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}),
+    );
+    until("Failed", || {
+        (phase(&kube, "ns", "a")? == "Failed").then_some(())
+    })
+    .await;
+    until("TimedOut", || {
+        (phase(&kube, "ns", "b")? == "TimedOut").then_some(())
+    })
+    .await;
+    let a = kube.get(AX, "agentexecutions", "ns", "a").unwrap();
+    assert_eq!(a["status"]["reason"], "ApiError");
+    assert_eq!(
+        a["status"]["tokensUsed"], 1500,
+        "usage of a failed run is kept"
+    );
+    let stalled = a["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Stalled")
+        .unwrap();
+    assert_eq!(stalled["status"], "True");
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_deletes_the_job_and_deletion_runs_the_finalizer() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("c", json!({})))
+        .await
+        .unwrap();
+    until("job", || kube.get(BATCH, "jobs", "ns", "agentops-c")).await;
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"cancel": true}})),
+    )
+    .await
+    .unwrap();
+    until("Cancelled", || {
+        (phase(&kube, "ns", "c")? == "Cancelled").then_some(())
+    })
+    .await;
+    assert!(
+        kube.get(BATCH, "jobs", "ns", "agentops-c").is_none(),
+        "the Job was deleted"
+    );
+
+    api.delete("c", &DeleteParams::default()).await.unwrap();
+    until("gone", || {
+        kube.get(AX, "agentexecutions", "ns", "c")
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_slots_five_executions_run_in_priority_then_age_order() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    // Created before the controller starts, one second apart in creation order.
+    for (i, prio) in [(0, 0), (1, 0), (2, 0), (3, 5), (4, 0)] {
+        api.create(
+            &PostParams::default(),
+            &execution(&format!("e{i}"), json!({"priority": prio})),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let ctl = start(&kube, config(Some(2)), None);
+    let jobs = |kube: &FakeKube| -> Vec<String> {
+        let mut v: Vec<String> = kube
+            .list(BATCH, "jobs", "ns")
+            .iter()
+            .map(|j| j["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    until("two jobs", || (jobs(&kube).len() == 2).then_some(())).await;
+    until("three queued", || {
+        let q = (0..5)
+            .filter(|i| phase(&kube, "ns", &format!("e{i}")).as_deref() == Some("Queued"))
+            .count();
+        (q == 3).then_some(())
+    })
+    .await;
+    assert_eq!(
+        jobs(&kube),
+        ["agentops-e0", "agentops-e3"],
+        "high priority first, then the oldest"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(jobs(&kube).len(), 2, "never more than --max-concurrent");
+
+    finish_job(
+        &kube,
+        "ns",
+        "agentops-e3",
+        true,
+        Some(report("Succeeded", "Completed")),
+    );
+    until("e1 starts", || kube.get(BATCH, "jobs", "ns", "agentops-e1")).await;
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-e2").is_none());
+    let e2 = kube.get(AX, "agentexecutions", "ns", "e2").unwrap();
+    assert!(
+        e2["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("position 1 of 2"),
+        "{}",
+        e2["status"]["message"]
+    );
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_run_adopts_the_job_without_a_duplicate() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let ctl = start(&kube, config(Some(1)), None);
+    api.create(&PostParams::default(), &execution("r", json!({})))
+        .await
+        .unwrap();
+    until("Running", || {
+        (phase(&kube, "ns", "r")? == "Running").then_some(())
+    })
+    .await;
+    ctl.stop().await;
+    let job_writes = |kube: &FakeKube| {
+        kube.requests()
+            .iter()
+            .filter(|(m, p)| m != "GET" && p.contains("/jobs/agentops-r"))
+            .count()
+    };
+    let before = job_writes(&kube);
+    let uid = kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"].clone();
+
+    let ctl = start(&kube, config(Some(1)), None);
+    api.create(&PostParams::default(), &execution("other", json!({})))
+        .await
+        .unwrap();
+    until("other queued behind the adopted run", || {
+        (phase(&kube, "ns", "other")? == "Queued").then_some(())
+    })
+    .await;
+    assert_eq!(
+        job_writes(&kube),
+        before,
+        "the running Job was adopted, not written again"
+    );
+    assert_eq!(
+        kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"],
+        uid
+    );
+    finish_job(
+        &kube,
+        "ns",
+        "agentops-r",
+        true,
+        Some(report("Succeeded", "Completed")),
+    );
+    until("r Succeeded", || {
+        (phase(&kube, "ns", "r")? == "Succeeded").then_some(())
+    })
+    .await;
+    until("other starts", || {
+        kube.get(BATCH, "jobs", "ns", "agentops-other")
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_stalls_then_runs_once_it_exists() {
+    let kube = FakeKube::start().await;
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("s", json!({})))
+        .await
+        .unwrap();
+    let ax = until("Stalled", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "s")?;
+        (ax["status"]["reason"] == "SecretNotFound").then_some(ax)
+    })
+    .await;
+    assert!(
+        ax["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("git-cred")
+    );
+    let stalled = ax["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Stalled")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("SecretNotFound"))
+    );
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-s").is_none());
+    secrets(&kube, "ns").await;
+    until("job after the secret appears", || {
+        kube.get(BATCH, "jobs", "ns", "agentops-s")
+    })
+    .await;
+    until("Running", || {
+        (phase(&kube, "ns", "s")? == "Running").then_some(())
+    })
+    .await;
+    ctl.stop().await;
+}
