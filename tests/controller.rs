@@ -505,3 +505,53 @@ async fn missing_secret_stalls_then_runs_once_it_exists() {
     .await;
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_with_the_local_executor_pushes_and_reports() {
+    let h = support::Harness::new(support::happy_script()).await;
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
+    let root = h.dir.path().join("local-workspaces");
+    let env = vec![
+        ("AGENTOPS_CLAUDE_BIN".to_string(), support::claude_bin().display().to_string()),
+        ("AGENTOPS_SECRETS_DIR".to_string(), h.opts.secrets_dir.display().to_string()),
+        ("AGENTOPS_WORKSPACE_ROOT".to_string(), root.display().to_string()),
+        ("AGENTOPS_DB".to_string(), root.join("runner.db").display().to_string()),
+        ("AGENTOPS_TERMINATION_LOG".to_string(), "/dev/null".to_string()),
+        ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
+        ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
+    ];
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
+    let store2 = store.clone();
+    let task = tokio::spawn(async move {
+        controller::run(client, config(None), Some(store2), exec, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("e2e", json!({}));
+    ax.spec.repository.url = h.git.url("demo");
+    api.create(&PostParams::default(), &ax).await.unwrap();
+
+    let done = until("Succeeded", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "e2e")?;
+        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        Some(ax)
+    })
+    .await;
+    let st = &done["status"];
+    assert_eq!(st["phase"], "Succeeded", "{st}");
+    let head = h.git.branch_head("demo", "agentops/e2e").expect("branch pushed");
+    assert_eq!(st["git"]["commit"].as_str(), Some(head.as_str()));
+    assert_eq!(st["git"]["pushed"], true);
+    assert!(st["tokensUsed"].as_u64().unwrap() > 0 && st["costUsd"].as_f64().unwrap() > 0.0);
+    assert_eq!(st["toolCalls"]["total"], 4);
+    let row = store.get_execution(done["metadata"]["uid"].as_str().unwrap()).await.unwrap();
+    assert_eq!((row.status.as_str(), row.git_commit.as_deref()), ("Succeeded", Some(head.as_str())));
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
