@@ -140,6 +140,9 @@ pub struct ControllerArgs {
     /// Local executor: the Claude Code CLI.
     #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: PathBuf,
+    /// Address of /healthz, /readyz, /metrics and the JSON API.
+    #[arg(long, env = "AGENTOPS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: std::net::SocketAddr,
 }
 
 /// `agentops executions ...`
@@ -346,7 +349,10 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             _ = term.recv() => {}
         }
     };
-    crate::controller::run(client, config, Some(store), executor, shutdown).await;
+    let http = tokio::net::TcpListener::bind(args.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+    crate::controller::run(client, config, Some(store), executor, Some(http), shutdown).await;
     Ok(0)
 }
 

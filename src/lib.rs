@@ -8,4 +8,5 @@ pub mod controller;
 pub mod crd;
 pub mod git;
 pub mod runner;
+pub mod server;
 pub mod store;

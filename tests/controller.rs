@@ -40,7 +40,7 @@ fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Run
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {
-        controller::run(client, config, store, ExecutorKind::Job, async move {
+        controller::run(client, config, store, ExecutorKind::Job, None, async move {
             let _ = rx.await;
         })
         .await
@@ -393,15 +393,16 @@ async fn two_slots_five_executions_run_in_priority_then_age_order() {
     );
     until("e1 starts", || kube.get(BATCH, "jobs", "ns", "agentops-e1")).await;
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-e2").is_none());
-    let e2 = kube.get(AX, "agentexecutions", "ns", "e2").unwrap();
-    assert!(
+    // e2 is told where it stands now: first of the two still waiting.
+    until("e2's queue position", || {
+        let e2 = kube.get(AX, "agentexecutions", "ns", "e2")?;
         e2["status"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("position 1 of 2"),
-        "{}",
-        e2["status"]["message"]
-    );
+            .as_str()?
+            .contains("position 1 of 2")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(phase(&kube, "ns", "e2").as_deref(), Some("Queued"));
     ctl.stop().await;
 }
 
@@ -511,25 +512,54 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let h = support::Harness::new(support::happy_script()).await;
     let kube = FakeKube::start().await;
     secrets(&kube, "ns").await;
-    let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
+    let store = Store::open(&h.dir.path().join("controller.db"))
+        .await
+        .unwrap();
     let root = h.dir.path().join("local-workspaces");
     let env = vec![
-        ("AGENTOPS_CLAUDE_BIN".to_string(), support::claude_bin().display().to_string()),
-        ("AGENTOPS_SECRETS_DIR".to_string(), h.opts.secrets_dir.display().to_string()),
-        ("AGENTOPS_WORKSPACE_ROOT".to_string(), root.display().to_string()),
-        ("AGENTOPS_DB".to_string(), root.join("runner.db").display().to_string()),
-        ("AGENTOPS_TERMINATION_LOG".to_string(), "/dev/null".to_string()),
+        (
+            "AGENTOPS_CLAUDE_BIN".to_string(),
+            support::claude_bin().display().to_string(),
+        ),
+        (
+            "AGENTOPS_SECRETS_DIR".to_string(),
+            h.opts.secrets_dir.display().to_string(),
+        ),
+        (
+            "AGENTOPS_WORKSPACE_ROOT".to_string(),
+            root.display().to_string(),
+        ),
+        (
+            "AGENTOPS_DB".to_string(),
+            root.join("runner.db").display().to_string(),
+        ),
+        (
+            "AGENTOPS_TERMINATION_LOG".to_string(),
+            "/dev/null".to_string(),
+        ),
         ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
         ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
     ];
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
-    let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let exec = ExecutorKind::Local {
+        bin: env!("CARGO_BIN_EXE_agentops").into(),
+        env,
+    };
     let store2 = store.clone();
     let task = tokio::spawn(async move {
-        controller::run(client, config(None), Some(store2), exec, async move {
-            let _ = rx.await;
-        })
+        controller::run(
+            client,
+            config(None),
+            Some(store2),
+            exec,
+            Some(http),
+            async move {
+                let _ = rx.await;
+            },
+        )
         .await
     });
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
@@ -539,19 +569,61 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
 
     let done = until("Succeeded", || {
         let ax = kube.get(AX, "agentexecutions", "ns", "e2e")?;
-        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        ax["status"]["phase"]
+            .as_str()
+            .filter(|p| ["Succeeded", "Failed"].contains(p))?;
         Some(ax)
     })
     .await;
     let st = &done["status"];
     assert_eq!(st["phase"], "Succeeded", "{st}");
-    let head = h.git.branch_head("demo", "agentops/e2e").expect("branch pushed");
+    let head = h
+        .git
+        .branch_head("demo", "agentops/e2e")
+        .expect("branch pushed");
     assert_eq!(st["git"]["commit"].as_str(), Some(head.as_str()));
     assert_eq!(st["git"]["pushed"], true);
     assert!(st["tokensUsed"].as_u64().unwrap() > 0 && st["costUsd"].as_f64().unwrap() > 0.0);
     assert_eq!(st["toolCalls"]["total"], 4);
-    let row = store.get_execution(done["metadata"]["uid"].as_str().unwrap()).await.unwrap();
-    assert_eq!((row.status.as_str(), row.git_commit.as_deref()), ("Succeeded", Some(head.as_str())));
+    let row = store
+        .get_execution(done["metadata"]["uid"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.status.as_str(), row.git_commit.as_deref()),
+        ("Succeeded", Some(head.as_str()))
+    );
+
+    // The HTTP endpoints: health, readiness, metrics, and the JSON API over the store.
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move { reqwest::get(url).await.unwrap() }
+    };
+    assert_eq!(get("/healthz").await.status(), 200);
+    assert_eq!(get("/readyz").await.status(), 200);
+    let metrics = get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("agentops_executions{phase=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentops_executions_finished_total{phase=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentops_tool_calls_total{tool=\"Write\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("agentops_tokens_total{namespace=\"ns\",model=\"default\",kind=\"input\"}"),
+        "{metrics}"
+    );
+    let list: Value = get("/api/v1/executions").await.json().await.unwrap();
+    assert_eq!(list[0]["name"], "e2e");
+    let one: Value = get("/api/v1/executions/ns/e2e").await.json().await.unwrap();
+    assert_eq!(one["git_commit"].as_str(), Some(head.as_str()));
+    assert_eq!(get("/api/v1/executions/ns/nope").await.status(), 404);
     let _ = tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

@@ -2,6 +2,7 @@
 
 pub mod desired;
 pub mod executor;
+pub mod metrics;
 pub mod queue;
 pub mod reconcile;
 pub mod status;
@@ -32,12 +33,14 @@ pub enum ExecutorKind {
     },
 }
 
-/// Runs the controller until `shutdown` resolves. Reconciles every namespace.
+/// Runs the controller until `shutdown` resolves. Reconciles every namespace. With `http`,
+/// serves `/healthz`, `/readyz`, `/metrics` and the store's JSON API on that listener.
 pub async fn run(
     client: Client,
     config: ControllerConfig,
     store: Option<Store>,
     executor: ExecutorKind,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let executions: Api<AgentExecution> = Api::all(client.clone());
@@ -56,12 +59,50 @@ pub async fn run(
         controller: "agentops-controller".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let cache = controller.store();
+    let mut background = Vec::new();
+    {
+        let (cache, ready) = (cache.clone(), ready.clone());
+        background.push(tokio::spawn(async move {
+            // The store's readiness wakes only one waiter at a time (the controller's own), so
+            // poll it briefly instead of waiting alongside; it is cheap and only until ready.
+            loop {
+                match tokio::time::timeout(
+                    std::time::Duration::from_millis(100),
+                    cache.wait_until_ready(),
+                )
+                .await
+                {
+                    Ok(Ok(())) => break ready.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Ok(Err(_)) => break,
+                    Err(_) => continue,
+                }
+            }
+        }));
+    }
+    if let Some(listener) = http {
+        let state = Arc::new(crate::server::ServerState {
+            cache: cache.clone(),
+            metrics: metrics.clone(),
+            store: store.clone(),
+            ready,
+        });
+        let app = crate::server::router(state);
+        background.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }));
+    }
     let ctx = Arc::new(Context {
+        metrics,
         recorder: Recorder::new(client.clone(), reporter),
         client,
         config,
         store,
-        cache: controller.store(),
+        cache,
         executor,
         starting: Default::default(),
         admit: Default::default(),
@@ -82,4 +123,7 @@ pub async fn run(
             }
         })
         .await;
+    for t in background {
+        t.abort();
+    }
 }

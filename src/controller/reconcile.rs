@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use super::desired::{self, JobConfig};
 use super::executor::{Executor, Observation};
+use super::metrics::{ErrorLabel, Metrics, PhaseLabel, TokenLabels, ToolLabel, UsageLabels};
 use super::queue::{self, Candidate, Limits};
 use super::status::{self, Blocked};
 use crate::api::{
@@ -93,6 +94,7 @@ pub struct Context {
     pub admit: tokio::sync::Mutex<()>,
     /// Wakes queued executions when a slot frees.
     pub wake: mpsc::UnboundedSender<()>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Entry point for the kube-runtime Controller.
@@ -110,7 +112,13 @@ pub async fn reconcile(ax: Arc<AgentExecution>, ctx: Arc<Context>) -> Result<Act
 }
 
 /// Logs, and retries later with a short backoff.
-pub fn error_policy(ax: Arc<AgentExecution>, err: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(ax: Arc<AgentExecution>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabel {
+            kind: err.metric_label().into(),
+        })
+        .inc();
     tracing::warn!(execution = %ax.name_any(), error = %err, kind = err.metric_label(), "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
@@ -528,6 +536,7 @@ async fn finish(
     )
     .await?;
 
+    record_metrics(ctx, r, phase, &st);
     if let Some(store) = &ctx.store {
         let s = Summary {
             id: ax.metadata.uid.clone().unwrap_or_default(),
@@ -756,4 +765,43 @@ where
 /// Whether an API error is 404 Not Found.
 pub fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+fn record_metrics(ctx: &Context, r: &Resolved, phase: Phase, st: &AgentExecutionStatus) {
+    let m = &ctx.metrics;
+    m.finished
+        .get_or_create(&PhaseLabel {
+            phase: phase.as_str().into(),
+        })
+        .inc();
+    if let Some(ms) = st.duration_ms {
+        m.duration_seconds.observe(ms as f64 / 1000.0);
+    }
+    let model = r.model.clone().unwrap_or_else(|| "default".into());
+    let ns = r.namespace.clone();
+    for (kind, n) in [
+        ("input", st.usage.input_tokens),
+        ("output", st.usage.output_tokens),
+        ("cache_read", st.usage.cache_read_input_tokens),
+        ("cache_creation", st.usage.cache_creation_input_tokens),
+    ] {
+        m.tokens
+            .get_or_create(&TokenLabels {
+                namespace: ns.clone(),
+                model: model.clone(),
+                kind: kind.into(),
+            })
+            .inc_by(n);
+    }
+    m.cost_usd
+        .get_or_create(&UsageLabels {
+            namespace: ns,
+            model,
+        })
+        .inc_by(st.cost_usd);
+    for (tool, n) in &st.tool_calls.by_tool {
+        m.tool_calls
+            .get_or_create(&ToolLabel { tool: tool.clone() })
+            .inc_by(*n);
+    }
 }

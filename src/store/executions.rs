@@ -290,3 +290,19 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// The newest execution with this namespace and name.
+    pub async fn find_execution(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<ExecutionRow, StoreError> {
+        sqlx::query_as("SELECT * FROM agent_executions WHERE namespace = ? AND name = ? ORDER BY created_at DESC LIMIT 1")
+            .bind(namespace)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("{namespace}/{name}")))
+    }
+}

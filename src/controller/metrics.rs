@@ -1,0 +1,121 @@
+//! Prometheus metrics of the controller (prometheus-client, the official Rust client).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub namespace: String,
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub namespace: String,
+    pub model: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabel {
+    pub tool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub kind: String,
+}
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    pub registry: Registry,
+    /// Executions per phase (set at each scrape from the watch cache).
+    pub executions: Family<PhaseLabel, Gauge>,
+    pub queue_depth: Gauge,
+    pub queue_wait_seconds: Histogram,
+    pub duration_seconds: Histogram,
+    pub finished: Family<PhaseLabel, Counter>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub cost_usd: Family<UsageLabels, Counter<f64, AtomicU64>>,
+    pub tool_calls: Family<ToolLabel, Counter>,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("agentops");
+        let m = Self {
+            executions: Family::default(),
+            queue_depth: Gauge::default(),
+            queue_wait_seconds: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            duration_seconds: Histogram::new(exponential_buckets(5.0, 2.0, 12)),
+            finished: Family::default(),
+            tokens: Family::default(),
+            cost_usd: Family::default(),
+            tool_calls: Family::default(),
+            reconcile_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("executions", "Executions by phase", m.executions.clone());
+        registry.register(
+            "queue_depth",
+            "Executions waiting for a slot",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_wait_seconds",
+            "Time from creation to start",
+            m.queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "execution_duration_seconds",
+            "Run time of finished executions",
+            m.duration_seconds.clone(),
+        );
+        registry.register(
+            "executions_finished",
+            "Executions that ended, by phase",
+            m.finished.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens used, by namespace, model and kind",
+            m.tokens.clone(),
+        );
+        registry.register(
+            "cost_usd",
+            "Cost in US dollars, by namespace and model",
+            m.cost_usd.clone(),
+        );
+        registry.register(
+            "tool_calls",
+            "Agent tool calls, by tool",
+            m.tool_calls.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconcile failures, by kind",
+            m.reconcile_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
