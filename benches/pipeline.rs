@@ -22,12 +22,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// high-water mark, so the last reading before exit is the peak.
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
 }
 
 const BASELINE: &str = r#"set -e
@@ -82,10 +77,7 @@ async fn pipeline(runs: usize) -> (f64, f64, u64) {
 
         // The same work as a shell script.
         let model = FakeAnthropic::start(happy_script()).await;
-        let url = h
-            .git
-            .url("demo")
-            .replace("http://", &format!("http://x-access-token:{TOKEN}@"));
+        let url = h.git.url("demo").replace("http://", &format!("http://x-access-token:{TOKEN}@"));
         let started = Instant::now();
         let st = std::process::Command::new("bash")
             .args(["-c", BASELINE])
@@ -98,11 +90,7 @@ async fn pipeline(runs: usize) -> (f64, f64, u64) {
             .unwrap();
         let base_s = started.elapsed().as_secs_f64();
         assert!(st.success(), "baseline script failed");
-        assert!(
-            h.git
-                .branch_head("demo", &format!("baseline-{i}"))
-                .is_some()
-        );
+        assert!(h.git.branch_head("demo", &format!("baseline-{i}")).is_some());
         if i > 0 {
             // Run 0 warms caches for both.
             ours.push(ours_s);
@@ -117,16 +105,12 @@ fn big_repo(server: &GitServer) {
     let mut files = Vec::new();
     for d in 0..50 {
         for f in 0..100 {
-            let body: String = (0..24)
-                .map(|l| format!("dir {d} file {f} line {l}: lorem ipsum dolor sit amet\n"))
-                .collect();
+            let body: String =
+                (0..24).map(|l| format!("dir {d} file {f} line {l}: lorem ipsum dolor sit amet\n")).collect();
             files.push((format!("src/d{d:02}/f{f:03}.txt"), body));
         }
     }
-    let refs: Vec<(&str, &str)> = files
-        .iter()
-        .map(|(p, b)| (p.as_str(), b.as_str()))
-        .collect();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(p, b)| (p.as_str(), b.as_str())).collect();
     server.create_repo("big", &refs);
 }
 
@@ -161,15 +145,7 @@ async fn clone(runs: usize) -> CloneFigures {
         let dest = tmp.path().join(format!("git-nc-{i}"));
         let t = Instant::now();
         let st = tokio::process::Command::new("git")
-            .args([
-                "clone",
-                "-q",
-                "--no-checkout",
-                "--depth",
-                "1",
-                "--single-branch",
-                &url,
-            ])
+            .args(["clone", "-q", "--no-checkout", "--depth", "1", "--single-branch", &url])
             .arg(&dest)
             .status()
             .await
@@ -190,18 +166,12 @@ async fn clone(runs: usize) -> CloneFigures {
         let url2 = url.clone();
         let (total, timings) = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let (_, c) =
-                agentops::git::clone(&url2, &dest, None, 1, None, "work", &AtomicBool::new(false))
-                    .unwrap();
+            let (_, c) = agentops::git::clone(&url2, &dest, None, 1, None, "work", &AtomicBool::new(false)).unwrap();
             (t.elapsed().as_secs_f64(), c.timings)
         })
         .await
         .unwrap();
-        assert!(
-            tmp.path()
-                .join(format!("git2-{i}/src/d49/f099.txt"))
-                .exists()
-        );
+        assert!(tmp.path().join(format!("git2-{i}/src/d49/f099.txt")).exists());
         if i > 0 {
             for (v, x) in f.iter_mut().zip([
                 git_total,
@@ -233,16 +203,10 @@ async fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list; nothing to list.
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
+    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if !Path::new(&claude_bin()).exists() {
-        panic!(
-            "run scripts/setup first: {} is missing",
-            claude_bin().display()
-        );
+        panic!("run scripts/setup first: {} is missing", claude_bin().display());
     }
     println!("runs per figure: {runs} (medians; one warm-up run each not counted)\n");
     if only.is_empty() || only == "pipeline" {
@@ -253,10 +217,7 @@ async fn main() {
             base,
             ours / base
         );
-        println!(
-            "(c) peak RSS of agentops run (agent excluded): {:.1} MiB",
-            rss as f64 / 1024.0
-        );
+        println!("(c) peak RSS of agentops run (agent excluded): {:.1} MiB", rss as f64 / 1024.0);
     }
     if only.is_empty() || only == "clone" {
         let c = clone(runs).await;

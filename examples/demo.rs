@@ -21,11 +21,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("build the binary first: cargo build --bin agentops"))?;
     let manifest = h.dir.path().join("demo.yaml");
     std::fs::write(&manifest, h.manifest("demo", "  timeout: 5m\n"))?;
-    println!(
-        "== manifest ({})\n{}",
-        manifest.display(),
-        std::fs::read_to_string(&manifest)?
-    );
+    println!("== manifest ({})\n{}", manifest.display(), std::fs::read_to_string(&manifest)?);
 
     let agentops = |args: &[&str]| {
         let mut c = tokio::process::Command::new(&bin);
@@ -44,15 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let status = agentops(&["run", "-f", &shown]).status().await?;
 
     println!("\n== the pushed branch on the git server");
-    let log = h.git.git(
-        "demo",
-        &[
-            "log",
-            "--stat",
-            "--format=%h %an <%ae>%n    %s",
-            "main..agentops/demo",
-        ],
-    );
+    let log = h.git.git("demo", &["log", "--stat", "--format=%h %an <%ae>%n    %s", "main..agentops/demo"]);
     println!("{log}");
     println!("== agentops executions list");
     agentops(&["executions", "list"]).status().await?;

@@ -88,12 +88,14 @@ pub struct RunnerArgs {
     pub claude_bin: PathBuf,
     #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// The controller's endpoint for this execution's progress reports.
+    #[arg(long, env = "AGENTOPS_REPORT_URL")]
+    pub report_url: Option<String>,
+    /// File holding the token for those reports.
+    #[arg(long, env = "AGENTOPS_REPORT_TOKEN_FILE")]
+    pub report_token_file: Option<PathBuf>,
     /// Where Kubernetes reads the container's final message (the compact summary).
-    #[arg(
-        long,
-        env = "AGENTOPS_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
-    )]
+    #[arg(long, env = "AGENTOPS_TERMINATION_LOG", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 
@@ -119,11 +121,7 @@ pub struct ControllerArgs {
     #[arg(long, env = "AGENTOPS_MAX_PER_NAMESPACE", default_value_t = 0)]
     pub max_per_namespace: usize,
     /// Runner image for Jobs.
-    #[arg(
-        long,
-        env = "AGENTOPS_RUNNER_IMAGE",
-        default_value = "ghcr.io/agentops/agentops:0.1.0"
-    )]
+    #[arg(long, env = "AGENTOPS_RUNNER_IMAGE", default_value = "ghcr.io/agentops/agentops:0.1.0")]
     pub image: String,
     /// Storage class for workspace PVCs when an execution names none (empty: emptyDir).
     #[arg(long, env = "AGENTOPS_STORAGE_CLASS")]
@@ -229,6 +227,7 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
         claude_bin: args.claude_bin,
         secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
         progress: !args.quiet,
+        report: None,
     };
     let source = args.file.display().to_string();
     let Some(summary) = execute(db, &text, &source, &opts).await? else {
@@ -243,16 +242,34 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
+    let report = match (&args.report_url, &args.report_token_file) {
+        (Some(url), Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the report token {}", file.display()))?;
+            Some(runner::ReportTarget { url: url.clone(), token: token.trim().to_string() })
+        }
+        _ => None,
+    };
     let opts = RunOptions {
         workspace_root: args.workspace_root.unwrap_or_else(std::env::temp_dir),
         claude_bin: args.claude_bin,
         secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
         progress: true,
+        report: report.clone(),
     };
     let Some(summary) = execute(db, &args.manifest, "AGENTOPS_MANIFEST", &opts).await? else {
         return Ok(EXIT_INVALID);
     };
     println!("{}", serde_json::to_string(&summary)?);
+    // The final report goes both ways: to the controller, and (below) the termination log.
+    if let Some(target) = &report {
+        for attempt in 0..3u64 {
+            if runner::post_report(target, &serde_json::to_value(&summary)?).await {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500 * (attempt + 1))).await;
+        }
+    }
     // Best effort: outside a pod there is no termination log.
     let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
     Ok(summary.exit_code())
@@ -280,11 +297,7 @@ async fn execute(
         Ok(s) => Ok(Some(s)),
         Err(e) => {
             eprintln!("error: {e}");
-            if e.exit_code() == EXIT_INVALID {
-                Ok(None)
-            } else {
-                Err(e.into())
-            }
+            if e.exit_code() == EXIT_INVALID { Ok(None) } else { Err(e.into()) }
         }
     }
 }
@@ -312,38 +325,25 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
         ExecutorArg::Job => crate::controller::ExecutorKind::Job,
         ExecutorArg::Local => {
             let mut env = vec![
-                (
-                    "AGENTOPS_CLAUDE_BIN".to_string(),
-                    args.claude_bin.display().to_string(),
-                ),
+                ("AGENTOPS_CLAUDE_BIN".to_string(), args.claude_bin.display().to_string()),
                 (
                     "AGENTOPS_SECRETS_DIR".to_string(),
-                    args.secrets_dir
-                        .unwrap_or_else(default_secrets_dir)
-                        .display()
-                        .to_string(),
+                    args.secrets_dir.unwrap_or_else(default_secrets_dir).display().to_string(),
                 ),
             ];
             let root = args.workspace_root.unwrap_or_else(std::env::temp_dir);
             env.push(("AGENTOPS_WORKSPACE_ROOT".into(), root.display().to_string()));
             // Each runner keeps its own log store; the controller's store holds the record.
-            env.push((
-                "AGENTOPS_DB".into(),
-                root.join("agentops-runner.db").display().to_string(),
-            ));
+            env.push(("AGENTOPS_DB".into(), root.join("agentops-runner.db").display().to_string()));
             env.push(("AGENTOPS_TERMINATION_LOG".into(), "/dev/null".into()));
-            crate::controller::ExecutorKind::Local {
-                bin: std::env::current_exe()?,
-                env,
-            }
+            crate::controller::ExecutorKind::Local { bin: std::env::current_exe()?, env }
         }
     };
     let shutdown = async {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -379,9 +379,8 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let mut t = Table::new();
-            t.load_style(UTF8_NO_BORDERS).set_header([
-                "ID", "NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "DURATION", "CREATED",
-            ]);
+            t.load_style(UTF8_NO_BORDERS)
+                .set_header(["ID", "NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "DURATION", "CREATED"]);
             for r in rows {
                 t.add_row([
                     r.id,
@@ -391,27 +390,16 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                     r.tokens_used.to_string(),
                     format!("${:.4}", r.cost_usd),
                     r.num_turns.to_string(),
-                    r.duration_ms
-                        .map(|d| format!("{:.1}s", d as f64 / 1000.0))
-                        .unwrap_or_default(),
+                    r.duration_ms.map(|d| format!("{:.1}s", d as f64 / 1000.0)).unwrap_or_default(),
                     r.created_at,
                 ]);
             }
             println!("{t}");
             Ok(0)
         }
-        ExecutionsCmd::Show {
-            id,
-            logs,
-            diff,
-            json,
-        } => {
+        ExecutionsCmd::Show { id, logs, diff, json } => {
             let row = store.get_execution(&id).await?;
-            let log_lines = if logs {
-                store.logs(&row.id).await?
-            } else {
-                Vec::new()
-            };
+            let log_lines = if logs { store.logs(&row.id).await? } else { Vec::new() };
             if json {
                 let mut v = serde_json::to_value(&row)?;
                 if let Some(o) = v.as_object_mut() {
@@ -426,16 +414,11 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(0);
             }
-            let summary: Option<runner::Summary> = row
-                .output_json
-                .as_deref()
-                .and_then(|j| serde_json::from_str(j).ok());
+            let summary: Option<runner::Summary> =
+                row.output_json.as_deref().and_then(|j| serde_json::from_str(j).ok());
             match summary {
                 Some(s) => print!("{}", s.human()),
-                None => println!(
-                    "{} {}/{} {} (running or interrupted)",
-                    row.status, row.namespace, row.name, row.id
-                ),
+                None => println!("{} {}/{} {} (running or interrupted)", row.status, row.namespace, row.name, row.id),
             }
             if diff {
                 println!("{}", row.diff.as_deref().unwrap_or("(no diff)"));
@@ -457,14 +440,7 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             let mut t = Table::new();
-            t.load_style(UTF8_NO_BORDERS).set_header([
-                "ID",
-                "STATUS",
-                "PATH",
-                "CREATED",
-                "COMPLETED",
-                "CLEANED",
-            ]);
+            t.load_style(UTF8_NO_BORDERS).set_header(["ID", "STATUS", "PATH", "CREATED", "COMPLETED", "CLEANED"]);
             for r in rows {
                 t.add_row([
                     r.id,
@@ -478,12 +454,9 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
             println!("{t}");
             Ok(0)
         }
-        WorkspacesCmd::Clean {
-            older_than,
-            dry_run,
-        } => {
-            let cutoff = chrono::Utc::now()
-                - chrono::Duration::from_std(older_than).context("--older-than is too large")?;
+        WorkspacesCmd::Clean { older_than, dry_run } => {
+            let cutoff =
+                chrono::Utc::now() - chrono::Duration::from_std(older_than).context("--older-than is too large")?;
             let cutoff = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let stale = store.stale_workspaces(&cutoff).await?;
             let mut removed = 0;
@@ -492,14 +465,10 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
                     println!("would remove {} ({})", w.path, w.status);
                     continue;
                 }
-                store
-                    .set_workspace_status(&w.id, WorkspaceStatus::Cleaning)
-                    .await?;
+                store.set_workspace_status(&w.id, WorkspaceStatus::Cleaning).await?;
                 match Workspace::remove(std::path::Path::new(&w.path)) {
                     Ok(()) => {
-                        store
-                            .set_workspace_status(&w.id, WorkspaceStatus::Cleaned)
-                            .await?;
+                        store.set_workspace_status(&w.id, WorkspaceStatus::Cleaned).await?;
                         println!("removed {}", w.path);
                         removed += 1;
                     }

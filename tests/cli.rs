@@ -49,10 +49,7 @@ async fn run_prints_a_json_summary_and_the_store_commands_read_it() {
     c.args(["run", "-f"]).arg(&file).args(["--output", "json"]);
     let (code, stdout, stderr) = output(c).await;
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stderr.contains("cloning") && stderr.contains("pushed"),
-        "progress on stderr: {stderr}"
-    );
+    assert!(stderr.contains("cloning") && stderr.contains("pushed"), "progress on stderr: {stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
     for key in [
         "id",
@@ -71,22 +68,10 @@ async fn run_prints_a_json_summary_and_the_store_commands_read_it() {
     ] {
         assert!(v.get(key).is_some(), "summary has {key}: {v}");
     }
-    for key in [
-        "inputTokens",
-        "outputTokens",
-        "cacheReadInputTokens",
-        "cacheCreationInputTokens",
-    ] {
+    for key in ["inputTokens", "outputTokens", "cacheReadInputTokens", "cacheCreationInputTokens"] {
         assert!(v["usage"][key].as_u64().is_some(), "usage.{key}");
     }
-    for key in [
-        "branch",
-        "commit",
-        "pushed",
-        "changedFiles",
-        "insertions",
-        "deletions",
-    ] {
+    for key in ["branch", "commit", "pushed", "changedFiles", "insertions", "deletions"] {
         assert!(v["git"].get(key).is_some(), "git.{key}");
     }
     assert_eq!(v["phase"], "Succeeded");
@@ -97,20 +82,14 @@ async fn run_prints_a_json_summary_and_the_store_commands_read_it() {
     c.args(["executions", "list"]);
     let (code, stdout, _) = output(c).await;
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains(&id) && stdout.contains("Succeeded") && stdout.contains("default/json"),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&id) && stdout.contains("Succeeded") && stdout.contains("default/json"), "{stdout}");
 
     let mut c = agentops(&h);
     c.args(["executions", "show", &id[..6], "--logs", "--diff"]);
     let (code, stdout, _) = output(c).await;
     assert_eq!(code, 0);
     assert!(stdout.contains("+Hello, agentops!"), "diff shown: {stdout}");
-    assert!(
-        stdout.contains("[agent]") && stdout.contains("[runner]"),
-        "logs shown"
-    );
+    assert!(stdout.contains("[agent]") && stdout.contains("[runner]"), "logs shown");
 
     let mut c = agentops(&h);
     c.args(["executions", "show", "nope", "--json"]);
@@ -123,23 +102,11 @@ async fn run_prints_a_json_summary_and_the_store_commands_read_it() {
 async fn malformed_manifests_exit_2_naming_the_field_and_create_nothing() {
     let h = Harness::new(happy_script()).await;
     let cases = [
-        (
-            h.manifest("bad", "").replace("prompt:", "promt:"),
-            "spec.promt",
-        ),
+        (h.manifest("bad", "").replace("prompt:", "promt:"), "spec.promt"),
         (h.manifest("bad", "  timeout: forever\n"), "spec.timeout"),
-        (
-            h.manifest("bad", "").replace("url: ", "url: ftp://"),
-            "spec.repository.url",
-        ),
-        (
-            "apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nspec: [".to_string(),
-            "yaml",
-        ),
-        (
-            h.manifest("bad", "").replace("agentops.dev/v1alpha1", "v1"),
-            "apiVersion",
-        ),
+        (h.manifest("bad", "").replace("url: ", "url: ftp://"), "spec.repository.url"),
+        ("apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nspec: [".to_string(), "yaml"),
+        (h.manifest("bad", "").replace("agentops.dev/v1alpha1", "v1"), "apiVersion"),
     ];
     for (yaml, field) in cases {
         let file = write_manifest(&h, "bad", &yaml);
@@ -153,43 +120,27 @@ async fn malformed_manifests_exit_2_naming_the_field_and_create_nothing() {
     let mut c = agentops(&h);
     c.args(["run", "-f", "/nonexistent.yaml"]);
     assert_eq!(output(c).await.0, 2);
-    assert!(
-        h.store.list_executions(10).await.unwrap().is_empty(),
-        "nothing was created"
-    );
+    assert!(h.store.list_executions(10).await.unwrap().is_empty(), "nothing was created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_cancels_with_exit_4_and_keeps_usage() {
     let h = Harness::new(vec![
-        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"}))
-            .with_usage([250, 30, 0, 0]),
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([250, 30, 0, 0]),
         Step::Hang,
     ])
     .await;
     let file = write_manifest(&h, "int", &h.manifest("int", ""));
     let mut c = agentops(&h);
-    c.args(["run", "-q", "-o", "json", "-f"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.args(["run", "-q", "-o", "json", "-f"]).arg(&file).stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = c.spawn().unwrap();
-    assert!(
-        h.model
-            .wait_for_main_requests(2, Duration::from_secs(60))
-            .await
-    );
+    assert!(h.model.wait_for_main_requests(2, Duration::from_secs(60)).await);
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     let at = std::time::Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().await.unwrap();
     assert!(at.elapsed() < Duration::from_secs(5), "{:?}", at.elapsed());
-    assert_eq!(
-        out.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["phase"], "Cancelled");
     assert!(v["usage"]["inputTokens"].as_u64().unwrap() >= 250);
@@ -198,11 +149,7 @@ async fn sigint_cancels_with_exit_4_and_keeps_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workspaces_list_and_clean() {
     let h = Harness::new(vec![Step::text("nothing")]).await;
-    let file = write_manifest(
-        &h,
-        "keep",
-        &h.manifest("keep", "  workspace: {retain: Retain}\n"),
-    );
+    let file = write_manifest(&h, "keep", &h.manifest("keep", "  workspace: {retain: Retain}\n"));
     let mut c = agentops(&h);
     c.args(["run", "-q", "-f"]).arg(&file);
     assert_eq!(output(c).await.0, 0);
@@ -213,10 +160,7 @@ async fn workspaces_list_and_clean() {
     let mut c = agentops(&h);
     c.args(["workspaces", "clean", "--older-than", "1h"]);
     let (_, stdout, _) = output(c).await;
-    assert!(
-        stdout.contains("0 workspace(s) removed"),
-        "young workspaces stay: {stdout}"
-    );
+    assert!(stdout.contains("0 workspace(s) removed"), "young workspaces stay: {stdout}");
     let mut c = agentops(&h);
     c.args(["workspaces", "clean", "--older-than", "0s"]);
     let (code, stdout, _) = output(c).await;
@@ -253,57 +197,34 @@ async fn secrets_never_reach_the_store_logs_git_config_or_summary() {
     )];
     script.extend(happy_script());
     let h = Harness::new(script).await;
-    let file = write_manifest(
-        &h,
-        "leak",
-        &h.manifest("leak", "  workspace: {retain: Retain}\n"),
-    );
+    let file = write_manifest(&h, "leak", &h.manifest("leak", "  workspace: {retain: Retain}\n"));
     let mut c = agentops(&h);
-    c.args(["run", "-o", "json", "-f"])
-        .arg(&file)
-        .env("RUST_LOG", "debug");
+    c.args(["run", "-o", "json", "-f"]).arg(&file).env("RUST_LOG", "debug");
     let (code, stdout, stderr) = output(c).await;
     assert_eq!(code, 0, "{stderr}");
     // A failing run too (wrong token path and error messages).
-    write_secret(
-        &h.opts.secrets_dir,
-        "git-cred",
-        "token",
-        &format!("{TOKEN}-wrong"),
-    );
+    write_secret(&h.opts.secrets_dir, "git-cred", "token", &format!("{TOKEN}-wrong"));
     let file2 = write_manifest(&h, "leak2", &h.manifest("leak2", ""));
     let mut c = agentops(&h);
-    c.args(["run", "-o", "json", "-f"])
-        .arg(&file2)
-        .env("RUST_LOG", "debug");
+    c.args(["run", "-o", "json", "-f"]).arg(&file2).env("RUST_LOG", "debug");
     let (code2, stdout2, stderr2) = output(c).await;
     assert_eq!(code2, 1);
 
     let v: Value = serde_json::from_str(stdout.trim()).unwrap();
     let ws = Path::new(v["workspace"].as_str().unwrap());
     let logs = h.store.logs(v["id"].as_str().unwrap()).await.unwrap();
-    assert!(
-        logs.iter().any(|l| l.line.contains("key=***")),
-        "the agent's echo was redacted in the stored log"
-    );
+    assert!(logs.iter().any(|l| l.line.contains("key=***")), "the agent's echo was redacted in the stored log");
 
     let mut files = Vec::new();
     files_under(&ws.join("repo/.git"), &mut files);
     files_under(h.db_path.parent().unwrap(), &mut files); // agentops.db, -wal, -shm
-    assert!(
-        files.iter().any(|(p, _)| p.ends_with("config")),
-        "looked at .git/config"
-    );
+    assert!(files.iter().any(|(p, _)| p.ends_with("config")), "looked at .git/config");
     for secret in [TOKEN, API_KEY] {
         for (path, bytes) in &files {
             if path.starts_with(&h.opts.secrets_dir) {
                 continue;
             }
-            assert!(
-                !contains(bytes, secret),
-                "{secret} found in {}",
-                path.display()
-            );
+            assert!(!contains(bytes, secret), "{secret} found in {}", path.display());
         }
         for text in [&stdout, &stderr, &stdout2, &stderr2] {
             assert!(!text.contains(secret), "{secret} printed: {text}");

@@ -45,10 +45,7 @@ fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Run
         })
         .await
     });
-    Running {
-        stop: Some(tx),
-        task,
-    }
+    Running { stop: Some(tx), task }
 }
 
 fn config(max: Option<usize>) -> ControllerConfig {
@@ -98,18 +95,13 @@ async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn phase(kube: &FakeKube, ns: &str, name: &str) -> Option<String> {
-    kube.get(AX, "agentexecutions", ns, name)?["status"]["phase"]
-        .as_str()
-        .map(String::from)
+    kube.get(AX, "agentexecutions", ns, name)?["status"]["phase"].as_str().map(String::from)
 }
 
 /// Plays the Job controller and kubelet: the Job finished, its pod left this report.
@@ -147,107 +139,50 @@ async fn create_makes_a_job_and_pvc_and_success_reports_usage() {
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     api.create(
         &PostParams::default(),
-        &execution(
-            "fix",
-            json!({"workspace": {"storageClassName": "fast", "size": "2Gi"}}),
-        ),
+        &execution("fix", json!({"workspace": {"storageClassName": "fast", "size": "2Gi"}})),
     )
     .await
     .unwrap();
 
     let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-fix")).await;
-    assert_eq!(
-        job["spec"]["template"]["spec"]["containers"][0]["command"],
-        json!(["agentops", "runner"])
-    );
-    assert_eq!(
-        job["metadata"]["ownerReferences"][0]["kind"],
-        "AgentExecution"
-    );
+    assert_eq!(job["spec"]["template"]["spec"]["containers"][0]["command"], json!(["agentops", "runner"]));
+    assert_eq!(job["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
     assert_eq!(job["spec"]["backoffLimit"], 0);
     assert_eq!(job["spec"]["activeDeadlineSeconds"], 660);
-    let pvc = kube
-        .get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix")
-        .expect("pvc");
+    let pvc = kube.get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix").expect("pvc");
     assert_eq!(pvc["spec"]["storageClassName"], "fast");
-    until("Running", || {
-        (phase(&kube, "ns", "fix")? == "Running").then_some(())
-    })
-    .await;
+    until("Running", || (phase(&kube, "ns", "fix")? == "Running").then_some(())).await;
     let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
-    assert_eq!(
-        ax["metadata"]["finalizers"],
-        json!(["agentops.dev/cleanup"])
-    );
+    assert_eq!(ax["metadata"]["finalizers"], json!(["agentops.dev/cleanup"]));
     assert_eq!(ax["status"]["jobName"], "agentops-fix");
     let cond = |ax: &Value, t: &str| {
-        ax["status"]["conditions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["type"] == t)
-            .unwrap()["status"]
-            .clone()
+        ax["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()["status"].clone()
     };
     assert_eq!(cond(&ax, "Reconciling"), "True");
 
-    finish_job(
-        &kube,
-        "ns",
-        "agentops-fix",
-        true,
-        Some(report("Succeeded", "Completed")),
-    );
-    until("Succeeded", || {
-        (phase(&kube, "ns", "fix")? == "Succeeded").then_some(())
-    })
-    .await;
+    finish_job(&kube, "ns", "agentops-fix", true, Some(report("Succeeded", "Completed")));
+    until("Succeeded", || (phase(&kube, "ns", "fix")? == "Succeeded").then_some(())).await;
     let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
     let st = &ax["status"];
     assert_eq!(
-        (
-            st["tokensUsed"].as_u64(),
-            st["costUsd"].as_f64(),
-            st["numTurns"].as_u64()
-        ),
+        (st["tokensUsed"].as_u64(), st["costUsd"].as_f64(), st["numTurns"].as_u64()),
         (Some(1500), Some(0.42), Some(6))
     );
     assert_eq!(st["git"]["commit"], "abc123");
     assert_eq!(st["toolCalls"]["byTool"]["Write"], 2);
     assert_eq!(
-        (
-            cond(&ax, "Ready"),
-            cond(&ax, "Succeeded"),
-            cond(&ax, "Reconciling")
-        ),
+        (cond(&ax, "Ready"), cond(&ax, "Succeeded"), cond(&ax, "Reconciling")),
         (json!("True"), json!("True"), json!("False"))
     );
     assert_eq!(st["observedGeneration"], ax["metadata"]["generation"]);
     // The workspace PVC is released (retention Delete), the store has the record, events were sent.
-    until("pvc deleted", || {
-        kube.get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix")
-            .is_none()
-            .then_some(())
-    })
-    .await;
-    let row = store
-        .get_execution(ax["metadata"]["uid"].as_str().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        (
-            row.status.as_str(),
-            row.tokens_used,
-            row.git_commit.as_deref()
-        ),
-        ("Succeeded", 1500, Some("abc123"))
-    );
+    until("pvc deleted", || kube.get(CORE, "persistentvolumeclaims", "ns", "agentops-ws-fix").is_none().then_some(()))
+        .await;
+    let row = store.get_execution(ax["metadata"]["uid"].as_str().unwrap()).await.unwrap();
+    assert_eq!((row.status.as_str(), row.tokens_used, row.git_commit.as_deref()), ("Succeeded", 1500, Some("abc123")));
     let events = kube.list("apis/events.k8s.io/v1", "events", "ns");
     let reasons: Vec<&str> = events.iter().filter_map(|e| e["reason"].as_str()).collect();
-    assert!(
-        reasons.contains(&"Started") && reasons.contains(&"Succeeded"),
-        "{reasons:?}"
-    );
+    assert!(reasons.contains(&"Started") && reasons.contains(&"Succeeded"), "{reasons:?}");
     ctl.stop().await;
 }
 
@@ -257,25 +192,12 @@ async fn job_failures_map_to_failed_and_timed_out() {
     secrets(&kube, "ns").await;
     let ctl = start(&kube, config(None), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
-    api.create(&PostParams::default(), &execution("a", json!({})))
-        .await
-        .unwrap();
-    api.create(&PostParams::default(), &execution("b", json!({})))
-        .await
-        .unwrap();
-    until("jobs", || {
-        kube.get(BATCH, "jobs", "ns", "agentops-b")
-            .and(kube.get(BATCH, "jobs", "ns", "agentops-a"))
-    })
-    .await;
+    api.create(&PostParams::default(), &execution("a", json!({}))).await.unwrap();
+    api.create(&PostParams::default(), &execution("b", json!({}))).await.unwrap();
+    until("jobs", || kube.get(BATCH, "jobs", "ns", "agentops-b").and(kube.get(BATCH, "jobs", "ns", "agentops-a")))
+        .await;
     // a: the runner reported a failure; b: the Job hit its deadline.
-    finish_job(
-        &kube,
-        "ns",
-        "agentops-a",
-        false,
-        Some(report("Failed", "ApiError")),
-    );
+    finish_job(&kube, "ns", "agentops-a", false, Some(report("Failed", "ApiError")));
     kube.patch_status(
         BATCH,
         "jobs",
@@ -283,26 +205,12 @@ async fn job_failures_map_to_failed_and_timed_out() {
         "agentops-b",
         json!({"conditions": [{"type": "Failed", "status": "True", "reason": "DeadlineExceeded"}]}),
     );
-    until("Failed", || {
-        (phase(&kube, "ns", "a")? == "Failed").then_some(())
-    })
-    .await;
-    until("TimedOut", || {
-        (phase(&kube, "ns", "b")? == "TimedOut").then_some(())
-    })
-    .await;
+    until("Failed", || (phase(&kube, "ns", "a")? == "Failed").then_some(())).await;
+    until("TimedOut", || (phase(&kube, "ns", "b")? == "TimedOut").then_some(())).await;
     let a = kube.get(AX, "agentexecutions", "ns", "a").unwrap();
     assert_eq!(a["status"]["reason"], "ApiError");
-    assert_eq!(
-        a["status"]["tokensUsed"], 1500,
-        "usage of a failed run is kept"
-    );
-    let stalled = a["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Stalled")
-        .unwrap();
+    assert_eq!(a["status"]["tokensUsed"], 1500, "usage of a failed run is kept");
+    let stalled = a["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
     assert_eq!(stalled["status"], "True");
     ctl.stop().await;
 }
@@ -313,33 +221,14 @@ async fn cancel_deletes_the_job_and_deletion_runs_the_finalizer() {
     secrets(&kube, "ns").await;
     let ctl = start(&kube, config(None), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
-    api.create(&PostParams::default(), &execution("c", json!({})))
-        .await
-        .unwrap();
+    api.create(&PostParams::default(), &execution("c", json!({}))).await.unwrap();
     until("job", || kube.get(BATCH, "jobs", "ns", "agentops-c")).await;
-    api.patch(
-        "c",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"cancel": true}})),
-    )
-    .await
-    .unwrap();
-    until("Cancelled", || {
-        (phase(&kube, "ns", "c")? == "Cancelled").then_some(())
-    })
-    .await;
-    assert!(
-        kube.get(BATCH, "jobs", "ns", "agentops-c").is_none(),
-        "the Job was deleted"
-    );
+    api.patch("c", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
+    until("Cancelled", || (phase(&kube, "ns", "c")? == "Cancelled").then_some(())).await;
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-c").is_none(), "the Job was deleted");
 
     api.delete("c", &DeleteParams::default()).await.unwrap();
-    until("gone", || {
-        kube.get(AX, "agentexecutions", "ns", "c")
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    until("gone", || kube.get(AX, "agentexecutions", "ns", "c").is_none().then_some(())).await;
     ctl.stop().await;
 }
 
@@ -350,12 +239,7 @@ async fn two_slots_five_executions_run_in_priority_then_age_order() {
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     // Created before the controller starts, one second apart in creation order.
     for (i, prio) in [(0, 0), (1, 0), (2, 0), (3, 5), (4, 0)] {
-        api.create(
-            &PostParams::default(),
-            &execution(&format!("e{i}"), json!({"priority": prio})),
-        )
-        .await
-        .unwrap();
+        api.create(&PostParams::default(), &execution(&format!("e{i}"), json!({"priority": prio}))).await.unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     let ctl = start(&kube, config(Some(2)), None);
@@ -370,36 +254,21 @@ async fn two_slots_five_executions_run_in_priority_then_age_order() {
     };
     until("two jobs", || (jobs(&kube).len() == 2).then_some(())).await;
     until("three queued", || {
-        let q = (0..5)
-            .filter(|i| phase(&kube, "ns", &format!("e{i}")).as_deref() == Some("Queued"))
-            .count();
+        let q = (0..5).filter(|i| phase(&kube, "ns", &format!("e{i}")).as_deref() == Some("Queued")).count();
         (q == 3).then_some(())
     })
     .await;
-    assert_eq!(
-        jobs(&kube),
-        ["agentops-e0", "agentops-e3"],
-        "high priority first, then the oldest"
-    );
+    assert_eq!(jobs(&kube), ["agentops-e0", "agentops-e3"], "high priority first, then the oldest");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(jobs(&kube).len(), 2, "never more than --max-concurrent");
 
-    finish_job(
-        &kube,
-        "ns",
-        "agentops-e3",
-        true,
-        Some(report("Succeeded", "Completed")),
-    );
+    finish_job(&kube, "ns", "agentops-e3", true, Some(report("Succeeded", "Completed")));
     until("e1 starts", || kube.get(BATCH, "jobs", "ns", "agentops-e1")).await;
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-e2").is_none());
     // e2 is told where it stands now: first of the two still waiting.
     until("e2's queue position", || {
         let e2 = kube.get(AX, "agentexecutions", "ns", "e2")?;
-        e2["status"]["message"]
-            .as_str()?
-            .contains("position 1 of 2")
-            .then_some(())
+        e2["status"]["message"].as_str()?.contains("position 1 of 2").then_some(())
     })
     .await;
     assert_eq!(phase(&kube, "ns", "e2").as_deref(), Some("Queued"));
@@ -412,55 +281,22 @@ async fn restart_mid_run_adopts_the_job_without_a_duplicate() {
     secrets(&kube, "ns").await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let ctl = start(&kube, config(Some(1)), None);
-    api.create(&PostParams::default(), &execution("r", json!({})))
-        .await
-        .unwrap();
-    until("Running", || {
-        (phase(&kube, "ns", "r")? == "Running").then_some(())
-    })
-    .await;
+    api.create(&PostParams::default(), &execution("r", json!({}))).await.unwrap();
+    until("Running", || (phase(&kube, "ns", "r")? == "Running").then_some(())).await;
     ctl.stop().await;
-    let job_writes = |kube: &FakeKube| {
-        kube.requests()
-            .iter()
-            .filter(|(m, p)| m != "GET" && p.contains("/jobs/agentops-r"))
-            .count()
-    };
+    let job_writes =
+        |kube: &FakeKube| kube.requests().iter().filter(|(m, p)| m != "GET" && p.contains("/jobs/agentops-r")).count();
     let before = job_writes(&kube);
     let uid = kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"].clone();
 
     let ctl = start(&kube, config(Some(1)), None);
-    api.create(&PostParams::default(), &execution("other", json!({})))
-        .await
-        .unwrap();
-    until("other queued behind the adopted run", || {
-        (phase(&kube, "ns", "other")? == "Queued").then_some(())
-    })
-    .await;
-    assert_eq!(
-        job_writes(&kube),
-        before,
-        "the running Job was adopted, not written again"
-    );
-    assert_eq!(
-        kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"],
-        uid
-    );
-    finish_job(
-        &kube,
-        "ns",
-        "agentops-r",
-        true,
-        Some(report("Succeeded", "Completed")),
-    );
-    until("r Succeeded", || {
-        (phase(&kube, "ns", "r")? == "Succeeded").then_some(())
-    })
-    .await;
-    until("other starts", || {
-        kube.get(BATCH, "jobs", "ns", "agentops-other")
-    })
-    .await;
+    api.create(&PostParams::default(), &execution("other", json!({}))).await.unwrap();
+    until("other queued behind the adopted run", || (phase(&kube, "ns", "other")? == "Queued").then_some(())).await;
+    assert_eq!(job_writes(&kube), before, "the running Job was adopted, not written again");
+    assert_eq!(kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"], uid);
+    finish_job(&kube, "ns", "agentops-r", true, Some(report("Succeeded", "Completed")));
+    until("r Succeeded", || (phase(&kube, "ns", "r")? == "Succeeded").then_some(())).await;
+    until("other starts", || kube.get(BATCH, "jobs", "ns", "agentops-other")).await;
     ctl.stop().await;
 }
 
@@ -469,41 +305,20 @@ async fn missing_secret_stalls_then_runs_once_it_exists() {
     let kube = FakeKube::start().await;
     let ctl = start(&kube, config(None), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
-    api.create(&PostParams::default(), &execution("s", json!({})))
-        .await
-        .unwrap();
+    api.create(&PostParams::default(), &execution("s", json!({}))).await.unwrap();
     let ax = until("Stalled", || {
         let ax = kube.get(AX, "agentexecutions", "ns", "s")?;
         (ax["status"]["reason"] == "SecretNotFound").then_some(ax)
     })
     .await;
-    assert!(
-        ax["status"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("git-cred")
-    );
-    let stalled = ax["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "Stalled")
-        .unwrap()
-        .clone();
-    assert_eq!(
-        (stalled["status"].as_str(), stalled["reason"].as_str()),
-        (Some("True"), Some("SecretNotFound"))
-    );
+    assert!(ax["status"]["message"].as_str().unwrap().contains("git-cred"));
+    let stalled =
+        ax["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap().clone();
+    assert_eq!((stalled["status"].as_str(), stalled["reason"].as_str()), (Some("True"), Some("SecretNotFound")));
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-s").is_none());
     secrets(&kube, "ns").await;
-    until("job after the secret appears", || {
-        kube.get(BATCH, "jobs", "ns", "agentops-s")
-    })
-    .await;
-    until("Running", || {
-        (phase(&kube, "ns", "s")? == "Running").then_some(())
-    })
-    .await;
+    until("job after the secret appears", || kube.get(BATCH, "jobs", "ns", "agentops-s")).await;
+    until("Running", || (phase(&kube, "ns", "s")? == "Running").then_some(())).await;
     ctl.stop().await;
 }
 
@@ -512,56 +327,8 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let h = support::Harness::new(support::happy_script()).await;
     let kube = FakeKube::start().await;
     secrets(&kube, "ns").await;
-    let store = Store::open(&h.dir.path().join("controller.db"))
-        .await
-        .unwrap();
-    let root = h.dir.path().join("local-workspaces");
-    let env = vec![
-        (
-            "AGENTOPS_CLAUDE_BIN".to_string(),
-            support::claude_bin().display().to_string(),
-        ),
-        (
-            "AGENTOPS_SECRETS_DIR".to_string(),
-            h.opts.secrets_dir.display().to_string(),
-        ),
-        (
-            "AGENTOPS_WORKSPACE_ROOT".to_string(),
-            root.display().to_string(),
-        ),
-        (
-            "AGENTOPS_DB".to_string(),
-            root.join("runner.db").display().to_string(),
-        ),
-        (
-            "AGENTOPS_TERMINATION_LOG".to_string(),
-            "/dev/null".to_string(),
-        ),
-        ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
-        ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
-    ];
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    let exec = ExecutorKind::Local {
-        bin: env!("CARGO_BIN_EXE_agentops").into(),
-        env,
-    };
-    let store2 = store.clone();
-    let task = tokio::spawn(async move {
-        controller::run(
-            client,
-            config(None),
-            Some(store2),
-            exec,
-            Some(http),
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-    });
+    let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
+    let (ctl, base) = start_local(&kube, &h, Some(store.clone())).await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let mut ax = execution("e2e", json!({}));
     ax.spec.repository.url = h.git.url("demo");
@@ -569,30 +336,19 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
 
     let done = until("Succeeded", || {
         let ax = kube.get(AX, "agentexecutions", "ns", "e2e")?;
-        ax["status"]["phase"]
-            .as_str()
-            .filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
         Some(ax)
     })
     .await;
     let st = &done["status"];
     assert_eq!(st["phase"], "Succeeded", "{st}");
-    let head = h
-        .git
-        .branch_head("demo", "agentops/e2e")
-        .expect("branch pushed");
+    let head = h.git.branch_head("demo", "agentops/e2e").expect("branch pushed");
     assert_eq!(st["git"]["commit"].as_str(), Some(head.as_str()));
     assert_eq!(st["git"]["pushed"], true);
     assert!(st["tokensUsed"].as_u64().unwrap() > 0 && st["costUsd"].as_f64().unwrap() > 0.0);
     assert_eq!(st["toolCalls"]["total"], 4);
-    let row = store
-        .get_execution(done["metadata"]["uid"].as_str().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(
-        (row.status.as_str(), row.git_commit.as_deref()),
-        ("Succeeded", Some(head.as_str()))
-    );
+    let row = store.get_execution(done["metadata"]["uid"].as_str().unwrap()).await.unwrap();
+    assert_eq!((row.status.as_str(), row.git_commit.as_deref()), ("Succeeded", Some(head.as_str())));
 
     // The HTTP endpoints: health, readiness, metrics, and the JSON API over the store.
     let get = |path: &str| {
@@ -602,28 +358,129 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     assert_eq!(get("/healthz").await.status(), 200);
     assert_eq!(get("/readyz").await.status(), 200);
     let metrics = get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("agentops_executions{phase=\"Succeeded\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("agentops_executions_finished_total{phase=\"Succeeded\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("agentops_tool_calls_total{tool=\"Write\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics
-            .contains("agentops_tokens_total{namespace=\"ns\",model=\"default\",kind=\"input\"}"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("agentops_executions{phase=\"Succeeded\"} 1"), "{metrics}");
+    assert!(metrics.contains("agentops_executions_finished_total{phase=\"Succeeded\"} 1"), "{metrics}");
+    assert!(metrics.contains("agentops_tool_calls_total{tool=\"Write\"} 1"), "{metrics}");
+    assert!(metrics.contains("agentops_tokens_total{namespace=\"ns\",model=\"default\",kind=\"input\"}"), "{metrics}");
     let list: Value = get("/api/v1/executions").await.json().await.unwrap();
     assert_eq!(list[0]["name"], "e2e");
     let one: Value = get("/api/v1/executions/ns/e2e").await.json().await.unwrap();
     assert_eq!(one["git_commit"].as_str(), Some(head.as_str()));
     assert_eq!(get("/api/v1/executions/ns/nope").await.status(), 404);
+    ctl.stop().await;
+}
+
+/// Starts a controller with the local executor and an HTTP listener; returns its base URL.
+async fn start_local(kube: &FakeKube, h: &support::Harness, store: Option<Store>) -> (Running, String) {
+    let root = h.dir.path().join("local-workspaces");
+    let env = vec![
+        ("AGENTOPS_CLAUDE_BIN".to_string(), support::claude_bin().display().to_string()),
+        ("AGENTOPS_SECRETS_DIR".to_string(), h.opts.secrets_dir.display().to_string()),
+        ("AGENTOPS_WORKSPACE_ROOT".to_string(), root.display().to_string()),
+        ("AGENTOPS_DB".to_string(), root.join("runner.db").display().to_string()),
+        ("AGENTOPS_TERMINATION_LOG".to_string(), "/dev/null".to_string()),
+        ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
+        ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
+    ];
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
+    let task = tokio::spawn(async move {
+        controller::run(client, config(None), store, exec, Some(http), async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (Running { stop: Some(tx), task }, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_progress_reaches_the_status_and_cancel_keeps_partial_usage() {
+    use support::Step;
+    let h = support::Harness::new(vec![
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([700, 50, 0, 0]),
+        Step::Hang,
+    ])
+    .await;
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let (ctl, _) = start_local(&kube, &h, None).await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("live", json!({}));
+    ax.spec.repository.url = h.git.url("demo");
+    api.create(&PostParams::default(), &ax).await.unwrap();
+
+    // While the agent hangs in its second turn, the status already shows the first turn's usage.
+    let live = until("live usage in the status", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "live")?;
+        (ax["status"]["phase"] == "Running" && ax["status"]["usage"]["inputTokens"].as_u64()? >= 700).then_some(ax)
+    })
+    .await;
+    assert_eq!(live["status"]["toolCalls"]["total"], 1);
+    api.patch("live", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
+    let done = until("Cancelled", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "live")?;
+        (ax["status"]["phase"] == "Cancelled").then_some(ax)
+    })
+    .await;
+    assert!(done["status"]["usage"]["inputTokens"].as_u64().unwrap() >= 700, "partial usage kept: {}", done["status"]);
+    assert!(h.git.branch_head("demo", "agentops/live").is_none());
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_reports_need_the_executions_own_token() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let mut cfg = config(None);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    cfg.job.report_url = Some(base.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let task = tokio::spawn(async move {
+        controller::run(client, cfg, None, ExecutorKind::Job, Some(http), async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("rep", json!({}))).await.unwrap();
+    let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-rep")).await;
+    let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+    let url = env.iter().find(|e| e["name"] == "AGENTOPS_REPORT_URL").unwrap()["value"].as_str().unwrap().to_string();
+    assert_eq!(url, format!("{base}/api/v1/runner/ns/rep/report"));
+    assert!(env.iter().all(|e| !e["value"].as_str().unwrap_or_default().contains("Bearer")));
+    let secret = kube.get(CORE, "secrets", "ns", "agentops-report-rep").expect("token secret");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
+    let token = secret["stringData"]["token"].as_str().unwrap().to_string();
+
+    let progress = json!({"phase": "Running", "usage": {"inputTokens": 42, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0},
+                          "tokensUsed": 49, "costUsd": 0.01, "numTurns": 1, "toolCalls": {"total": 1, "byTool": {"Bash": 1}}});
+    let http = reqwest::Client::new();
+    let wrong = http.post(&url).bearer_auth("not-the-token").json(&progress).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    let other = http.post(url.replace("/rep/", "/other/")).bearer_auth(&token).json(&progress).send().await.unwrap();
+    assert_eq!(other.status(), 401, "a token is good for its own execution only");
+    let ok = http.post(&url).bearer_auth(&token).json(&progress).send().await.unwrap();
+    assert_eq!(ok.status(), 202);
+    until("progress in the status", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "rep")?;
+        (ax["status"]["tokensUsed"] == 49 && ax["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
+    // The final report arrives, the termination message does not: the result is still kept.
+    let mut fin = report("Succeeded", "Completed");
+    fin["tokensUsed"] = json!(1234);
+    assert_eq!(http.post(&url).bearer_auth(&token).json(&fin).send().await.unwrap().status(), 202);
+    finish_job(&kube, "ns", "agentops-rep", true, None);
+    until("Succeeded with the reported usage", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "rep")?;
+        (ax["status"]["phase"] == "Succeeded" && ax["status"]["tokensUsed"] == 1234).then_some(())
+    })
+    .await;
     let _ = tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

@@ -5,9 +5,7 @@ use agentops::api::{parse_manifest, resolve};
 #[test]
 fn committed_crds_match_the_types() {
     let generated = agentops::crd::crds_yaml().unwrap();
-    let committed =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/agentops.yaml"))
-            .unwrap();
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/agentops.yaml")).unwrap();
     assert!(
         generated == committed,
         "crds/agentops.yaml is stale: run `cargo run -- crd > crds/agentops.yaml` and commit it"
@@ -17,23 +15,13 @@ fn committed_crds_match_the_types() {
 #[test]
 fn crd_has_status_printer_columns_and_short_name() {
     let crd: serde_json::Value =
-        serde_json::to_value(<agentops::api::AgentExecution as kube::CustomResourceExt>::crd())
-            .unwrap();
+        serde_json::to_value(<agentops::api::AgentExecution as kube::CustomResourceExt>::crd()).unwrap();
     let v = &crd["spec"]["versions"][0];
     assert_eq!(crd["spec"]["names"]["shortNames"][0], "ax");
     assert!(v["subresources"]["status"].is_object());
-    let cols: Vec<&str> = v["additionalPrinterColumns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        cols,
-        [
-            "Phase", "Repo", "Branch", "Cost", "Tokens", "Turns", "Duration", "Age"
-        ]
-    );
+    let cols: Vec<&str> =
+        v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(cols, ["Phase", "Repo", "Branch", "Cost", "Tokens", "Turns", "Duration", "Age"]);
 }
 
 #[test]

@@ -17,55 +17,21 @@ async fn server_with_history() -> GitServer {
     git(work.path(), &["clone", "-q", &bare.to_string_lossy(), "w"]);
     let w = work.path().join("w");
     std::fs::write(w.join("a.txt"), "2\n").unwrap();
-    git(
-        &w,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qam",
-            "second",
-        ],
-    );
+    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "second"]);
     git(&w, &["tag", "v1"]);
     git(&w, &["checkout", "-qb", "feature"]);
     std::fs::write(w.join("b.txt"), "feature\n").unwrap();
     git(&w, &["add", "b.txt"]);
-    git(
-        &w,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@t",
-            "commit",
-            "-qm",
-            "feature",
-        ],
-    );
+    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "feature"]);
     git(&w, &["push", "-q", "origin", "main", "feature", "v1"]);
     s
 }
 
-async fn clone(
-    s: &GitServer,
-    r: Option<&str>,
-    depth: u32,
-) -> Result<(git2::Repository, git::Cloned), GitError> {
+async fn clone(s: &GitServer, r: Option<&str>, depth: u32) -> Result<(git2::Repository, git::Cloned), GitError> {
     let (url, r) = (s.url("r"), r.map(String::from));
     tokio::task::spawn_blocking(move || {
         let dir = tempfile::tempdir().unwrap().keep();
-        git::clone(
-            &url,
-            &dir.join("c"),
-            r.as_deref(),
-            depth,
-            None,
-            "work",
-            &AtomicBool::new(false),
-        )
+        git::clone(&url, &dir.join("c"), r.as_deref(), depth, None, "work", &AtomicBool::new(false))
     })
     .await
     .unwrap()
@@ -77,27 +43,17 @@ async fn default_branch_branch_tag_and_depth() {
     let main = s.branch_head("r", "main").unwrap();
 
     let (repo, c) = clone(&s, None, 1).await.unwrap();
-    assert_eq!(
-        (c.source_branch.as_str(), c.base.to_string()),
-        ("main", main.clone())
-    );
+    assert_eq!((c.source_branch.as_str(), c.base.to_string()), ("main", main.clone()));
     assert_eq!(repo.head().unwrap().shorthand().ok(), Some("work"));
     assert!(repo.is_shallow(), "depth 1 is shallow");
-    assert_eq!(
-        std::fs::read_to_string(repo.workdir().unwrap().join("a.txt")).unwrap(),
-        "2\n"
-    );
+    assert_eq!(std::fs::read_to_string(repo.workdir().unwrap().join("a.txt")).unwrap(), "2\n");
 
     let (repo, c) = clone(&s, Some("feature"), 1).await.unwrap();
     assert_eq!(c.source_branch, "feature");
     assert!(repo.workdir().unwrap().join("b.txt").exists());
 
     let (_, c) = clone(&s, Some("v1"), 1).await.unwrap();
-    assert_eq!(
-        c.base.to_string(),
-        main,
-        "the tag points at main's second commit"
-    );
+    assert_eq!(c.base.to_string(), main, "the tag points at main's second commit");
 
     let (repo, _) = clone(&s, None, 0).await.unwrap();
     assert!(!repo.is_shallow(), "depth 0 fetches all history");
@@ -105,9 +61,7 @@ async fn default_branch_branch_tag_and_depth() {
     walk.push_head().unwrap();
     assert_eq!(walk.count(), 2);
 
-    let Err(err) = clone(&s, Some("nope"), 1).await else {
-        panic!("a missing ref must fail")
-    };
+    let Err(err) = clone(&s, Some("nope"), 1).await else { panic!("a missing ref must fail") };
     assert!(matches!(err, GitError::RefNotFound { .. }), "{err}");
     assert!(err.to_string().contains("spec.repository.ref"));
 }

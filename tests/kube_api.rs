@@ -13,10 +13,7 @@ use serde_json::json;
 use support::kube_api::FakeKube;
 
 fn cm(name: &str) -> ConfigMap {
-    serde_json::from_value(
-        json!({"metadata": {"name": name, "labels": {"app": "x"}}, "data": {"k": "v"}}),
-    )
-    .unwrap()
+    serde_json::from_value(json!({"metadata": {"name": name, "labels": {"app": "x"}}, "data": {"k": "v"}})).unwrap()
 }
 
 #[tokio::test]
@@ -25,19 +22,11 @@ async fn crud_conflicts_finalizers_and_cascade() {
     let api: Api<ConfigMap> = Api::namespaced(kube.client(), "ns");
     let created = api.create(&PostParams::default(), &cm("a")).await.unwrap();
     assert!(created.metadata.uid.is_some() && created.metadata.resource_version.is_some());
-    assert!(
-        matches!(api.create(&PostParams::default(), &cm("a")).await, Err(kube::Error::Api(e)) if e.code == 409)
-    );
+    assert!(matches!(api.create(&PostParams::default(), &cm("a")).await, Err(kube::Error::Api(e)) if e.code == 409));
 
     // A stale resourceVersion is a conflict.
     let mut stale = created.clone();
-    api.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"data": {"k": "w"}})),
-    )
-    .await
-    .unwrap();
+    api.patch("a", &PatchParams::default(), &Patch::Merge(json!({"data": {"k": "w"}}))).await.unwrap();
     stale.data = Some([("k".to_string(), "z".to_string())].into());
     assert!(
         matches!(api.replace("a", &PostParams::default(), &stale).await, Err(kube::Error::Api(e)) if e.code == 409)
@@ -45,8 +34,23 @@ async fn crud_conflicts_finalizers_and_cascade() {
 
     // Apply creates, then merges.
     let pp = PatchParams::apply("test").force();
-    api.patch("b", &pp, &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"x": "1"}}))).await.unwrap();
-    let b = api.patch("b", &pp, &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"y": "2"}}))).await.unwrap();
+    api.patch(
+        "b",
+        &pp,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"x": "1"}})),
+    )
+    .await
+    .unwrap();
+    let b = api
+        .patch(
+            "b",
+            &pp,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": {"y": "2"}}),
+            ),
+        )
+        .await
+        .unwrap();
     assert_eq!(b.data.unwrap().len(), 2);
 
     // JSON patch adds a finalizer; delete then only marks; removing it deletes, cascading.
@@ -54,40 +58,26 @@ async fn crud_conflicts_finalizers_and_cascade() {
         "a",
         &PatchParams::default(),
         &Patch::Json::<()>(
-            serde_json::from_value(
-                json!([{"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]}]),
-            )
-            .unwrap(),
+            serde_json::from_value(json!([{"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]}])).unwrap(),
         ),
     )
     .await
     .unwrap();
     let owner = api.get("a").await.unwrap();
     let mut child = cm("child");
-    child.metadata.owner_references = Some(vec![
-        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            name: "a".into(),
-            uid: owner.metadata.uid.clone().unwrap(),
-            ..Default::default()
-        },
-    ]);
+    child.metadata.owner_references = Some(vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        name: "a".into(),
+        uid: owner.metadata.uid.clone().unwrap(),
+        ..Default::default()
+    }]);
     api.create(&PostParams::default(), &child).await.unwrap();
     api.delete("a", &DeleteParams::default()).await.unwrap();
     let marked = api.get("a").await.unwrap();
     assert!(marked.metadata.deletion_timestamp.is_some());
-    assert!(
-        api.get("child").await.is_ok(),
-        "still there while the owner waits on its finalizer"
-    );
-    api.patch(
-        "a",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
-    )
-    .await
-    .unwrap();
+    assert!(api.get("child").await.is_ok(), "still there while the owner waits on its finalizer");
+    api.patch("a", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await.unwrap();
     assert!(api.get_opt("a").await.unwrap().is_none());
     assert!(api.get_opt("child").await.unwrap().is_none(), "cascade");
 }
@@ -96,25 +86,11 @@ async fn crud_conflicts_finalizers_and_cascade() {
 async fn watcher_sees_existing_and_new_objects() {
     let kube = FakeKube::start().await;
     let api: Api<ConfigMap> = Api::namespaced(kube.client(), "ns");
-    api.create(&PostParams::default(), &cm("first"))
-        .await
-        .unwrap();
-    let mut names = watcher(api.clone(), watcher::Config::default())
-        .applied_objects()
-        .boxed();
-    let first = tokio::time::timeout(Duration::from_secs(5), names.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    api.create(&PostParams::default(), &cm("first")).await.unwrap();
+    let mut names = watcher(api.clone(), watcher::Config::default()).applied_objects().boxed();
+    let first = tokio::time::timeout(Duration::from_secs(5), names.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(first.metadata.name.as_deref(), Some("first"));
-    api.create(&PostParams::default(), &cm("second"))
-        .await
-        .unwrap();
-    let second = tokio::time::timeout(Duration::from_secs(5), names.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    api.create(&PostParams::default(), &cm("second")).await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), names.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(second.metadata.name.as_deref(), Some("second"));
 }

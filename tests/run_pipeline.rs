@@ -18,62 +18,25 @@ async fn success_with_write_edit_bash_is_committed_and_pushed() {
     assert_eq!(s.reason.as_deref(), Some("Completed"));
 
     // The remote has the branch at our commit, with the agent's work.
-    let head = h
-        .git
-        .branch_head("demo", "agentops/happy")
-        .expect("branch pushed");
+    let head = h.git.branch_head("demo", "agentops/happy").expect("branch pushed");
     assert_eq!(Some(&head), s.git.commit.as_ref());
     assert!(s.git.pushed);
-    assert_eq!(
-        h.git.show("demo", &head, "greeting.txt").as_deref(),
-        Some("Hello, agentops!\n")
-    );
-    assert!(
-        h.git
-            .show("demo", &head, "README.md")
-            .unwrap()
-            .contains("Hello from the agent.")
-    );
-    assert_eq!(
-        h.git.show("demo", &head, "build.txt").as_deref(),
-        Some("built\n")
-    );
-    assert_eq!(
-        h.git.show("demo", &head, "src/lib.txt"),
-        None,
-        "deletions are committed too"
-    );
+    assert_eq!(h.git.show("demo", &head, "greeting.txt").as_deref(), Some("Hello, agentops!\n"));
+    assert!(h.git.show("demo", &head, "README.md").unwrap().contains("Hello from the agent."));
+    assert_eq!(h.git.show("demo", &head, "build.txt").as_deref(), Some("built\n"));
+    assert_eq!(h.git.show("demo", &head, "src/lib.txt"), None, "deletions are committed too");
     // One commit on top of main, by the operator's author.
     let main = h.git.branch_head("demo", "main").unwrap();
-    assert_eq!(
-        h.git
-            .git("demo", &["rev-parse", &format!("{head}^")])
-            .trim(),
-        main
-    );
-    assert_eq!(
-        h.git
-            .git("demo", &["log", "-1", "--format=%an <%ae>", &head])
-            .trim(),
-        "agentops <agentops@localhost>"
-    );
-    assert_eq!(
-        (s.git.changed_files, s.git.deletions > 0),
-        (4, true),
-        "{:?}",
-        s.git
-    );
+    assert_eq!(h.git.git("demo", &["rev-parse", &format!("{head}^")]).trim(), main);
+    assert_eq!(h.git.git("demo", &["log", "-1", "--format=%an <%ae>", &head]).trim(), "agentops <agentops@localhost>");
+    assert_eq!((s.git.changed_files, s.git.deletions > 0), (4, true), "{:?}", s.git);
 
     // Usage and tool calls come from the agent's stream.
     assert_eq!(s.tool_calls.by_tool.get("Write"), Some(&1));
     assert_eq!(s.tool_calls.by_tool.get("Edit"), Some(&1));
     assert_eq!(s.tool_calls.by_tool.get("Bash"), Some(&1));
     assert_eq!(s.tool_calls.total, 4);
-    assert!(
-        s.usage.input_tokens >= 520 && s.usage.output_tokens >= 150,
-        "{:?}",
-        s.usage
-    );
+    assert!(s.usage.input_tokens >= 520 && s.usage.output_tokens >= 150, "{:?}", s.usage);
     assert_eq!(
         s.tokens_used,
         s.usage.input_tokens
@@ -84,18 +47,10 @@ async fn success_with_write_edit_bash_is_committed_and_pushed() {
     assert!(s.cost_usd > 0.0);
     assert!(s.num_turns >= 5, "turns {}", s.num_turns);
     assert!(s.session_id.is_some());
-    assert_eq!(
-        s.result.as_deref(),
-        Some("Added greeting.txt, edited README.md, built.")
-    );
+    assert_eq!(s.result.as_deref(), Some("Added greeting.txt, edited README.md, built."));
     assert_eq!(h.model.remaining(), 0, "every scripted step was used");
     // The agent got the key from the secret, nothing else.
-    assert!(
-        h.model
-            .seen()
-            .iter()
-            .all(|r| r.api_key.as_deref() == Some(API_KEY))
-    );
+    assert!(h.model.seen().iter().all(|r| r.api_key.as_deref() == Some(API_KEY)));
 
     // The store agrees with the summary.
     let row = h.store.get_execution(&s.id).await.unwrap();
@@ -105,10 +60,7 @@ async fn success_with_write_edit_bash_is_committed_and_pushed() {
     assert!(row.pushed);
     assert!(row.diff.as_deref().unwrap().contains("+Hello, agentops!"));
     let logs = h.store.logs(&s.id).await.unwrap();
-    assert!(
-        logs.iter()
-            .any(|l| l.source == "agent" && l.line.contains("\"type\":\"result\""))
-    );
+    assert!(logs.iter().any(|l| l.source == "agent" && l.line.contains("\"type\":\"result\"")));
     // The workspace was removed (default retention) and its record says so.
     let ws = h.store.list_workspaces().await.unwrap();
     assert_eq!(ws.len(), 1);
@@ -121,22 +73,11 @@ async fn success_with_write_edit_bash_is_committed_and_pushed() {
 async fn no_changes_means_no_commit_and_no_push() {
     let h = Harness::new(vec![Step::text("Nothing needs changing.")]).await;
     let s = h.run(&h.manifest("quiet", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Succeeded, Some("NoChanges")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("NoChanges")), "{s:#?}");
     assert_eq!(s.git.commit, None);
     assert!(!s.git.pushed);
     assert_eq!(h.git.branch_head("demo", "agentops/quiet"), None);
-    assert_eq!(
-        h.git
-            .stats()
-            .receive_pack
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "no push attempted"
-    );
+    assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), 0, "no push attempted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,24 +93,10 @@ async fn api_5xx_then_recovery_succeeds_and_counts_the_retry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_api_failure_fails_and_pushes_nothing() {
-    let h = Harness::new(vec![
-        Step::Error(500),
-        Step::Error(500),
-        Step::Error(500),
-        Step::Error(500),
-    ])
-    .await;
+    let h = Harness::new(vec![Step::Error(500), Step::Error(500), Step::Error(500), Step::Error(500)]).await;
     let s = h.run(&h.manifest("down", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("ApiError")),
-        "{s:#?}"
-    );
-    assert!(
-        s.message.as_deref().unwrap().contains("HTTP 500"),
-        "{:?}",
-        s.message
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("ApiError")), "{s:#?}");
+    assert!(s.message.as_deref().unwrap().contains("HTTP 500"), "{:?}", s.message);
     assert_eq!(h.git.branch_head("demo", "agentops/down"), None);
     let row = h.store.get_execution(&s.id).await.unwrap();
     assert_eq!(row.status, "Failed");
@@ -180,16 +107,12 @@ async fn persistent_api_failure_fails_and_pushes_nothing() {
 async fn max_turns_stops_the_agent_and_pushes_nothing() {
     let h = Harness::new(happy_script()).await;
     let s = h
-        .run(&h.manifest("short", "  timeout: 2m\n").replace(
-            "apiKeySecretRef: {name: anthropic}",
-            "apiKeySecretRef: {name: anthropic}\n    maxTurns: 2",
-        ))
+        .run(
+            &h.manifest("short", "  timeout: 2m\n")
+                .replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    maxTurns: 2"),
+        )
         .await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("MaxTurns")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("MaxTurns")), "{s:#?}");
     assert!(s.tokens_used > 0, "usage of the turns taken is kept");
     assert_eq!(h.git.branch_head("demo", "agentops/short"), None);
     assert!(h.model.remaining() >= 2, "the agent stopped early");
@@ -197,40 +120,21 @@ async fn max_turns_stops_the_agent_and_pushes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeout_stops_a_hanging_agent_and_keeps_usage() {
-    let h = Harness::new(vec![
-        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})),
-        Step::Hang,
-    ])
-    .await;
+    let h = Harness::new(vec![Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})), Step::Hang]).await;
     let started = std::time::Instant::now();
     let s = h.run(&h.manifest("slow", "  timeout: 4s\n")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::TimedOut, Some("Timeout")),
-        "{s:#?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(12),
-        "stopped promptly: {:?}",
-        started.elapsed()
-    );
-    assert!(
-        s.tokens_used > 0 && s.cost_usd > 0.0,
-        "partial usage kept: {s:?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::TimedOut, Some("Timeout")), "{s:#?}");
+    assert!(started.elapsed() < Duration::from_secs(12), "stopped promptly: {:?}", started.elapsed());
+    assert!(s.tokens_used > 0 && s.cost_usd > 0.0, "partial usage kept: {s:?}");
     assert_eq!(s.tool_calls.total, 1);
     assert_eq!(h.git.branch_head("demo", "agentops/slow"), None);
-    assert_eq!(
-        h.store.get_execution(&s.id).await.unwrap().status,
-        "TimedOut"
-    );
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "TimedOut");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_run_stops_within_seconds_and_keeps_partial_usage() {
     let h = Harness::new(vec![
-        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"}))
-            .with_usage([300, 50, 0, 0]),
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([300, 50, 0, 0]),
         Step::Hang,
     ])
     .await;
@@ -242,12 +146,7 @@ async fn cancel_mid_run_stops_within_seconds_and_keeps_partial_usage() {
         async move { h.try_run(&yaml, cancel).await }
     };
     let trigger = async {
-        assert!(
-            h.model
-                .wait_for_main_requests(2, Duration::from_secs(60))
-                .await,
-            "agent reached its second turn"
-        );
+        assert!(h.model.wait_for_main_requests(2, Duration::from_secs(60)).await, "agent reached its second turn");
         // While the agent runs, the store already shows its usage (not only at the end).
         let live = loop {
             let rows = h.store.list_executions(1).await.unwrap();
@@ -257,59 +156,34 @@ async fn cancel_mid_run_stops_within_seconds_and_keeps_partial_usage() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         assert_eq!(live.status, "Running");
-        assert!(
-            live.input_tokens >= 300 && live.cost_usd > 0.0,
-            "live usage: {live:?}"
-        );
+        assert!(live.input_tokens >= 300 && live.cost_usd > 0.0, "live usage: {live:?}");
         let at = std::time::Instant::now();
         cancel.cancel();
         at
     };
     let (s, cancelled_at) = tokio::join!(run, trigger);
     let s = s.unwrap();
-    assert!(
-        cancelled_at.elapsed() < Duration::from_secs(5),
-        "stopped within 5 s: {:?}",
-        cancelled_at.elapsed()
-    );
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Cancelled, Some("Cancelled")),
-        "{s:#?}"
-    );
-    assert!(
-        s.usage.input_tokens >= 300,
-        "partial usage kept: {:?}",
-        s.usage
-    );
+    assert!(cancelled_at.elapsed() < Duration::from_secs(5), "stopped within 5 s: {:?}", cancelled_at.elapsed());
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(s.usage.input_tokens >= 300, "partial usage kept: {:?}", s.usage);
     assert_eq!(s.tool_calls.total, 1);
     let row = h.store.get_execution(&s.id).await.unwrap();
-    assert_eq!(
-        (row.status.as_str(), row.input_tokens >= 300),
-        ("Cancelled", true)
-    );
+    assert_eq!((row.status.as_str(), row.input_tokens >= 300), ("Cancelled", true));
     assert_eq!(h.git.branch_head("demo", "agentops/stopme"), None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_hook_veto_stops_before_the_agent() {
     let h = Harness::new(happy_script()).await;
-    let hooks = "  hooks:\n    pre:\n      - name: policy\n        command: [sh, -c, 'echo vetoed by policy; exit 3']\n";
+    let hooks =
+        "  hooks:\n    pre:\n      - name: policy\n        command: [sh, -c, 'echo vetoed by policy; exit 3']\n";
     let s = h.run(&h.manifest("veto", hooks)).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("PreHookRejected")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PreHookRejected")), "{s:#?}");
     assert!(s.message.as_deref().unwrap().contains("policy"));
     assert_eq!(h.model.main_requests(), 0, "the agent never started");
     assert_eq!(h.git.branch_head("demo", "agentops/veto"), None);
     let logs = h.store.logs(&s.id).await.unwrap();
-    assert!(
-        logs.iter()
-            .any(|l| l.source == "hook:pre:policy" && l.line == "vetoed by policy"),
-        "{logs:?}"
-    );
+    assert!(logs.iter().any(|l| l.source == "hook:pre:policy" && l.line == "vetoed by policy"), "{logs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,21 +191,10 @@ async fn wrong_git_token_fails_clearly_without_a_retry_storm() {
     let h = Harness::new(happy_script()).await;
     write_secret(&h.opts.secrets_dir, "git-cred", "token", "ghp_wrong");
     let s = h.run(&h.manifest("badtoken", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("CloneFailed")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("CloneFailed")), "{s:#?}");
     let msg = s.message.unwrap();
-    assert!(
-        msg.contains("authentication") && msg.contains("credentialsSecretRef"),
-        "{msg}"
-    );
-    let unauthorized = h
-        .git
-        .stats()
-        .unauthorized
-        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(msg.contains("authentication") && msg.contains("credentialsSecretRef"), "{msg}");
+    let unauthorized = h.git.stats().unauthorized.load(std::sync::atomic::Ordering::Relaxed);
     assert!(unauthorized <= 3, "{unauthorized} rejected requests");
     assert_eq!(h.model.main_requests(), 0);
 }
@@ -339,35 +202,19 @@ async fn wrong_git_token_fails_clearly_without_a_retry_storm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_repository_fails_clearly() {
     let h = Harness::new(happy_script()).await;
-    let yaml = h
-        .manifest("nowhere", "")
-        .replace(&h.git.url("demo"), "http://127.0.0.1:9/nothing.git");
+    let yaml = h.manifest("nowhere", "").replace(&h.git.url("demo"), "http://127.0.0.1:9/nothing.git");
     let s = h.run(&yaml).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("CloneFailed")),
-        "{s:#?}"
-    );
-    assert!(
-        s.message
-            .unwrap()
-            .contains("cannot reach http://127.0.0.1:9/nothing.git")
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("CloneFailed")), "{s:#?}");
+    assert!(s.message.unwrap().contains("cannot reach http://127.0.0.1:9/nothing.git"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_secret_file_is_invalid_input_and_creates_nothing() {
     let h = Harness::new(happy_script()).await;
     std::fs::remove_file(h.opts.secrets_dir.join("anthropic/api-key")).unwrap();
-    let err = h
-        .try_run(&h.manifest("nokey", ""), CancellationToken::new())
-        .await
-        .unwrap_err();
+    let err = h.try_run(&h.manifest("nokey", ""), CancellationToken::new()).await.unwrap_err();
     let msg = err.to_string();
-    assert!(
-        msg.contains("spec.agent.apiKeySecretRef") && msg.contains("anthropic/api-key"),
-        "{msg}"
-    );
+    assert!(msg.contains("spec.agent.apiKeySecretRef") && msg.contains("anthropic/api-key"), "{msg}");
     assert_eq!(err.exit_code(), agentops::runner::EXIT_INVALID);
     assert!(h.store.list_executions(10).await.unwrap().is_empty());
     assert!(h.store.list_workspaces().await.unwrap().is_empty());
@@ -377,23 +224,12 @@ async fn missing_secret_file_is_invalid_input_and_creates_nothing() {
 async fn agent_crash_without_result_is_a_failure() {
     let mut h = Harness::new(happy_script()).await;
     let fake = h.dir.path().join("crashing-claude");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'Error: segfault in the agent' >&2\nexit 7\n",
-    )
-    .unwrap();
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&fake).unwrap().permissions(),
-        0o755,
-    );
+    std::fs::write(&fake, "#!/bin/sh\necho 'Error: segfault in the agent' >&2\nexit 7\n").unwrap();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     h.opts.claude_bin = fake;
     let s = h.run(&h.manifest("crash", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("AgentCrashed")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentCrashed")), "{s:#?}");
     assert!(s.message.unwrap().contains("status 7"));
 }
 
@@ -405,11 +241,7 @@ async fn silent_exit_zero_is_a_failure_not_no_changes() {
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     h.opts.claude_bin = fake;
     let s = h.run(&h.manifest("silent", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("AgentCrashed")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentCrashed")), "{s:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,40 +249,23 @@ async fn push_rejected_fails_with_the_server_message_and_keeps_the_workspace() {
     let h = Harness::new(happy_script()).await;
     h.git.reject_pushes("demo", "branch protected by policy");
     let s = h.run(&h.manifest("rejected", "")).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("PushRejected")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
     let msg = s.message.unwrap();
-    assert!(
-        msg.contains("pre-receive") || msg.contains("rejected"),
-        "{msg}"
-    );
+    assert!(msg.contains("pre-receive") || msg.contains("rejected"), "{msg}");
     assert!(s.git.commit.is_some() && !s.git.pushed);
     let ws = std::path::Path::new(s.workspace.as_deref().unwrap());
-    assert!(
-        ws.join("repo/greeting.txt").exists(),
-        "workspace kept with the work"
-    );
+    assert!(ws.join("repo/greeting.txt").exists(), "workspace kept with the work");
     assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "error");
 }
 
 /// A webhook receiver on 127.0.0.1 that keeps every JSON body it gets.
-async fn webhook_sink(
-    status: u16,
-) -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-) {
+async fn webhook_sink(status: u16) -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
     use axum::http::StatusCode;
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let app = axum::Router::new().fallback({
         let got = got.clone();
         move |body: axum::body::Bytes| async move {
-            got.lock()
-                .unwrap()
-                .push(serde_json::from_slice(&body).unwrap_or_default());
+            got.lock().unwrap().push(serde_json::from_slice(&body).unwrap_or_default());
             (StatusCode::from_u16(status).unwrap(), "received")
         }
     });
@@ -472,21 +287,13 @@ async fn post_hooks_receive_the_result_and_error_hooks_the_error() {
     );
     let s = h.run(&h.manifest("posthooks", &hooks)).await;
     assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
-    let from_cmd: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let from_cmd: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     let from_web = got.lock().unwrap().clone();
-    assert_eq!(
-        from_web.len(),
-        1,
-        "only the post webhook was called: {from_web:?}"
-    );
+    assert_eq!(from_web.len(), 1, "only the post webhook was called: {from_web:?}");
     for payload in [&from_cmd, &from_web[0]] {
         assert_eq!(payload["phase"], "post");
         assert_eq!(payload["outcome"]["reason"], "Completed");
-        assert_eq!(
-            payload["summary"]["git"]["commit"].as_str(),
-            s.git.commit.as_deref()
-        );
+        assert_eq!(payload["summary"]["git"]["commit"].as_str(), s.git.commit.as_deref());
         assert_eq!(payload["summary"]["git"]["pushed"], true);
         assert_eq!(payload["execution"]["name"], "posthooks");
         assert_eq!(payload["summary"]["toolCalls"]["total"], 4);
@@ -495,8 +302,7 @@ async fn post_hooks_receive_the_result_and_error_hooks_the_error() {
     // Failure: the error webhook gets the reason and message; a failing post hook is not called.
     let h = Harness::new(vec![Step::Error(500), Step::Error(500), Step::Error(500)]).await;
     let (url, got) = webhook_sink(200).await;
-    let hooks =
-        format!("  hooks:\n    post:\n      - url: {url}/post\n    onError:\n      - url: {url}\n");
+    let hooks = format!("  hooks:\n    post:\n      - url: {url}/post\n    onError:\n      - url: {url}\n");
     let s = h.run(&h.manifest("errhooks", &hooks)).await;
     assert_eq!(s.reason.as_deref(), Some("ApiError"));
     let got = got.lock().unwrap().clone();
@@ -504,29 +310,15 @@ async fn post_hooks_receive_the_result_and_error_hooks_the_error() {
     assert_eq!(got[0]["phase"], "onError");
     assert_eq!(got[0]["outcome"]["phase"], "Failed");
     assert_eq!(got[0]["outcome"]["reason"], "ApiError");
-    assert!(
-        got[0]["outcome"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("HTTP 500")
-    );
+    assert!(got[0]["outcome"]["message"].as_str().unwrap().contains("HTTP 500"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_post_webhook_fails_the_execution() {
     let h = Harness::new(happy_script()).await;
     let (url, got) = webhook_sink(503).await;
-    let s = h
-        .run(&h.manifest(
-            "posthookfail",
-            &format!("  hooks:\n    post:\n      - url: {url}\n"),
-        ))
-        .await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("PostHookFailed")),
-        "{s:#?}"
-    );
+    let s = h.run(&h.manifest("posthookfail", &format!("  hooks:\n    post:\n      - url: {url}\n"))).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PostHookFailed")), "{s:#?}");
     assert!(s.message.unwrap().contains("503"));
     assert_eq!(got.lock().unwrap().len(), 1);
 }
@@ -534,44 +326,29 @@ async fn a_failing_post_webhook_fails_the_execution() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_watchdog_stops_a_silent_agent() {
     let h = Harness::new(vec![Step::Hang]).await;
-    let yaml = h.manifest("idle", "").replace(
-        "apiKeySecretRef: {name: anthropic}",
-        "apiKeySecretRef: {name: anthropic}\n    idleTimeout: 3s",
-    );
+    let yaml = h
+        .manifest("idle", "")
+        .replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    idleTimeout: 3s");
     let started = std::time::Instant::now();
     let s = h.run(&yaml).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("AgentIdle")),
-        "{s:#?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(15),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentIdle")), "{s:#?}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_limit_stops_the_agent() {
     // One turn that costs far more than the budget (10M input tokens).
     let h = Harness::new(vec![
-        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"}))
-            .with_usage([10_000_000, 100, 0, 0]),
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([10_000_000, 100, 0, 0]),
         Step::tool("Write", json!({"file_path": "b.txt", "content": "b\n"})),
         Step::text("done"),
     ])
     .await;
-    let yaml = h.manifest("budget", "").replace(
-        "apiKeySecretRef: {name: anthropic}",
-        "apiKeySecretRef: {name: anthropic}\n    maxBudgetUsd: 0.5",
-    );
+    let yaml = h
+        .manifest("budget", "")
+        .replace("apiKeySecretRef: {name: anthropic}", "apiKeySecretRef: {name: anthropic}\n    maxBudgetUsd: 0.5");
     let s = h.run(&yaml).await;
-    assert_eq!(
-        (s.phase, s.reason.as_deref()),
-        (Phase::Failed, Some("BudgetExceeded")),
-        "{s:#?}"
-    );
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("BudgetExceeded")), "{s:#?}");
     assert!(s.cost_usd > 0.5, "cost {}", s.cost_usd);
     assert_eq!(h.git.branch_head("demo", "agentops/budget"), None);
 }

@@ -51,16 +51,10 @@ pub fn build_command(
     api_key: Option<&str>,
     parent_env: impl Fn(&str) -> Option<String>,
 ) -> AgentCommand {
-    let mut args: Vec<String> = [
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--permission-mode",
-        "bypassPermissions",
-    ]
-    .map(String::from)
-    .into();
+    let mut args: Vec<String> =
+        ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions"]
+            .map(String::from)
+            .into();
     // Sessions are not resumed; keep nothing in the private HOME beyond the run.
     args.push("--no-session-persistence".into());
     if let Some(m) = &r.model {
@@ -81,28 +75,17 @@ pub fn build_command(
     if let Some(s) = &r.append_system_prompt {
         args.extend(["--append-system-prompt".into(), s.clone()]);
     }
-    let mut env: Vec<(String, String)> = PASSTHROUGH_ENV
-        .iter()
-        .filter_map(|k| parent_env(k).map(|v| (k.to_string(), v)))
-        .collect();
+    let mut env: Vec<(String, String)> =
+        PASSTHROUGH_ENV.iter().filter_map(|k| parent_env(k).map(|v| (k.to_string(), v))).collect();
     let home_s = home.to_string_lossy().into_owned();
     env.extend([
         ("HOME".into(), home_s.clone()),
-        (
-            "CLAUDE_CONFIG_DIR".into(),
-            home.join(".claude").to_string_lossy().into_owned(),
-        ),
+        ("CLAUDE_CONFIG_DIR".into(), home.join(".claude").to_string_lossy().into_owned()),
         // Claude Code needs a writable TMPDIR; with a read-only /tmp it exits silently.
-        (
-            "TMPDIR".into(),
-            home.join("tmp").to_string_lossy().into_owned(),
-        ),
+        ("TMPDIR".into(), home.join("tmp").to_string_lossy().into_owned()),
         // The workspace is the sandbox: lets bypassPermissions run as root in containers.
         ("IS_SANDBOX".into(), "1".into()),
-        (
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(),
-            "1".into(),
-        ),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC".into(), "1".into()),
         ("DISABLE_TELEMETRY".into(), "1".into()),
         ("DISABLE_AUTOUPDATER".into(), "1".into()),
         ("DISABLE_ERROR_REPORTING".into(), "1".into()),
@@ -113,13 +96,7 @@ pub fn build_command(
     if let Some(k) = api_key {
         env.push(("ANTHROPIC_API_KEY".into(), k.to_string()));
     }
-    AgentCommand {
-        program: claude_bin.to_path_buf(),
-        args,
-        env,
-        cwd: workspace.to_path_buf(),
-        stdin: r.prompt.clone(),
-    }
+    AgentCommand { program: claude_bin.to_path_buf(), args, env, cwd: workspace.to_path_buf(), stdin: r.prompt.clone() }
 }
 
 /// Why the agent stopped.
@@ -184,9 +161,7 @@ pub async fn run_agent(
             let _ = e.read_to_end(&mut buf).await;
             let s = String::from_utf8_lossy(&buf).into_owned();
             let start = s.len().saturating_sub(STDERR_TAIL);
-            let start = (start..s.len())
-                .find(|i| s.is_char_boundary(*i))
-                .unwrap_or(s.len());
+            let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
             s[start..].to_string()
         })
     });
@@ -216,9 +191,7 @@ pub async fn run_agent(
             terminate(&mut child, pgid).await;
             // What it printed while stopping still counts (a final usage line, if any).
             if let Some(lines) = lines.as_mut() {
-                while let Ok(Ok(Some(l))) =
-                    tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
-                {
+                while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
                     let changed = tally.push_line(&l);
                     on_line(&l, &tally, changed);
                 }
@@ -239,19 +212,10 @@ pub async fn run_agent(
         let _ = killpg(pg, Signal::SIGKILL);
     }
     let stderr_tail = match stderr_task {
-        Some(t) => tokio::time::timeout(Duration::from_secs(1), t)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default(),
+        Some(t) => tokio::time::timeout(Duration::from_secs(1), t).await.ok().and_then(Result::ok).unwrap_or_default(),
         None => String::new(),
     };
-    Ok(AgentOutcome {
-        tally,
-        stop,
-        stderr_tail,
-        duration: started.elapsed(),
-    })
+    Ok(AgentOutcome { tally, stop, stderr_tail, duration: started.elapsed() })
 }
 
 /// SIGTERM to the whole group, then SIGKILL after a grace period.
@@ -259,10 +223,7 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>) {
     if let Some(pg) = pgid {
         let _ = killpg(pg, Signal::SIGTERM);
     }
-    if tokio::time::timeout(KILL_GRACE, child.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(KILL_GRACE, child.wait()).await.is_err() {
         if let Some(pg) = pgid {
             let _ = killpg(pg, Signal::SIGKILL);
         }

@@ -12,23 +12,11 @@ use crate::api::{ToolCalls, Usage};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The session started.
-    Init {
-        session_id: Option<String>,
-        model: Option<String>,
-    },
+    Init { session_id: Option<String>, model: Option<String> },
     /// Claude Code is retrying a failed API call.
-    ApiRetry {
-        attempt: Option<u64>,
-        status: Option<u64>,
-        delay_ms: Option<u64>,
-    },
+    ApiRetry { attempt: Option<u64>, status: Option<u64>, delay_ms: Option<u64> },
     /// One assistant message (or part of one: the CLI prints a line per content block).
-    Assistant {
-        message_id: Option<String>,
-        usage: Option<Usage>,
-        tool_uses: Vec<ToolUse>,
-        text: String,
-    },
+    Assistant { message_id: Option<String>, usage: Option<Usage>, tool_uses: Vec<ToolUse>, text: String },
     /// The final line.
     Result(AgentResult),
     /// Anything else (user/tool results, other system lines).
@@ -99,18 +87,11 @@ fn u64_of(v: &Value, key: &str) -> Option<u64> {
 
 /// Parses one line. Unknown types and fields are tolerated; only non-JSON is an error.
 pub fn parse_line(line: &str) -> Result<Event, ParseError> {
-    let v: Value =
-        serde_json::from_str(line.trim()).map_err(|e| ParseError::NotJson(e.to_string()))?;
-    let kind = v
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or(ParseError::NoType)?;
+    let v: Value = serde_json::from_str(line.trim()).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    let kind = v.get("type").and_then(Value::as_str).ok_or(ParseError::NoType)?;
     Ok(match kind {
         "system" => match v.get("subtype").and_then(Value::as_str) {
-            Some("init") => Event::Init {
-                session_id: str_of(&v, "session_id"),
-                model: str_of(&v, "model"),
-            },
+            Some("init") => Event::Init { session_id: str_of(&v, "session_id"), model: str_of(&v, "model") },
             Some("api_retry") => Event::ApiRetry {
                 attempt: u64_of(&v, "attempt"),
                 status: u64_of(&v, "error_status").or_else(|| u64_of(&v, "status")),
@@ -122,32 +103,17 @@ pub fn parse_line(line: &str) -> Result<Event, ParseError> {
             let msg = v.get("message").cloned().unwrap_or(Value::Null);
             let mut tool_uses = Vec::new();
             let mut text = String::new();
-            for block in msg
-                .get("content")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for block in msg.get("content").and_then(Value::as_array).into_iter().flatten() {
                 match block.get("type").and_then(Value::as_str) {
                     Some("tool_use") => tool_uses.push(ToolUse {
                         id: str_of(block, "id").unwrap_or_default(),
                         name: str_of(block, "name").unwrap_or_else(|| "unknown".into()),
                     }),
-                    Some("text") => text.push_str(
-                        block
-                            .get("text")
-                            .and_then(Value::as_str)
-                            .unwrap_or_default(),
-                    ),
+                    Some("text") => text.push_str(block.get("text").and_then(Value::as_str).unwrap_or_default()),
                     _ => {}
                 }
             }
-            Event::Assistant {
-                message_id: str_of(&msg, "id"),
-                usage: usage_of(msg.get("usage")),
-                tool_uses,
-                text,
-            }
+            Event::Assistant { message_id: str_of(&msg, "id"), usage: usage_of(msg.get("usage")), tool_uses, text }
         }
         "result" => Event::Result(AgentResult {
             subtype: str_of(&v, "subtype").unwrap_or_default(),
@@ -209,12 +175,7 @@ impl Tally {
                 self.last_api_error_status = status.or(self.last_api_error_status);
                 false
             }
-            Event::Assistant {
-                message_id,
-                usage,
-                tool_uses,
-                text,
-            } => {
+            Event::Assistant { message_id, usage, tool_uses, text } => {
                 let mut changed = false;
                 if let Some(u) = usage {
                     match message_id {
@@ -224,9 +185,7 @@ impl Tally {
                             let merged = Usage {
                                 input_tokens: e.input_tokens.max(u.input_tokens),
                                 output_tokens: e.output_tokens.max(u.output_tokens),
-                                cache_read_input_tokens: e
-                                    .cache_read_input_tokens
-                                    .max(u.cache_read_input_tokens),
+                                cache_read_input_tokens: e.cache_read_input_tokens.max(u.cache_read_input_tokens),
                                 cache_creation_input_tokens: e
                                     .cache_creation_input_tokens
                                     .max(u.cache_creation_input_tokens),
@@ -277,10 +236,7 @@ impl Tally {
 
     /// Turns: the CLI's count when there is one, else the assistant messages seen.
     pub fn num_turns(&self) -> u64 {
-        self.result
-            .as_ref()
-            .and_then(|r| r.num_turns)
-            .unwrap_or(self.per_message.len() as u64)
+        self.result.as_ref().and_then(|r| r.num_turns).unwrap_or(self.per_message.len() as u64)
     }
 
     /// Cost in USD: the CLI's figure when the run ended, else an estimate from list prices.
@@ -322,8 +278,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const INIT: &str =
-        r#"{"type":"system","subtype":"init","session_id":"s-1","model":"claude-x"}"#;
+    const INIT: &str = r#"{"type":"system","subtype":"init","session_id":"s-1","model":"claude-x"}"#;
     const A1: &str = r#"{"type":"assistant","message":{"id":"m1","content":[{"type":"tool_use","id":"t1","name":"Write","input":{}}],"usage":{"input_tokens":100,"output_tokens":1}}}"#;
     const A1_LATER: &str = r#"{"type":"assistant","message":{"id":"m1","content":[{"type":"text","text":"done"}],"usage":{"input_tokens":100,"output_tokens":20}}}"#;
     const A2: &str = r#"{"type":"assistant","message":{"id":"m2","content":[{"type":"tool_use","id":"t2","name":"Bash","input":{}},{"type":"tool_use","id":"t3","name":"Write","input":{}}],"usage":{"input_tokens":50,"output_tokens":5,"cache_read_input_tokens":7}}}"#;
@@ -338,20 +293,12 @@ mod tests {
         assert_eq!(t.session_id.as_deref(), Some("s-1"));
         assert_eq!(
             t.usage(),
-            Usage {
-                input_tokens: 150,
-                output_tokens: 25,
-                cache_read_input_tokens: 7,
-                cache_creation_input_tokens: 0
-            }
+            Usage { input_tokens: 150, output_tokens: 25, cache_read_input_tokens: 7, cache_creation_input_tokens: 0 }
         );
         assert_eq!(t.tool_calls.total, 3);
         assert_eq!(t.tool_calls.by_tool["Write"], 2);
         assert_eq!(t.num_turns(), 2);
-        assert!(
-            t.cost_usd() > 0.0,
-            "a run without a result line still has an estimated cost"
-        );
+        assert!(t.cost_usd() > 0.0, "a run without a result line still has an estimated cost");
     }
 
     #[test]
@@ -368,10 +315,9 @@ mod tests {
 
     #[test]
     fn api_failure_is_judged_by_is_error() {
-        let line = r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":500,"result":"API Error: 500"}"#;
-        let Event::Result(r) = parse_line(line).unwrap() else {
-            panic!("not a result")
-        };
+        let line =
+            r#"{"type":"result","subtype":"success","is_error":true,"api_error_status":500,"result":"API Error: 500"}"#;
+        let Event::Result(r) = parse_line(line).unwrap() else { panic!("not a result") };
         assert!(r.is_error);
         assert_eq!(r.api_error_status, Some(500));
     }
@@ -390,16 +336,9 @@ mod tests {
             t.push_line(&RESULT[..cut]);
         }
         assert!(t.result.is_none());
-        assert_eq!(
-            t.malformed_lines,
-            RESULT.len() as u64 - 1,
-            "every non-empty prefix is malformed"
-        );
+        assert_eq!(t.malformed_lines, RESULT.len() as u64 - 1, "every non-empty prefix is malformed");
         assert_eq!(parse_line("[1,2]"), Err(ParseError::NoType));
-        assert_eq!(
-            parse_line(r#"{"type":"assistant","message":7}"#).map(|_| ()),
-            Ok(())
-        );
+        assert_eq!(parse_line(r#"{"type":"assistant","message":7}"#).map(|_| ()), Ok(()));
     }
 
     proptest! {
@@ -435,15 +374,8 @@ mod tests {
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
             any::<i64>().prop_map(Value::from),
-            prop_oneof![
-                Just("assistant"),
-                Just("result"),
-                Just("system"),
-                Just("tool_use"),
-                Just("init"),
-                Just("x")
-            ]
-            .prop_map(Value::from),
+            prop_oneof![Just("assistant"), Just("result"), Just("system"), Just("tool_use"), Just("init"), Just("x")]
+                .prop_map(Value::from),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![

@@ -248,10 +248,7 @@ pub enum Phase {
 impl Phase {
     /// True once the execution can no longer change.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::TimedOut
-        )
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled | Phase::TimedOut)
     }
 
     /// The name used in the store and the status.
@@ -291,10 +288,7 @@ pub struct Usage {
 impl Usage {
     /// All tokens billed, of every kind.
     pub fn total(&self) -> u64 {
-        self.input_tokens
-            + self.output_tokens
-            + self.cache_read_input_tokens
-            + self.cache_creation_input_tokens
+        self.input_tokens + self.output_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
     }
 }
 

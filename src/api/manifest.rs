@@ -29,11 +29,7 @@ pub struct ManifestError {
 
 impl ManifestError {
     pub(crate) fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            document: None,
-            field: field.into(),
-            message: message.into(),
-        }
+        Self { document: None, field: field.into(), message: message.into() }
     }
 }
 
@@ -41,12 +37,11 @@ impl ManifestError {
 pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
     let mut docs = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value: serde_json::Value =
-            serde::Deserialize::deserialize(de).map_err(|e| ManifestError {
-                document: Some(i + 1),
-                field: "(yaml)".into(),
-                message: format!("not valid YAML: {e}"),
-            })?;
+        let value: serde_json::Value = serde::Deserialize::deserialize(de).map_err(|e| ManifestError {
+            document: Some(i + 1),
+            field: "(yaml)".into(),
+            message: format!("not valid YAML: {e}"),
+        })?;
         if !value.is_null() {
             docs.push((i + 1, value));
         }
@@ -62,31 +57,19 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
             e
         };
         let obj = value.as_object().ok_or_else(|| {
-            at(ManifestError::new(
-                "(document)",
-                "expected a mapping with apiVersion, kind, metadata and spec",
-            ))
+            at(ManifestError::new("(document)", "expected a mapping with apiVersion, kind, metadata and spec"))
         })?;
         for key in obj.keys() {
-            if !matches!(
-                key.as_str(),
-                "apiVersion" | "kind" | "metadata" | "spec" | "status"
-            ) {
+            if !matches!(key.as_str(), "apiVersion" | "kind" | "metadata" | "spec" | "status") {
                 return Err(at(ManifestError::new(
                     key.as_str(),
                     "unknown field; expected apiVersion, kind, metadata, spec",
                 )));
             }
         }
-        let api_version = obj
-            .get("apiVersion")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
+        let api_version = obj.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default();
         if api_version != API_VERSION {
-            return Err(at(ManifestError::new(
-                "apiVersion",
-                format!("is {api_version:?}; expected {API_VERSION:?}"),
-            )));
+            return Err(at(ManifestError::new("apiVersion", format!("is {api_version:?}; expected {API_VERSION:?}"))));
         }
         let kind = obj.get("kind").and_then(|v| v.as_str()).unwrap_or_default();
         let metadata: ObjectMeta = field(obj.get("metadata"), "metadata", false).map_err(at)?;
@@ -96,8 +79,7 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
         match kind {
             "AgentExecution" => {
                 let spec: AgentExecutionSpec = field(obj.get("spec"), "spec", true).map_err(at)?;
-                let mut ax =
-                    AgentExecution::new(metadata.name.as_deref().unwrap_or_default(), spec);
+                let mut ax = AgentExecution::new(metadata.name.as_deref().unwrap_or_default(), spec);
                 ax.metadata = metadata;
                 executions.push(ax);
             }
@@ -116,19 +98,12 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
         }
     }
     let mut executions = executions.into_iter();
-    let execution = executions
-        .next()
-        .ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
+    let execution =
+        executions.next().ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
     if executions.next().is_some() {
-        return Err(ManifestError::new(
-            "kind",
-            "the file has more than one AgentExecution; run one per file",
-        ));
+        return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
     }
-    Ok(Manifest {
-        execution,
-        templates,
-    })
+    Ok(Manifest { execution, templates })
 }
 
 /// Deserializes one top-level field, naming the full path of a wrong type or an unknown field.
@@ -138,19 +113,11 @@ fn field<T: DeserializeOwned + Default>(
     required: bool,
 ) -> Result<T, ManifestError> {
     let Some(value) = value else {
-        return if required {
-            Err(ManifestError::new(name, "is required"))
-        } else {
-            Ok(T::default())
-        };
+        return if required { Err(ManifestError::new(name, "is required")) } else { Ok(T::default()) };
     };
     let parsed: T = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path == "." {
-            name.to_string()
-        } else {
-            format!("{name}.{path}")
-        };
+        let path = if path == "." { name.to_string() } else { format!("{name}.{path}") };
         ManifestError::new(path, e.inner().to_string())
     })?;
     // A second pass finds fields the types do not know (a typo would otherwise be silently dropped).
@@ -204,17 +171,10 @@ spec:
 
     #[test]
     fn missing_url_is_named() {
-        let err = parse_manifest(&OK.replace(
-            "repository: {url: \"http://127.0.0.1/repo.git\"}",
-            "repository: {}",
-        ))
-        .unwrap_err();
+        let err = parse_manifest(&OK.replace("repository: {url: \"http://127.0.0.1/repo.git\"}", "repository: {}"))
+            .unwrap_err();
         assert_eq!(err.field, "spec.repository");
-        assert!(
-            err.message.contains("missing field `url`"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("missing field `url`"), "{}", err.message);
     }
 
     #[test]

@@ -7,9 +7,7 @@ mod template;
 
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
-pub use resolve::{
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, resolve,
-};
+pub use resolve::{DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, resolve};
 pub use template::{AgentTemplate, AgentTemplateSpec};
 
 /// `apiVersion` of both resources.

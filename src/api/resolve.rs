@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use super::{
-    AgentExecution, AgentTemplate, GitAuthor, Hook, ManifestError, RetainPolicy, SecretKeyRef,
-};
+use super::{AgentExecution, AgentTemplate, GitAuthor, Hook, ManifestError, RetainPolicy, SecretKeyRef};
 
 /// Wall-clock limit when neither the execution nor the template sets one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -62,17 +60,10 @@ pub enum HookAction {
 }
 
 /// Applies the template (if referenced) and defaults, and checks every value.
-pub fn resolve(
-    ax: &AgentExecution,
-    templates: &[AgentTemplate],
-) -> Result<Resolved, ManifestError> {
+pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resolved, ManifestError> {
     let spec = &ax.spec;
     let name = ax.metadata.name.clone().unwrap_or_default();
-    let namespace = ax
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".into());
+    let namespace = ax.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let template = match &spec.template_ref {
         None => None,
         Some(r) => Some(
@@ -98,15 +89,11 @@ pub fn resolve(
         .clone()
         .or_else(|| template.and_then(|t| t.prompt.clone()))
         .filter(|p| !p.trim().is_empty())
-        .ok_or_else(|| {
-            ManifestError::new("spec.prompt", "is required (or set it in the template)")
-        })?;
+        .ok_or_else(|| ManifestError::new("spec.prompt", "is required (or set it in the template)"))?;
 
     let repo = &spec.repository;
     let url = repo.url.trim().to_string();
-    let scheme_ok = ["https://", "http://", "file://"]
-        .iter()
-        .any(|s| url.starts_with(s));
+    let scheme_ok = ["https://", "http://", "file://"].iter().any(|s| url.starts_with(s));
     if !scheme_ok {
         return Err(ManifestError::new(
             "spec.repository.url",
@@ -114,10 +101,7 @@ pub fn resolve(
         ));
     }
     if let Some(rest) = url.split("://").nth(1)
-        && rest
-            .split('/')
-            .next()
-            .is_some_and(|host| host.contains('@'))
+        && rest.split('/').next().is_some_and(|host| host.contains('@'))
     {
         return Err(ManifestError::new(
             "spec.repository.url",
@@ -128,111 +112,65 @@ pub fn resolve(
         None => 1,
         Some(d) if d >= 0 => d as u32,
         Some(d) => {
-            return Err(ManifestError::new(
-                "spec.repository.depth",
-                format!("is {d}; use 0 (full history) or more"),
-            ));
+            return Err(ManifestError::new("spec.repository.depth", format!("is {d}; use 0 (full history) or more")));
         }
     };
     if let Some(r) = &repo.credentials_secret_ref {
         check_secret_ref(r, "spec.repository.credentialsSecretRef")?;
     }
 
-    let branch = spec
-        .git
-        .branch
-        .clone()
-        .unwrap_or_else(|| format!("agentops/{name}"));
+    let branch = spec.git.branch.clone().unwrap_or_else(|| format!("agentops/{name}"));
     if git2::Branch::name_is_valid(&branch).ok() != Some(true) {
-        return Err(ManifestError::new(
-            "spec.git.branch",
-            format!("{branch:?} is not a valid branch name"),
-        ));
+        return Err(ManifestError::new("spec.git.branch", format!("{branch:?} is not a valid branch name")));
     }
     let first_line = prompt.lines().next().unwrap_or_default();
     let first_line: String = first_line.chars().take(72).collect();
-    let commit_message = spec
-        .git
-        .commit_message
-        .clone()
-        .unwrap_or_else(|| format!("agentops: {name}\n\n{first_line}\n"));
+    let commit_message =
+        spec.git.commit_message.clone().unwrap_or_else(|| format!("agentops: {name}\n\n{first_line}\n"));
     let author = spec
         .git
         .author
         .clone()
         .or_else(|| template.and_then(|t| t.author.clone()))
-        .unwrap_or_else(|| GitAuthor {
-            name: "agentops".into(),
-            email: "agentops@localhost".into(),
-        });
+        .unwrap_or_else(|| GitAuthor { name: "agentops".into(), email: "agentops@localhost".into() });
     if author.name.trim().is_empty() || !author.email.contains('@') {
-        return Err(ManifestError::new(
-            "spec.git.author",
-            "needs a name and an email address",
-        ));
+        return Err(ManifestError::new("spec.git.author", "needs a name and an email address"));
     }
 
-    let max_turns = match spec
-        .agent
-        .max_turns
-        .or_else(|| t_agent.and_then(|a| a.max_turns))
-    {
+    let max_turns = match spec.agent.max_turns.or_else(|| t_agent.and_then(|a| a.max_turns)) {
         None => None,
         Some(n) if n >= 1 => Some(n as u32),
         Some(n) => {
-            return Err(ManifestError::new(
-                "spec.agent.maxTurns",
-                format!("is {n}; use 1 or more"),
-            ));
+            return Err(ManifestError::new("spec.agent.maxTurns", format!("is {n}; use 1 or more")));
         }
     };
-    let max_budget_usd = match spec
-        .agent
-        .max_budget_usd
-        .or_else(|| t_agent.and_then(|a| a.max_budget_usd))
-    {
+    let max_budget_usd = match spec.agent.max_budget_usd.or_else(|| t_agent.and_then(|a| a.max_budget_usd)) {
         Some(b) if !(b.is_finite() && b > 0.0) => {
-            return Err(ManifestError::new(
-                "spec.agent.maxBudgetUsd",
-                format!("is {b}; use a positive amount"),
-            ));
+            return Err(ManifestError::new("spec.agent.maxBudgetUsd", format!("is {b}; use a positive amount")));
         }
         b => b,
     };
-    let api_key = spec
-        .agent
-        .api_key_secret_ref
-        .clone()
-        .or_else(|| t_agent.and_then(|a| a.api_key_secret_ref.clone()));
+    let api_key = spec.agent.api_key_secret_ref.clone().or_else(|| t_agent.and_then(|a| a.api_key_secret_ref.clone()));
     if let Some(r) = &api_key {
         check_secret_ref(r, "spec.agent.apiKeySecretRef")?;
     }
 
-    let timeout = duration(
-        spec.timeout
-            .as_ref()
-            .or(template.and_then(|t| t.timeout.as_ref())),
-        "spec.timeout",
-    )?
-    .unwrap_or(DEFAULT_TIMEOUT);
-    let idle_timeout = duration(
-        pick(&spec.agent.idle_timeout, |a| &a.idle_timeout).as_ref(),
-        "spec.agent.idleTimeout",
-    )?
-    .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let timeout = duration(spec.timeout.as_ref().or(template.and_then(|t| t.timeout.as_ref())), "spec.timeout")?
+        .unwrap_or(DEFAULT_TIMEOUT);
+    let idle_timeout =
+        duration(pick(&spec.agent.idle_timeout, |a| &a.idle_timeout).as_ref(), "spec.agent.idleTimeout")?
+            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
 
-    let hooks = |phase: &str,
-                 own: &[Hook],
-                 from_template: Option<&[Hook]>|
-     -> Result<Vec<ResolvedHook>, ManifestError> {
-        from_template
-            .unwrap_or_default()
-            .iter()
-            .chain(own)
-            .enumerate()
-            .map(|(i, h)| resolve_hook(h, phase, i))
-            .collect()
-    };
+    let hooks =
+        |phase: &str, own: &[Hook], from_template: Option<&[Hook]>| -> Result<Vec<ResolvedHook>, ManifestError> {
+            from_template
+                .unwrap_or_default()
+                .iter()
+                .chain(own)
+                .enumerate()
+                .map(|(i, h)| resolve_hook(h, phase, i))
+                .collect()
+        };
 
     Ok(Resolved {
         prompt,
@@ -240,11 +178,7 @@ pub fn resolve(
         git_ref: repo.git_ref.clone().filter(|r| !r.is_empty()),
         depth,
         credentials: repo.credentials_secret_ref.clone(),
-        base_branch: spec
-            .git
-            .base_branch
-            .clone()
-            .or_else(|| repo.git_ref.clone()),
+        base_branch: spec.git.base_branch.clone().or_else(|| repo.git_ref.clone()),
         branch,
         commit_message,
         author,
@@ -264,27 +198,13 @@ pub fn resolve(
             .clone()
             .or_else(|| t_agent.and_then(|a| a.disallowed_tools.clone()))
             .unwrap_or_default(),
-        append_system_prompt: pick(&spec.agent.append_system_prompt, |a| {
-            &a.append_system_prompt
-        }),
+        append_system_prompt: pick(&spec.agent.append_system_prompt, |a| &a.append_system_prompt),
         api_key,
         timeout,
         idle_timeout,
-        pre_hooks: hooks(
-            "pre",
-            &spec.hooks.pre,
-            template.map(|t| t.hooks.pre.as_slice()),
-        )?,
-        post_hooks: hooks(
-            "post",
-            &spec.hooks.post,
-            template.map(|t| t.hooks.post.as_slice()),
-        )?,
-        error_hooks: hooks(
-            "onError",
-            &spec.hooks.on_error,
-            template.map(|t| t.hooks.on_error.as_slice()),
-        )?,
+        pre_hooks: hooks("pre", &spec.hooks.pre, template.map(|t| t.hooks.pre.as_slice()))?,
+        post_hooks: hooks("post", &spec.hooks.post, template.map(|t| t.hooks.post.as_slice()))?,
+        error_hooks: hooks("onError", &spec.hooks.on_error, template.map(|t| t.hooks.on_error.as_slice()))?,
         retain: spec.workspace.retain.unwrap_or_default(),
         worker: spec.worker.clone(),
         work_item: spec.work_item.clone(),
@@ -296,18 +216,12 @@ pub fn resolve(
 fn check_secret_ref(r: &SecretKeyRef, field: &str) -> Result<(), ManifestError> {
     let ok = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
     if !ok(&r.name) {
-        return Err(ManifestError::new(
-            format!("{field}.name"),
-            format!("{:?} is not a Secret name", r.name),
-        ));
+        return Err(ManifestError::new(format!("{field}.name"), format!("{:?} is not a Secret name", r.name)));
     }
     if let Some(k) = &r.key
         && !ok(k)
     {
-        return Err(ManifestError::new(
-            format!("{field}.key"),
-            format!("{k:?} is not a Secret key"),
-        ));
+        return Err(ManifestError::new(format!("{field}.key"), format!("{k:?} is not a Secret key")));
     }
     Ok(())
 }
@@ -317,46 +231,33 @@ fn duration(text: Option<&String>, field: &str) -> Result<Option<Duration>, Mani
     match humantime::parse_duration(text.trim()) {
         Ok(d) if !d.is_zero() => Ok(Some(d)),
         Ok(_) => Err(ManifestError::new(field, "must be longer than zero")),
-        Err(e) => Err(ManifestError::new(
-            field,
-            format!("{text:?} is not a duration ({e}); write e.g. 30m, 1h30m, 90s"),
-        )),
+        Err(e) => {
+            Err(ManifestError::new(field, format!("{text:?} is not a duration ({e}); write e.g. 30m, 1h30m, 90s")))
+        }
     }
 }
 
 fn resolve_hook(h: &Hook, phase: &str, index: usize) -> Result<ResolvedHook, ManifestError> {
     let field = format!("spec.hooks.{phase}[{index}]");
     let action = match (&h.command, &h.url) {
-        (Some(cmd), None) if !cmd.is_empty() && !cmd[0].is_empty() => {
-            HookAction::Command(cmd.clone())
-        }
+        (Some(cmd), None) if !cmd.is_empty() && !cmd[0].is_empty() => HookAction::Command(cmd.clone()),
         (None, Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
             HookAction::Webhook(url.clone())
         }
         (None, Some(url)) => {
-            return Err(ManifestError::new(
-                format!("{field}.url"),
-                format!("{url:?} is not an http(s) URL"),
-            ));
+            return Err(ManifestError::new(format!("{field}.url"), format!("{url:?} is not an http(s) URL")));
         }
         (Some(_), Some(_)) => {
-            return Err(ManifestError::new(
-                field,
-                "set either command or url, not both",
-            ));
+            return Err(ManifestError::new(field, "set either command or url, not both"));
         }
         _ => {
-            return Err(ManifestError::new(
-                field,
-                "needs a command (list of strings) or a url",
-            ));
+            return Err(ManifestError::new(field, "needs a command (list of strings) or a url"));
         }
     };
     Ok(ResolvedHook {
         name: h.name.clone().unwrap_or_else(|| format!("{phase}-{index}")),
         action,
-        timeout: duration(h.timeout.as_ref(), &format!("{field}.timeout"))?
-            .unwrap_or(DEFAULT_HOOK_TIMEOUT),
+        timeout: duration(h.timeout.as_ref(), &format!("{field}.timeout"))?.unwrap_or(DEFAULT_HOOK_TIMEOUT),
     })
 }
 
@@ -392,10 +293,7 @@ mod tests {
             ("  agent: {maxBudgetUsd: -1}\n", "spec.agent.maxBudgetUsd"),
             ("  git: {branch: 'a..b'}\n", "spec.git.branch"),
             ("  hooks: {pre: [{}]}\n", "spec.hooks.pre[0]"),
-            (
-                "  hooks: {post: [{url: 'ftp://x'}]}\n",
-                "spec.hooks.post[0].url",
-            ),
+            ("  hooks: {post: [{url: 'ftp://x'}]}\n", "spec.hooks.post[0].url"),
             ("  templateRef: {name: missing}\n", "spec.templateRef.name"),
         ] {
             let err = resolved(spec).unwrap_err();

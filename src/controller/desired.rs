@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim,
-    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Volume, VolumeMount, VolumeResourceRequirements,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
@@ -20,6 +19,19 @@ use crate::api::{AgentExecution, Resolved};
 pub const SECRETS_DIR: &str = "/var/run/secrets/agentops";
 /// The workspace volume's mount point.
 pub const WORKSPACE_DIR: &str = "/workspace";
+/// Where the runner finds its report token.
+pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/agentops-report";
+
+/// The runner's report endpoint on the controller, for one execution.
+pub fn report_url(base: &str, ax: &AgentExecution) -> String {
+    format!(
+        "{}/api/v1/runner/{}/{}/report",
+        base.trim_end_matches('/'),
+        ax.namespace().unwrap_or_else(|| "default".into()),
+        ax.name_any()
+    )
+}
+
 /// Label on every child: the execution's name.
 pub const EXECUTION_LABEL: &str = "agentops.dev/execution";
 /// Kueue's queue label, passed from the execution to the Job.
@@ -40,7 +52,7 @@ pub struct JobConfig {
     /// UID/GID the runner runs as.
     pub runner_uid: i64,
     pub resources: Option<ResourceRequirements>,
-    /// Where the runner reports progress (the controller's runner endpoint), if any.
+    /// Base URL of the controller's HTTP endpoint, where runners report progress.
     pub report_url: Option<String>,
 }
 
@@ -65,9 +77,7 @@ pub fn child_name(prefix: &str, execution: &str) -> String {
         return full;
     }
     // FNV-1a: stable across versions and platforms, unlike DefaultHasher.
-    let hash = execution.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    });
+    let hash = execution.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
     let keep = 63 - 9;
     let mut cut = full[..keep].to_string();
     while cut.ends_with('-') || cut.ends_with('.') {
@@ -89,14 +99,8 @@ pub fn pvc_name(ax: &AgentExecution) -> String {
 fn labels(ax: &AgentExecution) -> BTreeMap<String, String> {
     let mut l = BTreeMap::from([
         ("app.kubernetes.io/name".to_string(), "agentops".to_string()),
-        (
-            "app.kubernetes.io/component".to_string(),
-            "runner".to_string(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "agentops".to_string(),
-        ),
+        ("app.kubernetes.io/component".to_string(), "runner".to_string()),
+        ("app.kubernetes.io/managed-by".to_string(), "agentops".to_string()),
         (EXECUTION_LABEL.to_string(), truncate_label(&ax.name_any())),
     ]);
     if let Some(q) = ax.labels().get(KUEUE_QUEUE_LABEL) {
@@ -106,11 +110,7 @@ fn labels(ax: &AgentExecution) -> BTreeMap<String, String> {
 }
 
 fn truncate_label(v: &str) -> String {
-    v.chars()
-        .take(63)
-        .collect::<String>()
-        .trim_end_matches(['-', '_', '.'])
-        .to_string()
+    v.chars().take(63).collect::<String>().trim_end_matches(['-', '_', '.']).to_string()
 }
 
 fn meta(ax: &AgentExecution, name: String) -> ObjectMeta {
@@ -126,14 +126,8 @@ fn meta(ax: &AgentExecution, name: String) -> ObjectMeta {
 /// The workspace PVC, when the execution (or the controller's default) names a storage class.
 pub fn desired_pvc(ax: &AgentExecution, cfg: &JobConfig) -> Option<PersistentVolumeClaim> {
     let ws = &ax.spec.workspace;
-    let class = ws
-        .storage_class_name
-        .clone()
-        .or_else(|| cfg.default_storage_class.clone())?;
-    let size = ws
-        .size
-        .clone()
-        .unwrap_or_else(|| cfg.default_workspace_size.clone());
+    let class = ws.storage_class_name.clone().or_else(|| cfg.default_storage_class.clone())?;
+    let size = ws.size.clone().unwrap_or_else(|| cfg.default_workspace_size.clone());
     Some(PersistentVolumeClaim {
         metadata: meta(ax, pvc_name(ax)),
         spec: Some(PersistentVolumeClaimSpec {
@@ -151,12 +145,7 @@ pub fn desired_pvc(ax: &AgentExecution, cfg: &JobConfig) -> Option<PersistentVol
 
 /// Secret names the runner needs mounted.
 pub fn secret_names(r: &Resolved) -> Vec<String> {
-    let mut v: Vec<String> = r
-        .credentials
-        .iter()
-        .chain(r.api_key.iter())
-        .map(|s| s.name.clone())
-        .collect();
+    let mut v: Vec<String> = r.credentials.iter().chain(r.api_key.iter()).map(|s| s.name.clone()).collect();
     v.sort();
     v.dedup();
     v
@@ -165,36 +154,23 @@ pub fn secret_names(r: &Resolved) -> Vec<String> {
 /// The Job that runs the execution. `manifest` is the execution (and its template) as YAML:
 /// the runner reads it from the environment and needs no API access.
 pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobConfig) -> Job {
-    let env = |k: &str, v: &str| EnvVar {
-        name: k.into(),
-        value: Some(v.into()),
-        ..Default::default()
-    };
+    let env = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     let mut envs = vec![
         env("AGENTOPS_MANIFEST", manifest),
         env("AGENTOPS_SECRETS_DIR", SECRETS_DIR),
         env("AGENTOPS_WORKSPACE_ROOT", WORKSPACE_DIR),
-        env(
-            "AGENTOPS_DB",
-            &format!("{WORKSPACE_DIR}/.agentops/runner.db"),
-        ),
+        env("AGENTOPS_DB", &format!("{WORKSPACE_DIR}/.agentops/runner.db")),
         env("HOME", "/home/agentops"),
         env("TMPDIR", "/tmp"),
     ];
-    if let Some(url) = &cfg.report_url {
+    let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
+    if let Some(url) = &report {
         envs.push(env("AGENTOPS_REPORT_URL", url));
+        envs.push(env("AGENTOPS_REPORT_TOKEN_FILE", &format!("{REPORT_TOKEN_DIR}/token")));
     }
     let mut volumes = vec![
-        Volume {
-            name: "home".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        },
+        Volume { name: "home".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
     ];
     volumes.push(match desired_pvc(ax, cfg) {
         Some(_) => Volume {
@@ -209,11 +185,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
             name: "workspace".into(),
             empty_dir: Some(EmptyDirVolumeSource {
                 size_limit: Some(Quantity(
-                    ax.spec
-                        .workspace
-                        .size
-                        .clone()
-                        .unwrap_or_else(|| cfg.default_workspace_size.clone()),
+                    ax.spec.workspace.size.clone().unwrap_or_else(|| cfg.default_workspace_size.clone()),
                 )),
                 ..Default::default()
             }),
@@ -221,21 +193,9 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
         },
     });
     let mut mounts = vec![
-        VolumeMount {
-            name: "workspace".into(),
-            mount_path: WORKSPACE_DIR.into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "home".into(),
-            mount_path: "/home/agentops".into(),
-            ..Default::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..Default::default()
-        },
+        VolumeMount { name: "workspace".into(), mount_path: WORKSPACE_DIR.into(), ..Default::default() },
+        VolumeMount { name: "home".into(), mount_path: "/home/agentops".into(), ..Default::default() },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
     ];
     for (i, secret) in secret_names(r).into_iter().enumerate() {
         let vol = format!("secret-{i}");
@@ -255,6 +215,23 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
             ..Default::default()
         });
     }
+    if report.is_some() {
+        volumes.push(Volume {
+            name: "report-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(super::reports::token_secret_name(&ax.name_any())),
+                default_mode: Some(0o400),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "report-token".into(),
+            mount_path: REPORT_TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: "runner".into(),
         image: Some(cfg.image.clone()),
@@ -268,10 +245,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()
@@ -286,10 +260,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
             // Kueue admits a suspended Job by unsuspending it.
             suspend,
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
@@ -299,10 +270,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
                         run_as_user: Some(cfg.runner_uid),
                         run_as_group: Some(cfg.runner_uid),
                         fs_group: Some(cfg.runner_uid),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".into(),
-                            ..Default::default()
-                        }),
+                        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
                     containers: vec![container],
@@ -337,70 +305,33 @@ mod tests {
         assert_eq!(job.metadata.name.as_deref(), Some("agentops-fix-bug"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-a"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.controller),
-            ("AgentExecution", Some(true))
-        );
+        assert_eq!((owner.kind.as_str(), owner.controller), ("AgentExecution", Some(true)));
         let spec = job.spec.unwrap();
         assert_eq!(spec.backoff_limit, Some(0));
         assert_eq!(spec.active_deadline_seconds, Some(600 + 60));
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
-        assert_eq!(
-            pod.security_context
-                .as_ref()
-                .unwrap()
-                .seccomp_profile
-                .as_ref()
-                .unwrap()
-                .type_,
-            "RuntimeDefault"
-        );
+        assert_eq!(pod.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         let c = &pod.containers[0];
-        assert_eq!(
-            c.command.as_deref(),
-            Some(&["agentops".to_string(), "runner".to_string()][..])
-        );
+        assert_eq!(c.command.as_deref(), Some(&["agentops".to_string(), "runner".to_string()][..]));
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(
-            (
-                sc.read_only_root_filesystem,
-                sc.allow_privilege_escalation,
-                sc.run_as_non_root
-            ),
+            (sc.read_only_root_filesystem, sc.allow_privilege_escalation, sc.run_as_non_root),
             (Some(true), Some(false), Some(true))
         );
-        assert_eq!(
-            sc.capabilities.as_ref().unwrap().drop.as_deref(),
-            Some(&["ALL".to_string()][..])
-        );
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
         // Secrets are files, never env values.
         let env = c.env.as_ref().unwrap();
         assert!(env.iter().all(|e| e.value_from.is_none()));
-        let mounts: Vec<&str> = c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|m| m.mount_path.as_str())
-            .collect();
+        let mounts: Vec<&str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
         assert!(
             mounts.contains(&"/var/run/secrets/agentops/git-cred")
                 && mounts.contains(&"/var/run/secrets/agentops/anthropic")
         );
-        assert!(
-            mounts.contains(&"/workspace")
-                && mounts.contains(&"/home/agentops")
-                && mounts.contains(&"/tmp")
-        );
+        assert!(mounts.contains(&"/workspace") && mounts.contains(&"/home/agentops") && mounts.contains(&"/tmp"));
         // No storage class anywhere: the workspace is an emptyDir and there is no PVC.
         assert!(desired_pvc(&ax, &JobConfig::default()).is_none());
-        assert!(
-            pod.volumes
-                .unwrap()
-                .iter()
-                .any(|v| v.name == "workspace" && v.empty_dir.is_some())
-        );
+        assert!(pod.volumes.unwrap().iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
     }
 
     #[test]
@@ -410,21 +341,12 @@ mod tests {
         assert_eq!(pvc.metadata.name.as_deref(), Some("agentops-ws-fix-bug"));
         let spec = pvc.spec.unwrap();
         assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
-        assert_eq!(
-            spec.resources.unwrap().requests.unwrap()["storage"],
-            Quantity("5Gi".into())
-        );
+        assert_eq!(spec.resources.unwrap().requests.unwrap()["storage"], Quantity("5Gi".into()));
         assert!(pvc.metadata.owner_references.is_some());
         let job = desired_job(&ax, &r, "m", &JobConfig::default());
         let vols = job.spec.unwrap().template.spec.unwrap().volumes.unwrap();
         assert_eq!(
-            vols.iter()
-                .find(|v| v.name == "workspace")
-                .unwrap()
-                .persistent_volume_claim
-                .as_ref()
-                .unwrap()
-                .claim_name,
+            vols.iter().find(|v| v.name == "workspace").unwrap().persistent_volume_claim.as_ref().unwrap().claim_name,
             "agentops-ws-fix-bug"
         );
     }
@@ -432,15 +354,9 @@ mod tests {
     #[test]
     fn kueue_label_passes_through_and_suspends() {
         let (mut ax, r) = ax("");
-        ax.metadata.labels = Some(BTreeMap::from([(
-            KUEUE_QUEUE_LABEL.to_string(),
-            "team-queue".to_string(),
-        )]));
+        ax.metadata.labels = Some(BTreeMap::from([(KUEUE_QUEUE_LABEL.to_string(), "team-queue".to_string())]));
         let job = desired_job(&ax, &r, "m", &JobConfig::default());
-        assert_eq!(
-            job.metadata.labels.unwrap()[KUEUE_QUEUE_LABEL],
-            "team-queue"
-        );
+        assert_eq!(job.metadata.labels.unwrap()[KUEUE_QUEUE_LABEL], "team-queue");
         assert_eq!(job.spec.unwrap().suspend, Some(true));
     }
 

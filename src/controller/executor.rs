@@ -10,14 +10,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use kube::Resource;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::desired::{self, JobConfig};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
+use super::reports::{Reports, new_token, token_secret_name};
 use crate::api::{AgentExecution, Resolved};
 use crate::runner::Summary;
 
@@ -29,11 +32,7 @@ pub enum Observation {
     /// The runner is working; `progress` holds its latest figures when it reports them.
     Running { progress: Option<Summary> },
     /// The runner ended; `summary` is its report, when it could deliver one.
-    Finished {
-        summary: Option<Summary>,
-        failed: bool,
-        deadline_exceeded: bool,
-    },
+    Finished { summary: Option<Summary>, failed: bool, deadline_exceeded: bool },
 }
 
 /// The two ways of running the runner.
@@ -49,11 +48,7 @@ impl Executor {
     }
 
     /// Looks at the runner.
-    pub async fn observe(
-        &self,
-        client: &Client,
-        ax: &AgentExecution,
-    ) -> Result<Observation, Error> {
+    pub async fn observe(&self, client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
         match self {
             Executor::Job => observe_job(client, ax).await,
             Executor::Local(l) => Ok(l.observe(ax)),
@@ -68,46 +63,53 @@ impl Executor {
         r: &Resolved,
         manifest: &str,
         cfg: &JobConfig,
+        reports: &Reports,
     ) -> Result<(), Error> {
         match self {
             Executor::Job => {
                 let ns = ax.namespace().unwrap_or_else(|| "default".into());
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
+                if cfg.report_url.is_some() {
+                    // The runner's report token, as a Secret owned by the execution.
+                    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+                    let name = token_secret_name(&ax.name_any());
+                    let existing = secrets.get_opt(&name).await?.and_then(|s| {
+                        s.data.and_then(|d| d.get("token").map(|b| String::from_utf8_lossy(&b.0).into_owned()))
+                    });
+                    let token = match existing {
+                        Some(t) => t,
+                        None => {
+                            let t = new_token();
+                            let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                                "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
+                                             "labels": {"app.kubernetes.io/managed-by": "agentops"}},
+                                "type": "Opaque", "stringData": {"token": t}});
+                            secrets.patch(&name, &pp, &Patch::Apply(&secret)).await?;
+                            t
+                        }
+                    };
+                    reports.remember(&ns, &ax.name_any(), &token);
+                }
                 if let Some(pvc) = desired::desired_pvc(ax, cfg) {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-                    api.patch(
-                        &pvc.name_any(),
-                        &pp,
-                        &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")),
-                    )
-                    .await?;
+                    api.patch(&pvc.name_any(), &pp, &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")))
+                        .await?;
                 }
                 let job = desired::desired_job(ax, r, manifest, cfg);
                 let api: Api<Job> = Api::namespaced(client.clone(), &ns);
-                api.patch(
-                    &job.name_any(),
-                    &pp,
-                    &Patch::Apply(&with_type(&job, "batch/v1", "Job")),
-                )
-                .await?;
+                api.patch(&job.name_any(), &pp, &Patch::Apply(&with_type(&job, "batch/v1", "Job"))).await?;
                 Ok(())
             }
-            Executor::Local(l) => l.start(ax, manifest),
+            Executor::Local(l) => l.start(ax, manifest, reports),
         }
     }
 
     /// Stops the runner. The local runner is given a few seconds to report its partial usage.
-    pub async fn stop(
-        &self,
-        client: &Client,
-        ax: &AgentExecution,
-    ) -> Result<Option<Summary>, Error> {
+    pub async fn stop(&self, client: &Client, ax: &AgentExecution) -> Result<Option<Summary>, Error> {
         match self {
             Executor::Job => {
-                let api: Api<Job> = Api::namespaced(
-                    client.clone(),
-                    &ax.namespace().unwrap_or_else(|| "default".into()),
-                );
+                let api: Api<Job> =
+                    Api::namespaced(client.clone(), &ax.namespace().unwrap_or_else(|| "default".into()));
                 delete_ignoring_missing(&api, &desired::job_name(ax)).await?;
                 Ok(None)
             }
@@ -126,17 +128,10 @@ fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> ser
 async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
-    let Some(job) = Api::<Job>::namespaced(client.clone(), &ns)
-        .get_opt(&name)
-        .await?
-    else {
+    let Some(job) = Api::<Job>::namespaced(client.clone(), &ns).get_opt(&name).await? else {
         return Ok(Observation::NotStarted);
     };
-    let conds = job
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.clone())
-        .unwrap_or_default();
+    let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
     let is = |t: &str| conds.iter().find(|c| c.type_ == t && c.status == "True");
     let (failed, deadline) = match (is("Complete"), is("Failed")) {
         (Some(_), _) => (false, false),
@@ -149,22 +144,11 @@ async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation
         .await?;
     let summary = pods.items.iter().find_map(|p| {
         let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
-        let msg = statuses
-            .iter()
-            .find(|c| c.name == "runner")?
-            .state
-            .as_ref()?
-            .terminated
-            .as_ref()?
-            .message
-            .as_ref()?;
+        let msg =
+            statuses.iter().find(|c| c.name == "runner")?.state.as_ref()?.terminated.as_ref()?.message.as_ref()?;
         serde_json::from_str::<Summary>(msg).ok()
     });
-    Ok(Observation::Finished {
-        summary,
-        failed,
-        deadline_exceeded: deadline,
-    })
+    Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline })
 }
 
 #[derive(Debug, Default)]
@@ -178,27 +162,35 @@ pub struct LocalExecutor {
     bin: PathBuf,
     env: Vec<(String, String)>,
     runs: Arc<Mutex<HashMap<(String, String), LocalRun>>>,
-    wake: mpsc::UnboundedSender<()>,
+    wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+    /// The controller's HTTP base URL, for progress reports.
+    report_base: Option<String>,
+    token_dir: tempfile::TempDir,
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 impl LocalExecutor {
     /// `bin` is the agentops binary; `env` is added to each runner's environment (secrets
     /// dir, workspace root, Claude Code binary, ...). `wake` reconciles an execution whose
     /// runner ended.
-    pub fn new(bin: PathBuf, env: Vec<(String, String)>, wake: mpsc::UnboundedSender<()>) -> Self {
-        Self {
-            bin,
-            env,
-            runs: Default::default(),
-            wake,
-        }
+    pub fn new(
+        bin: PathBuf,
+        env: Vec<(String, String)>,
+        wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+        report_base: Option<String>,
+    ) -> std::io::Result<Self> {
+        let token_dir = tempfile::Builder::new().prefix("agentops-tokens").tempdir()?;
+        Ok(Self { bin, env, runs: Default::default(), wake, report_base, token_dir })
     }
 
     fn key(ax: &AgentExecution) -> (String, String) {
-        (
-            ax.namespace().unwrap_or_else(|| "default".into()),
-            ax.name_any(),
-        )
+        (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
     }
 
     fn observe(&self, ax: &AgentExecution) -> Observation {
@@ -206,24 +198,29 @@ impl LocalExecutor {
         match runs.get(&Self::key(ax)) {
             None => Observation::NotStarted,
             Some(LocalRun { done: None, .. }) => Observation::Running { progress: None },
-            Some(LocalRun {
-                done: Some((summary, code)),
-                ..
-            }) => Observation::Finished {
-                summary: summary.clone(),
-                failed: *code != 0,
-                deadline_exceeded: false,
-            },
+            Some(LocalRun { done: Some((summary, code)), .. }) => {
+                Observation::Finished { summary: summary.clone(), failed: *code != 0, deadline_exceeded: false }
+            }
         }
     }
 
-    fn start(&self, ax: &AgentExecution, manifest: &str) -> Result<(), Error> {
+    fn start(&self, ax: &AgentExecution, manifest: &str, reports: &Reports) -> Result<(), Error> {
         let key = Self::key(ax);
         let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
         if runs.contains_key(&key) {
             return Ok(());
         }
-        let mut child = tokio::process::Command::new(&self.bin)
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        if let Some(base) = &self.report_base {
+            // The token goes in a private file, never in the environment or argv.
+            let token = new_token();
+            let file = self.token_dir.path().join(format!("{}.{}", key.0, key.1));
+            write_private(&file, &token).map_err(|e| Error::Executor(format!("cannot write the report token: {e}")))?;
+            reports.remember(&key.0, &key.1, &token);
+            cmd.env("AGENTOPS_REPORT_URL", super::desired::report_url(base, ax))
+                .env("AGENTOPS_REPORT_TOKEN_FILE", &file);
+        }
+        let mut child = cmd
             .arg("runner")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AGENTOPS_MANIFEST", manifest)
@@ -233,14 +230,8 @@ impl LocalExecutor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Error::Executor(format!("cannot start {}: {e}", self.bin.display())))?;
-        runs.insert(
-            key.clone(),
-            LocalRun {
-                pid: child.id(),
-                done: None,
-            },
-        );
-        let (runs, wake) = (self.runs.clone(), self.wake.clone());
+        runs.insert(key.clone(), LocalRun { pid: child.id(), done: None });
+        let (runs, wake, obj) = (self.runs.clone(), self.wake.clone(), ObjectRef::from_obj(ax));
         tokio::spawn(async move {
             let mut last = None;
             if let Some(out) = child.stdout.take() {
@@ -255,7 +246,7 @@ impl LocalExecutor {
             if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
                 run.done = Some((last, code));
             }
-            let _ = wake.send(());
+            let _ = wake.send(obj);
         });
         Ok(())
     }
@@ -266,28 +257,15 @@ impl LocalExecutor {
         let pid = {
             let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
             match runs.get(&key) {
-                Some(LocalRun {
-                    pid: Some(pid),
-                    done: None,
-                }) => *pid,
-                Some(LocalRun {
-                    done: Some((s, _)), ..
-                }) => return s.clone(),
+                Some(LocalRun { pid: Some(pid), done: None }) => *pid,
+                Some(LocalRun { done: Some((s, _)), .. }) => return s.clone(),
                 _ => return None,
             }
         };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         for _ in 0..100 {
-            if let Some(LocalRun {
-                done: Some((s, _)), ..
-            }) = self
-                .runs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&key)
+            if let Some(LocalRun { done: Some((s, _)), .. }) =
+                self.runs.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
             {
                 return s.clone();
             }

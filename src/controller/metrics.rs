@@ -67,46 +67,14 @@ impl Default for Metrics {
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
-        registry.register(
-            "queue_depth",
-            "Executions waiting for a slot",
-            m.queue_depth.clone(),
-        );
-        registry.register(
-            "queue_wait_seconds",
-            "Time from creation to start",
-            m.queue_wait_seconds.clone(),
-        );
-        registry.register(
-            "execution_duration_seconds",
-            "Run time of finished executions",
-            m.duration_seconds.clone(),
-        );
-        registry.register(
-            "executions_finished",
-            "Executions that ended, by phase",
-            m.finished.clone(),
-        );
-        registry.register(
-            "tokens",
-            "Tokens used, by namespace, model and kind",
-            m.tokens.clone(),
-        );
-        registry.register(
-            "cost_usd",
-            "Cost in US dollars, by namespace and model",
-            m.cost_usd.clone(),
-        );
-        registry.register(
-            "tool_calls",
-            "Agent tool calls, by tool",
-            m.tool_calls.clone(),
-        );
-        registry.register(
-            "reconcile_errors",
-            "Reconcile failures, by kind",
-            m.reconcile_errors.clone(),
-        );
+        registry.register("queue_depth", "Executions waiting for a slot", m.queue_depth.clone());
+        registry.register("queue_wait_seconds", "Time from creation to start", m.queue_wait_seconds.clone());
+        registry.register("execution_duration_seconds", "Run time of finished executions", m.duration_seconds.clone());
+        registry.register("executions_finished", "Executions that ended, by phase", m.finished.clone());
+        registry.register("tokens", "Tokens used, by namespace, model and kind", m.tokens.clone());
+        registry.register("cost_usd", "Cost in US dollars, by namespace and model", m.cost_usd.clone());
+        registry.register("tool_calls", "Agent tool calls, by tool", m.tool_calls.clone());
+        registry.register("reconcile_errors", "Reconcile failures, by kind", m.reconcile_errors.clone());
         Self { registry, ..m }
     }
 }

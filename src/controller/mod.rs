@@ -5,9 +5,12 @@ pub mod executor;
 pub mod metrics;
 pub mod queue;
 pub mod reconcile;
+pub mod reports;
 pub mod status;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
@@ -34,10 +37,11 @@ pub enum ExecutorKind {
 }
 
 /// Runs the controller until `shutdown` resolves. Reconciles every namespace. With `http`,
-/// serves `/healthz`, `/readyz`, `/metrics` and the store's JSON API on that listener.
+/// serves `/healthz`, `/readyz`, `/metrics`, the store's JSON API and the runners' report
+/// endpoint on that listener.
 pub async fn run(
     client: Client,
-    config: ControllerConfig,
+    mut config: ControllerConfig,
     store: Option<Store>,
     executor: ExecutorKind,
     http: Option<tokio::net::TcpListener>,
@@ -46,21 +50,27 @@ pub async fn run(
     let executions: Api<AgentExecution> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
     let jobs_config = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentops");
-    let controller =
-        Controller::new(executions, watcher::Config::default()).owns(jobs, jobs_config);
+    let controller = Controller::new(executions, watcher::Config::default()).owns(jobs, jobs_config);
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
+    let local_base = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {
         ExecutorKind::Job => Executor::Job,
         ExecutorKind::Local { bin, env } => {
-            Executor::Local(LocalExecutor::new(bin, env, wake_tx.clone()))
+            // Local runners report to this process; Jobs use the configured Service URL.
+            config.job.report_url = None;
+            match LocalExecutor::new(bin, env, wake_tx.clone(), local_base) {
+                Ok(l) => Executor::Local(l),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot prepare the local executor");
+                    return;
+                }
+            }
         }
     };
-    let reporter = Reporter {
-        controller: "agentops-controller".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    let reports = Arc::new(reports::Reports::new(client.clone(), wake_tx.clone()));
+    let reporter = Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
     let metrics = Arc::new(metrics::Metrics::default());
-    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
     let cache = controller.store();
     let mut background = Vec::new();
     {
@@ -69,13 +79,8 @@ pub async fn run(
             // The store's readiness wakes only one waiter at a time (the controller's own), so
             // poll it briefly instead of waiting alongside; it is cheap and only until ready.
             loop {
-                match tokio::time::timeout(
-                    std::time::Duration::from_millis(100),
-                    cache.wait_until_ready(),
-                )
-                .await
-                {
-                    Ok(Ok(())) => break ready.store(true, std::sync::atomic::Ordering::Relaxed),
+                match tokio::time::timeout(Duration::from_millis(100), cache.wait_until_ready()).await {
+                    Ok(Ok(())) => break ready.store(true, Ordering::Relaxed),
                     Ok(Err(_)) => break,
                     Err(_) => continue,
                 }
@@ -88,6 +93,7 @@ pub async fn run(
             metrics: metrics.clone(),
             store: store.clone(),
             ready,
+            reports: Some(reports.clone()),
         });
         let app = crate::server::router(state);
         background.push(tokio::spawn(async move {
@@ -97,7 +103,6 @@ pub async fn run(
         }));
     }
     let ctx = Arc::new(Context {
-        metrics,
         recorder: Recorder::new(client.clone(), reporter),
         client,
         config,
@@ -107,14 +112,12 @@ pub async fn run(
         starting: Default::default(),
         admit: Default::default(),
         wake: wake_tx,
+        metrics,
+        reports,
     });
-    let wake =
-        futures::stream::unfold(
-            wake_rx,
-            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
-        );
+    let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
     controller
-        .reconcile_all_on(wake)
+        .reconcile_on(wake)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -45,14 +45,10 @@ pub fn plan(all: &[Candidate], limits: Limits) -> Plan {
             .then_with(|| a.created.cmp(&b.created))
             .then_with(|| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)))
     });
-    let mut out = Plan {
-        start: Vec::new(),
-        queued: Vec::new(),
-    };
+    let mut out = Plan { start: Vec::new(), queued: Vec::new() };
     for c in waiting {
         let ns = per_ns.entry(c.namespace.as_str()).or_default();
-        let fits = limits.global.is_none_or(|g| global < g)
-            && limits.per_namespace.is_none_or(|n| *ns < n);
+        let fits = limits.global.is_none_or(|g| global < g) && limits.per_namespace.is_none_or(|n| *ns < n);
         let key = (c.namespace.clone(), c.name.clone());
         if fits {
             global += 1;
@@ -71,13 +67,7 @@ mod tests {
     use super::*;
 
     fn c(ns: &str, name: &str, priority: i32, created: &str, active: bool) -> Candidate {
-        Candidate {
-            namespace: ns.into(),
-            name: name.into(),
-            priority,
-            created: created.into(),
-            active,
-        }
+        Candidate { namespace: ns.into(), name: name.into(), priority, created: created.into(), active }
     }
 
     fn names(v: &[(String, String)]) -> Vec<&str> {
@@ -86,30 +76,12 @@ mod tests {
 
     #[test]
     fn two_slots_five_executions_start_oldest_first() {
-        let all: Vec<_> = (0..5)
-            .map(|i| {
-                c(
-                    "a",
-                    &format!("e{i}"),
-                    0,
-                    &format!("2026-01-01T00:00:0{i}Z"),
-                    false,
-                )
-            })
-            .collect();
-        let p = plan(
-            &all,
-            Limits {
-                global: Some(2),
-                per_namespace: None,
-            },
-        );
+        let all: Vec<_> =
+            (0..5).map(|i| c("a", &format!("e{i}"), 0, &format!("2026-01-01T00:00:0{i}Z"), false)).collect();
+        let p = plan(&all, Limits { global: Some(2), per_namespace: None });
         assert_eq!(names(&p.start), ["e0", "e1"]);
         assert_eq!(
-            p.queued
-                .iter()
-                .map(|(k, pos)| (k.1.as_str(), *pos))
-                .collect::<Vec<_>>(),
+            p.queued.iter().map(|(k, pos)| (k.1.as_str(), *pos)).collect::<Vec<_>>(),
             [("e2", 1), ("e3", 2), ("e4", 3)]
         );
     }
@@ -121,13 +93,7 @@ mod tests {
             c("a", "old-low", 0, "2026-01-01T00:00:01Z", false),
             c("a", "new-high", 10, "2026-01-01T00:00:09Z", false),
         ];
-        let p = plan(
-            &all,
-            Limits {
-                global: Some(2),
-                per_namespace: None,
-            },
-        );
+        let p = plan(&all, Limits { global: Some(2), per_namespace: None });
         assert_eq!(names(&p.start), ["new-high"]);
         assert_eq!(p.queued[0].0.1, "old-low");
     }
@@ -139,22 +105,14 @@ mod tests {
             c("busy", "w", 5, "2026-01-01T00:00:01Z", false),
             c("calm", "x", 0, "2026-01-01T00:00:02Z", false),
         ];
-        let p = plan(
-            &all,
-            Limits {
-                global: Some(10),
-                per_namespace: Some(1),
-            },
-        );
+        let p = plan(&all, Limits { global: Some(10), per_namespace: Some(1) });
         assert_eq!(names(&p.start), ["x"]);
         assert_eq!(p.queued[0].0, ("busy".to_string(), "w".to_string()));
     }
 
     #[test]
     fn unlimited_starts_everything() {
-        let all: Vec<_> = (0..3)
-            .map(|i| c("a", &format!("e{i}"), 0, "t", false))
-            .collect();
+        let all: Vec<_> = (0..3).map(|i| c("a", &format!("e{i}"), 0, "t", false)).collect();
         assert_eq!(plan(&all, Limits::default()).start.len(), 3);
     }
 }

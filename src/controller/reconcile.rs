@@ -11,7 +11,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::Store as Cache;
+use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -20,10 +20,9 @@ use super::desired::{self, JobConfig};
 use super::executor::{Executor, Observation};
 use super::metrics::{ErrorLabel, Metrics, PhaseLabel, TokenLabels, ToolLabel, UsageLabels};
 use super::queue::{self, Candidate, Limits};
+use super::reports::Reports;
 use super::status::{self, Blocked};
-use crate::api::{
-    AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Resolved, RetainPolicy, resolve,
-};
+use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Resolved, RetainPolicy, resolve};
 use crate::runner::Summary;
 use crate::store::{NewExecution, Store, StoreError};
 
@@ -71,11 +70,7 @@ pub struct ControllerConfig {
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        Self {
-            job: JobConfig::default(),
-            limits: Limits::default(),
-            recheck_stalled: Duration::from_secs(10),
-        }
+        Self { job: JobConfig::default(), limits: Limits::default(), recheck_stalled: Duration::from_secs(10) }
     }
 }
 
@@ -92,9 +87,11 @@ pub struct Context {
     pub starting: Mutex<HashSet<(String, String)>>,
     /// Serialises "decide and start" so that two reconciles never take the same slot.
     pub admit: tokio::sync::Mutex<()>,
-    /// Wakes queued executions when a slot frees.
-    pub wake: mpsc::UnboundedSender<()>,
+    /// Wakes one execution (a slot freed, a runner reported).
+    pub wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
     pub metrics: Arc<Metrics>,
+    /// Live progress and final reports from runners.
+    pub reports: Arc<Reports>,
 }
 
 /// Entry point for the kube-runtime Controller.
@@ -113,21 +110,13 @@ pub async fn reconcile(ax: Arc<AgentExecution>, ctx: Arc<Context>) -> Result<Act
 
 /// Logs, and retries later with a short backoff.
 pub fn error_policy(ax: Arc<AgentExecution>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&ErrorLabel {
-            kind: err.metric_label().into(),
-        })
-        .inc();
+    ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { kind: err.metric_label().into() }).inc();
     tracing::warn!(execution = %ax.name_any(), error = %err, kind = err.metric_label(), "reconcile failed");
     Action::requeue(Duration::from_secs(5))
 }
 
 fn key(ax: &AgentExecution) -> (String, String) {
-    (
-        ax.namespace().unwrap_or_else(|| "default".into()),
-        ax.name_any(),
-    )
+    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
 fn now() -> Time {
@@ -136,10 +125,7 @@ fn now() -> Time {
 
 /// Renders the manifest the runner reads: the execution and its template, without status or
 /// server metadata.
-pub fn runner_manifest(
-    ax: &AgentExecution,
-    template: Option<&AgentTemplate>,
-) -> Result<String, Error> {
+pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) -> Result<String, Error> {
     let mut out = String::new();
     if let Some(t) = template {
         let doc = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentTemplate",
@@ -163,10 +149,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     // Validate: template, spec values, secrets. Any failure is Stalled, naming what to fix.
     let template = match &ax.spec.template_ref {
         None => None,
-        Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns)
-            .get_opt(&r.name)
-            .await?
-        {
+        Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await? {
             Some(t) => Some(t),
             None => {
                 let msg = format!(
@@ -195,10 +178,8 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
             _ => ctx.executor.stop(&ctx.client, &ax).await?,
         };
         let summary = match observed {
-            Observation::Finished {
-                summary: Some(s), ..
-            } => Some(s),
-            _ => stopped,
+            Observation::Finished { summary: Some(s), .. } => Some(s),
+            _ => stopped.or_else(|| ctx.reports.latest(&ns, &ax.name_any())),
         };
         return finish(
             &ax,
@@ -230,6 +211,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         }
         Observation::NotStarted => schedule(&ax, ctx, &old, &r, template.as_ref()).await,
         Observation::Running { progress } => {
+            let progress = progress.or_else(|| ctx.reports.latest(&ns, &ax.name_any()));
             let mut st = old.clone();
             st.phase = Phase::Running;
             st.reason = Some("Running".into());
@@ -247,27 +229,19 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
             // Job changes wake us; the deadline is the Job's own. Look again now and then.
             Ok(Action::requeue(Duration::from_secs(60)))
         }
-        Observation::Finished {
-            summary,
-            failed,
-            deadline_exceeded,
-        } => {
+        Observation::Finished { summary, failed, deadline_exceeded } => {
+            // The termination message, else the runner's last report if it was the final one.
+            let summary = summary.or_else(|| ctx.reports.latest(&ns, &ax.name_any()).filter(|s| s.phase.is_terminal()));
             let (phase, reason, message) = match (&summary, failed, deadline_exceeded) {
-                (_, _, true) => (
-                    Phase::TimedOut,
-                    "Timeout".to_string(),
-                    "the Job exceeded its deadline (spec.timeout)".to_string(),
-                ),
-                (Some(s), _, _) => (
-                    s.phase,
-                    s.reason.clone().unwrap_or_default(),
-                    s.message.clone().unwrap_or_default(),
-                ),
-                (None, false, _) => (
-                    Phase::Succeeded,
-                    "Completed".into(),
-                    "the runner finished without a report".into(),
-                ),
+                (_, _, true) => {
+                    (Phase::TimedOut, "Timeout".to_string(), "the Job exceeded its deadline (spec.timeout)".to_string())
+                }
+                (Some(s), _, _) => {
+                    (s.phase, s.reason.clone().unwrap_or_default(), s.message.clone().unwrap_or_default())
+                }
+                (None, false, _) => {
+                    (Phase::Succeeded, "Completed".into(), "the runner finished without a report".into())
+                }
                 (None, true, _) => (
                     Phase::Failed,
                     "RunnerFailed".into(),
@@ -285,11 +259,7 @@ async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<
         .credentials
         .iter()
         .map(|s| (s, "spec.repository.credentialsSecretRef", "token"))
-        .chain(
-            r.api_key
-                .iter()
-                .map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")),
-        );
+        .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")));
     for (s, field, default_key) in refs {
         let key = s.key.clone().unwrap_or_else(|| default_key.into());
         match api.get_opt(&s.name).await? {
@@ -301,15 +271,9 @@ async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<
             }
             Some(secret) => {
                 let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
-                    || secret
-                        .string_data
-                        .as_ref()
-                        .is_some_and(|d| d.contains_key(&key));
+                    || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
                 if !has {
-                    return Ok(Some(format!(
-                        "Secret {:?} has no key {key:?} ({field})",
-                        s.name
-                    )));
+                    return Ok(Some(format!("Secret {:?} has no key {key:?} ({field})", s.name)));
                 }
             }
         }
@@ -343,13 +307,8 @@ async fn schedule(
     let _admit = ctx.admit.lock().await;
     let plan = {
         let starting = ctx.starting.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut all: Vec<Candidate> = ctx
-            .cache
-            .state()
-            .iter()
-            .filter(|o| key(o) != me)
-            .filter_map(|o| candidate(o, &starting))
-            .collect();
+        let mut all: Vec<Candidate> =
+            ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
         all.push(Candidate {
             namespace: me.0.clone(),
             name: me.1.clone(),
@@ -360,32 +319,19 @@ async fn schedule(
         queue::plan(&all, ctx.config.limits)
     };
     if !plan.start.contains(&me) {
-        let (pos, total) = plan
-            .queued
-            .iter()
-            .find(|(k, _)| *k == me)
-            .map(|(_, p)| (*p, plan.queued.len()))
-            .unwrap_or((0, 0));
+        let (pos, total) =
+            plan.queued.iter().find(|(k, _)| *k == me).map(|(_, p)| (*p, plan.queued.len())).unwrap_or((0, 0));
         let mut st = old.clone();
         st.phase = Phase::Queued;
         st.reason = Some("Queued".into());
-        st.message = Some(format!(
-            "waiting for a free slot: position {pos} of {total}"
-        ));
-        let event = (old.phase != Phase::Queued).then(|| {
-            (
-                "Queued",
-                format!("waiting for a free slot (position {pos})"),
-                EventType::Normal,
-            )
-        });
+        st.message = Some(format!("waiting for a free slot: position {pos} of {total}"));
+        let event = (old.phase != Phase::Queued)
+            .then(|| ("Queued", format!("waiting for a free slot (position {pos})"), EventType::Normal));
         write_status(ax, ctx, old, st, event).await?;
         return Ok(Action::await_change());
     }
     let manifest = runner_manifest(ax, template)?;
-    ctx.executor
-        .start(&ctx.client, ax, r, &manifest, &ctx.config.job)
-        .await?;
+    ctx.executor.start(&ctx.client, ax, r, &manifest, &ctx.config.job, &ctx.reports).await?;
     if let Ok(mut s) = ctx.starting.lock() {
         s.insert(me);
     }
@@ -396,30 +342,20 @@ async fn schedule(
     st.job_name = Some(ctx.executor.runner_name(ax));
     st.start_time = Some(jiff::Timestamp::now().to_string());
     st.git.branch = Some(r.branch.clone());
-    st.workspace = desired::desired_pvc(ax, &ctx.config.job)
-        .and_then(|p| p.metadata.name)
-        .or(Some("emptyDir".into()));
+    st.workspace = desired::desired_pvc(ax, &ctx.config.job).and_then(|p| p.metadata.name).or(Some("emptyDir".into()));
     write_status(
         ax,
         ctx,
         old,
         st,
-        Some((
-            "Started",
-            format!("runner {} started", ctx.executor.runner_name(ax)),
-            EventType::Normal,
-        )),
+        Some(("Started", format!("runner {} started", ctx.executor.runner_name(ax)), EventType::Normal)),
     )
     .await?;
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 fn created(ax: &AgentExecution) -> String {
-    ax.metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.to_string())
-        .unwrap_or_default()
+    ax.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
 }
 
 /// An execution as the queue sees it; None for finished, cancelled or stalled ones.
@@ -428,10 +364,7 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
     if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let stalled = st
-        .conditions
-        .iter()
-        .any(|c| c.type_ == status::STALLED && c.status == "True");
+    let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
     let active = st.phase == Phase::Running || starting.contains(&key(ax));
     if stalled && !active {
         return None;
@@ -458,19 +391,11 @@ async fn blocked(
     st.phase = Phase::Pending;
     st.reason = Some(reason.into());
     st.message = Some(message.clone());
-    let b = Blocked {
-        reason: reason.into(),
-        message: message.clone(),
-    };
-    let was =
-        old.reason.as_deref() == Some(reason) && old.message.as_deref() == Some(message.as_str());
+    let b = Blocked { reason: reason.into(), message: message.clone() };
+    let was = old.reason.as_deref() == Some(reason) && old.message.as_deref() == Some(message.as_str());
     let event = (!was).then_some((reason, message, EventType::Warning));
     write_status_with(ax, ctx, old, st, event, Some(&b)).await?;
-    Ok(if recheck {
-        Action::requeue(ctx.config.recheck_stalled)
-    } else {
-        Action::await_change()
-    })
+    Ok(if recheck { Action::requeue(ctx.config.recheck_stalled) } else { Action::await_change() })
 }
 
 /// Copies a runner summary's figures into a status.
@@ -510,31 +435,16 @@ async fn finish(
     st.message = Some(message.clone());
     let end = jiff::Timestamp::now();
     st.completion_time = Some(end.to_string());
-    let start = st
-        .start_time
-        .as_deref()
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+    let start = st.start_time.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
     let ms = summary
         .as_ref()
         .map(|s| s.duration_ms)
         .filter(|d| *d > 0)
         .or_else(|| start.map(|s| end.duration_since(s).as_millis().max(0) as u64));
     st.duration_ms = ms;
-    st.duration = ms
-        .map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
-    let event_type = if phase == Phase::Succeeded {
-        EventType::Normal
-    } else {
-        EventType::Warning
-    };
-    write_status(
-        ax,
-        ctx,
-        old,
-        st.clone(),
-        Some((phase.as_str(), format!("{reason}: {message}"), event_type)),
-    )
-    .await?;
+    st.duration = ms.map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
+    let event_type = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
+    write_status(ax, ctx, old, st.clone(), Some((phase.as_str(), format!("{reason}: {message}"), event_type))).await?;
 
     record_metrics(ctx, r, phase, &st);
     if let Some(store) = &ctx.store {
@@ -559,9 +469,7 @@ async fn finish(
             git: st.git.clone(),
             workspace: st.workspace.clone(),
         };
-        store
-            .finish_execution(&s, (phase != Phase::Succeeded).then_some(reason), None)
-            .await?;
+        store.finish_execution(&s, (phase != Phase::Succeeded).then_some(reason), None).await?;
     }
 
     // Release the workspace volume now unless the policy keeps it.
@@ -572,10 +480,7 @@ async fn finish(
     };
     if !keep && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job) {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &key(ax).0);
-        match api
-            .delete(&pvc.name_any(), &DeleteParams::background())
-            .await
-        {
+        match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
@@ -585,23 +490,20 @@ async fn finish(
     if let Ok(mut s) = ctx.starting.lock() {
         s.remove(&me);
     }
-    // A slot is free: wake the executions that wait for one (if any do).
-    let waiting = ctx.cache.state().iter().any(|o| {
+    ctx.reports.forget(&me.0, &me.1);
+    ctx.reports.forget(&me.0, &me.1);
+    // A slot is free: wake the executions that wait for one.
+    for o in ctx.cache.state() {
         let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
-        matches!(p, Phase::Queued | Phase::Pending) && key(o) != me
-    });
-    if waiting {
-        let _ = ctx.wake.send(());
+        if matches!(p, Phase::Queued | Phase::Pending) && key(&o) != me {
+            let _ = ctx.wake.send(ObjectRef::from_obj(&*o));
+        }
     }
     expire(ax, &st, ctx).await
 }
 
 /// `ttlSecondsAfterFinished`: delete the finished execution when its time is up.
-async fn expire(
-    ax: &AgentExecution,
-    st: &AgentExecutionStatus,
-    ctx: &Context,
-) -> Result<Action, Error> {
+async fn expire(ax: &AgentExecution, st: &AgentExecutionStatus, ctx: &Context) -> Result<Action, Error> {
     let Some(ttl) = ax.spec.ttl_seconds_after_finished else {
         return Ok(Action::await_change());
     };
@@ -616,9 +518,7 @@ async fn expire(
         api.delete(&ax.name_any(), &DeleteParams::default()).await?;
         return Ok(Action::await_change());
     }
-    Ok(Action::requeue(Duration::from_secs(
-        (ttl - age).max(1) as u64
-    )))
+    Ok(Action::requeue(Duration::from_secs((ttl - age).max(1) as u64)))
 }
 
 /// Finalizer cleanup: stop a runner still going, keep a retained workspace, record the end.
@@ -640,14 +540,7 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
         // Orphan the PVC so that garbage collection leaves it when the execution goes.
         let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &key(&ax).0);
         let patch = json!({"metadata": {"ownerReferences": null}});
-        match api
-            .patch(
-                &pvc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(patch),
-            )
-            .await
-        {
+        match api.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
             Ok(_) => {}
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(e.into()),
@@ -723,22 +616,10 @@ async fn write_status_with(
         return Ok(());
     }
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &key(ax).0);
-    let patch =
-        json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
-    api.patch_status(
-        &ax.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let patch = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
+    api.patch_status(&ax.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     if let Some((reason, note, type_)) = event {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
         if let Err(e) = ctx.recorder.publish(&ev, &ax.object_ref(&())).await {
             tracing::warn!(error = %e, "cannot publish event");
         }
@@ -751,10 +632,7 @@ pub async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), 
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let dp = DeleteParams {
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..Default::default()
-    };
+    let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
     match api.delete(name, &dp).await {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
@@ -769,11 +647,7 @@ pub fn is_not_found(e: &kube::Error) -> bool {
 
 fn record_metrics(ctx: &Context, r: &Resolved, phase: Phase, st: &AgentExecutionStatus) {
     let m = &ctx.metrics;
-    m.finished
-        .get_or_create(&PhaseLabel {
-            phase: phase.as_str().into(),
-        })
-        .inc();
+    m.finished.get_or_create(&PhaseLabel { phase: phase.as_str().into() }).inc();
     if let Some(ms) = st.duration_ms {
         m.duration_seconds.observe(ms as f64 / 1000.0);
     }
@@ -786,22 +660,11 @@ fn record_metrics(ctx: &Context, r: &Resolved, phase: Phase, st: &AgentExecution
         ("cache_creation", st.usage.cache_creation_input_tokens),
     ] {
         m.tokens
-            .get_or_create(&TokenLabels {
-                namespace: ns.clone(),
-                model: model.clone(),
-                kind: kind.into(),
-            })
+            .get_or_create(&TokenLabels { namespace: ns.clone(), model: model.clone(), kind: kind.into() })
             .inc_by(n);
     }
-    m.cost_usd
-        .get_or_create(&UsageLabels {
-            namespace: ns,
-            model,
-        })
-        .inc_by(st.cost_usd);
+    m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
     for (tool, n) in &st.tool_calls.by_tool {
-        m.tool_calls
-            .get_or_create(&ToolLabel { tool: tool.clone() })
-            .inc_by(*n);
+        m.tool_calls.get_or_create(&ToolLabel { tool: tool.clone() }).inc_by(*n);
     }
 }

@@ -40,33 +40,13 @@ pub fn conditions(
     };
     let t = |v: bool| if v { "True" } else { "False" };
     let mut set: Vec<(&str, &str)> = match (phase, blocked) {
-        (_, Some(_)) => vec![
-            (READY, "False"),
-            (RECONCILING, "False"),
-            (STALLED, "True"),
-            (SUCCEEDED, "Unknown"),
-        ],
-        (Phase::Succeeded, _) => vec![
-            (READY, "True"),
-            (RECONCILING, "False"),
-            (STALLED, "False"),
-            (SUCCEEDED, "True"),
-        ],
+        (_, Some(_)) => vec![(READY, "False"), (RECONCILING, "False"), (STALLED, "True"), (SUCCEEDED, "Unknown")],
+        (Phase::Succeeded, _) => vec![(READY, "True"), (RECONCILING, "False"), (STALLED, "False"), (SUCCEEDED, "True")],
         (Phase::Failed | Phase::TimedOut | Phase::Cancelled, _) => {
-            vec![
-                (READY, "False"),
-                (RECONCILING, "False"),
-                (STALLED, "True"),
-                (SUCCEEDED, "False"),
-            ]
+            vec![(READY, "False"), (RECONCILING, "False"), (STALLED, "True"), (SUCCEEDED, "False")]
         }
         (Phase::Pending | Phase::Queued | Phase::Running, _) => {
-            vec![
-                (READY, "False"),
-                (RECONCILING, t(true)),
-                (STALLED, t(false)),
-                (SUCCEEDED, "Unknown"),
-            ]
+            vec![(READY, "False"), (RECONCILING, t(true)), (STALLED, t(false)), (SUCCEEDED, "Unknown")]
         }
     };
     set.sort_by_key(|(k, _)| *k);
@@ -80,11 +60,7 @@ pub fn conditions(
             Condition {
                 type_: kind.to_string(),
                 status: status.to_string(),
-                reason: if reason.is_empty() {
-                    phase.as_str().to_string()
-                } else {
-                    reason.to_string()
-                },
+                reason: if reason.is_empty() { phase.as_str().to_string() } else { reason.to_string() },
                 message: message.to_string(),
                 observed_generation: generation,
                 last_transition_time: last,
@@ -107,22 +83,9 @@ mod tests {
 
     #[test]
     fn running_is_reconciling_and_not_ready() {
-        let c = conditions(
-            Phase::Running,
-            "Running",
-            "",
-            Some(1),
-            None,
-            &[],
-            &time("2026-01-01T00:00:00Z"),
-        );
+        let c = conditions(Phase::Running, "Running", "", Some(1), None, &[], &time("2026-01-01T00:00:00Z"));
         assert_eq!(
-            (
-                get(&c, READY),
-                get(&c, RECONCILING),
-                get(&c, STALLED),
-                get(&c, SUCCEEDED)
-            ),
+            (get(&c, READY), get(&c, RECONCILING), get(&c, STALLED), get(&c, SUCCEEDED)),
             ("False", "True", "False", "Unknown")
         );
         assert!(c.iter().all(|c| c.observed_generation == Some(1)));
@@ -131,19 +94,8 @@ mod tests {
     #[test]
     fn succeeded_is_ready_and_failed_is_stalled() {
         let now = time("2026-01-01T00:00:00Z");
-        let ok = conditions(
-            Phase::Succeeded,
-            "Completed",
-            "pushed",
-            Some(1),
-            None,
-            &[],
-            &now,
-        );
-        assert_eq!(
-            (get(&ok, READY), get(&ok, SUCCEEDED), get(&ok, STALLED)),
-            ("True", "True", "False")
-        );
+        let ok = conditions(Phase::Succeeded, "Completed", "pushed", Some(1), None, &[], &now);
+        assert_eq!((get(&ok, READY), get(&ok, SUCCEEDED), get(&ok, STALLED)), ("True", "True", "False"));
         for phase in [Phase::Failed, Phase::TimedOut, Phase::Cancelled] {
             let bad = conditions(phase, "X", "", Some(1), None, &[], &now);
             assert_eq!(
@@ -157,35 +109,18 @@ mod tests {
     #[test]
     fn blocked_names_the_reference_and_transition_times_are_kept() {
         let t0 = time("2026-01-01T00:00:00Z");
-        let b = Blocked {
-            reason: "SecretNotFound".into(),
-            message: "secret git-cred not found".into(),
-        };
+        let b = Blocked { reason: "SecretNotFound".into(), message: "secret git-cred not found".into() };
         let c = conditions(Phase::Pending, "", "", Some(2), Some(&b), &[], &t0);
         let stalled = c.iter().find(|c| c.type_ == STALLED).unwrap();
-        assert_eq!(
-            (stalled.status.as_str(), stalled.reason.as_str()),
-            ("True", "SecretNotFound")
-        );
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", "SecretNotFound"));
         let t1 = time("2026-01-01T00:05:00Z");
         let again = conditions(Phase::Pending, "", "", Some(2), Some(&b), &c, &t1);
         assert_eq!(
-            again
-                .iter()
-                .find(|c| c.type_ == STALLED)
-                .unwrap()
-                .last_transition_time,
+            again.iter().find(|c| c.type_ == STALLED).unwrap().last_transition_time,
             t0,
             "unchanged status keeps its time"
         );
         let fixed = conditions(Phase::Running, "Running", "", Some(2), None, &again, &t1);
-        assert_eq!(
-            fixed
-                .iter()
-                .find(|c| c.type_ == STALLED)
-                .unwrap()
-                .last_transition_time,
-            t1
-        );
+        assert_eq!(fixed.iter().find(|c| c.type_ == STALLED).unwrap().last_transition_time, t1);
     }
 }

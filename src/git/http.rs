@@ -24,10 +24,7 @@ thread_local! {
 
 /// Runs `f` with `creds` available to the HTTP transport on this thread. Also returns whether
 /// the server refused them: libgit2 turns our transport's errors into plain network errors.
-pub(super) fn with_credentials<T>(
-    creds: Option<&GitCredentials>,
-    f: impl FnOnce() -> T,
-) -> (T, bool) {
+pub(super) fn with_credentials<T>(creds: Option<&GitCredentials>, f: impl FnOnce() -> T) -> (T, bool) {
     register();
     let previous = CREDENTIALS.with(|c| c.replace(creds.cloned()));
     AUTH_REJECTED.with(|r| r.set(false));
@@ -41,11 +38,7 @@ fn client() -> &'static reqwest::blocking::Client {
     CLIENT.get_or_init(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
         reqwest::blocking::Client::builder()
-            .user_agent(concat!(
-                "git/2.0 (agentops/",
-                env!("CARGO_PKG_VERSION"),
-                ")"
-            ))
+            .user_agent(concat!("git/2.0 (agentops/", env!("CARGO_PKG_VERSION"), ")"))
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(30))
             // Pack transfers can be long: no overall timeout (cancel and deadline abort them).
@@ -80,11 +73,7 @@ struct Http {
 }
 
 impl SmartSubtransport for Http {
-    fn action(
-        &self,
-        url: &str,
-        action: Service,
-    ) -> Result<Box<dyn SmartSubtransportStream>, Error> {
+    fn action(&self, url: &str, action: Service) -> Result<Box<dyn SmartSubtransportStream>, Error> {
         let base = url.trim_end_matches('/');
         let (service, ls) = match action {
             Service::UploadPackLs => ("git-upload-pack", true),
@@ -94,11 +83,7 @@ impl SmartSubtransport for Http {
         };
         let stream = Stream {
             creds: self.creds.clone(),
-            url: if ls {
-                format!("{base}/info/refs?service={service}")
-            } else {
-                format!("{base}/{service}")
-            },
+            url: if ls { format!("{base}/info/refs?service={service}") } else { format!("{base}/{service}") },
             service,
             ls,
             body: Vec::new(),
@@ -133,10 +118,7 @@ impl Stream {
         } else {
             client()
                 .post(&self.url)
-                .header(
-                    "content-type",
-                    format!("application/x-{}-request", self.service),
-                )
+                .header("content-type", format!("application/x-{}-request", self.service))
                 .header("accept", format!("application/x-{}-result", self.service))
                 .body(std::mem::take(&mut self.body))
         };
@@ -147,16 +129,8 @@ impl Stream {
         let resp = req.header("pragma", "no-cache").send().map_err(|e| {
             // Never echo the URL with a query of ours into errors: it holds nothing secret,
             // but keep messages short and about the cause.
-            let kind = if e.is_connect() || e.is_timeout() {
-                "cannot connect"
-            } else {
-                "request failed"
-            };
-            Error::new(
-                ErrorCode::GenericError,
-                ErrorClass::Net,
-                format!("{kind}: {}", error_chain(&e)),
-            )
+            let kind = if e.is_connect() || e.is_timeout() { "cannot connect" } else { "request failed" };
+            Error::new(ErrorCode::GenericError, ErrorClass::Net, format!("{kind}: {}", error_chain(&e)))
         })?;
         let status = resp.status();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
@@ -168,11 +142,7 @@ impl Stream {
             ));
         }
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(Error::new(
-                ErrorCode::NotFound,
-                ErrorClass::Http,
-                "repository not found (HTTP 404)",
-            ));
+            return Err(Error::new(ErrorCode::NotFound, ErrorClass::Http, "repository not found (HTTP 404)"));
         }
         if !status.is_success() {
             return Err(Error::new(
@@ -182,11 +152,7 @@ impl Stream {
             ));
         }
         if self.ls {
-            let ctype = resp
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default();
+            let ctype = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default();
             if ctype != format!("application/x-{}-advertisement", self.service) {
                 return Err(Error::new(
                     ErrorCode::GenericError,

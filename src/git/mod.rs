@@ -8,10 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use git2::{
-    AutotagOption, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks, Repository,
-    Signature,
-};
+use git2::{AutotagOption, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks, Repository, Signature};
 
 /// Basic-auth credentials for the git host.
 #[derive(Clone)]
@@ -22,19 +19,14 @@ pub struct GitCredentials {
 
 impl std::fmt::Debug for GitCredentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GitCredentials")
-            .field("username", &self.username)
-            .field("token", &"***")
-            .finish()
+        f.debug_struct("GitCredentials").field("username", &self.username).field("token", &"***").finish()
     }
 }
 
 /// A git failure, classified so the user knows what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
-    #[error(
-        "authentication to {url} failed: check the token in spec.repository.credentialsSecretRef"
-    )]
+    #[error("authentication to {url} failed: check the token in spec.repository.credentialsSecretRef")]
     Auth { url: String },
     #[error("{url} needs credentials: set spec.repository.credentialsSecretRef")]
     AuthRequired { url: String },
@@ -86,12 +78,7 @@ fn callbacks(stop: &AtomicBool) -> RemoteCallbacks<'_> {
     cb
 }
 
-fn classify(
-    e: git2::Error,
-    url: &str,
-    creds: Option<&GitCredentials>,
-    auth_rejected: bool,
-) -> GitError {
+fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, auth_rejected: bool) -> GitError {
     if auth_rejected || e.code() == git2::ErrorCode::Auth {
         return match creds {
             Some(_) => GitError::Auth { url: url.into() },
@@ -99,13 +86,9 @@ fn classify(
         };
     }
     match e.class() {
-        git2::ErrorClass::Net
-        | git2::ErrorClass::Http
-        | git2::ErrorClass::Ssl
-        | git2::ErrorClass::Os => GitError::Unreachable {
-            url: url.into(),
-            message: e.message().to_string(),
-        },
+        git2::ErrorClass::Net | git2::ErrorClass::Http | git2::ErrorClass::Ssl | git2::ErrorClass::Os => {
+            GitError::Unreachable { url: url.into(), message: e.message().to_string() }
+        }
         _ => GitError::Other(e),
     }
 }
@@ -121,16 +104,9 @@ pub fn clone(
     work_branch: &str,
     stop: &AtomicBool,
 ) -> Result<(Repository, Cloned), GitError> {
-    let (result, rejected) = http::with_credentials(creds, || {
-        clone_inner(url, dest, git_ref, depth, creds, work_branch, stop)
-    });
-    result.map_err(|e| {
-        if rejected {
-            classify_auth(url, creds)
-        } else {
-            e
-        }
-    })
+    let (result, rejected) =
+        http::with_credentials(creds, || clone_inner(url, dest, git_ref, depth, creds, work_branch, stop));
+    result.map_err(|e| if rejected { classify_auth(url, creds) } else { e })
 }
 
 fn classify_auth(url: &str, creds: Option<&GitCredentials>) -> GitError {
@@ -171,15 +147,8 @@ fn clone_inner(
         Some(r) => format!("refs/heads/{r}"),
         None => "HEAD".to_string(),
     };
-    remote
-        .fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fo), None)
-        .map_err(wrap)?;
-    let heads: Vec<String> = remote
-        .list()
-        .map_err(wrap)?
-        .iter()
-        .map(|h| h.name().to_string())
-        .collect();
+    remote.fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
+    let heads: Vec<String> = remote.list().map_err(wrap)?.iter().map(|h| h.name().to_string()).collect();
     let mut fetched = first.clone();
     if repo.refname_to_id(BASE_REF).is_err() {
         // Not a branch: a tag or a full ref name, if the remote has it.
@@ -187,35 +156,24 @@ fn clone_inner(
         let other = [format!("refs/tags/{r}"), r.to_string()]
             .into_iter()
             .find(|cand| heads.iter().any(|n| n == cand))
-            .ok_or_else(|| GitError::RefNotFound {
-                url: url.into(),
-                git_ref: r.into(),
-            })?;
+            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?;
         let mut fo = FetchOptions::new();
         fo.remote_callbacks(callbacks(stop));
         fo.download_tags(AutotagOption::None);
         if depth > 0 {
             fo.depth(depth as i32);
         }
-        remote
-            .fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None)
-            .map_err(wrap)?;
+        remote.fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
         fetched = other;
     }
     if fetched == "HEAD"
-        && let Some(b) = remote
-            .default_branch()
-            .ok()
-            .and_then(|b| b.as_str().ok().map(String::from))
+        && let Some(b) = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from))
     {
         fetched = b;
     }
     drop(remote);
     let t2 = Instant::now();
-    let short = fetched
-        .strip_prefix("refs/heads/")
-        .unwrap_or(&fetched)
-        .to_string();
+    let short = fetched.strip_prefix("refs/heads/").unwrap_or(&fetched).to_string();
     let tracking = BASE_REF;
 
     let base = repo.refname_to_id(tracking)?;
@@ -224,19 +182,8 @@ fn clone_inner(
     repo.set_head(&format!("refs/heads/{work_branch}"))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
-    let timings = CloneTimings {
-        connect: t1 - t0,
-        fetch: t2 - t1,
-        checkout: t2.elapsed(),
-    };
-    Ok((
-        repo,
-        Cloned {
-            base,
-            source_branch: short,
-            timings,
-        },
-    ))
+    let timings = CloneTimings { connect: t1 - t0, fetch: t2 - t1, checkout: t2.elapsed() };
+    Ok((repo, Cloned { base, source_branch: short, timings }))
 }
 
 /// The work tree's changes against the base, staged as a tree but not yet committed.
@@ -276,11 +223,7 @@ pub fn stage_changes(repo: &Repository, base: Oid) -> Result<Option<Staged>, Git
         patch.push_str(&String::from_utf8_lossy(line.content()));
         true
     })?;
-    Ok(Some(Staged {
-        tree: tree_id,
-        stats,
-        patch,
-    }))
+    Ok(Some(Staged { tree: tree_id, stats, patch }))
 }
 
 /// Commits a staged tree on `branch` as one commit on top of `base`, whatever the agent did to
@@ -296,12 +239,7 @@ pub fn commit_staged(
     let tree = repo.find_tree(staged.tree)?;
     let parent = repo.find_commit(base)?;
     let oid = repo.commit(None, author, author, message, &tree, &[&parent])?;
-    repo.reference(
-        &format!("refs/heads/{branch}"),
-        oid,
-        true,
-        "agentops: commit agent changes",
-    )?;
+    repo.reference(&format!("refs/heads/{branch}"), oid, true, "agentops: commit agent changes")?;
     repo.set_head(&format!("refs/heads/{branch}"))?;
     Ok(oid)
 }
@@ -315,15 +253,8 @@ pub fn push(
     creds: Option<&GitCredentials>,
     stop: &AtomicBool,
 ) -> Result<(), GitError> {
-    let (result, auth_rejected) =
-        http::with_credentials(creds, || push_inner(repo, url, branch, creds, stop));
-    result.map_err(|e| {
-        if auth_rejected {
-            classify_auth(url, creds)
-        } else {
-            e
-        }
-    })
+    let (result, auth_rejected) = http::with_credentials(creds, || push_inner(repo, url, branch, creds, stop));
+    result.map_err(|e| if auth_rejected { classify_auth(url, creds) } else { e })
 }
 
 fn push_inner(
@@ -350,20 +281,16 @@ fn push_inner(
         Err(e) => {
             let err = classify(e, url, creds, false);
             return Err(match err {
-                GitError::Other(e) => GitError::PushRejected {
-                    branch: branch.into(),
-                    message: e.message().to_string(),
-                },
+                GitError::Other(e) => {
+                    GitError::PushRejected { branch: branch.into(), message: e.message().to_string() }
+                }
                 other => other,
             });
         }
     }
     drop(po);
     match rejected.into_inner() {
-        Some(message) => Err(GitError::PushRejected {
-            branch: branch.into(),
-            message,
-        }),
+        Some(message) => Err(GitError::PushRejected { branch: branch.into(), message }),
         None => Ok(()),
     }
 }

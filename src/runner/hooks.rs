@@ -55,20 +55,14 @@ pub async fn run_hook(
     let name = hook.name.clone();
     let body = serde_json::to_vec(context).unwrap_or_default();
     let timeout = hook.timeout;
-    let timed_out = || HookError::Timeout {
-        name: name.clone(),
-        secs: timeout.as_secs(),
-    };
+    let timed_out = || HookError::Timeout { name: name.clone(), secs: timeout.as_secs() };
     match &hook.action {
         HookAction::Command(argv) => {
             let mut child = Command::new(&argv[0])
                 .args(&argv[1..])
                 .current_dir(env.cwd)
                 .env_clear()
-                .env(
-                    "PATH",
-                    std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()),
-                )
+                .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
                 .env("HOME", env.home)
                 .env("AGENTOPS_HOOK_PHASE", env.phase)
                 .env("AGENTOPS_EXECUTION_ID", env.execution_id)
@@ -79,22 +73,14 @@ pub async fn run_hook(
                 .process_group(0)
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(|e| HookError::Start {
-                    name: name.clone(),
-                    message: format!("{}: {e}", argv[0]),
-                })?;
+                .map_err(|e| HookError::Start { name: name.clone(), message: format!("{}: {e}", argv[0]) })?;
             if let Some(mut stdin) = child.stdin.take() {
                 tokio::spawn(async move {
                     let _ = stdin.write_all(&body).await;
                 });
             }
-            let out = tokio::time::timeout(timeout, child.wait_with_output())
-                .await
-                .map_err(|_| timed_out())?;
-            let out = out.map_err(|e| HookError::Start {
-                name: name.clone(),
-                message: e.to_string(),
-            })?;
+            let out = tokio::time::timeout(timeout, child.wait_with_output()).await.map_err(|_| timed_out())?;
+            let out = out.map_err(|e| HookError::Start { name: name.clone(), message: e.to_string() })?;
             for stream in [&out.stdout, &out.stderr] {
                 for line in String::from_utf8_lossy(stream).lines() {
                     log(line.to_string());
@@ -103,10 +89,7 @@ pub async fn run_hook(
             if out.status.success() {
                 Ok(())
             } else {
-                let code = out
-                    .status
-                    .code()
-                    .map_or_else(|| "killed".to_string(), |c| c.to_string());
+                let code = out.status.code().map_or_else(|| "killed".to_string(), |c| c.to_string());
                 Err(HookError::Exit { name, code })
             }
         }
@@ -122,10 +105,7 @@ pub async fn run_hook(
                 if e.is_timeout() {
                     timed_out()
                 } else {
-                    HookError::Start {
-                        name: name.clone(),
-                        message: e.to_string(),
-                    }
+                    HookError::Start { name: name.clone(), message: e.to_string() }
                 }
             })?;
             let status = resp.status();
@@ -134,14 +114,7 @@ pub async fn run_hook(
                 log(line.to_string());
             }
             log(format!("HTTP {}", status.as_u16()));
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(HookError::Status {
-                    name,
-                    status: status.as_u16(),
-                })
-            }
+            if status.is_success() { Ok(()) } else { Err(HookError::Status { name, status: status.as_u16() }) }
         }
     }
 }

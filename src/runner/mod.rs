@@ -21,7 +21,7 @@ use crate::git::{self, GitError};
 use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, now};
 
 pub use hooks::{HookError, http_client};
-pub use recorder::Recorder;
+pub use recorder::{Recorder, ReportTarget, post_report};
 pub use report::*;
 pub use secrets::{Redactor, SecretError, Secrets};
 pub use workspace::Workspace;
@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub secrets_dir: PathBuf,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Where live progress is posted (the controller's runner endpoint), if anywhere.
+    pub report: Option<ReportTarget>,
 }
 
 /// Why an execution could not even start. Everything after the start ends in a Summary.
@@ -67,11 +69,7 @@ struct Outcome {
 
 impl Outcome {
     fn new(phase: Phase, reason: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            phase,
-            reason,
-            message: message.into(),
-        }
+        Self { phase, reason, message: message.into() }
     }
     fn failed(reason: &'static str, message: impl Into<String>) -> Self {
         Self::new(Phase::Failed, reason, message)
@@ -145,7 +143,7 @@ pub async fn run_execution(
         })
     };
     let mut run = Run {
-        rec: Recorder::start(store.clone(), id.clone(), redactor.clone()),
+        rec: Recorder::start(store.clone(), id.clone(), redactor.clone(), opts.report.clone()),
         id,
         r,
         opts,
@@ -156,10 +154,7 @@ pub async fn run_execution(
         abort,
         ws: None,
         tally: Tally::default(),
-        git: GitResult {
-            branch: Some(r.branch.clone()),
-            ..Default::default()
-        },
+        git: GitResult { branch: Some(r.branch.clone()), ..Default::default() },
         diff: None,
         unpushed: false,
         hook_failure: None,
@@ -177,30 +172,14 @@ pub async fn run_execution(
     }
     watcher.abort();
     let summary = run.summary(&outcome, &start_time, started);
-    let Run {
-        rec,
-        ws,
-        unpushed,
-        diff,
-        redactor,
-        ..
-    } = run;
+    let Run { rec, ws, unpushed, diff, redactor, .. } = run;
     rec.finish().await;
     let error = (outcome.phase != Phase::Succeeded).then(|| redactor.redact(&outcome.message));
-    store
-        .finish_execution(&summary, error.as_deref(), diff.as_deref())
-        .await?;
+    store.finish_execution(&summary, error.as_deref(), diff.as_deref()).await?;
     if let Some(ws) = ws {
         let ok = outcome.phase == Phase::Succeeded;
         store
-            .set_workspace_status(
-                &ws.id,
-                if ok {
-                    WorkspaceStatus::Completed
-                } else {
-                    WorkspaceStatus::Error
-                },
-            )
+            .set_workspace_status(&ws.id, if ok { WorkspaceStatus::Completed } else { WorkspaceStatus::Error })
             .await?;
         let remove = match r.retain {
             RetainPolicy::Delete => true,
@@ -209,15 +188,9 @@ pub async fn run_execution(
         };
         // Never delete the only copy of work that did not reach the remote.
         if remove && !unpushed {
-            store
-                .set_workspace_status(&ws.id, WorkspaceStatus::Cleaning)
-                .await?;
+            store.set_workspace_status(&ws.id, WorkspaceStatus::Cleaning).await?;
             match Workspace::remove(&ws.root) {
-                Ok(()) => {
-                    store
-                        .set_workspace_status(&ws.id, WorkspaceStatus::Cleaned)
-                        .await?
-                }
+                Ok(()) => store.set_workspace_status(&ws.id, WorkspaceStatus::Cleaned).await?,
                 Err(e) => {
                     tracing::warn!(workspace = %ws.root.display(), error = %e, "cannot remove workspace")
                 }
@@ -238,80 +211,46 @@ impl Run<'_> {
     /// Cancelled or timed out, if either happened.
     fn stopped(&self) -> Option<Outcome> {
         if self.cancel.is_cancelled() {
-            Some(Outcome::new(
-                Phase::Cancelled,
-                "Cancelled",
-                "cancelled; the usage spent so far is recorded",
-            ))
+            Some(Outcome::new(Phase::Cancelled, "Cancelled", "cancelled; the usage spent so far is recorded"))
         } else if Instant::now() >= self.deadline {
             Some(Outcome::new(
                 Phase::TimedOut,
                 "Timeout",
-                format!(
-                    "the execution exceeded its timeout of {}",
-                    humantime::format_duration(self.r.timeout)
-                ),
+                format!("the execution exceeded its timeout of {}", humantime::format_duration(self.r.timeout)),
             ))
         } else {
             None
         }
     }
 
-    async fn pipeline(
-        &mut self,
-        store: &Store,
-        env: &(dyn Fn(&str) -> Option<String> + Sync),
-    ) -> Outcome {
+    async fn pipeline(&mut self, store: &Store, env: &(dyn Fn(&str) -> Option<String> + Sync)) -> Outcome {
         let ws = match Workspace::create(&self.opts.workspace_root, &self.id) {
             Ok(ws) => ws,
             Err(e) => {
                 let where_ = self.opts.workspace_root.display();
-                return Outcome::failed(
-                    "WorkspaceFailed",
-                    format!("cannot create a workspace under {where_}: {e}"),
-                );
+                return Outcome::failed("WorkspaceFailed", format!("cannot create a workspace under {where_}: {e}"));
             }
         };
-        if let Err(e) = store
-            .create_workspace(&ws.id, &self.id, &ws.root.to_string_lossy())
-            .await
-        {
+        if let Err(e) = store.create_workspace(&ws.id, &self.id, &ws.root.to_string_lossy()).await {
             return Outcome::failed("StoreFailed", e.to_string());
         }
         self.ws = Some(ws.clone());
 
         // Clone.
-        self.say(&format!(
-            "  cloning {} (depth {})",
-            self.r.repo_url, self.r.depth
-        ));
+        self.say(&format!("  cloning {} (depth {})", self.r.repo_url, self.r.depth));
         let cloned = {
-            let (r, dest, creds, abort) = (
-                self.r.clone(),
-                ws.repo.clone(),
-                self.secrets.git.clone(),
-                self.abort.clone(),
-            );
+            let (r, dest, creds, abort) =
+                (self.r.clone(), ws.repo.clone(), self.secrets.git.clone(), self.abort.clone());
             tokio::task::spawn_blocking(move || {
-                git::clone(
-                    &r.repo_url,
-                    &dest,
-                    r.git_ref.as_deref(),
-                    r.depth,
-                    creds.as_ref(),
-                    &r.branch,
-                    &abort,
-                )
-                .map(|(_, c)| c)
+                git::clone(&r.repo_url, &dest, r.git_ref.as_deref(), r.depth, creds.as_ref(), &r.branch, &abort)
+                    .map(|(_, c)| c)
             })
             .await
         };
         let cloned = match cloned {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                return self
-                    .stopped()
-                    .unwrap_or_else(|| Outcome::failed("CloneFailed", e.to_string()));
+                return self.stopped().unwrap_or_else(|| Outcome::failed("CloneFailed", e.to_string()));
             }
             Err(e) => return Outcome::failed("CloneFailed", format!("clone task failed: {e}")),
         };
@@ -330,23 +269,15 @@ impl Run<'_> {
         }
 
         // Pre-hooks.
-        if let Err(e) = self
-            .hooks("pre", &Outcome::new(Phase::Running, "Running", ""))
-            .await
-        {
-            return self
-                .stopped()
-                .unwrap_or_else(|| Outcome::failed("PreHookRejected", e.to_string()));
+        if let Err(e) = self.hooks("pre", &Outcome::new(Phase::Running, "Running", "")).await {
+            return self.stopped().unwrap_or_else(|| Outcome::failed("PreHookRejected", e.to_string()));
         }
         if let Some(o) = self.stopped() {
             return o;
         }
 
         // Agent.
-        self.say(&format!(
-            "  agent {} starting",
-            self.r.model.as_deref().unwrap_or("(default model)")
-        ));
+        self.say(&format!("  agent {} starting", self.r.model.as_deref().unwrap_or("(default model)")));
         let cmd = agent::build_command(
             self.r,
             &self.opts.claude_bin,
@@ -357,12 +288,8 @@ impl Run<'_> {
         );
         let (rec, echo) = (&self.rec, self.opts.progress);
         let mut shown_tools = 0;
-        let outcome = agent::run_agent(
-            &cmd,
-            self.deadline,
-            self.r.idle_timeout,
-            &self.cancel,
-            |line, tally, changed| {
+        let outcome =
+            agent::run_agent(&cmd, self.deadline, self.r.idle_timeout, &self.cancel, |line, tally, changed| {
                 rec.log("agent", line);
                 if changed {
                     rec.progress(progress_of(tally));
@@ -377,18 +304,15 @@ impl Run<'_> {
                         );
                     }
                 }
-            },
-        )
-        .await;
+            })
+            .await;
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
                 let bin = self.opts.claude_bin.display();
                 return Outcome::failed(
                     "AgentStartFailed",
-                    format!(
-                        "cannot start the agent {bin}: {e}; install Claude Code or pass --claude-bin"
-                    ),
+                    format!("cannot start the agent {bin}: {e}; install Claude Code or pass --claude-bin"),
                 );
             }
         };
@@ -425,11 +349,7 @@ impl Run<'_> {
             Ok(Ok(Some(s))) => s,
             Ok(Ok(None)) => {
                 self.say("  no changes: nothing to commit");
-                return Outcome::new(
-                    Phase::Succeeded,
-                    "NoChanges",
-                    "the agent changed nothing; no commit, no push",
-                );
+                return Outcome::new(Phase::Succeeded, "NoChanges", "the agent changed nothing; no commit, no push");
             }
             Ok(Err(e)) => return Outcome::failed("CommitFailed", e.to_string()),
             Err(e) => return Outcome::failed("CommitFailed", format!("commit task failed: {e}")),
@@ -469,11 +389,7 @@ impl Run<'_> {
         ));
         if !self.r.push {
             self.unpushed = false;
-            return Outcome::new(
-                Phase::Succeeded,
-                "Committed",
-                "committed; push is disabled (spec.git.push: false)",
-            );
+            return Outcome::new(Phase::Succeeded, "Committed", "committed; push is disabled (spec.git.push: false)");
         }
         if let Some(o) = self.stopped() {
             return o;
@@ -481,12 +397,8 @@ impl Run<'_> {
 
         // Push.
         let pushed = {
-            let (path, r, creds, abort) = (
-                ws.repo.clone(),
-                self.r.clone(),
-                self.secrets.git.clone(),
-                self.abort.clone(),
-            );
+            let (path, r, creds, abort) =
+                (ws.repo.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone());
             tokio::task::spawn_blocking(move || -> Result<(), GitError> {
                 let repo = git2::Repository::open(&path)?;
                 git::push(&repo, &r.repo_url, &r.branch, creds.as_ref(), &abort)
@@ -496,32 +408,16 @@ impl Run<'_> {
         match pushed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let reason = if matches!(e, GitError::PushRejected { .. }) {
-                    "PushRejected"
-                } else {
-                    "PushFailed"
-                };
-                let keep = format!(
-                    "{e}; the commit is kept in the workspace {}",
-                    ws.root.display()
-                );
-                return self
-                    .stopped()
-                    .unwrap_or_else(|| Outcome::failed(reason, keep));
+                let reason = if matches!(e, GitError::PushRejected { .. }) { "PushRejected" } else { "PushFailed" };
+                let keep = format!("{e}; the commit is kept in the workspace {}", ws.root.display());
+                return self.stopped().unwrap_or_else(|| Outcome::failed(reason, keep));
             }
             Err(e) => return Outcome::failed("PushFailed", format!("push task failed: {e}")),
         }
         self.git.pushed = true;
         self.unpushed = false;
-        self.say(&format!(
-            "  pushed {} to {}",
-            self.r.branch, self.r.repo_url
-        ));
-        Outcome::new(
-            Phase::Succeeded,
-            "Completed",
-            format!("pushed {} to {}", self.r.branch, self.r.repo_url),
-        )
+        self.say(&format!("  pushed {} to {}", self.r.branch, self.r.repo_url));
+        Outcome::new(Phase::Succeeded, "Completed", format!("pushed {} to {}", self.r.branch, self.r.repo_url))
     }
 
     /// Maps how the agent stopped (and its result line) to an outcome; None means go on.
@@ -533,26 +429,16 @@ impl Run<'_> {
                 let idle = humantime::format_duration(self.r.idle_timeout);
                 Some(Outcome::failed(
                     "AgentIdle",
-                    format!(
-                        "the agent printed nothing for {idle} and was stopped (spec.agent.idleTimeout)"
-                    ),
+                    format!("the agent printed nothing for {idle} and was stopped (spec.agent.idleTimeout)"),
                 ))
             }
             AgentStop::Exited(code) => {
                 let Some(res) = &t.result else {
-                    let last = stderr
-                        .lines()
-                        .rev()
-                        .find(|l| !l.trim().is_empty())
-                        .unwrap_or("no output");
-                    let code =
-                        code.map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
+                    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+                    let code = code.map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
                     return Some(Outcome::failed(
                         "AgentCrashed",
-                        format!(
-                            "the agent exited with {code} without a result: {}",
-                            self.redactor.redact(last)
-                        ),
+                        format!("the agent exited with {code} without a result: {}", self.redactor.redact(last)),
                     ));
                 };
                 if !res.is_error && res.subtype == "success" {
@@ -585,10 +471,7 @@ impl Run<'_> {
                     ),
                     s => Outcome::failed(
                         "AgentError",
-                        format!(
-                            "the agent ended with {s}: {}",
-                            self.redactor.redact(&report::truncate(text, 300))
-                        ),
+                        format!("the agent ended with {s}: {}", self.redactor.redact(&report::truncate(text, 300))),
                     ),
                 })
             }
@@ -622,18 +505,11 @@ impl Run<'_> {
         for hook in list {
             let source = format!("hook:{phase}:{}", hook.name);
             self.say(&format!("  hook {phase} {}", hook.name));
-            let env = hooks::HookEnv {
-                cwd: &ws.repo,
-                home: &ws.home,
-                phase,
-                execution_id: &self.id,
-            };
+            let env = hooks::HookEnv { cwd: &ws.repo, home: &ws.home, phase, execution_id: &self.id };
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             let mut h = hook.clone();
             if phase == "pre" {
-                h.timeout = h
-                    .timeout
-                    .min(remaining.max(std::time::Duration::from_millis(1)));
+                h.timeout = h.timeout.min(remaining.max(std::time::Duration::from_millis(1)));
             }
             let rec = &self.rec;
             let res = tokio::select! {
@@ -652,11 +528,7 @@ impl Run<'_> {
     fn summary(&self, o: &Outcome, start_time: &str, started: Instant) -> Summary {
         let t = &self.tally;
         let usage = t.usage();
-        let result = t
-            .result
-            .as_ref()
-            .and_then(|r| r.text.clone())
-            .or_else(|| t.last_text.clone());
+        let result = t.result.as_ref().and_then(|r| r.text.clone()).or_else(|| t.last_text.clone());
         Summary {
             id: self.id.clone(),
             name: self.r.name.clone(),
@@ -676,10 +548,7 @@ impl Run<'_> {
             result: result.map(|r| self.redactor.redact(&report::truncate(&r, RESULT_LIMIT))),
             api_retries: t.api_retries,
             git: self.git.clone(),
-            workspace: self
-                .ws
-                .as_ref()
-                .map(|w| w.root.to_string_lossy().into_owned()),
+            workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
         }
     }
 }

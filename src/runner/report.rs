@@ -18,7 +18,7 @@ pub const EXIT_CANCELLED: i32 = 4;
 
 /// Everything an execution produced.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct Summary {
     pub id: String,
     pub name: String,
@@ -59,10 +59,7 @@ impl Summary {
             self.phase,
             self.name,
             self.reason.as_deref().unwrap_or("-"),
-            self.message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default()
+            self.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
         );
         s += &format!("  id        {}\n", self.id);
         s += &format!(
@@ -75,31 +72,14 @@ impl Summary {
             self.cost_usd,
             self.num_turns
         );
-        let tools: Vec<String> = self
-            .tool_calls
-            .by_tool
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect();
-        s += &format!(
-            "  tools     {} {}\n",
-            self.tool_calls.total,
-            tools.join(" ")
-        );
+        let tools: Vec<String> = self.tool_calls.by_tool.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+        s += &format!("  tools     {} {}\n", self.tool_calls.total, tools.join(" "));
         if let Some(b) = &self.git.branch {
             s += &format!(
                 "  git       {} {} {} ({} files, +{} -{})\n",
                 b,
-                self.git
-                    .commit
-                    .as_deref()
-                    .map(|c| &c[..c.len().min(12)])
-                    .unwrap_or("no commit"),
-                if self.git.pushed {
-                    "pushed"
-                } else {
-                    "not pushed"
-                },
+                self.git.commit.as_deref().map(|c| &c[..c.len().min(12)]).unwrap_or("no commit"),
+                if self.git.pushed { "pushed" } else { "not pushed" },
                 self.git.changed_files,
                 self.git.insertions,
                 self.git.deletions
@@ -137,11 +117,7 @@ pub fn termination_message(s: &Summary) -> String {
         if text.len() <= TERMINATION_MESSAGE_LIMIT {
             return text;
         }
-        s.result = s
-            .result
-            .as_deref()
-            .filter(|_| keep > 0)
-            .map(|r| truncate(r, keep));
+        s.result = s.result.as_deref().filter(|_| keep > 0).map(|r| truncate(r, keep));
         s.message = s.message.as_deref().map(|m| truncate(m, 512));
     }
     serde_json::to_string(&s).unwrap_or_default()

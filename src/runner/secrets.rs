@@ -24,12 +24,7 @@ pub struct SecretError {
     pub reason: String,
 }
 
-fn read(
-    dir: &Path,
-    r: &SecretKeyRef,
-    default_key: &str,
-    field: &str,
-) -> Result<String, SecretError> {
+fn read(dir: &Path, r: &SecretKeyRef, default_key: &str, field: &str) -> Result<String, SecretError> {
     let key = r.key.clone().unwrap_or_else(|| default_key.to_string());
     let path = dir.join(&r.name).join(&key);
     let err = |reason: String| SecretError {
@@ -49,22 +44,14 @@ fn read(
 
 /// Reads every secret the execution refers to. `env` looks up the process environment
 /// (ANTHROPIC_API_KEY is the fallback for the API key).
-pub fn load(
-    r: &Resolved,
-    dir: &Path,
-    env: impl Fn(&str) -> Option<String>,
-) -> Result<Secrets, SecretError> {
+pub fn load(r: &Resolved, dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Secrets, SecretError> {
     let git = match &r.credentials {
         None => None,
         Some(s) => {
             let field = "spec.repository.credentialsSecretRef";
             let token = read(dir, s, "token", field)?;
-            let user_ref = SecretKeyRef {
-                name: s.name.clone(),
-                key: Some("username".into()),
-            };
-            let username =
-                read(dir, &user_ref, "username", field).unwrap_or_else(|_| "x-access-token".into());
+            let user_ref = SecretKeyRef { name: s.name.clone(), key: Some("username".into()) };
+            let username = read(dir, &user_ref, "username", field).unwrap_or_else(|_| "x-access-token".into());
             Some(GitCredentials { username, token })
         }
     };
@@ -84,13 +71,8 @@ pub struct Redactor {
 impl Redactor {
     /// A redactor for these secrets (values shorter than 4 characters are ignored: too common).
     pub fn new(s: &Secrets) -> Self {
-        let mut values: Vec<String> = s
-            .git
-            .iter()
-            .map(|g| g.token.clone())
-            .chain(s.api_key.clone())
-            .filter(|v| v.len() >= 4)
-            .collect();
+        let mut values: Vec<String> =
+            s.git.iter().map(|g| g.token.clone()).chain(s.api_key.clone()).filter(|v| v.len() >= 4).collect();
         values.sort_by_key(|v| std::cmp::Reverse(v.len()));
         Self { values }
     }

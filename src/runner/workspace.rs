@@ -25,12 +25,7 @@ impl Workspace {
         for d in [&repo, &home, &home.join("tmp")] {
             std::fs::create_dir_all(d)?;
         }
-        Ok(Self {
-            id: id.to_string(),
-            root,
-            repo,
-            home,
-        })
+        Ok(Self { id: id.to_string(), root, repo, home })
     }
 
     /// Removes the whole workspace.

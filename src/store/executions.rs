@@ -144,11 +144,7 @@ impl Store {
     }
 
     /// Appends log lines in one transaction.
-    pub async fn append_logs(
-        &self,
-        id: &str,
-        lines: &[(i64, String, String, String)],
-    ) -> Result<(), StoreError> {
+    pub async fn append_logs(&self, id: &str, lines: &[(i64, String, String, String)]) -> Result<(), StoreError> {
         if lines.is_empty() {
             return Ok(());
         }
@@ -214,27 +210,21 @@ impl Store {
 
     /// The newest executions first.
     pub async fn list_executions(&self, limit: i64) -> Result<Vec<ExecutionRow>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM agent_executions ORDER BY created_at DESC LIMIT ?")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as("SELECT * FROM agent_executions ORDER BY created_at DESC LIMIT ?")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// One execution by full id or unique prefix.
     pub async fn get_execution(&self, id: &str) -> Result<ExecutionRow, StoreError> {
-        let escaped = id
-            .replace('\\', "\\\\")
-            .replace('%', "\\%")
-            .replace('_', "\\_");
-        let mut rows: Vec<ExecutionRow> = sqlx::query_as(
-            "SELECT * FROM agent_executions WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2",
-        )
-        .bind(id)
-        .bind(format!("{escaped}%"))
-        .fetch_all(&self.pool)
-        .await?;
+        let escaped = id.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let mut rows: Vec<ExecutionRow> =
+            sqlx::query_as("SELECT * FROM agent_executions WHERE id = ? OR id LIKE ? ESCAPE '\\' LIMIT 2")
+                .bind(id)
+                .bind(format!("{escaped}%"))
+                .fetch_all(&self.pool)
+                .await?;
         if let Some(pos) = rows.iter().position(|r| r.id == id) {
             return Ok(rows.swap_remove(pos));
         }
@@ -247,22 +237,18 @@ impl Store {
 
     /// All log lines of an execution, in order.
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
-        Ok(sqlx::query_as(
-            "SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(sqlx::query_as("SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Executions in a given phase (e.g. those left Running by a crash).
     pub async fn count_in_phase(&self, phase: Phase) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
-                .bind(phase.as_str())
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
+            .bind(phase.as_str())
+            .fetch_one(&self.pool)
+            .await?)
     }
 }
 
@@ -293,16 +279,14 @@ impl Store {
 
 impl Store {
     /// The newest execution with this namespace and name.
-    pub async fn find_execution(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<ExecutionRow, StoreError> {
-        sqlx::query_as("SELECT * FROM agent_executions WHERE namespace = ? AND name = ? ORDER BY created_at DESC LIMIT 1")
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(format!("{namespace}/{name}")))
+    pub async fn find_execution(&self, namespace: &str, name: &str) -> Result<ExecutionRow, StoreError> {
+        sqlx::query_as(
+            "SELECT * FROM agent_executions WHERE namespace = ? AND name = ? ORDER BY created_at DESC LIMIT 1",
+        )
+        .bind(namespace)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("{namespace}/{name}")))
     }
 }

@@ -7,9 +7,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 pub use executions::{ExecutionRow, LogLine, NewExecution, Progress};
 pub use workspaces::{WorkspaceRow, WorkspaceStatus};
@@ -20,10 +18,7 @@ pub enum StoreError {
     #[error("cannot open the store at {path}: {source}")]
     Open { path: String, source: sqlx::Error },
     #[error("cannot migrate the store at {path}: {source}")]
-    Migrate {
-        path: String,
-        source: sqlx::migrate::MigrateError,
-    },
+    Migrate { path: String, source: sqlx::migrate::MigrateError },
     #[error("store query failed: {0}")]
     Query(#[from] sqlx::Error),
     #[error("no execution matches {0:?}; see `agentops executions list`")]
@@ -43,16 +38,11 @@ impl Store {
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-                path: shown.clone(),
-                source: sqlx::Error::Io(e),
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Open { path: shown.clone(), source: sqlx::Error::Io(e) })?;
         }
         let opts = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|e| StoreError::Open {
-                path: shown.clone(),
-                source: e,
-            })?
+            .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -63,17 +53,8 @@ impl Store {
             .max_connections(4)
             .connect_with(opts)
             .await
-            .map_err(|e| StoreError::Open {
-                path: shown.clone(),
-                source: e,
-            })?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Migrate {
-                path: shown,
-                source: e,
-            })?;
+            .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| StoreError::Migrate { path: shown, source: e })?;
         Ok(Self { pool })
     }
 

@@ -39,20 +39,17 @@ pub struct WorkspaceRow {
 
 impl Store {
     /// Records a new active workspace and links it to its execution.
-    pub async fn create_workspace(
-        &self,
-        id: &str,
-        execution_id: &str,
-        path: &str,
-    ) -> Result<(), StoreError> {
+    pub async fn create_workspace(&self, id: &str, execution_id: &str, path: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO workspaces (id, execution_id, path, status, created_at) VALUES (?, ?, ?, 'active', ?)")
-            .bind(id)
-            .bind(execution_id)
-            .bind(path)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO workspaces (id, execution_id, path, status, created_at) VALUES (?, ?, ?, 'active', ?)",
+        )
+        .bind(id)
+        .bind(execution_id)
+        .bind(path)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE agent_executions SET workspace_id = ?, updated_at = ? WHERE id = ?")
             .bind(id)
             .bind(now())
@@ -64,11 +61,7 @@ impl Store {
     }
 
     /// Moves a workspace to a new status, stamping completion or cleanup time.
-    pub async fn set_workspace_status(
-        &self,
-        id: &str,
-        status: WorkspaceStatus,
-    ) -> Result<(), StoreError> {
+    pub async fn set_workspace_status(&self, id: &str, status: WorkspaceStatus) -> Result<(), StoreError> {
         // Static statements per column: sqlx refuses SQL built at run time.
         let sql = match status {
             WorkspaceStatus::Completed | WorkspaceStatus::Error => {
@@ -77,26 +70,15 @@ impl Store {
             WorkspaceStatus::Cleaning | WorkspaceStatus::Cleaned => {
                 "UPDATE workspaces SET status = ?, cleanup_at = ? WHERE id = ?"
             }
-            WorkspaceStatus::Active => {
-                "UPDATE workspaces SET status = ?, created_at = ? WHERE id = ?"
-            }
+            WorkspaceStatus::Active => "UPDATE workspaces SET status = ?, created_at = ? WHERE id = ?",
         };
-        sqlx::query(sql)
-            .bind(status.as_str())
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(sql).bind(status.as_str()).bind(now()).bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
     /// All workspaces, newest first.
     pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceRow>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT * FROM workspaces ORDER BY created_at DESC")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_as("SELECT * FROM workspaces ORDER BY created_at DESC").fetch_all(&self.pool).await?)
     }
 
     /// Finished (or abandoned) workspaces not yet cleaned whose last change is before `before`.

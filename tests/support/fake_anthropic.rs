@@ -34,20 +34,11 @@ pub enum Step {
 impl Step {
     /// A final text answer (end_turn).
     pub fn text(t: &str) -> Self {
-        Step::Reply {
-            blocks: vec![Block::Text(t.into())],
-            usage: [100, 20, 0, 0],
-        }
+        Step::Reply { blocks: vec![Block::Text(t.into())], usage: [100, 20, 0, 0] }
     }
     /// One tool call.
     pub fn tool(name: &str, input: Value) -> Self {
-        Step::Reply {
-            blocks: vec![Block::ToolUse {
-                name: name.into(),
-                input,
-            }],
-            usage: [100, 30, 0, 0],
-        }
+        Step::Reply { blocks: vec![Block::ToolUse { name: name.into(), input }], usage: [100, 30, 0, 0] }
     }
     /// Sets the usage reported for this step.
     pub fn with_usage(self, usage: [u64; 4]) -> Self {
@@ -90,20 +81,13 @@ impl FakeAnthropic {
             notify: tokio::sync::Notify::new(),
             tool_ids: Default::default(),
         });
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self {
-            base_url: format!("http://{addr}"),
-            inner,
-        }
+        Self { base_url: format!("http://{addr}"), inner }
     }
 
     /// Every request so far.
@@ -136,28 +120,12 @@ impl FakeAnthropic {
     }
 }
 
-async fn handle(
-    State(inner): State<Arc<Inner>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response<Body> {
+async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response<Body> {
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let main = body
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty());
-    let api_key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    let main = body.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(String::from);
     let path = uri.path().to_string();
-    inner.seen.lock().expect("lock").push(Seen {
-        path: path.clone(),
-        api_key,
-        body: body.clone(),
-        main,
-    });
+    inner.seen.lock().expect("lock").push(Seen { path: path.clone(), api_key, body: body.clone(), main });
     inner.notify.notify_waiters();
     if path.ends_with("/count_tokens") {
         return json_response(200, json!({"input_tokens": 10}));
@@ -168,16 +136,8 @@ async fn handle(
             json!({"type": "error", "error": {"type": "not_found_error", "message": "not here"}}),
         );
     }
-    let model = body
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("claude-test")
-        .to_string();
-    let step = if main {
-        inner.script.lock().expect("lock").pop_front()
-    } else {
-        None
-    };
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("claude-test").to_string();
+    let step = if main { inner.script.lock().expect("lock").pop_front() } else { None };
     let step = step.unwrap_or_else(|| Step::text(if main { "(script exhausted)" } else { "ok" }));
     match step {
         Step::Error(status) => json_response(
@@ -189,16 +149,9 @@ async fn handle(
             sse(futures::stream::iter(events).boxed())
         }
         Step::Hang => {
-            let start = reply_events(
-                &inner,
-                &model,
-                &[Block::Text("thinking…".into())],
-                [100, 1, 0, 0],
-            );
+            let start = reply_events(&inner, &model, &[Block::Text("thinking…".into())], [100, 1, 0, 0]);
             let first: Vec<String> = start.into_iter().take(3).collect();
-            sse(futures::stream::iter(first)
-                .chain(futures::stream::pending())
-                .boxed())
+            sse(futures::stream::iter(first).chain(futures::stream::pending()).boxed())
         }
     }
 }
@@ -228,9 +181,7 @@ fn ev(kind: &str, data: Value) -> String {
 }
 
 fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -> Vec<String> {
-    let n = inner
-        .tool_ids
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = inner.tool_ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut out = vec![ev(
         "message_start",
         json!({"type": "message_start", "message": {"id": format!("msg_{n}"), "type": "message", "role": "assistant",
@@ -241,8 +192,14 @@ fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -
     for (i, b) in blocks.iter().enumerate() {
         match b {
             Block::Text(t) => {
-                out.push(ev("content_block_start", json!({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}})));
-                out.push(ev("content_block_delta", json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": t}})));
+                out.push(ev(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}),
+                ));
+                out.push(ev(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": t}}),
+                ));
             }
             Block::ToolUse { name, input } => {
                 tool = true;
@@ -256,10 +213,7 @@ fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -
                 ));
             }
         }
-        out.push(ev(
-            "content_block_stop",
-            json!({"type": "content_block_stop", "index": i}),
-        ));
+        out.push(ev("content_block_stop", json!({"type": "content_block_stop", "index": i})));
     }
     let stop = if tool { "tool_use" } else { "end_turn" };
     out.push(ev(

@@ -52,22 +52,13 @@ impl GitServer {
             token: token.map(Into::into),
             stats: GitStats::default(),
         });
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let app = axum::Router::new().fallback(handle).with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self {
-            base_url: format!("http://{addr}"),
-            root: root.to_path_buf(),
-            inner,
-            _dir: None,
-        }
+        Self { base_url: format!("http://{addr}"), root: root.to_path_buf(), inner, _dir: None }
     }
 
     /// Counters.
@@ -97,28 +88,10 @@ impl GitServer {
         git(work.path(), &["add", "-A"]);
         git(
             work.path(),
-            &[
-                "-c",
-                "user.name=Seed",
-                "-c",
-                "user.email=seed@example.com",
-                "commit",
-                "-q",
-                "-m",
-                "initial",
-            ],
+            &["-c", "user.name=Seed", "-c", "user.email=seed@example.com", "commit", "-q", "-m", "initial"],
         );
         let bare = self.repo_path(name);
-        git(
-            &self.root,
-            &[
-                "clone",
-                "-q",
-                "--bare",
-                &work.path().to_string_lossy(),
-                &bare.to_string_lossy(),
-            ],
-        );
+        git(&self.root, &["clone", "-q", "--bare", &work.path().to_string_lossy(), &bare.to_string_lossy()]);
         bare
     }
 
@@ -133,18 +106,11 @@ impl GitServer {
     /// The commit a branch points at in the bare repository, if it exists.
     pub fn branch_head(&self, name: &str, branch: &str) -> Option<String> {
         let out = std::process::Command::new("git")
-            .args([
-                "rev-parse",
-                "--verify",
-                "-q",
-                &format!("refs/heads/{branch}"),
-            ])
+            .args(["rev-parse", "--verify", "-q", &format!("refs/heads/{branch}")])
             .current_dir(self.repo_path(name))
             .output()
             .expect("git rev-parse");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// `git show <rev>:<path>` in the bare repository.
@@ -154,9 +120,7 @@ impl GitServer {
             .current_dir(self.repo_path(name))
             .output()
             .expect("git show");
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Runs git in the bare repository and returns stdout.
@@ -174,11 +138,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
         .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -197,10 +157,7 @@ fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
     };
     let expected = format!("{}:{}", inner.user, token);
     decoded == expected.as_bytes()
-        || String::from_utf8_lossy(&decoded)
-            .split_once(':')
-            .map(|(_, t)| t)
-            == Some(token.as_str())
+        || String::from_utf8_lossy(&decoded).split_once(':').map(|(_, t)| t) == Some(token.as_str())
 }
 
 async fn handle(
@@ -222,13 +179,7 @@ async fn handle(
     if uri.path().ends_with("git-receive-pack") {
         inner.stats.receive_pack.fetch_add(1, Ordering::Relaxed);
     }
-    let header = |k: &str| {
-        headers
-            .get(k)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let mut child = tokio::process::Command::new("git")
         .arg("http-backend")
         .env_clear()
@@ -267,28 +218,19 @@ fn cgi_response(raw: &[u8]) -> Response<Body> {
         .map(|p| (p, 4))
         .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
     let Some((end, sep)) = split else {
-        return Response::builder()
-            .status(500)
-            .body(Body::from("bad CGI output"))
-            .expect("response");
+        return Response::builder().status(500).body(Body::from("bad CGI output")).expect("response");
     };
     let mut builder = Response::builder().status(200);
     for line in String::from_utf8_lossy(&raw[..end]).lines() {
         if let Some((k, v)) = line.split_once(':') {
             let v = v.trim();
             if k.eq_ignore_ascii_case("status") {
-                let code = v
-                    .split_whitespace()
-                    .next()
-                    .and_then(|c| c.parse::<u16>().ok())
-                    .unwrap_or(500);
+                let code = v.split_whitespace().next().and_then(|c| c.parse::<u16>().ok()).unwrap_or(500);
                 builder = builder.status(code);
             } else {
                 builder = builder.header(k.trim(), v);
             }
         }
     }
-    builder
-        .body(Body::from(raw[end + sep..].to_vec()))
-        .expect("response")
+    builder.body(Body::from(raw[end + sep..].to_vec())).expect("response")
 }

@@ -75,13 +75,7 @@ fn parse_path(path: &str) -> Option<Target> {
         [plural, name, "status"] => (plural.to_string(), Some(name.to_string()), true),
         _ => return None,
     };
-    Some(Target {
-        prefix,
-        plural,
-        namespace,
-        name,
-        status,
-    })
+    Some(Target { prefix, plural, namespace, name, status })
 }
 
 fn status_body(code: u16, reason: &str, message: &str) -> Response<Body> {
@@ -161,24 +155,14 @@ impl FakeKube {
     /// Starts the server.
     pub async fn start() -> Self {
         let (tx, _) = broadcast::channel(65536);
-        let shared = Arc::new(Shared {
-            store: Mutex::new(Store::default()),
-            tx,
-        });
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let shared = Arc::new(Shared { store: Mutex::new(Store::default()), tx });
+        let app = axum::Router::new().fallback(handle).with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self {
-            url: format!("http://{addr}"),
-            shared,
-        }
+        Self { url: format!("http://{addr}"), shared }
     }
 
     /// A kube client for this server.
@@ -192,9 +176,7 @@ impl FakeKube {
     /// A stored object, by API prefix (`api/v1`, `apis/batch/v1`), plural, namespace, name.
     pub fn get(&self, prefix: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
         let s = self.shared.store.lock().expect("lock");
-        s.objects
-            .get(&(prefix.into(), plural.into(), ns.into(), name.into()))
-            .cloned()
+        s.objects.get(&(prefix.into(), plural.into(), ns.into(), name.into())).cloned()
     }
 
     /// All stored objects of a kind in a namespace.
@@ -216,15 +198,8 @@ impl FakeKube {
     /// Job controller in a real cluster.
     pub fn patch_status(&self, prefix: &str, plural: &str, ns: &str, name: &str, status: Value) {
         let mut s = self.shared.store.lock().expect("lock");
-        let key = (
-            prefix.to_string(),
-            plural.to_string(),
-            ns.to_string(),
-            name.to_string(),
-        );
-        let Some(mut obj) = s.objects.get(&key).cloned() else {
-            panic!("no {plural} {ns}/{name}")
-        };
+        let key = (prefix.to_string(), plural.to_string(), ns.to_string(), name.to_string());
+        let Some(mut obj) = s.objects.get(&key).cloned() else { panic!("no {plural} {ns}/{name}") };
         merge(&mut obj["status"], &status);
         commit(&self.shared, &mut s, key, obj, "MODIFIED");
     }
@@ -232,17 +207,10 @@ impl FakeKube {
     /// Creates or replaces an object directly (as another client would).
     pub fn put(&self, prefix: &str, plural: &str, obj: Value) {
         let mut s = self.shared.store.lock().expect("lock");
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
+        let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
         let name = obj["metadata"]["name"].as_str().expect("name").to_string();
         let key = (prefix.to_string(), plural.to_string(), ns, name);
-        let kind = if s.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
+        let kind = if s.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
         let obj = prepare_new(&mut s, obj, &key, kind == "ADDED");
         commit(&self.shared, &mut s, key, obj, kind);
     }
@@ -255,11 +223,7 @@ fn now() -> String {
 /// Fills in server-owned metadata of a new object.
 fn prepare_new(s: &mut Store, mut obj: Value, key: &Key, fresh: bool) -> Value {
     let m = &mut obj["metadata"];
-    m["namespace"] = if key.2.is_empty() {
-        Value::Null
-    } else {
-        json!(key.2)
-    };
+    m["namespace"] = if key.2.is_empty() { Value::Null } else { json!(key.2) };
     if m["namespace"].is_null() {
         m.as_object_mut().map(|o| o.remove("namespace"));
     }
@@ -284,20 +248,13 @@ fn prepare_new(s: &mut Store, mut obj: Value, key: &Key, fresh: bool) -> Value {
 fn commit(shared: &Shared, s: &mut Store, key: Key, mut obj: Value, kind: &'static str) -> Value {
     s.rv += 1;
     obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-    let finalizers_left = obj["metadata"]["finalizers"]
-        .as_array()
-        .is_some_and(|f| !f.is_empty());
+    let finalizers_left = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
     if !obj["metadata"]["deletionTimestamp"].is_null() && !finalizers_left {
         remove(shared, s, &key);
         return obj;
     }
     s.objects.insert(key.clone(), obj.clone());
-    let ev = Event {
-        rv: s.rv,
-        kind,
-        key,
-        object: obj.clone(),
-    };
+    let ev = Event { rv: s.rv, kind, key, object: obj.clone() };
     s.history.push(ev.clone());
     let _ = shared.tx.send(ev);
     obj
@@ -310,12 +267,7 @@ fn remove(shared: &Shared, s: &mut Store, key: &Key) {
     };
     s.rv += 1;
     obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-    let ev = Event {
-        rv: s.rv,
-        kind: "DELETED",
-        key: key.clone(),
-        object: obj.clone(),
-    };
+    let ev = Event { rv: s.rv, kind: "DELETED", key: key.clone(), object: obj.clone() };
     s.history.push(ev.clone());
     let _ = shared.tx.send(ev);
     let uid = obj["metadata"]["uid"].clone();
@@ -323,9 +275,7 @@ fn remove(shared: &Shared, s: &mut Store, key: &Key) {
         .objects
         .iter()
         .filter(|(_, o)| {
-            o["metadata"]["ownerReferences"]
-                .as_array()
-                .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            o["metadata"]["ownerReferences"].as_array().is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
         })
         .map(|(k, _)| k.clone())
         .collect();
@@ -337,9 +287,7 @@ fn remove(shared: &Shared, s: &mut Store, key: &Key) {
 /// A delete request: finalizers hold the object with a deletionTimestamp.
 fn delete(shared: &Shared, s: &mut Store, key: &Key) -> Option<Value> {
     let mut obj = s.objects.get(key).cloned()?;
-    let has_finalizers = obj["metadata"]["finalizers"]
-        .as_array()
-        .is_some_and(|f| !f.is_empty());
+    let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
     if has_finalizers {
         if obj["metadata"]["deletionTimestamp"].is_null() {
             obj["metadata"]["deletionTimestamp"] = json!(now());
@@ -359,12 +307,7 @@ async fn handle(
     body: Bytes,
 ) -> Response<Body> {
     let path = uri.path().to_string();
-    shared
-        .store
-        .lock()
-        .expect("lock")
-        .requests
-        .push((method.to_string(), uri.to_string()));
+    shared.store.lock().expect("lock").requests.push((method.to_string(), uri.to_string()));
     let Some(t) = parse_path(&path) else {
         return status_body(404, "NotFound", &format!("no route {path}"));
     };
@@ -393,31 +336,17 @@ async fn handle(
         );
     }
 
-    let ctype = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+    let ctype = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let parsed: Value = if ctype.contains("yaml") {
         serde_norway::from_slice(&body).unwrap_or(Value::Null)
     } else {
         serde_json::from_slice(&body).unwrap_or(Value::Null)
     };
     let mut s = shared.store.lock().expect("lock");
-    let name = t
-        .name
-        .clone()
-        .or_else(|| parsed["metadata"]["name"].as_str().map(String::from))
-        .unwrap_or_default();
+    let name = t.name.clone().or_else(|| parsed["metadata"]["name"].as_str().map(String::from)).unwrap_or_default();
     let key: Key = (t.prefix.clone(), t.plural.clone(), ns.clone(), name.clone());
     let existing = s.objects.get(&key).cloned();
-    let not_found = || {
-        status_body(
-            404,
-            "NotFound",
-            &format!("{} \"{}\" not found", t.plural, name),
-        )
-    };
+    let not_found = || status_body(404, "NotFound", &format!("{} \"{}\" not found", t.plural, name));
 
     match method {
         Method::GET => match existing {
@@ -426,11 +355,7 @@ async fn handle(
         },
         Method::POST => {
             if existing.is_some() {
-                return status_body(
-                    409,
-                    "AlreadyExists",
-                    &format!("{} \"{}\" already exists", t.plural, name),
-                );
+                return status_body(409, "AlreadyExists", &format!("{} \"{}\" already exists", t.plural, name));
             }
             if name.is_empty() {
                 return status_body(422, "Invalid", "metadata.name: Required value");
@@ -484,9 +409,7 @@ async fn handle(
                     .filter(|op| {
                         !(op["op"] == "test"
                             && op["value"].is_null()
-                            && op["path"]
-                                .as_str()
-                                .is_some_and(|p| doc.pointer(p).is_none()))
+                            && op["path"].as_str().is_some_and(|p| doc.pointer(p).is_none()))
                     })
                     .collect();
                 let Ok(p) = serde_json::from_value::<json_patch::Patch>(Value::Array(ops)) else {
@@ -499,18 +422,8 @@ async fn handle(
             } else {
                 update(&old, parsed, t.status, merge)
             };
-            let new = if fresh {
-                prepare_new(&mut s, new, &key, true)
-            } else {
-                new
-            };
-            let obj = commit(
-                &shared,
-                &mut s,
-                key,
-                new,
-                if fresh { "ADDED" } else { "MODIFIED" },
-            );
+            let new = if fresh { prepare_new(&mut s, new, &key, true) } else { new };
+            let obj = commit(&shared, &mut s, key, new, if fresh { "ADDED" } else { "MODIFIED" });
             ok(if fresh { 201 } else { 200 }, &obj)
         }
         Method::DELETE => match delete(&shared, &mut s, &key) {
@@ -523,12 +436,7 @@ async fn handle(
 
 /// Applies a write: to the status only for `/status`, else to everything but the status
 /// (the status subresource), bumping the generation when the spec changes.
-fn update(
-    old: &Value,
-    patch: Value,
-    status_only: bool,
-    write: impl Fn(&mut Value, &Value),
-) -> Value {
+fn update(old: &Value, patch: Value, status_only: bool, write: impl Fn(&mut Value, &Value)) -> Value {
     let mut new = old.clone();
     if status_only {
         let mut status = old["status"].clone();
@@ -546,34 +454,21 @@ fn update(
     if new["status"].is_null() {
         new.as_object_mut().map(|o| o.remove("status"));
     }
-    for k in [
-        "uid",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "generation",
-        "resourceVersion",
-    ] {
+    for k in ["uid", "creationTimestamp", "deletionTimestamp", "generation", "resourceVersion"] {
         new["metadata"][k] = keep_meta[k].clone();
         if new["metadata"][k].is_null() {
             new["metadata"].as_object_mut().map(|o| o.remove(k));
         }
     }
     if new.get("spec") != old.get("spec") && !old["metadata"]["uid"].is_null() {
-        new["metadata"]["generation"] =
-            json!(old["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
+        new["metadata"]["generation"] = json!(old["metadata"]["generation"].as_i64().unwrap_or(1) + 1);
     }
     new
 }
 
 async fn watch(shared: Arc<Shared>, t: Target, q: BTreeMap<String, String>) -> Response<Body> {
-    let since: u64 = q
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(290u64);
+    let since: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let timeout = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64);
     let selector = q.get("labelSelector").cloned();
     let (history, rx) = {
         let s = shared.store.lock().expect("lock");
@@ -589,15 +484,11 @@ async fn watch(shared: Arc<Shared>, t: Target, q: BTreeMap<String, String>) -> R
     };
     let last_history = history.last().map(|e| e.rv).unwrap_or(since);
     let wanted2 = wanted.clone();
-    let live = tokio_stream_from(rx)
-        .filter(move |e| futures::future::ready(e.rv > last_history && wanted2(e)));
+    let live = tokio_stream_from(rx).filter(move |e| futures::future::ready(e.rv > last_history && wanted2(e)));
     let events = futures::stream::iter(history.into_iter().filter(move |e| wanted(e))).chain(live);
     let lines = events
         .map(|e| {
-            Ok::<_, std::convert::Infallible>(Bytes::from(format!(
-                "{}\n",
-                json!({"type": e.kind, "object": e.object})
-            )))
+            Ok::<_, std::convert::Infallible>(Bytes::from(format!("{}\n", json!({"type": e.kind, "object": e.object}))))
         })
         .take_until(tokio::time::sleep(Duration::from_secs(timeout)));
     Response::builder()

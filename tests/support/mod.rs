@@ -46,10 +46,7 @@ impl Harness {
         let git = GitServer::start("x-access-token", Some(TOKEN)).await;
         git.create_repo(
             "demo",
-            &[
-                ("README.md", "# Demo\n\nHello from the demo repository.\n"),
-                ("src/lib.txt", "one\ntwo\nthree\n"),
-            ],
+            &[("README.md", "# Demo\n\nHello from the demo repository.\n"), ("src/lib.txt", "one\ntwo\nthree\n")],
         );
         let model = FakeAnthropic::start(script).await;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -63,16 +60,9 @@ impl Harness {
             claude_bin: claude_bin(),
             secrets_dir: secrets,
             progress: false,
+            report: None,
         };
-        Self {
-            git,
-            model,
-            dir,
-            store,
-            opts,
-            db_path,
-            max_retries: 1,
-        }
+        Self { git, model, dir, store, opts, db_path, max_retries: 1 }
     }
 
     /// A manifest for the `demo` repository; `extra` is appended under `spec:` (2-space indent).
@@ -103,17 +93,11 @@ impl Harness {
 
     /// Runs a manifest to the end.
     pub async fn run(&self, yaml: &str) -> Summary {
-        self.try_run(yaml, CancellationToken::new())
-            .await
-            .expect("run")
+        self.try_run(yaml, CancellationToken::new()).await.expect("run")
     }
 
     /// Runs a manifest with a cancel token.
-    pub async fn try_run(
-        &self,
-        yaml: &str,
-        cancel: CancellationToken,
-    ) -> Result<Summary, RunError> {
+    pub async fn try_run(&self, yaml: &str, cancel: CancellationToken) -> Result<Summary, RunError> {
         let r = self.resolved(yaml);
         let env = self.env();
         run_execution(&self.store, &self.opts, &r, &env, cancel).await
@@ -130,11 +114,8 @@ pub fn write_secret(dir: &Path, name: &str, key: &str, value: &str) {
 pub fn happy_script() -> Vec<Step> {
     use serde_json::json;
     vec![
-        Step::tool(
-            "Write",
-            json!({"file_path": "greeting.txt", "content": "Hello, agentops!\n"}),
-        )
-        .with_usage([120, 40, 10, 5]),
+        Step::tool("Write", json!({"file_path": "greeting.txt", "content": "Hello, agentops!\n"}))
+            .with_usage([120, 40, 10, 5]),
         Step::tool("Read", json!({"file_path": "README.md"})),
         Step::tool(
             "Edit",

@@ -1,0 +1,103 @@
+//! The channel from runners to the controller for live progress and the final result.
+//!
+//! Why an endpoint on the controller (and not status patches from the runner): the runner pod
+//! then needs no Kubernetes API access at all, and the controller stays the only writer of the
+//! status (one field manager). Each execution gets its own random token (a Secret mounted into
+//! its pod, or a private file for the local executor), so a runner can report only for itself.
+//! A lost report loses nothing final: the runner also leaves its summary as the pod's
+//! termination message, which the controller reads when the Job ends.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::mpsc;
+
+use crate::api::AgentExecution;
+use crate::runner::Summary;
+
+type Key = (String, String);
+
+/// Tokens and latest reports of running executions.
+pub struct Reports {
+    client: kube::Client,
+    tokens: Mutex<HashMap<Key, String>>,
+    latest: Mutex<HashMap<Key, Summary>>,
+    wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+}
+
+/// Name of the Secret holding an execution's report token.
+pub fn token_secret_name(execution: &str) -> String {
+    super::desired::child_name("agentops-report", execution)
+}
+
+/// A fresh random token (two v4 UUIDs: 244 random bits).
+pub fn new_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+fn same(a: &str, b: &str) -> bool {
+    // Length and every byte, without stopping at the first difference.
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Reports {
+    pub fn new(client: kube::Client, wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>) -> Self {
+        Self { client, tokens: Default::default(), latest: Default::default(), wake }
+    }
+
+    /// Remembers the token given to an execution's runner.
+    pub fn remember(&self, ns: &str, name: &str, token: &str) {
+        if let Ok(mut t) = self.tokens.lock() {
+            t.insert((ns.into(), name.into()), token.into());
+        }
+    }
+
+    /// Whether `token` is the one given to that execution (after a restart, read from its Secret).
+    pub async fn verify(&self, ns: &str, name: &str, token: &str) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        let known = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned());
+        let expected = match known {
+            Some(t) => t,
+            None => {
+                let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+                let Ok(Some(secret)) = api.get_opt(&token_secret_name(name)).await else {
+                    return false;
+                };
+                let Some(bytes) = secret.data.and_then(|d| d.get("token").cloned()) else {
+                    return false;
+                };
+                let t = String::from_utf8_lossy(&bytes.0).into_owned();
+                self.remember(ns, name, &t);
+                t
+            }
+        };
+        same(&expected, token)
+    }
+
+    /// Keeps a report and wakes the execution's reconcile.
+    pub fn accept(&self, ns: &str, name: &str, report: Summary) {
+        if let Ok(mut l) = self.latest.lock() {
+            l.insert((ns.into(), name.into()), report);
+        }
+        let _ = self.wake.send(ObjectRef::new(name).within(ns));
+    }
+
+    /// The latest report of an execution.
+    pub fn latest(&self, ns: &str, name: &str) -> Option<Summary> {
+        self.latest.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()
+    }
+
+    /// Drops what is kept for a finished execution.
+    pub fn forget(&self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
+        if let Ok(mut t) = self.tokens.lock() {
+            t.remove(&key);
+        }
+        if let Ok(mut l) = self.latest.lock() {
+            l.remove(&key);
+        }
+    }
+}
