@@ -138,6 +138,18 @@ pub struct ControllerArgs {
     /// Local executor: the Claude Code CLI.
     #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: PathBuf,
+    /// Elect a leader among replicas with a Lease; only the leader reconciles.
+    #[arg(long, env = "AGENTOPS_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "AGENTOPS_LEASE_NAME", default_value = "agentops-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// Base URL at which runner pods reach this controller (its Service), for live progress.
+    #[arg(long, env = "AGENTOPS_REPORT_URL")]
+    pub report_url: Option<String>,
     /// Address of /healthz, /readyz, /metrics and the JSON API.
     #[arg(long, env = "AGENTOPS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
@@ -313,6 +325,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             image: args.image,
             default_storage_class: args.storage_class.filter(|s| !s.is_empty()),
             default_workspace_size: args.workspace_size,
+            report_url: args.report_url.filter(|u| !u.is_empty()),
             ..Default::default()
         },
         limits: crate::controller::queue::Limits {
@@ -352,7 +365,24 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     let http = tokio::net::TcpListener::bind(args.http_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.http_addr))?;
-    crate::controller::run(client, config, Some(store), executor, Some(http), shutdown).await;
+    let leader = if args.leader_election {
+        let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("agentops-{}", std::process::id()));
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(identity)
+            .build()
+            .await
+            .context("cannot set up leader election (pass --leader-election=false for a single instance)")?;
+        let (rx, _task) = manager.watch().await;
+        Some(rx)
+    } else {
+        None
+    };
+    let stopped = crate::controller::run(client, config, Some(store), executor, Some(http), leader, shutdown).await;
+    if stopped == crate::controller::Stopped::LostLeadership {
+        eprintln!("error: lost the leader lease; exiting so that a new instance starts clean");
+        return Ok(1);
+    }
     Ok(0)
 }
 

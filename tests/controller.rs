@@ -20,7 +20,7 @@ const AX: &str = "apis/agentops.dev/v1alpha1";
 
 struct Running {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<controller::Stopped>,
 }
 
 impl Running {
@@ -40,7 +40,7 @@ fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Run
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {
-        controller::run(client, config, store, ExecutorKind::Job, None, async move {
+        controller::run(client, config, store, ExecutorKind::Job, None, None, async move {
             let _ = rx.await;
         })
         .await
@@ -388,7 +388,7 @@ async fn start_local(kube: &FakeKube, h: &support::Harness, store: Option<Store>
     let base = format!("http://{}", http.local_addr().unwrap());
     let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
     let task = tokio::spawn(async move {
-        controller::run(client, config(None), store, exec, Some(http), async move {
+        controller::run(client, config(None), store, exec, Some(http), None, async move {
             let _ = rx.await;
         })
         .await
@@ -441,7 +441,7 @@ async fn runner_reports_need_the_executions_own_token() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {
-        controller::run(client, cfg, None, ExecutorKind::Job, Some(http), async move {
+        controller::run(client, cfg, None, ExecutorKind::Job, Some(http), None, async move {
             let _ = rx.await;
         })
         .await
@@ -483,4 +483,63 @@ async fn runner_reports_need_the_executions_own_token() {
     .await;
     let _ = tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+}
+
+/// A controller with leader election on the given lease, serving HTTP; returns its base URL.
+async fn start_elected(kube: &FakeKube, identity: &str) -> (Running, String) {
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(kube.client(), "agentops-test")
+        .with_namespace("ns")
+        .with_identity(identity)
+        .with_duration(3)
+        .with_grace(1)
+        .build()
+        .await
+        .unwrap();
+    let (leader, _lease_task) = manager.watch().await;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let task = tokio::spawn(async move {
+        controller::run(client, config(None), None, ExecutorKind::Job, Some(http), Some(leader), async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    (Running { stop: Some(tx), task }, base)
+}
+
+async fn ready(base: &str) -> bool {
+    reqwest::get(format!("{base}/readyz")).await.map(|r| r.status() == 200).unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let (first, first_url) = start_elected(&kube, "first").await;
+    until_async("first ready", || ready(&first_url)).await;
+    let (second, second_url) = start_elected(&kube, "second").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!ready(&second_url).await, "the standby is not ready");
+    assert_eq!(reqwest::get(format!("{second_url}/healthz")).await.unwrap().status(), 200, "but alive");
+
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("led", json!({}))).await.unwrap();
+    until("job", || kube.get(BATCH, "jobs", "ns", "agentops-led")).await;
+
+    // The leader stops (releasing the lease); the standby takes over and reconciles.
+    first.stop().await;
+    until_async("second ready", || ready(&second_url)).await;
+    api.create(&PostParams::default(), &execution("next", json!({}))).await.unwrap();
+    until("job from the new leader", || kube.get(BATCH, "jobs", "ns", "agentops-next")).await;
+    second.stop().await;
+}
+
+async fn until_async<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

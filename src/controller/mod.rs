@@ -36,17 +36,36 @@ pub enum ExecutorKind {
     },
 }
 
+/// Why `run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// `shutdown` resolved.
+    Shutdown,
+    /// Another instance holds the lease now: the process should exit.
+    LostLeadership,
+}
+
 /// Runs the controller until `shutdown` resolves. Reconciles every namespace. With `http`,
 /// serves `/healthz`, `/readyz`, `/metrics`, the store's JSON API and the runners' report
-/// endpoint on that listener.
+/// endpoint on that listener. With `leader` (the lease manager's channel), reconciles only
+/// while this instance holds the lease; `/readyz` says so.
 pub async fn run(
     client: Client,
     mut config: ControllerConfig,
     store: Option<Store>,
     executor: ExecutorKind,
     http: Option<tokio::net::TcpListener>,
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+) -> Stopped {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stop_task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        })
+    };
     let executions: Api<AgentExecution> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
     let jobs_config = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentops");
@@ -62,7 +81,7 @@ pub async fn run(
                 Ok(l) => Executor::Local(l),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot prepare the local executor");
-                    return;
+                    return Stopped::Shutdown;
                 }
             }
         }
@@ -71,16 +90,21 @@ pub async fn run(
     let reporter = Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let synced = Arc::new(AtomicBool::new(false));
+    let is_leader = Arc::new(AtomicBool::new(leader.is_none()));
     let cache = controller.store();
     let mut background = Vec::new();
     {
-        let (cache, ready) = (cache.clone(), ready.clone());
+        let (cache, ready, synced, is_leader) = (cache.clone(), ready.clone(), synced.clone(), is_leader.clone());
         background.push(tokio::spawn(async move {
             // The store's readiness wakes only one waiter at a time (the controller's own), so
             // poll it briefly instead of waiting alongside; it is cheap and only until ready.
             loop {
                 match tokio::time::timeout(Duration::from_millis(100), cache.wait_until_ready()).await {
-                    Ok(Ok(())) => break ready.store(true, Ordering::Relaxed),
+                    Ok(Ok(())) => {
+                        synced.store(true, Ordering::Relaxed);
+                        break ready.store(is_leader.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
                     Ok(Err(_)) => break,
                     Err(_) => continue,
                 }
@@ -92,7 +116,7 @@ pub async fn run(
             cache: cache.clone(),
             metrics: metrics.clone(),
             store: store.clone(),
-            ready,
+            ready: ready.clone(),
             reports: Some(reports.clone()),
         });
         let app = crate::server::router(state);
@@ -115,10 +139,40 @@ pub async fn run(
         metrics,
         reports,
     });
+    // Standby until this instance holds the lease; stop when it loses it.
+    let lost = Arc::new(AtomicBool::new(false));
+    if let Some(mut rx) = leader {
+        loop {
+            if *rx.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return end(background, stop_task, Stopped::LostLeadership) },
+                _ = stop.cancelled() => return end(background, stop_task, Stopped::Shutdown),
+            }
+        }
+        tracing::info!("holding the lease: reconciling");
+        is_leader.store(true, Ordering::Relaxed);
+        if synced.load(Ordering::Relaxed) {
+            ready.store(true, Ordering::Relaxed);
+        }
+        let (stop, lost) = (stop.clone(), lost.clone());
+        background.push(tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if !*rx.borrow() {
+                    break;
+                }
+            }
+            tracing::error!("lost the lease: stopping");
+            lost.store(true, Ordering::Relaxed);
+            stop.cancel();
+        }));
+    }
     let wake = futures::stream::unfold(wake_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let graceful = stop.clone().cancelled_owned();
     controller
         .reconcile_on(wake)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(graceful)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -126,7 +180,13 @@ pub async fn run(
             }
         })
         .await;
+    end(background, stop_task, if lost.load(Ordering::Relaxed) { Stopped::LostLeadership } else { Stopped::Shutdown })
+}
+
+fn end(background: Vec<tokio::task::JoinHandle<()>>, stop_task: tokio::task::JoinHandle<()>, why: Stopped) -> Stopped {
     for t in background {
         t.abort();
     }
+    stop_task.abort();
+    why
 }
