@@ -36,7 +36,95 @@ fn every_example_manifest_parses_and_resolves() {
         let text = std::fs::read_to_string(&path).unwrap();
         let m = parse_manifest(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         resolve(&m.execution, &m.templates).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // The CRD's CEL rules, as the apiserver would run them at `kubectl apply`.
+        let spec = serde_json::to_value(&m.execution.spec).unwrap();
+        agentops::api::AgentExecutionSpec::validate_cel(&spec, None)
+            .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
         n += 1;
     }
     assert!(n >= 3, "found {n} examples");
+}
+
+mod cel {
+    use agentops::api::AgentExecutionSpec;
+    use serde_json::{Value, json};
+
+    fn spec() -> Value {
+        json!({"prompt": "p", "repository": {"url": "https://git.example.com/r.git"}})
+    }
+
+    fn with(mut v: Value, patch: Value) -> Value {
+        json_patch::merge(&mut v, &patch);
+        v
+    }
+
+    fn errors(v: &Value, old: Option<&Value>) -> String {
+        match AgentExecutionSpec::validate_cel(v, old) {
+            Ok(()) => String::new(),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_spec_passes() {
+        assert_eq!(errors(&spec(), None), "");
+        assert_eq!(
+            errors(
+                &with(spec(), json!({"agent": {"maxTurns": 3, "maxBudgetUsd": 0.5}, "ttlSecondsAfterFinished": 0})),
+                None
+            ),
+            ""
+        );
+    }
+
+    #[test]
+    fn prompt_or_template_is_required() {
+        let no_prompt = with(spec(), json!({"prompt": null}));
+        assert!(errors(&no_prompt, None).contains("spec.prompt, or spec.templateRef"));
+        assert_eq!(errors(&with(no_prompt, json!({"templateRef": {"name": "t"}})), None), "");
+    }
+
+    #[test]
+    fn url_scheme_is_checked() {
+        let e = errors(&with(spec(), json!({"repository": {"url": "git@github.com:o/r.git"}})), None);
+        assert!(e.contains("https:// or http://"), "{e}");
+    }
+
+    #[test]
+    fn limits_must_be_positive() {
+        assert!(errors(&with(spec(), json!({"agent": {"maxTurns": 0}})), None).contains("maxTurns"));
+        assert!(errors(&with(spec(), json!({"agent": {"maxBudgetUsd": 0.0}})), None).contains("maxBudgetUsd"));
+        assert!(errors(&with(spec(), json!({"repository": {"depth": -1}})), None).contains("depth"));
+        assert!(
+            errors(&with(spec(), json!({"ttlSecondsAfterFinished": -5})), None).contains("ttlSecondsAfterFinished")
+        );
+    }
+
+    #[test]
+    fn spec_is_immutable_except_cancel() {
+        let old = spec();
+        assert_eq!(errors(&with(old.clone(), json!({"cancel": true})), Some(&old)), "", "cancel may change");
+        for change in [
+            json!({"prompt": "other"}),
+            json!({"repository": {"url": "https://git.example.com/other.git"}}),
+            json!({"agent": {"model": "m"}}),
+            json!({"timeout": "5m"}),
+            json!({"priority": 3}),
+        ] {
+            let e = errors(&with(old.clone(), change.clone()), Some(&old));
+            assert!(e.contains("immutable"), "{change}: {e}");
+        }
+        let cancelled = with(old.clone(), json!({"cancel": true}));
+        assert!(
+            errors(&with(cancelled.clone(), json!({"cancel": false})), Some(&cancelled)).contains("cannot be undone")
+        );
+    }
+
+    #[test]
+    fn the_rules_are_in_the_crd() {
+        let crd = serde_json::to_string(&<agentops::api::AgentExecution as kube::CustomResourceExt>::crd()).unwrap();
+        for needle in ["x-kubernetes-validations", "oldSelf", "has(self.prompt) || has(self.templateRef)"] {
+            assert!(crd.contains(needle), "{needle}");
+        }
+    }
 }

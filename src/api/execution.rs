@@ -3,12 +3,27 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Every field of the spec but `cancel` keeps its value (and its presence) across updates.
+/// A transition rule: the apiserver checks it on updates only.
+pub const IMMUTABLE_EXCEPT_CANCEL: &str = "self.repository == oldSelf.repository \
+    && has(self.prompt) == has(oldSelf.prompt) && (!has(self.prompt) || self.prompt == oldSelf.prompt) \
+    && has(self.templateRef) == has(oldSelf.templateRef) && (!has(self.templateRef) || self.templateRef == oldSelf.templateRef) \
+    && has(self.git) == has(oldSelf.git) && (!has(self.git) || self.git == oldSelf.git) \
+    && has(self.agent) == has(oldSelf.agent) && (!has(self.agent) || self.agent == oldSelf.agent) \
+    && has(self.timeout) == has(oldSelf.timeout) && (!has(self.timeout) || self.timeout == oldSelf.timeout) \
+    && has(self.hooks) == has(oldSelf.hooks) && (!has(self.hooks) || self.hooks == oldSelf.hooks) \
+    && has(self.workspace) == has(oldSelf.workspace) && (!has(self.workspace) || self.workspace == oldSelf.workspace) \
+    && has(self.ttlSecondsAfterFinished) == has(oldSelf.ttlSecondsAfterFinished) && (!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished == oldSelf.ttlSecondsAfterFinished) \
+    && has(self.priority) == has(oldSelf.priority) && (!has(self.priority) || self.priority == oldSelf.priority) \
+    && has(self.worker) == has(oldSelf.worker) && (!has(self.worker) || self.worker == oldSelf.worker) \
+    && has(self.workItem) == has(oldSelf.workItem) && (!has(self.workItem) || self.workItem == oldSelf.workItem)";
+
 /// What the user asks for. Immutable after creation except `cancel`.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "agentops.dev",
     version = "v1alpha1",
@@ -24,6 +39,17 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Turns","type":"integer","jsonPath":".status.numTurns"}"#,
     printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    cel,
+    validation = Rule::new("has(self.prompt) || has(self.templateRef)").message("set spec.prompt, or spec.templateRef to a template that has a prompt"),
+    validation = Rule::new("self.repository.url.startsWith('https://') || self.repository.url.startsWith('http://')").message("spec.repository.url must start with https:// or http://"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxTurns) || self.agent.maxTurns >= 1").message("spec.agent.maxTurns must be 1 or more"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxBudgetUsd) || self.agent.maxBudgetUsd > 0.0").message("spec.agent.maxBudgetUsd must be positive"),
+    validation = Rule::new("!has(self.repository.depth) || self.repository.depth >= 0").message("spec.repository.depth must be 0 (full history) or more"),
+    validation = Rule::new("!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished >= 0").message("spec.ttlSecondsAfterFinished must be 0 or more"),
+    validation = Rule::new(IMMUTABLE_EXCEPT_CANCEL).message("spec is immutable after creation, except spec.cancel"),
+    validation = Rule::new("!(has(oldSelf.cancel) && oldSelf.cancel) || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be undone"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentExecutionSpec {
