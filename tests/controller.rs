@@ -52,6 +52,7 @@ fn config(max: Option<usize>) -> ControllerConfig {
     let mut c = ControllerConfig::default();
     c.limits.global = max;
     c.recheck_stalled = Duration::from_millis(200);
+    c.retry_after = Duration::from_millis(200);
     c
 }
 
@@ -542,4 +543,42 @@ async fn until_async<F: std::future::Future<Output = bool>>(what: &str, mut f: i
         assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_and_api_errors_are_retried() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    // The first status writes and the first Job write fail, as on a busy API server.
+    kube.fail_next("PATCH", "/agentexecutions/retry/status", 409, 2);
+    kube.fail_next("PATCH", "/jobs/agentops-retry", 500, 1);
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("retry", json!({}))).await.unwrap();
+    until("Running after retries", || (phase(&kube, "ns", "retry")? == "Running").then_some(())).await;
+    assert_eq!(kube.list(BATCH, "jobs", "ns").len(), 1, "one Job despite the retries");
+    let writes = |frag: &str| kube.requests().iter().filter(|(m, p)| m == "PATCH" && p.contains(frag)).count();
+    assert!(writes("/agentexecutions/retry/status") >= 3, "two refused status writes, then one that landed");
+    assert!(writes("/jobs/agentops-retry") >= 2, "one refused Job write, then one that landed");
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_deletes_finished_executions_and_the_store_keeps_them() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let ctl = start(&kube, config(None), Some(store.clone()));
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("short", json!({"ttlSecondsAfterFinished": 1}))).await.unwrap();
+    until("job", || kube.get(BATCH, "jobs", "ns", "agentops-short")).await;
+    let uid = kube.get(AX, "agentexecutions", "ns", "short").unwrap()["metadata"]["uid"].as_str().unwrap().to_string();
+    finish_job(&kube, "ns", "agentops-short", true, Some(report("Succeeded", "Completed")));
+    until("Succeeded", || (phase(&kube, "ns", "short")? == "Succeeded").then_some(())).await;
+    until("deleted after its TTL", || kube.get(AX, "agentexecutions", "ns", "short").is_none().then_some(())).await;
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-short").is_none(), "children go with it");
+    let row = store.get_execution(&uid).await.unwrap();
+    assert_eq!((row.status.as_str(), row.tokens_used), ("Succeeded", 1500));
+    ctl.stop().await;
 }

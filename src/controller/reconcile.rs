@@ -66,11 +66,18 @@ pub struct ControllerConfig {
     pub limits: Limits,
     /// How often a Stalled execution (missing template or secret) looks again.
     pub recheck_stalled: Duration,
+    /// Wait before retrying a failed reconcile (a conflict, an unreachable API server).
+    pub retry_after: Duration,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        Self { job: JobConfig::default(), limits: Limits::default(), recheck_stalled: Duration::from_secs(10) }
+        Self {
+            job: JobConfig::default(),
+            limits: Limits::default(),
+            recheck_stalled: Duration::from_secs(10),
+            retry_after: Duration::from_secs(5),
+        }
     }
 }
 
@@ -112,7 +119,7 @@ pub async fn reconcile(ax: Arc<AgentExecution>, ctx: Arc<Context>) -> Result<Act
 pub fn error_policy(ax: Arc<AgentExecution>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { kind: err.metric_label().into() }).inc();
     tracing::warn!(execution = %ax.name_any(), error = %err, kind = err.metric_label(), "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(ctx.config.retry_after)
 }
 
 fn key(ax: &AgentExecution) -> (String, String) {

@@ -31,6 +31,8 @@ struct Event {
 
 #[derive(Default)]
 struct Store {
+    /// Injected failures: (method, path fragment, status, remaining count).
+    faults: Vec<(String, String, u16, usize)>,
     rv: u64,
     objects: BTreeMap<Key, Value>,
     history: Vec<Event>,
@@ -189,6 +191,12 @@ impl FakeKube {
             .collect()
     }
 
+    /// Makes the next `count` requests with this method whose path contains `fragment` fail
+    /// with `status` (409 Conflict, 500, ...), as a busy or racing API server would.
+    pub fn fail_next(&self, method: &str, fragment: &str, status: u16, count: usize) {
+        self.shared.store.lock().expect("lock").faults.push((method.into(), fragment.into(), status, count));
+    }
+
     /// Requests seen so far, as (method, path and query).
     pub fn requests(&self) -> Vec<(String, String)> {
         self.shared.store.lock().expect("lock").requests.clone()
@@ -307,7 +315,17 @@ async fn handle(
     body: Bytes,
 ) -> Response<Body> {
     let path = uri.path().to_string();
-    shared.store.lock().expect("lock").requests.push((method.to_string(), uri.to_string()));
+    {
+        let mut s = shared.store.lock().expect("lock");
+        s.requests.push((method.to_string(), uri.to_string()));
+        let path = uri.path().to_string();
+        if let Some(f) = s.faults.iter_mut().find(|f| f.3 > 0 && f.0 == method.as_str() && path.contains(&f.1)) {
+            f.3 -= 1;
+            let code = f.2;
+            let reason = if code == 409 { "Conflict" } else { "InternalError" };
+            return status_body(code, reason, "injected failure");
+        }
+    }
     let Some(t) = parse_path(&path) else {
         return status_body(404, "NotFound", &format!("no route {path}"));
     };
