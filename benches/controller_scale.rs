@@ -1,0 +1,169 @@
+//! The controller at scale, against the in-memory API server (issue 3):
+//!  - 10,000 executions: time until all run after a cold start, and to reconcile all again after
+//!    a restart, against a trivial kube-runtime controller on the same server (ratio);
+//!  - create → Job latency p50/p99, idle and while the restart is under way;
+//!  - the controller process's peak RSS (it runs as its own process: `agentops controller`).
+//! Run: `cargo bench --bench controller_scale` (BENCH_EXECUTIONS=N to change the count).
+
+#[path = "../tests/support/kube_api.rs"]
+#[allow(dead_code)]
+mod kube_api;
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use agentops::api::AgentExecution;
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube_api::FakeKube;
+use serde_json::json;
+
+const AX: &str = "apis/agentops.dev/v1alpha1";
+
+fn execution(i: usize) -> serde_json::Value {
+    json!({"apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
+           "metadata": {"name": format!("e{i:05}"), "namespace": "bench"},
+           "spec": {"prompt": "p", "repository": {"url": "https://git.example.com/r.git", "credentialsSecretRef": {"name": "git-cred"}}}})
+}
+
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn start_controller(kubeconfig: &std::path::Path, db: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_agentops"))
+        .args(["controller", "--executor", "job", "--leader-election=false", "--max-concurrent", "0", "--http-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("AGENTOPS_DB", db)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("agentops controller")
+}
+
+fn stop(mut c: Child) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = c.wait();
+}
+
+fn running(kube: &FakeKube) -> usize {
+    kube.list(AX, "agentexecutions", "bench").iter().filter(|o| o["status"]["phase"] == "Running").count()
+}
+
+fn job_gets(kube: &FakeKube) -> usize {
+    kube.requests().iter().filter(|(m, p)| m == "GET" && p.contains("/jobs/agentops-")).count()
+}
+
+fn pct(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Creates `n` executions one at a time and measures create → Job for each (ms).
+async fn latencies(kube: &FakeKube, api: &Api<AgentExecution>, prefix: &str, n: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut v = execution(i);
+        let name = format!("{prefix}{i:03}");
+        v["metadata"]["name"] = json!(name);
+        let ax: AgentExecution = serde_json::from_value(v).unwrap();
+        let t = Instant::now();
+        api.create(&Default::default(), &ax).await.unwrap();
+        let job = format!("agentops-{name}");
+        while kube.get("apis/batch/v1", "jobs", "bench", &job).is_none() {
+            assert!(t.elapsed() < Duration::from_secs(120), "no Job for {name}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        out.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    out
+}
+
+/// A trivial controller on the same server: watches the executions and does nothing.
+async fn trivial(kube: &FakeKube, n: usize) -> f64 {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let api: Api<AgentExecution> = Api::all(kube.client());
+    let t = Instant::now();
+    let counter = seen.clone();
+    let run = Controller::new(api, watcher::Config::default())
+        .run(
+            |_ax, seen: Arc<AtomicUsize>| async move {
+                seen.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, kube::Error>(Action::await_change())
+            },
+            |_, _, _| Action::await_change(),
+            counter,
+        )
+        .for_each(|_| async {});
+    let waiter = async {
+        while seen.load(Ordering::Relaxed) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! { _ = run => {}, _ = waiter => {} }
+    t.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: usize = std::env::var("BENCH_EXECUTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let kube = FakeKube::start().await;
+    kube.put("api/v1", "secrets", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "git-cred", "namespace": "bench"}, "data": {"token": "eA=="}}));
+    for i in 0..n {
+        kube.put(AX, "agentexecutions", execution(i));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, format!(
+        "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u, namespace: bench}}}}]\ncurrent-context: c\n",
+        kube.url
+    )).unwrap();
+    let db = dir.path().join("controller.db");
+    println!("{n} executions in one namespace, in-memory API server, `agentops controller` as its own process\n");
+
+    // Cold start: every execution gets its Job and a Running status.
+    let t = Instant::now();
+    let ctl = start_controller(&kubeconfig, &db);
+    let pid = ctl.id();
+    let mut peak = 0;
+    while running(&kube) < n {
+        peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
+        assert!(t.elapsed() < Duration::from_secs(1800), "cold start took too long");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cold = t.elapsed().as_secs_f64();
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "bench");
+    let idle = latencies(&kube, &api, "idle", 50).await;
+    peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
+    stop(ctl);
+
+    // Restart: reconcile everything again (adopting the Jobs), while new executions arrive.
+    let before = job_gets(&kube);
+    let t = Instant::now();
+    let ctl = start_controller(&kubeconfig, &db);
+    let pid = ctl.id();
+    let loaded = latencies(&kube, &api, "load", 50).await;
+    while job_gets(&kube) - before < n {
+        peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restart = t.elapsed().as_secs_f64();
+    peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
+    stop(ctl);
+
+    let trivial = trivial(&kube, n).await;
+    println!("cold start, all {n} Running:                 {cold:.1} s");
+    println!("restart, all {n} reconciled again:           {restart:.1} s");
+    println!("trivial kube-runtime controller, all seen:    {trivial:.2} s   ratio (restart / trivial) {:.1}", restart / trivial);
+    println!("create -> Job, idle:       p50 {:.1} ms  p99 {:.1} ms", pct(idle.clone(), 0.5), pct(idle, 0.99));
+    println!("create -> Job, restarting: p50 {:.1} ms  p99 {:.1} ms", pct(loaded.clone(), 0.5), pct(loaded, 0.99));
+    println!("controller peak RSS:       {:.1} MiB", peak as f64 / 1024.0);
+}
