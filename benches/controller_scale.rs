@@ -3,6 +3,7 @@
 //!    a restart, against a trivial kube-runtime controller on the same server (ratio);
 //!  - create → Job latency p50/p99, idle and while the restart is under way;
 //!  - the controller process's peak RSS (it runs as its own process: `agentops controller`).
+//!
 //! Run: `cargo bench --bench controller_scale` (BENCH_EXECUTIONS=N to change the count).
 
 #[path = "../tests/support/kube_api.rs"]
@@ -37,7 +38,16 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 
 fn start_controller(kubeconfig: &std::path::Path, db: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_agentops"))
-        .args(["controller", "--executor", "job", "--leader-election=false", "--max-concurrent", "0", "--http-addr", "127.0.0.1:0"])
+        .args([
+            "controller",
+            "--executor",
+            "job",
+            "--leader-election=false",
+            "--max-concurrent",
+            "0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
         .env("KUBECONFIG", kubeconfig)
         .env("AGENTOPS_DB", db)
         .env("RUST_LOG", "error")
@@ -162,7 +172,10 @@ async fn main() {
     let trivial = trivial(&kube, n).await;
     println!("cold start, all {n} Running:                 {cold:.1} s");
     println!("restart, all {n} reconciled again:           {restart:.1} s");
-    println!("trivial kube-runtime controller, all seen:    {trivial:.2} s   ratio (restart / trivial) {:.1}", restart / trivial);
+    println!(
+        "trivial kube-runtime controller, all seen:    {trivial:.2} s   ratio (restart / trivial) {:.1}",
+        restart / trivial
+    );
     println!("create -> Job, idle:       p50 {:.1} ms  p99 {:.1} ms", pct(idle.clone(), 0.5), pct(idle, 0.99));
     println!("create -> Job, restarting: p50 {:.1} ms  p99 {:.1} ms", pct(loaded.clone(), 0.5), pct(loaded, 0.99));
     println!("controller peak RSS:       {:.1} MiB", peak as f64 / 1024.0);

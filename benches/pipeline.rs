@@ -2,6 +2,7 @@
 //!  (a) `agentops run` vs a shell script of git clone + claude -p + git commit + git push;
 //!  (b) the git2 clone of a ~5,000-file repository vs `git clone --depth 1`, by phase;
 //!  (c) peak RSS of `agentops run` itself (the agent process excluded).
+//!
 //! Run: `cargo bench --bench pipeline` (BENCH_RUNS=N to change the number of runs).
 
 #[path = "../tests/support/mod.rs"]
@@ -119,7 +120,7 @@ struct CloneFigures {
     git_no_checkout: f64,
     git_checkout: f64,
     git2_total: f64,
-    git2_connect: f64,
+    git2_init: f64,
     git2_fetch: f64,
     git2_checkout: f64,
 }
@@ -178,7 +179,7 @@ async fn clone(runs: usize) -> CloneFigures {
                 git_nc,
                 git_co,
                 total,
-                timings.connect.as_secs_f64(),
+                timings.init.as_secs_f64(),
                 timings.fetch.as_secs_f64(),
                 timings.checkout.as_secs_f64(),
             ]) {
@@ -192,7 +193,7 @@ async fn clone(runs: usize) -> CloneFigures {
         git_no_checkout: b,
         git_checkout: c,
         git2_total: d,
-        git2_connect: e,
+        git2_init: e,
         git2_fetch: g,
         git2_checkout: k,
     }
@@ -222,9 +223,9 @@ async fn main() {
     if only.is_empty() || only == "clone" {
         let c = clone(runs).await;
         println!(
-            "(b) clone of 5,000 files: git2 {:.3} s (connect {:.3}, fetch {:.3}, checkout {:.3}); git CLI {:.3} s (clone --no-checkout {:.3}, checkout {:.3}); ratio {:.2}",
+            "(b) clone of 5,000 files: git2 {:.3} s (init {:.3}, fetch {:.3}, checkout {:.3}); git CLI {:.3} s (clone --no-checkout {:.3}, checkout {:.3}); ratio {:.2}",
             c.git2_total,
-            c.git2_connect,
+            c.git2_init,
             c.git2_fetch,
             c.git2_checkout,
             c.git_total,

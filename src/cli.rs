@@ -62,6 +62,16 @@ pub struct RunArgs {
     /// Summary format on stdout.
     #[arg(long, short = 'o', value_enum, default_value = "text")]
     pub output: Output,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    /// No progress lines on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+/// Where things are on this machine (shared by `run`, `runner` and the local executor).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MachineArgs {
     /// Directory for workspaces [default: the system temp dir].
     #[arg(long, env = "AGENTOPS_WORKSPACE_ROOT")]
     pub workspace_root: Option<PathBuf>,
@@ -71,9 +81,19 @@ pub struct RunArgs {
     /// Secrets as files `<dir>/<secret-name>/<key>` [default: $XDG_CONFIG_HOME/agentops/secrets].
     #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
-    /// No progress lines on stderr.
-    #[arg(long, short = 'q')]
-    pub quiet: bool,
+}
+
+impl MachineArgs {
+    /// Run options with the defaults applied.
+    pub fn options(self, progress: bool, report: Option<runner::ReportTarget>) -> RunOptions {
+        RunOptions {
+            workspace_root: self.workspace_root.unwrap_or_else(std::env::temp_dir),
+            claude_bin: self.claude_bin,
+            secrets_dir: self.secrets_dir.unwrap_or_else(default_secrets_dir),
+            progress,
+            report,
+        }
+    }
 }
 
 /// Options of `agentops runner`.
@@ -82,12 +102,8 @@ pub struct RunnerArgs {
     /// The AgentExecution (and its AgentTemplate) as YAML.
     #[arg(long, env = "AGENTOPS_MANIFEST", hide_env_values = true)]
     pub manifest: String,
-    #[arg(long, env = "AGENTOPS_WORKSPACE_ROOT")]
-    pub workspace_root: Option<PathBuf>,
-    #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
-    pub claude_bin: PathBuf,
-    #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
-    pub secrets_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// The controller's endpoint for this execution's progress reports.
     #[arg(long, env = "AGENTOPS_REPORT_URL")]
     pub report_url: Option<String>,
@@ -129,15 +145,9 @@ pub struct ControllerArgs {
     /// Workspace size when an execution gives none.
     #[arg(long, env = "AGENTOPS_WORKSPACE_SIZE", default_value = "10Gi")]
     pub workspace_size: String,
-    /// Local executor: secrets as files `<dir>/<secret>/<key>`.
-    #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
-    pub secrets_dir: Option<PathBuf>,
-    /// Local executor: directory for workspaces.
-    #[arg(long, env = "AGENTOPS_WORKSPACE_ROOT")]
-    pub workspace_root: Option<PathBuf>,
-    /// Local executor: the Claude Code CLI.
-    #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
-    pub claude_bin: PathBuf,
+    /// Local executor: where its runners find workspaces, Claude Code and secrets.
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// Elect a leader among replicas with a Lease; only the leader reconciles.
     #[arg(long, env = "AGENTOPS_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_election: bool,
@@ -234,13 +244,7 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_INVALID);
         }
     };
-    let opts = RunOptions {
-        workspace_root: args.workspace_root.unwrap_or_else(std::env::temp_dir),
-        claude_bin: args.claude_bin,
-        secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
-        progress: !args.quiet,
-        report: None,
-    };
+    let opts = args.machine.options(!args.quiet, None);
     let source = args.file.display().to_string();
     let Some(summary) = execute(db, &text, &source, &opts).await? else {
         return Ok(EXIT_INVALID);
@@ -262,13 +266,7 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
         }
         _ => None,
     };
-    let opts = RunOptions {
-        workspace_root: args.workspace_root.unwrap_or_else(std::env::temp_dir),
-        claude_bin: args.claude_bin,
-        secrets_dir: args.secrets_dir.unwrap_or_else(default_secrets_dir),
-        progress: true,
-        report: report.clone(),
-    };
+    let opts = args.machine.options(true, report.clone());
     let Some(summary) = execute(db, &args.manifest, "AGENTOPS_MANIFEST", &opts).await? else {
         return Ok(EXIT_INVALID);
     };
@@ -337,14 +335,12 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     let executor = match args.executor {
         ExecutorArg::Job => crate::controller::ExecutorKind::Job,
         ExecutorArg::Local => {
+            let o = args.machine.options(false, None);
             let mut env = vec![
-                ("AGENTOPS_CLAUDE_BIN".to_string(), args.claude_bin.display().to_string()),
-                (
-                    "AGENTOPS_SECRETS_DIR".to_string(),
-                    args.secrets_dir.unwrap_or_else(default_secrets_dir).display().to_string(),
-                ),
+                ("AGENTOPS_CLAUDE_BIN".to_string(), o.claude_bin.display().to_string()),
+                ("AGENTOPS_SECRETS_DIR".to_string(), o.secrets_dir.display().to_string()),
             ];
-            let root = args.workspace_root.unwrap_or_else(std::env::temp_dir);
+            let root = o.workspace_root;
             env.push(("AGENTOPS_WORKSPACE_ROOT".into(), root.display().to_string()));
             // Each runner keeps its own log store; the controller's store holds the record.
             env.push(("AGENTOPS_DB".into(), root.join("agentops-runner.db").display().to_string()));

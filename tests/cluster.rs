@@ -41,7 +41,10 @@ async fn controller_on_a_real_cluster() {
     tokio::time::sleep(Duration::from_secs(3)).await; // CRD establishment
     let ns = format!("agentops-test-{}", std::process::id());
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap()).await.unwrap();
+    namespaces
+        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
+        .await
+        .unwrap();
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let ctl = {
@@ -64,16 +67,28 @@ async fn controller_on_a_real_cluster() {
     let err = api.patch("hello", &PatchParams::default(), &Patch::Merge(json!({"spec": {"prompt": "other"}}))).await;
     assert!(err.is_err(), "spec is immutable");
     // The missing Secret stalls it; creating the Secret starts a Job.
-    eventually("Stalled", || async { (api.get("hello").await.ok()?.status?.reason? == "SecretNotFound").then_some(()) }).await;
+    eventually("Stalled", || async {
+        (api.get("hello").await.ok()?.status?.reason? == "SecretNotFound").then_some(())
+    })
+    .await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "git-cred"}, "stringData": {"token": "x"}})).unwrap()).await.unwrap();
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "git-cred"}, "stringData": {"token": "x"}})).unwrap(),
+        )
+        .await
+        .unwrap();
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job = eventually("Job", || async { jobs.get_opt("agentops-hello").await.ok()? }).await;
     let pod = job.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.automount_service_account_token, Some(false));
     // Cancel stops it.
     api.patch("hello", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
-    eventually("Cancelled", || async { (api.get("hello").await.ok()?.status?.phase.as_str() == "Cancelled").then_some(()) }).await;
+    eventually("Cancelled", || async {
+        (api.get("hello").await.ok()?.status?.phase.as_str() == "Cancelled").then_some(())
+    })
+    .await;
 
     let _ = tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), ctl).await;

@@ -94,3 +94,21 @@ async fn watcher_sees_existing_and_new_objects() {
     let second = tokio::time::timeout(Duration::from_secs(5), names.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(second.metadata.name.as_deref(), Some("second"));
 }
+
+#[tokio::test]
+async fn lists_come_in_pages_and_the_watcher_reads_them_all() {
+    let kube = FakeKube::start().await;
+    for i in 0..1200 {
+        kube.put("api/v1", "configmaps", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("c{i:04}"), "namespace": "ns"}}));
+    }
+    let api: Api<ConfigMap> = Api::namespaced(kube.client(), "ns");
+    let page = api.list(&kube::api::ListParams::default().limit(500)).await.unwrap();
+    assert_eq!(page.items.len(), 500);
+    assert!(page.metadata.continue_.is_some());
+    let store = kube::runtime::reflector::store::Writer::<ConfigMap>::default();
+    let reader = store.as_reader();
+    let stream = kube::runtime::reflector(store, watcher(api, watcher::Config::default())).applied_objects().boxed();
+    tokio::spawn(stream.for_each(|_| async {}));
+    tokio::time::timeout(Duration::from_secs(10), reader.wait_until_ready()).await.unwrap().unwrap();
+    assert_eq!(reader.state().len(), 1200);
+}

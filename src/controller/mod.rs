@@ -69,7 +69,9 @@ pub async fn run(
     let executions: Api<AgentExecution> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
     let jobs_config = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentops");
-    let controller = Controller::new(executions, watcher::Config::default()).owns(jobs, jobs_config);
+    let controller = Controller::new(executions, watcher::Config::default())
+        .owns(jobs, jobs_config)
+        .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let local_base = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {

@@ -68,6 +68,9 @@ pub struct ControllerConfig {
     pub recheck_stalled: Duration,
     /// Wait before retrying a failed reconcile (a conflict, an unreachable API server).
     pub retry_after: Duration,
+    /// Reconciles running at once. Bounded: after a restart with thousands of executions,
+    /// unbounded concurrency holds every one's requests and objects in memory at once.
+    pub concurrency: u16,
 }
 
 impl Default for ControllerConfig {
@@ -77,6 +80,7 @@ impl Default for ControllerConfig {
             limits: Limits::default(),
             recheck_stalled: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
+            concurrency: 16,
         }
     }
 }
@@ -289,17 +293,7 @@ async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<
 }
 
 fn new_execution<'a>(ax: &'a AgentExecution, r: &'a Resolved) -> NewExecution<'a> {
-    NewExecution {
-        id: ax.metadata.uid.as_deref().unwrap_or_default(),
-        name: &r.name,
-        namespace: &r.namespace,
-        prompt: &r.prompt,
-        repo_url: &r.repo_url,
-        branch: &r.branch,
-        model: r.model.as_deref(),
-        worker: r.worker.as_deref(),
-        work_item: r.work_item.as_deref(),
-    }
+    NewExecution::new(ax.metadata.uid.as_deref().unwrap_or_default(), r)
 }
 
 /// Decides whether this execution starts now or waits (Queued), and starts it.

@@ -54,9 +54,9 @@ pub struct Cloned {
 /// Time spent in each phase of a clone.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CloneTimings {
-    /// Connecting and listing the remote's refs.
-    pub connect: Duration,
-    /// Downloading and indexing the pack.
+    /// Creating the repository and its remote.
+    pub init: Duration,
+    /// Connecting, listing refs, downloading and indexing the pack (one connection).
     pub fetch: Duration,
     /// Writing the work tree and index.
     pub checkout: Duration,
@@ -76,6 +76,17 @@ fn callbacks(stop: &AtomicBool) -> RemoteCallbacks<'_> {
     cb.transfer_progress(move |_| !stop.load(Ordering::Relaxed));
     cb.sideband_progress(move |_| !stop.load(Ordering::Relaxed));
     cb
+}
+
+/// Fetch options: shallow to `depth` (0: all history), no tags, abortable through `stop`.
+fn fetch_options(stop: &AtomicBool, depth: u32) -> FetchOptions<'_> {
+    let mut fo = FetchOptions::new();
+    fo.remote_callbacks(callbacks(stop));
+    fo.download_tags(AutotagOption::None);
+    if depth > 0 {
+        fo.depth(depth as i32);
+    }
+    fo
 }
 
 fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, auth_rejected: bool) -> GitError {
@@ -135,12 +146,7 @@ fn clone_inner(
     // into a local ref. The advertised refs stay readable afterwards, for the branch name and
     // for the rare ref that is a tag rather than a branch.
     const BASE_REF: &str = "refs/agentops/base";
-    let mut fo = FetchOptions::new();
-    fo.remote_callbacks(callbacks(stop));
-    fo.download_tags(AutotagOption::None);
-    if depth > 0 {
-        fo.depth(depth as i32);
-    }
+    let mut fo = fetch_options(stop, depth);
     let t1 = Instant::now();
     let first = match git_ref {
         Some(r) if r.starts_with("refs/") => r.to_string(),
@@ -157,12 +163,7 @@ fn clone_inner(
             .into_iter()
             .find(|cand| heads.iter().any(|n| n == cand))
             .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?;
-        let mut fo = FetchOptions::new();
-        fo.remote_callbacks(callbacks(stop));
-        fo.download_tags(AutotagOption::None);
-        if depth > 0 {
-            fo.depth(depth as i32);
-        }
+        let mut fo = fetch_options(stop, depth);
         remote.fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
         fetched = other;
     }
@@ -182,7 +183,7 @@ fn clone_inner(
     repo.set_head(&format!("refs/heads/{work_branch}"))?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
-    let timings = CloneTimings { connect: t1 - t0, fetch: t2 - t1, checkout: t2.elapsed() };
+    let timings = CloneTimings { init: t1 - t0, fetch: t2 - t1, checkout: t2.elapsed() };
     Ok((repo, Cloned { base, source_branch: short, timings }))
 }
 

@@ -113,19 +113,7 @@ pub async fn run_execution(
     let secrets = secrets::load(r, &opts.secrets_dir, env)?;
     let redactor = Redactor::new(&secrets);
     let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-    store
-        .create_execution(&NewExecution {
-            id: &id,
-            name: &r.name,
-            namespace: &r.namespace,
-            prompt: &r.prompt,
-            repo_url: &r.repo_url,
-            branch: &r.branch,
-            model: r.model.as_deref(),
-            worker: r.worker.as_deref(),
-            work_item: r.work_item.as_deref(),
-        })
-        .await?;
+    store.create_execution(&NewExecution::new(&id, r)).await?;
     let started = Instant::now();
     let start_time = now();
     store.mark_running(&id, &start_time).await?;
@@ -256,11 +244,11 @@ impl Run<'_> {
         };
         let t = cloned.timings;
         self.say(&format!(
-            "  cloned {} at {} in {} ms (connect {}, fetch {}, checkout {})",
+            "  cloned {} at {} in {} ms (init {}, fetch {}, checkout {})",
             cloned.source_branch,
             &cloned.base.to_string()[..12],
-            (t.connect + t.fetch + t.checkout).as_millis(),
-            t.connect.as_millis(),
+            (t.init + t.fetch + t.checkout).as_millis(),
+            t.init.as_millis(),
             t.fetch.as_millis(),
             t.checkout.as_millis()
         ));

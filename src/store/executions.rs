@@ -19,6 +19,23 @@ pub struct NewExecution<'a> {
     pub work_item: Option<&'a str>,
 }
 
+impl<'a> NewExecution<'a> {
+    /// The record of an execution with these settings.
+    pub fn new(id: &'a str, r: &'a crate::api::Resolved) -> Self {
+        Self {
+            id,
+            name: &r.name,
+            namespace: &r.namespace,
+            prompt: &r.prompt,
+            repo_url: &r.repo_url,
+            branch: &r.branch,
+            model: r.model.as_deref(),
+            worker: r.worker.as_deref(),
+            work_item: r.work_item.as_deref(),
+        }
+    }
+}
+
 /// Running totals written while the agent works.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
@@ -87,24 +104,35 @@ fn i(n: u64) -> i64 {
 impl Store {
     /// Records a new execution in phase Pending.
     pub async fn create_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
+        self.insert_execution(e, "INSERT").await
+    }
+
+    async fn insert_execution(&self, e: &NewExecution<'_>, verb: &'static str) -> Result<(), StoreError> {
         let at = now();
-        sqlx::query(
-            "INSERT INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
-             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(e.id)
-        .bind(e.name)
-        .bind(e.namespace)
-        .bind(e.prompt)
-        .bind(e.repo_url)
-        .bind(e.branch)
-        .bind(e.model)
-        .bind(e.worker)
-        .bind(e.work_item)
-        .bind(&at)
-        .bind(&at)
-        .execute(&self.pool)
-        .await?;
+        let sql = match verb {
+            "INSERT OR IGNORE" => {
+                "INSERT OR IGNORE INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
+                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)"
+            }
+            _ => {
+                "INSERT INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
+                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)"
+            }
+        };
+        sqlx::query(sql)
+            .bind(e.id)
+            .bind(e.name)
+            .bind(e.namespace)
+            .bind(e.prompt)
+            .bind(e.repo_url)
+            .bind(e.branch)
+            .bind(e.model)
+            .bind(e.worker)
+            .bind(e.work_item)
+            .bind(&at)
+            .bind(&at)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -255,25 +283,7 @@ impl Store {
 impl Store {
     /// Records an execution the controller saw, once (keyed by its id, the resource's uid).
     pub async fn ensure_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
-        let at = now();
-        sqlx::query(
-            "INSERT OR IGNORE INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
-             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(e.id)
-        .bind(e.name)
-        .bind(e.namespace)
-        .bind(e.prompt)
-        .bind(e.repo_url)
-        .bind(e.branch)
-        .bind(e.model)
-        .bind(e.worker)
-        .bind(e.work_item)
-        .bind(&at)
-        .bind(&at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.insert_execution(e, "INSERT OR IGNORE").await
     }
 }
 

@@ -337,7 +337,10 @@ async fn handle(
             return watch(shared, t, q).await;
         }
         let s = shared.store.lock().expect("lock");
-        let items: Vec<Value> = s
+        // Pages of `limit`, as the apiserver serves them; `continue` is the number already sent.
+        let skip: usize = q.get("continue").and_then(|c| c.parse().ok()).unwrap_or(0);
+        let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let matching = s
             .objects
             .iter()
             .filter(|((p, pl, n, _), o)| {
@@ -346,12 +349,15 @@ async fn handle(
                     && (t.namespace.is_none() || *n == ns)
                     && labels_match(o, q.get("labelSelector"))
             })
-            .map(|(_, o)| o.clone())
-            .collect();
-        return ok(
-            200,
-            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
-        );
+            .map(|(_, o)| o);
+        let mut items: Vec<Value> = matching.skip(skip).take(limit.saturating_add(1)).cloned().collect();
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let mut meta = json!({"resourceVersion": s.rv.to_string()});
+        if more {
+            meta["continue"] = json!((skip + limit).to_string());
+        }
+        return ok(200, &json!({"apiVersion": "v1", "kind": "List", "metadata": meta, "items": items}));
     }
 
     let ctype = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
