@@ -50,7 +50,9 @@ impl Store {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            // Few writers (one runner, or the controller's leader): a small pool is enough,
+            // and each SQLite connection keeps its own page cache.
+            .max_connections(2)
             .connect_with(opts)
             .await
             .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?;
