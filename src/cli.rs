@@ -139,6 +139,9 @@ pub struct ControllerArgs {
     /// Runner image for Jobs.
     #[arg(long, env = "AGENTOPS_RUNNER_IMAGE", default_value = "ghcr.io/agentops/agentops:0.1.0")]
     pub image: String,
+    /// Model for executions whose spec and template name none (empty: Claude Code's default).
+    #[arg(long, env = "AGENTOPS_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
     /// Storage class for workspace PVCs when an execution names none (empty: emptyDir).
     #[arg(long, env = "AGENTOPS_STORAGE_CLASS")]
     pub storage_class: Option<String>,
@@ -324,6 +327,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             default_storage_class: args.storage_class.filter(|s| !s.is_empty()),
             default_workspace_size: args.workspace_size,
             report_url: args.report_url.filter(|u| !u.is_empty()),
+            default_model: args.default_model.filter(|m| !m.is_empty()),
             ..Default::default()
         },
         limits: crate::controller::queue::Limits {

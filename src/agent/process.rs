@@ -22,6 +22,7 @@ const PASSTHROUGH_ENV: &[&str] = &[
     "LC_ALL",
     "TZ",
     "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_MODEL",
     "CLAUDE_CODE_MAX_RETRIES",
     "API_TIMEOUT_MS",
     "HTTPS_PROXY",

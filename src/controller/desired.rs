@@ -54,6 +54,8 @@ pub struct JobConfig {
     pub resources: Option<ResourceRequirements>,
     /// Base URL of the controller's HTTP endpoint, where runners report progress.
     pub report_url: Option<String>,
+    /// Model for executions that name none (Claude Code reads `ANTHROPIC_MODEL`).
+    pub default_model: Option<String>,
 }
 
 impl Default for JobConfig {
@@ -66,6 +68,7 @@ impl Default for JobConfig {
             runner_uid: 10001,
             resources: None,
             report_url: None,
+            default_model: None,
         }
     }
 }
@@ -163,6 +166,9 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
         env("HOME", "/home/agentops"),
         env("TMPDIR", "/tmp"),
     ];
+    if let Some(m) = &cfg.default_model {
+        envs.push(env("ANTHROPIC_MODEL", m));
+    }
     let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
     if let Some(url) = &report {
         envs.push(env("AGENTOPS_REPORT_URL", url));
