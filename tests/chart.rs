@@ -44,8 +44,9 @@ fn validate(rendered: &str, name: &str) {
     let file = dir.path().join(format!("{name}.yaml"));
     std::fs::write(&file, rendered).unwrap();
     for version in ["1.33.0", "1.37.0"] {
-        let out = Command::new("kubernetes-validate")
-            .args(["--strict", "--quiet", "-k", version])
+        // As a module: the console script may not be on PATH yet (pyenv shims).
+        let out = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k", version])
             .arg(&file)
             .output()
             .expect("kubernetes-validate (run scripts/setup)");
