@@ -59,7 +59,8 @@ async fn controller_on_a_real_cluster() {
     let api: Api<AgentExecution> = Api::namespaced(client.clone(), &ns);
     let ax: AgentExecution = serde_json::from_value(json!({
         "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution", "metadata": {"name": "hello"},
-        "spec": {"prompt": "p", "repository": {"url": "https://github.com/octocat/Hello-World.git", "credentialsSecretRef": {"name": "git-cred"}}}
+        "spec": {"prompt": "p", "repository": {"url": "https://github.com/octocat/Hello-World.git", "credentialsSecretRef": {"name": "git-cred"}},
+                 "agent": {"apiKeySecretRef": {"name": "anthropic"}}}
     }))
     .unwrap();
     api.create(&PostParams::default(), &ax).await.unwrap();
@@ -72,13 +73,10 @@ async fn controller_on_a_real_cluster() {
     })
     .await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "git-cred"}, "stringData": {"token": "x"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    for (name, key) in [("git-cred", "token"), ("anthropic", "api-key")] {
+        let s: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: "x"}})).unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let job = eventually("Job", || async { jobs.get_opt("agentops-hello").await.ok()? }).await;
     let pod = job.spec.unwrap().template.spec.unwrap();

@@ -582,3 +582,22 @@ async fn ttl_deletes_finished_executions_and_the_store_keeps_them() {
     assert_eq!((row.status.as_str(), row.tokens_used), ("Succeeded", 1500));
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_an_api_key_stalls_before_it_starts() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("nokey", json!({}));
+    ax.spec.agent.api_key_secret_ref = None;
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let st = until("Stalled", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "nokey")?;
+        (ax["status"]["reason"] == "ApiKeyMissing").then_some(ax["status"].clone())
+    })
+    .await;
+    assert!(st["message"].as_str().unwrap().contains("spec.agent.apiKeySecretRef"));
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-nokey").is_none());
+    ctl.stop().await;
+}

@@ -178,6 +178,11 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     if let Some(msg) = missing_secret(ctx, &ns, &r).await? {
         return blocked(&ax, ctx, &old, "SecretNotFound", msg, true).await;
     }
+    if r.api_key.is_none() && matches!(ctx.executor, Executor::Job) {
+        // A runner pod has no other way to get a key: fail before starting, not after.
+        let msg = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
+        return blocked(&ax, ctx, &old, "ApiKeyMissing", msg, true).await;
+    }
     if let Some(store) = &ctx.store {
         store.ensure_execution(&new_execution(&ax, &r)).await?;
     }
