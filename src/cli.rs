@@ -139,6 +139,9 @@ pub struct ControllerArgs {
     /// Runner image for Jobs.
     #[arg(long, env = "AGENTOPS_RUNNER_IMAGE", default_value = "ghcr.io/agentops/agentops:0.1.0")]
     pub image: String,
+    /// Timeout for executions whose spec and template set none, e.g. `2h` (default 1h).
+    #[arg(long, env = "AGENTOPS_DEFAULT_TIMEOUT")]
+    pub default_timeout: Option<String>,
     /// Model for executions whose spec and template name none (empty: Claude Code's default).
     #[arg(long, env = "AGENTOPS_DEFAULT_MODEL")]
     pub default_model: Option<String>,
@@ -334,8 +337,13 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             global: (args.max_concurrent > 0).then_some(args.max_concurrent),
             per_namespace: (args.max_per_namespace > 0).then_some(args.max_per_namespace),
         },
+        default_timeout: args.default_timeout.filter(|t| !t.is_empty()),
         ..Default::default()
     };
+    if let Some(t) = &config.default_timeout {
+        humantime::parse_duration(t)
+            .with_context(|| format!("--default-timeout {t:?} is not a duration (e.g. 30m, 2h)"))?;
+    }
     let executor = match args.executor {
         ExecutorArg::Job => crate::controller::ExecutorKind::Job,
         ExecutorArg::Local => {

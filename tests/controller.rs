@@ -601,3 +601,25 @@ async fn a_job_without_an_api_key_stalls_before_it_starts() {
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-nokey").is_none());
     ctl.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_timeout_applies_when_the_spec_sets_none() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let mut cfg = config(None);
+    cfg.default_timeout = Some("2h".into());
+    let ctl = start(&kube, cfg, None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("deftimeout", json!({}));
+    ax.spec.timeout = None;
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    api.create(&PostParams::default(), &execution("owntimeout", json!({}))).await.unwrap();
+    let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-deftimeout")).await;
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 7200 + 60);
+    let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
+    let manifest = env.iter().find(|e| e["name"] == "AGENTOPS_MANIFEST").unwrap()["value"].as_str().unwrap();
+    assert!(manifest.contains("timeout: 2h"), "the runner gets the same timeout: {manifest}");
+    let own = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-owntimeout")).await;
+    assert_eq!(own["spec"]["activeDeadlineSeconds"], 600 + 60, "the spec's own timeout wins");
+    ctl.stop().await;
+}

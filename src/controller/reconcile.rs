@@ -68,6 +68,8 @@ pub struct ControllerConfig {
     pub recheck_stalled: Duration,
     /// Wait before retrying a failed reconcile (a conflict, an unreachable API server).
     pub retry_after: Duration,
+    /// Timeout for executions whose spec and template set none (e.g. `1h`; None: 1h).
+    pub default_timeout: Option<String>,
     /// Reconciles running at once. Bounded: after a restart with thousands of executions,
     /// unbounded concurrency holds every one's requests and objects in memory at once.
     pub concurrency: u16,
@@ -81,6 +83,7 @@ impl Default for ControllerConfig {
             recheck_stalled: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
             concurrency: 16,
+            default_timeout: None,
         }
     }
 }
@@ -171,7 +174,13 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
             }
         },
     };
-    let r = match resolve(&ax, template.as_slice()) {
+    // The cluster's default timeout applies when neither the execution nor its template sets one;
+    // the runner gets the same value in its manifest.
+    let mut effective = (*ax).clone();
+    if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
+        effective.spec.timeout = ctx.config.default_timeout.clone();
+    }
+    let r = match resolve(&effective, template.as_slice()) {
         Ok(r) => r,
         Err(e) => return blocked(&ax, ctx, &old, "InvalidSpec", e.to_string(), false).await,
     };
@@ -225,7 +234,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
             )
             .await
         }
-        Observation::NotStarted => schedule(&ax, ctx, &old, &r, template.as_ref()).await,
+        Observation::NotStarted => schedule(&effective, ctx, &old, &r, template.as_ref()).await,
         Observation::Running { progress } => {
             let progress = progress.or_else(|| ctx.reports.latest(&ns, &ax.name_any()));
             let mut st = old.clone();
