@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
+use kube::ResourceExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
@@ -69,7 +70,18 @@ pub async fn run(
     let executions: Api<AgentExecution> = Api::all(client.clone());
     let jobs: Api<Job> = Api::all(client.clone());
     let jobs_config = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentops");
-    let controller = Controller::new(executions, watcher::Config::default())
+    // Our own watch of the executions, so that the cache keeps less of each object: no
+    // managedFields and no last-applied annotation (often the size of the object itself).
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(executions, watcher::Config::default()).default_backoff().modify(|ax: &mut AgentExecution| {
+            ax.managed_fields_mut().clear();
+            ax.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+        }),
+    )
+    .applied_objects();
+    let controller = Controller::for_stream(stream, reader)
         .owns(jobs, jobs_config)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
