@@ -87,7 +87,8 @@ impl Summary {
         }
         s += &format!("  duration  {:.1}s\n", self.duration_ms as f64 / 1000.0);
         if let Some(w) = &self.workspace {
-            s += &format!("  workspace {w}\n");
+            let gone = if std::path::Path::new(w).exists() { "" } else { " (removed)" };
+            s += &format!("  workspace {w}{gone}\n");
         }
         s
     }
