@@ -91,10 +91,7 @@ fn fetch_options(stop: &AtomicBool, depth: u32) -> FetchOptions<'_> {
 
 fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, auth_rejected: bool) -> GitError {
     if auth_rejected || e.code() == git2::ErrorCode::Auth {
-        return match creds {
-            Some(_) => GitError::Auth { url: url.into() },
-            None => GitError::AuthRequired { url: url.into() },
-        };
+        return classify_auth(url, creds);
     }
     match e.class() {
         git2::ErrorClass::Net | git2::ErrorClass::Http | git2::ErrorClass::Ssl | git2::ErrorClass::Os => {
