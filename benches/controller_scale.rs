@@ -28,7 +28,8 @@ const AX: &str = "apis/agentops.dev/v1alpha1";
 fn execution(i: usize) -> serde_json::Value {
     json!({"apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
            "metadata": {"name": format!("e{i:05}"), "namespace": "bench"},
-           "spec": {"prompt": "p", "repository": {"url": "https://git.example.com/r.git", "credentialsSecretRef": {"name": "git-cred"}}}})
+           "spec": {"prompt": "p", "repository": {"url": "https://git.example.com/r.git", "credentialsSecretRef": {"name": "git-cred"}},
+                    "agent": {"apiKeySecretRef": {"name": "anthropic"}}}})
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
@@ -127,6 +128,7 @@ async fn main() {
     let n: usize = std::env::var("BENCH_EXECUTIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let kube = FakeKube::start().await;
     kube.put("api/v1", "secrets", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "git-cred", "namespace": "bench"}, "data": {"token": "eA=="}}));
+    kube.put("api/v1", "secrets", json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "anthropic", "namespace": "bench"}, "data": {"api-key": "eA=="}}));
     for i in 0..n {
         kube.put(AX, "agentexecutions", execution(i));
     }
@@ -146,7 +148,14 @@ async fn main() {
     let mut peak = 0;
     while running(&kube) < n {
         peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
-        assert!(t.elapsed() < Duration::from_secs(1800), "cold start took too long");
+        if t.elapsed() > Duration::from_secs(600) {
+            let sample =
+                kube.list(AX, "agentexecutions", "bench").into_iter().find(|o| o["status"]["phase"] != "Running");
+            panic!(
+                "cold start took too long; one not running: {}",
+                sample.map(|o| o["status"].to_string()).unwrap_or_default()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cold = t.elapsed().as_secs_f64();
