@@ -24,6 +24,7 @@ fn context(client: kube::Client) -> Arc<Context> {
         cache,
         executor: Executor::Job,
         starting: Default::default(),
+        finished: Default::default(),
         admit: Default::default(),
         wake,
         metrics: Default::default(),

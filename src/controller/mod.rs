@@ -148,6 +148,7 @@ pub async fn run(
         cache,
         executor,
         starting: Default::default(),
+        finished: Default::default(),
         admit: Default::default(),
         wake: wake_tx,
         metrics,

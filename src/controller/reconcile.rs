@@ -99,6 +99,9 @@ pub struct Context {
     pub executor: Executor,
     /// Executions started by this process whose Running status may not be in the cache yet.
     pub starting: Mutex<HashSet<(String, String)>>,
+    /// Final statuses written but perhaps not yet seen by the watch cache, by uid: a reconcile
+    /// that reads a stale cache must not finish the same execution twice.
+    pub finished: Mutex<std::collections::HashMap<String, AgentExecutionStatus>>,
     /// Serialises "decide and start" so that two reconciles never take the same slot.
     pub admit: tokio::sync::Mutex<()>,
     /// Wakes one execution (a slot freed, a runner reported).
@@ -155,7 +158,18 @@ pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) ->
 
 async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
     let (ns, _) = key(&ax);
-    let old = ax.status.clone().unwrap_or_default();
+    let uid = ax.metadata.uid.clone().unwrap_or_default();
+    let cached = ax.status.clone().unwrap_or_default();
+    // The watch cache can lag our own final status write; what we finished is final.
+    let old = {
+        let mut done = ctx.finished.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.phase.is_terminal() {
+            done.remove(&uid);
+            cached
+        } else {
+            done.get(&uid).cloned().unwrap_or(cached)
+        }
+    };
     if old.phase.is_terminal() {
         return expire(&ax, &old, ctx).await;
     }
@@ -464,6 +478,9 @@ async fn finish(
     st.duration = ms.map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
     let event_type = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
     write_status(ax, ctx, old, st.clone(), Some((phase.as_str(), format!("{reason}: {message}"), event_type))).await?;
+    if let Some(uid) = &ax.metadata.uid {
+        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), st.clone());
+    }
 
     record_metrics(ctx, r, phase, &st);
     if let Some(store) = &ctx.store {
