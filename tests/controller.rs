@@ -32,7 +32,15 @@ impl Running {
     }
 }
 
-fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Running {
+/// Runs a controller in this process until `Running::stop`.
+fn spawn(
+    kube: &FakeKube,
+    config: ControllerConfig,
+    store: Option<Store>,
+    exec: ExecutorKind,
+    http: Option<tokio::net::TcpListener>,
+    leader: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Running {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -40,12 +48,23 @@ fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Run
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {
-        controller::run(client, config, store, ExecutorKind::Job, None, None, async move {
+        controller::run(client, config, store, exec, http, leader, async move {
             let _ = rx.await;
         })
         .await
     });
     Running { stop: Some(tx), task }
+}
+
+/// A listener on a free loopback port and its base URL.
+async fn listener() -> (tokio::net::TcpListener, String) {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    (http, base)
+}
+
+fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Running {
+    spawn(kube, config, store, ExecutorKind::Job, None, None)
 }
 
 fn config(max: Option<usize>) -> ControllerConfig {
@@ -383,18 +402,9 @@ async fn start_local(kube: &FakeKube, h: &support::Harness, store: Option<Store>
         ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
         ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
     ];
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
+    let (http, base) = listener().await;
     let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
-    let task = tokio::spawn(async move {
-        controller::run(client, config(None), store, exec, Some(http), None, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
-    (Running { stop: Some(tx), task }, base)
+    (spawn(kube, config(None), store, exec, Some(http), None), base)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -436,17 +446,9 @@ async fn runner_reports_need_the_executions_own_token() {
     let kube = FakeKube::start().await;
     secrets(&kube, "ns").await;
     let mut cfg = config(None);
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
+    let (http, base) = listener().await;
     cfg.job.report_url = Some(base.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let task = tokio::spawn(async move {
-        controller::run(client, cfg, None, ExecutorKind::Job, Some(http), None, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
+    let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     api.create(&PostParams::default(), &execution("rep", json!({}))).await.unwrap();
     let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-rep")).await;
@@ -482,8 +484,7 @@ async fn runner_reports_need_the_executions_own_token() {
         (ax["status"]["phase"] == "Succeeded" && ax["status"]["tokensUsed"] == 1234).then_some(())
     })
     .await;
-    let _ = tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    ctl.stop().await;
 }
 
 /// A controller with leader election on the given lease, serving HTTP; returns its base URL.
@@ -497,17 +498,8 @@ async fn start_elected(kube: &FakeKube, identity: &str) -> (Running, String) {
         .await
         .unwrap();
     let (leader, _lease_task) = manager.watch().await;
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let task = tokio::spawn(async move {
-        controller::run(client, config(None), None, ExecutorKind::Job, Some(http), Some(leader), async move {
-            let _ = rx.await;
-        })
-        .await
-    });
-    (Running { stop: Some(tx), task }, base)
+    let (http, base) = listener().await;
+    (spawn(kube, config(None), None, ExecutorKind::Job, Some(http), Some(leader)), base)
 }
 
 async fn ready(base: &str) -> bool {
