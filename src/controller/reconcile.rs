@@ -476,13 +476,8 @@ async fn finish(
         .or_else(|| start.map(|s| end.duration_since(s).as_millis().max(0) as u64));
     st.duration_ms = ms;
     st.duration = ms.map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
-    let event_type = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
-    write_status(ax, ctx, old, st.clone(), Some((phase.as_str(), format!("{reason}: {message}"), event_type))).await?;
-    if let Some(uid) = &ax.metadata.uid {
-        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), st.clone());
-    }
-
-    record_metrics(ctx, r, phase, &st);
+    // The store first: once the status says it is over, the record is there (and a retried
+    // status write only repeats an idempotent update).
     if let Some(store) = &ctx.store {
         let s = Summary {
             id: ax.metadata.uid.clone().unwrap_or_default(),
@@ -490,7 +485,7 @@ async fn finish(
             namespace: r.namespace.clone(),
             phase,
             reason: Some(reason.into()),
-            message: Some(message),
+            message: Some(message.clone()),
             start_time: st.start_time.clone(),
             completion_time: st.completion_time.clone(),
             duration_ms: st.duration_ms.unwrap_or_default(),
@@ -507,6 +502,13 @@ async fn finish(
         };
         store.finish_execution(&s, (phase != Phase::Succeeded).then_some(reason), None).await?;
     }
+    let event_type = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
+    write_status(ax, ctx, old, st.clone(), Some((phase.as_str(), format!("{reason}: {message}"), event_type))).await?;
+    if let Some(uid) = &ax.metadata.uid {
+        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), st.clone());
+    }
+
+    record_metrics(ctx, r, phase, &st);
 
     // Release the workspace volume now unless the policy keeps it.
     let keep = match r.retain {
