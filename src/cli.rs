@@ -341,8 +341,10 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
         ..Default::default()
     };
     if let Some(t) = &config.default_timeout {
-        humantime::parse_duration(t)
-            .with_context(|| format!("--default-timeout {t:?} is not a duration (e.g. 30m, 2h)"))?;
+        let max = crate::api::limits::MAX_TIMEOUT;
+        let ok = crate::api::is_plain_duration(t)
+            && humantime::parse_duration(t).is_ok_and(|d| d <= crate::api::limits::max_duration(max));
+        anyhow::ensure!(ok, "--default-timeout {t:?} is not a duration from 1s to {max} (e.g. 30m, 2h)");
     }
     let executor = match args.executor {
         ExecutorArg::Job => crate::controller::ExecutorKind::Job,

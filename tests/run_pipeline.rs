@@ -352,3 +352,43 @@ async fn budget_limit_stops_the_agent() {
     assert!(s.cost_usd > 0.5, "cost {}", s.cost_usd);
     assert_eq!(h.git.branch_head("demo", "agentops/budget"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_timeout_kills_its_whole_group_and_its_output_is_capped() {
+    let h = Harness::new(happy_script()).await;
+    let pidfile = h.dir.path().join("grandchild.pid");
+    // A grandchild that would outlive a kill of the direct child, and 10 MB of output.
+    let script =
+        format!("sleep 300 & echo $! > {}; head -c 10000000 /dev/zero | tr '\\\\0' x; sleep 300", pidfile.display());
+    let hooks = format!(
+        "  hooks:\n    pre:\n      - name: slow\n        timeout: 2s\n        command: [sh, -c, \"{script}\"]\n"
+    );
+    let s = h.run(&h.manifest("slowhook", &hooks)).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PreHookRejected")), "{s:#?}");
+    assert!(s.message.as_deref().unwrap().contains("longer than 2s"), "{s:#?}");
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    // Killed with the group (a zombie until reaped by init counts as gone: /proc shows state Z).
+    let mut gone = false;
+    for _ in 0..50 {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if state.is_empty() || state.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the hook's background sleep {pid} was killed with its group");
+    assert_eq!(h.model.main_requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_output_is_kept_up_to_a_cap() {
+    let h = Harness::new(happy_script()).await;
+    let hooks = "  hooks:\n    pre:\n      - name: loud\n        command: [sh, -c, \"head -c 5000000 /dev/zero | tr '\\\\0' y; echo; exit 1\"]\n";
+    let s = h.run(&h.manifest("loudhook", hooks)).await;
+    assert_eq!(s.reason.as_deref(), Some("PreHookRejected"), "{s:#?}");
+    let logs = h.store.logs(&s.id).await.unwrap();
+    let kept: usize =
+        logs.iter().filter(|l| l.source == "hook:pre:loud" && l.line.starts_with('y')).map(|l| l.line.len()).sum();
+    assert!(kept > 0 && kept <= agentops::runner::HOOK_OUTPUT_LIMIT, "kept {kept} bytes of 5 MB");
+}

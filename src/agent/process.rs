@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
 use super::stream::Tally;
@@ -126,6 +128,8 @@ pub struct AgentOutcome {
 /// How long a stopped agent gets between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 const STDERR_TAIL: usize = 4096;
+/// Longest stream-json line read from the agent (a tool result with a large file fits).
+const MAX_STDOUT_LINE: usize = 16 * 1024 * 1024;
 
 /// Runs the agent to the end, a deadline, silence or cancel. `on_line` sees every stdout line
 /// and the totals after it (the caller persists progress and logs).
@@ -158,8 +162,17 @@ pub async fn run_agent(
     }
     let stderr_task = child.stderr.take().map(|mut e| {
         tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = e.read_to_end(&mut buf).await;
+            // Only the tail is kept: an agent that floods stderr costs no memory.
+            let (mut buf, mut chunk) = (Vec::with_capacity(2 * STDERR_TAIL), vec![0u8; 8192]);
+            while let Ok(n) = e.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 2 * STDERR_TAIL {
+                    buf.drain(..buf.len() - STDERR_TAIL);
+                }
+            }
             let s = String::from_utf8_lossy(&buf).into_owned();
             let start = s.len().saturating_sub(STDERR_TAIL);
             let start = (start..s.len()).find(|i| s.is_char_boundary(*i)).unwrap_or(s.len());
@@ -168,18 +181,22 @@ pub async fn run_agent(
     });
     let mut tally = Tally::default();
     let mut stop = None;
-    let mut lines = child.stdout.take().map(|out| BufReader::new(out).lines());
+    // Lines are bounded: one endless line must not take the runner's memory with it.
+    let mut lines =
+        child.stdout.take().map(|out| FramedRead::new(out, LinesCodec::new_with_max_length(MAX_STDOUT_LINE)));
     if let Some(lines) = lines.as_mut() {
         let mut idle_at = Instant::now() + idle;
         loop {
             tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(l)) => {
+                line = lines.next() => match line {
+                    Some(Ok(l)) => {
                         idle_at = Instant::now() + idle;
                         let changed = tally.push_line(&l);
                         on_line(&l, &tally, changed);
                     }
-                    Ok(None) | Err(_) => break,
+                    // Skipped up to the next newline by the codec.
+                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => idle_at = Instant::now() + idle,
+                    Some(Err(_)) | None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => { stop = Some(AgentStop::TimedOut); break; }
                 _ = tokio::time::sleep_until(idle_at) => { stop = Some(AgentStop::Idle); break; }
@@ -192,7 +209,7 @@ pub async fn run_agent(
             terminate(&mut child, pgid).await;
             // What it printed while stopping still counts (a final usage line, if any).
             if let Some(lines) = lines.as_mut() {
-                while let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+                while let Ok(Some(Ok(l))) = tokio::time::timeout(Duration::from_millis(500), lines.next()).await {
                     let changed = tally.push_line(&l);
                     on_line(&l, &tally, changed);
                 }

@@ -22,6 +22,31 @@ pub const IMMUTABLE_EXCEPT_CANCEL: &str = "self.repository == oldSelf.repository
     && has(self.worker) == has(oldSelf.worker) && (!has(self.worker) || self.worker == oldSelf.worker) \
     && has(self.workItem) == has(oldSelf.workItem) && (!has(self.workItem) || self.workItem == oldSelf.workItem)";
 
+/// Bounds of `api::limits`, as CEL rules on the spec (checked by the apiserver at `kubectl
+/// apply`, and by `validate_cel` in tests that compare them with `resolve`).
+pub const BOUNDED_TEXT: &str = "(!has(self.prompt) || size(self.prompt) <= 262144) \
+    && (!has(self.agent) || !has(self.agent.appendSystemPrompt) || size(self.agent.appendSystemPrompt) <= 65536)";
+/// `spec.timeout`: a plain duration (integers with units) from 1ns to 168h.
+pub const BOUNDED_TIMEOUT: &str = "!has(self.timeout) || (self.timeout.matches('^([0-9]{1,9}(ns|us|ms|s|m|h))+$') \
+    && duration(self.timeout) > duration('0s') && duration(self.timeout) <= duration('168h'))";
+/// `spec.agent.idleTimeout`: up to 24h.
+pub const BOUNDED_IDLE_TIMEOUT: &str = "!has(self.agent) || !has(self.agent.idleTimeout) \
+    || (self.agent.idleTimeout.matches('^([0-9]{1,9}(ns|us|ms|s|m|h))+$') \
+    && duration(self.agent.idleTimeout) > duration('0s') && duration(self.agent.idleTimeout) <= duration('24h'))";
+/// Every hook's timeout: up to 1h.
+pub const BOUNDED_HOOK_TIMEOUTS: &str = "!has(self.hooks) || [has(self.hooks.pre) ? self.hooks.pre : [], \
+    has(self.hooks.post) ? self.hooks.post : [], has(self.hooks.onError) ? self.hooks.onError : []].all(l, l.all(h, \
+    !has(h.timeout) || (h.timeout.matches('^([0-9]{1,9}(ns|us|ms|s|m|h))+$') \
+    && duration(h.timeout) > duration('0s') && duration(h.timeout) <= duration('1h'))))";
+/// No credentials in the URL: no userinfo, no query string, no fragment.
+pub const URL_WITHOUT_CREDENTIALS: &str = "!self.repository.url.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@') \
+    && !self.repository.url.contains('?') && !self.repository.url.contains('#')";
+/// Credentials over plain http:// only to loopback, or with `insecure: true`.
+pub const NO_PLAIN_HTTP_CREDENTIALS: &str = "!self.repository.url.startsWith('http://') \
+    || !has(self.repository.credentialsSecretRef) \
+    || (has(self.repository.insecure) && self.repository.insecure) \
+    || self.repository.url.matches('^http://(localhost|127[.][0-9]+[.][0-9]+[.][0-9]+|\\\\[::1\\\\])(:[0-9]+)?([/?#]|$)')";
+
 /// What the user asks for. Immutable after creation except `cancel`.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
@@ -44,17 +69,24 @@ pub const IMMUTABLE_EXCEPT_CANCEL: &str = "self.repository == oldSelf.repository
     cel,
     validation = Rule::new("has(self.prompt) || has(self.templateRef)").message("set spec.prompt, or spec.templateRef to a template that has a prompt"),
     validation = Rule::new("self.repository.url.startsWith('https://') || self.repository.url.startsWith('http://')").message("spec.repository.url must start with https:// or http://"),
-    validation = Rule::new("!has(self.agent) || !has(self.agent.maxTurns) || self.agent.maxTurns >= 1").message("spec.agent.maxTurns must be 1 or more"),
-    validation = Rule::new("!has(self.agent) || !has(self.agent.maxBudgetUsd) || self.agent.maxBudgetUsd > 0.0").message("spec.agent.maxBudgetUsd must be positive"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxTurns) || (self.agent.maxTurns >= 1 && self.agent.maxTurns <= 10000)").message("spec.agent.maxTurns must be 1 to 10000"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxBudgetUsd) || (self.agent.maxBudgetUsd > 0.0 && self.agent.maxBudgetUsd <= 10000.0)").message("spec.agent.maxBudgetUsd must be positive and at most 10000"),
     validation = Rule::new("!has(self.repository.depth) || self.repository.depth >= 0").message("spec.repository.depth must be 0 (full history) or more"),
-    validation = Rule::new("!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished >= 0").message("spec.ttlSecondsAfterFinished must be 0 or more"),
+    validation = Rule::new("!has(self.ttlSecondsAfterFinished) || (self.ttlSecondsAfterFinished >= 0 && self.ttlSecondsAfterFinished <= 7776000)").message("spec.ttlSecondsAfterFinished must be 0 to 7776000 (90 days)"),
+    validation = Rule::new(BOUNDED_TEXT).message("spec.prompt is limited to 262144 characters and spec.agent.appendSystemPrompt to 65536"),
+    validation = Rule::new(BOUNDED_TIMEOUT).message("spec.timeout must be a duration like 30m or 1h30m, at most 168h"),
+    validation = Rule::new(BOUNDED_IDLE_TIMEOUT).message("spec.agent.idleTimeout must be a duration like 5m, at most 24h"),
+    validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
+    validation = Rule::new(URL_WITHOUT_CREDENTIALS).message("spec.repository.url must not contain credentials, a query string or a fragment; use spec.repository.credentialsSecretRef"),
+    validation = Rule::new(NO_PLAIN_HTTP_CREDENTIALS).message("credentials over plain http:// to a host other than loopback need spec.repository.insecure: true (use https://)"),
     validation = Rule::new(IMMUTABLE_EXCEPT_CANCEL).message("spec is immutable after creation, except spec.cancel"),
     validation = Rule::new("!(has(oldSelf.cancel) && oldSelf.cancel) || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be undone"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentExecutionSpec {
-    /// The task for the agent. Required unless the template gives one.
+    /// The task for the agent. Required unless the template gives one. At most 262144 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
     pub prompt: Option<String>,
     /// An `AgentTemplate` in the same namespace whose settings this execution starts from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,8 +99,9 @@ pub struct AgentExecutionSpec {
     /// Agent settings; each one overrides the template's.
     #[serde(default)]
     pub agent: AgentSpec,
-    /// Wall-clock limit for the whole execution, e.g. `30m`, `1h30m`. Default 1h.
+    /// Wall-clock limit for the whole execution, e.g. `30m`, `1h30m`. Default 1h, at most 168h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub timeout: Option<String>,
     /// Set to true to stop the execution; usage spent so far is kept.
     #[serde(default)]
@@ -115,7 +148,7 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct Repository {
     /// Clone URL (`https://` or `http://`). Never put a token in it: use `credentialsSecretRef`.
-    #[schemars(regex(pattern = r"^(https?|file)://"))]
+    #[schemars(regex(pattern = r"^(https?|file)://"), length(max = 2048))]
     pub url: String,
     /// Branch or tag to start from. Default: the remote's default branch.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
@@ -127,6 +160,10 @@ pub struct Repository {
     /// Secret with keys `token` (or `key`) and optional `username` (default `x-access-token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretKeyRef>,
+    /// Allow credentials over plain `http://` to a host other than loopback (they cross the
+    /// network unencrypted). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
 }
 
 /// How the operator commits and pushes.
@@ -176,18 +213,22 @@ pub struct AgentSpec {
     pub max_budget_usd: Option<f64>,
     /// Tools the agent may use without asking, e.g. `Write`, `Bash(git diff:*)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128), inner(length(max = 1024)))]
     pub allowed_tools: Option<Vec<String>>,
     /// Tools the agent may not use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128), inner(length(max = 1024)))]
     pub disallowed_tools: Option<Vec<String>>,
-    /// Text appended to Claude Code's system prompt.
+    /// Text appended to Claude Code's system prompt. At most 65536 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
     pub append_system_prompt: Option<String>,
     /// Secret key holding the Anthropic API key (default key `api-key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
-    /// Stop the agent when it prints nothing for this long, e.g. `5m`. Default 10m.
+    /// Stop the agent when it prints nothing for this long, e.g. `5m`. Default 10m, at most 24h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub idle_timeout: Option<String>,
 }
 
@@ -197,12 +238,15 @@ pub struct AgentSpec {
 pub struct Hooks {
     /// Run after the clone, before the agent; any failure aborts (reason `PreHookRejected`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub pre: Vec<Hook>,
     /// Run after the agent succeeded and its work was committed; they receive the result.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub post: Vec<Hook>,
     /// Run when the execution fails, times out or is cancelled; they receive the error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub on_error: Vec<Hook>,
 }
 
@@ -215,12 +259,14 @@ pub struct Hook {
     pub name: Option<String>,
     /// Command and arguments, run in the workspace with the context JSON on stdin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub command: Option<Vec<String>>,
     /// URL that receives a POST of the context JSON; a non-2xx answer is a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
-    /// Limit for this hook, e.g. `30s`. Default 5m.
+    /// Limit for this hook, e.g. `30s`. Default 5m, at most 1h.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub timeout: Option<String>,
 }
 

@@ -4,6 +4,7 @@
 use kube::api::ObjectMeta;
 use serde::de::DeserializeOwned;
 
+use super::limits::{MAX_MANIFEST_BYTES, MAX_YAML_DEPTH};
 use super::{API_VERSION, AgentExecution, AgentExecutionSpec, AgentTemplate, AgentTemplateSpec};
 
 /// The resources found in a manifest file.
@@ -33,15 +34,35 @@ impl ManifestError {
     }
 }
 
-/// Parses the text of a manifest file.
+/// Parses the text of a manifest file. Size and nesting are bounded (`api::limits`) before any
+/// value is built, and numbers JSON cannot carry (`.nan`, `.inf`) are refused, not dropped.
 pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::new(
+            "(file)",
+            format!("is {} bytes; a manifest is limited to {} bytes (1 MiB)", text.len(), MAX_MANIFEST_BYTES),
+        ));
+    }
+    if let Some(line) = too_deep(text) {
+        return Err(ManifestError::new(
+            "(yaml)",
+            format!("nesting deeper than {MAX_YAML_DEPTH} levels at line {line}; a manifest is never that deep"),
+        ));
+    }
     let mut docs = Vec::new();
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let value: serde_json::Value = serde::Deserialize::deserialize(de).map_err(|e| ManifestError {
-            document: Some(i + 1),
-            field: "(yaml)".into(),
-            message: format!("not valid YAML: {e}"),
-        })?;
+        let yaml_error = |message: String| ManifestError { document: Some(i + 1), field: "(yaml)".into(), message };
+        let value: serde_norway::Value =
+            serde::Deserialize::deserialize(de).map_err(|e| yaml_error(format!("not valid YAML: {e}")))?;
+        if let Some(path) = non_finite(&value, String::new()) {
+            return Err(ManifestError {
+                document: Some(i + 1),
+                field: path.trim_start_matches('.').to_string(),
+                message: "is .nan or .inf; use a finite number".into(),
+            });
+        }
+        let value: serde_json::Value =
+            serde_json::to_value(&value).map_err(|e| yaml_error(format!("cannot be read as JSON: {e}")))?;
         if !value.is_null() {
             docs.push((i + 1, value));
         }
@@ -104,6 +125,52 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
         return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
     }
     Ok(Manifest { execution, templates })
+}
+
+/// The first line where flow collections (`[`, `{`) nest deeper than the limit. The YAML parser
+/// takes time quadratic in that nesting (100,000 levels: about a minute of CPU) before its own
+/// recursion limit answers, so this cheap scan runs first. Quoted text and comments are skipped;
+/// block nesting needs indentation, so the size bound keeps it cheap.
+fn too_deep(text: &str) -> Option<usize> {
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let (mut quote, mut prev) = (None::<char>, ' ');
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') if flow > 0 || prev == ' ' => quote = Some(c),
+                (None, '#') if prev == ' ' => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow > MAX_YAML_DEPTH {
+                        return Some(n + 1);
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    None
+}
+
+/// The path of the first `.nan` / `.inf` number, if any.
+fn non_finite(v: &serde_norway::Value, path: String) -> Option<String> {
+    use serde_norway::Value;
+    match v {
+        Value::Number(n) => n.as_f64().filter(|f| !f.is_finite()).map(|_| path),
+        Value::Sequence(items) => {
+            items.iter().enumerate().find_map(|(i, item)| non_finite(item, format!("{path}[{i}]")))
+        }
+        Value::Mapping(m) => m.iter().find_map(|(k, item)| {
+            let key = k.as_str().map(str::to_string).unwrap_or_else(|| format!("{k:?}"));
+            non_finite(item, format!("{path}.{key}"))
+        }),
+        Value::Tagged(t) => non_finite(&t.value, path),
+        _ => None,
+    }
 }
 
 /// Deserializes one top-level field, naming the full path of a wrong type or an unknown field.

@@ -1,13 +1,16 @@
 //! The resources users apply: `AgentExecution` and `AgentTemplate` (`agentops.dev/v1alpha1`).
 
 mod execution;
+pub mod limits;
 mod manifest;
 mod resolve;
 mod template;
 
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
-pub use resolve::{DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, resolve};
+pub use resolve::{
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, is_plain_duration, resolve,
+};
 pub use template::{AgentTemplate, AgentTemplateSpec};
 
 /// `apiVersion` of both resources.

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::limits::{self, max_duration};
 use super::{AgentExecution, AgentTemplate, GitAuthor, Hook, ManifestError, RetainPolicy, SecretKeyRef};
 
 /// Wall-clock limit when neither the execution nor the template sets one.
@@ -90,24 +91,19 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         .or_else(|| template.and_then(|t| t.prompt.clone()))
         .filter(|p| !p.trim().is_empty())
         .ok_or_else(|| ManifestError::new("spec.prompt", "is required (or set it in the template)"))?;
+    if prompt.chars().count() > limits::MAX_PROMPT_CHARS {
+        let field = if spec.prompt.is_some() { "spec.prompt" } else { "spec.templateRef (the template's spec.prompt)" };
+        return Err(too_big(
+            field,
+            prompt.chars().count(),
+            limits::MAX_PROMPT_CHARS,
+            "put long instructions in a file in the repository and point the prompt at it",
+        ));
+    }
 
     let repo = &spec.repository;
     let url = repo.url.trim().to_string();
-    let scheme_ok = ["https://", "http://", "file://"].iter().any(|s| url.starts_with(s));
-    if !scheme_ok {
-        return Err(ManifestError::new(
-            "spec.repository.url",
-            format!("{url:?} is not an http(s) URL; use e.g. https://github.com/org/repo.git"),
-        ));
-    }
-    if let Some(rest) = url.split("://").nth(1)
-        && rest.split('/').next().is_some_and(|host| host.contains('@'))
-    {
-        return Err(ManifestError::new(
-            "spec.repository.url",
-            "contains credentials; remove them and use spec.repository.credentialsSecretRef",
-        ));
-    }
+    check_repository_url(&url, repo.credentials_secret_ref.is_some(), repo.insecure.unwrap_or(false))?;
     let depth = match repo.depth {
         None => 1,
         Some(d) if d >= 0 => d as u32,
@@ -139,14 +135,17 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
 
     let max_turns = match spec.agent.max_turns.or_else(|| t_agent.and_then(|a| a.max_turns)) {
         None => None,
-        Some(n) if n >= 1 => Some(n as u32),
+        Some(n) if (1..=limits::MAX_TURNS).contains(&n) => Some(n as u32),
         Some(n) => {
-            return Err(ManifestError::new("spec.agent.maxTurns", format!("is {n}; use 1 or more")));
+            return Err(ManifestError::new("spec.agent.maxTurns", format!("is {n}; use 1 to {}", limits::MAX_TURNS)));
         }
     };
     let max_budget_usd = match spec.agent.max_budget_usd.or_else(|| t_agent.and_then(|a| a.max_budget_usd)) {
-        Some(b) if !(b.is_finite() && b > 0.0) => {
-            return Err(ManifestError::new("spec.agent.maxBudgetUsd", format!("is {b}; use a positive amount")));
+        Some(b) if !(b.is_finite() && b > 0.0 && b <= limits::MAX_BUDGET_USD) => {
+            return Err(ManifestError::new(
+                "spec.agent.maxBudgetUsd",
+                format!("is {b}; use a positive amount up to {}", limits::MAX_BUDGET_USD),
+            ));
         }
         b => b,
     };
@@ -155,21 +154,75 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         check_secret_ref(r, "spec.agent.apiKeySecretRef")?;
     }
 
-    let timeout = duration(spec.timeout.as_ref().or(template.and_then(|t| t.timeout.as_ref())), "spec.timeout")?
-        .unwrap_or(DEFAULT_TIMEOUT);
-    let idle_timeout =
-        duration(pick(&spec.agent.idle_timeout, |a| &a.idle_timeout).as_ref(), "spec.agent.idleTimeout")?
-            .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let timeout = duration(
+        spec.timeout.as_ref().or(template.and_then(|t| t.timeout.as_ref())),
+        "spec.timeout",
+        limits::MAX_TIMEOUT,
+    )?
+    .unwrap_or(DEFAULT_TIMEOUT);
+    let idle_timeout = duration(
+        pick(&spec.agent.idle_timeout, |a| &a.idle_timeout).as_ref(),
+        "spec.agent.idleTimeout",
+        limits::MAX_IDLE_TIMEOUT,
+    )?
+    .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    if let Some(ttl) = spec.ttl_seconds_after_finished
+        && !(0..=limits::MAX_TTL_SECONDS).contains(&ttl)
+    {
+        return Err(ManifestError::new(
+            "spec.ttlSecondsAfterFinished",
+            format!("is {ttl}; use 0 to {} (90 days)", limits::MAX_TTL_SECONDS),
+        ));
+    }
+    let append_system_prompt = pick(&spec.agent.append_system_prompt, |a| &a.append_system_prompt);
+    if let Some(p) = &append_system_prompt
+        && p.chars().count() > limits::MAX_SYSTEM_PROMPT_CHARS
+    {
+        return Err(too_big(
+            "spec.agent.appendSystemPrompt",
+            p.chars().count(),
+            limits::MAX_SYSTEM_PROMPT_CHARS,
+            "shorten it",
+        ));
+    }
+    let allowed_tools =
+        spec.agent.allowed_tools.clone().or_else(|| t_agent.and_then(|a| a.allowed_tools.clone())).unwrap_or_default();
+    let disallowed_tools = spec
+        .agent
+        .disallowed_tools
+        .clone()
+        .or_else(|| t_agent.and_then(|a| a.disallowed_tools.clone()))
+        .unwrap_or_default();
+    for (field, list) in
+        [("spec.agent.allowedTools", &allowed_tools), ("spec.agent.disallowedTools", &disallowed_tools)]
+    {
+        if list.len() > limits::MAX_TOOL_RULES || list.iter().any(|t| t.chars().count() > limits::MAX_TOOL_RULE_CHARS) {
+            return Err(ManifestError::new(
+                field,
+                format!(
+                    "has {} entries; use at most {}, each at most {} characters",
+                    list.len(),
+                    limits::MAX_TOOL_RULES,
+                    limits::MAX_TOOL_RULE_CHARS
+                ),
+            ));
+        }
+    }
 
     let hooks =
         |phase: &str, own: &[Hook], from_template: Option<&[Hook]>| -> Result<Vec<ResolvedHook>, ManifestError> {
-            from_template
-                .unwrap_or_default()
-                .iter()
-                .chain(own)
-                .enumerate()
-                .map(|(i, h)| resolve_hook(h, phase, i))
-                .collect()
+            let all: Vec<&Hook> = from_template.unwrap_or_default().iter().chain(own).collect();
+            if all.len() > limits::MAX_HOOKS_PER_PHASE {
+                return Err(ManifestError::new(
+                    format!("spec.hooks.{phase}"),
+                    format!(
+                        "has {} hooks (template and execution together); use at most {}",
+                        all.len(),
+                        limits::MAX_HOOKS_PER_PHASE
+                    ),
+                ));
+            }
+            all.into_iter().enumerate().map(|(i, h)| resolve_hook(h, phase, i)).collect()
         };
 
     Ok(Resolved {
@@ -186,19 +239,9 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         model: pick(&spec.agent.model, |a| &a.model),
         max_turns,
         max_budget_usd,
-        allowed_tools: spec
-            .agent
-            .allowed_tools
-            .clone()
-            .or_else(|| t_agent.and_then(|a| a.allowed_tools.clone()))
-            .unwrap_or_default(),
-        disallowed_tools: spec
-            .agent
-            .disallowed_tools
-            .clone()
-            .or_else(|| t_agent.and_then(|a| a.disallowed_tools.clone()))
-            .unwrap_or_default(),
-        append_system_prompt: pick(&spec.agent.append_system_prompt, |a| &a.append_system_prompt),
+        allowed_tools,
+        disallowed_tools,
+        append_system_prompt,
         api_key,
         timeout,
         idle_timeout,
@@ -226,20 +269,115 @@ fn check_secret_ref(r: &SecretKeyRef, field: &str) -> Result<(), ManifestError> 
     Ok(())
 }
 
-fn duration(text: Option<&String>, field: &str) -> Result<Option<Duration>, ManifestError> {
+fn too_big(field: &str, len: usize, max: usize, what_to_do: &str) -> ManifestError {
+    ManifestError::new(field, format!("is {len} characters long; the limit is {max}: {what_to_do}"))
+}
+
+/// Whether `text` is a duration the apiserver's CEL `duration()` reads the same way we do:
+/// one or more `<integer><unit>` with unit ns, us, ms, s, m or h (e.g. `1h30m`).
+pub fn is_plain_duration(text: &str) -> bool {
+    let mut rest = text;
+    if rest.is_empty() {
+        return false;
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 9 {
+            return false;
+        }
+        rest = &rest[digits..];
+        let unit = ["ns", "us", "ms", "s", "m", "h"]
+            .into_iter()
+            .find(|u| rest.starts_with(u) && !(*u == "m" && rest.starts_with("ms")));
+        let Some(unit) = unit else { return false };
+        rest = &rest[unit.len()..];
+    }
+    true
+}
+
+fn duration(text: Option<&String>, field: &str, max: &str) -> Result<Option<Duration>, ManifestError> {
     let Some(text) = text else { return Ok(None) };
-    match humantime::parse_duration(text.trim()) {
-        Ok(d) if !d.is_zero() => Ok(Some(d)),
-        Ok(_) => Err(ManifestError::new(field, "must be longer than zero")),
+    let text = text.trim();
+    if !is_plain_duration(text) {
+        let shown: String = text.chars().take(40).collect();
+        return Err(ManifestError::new(
+            field,
+            format!("{shown:?} is not a duration; write whole numbers with units h, m, s or ms, e.g. 30m, 1h30m, 90s"),
+        ));
+    }
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err(ManifestError::new(field, "must be longer than zero")),
+        Ok(d) if d > max_duration(max) => Err(ManifestError::new(field, format!("is {text}; the limit is {max}"))),
+        Ok(d) => Ok(Some(d)),
         Err(e) => {
             Err(ManifestError::new(field, format!("{text:?} is not a duration ({e}); write e.g. 30m, 1h30m, 90s")))
         }
     }
 }
 
+/// The repository URL: a scheme we speak, no credentials anywhere in it (they would be
+/// printed, stored and sent as-is), and no credentials over plain HTTP to another machine.
+fn check_repository_url(url: &str, has_credentials: bool, insecure: bool) -> Result<(), ManifestError> {
+    const FIELD: &str = "spec.repository.url";
+    if url.chars().count() > limits::MAX_URL_CHARS {
+        return Err(too_big(FIELD, url.chars().count(), limits::MAX_URL_CHARS, "use the repository's clone URL"));
+    }
+    let bad_scheme = || {
+        let shown: String = url.chars().take(80).collect();
+        ManifestError::new(FIELD, format!("{shown:?} is not an http(s) URL; use e.g. https://github.com/org/repo.git"))
+    };
+    if !["https://", "http://", "file://"].iter().any(|s| url.starts_with(s)) {
+        return Err(bad_scheme());
+    }
+    let parsed = url::Url::parse(url).map_err(|e| ManifestError::new(FIELD, format!("is not a valid URL: {e}")))?;
+    // `url` percent-decodes nothing here: any userinfo at all is refused, whatever its form.
+    let authority = url.split("://").nth(1).and_then(|r| r.split(['/', '?', '#']).next()).unwrap_or_default();
+    if !parsed.username().is_empty() || parsed.password().is_some() || authority.contains('@') {
+        return Err(ManifestError::new(
+            FIELD,
+            "contains credentials (user:token@); remove them and use spec.repository.credentialsSecretRef",
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(ManifestError::new(
+            FIELD,
+            "has a query string or fragment (?... or #...); use the plain clone URL, and put a token in spec.repository.credentialsSecretRef",
+        ));
+    }
+    if parsed.scheme() == "http" && has_credentials && !insecure {
+        let loopback = match parsed.host() {
+            Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        if !loopback {
+            return Err(ManifestError::new(
+                FIELD,
+                "is plain http:// to another machine, and the credentials in spec.repository.credentialsSecretRef would cross the network unencrypted; use https://, or set spec.repository.insecure: true to accept that",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn resolve_hook(h: &Hook, phase: &str, index: usize) -> Result<ResolvedHook, ManifestError> {
     let field = format!("spec.hooks.{phase}[{index}]");
     let action = match (&h.command, &h.url) {
+        (Some(cmd), None)
+            if cmd.len() > limits::MAX_HOOK_ARGS
+                || cmd.iter().any(|a| a.chars().count() > limits::MAX_HOOK_ARG_CHARS) =>
+        {
+            return Err(ManifestError::new(
+                format!("{field}.command"),
+                format!(
+                    "has {} arguments; use at most {}, each at most {} characters (put a long script in a file)",
+                    cmd.len(),
+                    limits::MAX_HOOK_ARGS,
+                    limits::MAX_HOOK_ARG_CHARS
+                ),
+            ));
+        }
         (Some(cmd), None) if !cmd.is_empty() && !cmd[0].is_empty() => HookAction::Command(cmd.clone()),
         (None, Some(url)) if url.starts_with("http://") || url.starts_with("https://") => {
             HookAction::Webhook(url.clone())
@@ -257,7 +395,8 @@ fn resolve_hook(h: &Hook, phase: &str, index: usize) -> Result<ResolvedHook, Man
     Ok(ResolvedHook {
         name: h.name.clone().unwrap_or_else(|| format!("{phase}-{index}")),
         action,
-        timeout: duration(h.timeout.as_ref(), &format!("{field}.timeout"))?.unwrap_or(DEFAULT_HOOK_TIMEOUT),
+        timeout: duration(h.timeout.as_ref(), &format!("{field}.timeout"), limits::MAX_HOOK_TIMEOUT)?
+            .unwrap_or(DEFAULT_HOOK_TIMEOUT),
     })
 }
 

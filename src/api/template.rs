@@ -1,13 +1,14 @@
 //! `AgentTemplate`: reusable agent configuration that executions start from.
 
-use kube::CustomResource;
-use schemars::JsonSchema;
+use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::execution::{AgentSpec, GitAuthor, Hooks};
+use super::execution::{
+    AgentSpec, BOUNDED_HOOK_TIMEOUTS, BOUNDED_IDLE_TIMEOUT, BOUNDED_TEXT, BOUNDED_TIMEOUT, GitAuthor, Hooks,
+};
 
 /// Settings shared by many executions. An execution's own fields win over these.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[kube(
     group = "agentops.dev",
     version = "v1alpha1",
@@ -17,16 +18,27 @@ use super::execution::{AgentSpec, GitAuthor, Hooks};
     printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.agent.model"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(
+    cel,
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxTurns) || (self.agent.maxTurns >= 1 && self.agent.maxTurns <= 10000)").message("spec.agent.maxTurns must be 1 to 10000"),
+    validation = Rule::new("!has(self.agent) || !has(self.agent.maxBudgetUsd) || (self.agent.maxBudgetUsd > 0.0 && self.agent.maxBudgetUsd <= 10000.0)").message("spec.agent.maxBudgetUsd must be positive and at most 10000"),
+    validation = Rule::new(BOUNDED_TEXT).message("spec.prompt is limited to 262144 characters and spec.agent.appendSystemPrompt to 65536"),
+    validation = Rule::new(BOUNDED_TIMEOUT).message("spec.timeout must be a duration like 30m or 1h30m, at most 168h"),
+    validation = Rule::new(BOUNDED_IDLE_TIMEOUT).message("spec.agent.idleTimeout must be a duration like 5m, at most 24h"),
+    validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentTemplateSpec {
-    /// Prompt used when the execution gives none.
+    /// Prompt used when the execution gives none. At most 262144 characters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
     pub prompt: Option<String>,
     /// Default agent settings (model, limits, tools, system prompt, API key).
     #[serde(default)]
     pub agent: AgentSpec,
-    /// Default wall-clock limit, e.g. `30m`.
+    /// Default wall-clock limit, e.g. `30m` (at most 168h).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub timeout: Option<String>,
     /// Hooks run before the execution's own hooks of the same phase.
     #[serde(default)]

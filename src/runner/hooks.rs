@@ -23,6 +23,24 @@ pub enum HookError {
     Start { name: String, message: String },
 }
 
+/// Output kept from a hook (each stream, or a webhook's answer); the rest is read and dropped.
+pub const MAX_OUTPUT: usize = 64 * 1024;
+
+/// Reads a stream to its end, keeping the first `MAX_OUTPUT` bytes.
+async fn read_capped(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let Some(mut stream) = stream else { return Vec::new() };
+    let (mut kept, mut chunk) = (Vec::new(), vec![0u8; 8192]);
+    while let Ok(n) = stream.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let room = MAX_OUTPUT.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..n.min(room)]);
+    }
+    kept
+}
+
 /// Where the hook runs and what it may see.
 pub struct HookEnv<'a> {
     pub cwd: &'a Path,
@@ -79,17 +97,36 @@ pub async fn run_hook(
                     let _ = stdin.write_all(&body).await;
                 });
             }
-            let out = tokio::time::timeout(timeout, child.wait_with_output()).await.map_err(|_| timed_out())?;
-            let out = out.map_err(|e| HookError::Start { name: name.clone(), message: e.to_string() })?;
-            for stream in [&out.stdout, &out.stderr] {
+            let group = child.id().map(|id| nix::unistd::Pid::from_raw(id as i32));
+            let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+            let run = async {
+                // Both streams at once (a full pipe would block the hook), each read with a cap.
+                let (out, err) = tokio::join!(read_capped(stdout), read_capped(stderr));
+                (child.wait().await, out, err)
+            };
+            let (status, out, err) = match tokio::time::timeout(timeout, run).await {
+                Ok(done) => done,
+                Err(_) => {
+                    // The whole group: a hook's children (a shell's pipeline) go with it.
+                    if let Some(pg) = group {
+                        let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    return Err(timed_out());
+                }
+            };
+            if let Some(pg) = group {
+                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+            }
+            let status = status.map_err(|e| HookError::Start { name: name.clone(), message: e.to_string() })?;
+            for stream in [&out, &err] {
                 for line in String::from_utf8_lossy(stream).lines() {
                     log(line.to_string());
                 }
             }
-            if out.status.success() {
+            if status.success() {
                 Ok(())
             } else {
-                let code = out.status.code().map_or_else(|| "killed".to_string(), |c| c.to_string());
+                let code = status.code().map_or_else(|| "killed".to_string(), |c| c.to_string());
                 Err(HookError::Exit { name, code })
             }
         }
@@ -109,8 +146,16 @@ pub async fn run_hook(
                 }
             })?;
             let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            for line in text.lines().take(200) {
+            let mut resp = resp;
+            let mut text = Vec::new();
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                let room = MAX_OUTPUT.saturating_sub(text.len());
+                text.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                if room <= chunk.len() {
+                    break;
+                }
+            }
+            for line in String::from_utf8_lossy(&text).lines().take(200) {
                 log(line.to_string());
             }
             log(format!("HTTP {}", status.as_u16()));

@@ -20,7 +20,7 @@ use crate::api::{GitResult, Phase, Resolved, RetainPolicy};
 use crate::git::{self, GitError};
 use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, now};
 
-pub use hooks::{HookError, http_client};
+pub use hooks::{HookError, MAX_OUTPUT as HOOK_OUTPUT_LIMIT, http_client};
 pub use recorder::{Recorder, ReportTarget, post_report};
 pub use report::*;
 pub use secrets::{Redactor, SecretError, Secrets};
@@ -117,7 +117,58 @@ pub async fn run_execution(
     let started = Instant::now();
     let start_time = now();
     store.mark_running(&id, &start_time).await?;
+    // A bug that panics below must not leave the row Running forever: finish it as Failed.
+    let run = std::panic::AssertUnwindSafe(run_started(
+        store,
+        opts,
+        r,
+        env,
+        cancel,
+        secrets,
+        redactor,
+        id.clone(),
+        started,
+        start_time.clone(),
+    ));
+    match futures::FutureExt::catch_unwind(run).await {
+        Ok(done) => done,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            let summary = Summary {
+                id: id.clone(),
+                name: r.name.clone(),
+                namespace: r.namespace.clone(),
+                phase: Phase::Failed,
+                reason: Some("InternalError".into()),
+                message: Some(format!("agentops stopped on an internal error ({what}); please report it")),
+                start_time: Some(start_time),
+                completion_time: Some(now()),
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..Default::default()
+            };
+            store.finish_execution(&summary, summary.message.as_deref(), None).await?;
+            Ok(summary)
+        }
+    }
+}
 
+#[allow(clippy::too_many_arguments)]
+async fn run_started(
+    store: &Store,
+    opts: &RunOptions,
+    r: &Resolved,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+    cancel: CancellationToken,
+    secrets: Secrets,
+    redactor: Redactor,
+    id: String,
+    started: Instant,
+    start_time: String,
+) -> Result<Summary, RunError> {
     let deadline = started + r.timeout;
     let abort = Arc::new(AtomicBool::new(false));
     let watcher = {

@@ -1,0 +1,277 @@
+//! Bad input, as a user types it: each manifest below is refused by `agentops run` with exit
+//! status 2 and a message naming the field, before anything is created (no store row, no
+//! workspace, no request to the model, no branch on the remote). The same bounds are in the
+//! CRD: `kubectl apply` refuses what `agentops run` refuses.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use agentops::api::{AgentExecution, AgentExecutionSpec, parse_manifest, resolve};
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use support::*;
+
+async fn run(h: &Harness, yaml: &str) -> (i32, String) {
+    let file = h.dir.path().join("bad.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", h.dir.path())
+        .env("AGENTOPS_DB", &h.db_path)
+        .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
+        .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
+        .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
+        .env("ANTHROPIC_BASE_URL", &h.model.base_url)
+        .args(["run", "-q", "-f"])
+        .arg(&file)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Each case: what is appended under `spec:` (or a whole replacement of the manifest), the field
+/// the error must name, and a word the message must contain.
+fn cases(h: &Harness) -> Vec<(&'static str, String, &'static str, &'static str)> {
+    let demo = h.git.url("demo");
+    let m = |extra: &str| h.manifest("bad", extra);
+    let with_url = |url: &str| m("").replace(&demo, url);
+    vec![
+        ("absurd timeout", m("  timeout: 400000000000y\n"), "spec.timeout", "not a duration"),
+        ("huge timeout", m("  timeout: 999999999h\n"), "spec.timeout", "limit is 168h"),
+        ("timeout over the bound", m("  timeout: 169h\n"), "spec.timeout", "limit is 168h"),
+        (
+            "huge idle timeout",
+            m("  agent: {idleTimeout: 999999999h, apiKeySecretRef: {name: anthropic}}\n")
+                .replace("  agent:\n    apiKeySecretRef: {name: anthropic}\n", ""),
+            "spec.agent.idleTimeout",
+            "limit is 24h",
+        ),
+        (
+            "hook timeout",
+            m("  hooks: {pre: [{command: [\"true\"], timeout: 2h}]}\n"),
+            "spec.hooks.pre[0].timeout",
+            "limit is 1h",
+        ),
+        ("ttl", m("  ttlSecondsAfterFinished: 99999999999\n"), "spec.ttlSecondsAfterFinished", "90 days"),
+        (
+            "nan budget",
+            m("  agent: {maxBudgetUsd: .nan, apiKeySecretRef: {name: anthropic}}\n")
+                .replace("  agent:\n    apiKeySecretRef: {name: anthropic}\n", ""),
+            "spec.agent.maxBudgetUsd",
+            "finite",
+        ),
+        (
+            "inf budget",
+            m("  agent: {maxBudgetUsd: .inf, apiKeySecretRef: {name: anthropic}}\n")
+                .replace("  agent:\n    apiKeySecretRef: {name: anthropic}\n", ""),
+            "spec.agent.maxBudgetUsd",
+            "finite",
+        ),
+        (
+            "token in the query",
+            with_url(&format!("{demo}?access_token={TOKEN}")),
+            "spec.repository.url",
+            "query string",
+        ),
+        ("token in the fragment", with_url(&format!("{demo}#{TOKEN}")), "spec.repository.url", "fragment"),
+        (
+            "token as userinfo",
+            with_url(&demo.replace("http://", &format!("http://x:{TOKEN}@"))),
+            "spec.repository.url",
+            "credentials",
+        ),
+        (
+            "credentials over http to another host",
+            with_url("http://git.example.com/demo.git"),
+            "spec.repository.url",
+            "insecure",
+        ),
+        ("prompt too long", m("").replace("Update the demo repository", &"x".repeat(262_145)), "spec.prompt", "262144"),
+        (
+            "system prompt too long",
+            m(&format!(
+                "  agent: {{appendSystemPrompt: {}, apiKeySecretRef: {{name: anthropic}}}}\n",
+                "y".repeat(65_537)
+            ))
+            .replace("  agent:\n    apiKeySecretRef: {name: anthropic}\n", ""),
+            "spec.agent.appendSystemPrompt",
+            "65536",
+        ),
+        (
+            "too many hooks",
+            m(&format!("  hooks: {{post: [{}]}}\n", vec!["{command: [\"true\"]}"; 17].join(", "))),
+            "spec.hooks.post",
+            "at most 16",
+        ),
+        ("deep YAML", m(&format!("  worker: {}{}\n", "[".repeat(100_000), "]".repeat(100_000))), "(yaml)", "nesting"),
+        ("huge file", m(&format!("  worker: {}\n", "z".repeat(1_100_000))), "(file)", "1 MiB"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_input_is_refused_naming_its_field_and_nothing_is_created() {
+    let h = Harness::new(happy_script()).await;
+    for (what, yaml, field, word) in cases(&h) {
+        let started = Instant::now();
+        let (code, stderr) = run(&h, &yaml).await;
+        let took = started.elapsed();
+        assert_eq!(code, 2, "{what}: exit status 2 (invalid input), stderr: {stderr}");
+        assert!(stderr.contains(field) && stderr.contains(word), "{what}: names {field} and says {word:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        assert!(!stderr.contains(TOKEN), "{what}: the token is never echoed: {stderr}");
+        assert!(took < Duration::from_secs(10), "{what}: refused at once, took {took:?}");
+    }
+    // Nothing was created or sent anywhere.
+    assert!(h.store.list_executions(100).await.unwrap().is_empty(), "no store row");
+    assert!(!h.opts.workspace_root.exists(), "no workspace");
+    assert_eq!(h.model.main_requests(), 0, "no request to the model");
+    let branches = h.git.git("demo", &["branch", "--list"]);
+    assert!(!branches.contains("agentops/"), "nothing pushed: {branches}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_true_accepts_plain_http_credentials_and_loopback_needs_nothing() {
+    let h = Harness::new(happy_script()).await;
+    // Loopback over http with a credential is fine (this is every other test).
+    let ok = h.resolved(&h.manifest("ok", ""));
+    assert!(ok.repo_url.starts_with("http://127.0.0.1"));
+    let remote = h.manifest("remote", "").replace(&h.git.url("demo"), "http://git.example.com/demo.git");
+    let m =
+        parse_manifest(&remote.replace("credentialsSecretRef", "insecure: true\n    credentialsSecretRef")).unwrap();
+    resolve(&m.execution, &m.templates).expect("insecure: true accepts it");
+    let spec = serde_json::to_value(&m.execution.spec).unwrap();
+    AgentExecutionSpec::validate_cel(&spec, None).expect("and so does the CRD");
+}
+
+/// The bounds of `resolve` and the CRD's CEL rules agree: each spec is refused by both, naming
+/// the same field, or accepted by both.
+#[test]
+fn the_crd_refuses_what_resolve_refuses() {
+    let base = json!({"prompt": "p", "repository": {"url": "https://git.example.com/r.git"}});
+    let refused = [
+        (json!({"timeout": "169h"}), "spec.timeout"),
+        (json!({"timeout": "1 day"}), "spec.timeout"),
+        (json!({"timeout": "1.5h"}), "spec.timeout"),
+        (json!({"timeout": "0s"}), "spec.timeout"),
+        (json!({"agent": {"idleTimeout": "25h"}}), "spec.agent.idleTimeout"),
+        (
+            json!({"hooks": {"onError": [{"url": "https://h.example.com", "timeout": "61m"}]}}),
+            "spec.hooks.onError[0].timeout",
+        ),
+        (json!({"ttlSecondsAfterFinished": 7_776_001}), "spec.ttlSecondsAfterFinished"),
+        (json!({"agent": {"maxBudgetUsd": 10_000.5}}), "spec.agent.maxBudgetUsd"),
+        (json!({"agent": {"maxTurns": 10_001}}), "spec.agent.maxTurns"),
+        (json!({"repository": {"url": "https://u:p@git.example.com/r.git"}}), "spec.repository.url"),
+        (json!({"repository": {"url": "https://tok@git.example.com/r.git"}}), "spec.repository.url"),
+        (json!({"repository": {"url": "https://git.example.com/r.git?access_token=x"}}), "spec.repository.url"),
+        (json!({"repository": {"url": "https://git.example.com/r.git#x"}}), "spec.repository.url"),
+        (
+            json!({"repository": {"url": "http://git.example.com/r.git", "credentialsSecretRef": {"name": "c"}}}),
+            "spec.repository.url",
+        ),
+        (json!({"prompt": "é".repeat(262_145)}), "spec.prompt"),
+        (json!({"agent": {"appendSystemPrompt": "s".repeat(65_537)}}), "spec.agent.appendSystemPrompt"),
+    ];
+    for (patch, field) in refused {
+        let spec = merged(&base, &patch);
+        let err = resolve(&execution(&spec), &[]).expect_err(&format!("resolve refuses {patch}"));
+        assert_eq!(err.field, field, "{patch}: {err}");
+        assert!(AgentExecutionSpec::validate_cel(&spec, None).is_err(), "the CRD refuses {patch} too");
+    }
+    let accepted = [
+        json!({"timeout": "168h"}),
+        json!({"timeout": "1h30m"}),
+        json!({"agent": {"idleTimeout": "24h", "maxBudgetUsd": 10_000.0, "maxTurns": 10_000}}),
+        json!({"hooks": {"pre": [{"command": ["true"], "timeout": "1h"}]}}),
+        json!({"ttlSecondsAfterFinished": 7_776_000}),
+        json!({"repository": {"url": "http://127.0.0.1:8080/r.git", "credentialsSecretRef": {"name": "c"}}}),
+        json!({"repository": {"url": "http://localhost/r.git", "credentialsSecretRef": {"name": "c"}}}),
+        json!({"repository": {"url": "http://git.example.com/r.git"}}),
+        json!({"repository": {"url": "http://git.example.com/r.git", "insecure": true, "credentialsSecretRef": {"name": "c"}}}),
+        // ASCII: the cel crate's size() counts bytes where the apiserver counts characters.
+        json!({"prompt": "x".repeat(262_144)}),
+    ];
+    for patch in accepted {
+        let spec = merged(&base, &patch);
+        resolve(&execution(&spec), &[]).unwrap_or_else(|e| panic!("resolve accepts {patch}: {e}"));
+        AgentExecutionSpec::validate_cel(&spec, None).unwrap_or_else(|e| panic!("the CRD accepts {patch}: {e:?}"));
+    }
+}
+
+fn merged(base: &Value, patch: &Value) -> Value {
+    let mut v = base.clone();
+    json_patch::merge(&mut v, patch);
+    v
+}
+
+fn execution(spec: &Value) -> AgentExecution {
+    AgentExecution::new("a", serde_json::from_value(spec.clone()).unwrap())
+}
+
+/// Arbitrary manifests: every one ends in Ok or an error naming a field, quickly, never a panic.
+fn yamlish() -> impl Strategy<Value = String> {
+    let scalar = prop_oneof![
+        Just("1e999".to_string()),
+        Just("-1e999".to_string()),
+        Just(".nan".to_string()),
+        Just("99999999999999999999999999".to_string()),
+        Just("~".to_string()),
+        "[a-z0-9 :@?#/.]{0,20}".prop_map(|s| format!("{s:?}")),
+        (0i64..i64::MAX).prop_map(|n| n.to_string()),
+    ];
+    let field = prop_oneof![
+        Just("prompt"),
+        Just("timeout"),
+        Just("repository"),
+        Just("agent"),
+        Just("hooks"),
+        Just("ttlSecondsAfterFinished"),
+        Just("priority"),
+        Just("maxBudgetUsd"),
+        Just("idleTimeout"),
+        Just("url"),
+        Just("pre"),
+        Just("command"),
+    ];
+    let leaf = (field.clone(), scalar).prop_map(|(k, v)| format!("{k}: {v}"));
+    let tree = leaf.prop_recursive(6, 64, 6, move |inner| {
+        (field.clone(), prop::collection::vec(inner, 0..6), any::<bool>()).prop_map(|(k, kids, flow)| {
+            if flow {
+                format!("{k}: {{{}}}", kids.join(", "))
+            } else {
+                format!("{k}: [{}]", kids.iter().map(|c| format!("{{{c}}}")).collect::<Vec<_>>().join(", "))
+            }
+        })
+    });
+    (prop::collection::vec(tree, 0..6), 0usize..200_000).prop_map(|(fields, depth)| {
+        // Now and then, flow nesting far deeper than any manifest.
+        let deep = if depth % 3 == 1 {
+            format!(", workItem: {}{}", "[".repeat(depth), "]".repeat(depth))
+        } else {
+            String::new()
+        };
+        format!(
+            "apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {{name: p}}\nspec: {{repository: {{url: 'https://h.example.com/r.git'}}, prompt: p{deep}, {}}}\n",
+            fields.join(", ")
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #[test]
+    fn any_manifest_ends_in_ok_or_a_field_error_quickly(text in yamlish()) {
+        let started = Instant::now();
+        let result = parse_manifest(&text).and_then(|m| resolve(&m.execution, &m.templates));
+        if let Err(e) = &result {
+            prop_assert!(!e.field.is_empty() && !e.message.is_empty(), "{e:?}");
+        }
+        prop_assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    }
+}
