@@ -392,3 +392,16 @@ async fn hook_output_is_kept_up_to_a_cap() {
         logs.iter().filter(|l| l.source == "hook:pre:loud" && l.line.starts_with('y')).map(|l| l.line.len()).sum();
     assert!(kept > 0 && kept <= agentops::runner::HOOK_OUTPUT_LIMIT, "kept {kept} bytes of 5 MB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_finishes_the_store_row_as_failed_never_running() {
+    let h = Harness::new(happy_script()).await;
+    let r = h.resolved(&h.manifest("panics", ""));
+    let inner = h.env();
+    let env = move |k: &str| if k == "AGENTOPS_TEST_PANIC" { Some("1".into()) } else { inner(k) };
+    let s = agentops::runner::run_execution(&h.store, &h.opts, &r, &env, CancellationToken::new()).await.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("InternalError")), "{s:#?}");
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert_eq!(row.status, "Failed", "the store row is finished");
+    assert!(row.completed_at.is_some());
+}

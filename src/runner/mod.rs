@@ -199,6 +199,10 @@ async fn run_started(
         hook_failure: None,
     };
     run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
+    // Fault injection for the test of the panic guard; compiled out of release builds.
+    if cfg!(debug_assertions) && env("AGENTOPS_TEST_PANIC").is_some() {
+        panic!("injected by AGENTOPS_TEST_PANIC");
+    }
     let mut outcome = run.pipeline(store, env).await;
     if outcome.phase == Phase::Succeeded
         && let Err(e) = run.hooks("post", &outcome).await
