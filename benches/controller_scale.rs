@@ -48,6 +48,8 @@ fn start_controller(kubeconfig: &std::path::Path, db: &std::path::Path) -> Child
             "0",
             "--http-addr",
             "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ])
         .env("KUBECONFIG", kubeconfig)
         .env("AGENTOPS_DB", db)

@@ -166,9 +166,17 @@ pub struct ControllerArgs {
     /// Base URL at which runner pods reach this controller (its Service), for live progress.
     #[arg(long, env = "AGENTOPS_REPORT_URL")]
     pub report_url: Option<String>,
-    /// Address of /healthz, /readyz, /metrics and the JSON API.
+    /// Address of the authenticated JSON API and the runners' report endpoint.
     #[arg(long, env = "AGENTOPS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
+    /// Address of /healthz, /readyz and /metrics (unauthenticated; keep it off the runners' path).
+    #[arg(long, env = "AGENTOPS_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Let `--executor local` run inside a cluster. Its runners (the agent, hooks) then run in
+    /// the controller's own container, next to its service-account token: accept that only
+    /// for a throwaway single-user cluster.
+    #[arg(long, env = "AGENTOPS_ALLOW_LOCAL_EXECUTOR_IN_CLUSTER")]
+    pub allow_local_executor_in_cluster: bool,
 }
 
 /// `agentops executions ...`
@@ -349,6 +357,15 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     let executor = match args.executor {
         ExecutorArg::Job => crate::controller::ExecutorKind::Job,
         ExecutorArg::Local => {
+            if let Some(evidence) = in_cluster_evidence()
+                && !args.allow_local_executor_in_cluster
+            {
+                anyhow::bail!(
+                    "refusing --executor local inside a cluster ({evidence}): the agent and hooks would run in this \
+                     container, next to the controller's service-account token. Use --executor job, or pass \
+                     --allow-local-executor-in-cluster to accept that risk"
+                );
+            }
             let o = args.machine.options(false, None);
             let mut env = vec![
                 ("AGENTOPS_CLAUDE_BIN".to_string(), o.claude_bin.display().to_string()),
@@ -374,7 +391,11 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     };
     let http = tokio::net::TcpListener::bind(args.http_addr)
         .await
-        .with_context(|| format!("cannot listen on {}", args.http_addr))?;
+        .with_context(|| format!("cannot listen on {} (--http-addr)", args.http_addr))?;
+    let probes = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (--metrics-addr)", args.metrics_addr))?;
+    let listeners = crate::controller::Listeners { api: Some(http), probes: Some(probes) };
     let leader = if args.leader_election {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("agentops-{}", std::process::id()));
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
@@ -388,12 +409,21 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     } else {
         None
     };
-    let stopped = crate::controller::run(client, config, Some(store), executor, Some(http), leader, shutdown).await;
+    let stopped = crate::controller::run(client, config, Some(store), executor, listeners, leader, shutdown).await;
     if stopped == crate::controller::Stopped::LostLeadership {
         eprintln!("error: lost the leader lease; exiting so that a new instance starts clean");
         return Ok(1);
     }
     Ok(0)
+}
+
+/// Why this process looks like it runs in a Kubernetes pod, if it does.
+fn in_cluster_evidence() -> Option<String> {
+    const TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return Some("KUBERNETES_SERVICE_HOST is set".into());
+    }
+    std::path::Path::new(TOKEN).exists().then(|| format!("{TOKEN} exists"))
 }
 
 /// Ctrl-C or SIGTERM cancels the execution (the agent is stopped, usage kept).

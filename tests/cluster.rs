@@ -50,9 +50,17 @@ async fn controller_on_a_real_cluster() {
     let ctl = {
         let client = client.clone();
         tokio::spawn(async move {
-            controller::run(client, ControllerConfig::default(), None, ExecutorKind::Job, None, None, async move {
-                let _ = rx.await;
-            })
+            controller::run(
+                client,
+                ControllerConfig::default(),
+                None,
+                ExecutorKind::Job,
+                Default::default(),
+                None,
+                async move {
+                    let _ = rx.await;
+                },
+            )
             .await
         })
     };

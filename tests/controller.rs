@@ -48,9 +48,17 @@ fn spawn(
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {
-        controller::run(client, config, store, exec, http, leader, async move {
-            let _ = rx.await;
-        })
+        controller::run(
+            client,
+            config,
+            store,
+            exec,
+            controller::Listeners { api: http, probes: None },
+            leader,
+            async move {
+                let _ = rx.await;
+            },
+        )
         .await
     });
     Running { stop: Some(tx), task }
@@ -370,10 +378,12 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let row = store.get_execution(done["metadata"]["uid"].as_str().unwrap()).await.unwrap();
     assert_eq!((row.status.as_str(), row.git_commit.as_deref()), ("Succeeded", Some(head.as_str())));
 
-    // The HTTP endpoints: health, readiness, metrics, and the JSON API over the store.
+    // The HTTP endpoints: health, readiness, metrics, and the JSON API over the store (for a
+    // caller whose token the cluster accepts).
+    kube.allow_reader("reader-token", "alice", &["*"]);
     let get = |path: &str| {
         let url = format!("{base}{path}");
-        async move { reqwest::get(url).await.unwrap() }
+        async move { reqwest::Client::new().get(url).bearer_auth("reader-token").send().await.unwrap() }
     };
     assert_eq!(get("/healthz").await.status(), 200);
     assert_eq!(get("/readyz").await.status(), 200);
@@ -465,8 +475,30 @@ async fn runner_reports_need_the_executions_own_token() {
     let http = reqwest::Client::new();
     let wrong = http.post(&url).bearer_auth("not-the-token").json(&progress).send().await.unwrap();
     assert_eq!(wrong.status(), 401);
+    api.create(&PostParams::default(), &execution("other", json!({}))).await.unwrap();
+    until("the other execution runs", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "other")?;
+        (ax["status"]["phase"] == "Running").then_some(())
+    })
+    .await;
     let other = http.post(url.replace("/rep/", "/other/")).bearer_auth(&token).json(&progress).send().await.unwrap();
     assert_eq!(other.status(), 401, "a token is good for its own execution only");
+    // Path segments are checked before any use: `%2F` never reaches an API path.
+    let sneaky = format!("{base}/api/v1/runner/ns/x%2F..%2Fsecrets%2Fvictim/report");
+    assert_eq!(http.post(&sneaky).bearer_auth(&token).json(&progress).send().await.unwrap().status(), 400);
+    let sneaky_ns = format!("{base}/api/v1/runner/ns%3Fx=victim/rep/report");
+    assert_eq!(http.post(&sneaky_ns).bearer_auth(&token).json(&progress).send().await.unwrap().status(), 400);
+    // Executions that do not exist (or are not running) are not served, and cost no API call.
+    let ghost = url.replace("/rep/", "/ghost/");
+    assert_eq!(http.post(&ghost).bearer_auth(&token).json(&progress).send().await.unwrap().status(), 404);
+    assert!(
+        kube.requests().iter().all(|(_, p)| !p.contains("victim") && !p.contains("ghost")),
+        "no API request for a rejected report: {:?}",
+        kube.requests()
+    );
+    // A body over the limit is refused before it is read into the status.
+    let huge = json!({"phase": "Running", "result": "r".repeat(200_000)});
+    assert_eq!(http.post(&url).bearer_auth(&token).json(&huge).send().await.unwrap().status(), 413);
     let ok = http.post(&url).bearer_auth(&token).json(&progress).send().await.unwrap();
     assert_eq!(ok.status(), 202);
     until("progress in the status", || {
@@ -613,5 +645,65 @@ async fn the_default_timeout_applies_when_the_spec_sets_none() {
     assert!(manifest.contains("timeout: 2h"), "the runner gets the same timeout: {manifest}");
     let own = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-owntimeout")).await;
     assert_eq!(own["spec"]["activeDeadlineSeconds"], 600 + 60, "the spec's own timeout wins");
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_api_checks_the_caller_and_shows_only_namespaces_they_may_read() {
+    let kube = FakeKube::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("api.db")).await.unwrap();
+    for ns in ["team-a", "team-b"] {
+        secrets(&kube, ns).await;
+    }
+    let (http, base) = listener().await;
+    let ctl = spawn(&kube, config(None), Some(store.clone()), ExecutorKind::Job, Some(http), None);
+    for ns in ["team-a", "team-b"] {
+        let api: Api<AgentExecution> = Api::namespaced(kube.client(), ns);
+        api.create(&PostParams::default(), &execution(&format!("job-{ns}"), json!({}))).await.unwrap();
+    }
+    until_async("both recorded", || {
+        let store = store.clone();
+        async move { store.list_executions(10).await.map(|r| r.len() == 2).unwrap_or(false) }
+    })
+    .await;
+    kube.allow_reader("token-a", "alice", &["team-a"]);
+    kube.allow_reader("token-all", "root", &["*"]);
+    let client = reqwest::Client::new();
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = client.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap() }
+    };
+
+    // No token, or one the cluster does not accept: 401, and nothing read.
+    let none = get("/api/v1/executions", None).await;
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
+    assert_eq!(get("/api/v1/executions", Some("forged")).await.status(), 401);
+    assert_eq!(get("/api/v1/workspaces", None).await.status(), 401);
+    assert_eq!(get("/api/v1/executions/team-a/job-team-a", None).await.status(), 401);
+
+    // Alice reads team-a only: the list holds team-a's execution, team-b's is forbidden.
+    let list: Value = get("/api/v1/executions", Some("token-a")).await.json().await.unwrap();
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["job-team-a"], "{list}");
+    assert_eq!(get("/api/v1/executions/team-a/job-team-a", Some("token-a")).await.status(), 200);
+    let denied = get("/api/v1/executions/team-b/job-team-b", Some("token-a")).await;
+    assert_eq!(denied.status(), 403);
+    assert!(denied.text().await.unwrap().contains("alice cannot get"));
+    assert_eq!(get("/api/v1/executions?namespace=team-b", Some("token-a")).await.status(), 403);
+    let only_a: Value = get("/api/v1/executions?namespace=team-a", Some("token-a")).await.json().await.unwrap();
+    assert_eq!(only_a.as_array().unwrap().len(), 1);
+    // A name that is not a Kubernetes name is refused before anything is asked.
+    assert_eq!(get("/api/v1/executions/team-a%2Fx/y", Some("token-a")).await.status(), 400);
+
+    // A cluster-wide reader sees both.
+    let all: Value = get("/api/v1/executions", Some("token-all")).await.json().await.unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    // Probes and metrics need no token (in production they are on their own port).
+    assert_eq!(get("/healthz", None).await.status(), 200);
     ctl.stop().await;
 }

@@ -46,16 +46,24 @@ pub enum Stopped {
     LostLeadership,
 }
 
-/// Runs the controller until `shutdown` resolves. Reconciles every namespace. With `http`,
-/// serves `/healthz`, `/readyz`, `/metrics`, the store's JSON API and the runners' report
-/// endpoint on that listener. With `leader` (the lease manager's channel), reconciles only
-/// while this instance holds the lease; `/readyz` says so.
+/// The controller's listeners.
+#[derive(Default)]
+pub struct Listeners {
+    /// The authenticated read API and the runners' report endpoint.
+    pub api: Option<tokio::net::TcpListener>,
+    /// `/healthz`, `/readyz`, `/metrics`. None: served on `api` as well (tests).
+    pub probes: Option<tokio::net::TcpListener>,
+}
+
+/// Runs the controller until `shutdown` resolves. Reconciles every namespace. Serves the
+/// endpoints of `crate::server` on `http`. With `leader` (the lease manager's channel),
+/// reconciles only while this instance holds the lease; `/readyz` says so.
 pub async fn run(
     client: Client,
     mut config: ControllerConfig,
     store: Option<Store>,
     executor: ExecutorKind,
-    http: Option<tokio::net::TcpListener>,
+    http: Listeners,
     leader: Option<tokio::sync::watch::Receiver<bool>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Stopped {
@@ -85,7 +93,7 @@ pub async fn run(
         .owns(jobs, jobs_config)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-    let local_base = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+    let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {
         ExecutorKind::Job => Executor::Job,
         ExecutorKind::Local { bin, env } => {
@@ -125,20 +133,33 @@ pub async fn run(
             }
         }));
     }
-    if let Some(listener) = http {
+    {
         let state = Arc::new(crate::server::ServerState {
             cache: cache.clone(),
             metrics: metrics.clone(),
             store: store.clone(),
             ready: ready.clone(),
             reports: Some(reports.clone()),
+            auth: Some(Arc::new(crate::server::Authorizer::new(client.clone()))),
         });
-        let app = crate::server::router(state);
-        background.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "HTTP server stopped");
+        let probes = crate::server::probes_router(state.clone());
+        let api = crate::server::api_router(state);
+        let serve = |listener: tokio::net::TcpListener, app: axum::Router| {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "HTTP server stopped");
+                }
+            })
+        };
+        match (http.api, http.probes) {
+            (Some(a), Some(p)) => {
+                background.push(serve(a, api));
+                background.push(serve(p, probes));
             }
-        }));
+            (Some(a), None) => background.push(serve(a, api.merge(probes))),
+            (None, Some(p)) => background.push(serve(p, probes)),
+            (None, None) => {}
+        }
     }
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),

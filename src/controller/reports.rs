@@ -101,3 +101,63 @@ impl Reports {
         }
     }
 }
+
+/// Distinct tool names kept from a report (each becomes a metric label).
+pub const MAX_TOOL_NAMES: usize = 64;
+/// Longest tool name kept as is.
+pub const MAX_TOOL_NAME: usize = 64;
+
+/// A report cut to what the status and the metrics can carry: the result to 4 KiB (as the
+/// README promises), short texts, and tool names that are plain identifiers, at most
+/// `MAX_TOOL_NAMES` of them (the rest count under `other`). A runner — or an agent that
+/// got hold of its token — cannot grow the status or the metrics without bound.
+pub fn bounded(mut s: Summary) -> Summary {
+    use crate::runner::truncate;
+    s.result = s.result.map(|r| truncate(&r, 4096));
+    s.message = s.message.map(|m| truncate(&m, 1024));
+    s.reason = s.reason.map(|r| r.chars().filter(char::is_ascii_alphanumeric).take(64).collect());
+    s.session_id = s.session_id.map(|id| id.chars().take(128).collect());
+    s.workspace = s.workspace.map(|w| w.chars().take(256).collect());
+    s.git.branch = s.git.branch.map(|b| b.chars().take(256).collect());
+    s.git.commit = s.git.commit.map(|c| c.chars().filter(char::is_ascii_hexdigit).take(64).collect());
+    s.git.pull_request_url = s.git.pull_request_url.map(|u| u.chars().take(512).collect());
+    let plain = |t: &str| {
+        !t.is_empty()
+            && t.len() <= MAX_TOOL_NAME
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+    };
+    let mut by_tool = std::collections::BTreeMap::new();
+    for (name, n) in std::mem::take(&mut s.tool_calls.by_tool) {
+        let key = if plain(&name) && (by_tool.len() < MAX_TOOL_NAMES || by_tool.contains_key(&name)) {
+            name
+        } else {
+            "other".to_string()
+        };
+        let slot: &mut u64 = by_tool.entry(key).or_default();
+        *slot = slot.saturating_add(n);
+    }
+    s.tool_calls.by_tool = by_tool;
+    s.id.clear();
+    s.name.clear();
+    s.namespace.clear();
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forged_report_is_cut_to_size() {
+        let mut s = Summary { result: Some("r".repeat(100_000)), ..Default::default() };
+        for i in 0..10_000 {
+            s.tool_calls.by_tool.insert(format!("Tool{i}"), 1);
+        }
+        s.tool_calls.by_tool.insert("bad name {with} \"quotes\"".into(), 5);
+        let b = bounded(s);
+        assert!(b.result.unwrap().len() <= 4096 + 20);
+        assert!(b.tool_calls.by_tool.len() <= MAX_TOOL_NAMES + 1);
+        assert_eq!(b.tool_calls.by_tool.values().sum::<u64>(), 10_005, "calls are counted, names bounded");
+        assert!(b.tool_calls.by_tool.keys().all(|k| !k.contains(' ')));
+    }
+}

@@ -300,3 +300,31 @@ impl Store {
         .ok_or_else(|| StoreError::NotFound(format!("{namespace}/{name}")))
     }
 }
+
+impl Store {
+    /// Namespaces that have executions in the store.
+    pub async fn namespaces(&self) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT DISTINCT namespace FROM agent_executions ORDER BY namespace")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The newest executions of these namespaces first (None: every namespace).
+    pub async fn list_executions_in(
+        &self,
+        namespaces: Option<&[String]>,
+        limit: i64,
+    ) -> Result<Vec<ExecutionRow>, StoreError> {
+        let Some(namespaces) = namespaces else { return self.list_executions(limit).await };
+        if namespaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = sqlx::QueryBuilder::new("SELECT * FROM agent_executions WHERE namespace IN (");
+        let mut list = q.separated(", ");
+        for ns in namespaces {
+            list.push_bind(ns);
+        }
+        q.push(") ORDER BY created_at DESC LIMIT ").push_bind(limit);
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+}

@@ -92,3 +92,22 @@ impl Store {
         .await?)
     }
 }
+
+impl Store {
+    /// Workspaces of executions in these namespaces, newest first (None: all).
+    pub async fn list_workspaces_in(&self, namespaces: Option<&[String]>) -> Result<Vec<WorkspaceRow>, StoreError> {
+        let Some(namespaces) = namespaces else { return self.list_workspaces().await };
+        if namespaces.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut q = sqlx::QueryBuilder::new(
+            "SELECT w.* FROM workspaces w JOIN agent_executions e ON e.id = w.execution_id WHERE e.namespace IN (",
+        );
+        let mut list = q.separated(", ");
+        for ns in namespaces {
+            list.push_bind(ns);
+        }
+        q.push(") ORDER BY w.created_at DESC");
+        Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+}

@@ -37,6 +37,8 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     history: Vec<Event>,
     requests: Vec<(String, String)>,
+    /// Bearer tokens the cluster accepts: token → (user, namespaces it may read; "*" = all).
+    readers: BTreeMap<String, (String, Vec<String>)>,
 }
 
 struct Shared {
@@ -197,6 +199,13 @@ impl FakeKube {
         self.shared.store.lock().expect("lock").faults.push((method.into(), fragment.into(), status, count));
     }
 
+    /// Makes the cluster accept `token` as `user`, who may get and list AgentExecutions in
+    /// `namespaces` ("*": in every namespace). TokenReview and SubjectAccessReview answer so.
+    pub fn allow_reader(&self, token: &str, user: &str, namespaces: &[&str]) {
+        let ns = namespaces.iter().map(|n| n.to_string()).collect();
+        self.shared.store.lock().expect("lock").readers.insert(token.into(), (user.into(), ns));
+    }
+
     /// Requests seen so far, as (method, path and query).
     pub fn requests(&self) -> Vec<(String, String)> {
         self.shared.store.lock().expect("lock").requests.clone()
@@ -222,6 +231,38 @@ impl FakeKube {
         let obj = prepare_new(&mut s, obj, &key, kind == "ADDED");
         commit(&self.shared, &mut s, key, obj, kind);
     }
+}
+
+/// TokenReview and SubjectAccessReview, answered from `allow_reader`.
+fn review(shared: &Shared, path: &str, body: &[u8]) -> Response<Body> {
+    let mut review: Value = serde_json::from_slice(body).unwrap_or_default();
+    let s = shared.store.lock().expect("lock");
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        review["status"] = match s.readers.get(token) {
+            Some((user, _)) => {
+                json!({"authenticated": true, "user": {"username": user, "groups": ["system:authenticated"]}})
+            }
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        return ok(201, &review);
+    }
+    if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+        let spec = &review["spec"];
+        let attrs = &spec["resourceAttributes"];
+        let user = spec["user"].as_str().unwrap_or_default();
+        let ns = attrs["namespace"].as_str().unwrap_or_default();
+        let resource_ok = attrs["group"] == "agentops.dev"
+            && attrs["resource"] == "agentexecutions"
+            && matches!(attrs["verb"].as_str(), Some("get" | "list"));
+        let allowed = resource_ok
+            && s.readers
+                .values()
+                .any(|(u, namespaces)| u == user && namespaces.iter().any(|n| n == "*" || (!ns.is_empty() && n == ns)));
+        review["status"] = json!({"allowed": allowed});
+        return ok(201, &review);
+    }
+    status_body(404, "NotFound", &format!("no route {path}"))
 }
 
 fn now() -> String {
@@ -325,6 +366,9 @@ async fn handle(
             let reason = if code == 409 { "Conflict" } else { "InternalError" };
             return status_body(code, reason, "injected failure");
         }
+    }
+    if method == Method::POST && (path.ends_with("/tokenreviews") || path.ends_with("/subjectaccessreviews")) {
+        return review(&shared, &path, &body);
     }
     let Some(t) = parse_path(&path) else {
         return status_body(404, "NotFound", &format!("no route {path}"));

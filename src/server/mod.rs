@@ -1,0 +1,309 @@
+//! The controller's HTTP endpoints, on two listeners:
+//!
+//! - probes and metrics (`/healthz`, `/readyz`, `/metrics`), unauthenticated, on their own port;
+//! - the read API over the store (`/api/v1/executions`, `/api/v1/executions/{namespace}/{name}`,
+//!   `/api/v1/workspaces`), for callers whose bearer token the cluster accepts (TokenReview) and
+//!   only for namespaces where RBAC lets them read AgentExecutions (SubjectAccessReview);
+//! - the runners' report endpoint (`/api/v1/runner/{namespace}/{name}/report`), for the
+//!   execution's own token only, and only while that execution runs.
+
+pub mod auth;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use k8s_openapi::api::authentication::v1::UserInfo;
+use kube::runtime::reflector::{ObjectRef, Store as Cache};
+use serde::Deserialize;
+
+pub use auth::{Authorizer, is_dns_label, is_dns_subdomain};
+
+use crate::api::{AgentExecution, Phase};
+use crate::controller::metrics::{Metrics, PhaseLabel};
+use crate::controller::reports::Reports;
+use crate::runner::Summary;
+use crate::store::{Store, StoreError};
+
+/// Largest runner report accepted (a summary with a 4 KiB result is about 6 KiB).
+pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+
+/// What the endpoints read.
+pub struct ServerState {
+    pub cache: Cache<AgentExecution>,
+    pub metrics: Arc<Metrics>,
+    pub store: Option<Store>,
+    /// True once the watch caches are synced.
+    pub ready: Arc<AtomicBool>,
+    /// Where runner reports go (None: reports are refused).
+    pub reports: Option<Arc<Reports>>,
+    /// Checks readers of the API. None: the read API is closed (every request 401).
+    pub auth: Option<Arc<Authorizer>>,
+}
+
+/// Probes and metrics.
+pub fn probes_router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The authenticated read API and the runners' report endpoint.
+pub fn api_router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route("/api/v1/executions", get(list_executions))
+        .route("/api/v1/executions/{namespace}/{name}", get(get_execution))
+        .route("/api/v1/workspaces", get(list_workspaces))
+        .route(
+            "/api/v1/runner/{namespace}/{name}/report",
+            post(runner_report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
+        )
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<Arc<ServerState>>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<ServerState>>) -> Response {
+    // Phase gauges and queue depth come from the watch cache at scrape time.
+    let mut counts = std::collections::HashMap::<Phase, i64>::new();
+    for ax in s.cache.state() {
+        *counts.entry(ax.status.as_ref().map(|st| st.phase).unwrap_or_default()).or_default() += 1;
+    }
+    for phase in [
+        Phase::Pending,
+        Phase::Queued,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Cancelled,
+        Phase::TimedOut,
+    ] {
+        s.metrics
+            .executions
+            .get_or_create(&PhaseLabel { phase: phase.as_str().into() })
+            .set(counts.get(&phase).copied().unwrap_or(0));
+    }
+    s.metrics.queue_depth.set(counts.get(&Phase::Queued).copied().unwrap_or(0));
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<i64>,
+    namespace: Option<String>,
+}
+
+fn error(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, Json(serde_json::json!({"error": message.into()}))).into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    let code =
+        if matches!(e, StoreError::NotFound(_)) { StatusCode::NOT_FOUND } else { StatusCode::INTERNAL_SERVER_ERROR };
+    error(code, e.to_string())
+}
+
+fn no_store() -> Response {
+    error(StatusCode::NOT_FOUND, "this controller runs without a store")
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The caller, or the response that refuses them.
+async fn caller(s: &ServerState, headers: &HeaderMap) -> Result<(Arc<Authorizer>, UserInfo), Response> {
+    let unauthorized = |m: &str| {
+        let mut r = error(StatusCode::UNAUTHORIZED, m);
+        r.headers_mut().insert("www-authenticate", axum::http::HeaderValue::from_static("Bearer"));
+        r
+    };
+    let Some(auth) = s.auth.clone() else {
+        return Err(unauthorized("the read API is not enabled on this controller"));
+    };
+    let Some(token) = bearer(headers) else {
+        return Err(unauthorized(
+            "a bearer token is required: a Kubernetes token of a user who may read AgentExecutions \
+             (`agentops executions list --server URL` sends the kubeconfig's)",
+        ));
+    };
+    match auth.authenticate(token).await {
+        Ok(Some(user)) => Ok((auth, user)),
+        Ok(None) => Err(unauthorized("the cluster does not accept this token")),
+        Err(e) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+/// The namespaces a caller may list: None for all of them.
+async fn readable(
+    auth: &Authorizer,
+    user: &UserInfo,
+    store: &Store,
+    only: Option<&str>,
+) -> Result<Option<Vec<String>>, Response> {
+    let unavailable = |e: auth::AuthError| error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    if let Some(ns) = only {
+        if !is_dns_label(ns) {
+            return Err(error(StatusCode::BAD_REQUEST, "namespace: not a valid namespace name"));
+        }
+        return match auth.allowed(user, ns, "list").await.map_err(unavailable)? {
+            true => Ok(Some(vec![ns.to_string()])),
+            false => Err(forbidden(user, "list", ns)),
+        };
+    }
+    if auth.allowed(user, "", "list").await.map_err(unavailable)? {
+        return Ok(None);
+    }
+    let mut allowed = Vec::new();
+    for ns in store.namespaces().await.map_err(store_error)? {
+        if auth.allowed(user, &ns, "list").await.map_err(unavailable)? {
+            allowed.push(ns);
+        }
+    }
+    Ok(Some(allowed))
+}
+
+fn forbidden(user: &UserInfo, verb: &str, ns: &str) -> Response {
+    let who = user.username.as_deref().unwrap_or("?");
+    error(
+        StatusCode::FORBIDDEN,
+        format!("{who} cannot {verb} agentexecutions.agentops.dev in namespace {ns} (grant it with RBAC)"),
+    )
+}
+
+async fn list_executions(
+    State(s): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let (auth, user) = match caller(&s, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(store) = &s.store else {
+        return no_store();
+    };
+    let namespaces = match readable(&auth, &user, store, q.namespace.as_deref()).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match store.list_executions_in(namespaces.as_deref(), q.limit.unwrap_or(100).clamp(1, 1000)).await {
+        Ok(mut rows) => {
+            for r in &mut rows {
+                r.diff = None;
+                r.output_json = None;
+            }
+            Json(rows).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn get_execution(
+    State(s): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    if !is_dns_label(&namespace) || !is_dns_subdomain(&name) {
+        return error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)");
+    }
+    let (auth, user) = match caller(&s, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match auth.allowed(&user, &namespace, "get").await {
+        Ok(true) => {}
+        Ok(false) => return forbidden(&user, "get", &namespace),
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    let Some(store) = &s.store else {
+        return no_store();
+    };
+    let row = match store.find_execution(&namespace, &name).await {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let logs = match store.logs(&row.id).await {
+        Ok(l) => l,
+        Err(e) => return store_error(e),
+    };
+    let mut v = serde_json::to_value(&row).unwrap_or_default();
+    v["logs"] = serde_json::to_value(logs).unwrap_or_default();
+    Json(v).into_response()
+}
+
+async fn list_workspaces(
+    State(s): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let (auth, user) = match caller(&s, &headers).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(store) = &s.store else {
+        return no_store();
+    };
+    let namespaces = match readable(&auth, &user, store, q.namespace.as_deref()).await {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match store.list_workspaces_in(namespaces.as_deref()).await {
+        Ok(rows) => Json(rows).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// A runner's progress or final report, authenticated by its execution's token. Both path
+/// segments are checked before they are used anywhere; only executions in the watch cache
+/// that have not finished are served; the body is bounded (413 above `MAX_REPORT_BYTES`).
+async fn runner_report(
+    State(s): State<Arc<ServerState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !is_dns_label(&namespace) || !is_dns_subdomain(&name) {
+        return error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)");
+    }
+    let Some(reports) = &s.reports else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let running = s.cache.get(&ObjectRef::new(&name).within(&namespace)).is_some_and(|ax| {
+        let phase = ax.status.as_ref().map(|st| st.phase).unwrap_or_default();
+        !phase.is_terminal() && ax.metadata.deletion_timestamp.is_none()
+    });
+    if !running {
+        return error(StatusCode::NOT_FOUND, "no running execution by that name");
+    }
+    let token = bearer(&headers).unwrap_or_default();
+    if token.is_empty() || !reports.verify(&namespace, &name, token).await {
+        return error(StatusCode::UNAUTHORIZED, "unknown execution or wrong token");
+    }
+    let report: Summary = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a report: {e}")),
+    };
+    reports.accept(&namespace, &name, crate::controller::reports::bounded(report));
+    StatusCode::ACCEPTED.into_response()
+}
