@@ -179,6 +179,22 @@ pub struct ControllerArgs {
     pub allow_local_executor_in_cluster: bool,
 }
 
+/// Where `executions` reads from: this machine's store, or a controller's API.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// Read the store of the controller at this URL (e.g. after `kubectl port-forward
+    /// svc/agentops 8080`), as the kubeconfig's user: the controller shows only namespaces
+    /// where that user may read AgentExecutions.
+    #[arg(long, env = "AGENTOPS_SERVER")]
+    pub server: Option<String>,
+    /// Bearer token for --server [default: the current kubeconfig context's token].
+    #[arg(long, env = "AGENTOPS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Only this namespace (with --server).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
 /// `agentops executions ...`
 #[derive(Subcommand, Debug)]
 pub enum ExecutionsCmd {
@@ -188,10 +204,14 @@ pub enum ExecutionsCmd {
         limit: i64,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
-    /// One execution (by id or unique id prefix).
+    /// One execution: by id or unique id prefix, or `namespace/name` with --server.
     Show {
         id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
         /// Include the log lines.
         #[arg(long)]
         logs: bool,
@@ -245,7 +265,10 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => run(&db, args).await,
         Command::Runner(args) => runner(&db, args).await,
         Command::Controller(args) => controller(&db, args).await,
-        Command::Executions(cmd) => executions(&Store::open(&db).await?, cmd).await,
+        Command::Executions(cmd) => match cmd.remote().server.clone() {
+            Some(server) => remote_executions(&server, cmd).await,
+            None => executions(&Store::open(&db).await?, cmd).await,
+        },
         Command::Workspaces(cmd) => workspaces(&Store::open(&db).await?, cmd).await,
     }
 }
@@ -442,7 +465,7 @@ async fn cancel_on_signal(cancel: CancellationToken) {
 
 async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
     match cmd {
-        ExecutionsCmd::List { limit, json } => {
+        ExecutionsCmd::List { limit, json, .. } => {
             let rows = store.list_executions(limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -467,7 +490,7 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
             println!("{t}");
             Ok(0)
         }
-        ExecutionsCmd::Show { id, logs, diff, json } => {
+        ExecutionsCmd::Show { id, logs, diff, json, .. } => {
             let row = store.get_execution(&id).await?;
             let log_lines = if logs { store.logs(&row.id).await? } else { Vec::new() };
             if json {
@@ -499,6 +522,108 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+impl ExecutionsCmd {
+    fn remote(&self) -> &RemoteArgs {
+        match self {
+            ExecutionsCmd::List { remote, .. } | ExecutionsCmd::Show { remote, .. } => remote,
+        }
+    }
+}
+
+/// The bearer token of the current kubeconfig context (a `token` or a `tokenFile`).
+async fn kubeconfig_token() -> anyhow::Result<String> {
+    use secrecy::ExposeSecret;
+    let config = kube::Config::infer().await.context("cannot read a kubeconfig (set KUBECONFIG, or pass --token)")?;
+    let auth = &config.auth_info;
+    if let Some(t) = &auth.token {
+        return Ok(t.expose_secret().to_string());
+    }
+    if let Some(file) = &auth.token_file {
+        let t =
+            std::fs::read_to_string(file).with_context(|| format!("cannot read the kubeconfig's tokenFile {file}"))?;
+        return Ok(t.trim().to_string());
+    }
+    anyhow::bail!(
+        "the kubeconfig's user has no bearer token (it signs in with a client certificate or an exec plugin); \
+         pass --token, e.g. --token \"$(kubectl create token <service-account>)\""
+    )
+}
+
+/// `executions list|show --server URL`: the controller's API, as the kubeconfig's user.
+async fn remote_executions(server: &str, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
+    let base = url::Url::parse(server).with_context(|| format!("--server {server:?} is not a URL"))?;
+    let loopback = match base.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    anyhow::ensure!(
+        base.scheme() == "https" || (base.scheme() == "http" && loopback),
+        "--server must be https://, or http:// to this machine (kubectl port-forward): a token is sent to it"
+    );
+    let remote = cmd.remote().clone();
+    let token = match remote.token.filter(|t| !t.is_empty()) {
+        Some(t) => t,
+        None => kubeconfig_token().await?,
+    };
+    let base = server.trim_end_matches('/');
+    let (path, json) = match &cmd {
+        ExecutionsCmd::List { limit, json, .. } => {
+            let ns = remote.namespace.as_deref().map(|n| format!("&namespace={n}")).unwrap_or_default();
+            (format!("/api/v1/executions?limit={limit}{ns}"), *json)
+        }
+        ExecutionsCmd::Show { id, json, .. } => {
+            let (ns, name) = match (id.split_once('/'), &remote.namespace) {
+                (Some((ns, name)), _) => (ns.to_string(), name.to_string()),
+                (None, Some(ns)) => (ns.clone(), id.clone()),
+                (None, None) => anyhow::bail!("with --server, name the execution as namespace/name (or pass -n)"),
+            };
+            for part in [&ns, &name] {
+                anyhow::ensure!(crate::server::is_dns_subdomain(part), "{part:?} is not a Kubernetes name");
+            }
+            (format!("/api/v1/executions/{ns}/{name}"), *json)
+        }
+    };
+    let resp = runner::http_client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the controller at {base}"))?;
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    if !status.is_success() {
+        let why = body["error"].as_str().unwrap_or("no details");
+        eprintln!("error: the controller answered HTTP {}: {why}", status.as_u16());
+        return Ok(1);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(0);
+    }
+    let rows = match &body {
+        serde_json::Value::Array(rows) => rows.clone(),
+        one => vec![one.clone()],
+    };
+    let mut t = Table::new();
+    t.load_style(UTF8_NO_BORDERS).set_header(["NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "CREATED"]);
+    for r in rows {
+        let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+        t.add_row([
+            format!("{}/{}", text("namespace"), text("name")),
+            text("status"),
+            text("reason"),
+            r["tokens_used"].as_u64().unwrap_or_default().to_string(),
+            format!("${:.4}", r["cost_usd"].as_f64().unwrap_or_default()),
+            r["num_turns"].as_u64().unwrap_or_default().to_string(),
+            text("created_at"),
+        ]);
+    }
+    println!("{t}");
+    Ok(0)
 }
 
 async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {

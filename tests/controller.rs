@@ -705,5 +705,57 @@ async fn the_read_api_checks_the_caller_and_shows_only_namespaces_they_may_read(
     assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
     // Probes and metrics need no token (in production they are on their own port).
     assert_eq!(get("/healthz", None).await.status(), 200);
+
+    // `agentops executions --server` reads it the same way, as the kubeconfig's user.
+    let kubeconfig = kube.kubeconfig(dir.path(), "token-a");
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"));
+        c.env_clear().env("KUBECONFIG", &kubeconfig).env("HOME", dir.path()).arg("executions").args(args);
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["list", "--server", &base, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "alice sees team-a only: {rows}");
+    assert_eq!(rows[0]["namespace"], "team-a");
+    let (code, out, err) = cli(&["list", "--server", &base]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("team-a/job-team-a") && !out.contains("team-b"), "{out}");
+    let (code, _, err) = cli(&["show", "team-b/job-team-b", "--server", &base]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("403") && err.contains("alice cannot get"), "{err}");
+    let (code, _, err) = cli(&["list", "--server", "http://192.0.2.1:8080"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("https://"), "no token over plain http to another host: {err}");
     ctl.stop().await;
+}
+
+#[test]
+fn the_local_executor_refuses_to_run_inside_a_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kube = rt.block_on(FakeKube::start());
+    let kubeconfig = kube.kubeconfig(dir.path(), "x");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
+        .env_clear()
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path())
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .args(["controller", "--executor", "local", "--leader-election=false", "--http-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("c.db"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refusing --executor local inside a cluster") && err.contains("--allow-local-executor-in-cluster"),
+        "{err}"
+    );
+    assert!(kube.requests().iter().all(|(m, _)| m == "GET"), "nothing was created: {:?}", kube.requests());
 }

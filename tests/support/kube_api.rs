@@ -177,6 +177,17 @@ impl FakeKube {
         kube::Client::try_from(config).expect("client")
     }
 
+    /// Writes a kubeconfig for this server whose user signs in with `token`; returns its path.
+    pub fn kubeconfig(&self, dir: &std::path::Path, token: &str) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{token: \"{token}\"}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u, namespace: default}}}}]\ncurrent-context: c\n",
+            self.url
+        );
+        std::fs::write(&path, text).expect("kubeconfig");
+        path
+    }
+
     /// A stored object, by API prefix (`api/v1`, `apis/batch/v1`), plural, namespace, name.
     pub fn get(&self, prefix: &str, plural: &str, ns: &str, name: &str) -> Option<Value> {
         let s = self.shared.store.lock().expect("lock");
