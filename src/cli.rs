@@ -35,7 +35,7 @@ pub enum Command {
     /// local executor): the JSON summary goes to stdout and to the termination log.
     Runner(RunnerArgs),
     /// Run the Kubernetes operator (kubeconfig from $KUBECONFIG, ~/.kube/config or in-cluster).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Recorded executions.
@@ -172,6 +172,15 @@ pub struct ControllerArgs {
     /// Address of /healthz, /readyz and /metrics (unauthenticated; keep it off the runners' path).
     #[arg(long, env = "AGENTOPS_METRICS_ADDR", default_value = "0.0.0.0:8081")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Serve executions only in these namespaces (comma-separated; empty: every namespace).
+    /// The chart's default grants Jobs, PVCs and Secrets only there (a Role per namespace).
+    #[arg(long, env = "AGENTOPS_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// CPU, memory and ephemeral-storage requests and limits of runner pods, as JSON
+    /// (a Kubernetes ResourceRequirements) [default: requests cpu 500m, memory 1Gi,
+    /// ephemeral-storage 1Gi; limits memory 4Gi, ephemeral-storage 20Gi].
+    #[arg(long, env = "AGENTOPS_RUNNER_RESOURCES")]
+    pub runner_resources: Option<String>,
     /// Let `--executor local` run inside a cluster. Its runners (the agent, hooks) then run in
     /// the controller's own container, next to its service-account token: accept that only
     /// for a throwaway single-user cluster.
@@ -264,7 +273,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Run(args) => run(&db, args).await,
         Command::Runner(args) => runner(&db, args).await,
-        Command::Controller(args) => controller(&db, args).await,
+        Command::Controller(args) => controller(&db, *args).await,
         Command::Executions(cmd) => match cmd.remote().server.clone() {
             Some(server) => remote_executions(&server, cmd).await,
             None => executions(&Store::open(&db).await?, cmd).await,
@@ -362,6 +371,12 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             default_workspace_size: args.workspace_size,
             report_url: args.report_url.filter(|u| !u.is_empty()),
             default_model: args.default_model.filter(|m| !m.is_empty()),
+            resources: match args.runner_resources.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+                None => crate::controller::desired::default_runner_resources(),
+                Some(json) => serde_json::from_str(json).with_context(|| {
+                    format!("--runner-resources {json:?} is not a ResourceRequirements in JSON (e.g. {{\"limits\": {{\"memory\": \"4Gi\"}}}})")
+                })?,
+            },
             ..Default::default()
         },
         limits: crate::controller::queue::Limits {
@@ -369,6 +384,14 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             per_namespace: (args.max_per_namespace > 0).then_some(args.max_per_namespace),
         },
         default_timeout: args.default_timeout.filter(|t| !t.is_empty()),
+        namespaces: {
+            let set: std::collections::BTreeSet<String> =
+                args.namespaces.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+            if let Some(bad) = set.iter().find(|n| !crate::server::is_dns_label(n)) {
+                anyhow::bail!("--namespaces: {bad:?} is not a namespace name");
+            }
+            (!set.is_empty()).then_some(set)
+        },
         ..Default::default()
     };
     if let Some(t) = &config.default_timeout {

@@ -759,3 +759,28 @@ fn the_local_executor_refuses_to_run_inside_a_cluster() {
     );
     assert!(kube.requests().iter().all(|(m, _)| m == "GET"), "nothing was created: {:?}", kube.requests());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_namespaces_the_controller_touches_nothing_outside_them() {
+    let kube = FakeKube::start().await;
+    for ns in ["team-a", "team-b"] {
+        secrets(&kube, ns).await;
+    }
+    let mut cfg = config(None);
+    cfg.namespaces = Some(["team-a".to_string()].into());
+    let ctl = start(&kube, cfg, None);
+    for ns in ["team-b", "team-a"] {
+        let api: Api<AgentExecution> = Api::namespaced(kube.client(), ns);
+        api.create(&PostParams::default(), &execution(&format!("x-{ns}"), json!({}))).await.unwrap();
+    }
+    until("team-a runs", || kube.get(BATCH, "jobs", "team-a", "agentops-x-team-a")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = kube.get(AX, "agentexecutions", "team-b", "x-team-b").unwrap();
+    assert!(other.get("status").is_none_or(Value::is_null), "team-b is not served: {other}");
+    assert!(other["metadata"]["finalizers"].is_null(), "no finalizer either: {other}");
+    // The test itself created team-b's Secrets and execution (POSTs); nothing else went there.
+    let by_controller: Vec<_> =
+        kube.requests().into_iter().filter(|(m, p)| p.contains("/namespaces/team-b/") && m != "POST").collect();
+    assert!(by_controller.is_empty(), "no request into team-b: {by_controller:?}");
+    ctl.stop().await;
+}

@@ -66,12 +66,31 @@ impl Default for JobConfig {
             default_storage_class: None,
             default_workspace_size: "10Gi".into(),
             runner_uid: 10001,
-            resources: None,
+            resources: default_runner_resources(),
             report_url: None,
             default_model: None,
         }
     }
 }
+
+/// Runner pods' resources when the controller is given none: enough for Claude Code and a
+/// build, bounded so that one execution cannot take a node (memory, and the node's disk
+/// through logs and emptyDirs).
+pub fn default_runner_resources() -> Option<ResourceRequirements> {
+    let q = |v: &str| Quantity(v.into());
+    Some(ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("500m")),
+            ("memory".to_string(), q("1Gi")),
+            ("ephemeral-storage".to_string(), q("1Gi")),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_string(), q("4Gi")), ("ephemeral-storage".to_string(), q("20Gi"))])),
+        ..Default::default()
+    })
+}
+
+/// Size of the runner's private HOME and TMPDIR volumes.
+pub const SCRATCH_SIZE: &str = "1Gi";
 
 /// A child name: `<prefix>-<execution>`, cut to 63 characters with a stable hash when longer.
 pub fn child_name(prefix: &str, execution: &str) -> String {
@@ -174,10 +193,12 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
         envs.push(env("AGENTOPS_REPORT_URL", url));
         envs.push(env("AGENTOPS_REPORT_TOKEN_FILE", &format!("{REPORT_TOKEN_DIR}/token")));
     }
-    let mut volumes = vec![
-        Volume { name: "home".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-    ];
+    let scratch = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity(SCRATCH_SIZE.into())), ..Default::default() }),
+        ..Default::default()
+    };
+    let mut volumes = vec![scratch("home"), scratch("tmp")];
     volumes.push(match desired_pvc(ax, cfg) {
         Some(_) => Volume {
             name: "workspace".into(),

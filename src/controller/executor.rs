@@ -84,8 +84,23 @@ impl Executor {
                                 "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
                                              "labels": {"app.kubernetes.io/managed-by": "agentops"}},
                                 "type": "Opaque", "stringData": {"token": t}});
-                            secrets.patch(&name, &pp, &Patch::Apply(&secret)).await?;
-                            t
+                            // Create (not apply): the controller's Role grants `create` on Secrets,
+                            // not `patch`. A concurrent creation answers 409: read that one.
+                            let secret: Secret = serde_json::from_value(secret)
+                                .map_err(|e| Error::Executor(format!("report token Secret: {e}")))?;
+                            match secrets.create(&kube::api::PostParams::default(), &secret).await {
+                                Ok(_) => t,
+                                Err(kube::Error::Api(s)) if s.code == 409 => {
+                                    let again = secrets.get(&name).await?;
+                                    again
+                                        .data
+                                        .and_then(|d| {
+                                            d.get("token").map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                                        })
+                                        .ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))?
+                                }
+                                Err(e) => return Err(e.into()),
+                            }
                         }
                     };
                     reports.remember(&ns, &ax.name_any(), &token);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::controller::Controller;
@@ -76,22 +76,42 @@ pub async fn run(
         })
     };
     let executions: Api<AgentExecution> = Api::all(client.clone());
-    let jobs: Api<Job> = Api::all(client.clone());
     let jobs_config = watcher::Config::default().labels("app.kubernetes.io/managed-by=agentops");
+    // Executions are watched cluster-wide (the CRD is ours), and those outside the served
+    // namespaces never reach the cache: with `--namespaces`, the controller may create Jobs
+    // and read Secrets only there (a Role per namespace), so it must not try elsewhere.
+    let served = config.namespaces.clone();
+    let serves = move |ax: &AgentExecution| served.as_ref().is_none_or(|set| set.contains(&key(ax).0));
     // Our own watch of the executions, so that the cache keeps less of each object: no
     // managedFields and no last-applied annotation (often the size of the object itself).
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher(executions, watcher::Config::default()).default_backoff().modify(|ax: &mut AgentExecution| {
-            ax.managed_fields_mut().clear();
-            ax.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-        }),
-    )
-    .applied_objects();
+    let events = watcher(executions, watcher::Config::default()).default_backoff().modify(|ax: &mut AgentExecution| {
+        ax.managed_fields_mut().clear();
+        ax.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+    });
+    let events = events.try_filter(move |ev| {
+        let keep = match ev {
+            watcher::Event::Apply(ax) | watcher::Event::InitApply(ax) | watcher::Event::Delete(ax) => serves(ax),
+            _ => true,
+        };
+        futures::future::ready(keep)
+    });
+    let stream = reflector::reflector(writer, events).applied_objects();
     let controller = Controller::for_stream(stream, reader)
-        .owns(jobs, jobs_config)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
+    // Jobs: one watch over the cluster, or one per served namespace.
+    let controller = match &config.namespaces {
+        None => controller.owns(Api::<Job>::all(client.clone()), jobs_config),
+        Some(set) => {
+            let watches = set.iter().map(|ns| {
+                watcher(Api::<Job>::namespaced(client.clone(), ns), jobs_config.clone())
+                    .default_backoff()
+                    .touched_objects()
+                    .boxed()
+            });
+            controller.owns_stream(futures::stream::select_all(watches))
+        }
+    };
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {
@@ -217,6 +237,10 @@ pub async fn run(
         })
         .await;
     end(background, stop_task, if lost.load(Ordering::Relaxed) { Stopped::LostLeadership } else { Stopped::Shutdown })
+}
+
+fn key(ax: &AgentExecution) -> (String, String) {
+    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
 fn end(background: Vec<tokio::task::JoinHandle<()>>, stop_task: tokio::task::JoinHandle<()>, why: Stopped) -> Stopped {

@@ -73,6 +73,8 @@ pub struct ControllerConfig {
     /// Reconciles running at once. Bounded: after a restart with thousands of executions,
     /// unbounded concurrency holds every one's requests and objects in memory at once.
     pub concurrency: u16,
+    /// Namespaces whose executions this controller serves (None: every namespace).
+    pub namespaces: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for ControllerConfig {
@@ -84,6 +86,7 @@ impl Default for ControllerConfig {
             retry_after: Duration::from_secs(5),
             concurrency: 16,
             default_timeout: None,
+            namespaces: None,
         }
     }
 }
