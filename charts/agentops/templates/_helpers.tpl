@@ -23,3 +23,10 @@ app.kubernetes.io/component: controller
 {{- define "agentops.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* Namespaces the controller serves: its own and rbac.watchNamespaces (unique, in order). */}}
+{{- define "agentops.namespaces" -}}
+{{- $all := list .Release.Namespace -}}
+{{- range .Values.rbac.watchNamespaces }}{{ $all = append $all . }}{{ end -}}
+{{- $all | uniq | join "," -}}
+{{- end -}}
