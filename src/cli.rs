@@ -31,8 +31,8 @@ pub enum Command {
     ///
     /// Exit status: 0 succeeded, 1 failed, 2 invalid input (nothing ran), 3 timed out, 4 cancelled.
     Run(RunArgs),
-    /// Run the execution given in $AGENTOPS_MANIFEST (used inside the Job's pod and by the
-    /// local executor): the JSON summary goes to stdout and to the termination log.
+    /// Run the execution in $AGENTOPS_MANIFEST_FILE (or $AGENTOPS_MANIFEST) (used inside the Job's
+    /// pod and by the local executor): the JSON summary goes to stdout and to the termination log.
     Runner(RunnerArgs),
     /// Run the Kubernetes operator (kubeconfig from $KUBECONFIG, ~/.kube/config or in-cluster).
     Controller(Box<ControllerArgs>),
@@ -100,8 +100,11 @@ impl MachineArgs {
 #[derive(clap::Args, Debug)]
 pub struct RunnerArgs {
     /// The AgentExecution (and its AgentTemplate) as YAML.
-    #[arg(long, env = "AGENTOPS_MANIFEST", hide_env_values = true)]
-    pub manifest: String,
+    #[arg(long, env = "AGENTOPS_MANIFEST", hide_env_values = true, required_unless_present = "manifest_file")]
+    pub manifest: Option<String>,
+    /// A file holding the manifest (what the controller gives its runners).
+    #[arg(long, env = "AGENTOPS_MANIFEST_FILE", conflicts_with = "manifest")]
+    pub manifest_file: Option<PathBuf>,
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The controller's endpoint for this execution's progress reports.
@@ -313,7 +316,15 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
         _ => None,
     };
     let opts = args.machine.options(true, report.clone());
-    let Some(summary) = execute(db, &args.manifest, "AGENTOPS_MANIFEST", &opts).await? else {
+    let (text, source) = match (&args.manifest, &args.manifest_file) {
+        (Some(text), _) => (text.clone(), "AGENTOPS_MANIFEST".to_string()),
+        (None, Some(file)) => (
+            std::fs::read_to_string(file).with_context(|| format!("cannot read the manifest {}", file.display()))?,
+            file.display().to_string(),
+        ),
+        (None, None) => anyhow::bail!("no manifest: set AGENTOPS_MANIFEST_FILE or AGENTOPS_MANIFEST"),
+    };
+    let Some(summary) = execute(db, &text, &source, &opts).await? else {
         return Ok(EXIT_INVALID);
     };
     println!("{}", serde_json::to_string(&summary)?);

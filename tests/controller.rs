@@ -360,6 +360,8 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let mut ax = execution("e2e", json!({}));
     ax.spec.repository.url = h.git.url("demo");
+    // Over the 128 KiB a single environment variable may hold: the manifest goes as a file.
+    ax.spec.prompt = Some(format!("Update the demo repository.\n{}", "Context line.\n".repeat(12_000)));
     api.create(&PostParams::default(), &ax).await.unwrap();
 
     let done = until("Succeeded", || {
@@ -640,8 +642,10 @@ async fn the_default_timeout_applies_when_the_spec_sets_none() {
     api.create(&PostParams::default(), &execution("owntimeout", json!({}))).await.unwrap();
     let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-deftimeout")).await;
     assert_eq!(job["spec"]["activeDeadlineSeconds"], 7200 + 60);
-    let env = job["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap();
-    let manifest = env.iter().find(|e| e["name"] == "AGENTOPS_MANIFEST").unwrap()["value"].as_str().unwrap();
+    // The runner's manifest is a Secret owned by the execution, mounted as a file.
+    let secret = kube.get(CORE, "secrets", "ns", "agentops-manifest-deftimeout").expect("manifest Secret");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
+    let manifest = secret["stringData"]["manifest.yaml"].as_str().unwrap();
     assert!(manifest.contains("timeout: 2h"), "the runner gets the same timeout: {manifest}");
     let own = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-owntimeout")).await;
     assert_eq!(own["spec"]["activeDeadlineSeconds"], 600 + 60, "the spec's own timeout wins");

@@ -405,3 +405,23 @@ async fn a_panic_finishes_the_store_row_as_failed_never_running() {
     assert_eq!(row.status, "Failed", "the store row is finished");
     assert!(row.completed_at.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_answer_is_read_up_to_a_cap() {
+    // A receiver that answers 5 MB (and 500): the runner keeps at most the cap of it.
+    let app = axum::Router::new().fallback(|| async {
+        let body = format!("{}\n", "z".repeat(99)).repeat(50_000);
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, body)
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let h = Harness::new(happy_script()).await;
+    let hooks = format!("  hooks:\n    pre:\n      - name: chatty\n        url: {url}\n");
+    let s = h.run(&h.manifest("chatty", &hooks)).await;
+    assert_eq!(s.reason.as_deref(), Some("PreHookRejected"), "{s:#?}");
+    let logs = h.store.logs(&s.id).await.unwrap();
+    let kept: usize =
+        logs.iter().filter(|l| l.source == "hook:pre:chatty" && l.line.starts_with('z')).map(|l| l.line.len()).sum();
+    assert!(kept > 0 && kept <= agentops::runner::HOOK_OUTPUT_LIMIT, "kept {kept} bytes of 5 MB");
+}

@@ -21,6 +21,16 @@ pub const SECRETS_DIR: &str = "/var/run/secrets/agentops";
 pub const WORKSPACE_DIR: &str = "/workspace";
 /// Where the runner finds its report token.
 pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/agentops-report";
+/// Where the runner finds its manifest (a Secret owned by the execution, mounted read-only): a
+/// file, because one environment variable holds at most 128 KiB and a prompt may be 256 KiB.
+pub const MANIFEST_DIR: &str = "/var/run/agentops/manifest";
+/// The manifest's key in its Secret (and file name).
+pub const MANIFEST_KEY: &str = "manifest.yaml";
+
+/// Name of the Secret holding an execution's runner manifest.
+pub fn manifest_secret_name(ax: &AgentExecution) -> String {
+    child_name("agentops-manifest", &ax.name_any())
+}
 
 /// The runner's report endpoint on the controller, for one execution.
 pub fn report_url(base: &str, ax: &AgentExecution) -> String {
@@ -173,12 +183,12 @@ pub fn secret_names(r: &Resolved) -> Vec<String> {
     v
 }
 
-/// The Job that runs the execution. `manifest` is the execution (and its template) as YAML:
-/// the runner reads it from the environment and needs no API access.
-pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobConfig) -> Job {
+/// The Job that runs the execution. The runner reads the execution (and its template) from the
+/// manifest Secret's file and needs no API access.
+pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
     let env = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     let mut envs = vec![
-        env("AGENTOPS_MANIFEST", manifest),
+        env("AGENTOPS_MANIFEST_FILE", &format!("{MANIFEST_DIR}/{MANIFEST_KEY}")),
         env("AGENTOPS_SECRETS_DIR", SECRETS_DIR),
         env("AGENTOPS_WORKSPACE_ROOT", WORKSPACE_DIR),
         env("AGENTOPS_DB", &format!("{WORKSPACE_DIR}/.agentops/runner.db")),
@@ -219,7 +229,22 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, manifest: &str, cfg: &JobC
             ..Default::default()
         },
     });
+    volumes.push(Volume {
+        name: "manifest".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(manifest_secret_name(ax)),
+            default_mode: Some(0o400),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let mut mounts = vec![
+        VolumeMount {
+            name: "manifest".into(),
+            mount_path: MANIFEST_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
         VolumeMount { name: "workspace".into(), mount_path: WORKSPACE_DIR.into(), ..Default::default() },
         VolumeMount { name: "home".into(), mount_path: "/home/agentops".into(), ..Default::default() },
         VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
@@ -328,7 +353,7 @@ mod tests {
     #[test]
     fn job_runs_the_runner_locked_down_with_secrets_as_files() {
         let (ax, r) = ax("");
-        let job = desired_job(&ax, &r, "manifest", &JobConfig::default());
+        let job = desired_job(&ax, &r, &JobConfig::default());
         assert_eq!(job.metadata.name.as_deref(), Some("agentops-fix-bug"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-a"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
@@ -347,9 +372,12 @@ mod tests {
             (Some(true), Some(false), Some(true))
         );
         assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
-        // Secrets are files, never env values.
+        // Secrets are files, never env values; so is the manifest (env values are capped at 128 KiB).
         let env = c.env.as_ref().unwrap();
         assert!(env.iter().all(|e| e.value_from.is_none()));
+        assert!(env.iter().all(|e| e.name != "AGENTOPS_MANIFEST"));
+        let file = env.iter().find(|e| e.name == "AGENTOPS_MANIFEST_FILE").unwrap().value.clone().unwrap();
+        assert_eq!(file, "/var/run/agentops/manifest/manifest.yaml");
         let mounts: Vec<&str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
         assert!(
             mounts.contains(&"/var/run/secrets/agentops/git-cred")
@@ -370,7 +398,7 @@ mod tests {
         assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
         assert_eq!(spec.resources.unwrap().requests.unwrap()["storage"], Quantity("5Gi".into()));
         assert!(pvc.metadata.owner_references.is_some());
-        let job = desired_job(&ax, &r, "m", &JobConfig::default());
+        let job = desired_job(&ax, &r, &JobConfig::default());
         let vols = job.spec.unwrap().template.spec.unwrap().volumes.unwrap();
         assert_eq!(
             vols.iter().find(|v| v.name == "workspace").unwrap().persistent_volume_claim.as_ref().unwrap().claim_name,
@@ -382,7 +410,7 @@ mod tests {
     fn kueue_label_passes_through_and_suspends() {
         let (mut ax, r) = ax("");
         ax.metadata.labels = Some(BTreeMap::from([(KUEUE_QUEUE_LABEL.to_string(), "team-queue".to_string())]));
-        let job = desired_job(&ax, &r, "m", &JobConfig::default());
+        let job = desired_job(&ax, &r, &JobConfig::default());
         assert_eq!(job.metadata.labels.unwrap()[KUEUE_QUEUE_LABEL], "team-queue");
         assert_eq!(job.spec.unwrap().suspend, Some(true));
     }

@@ -110,7 +110,22 @@ impl Executor {
                     api.patch(&pvc.name_any(), &pp, &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")))
                         .await?;
                 }
-                let job = desired::desired_job(ax, r, manifest, cfg);
+                // The manifest, as a Secret owned by the execution (the prompt may be private).
+                let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+                let name = desired::manifest_secret_name(ax);
+                let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
+                                 "labels": {"app.kubernetes.io/managed-by": "agentops"}},
+                    "type": "Opaque", "stringData": {desired::MANIFEST_KEY: manifest}});
+                let secret: Secret =
+                    serde_json::from_value(secret).map_err(|e| Error::Executor(format!("manifest Secret: {e}")))?;
+                match secrets.create(&kube::api::PostParams::default(), &secret).await {
+                    Ok(_) => {}
+                    // Created before a restart: the spec is immutable, so it holds the same manifest.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+                let job = desired::desired_job(ax, r, cfg);
                 let api: Api<Job> = Api::namespaced(client.clone(), &ns);
                 api.patch(&job.name_any(), &pp, &Patch::Apply(&with_type(&job, "batch/v1", "Job"))).await?;
                 Ok(())
@@ -226,6 +241,10 @@ impl LocalExecutor {
             return Ok(());
         }
         let mut cmd = tokio::process::Command::new(&self.bin);
+        // A private file: an environment variable holds at most 128 KiB.
+        let manifest_file = self.token_dir.path().join(format!("{}.{}.manifest.yaml", key.0, key.1));
+        write_private(&manifest_file, manifest)
+            .map_err(|e| Error::Executor(format!("cannot write the runner's manifest: {e}")))?;
         if let Some(base) = &self.report_base {
             // The token goes in a private file, never in the environment or argv.
             let token = new_token();
@@ -238,7 +257,7 @@ impl LocalExecutor {
         let mut child = cmd
             .arg("runner")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("AGENTOPS_MANIFEST", manifest)
+            .env("AGENTOPS_MANIFEST_FILE", &manifest_file)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
