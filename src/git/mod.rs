@@ -3,12 +3,15 @@
 //! Authorization header: never in a URL, the remote's config, an argument or a log line.
 
 mod http;
+mod publish;
+
+pub use publish::{Publish, harden};
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use git2::{AutotagOption, FetchOptions, IndexAddOption, Oid, PushOptions, RemoteCallbacks, Repository, Signature};
+use git2::{AutotagOption, FetchOptions, Oid, PushOptions, RemoteCallbacks, Repository};
 
 /// Basic-auth credentials for the git host.
 #[derive(Clone)]
@@ -47,6 +50,8 @@ pub struct Cloned {
     pub base: Oid,
     /// The remote branch it came from.
     pub source_branch: String,
+    /// The full ref fetched (e.g. `refs/heads/main`), to fetch the base again when needed.
+    pub source_ref: String,
     /// Where the time went.
     pub timings: CloneTimings,
 }
@@ -112,6 +117,7 @@ pub fn clone(
     work_branch: &str,
     stop: &AtomicBool,
 ) -> Result<(Repository, Cloned), GitError> {
+    harden();
     let (result, rejected) =
         http::with_credentials(creds, || clone_inner(url, dest, git_ref, depth, creds, work_branch, stop));
     result.map_err(|e| if rejected { classify_auth(url, creds) } else { e })
@@ -181,7 +187,7 @@ fn clone_inner(
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
     let timings = CloneTimings { init: t1 - t0, fetch: t2 - t1, checkout: t2.elapsed() };
-    Ok((repo, Cloned { base, source_branch: short, timings }))
+    Ok((repo, Cloned { base, source_branch: short, source_ref: fetched, timings }))
 }
 
 /// The work tree's changes against the base, staged as a tree but not yet committed.
@@ -193,69 +199,10 @@ pub struct Staged {
     pub patch: String,
 }
 
-/// Stages everything in the work tree (additions, edits, deletions; `.gitignore` respected)
-/// and compares it with `base`. None when nothing changed.
-pub fn stage_changes(repo: &Repository, base: Oid) -> Result<Option<Staged>, GitError> {
-    let mut index = repo.index()?;
-    index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
-    index.update_all(["*"], None)?;
-    index.write()?;
-    let tree_id = index.write_tree()?;
-    let base_tree = repo.find_commit(base)?.tree()?;
-    if tree_id == base_tree.id() {
-        return Ok(None);
-    }
-    let tree = repo.find_tree(tree_id)?;
-    let diff = repo.diff_tree_to_tree(Some(&base_tree), Some(&tree), None)?;
-    let st = diff.stats()?;
-    let stats = ChangeStats {
-        changed_files: st.files_changed() as u64,
-        insertions: st.insertions() as u64,
-        deletions: st.deletions() as u64,
-    };
-    let mut patch = String::new();
-    diff.print(git2::DiffFormat::Patch, |_, _, line| {
-        if matches!(line.origin(), '+' | '-' | ' ') {
-            patch.push(line.origin());
-        }
-        patch.push_str(&String::from_utf8_lossy(line.content()));
-        true
-    })?;
-    Ok(Some(Staged { tree: tree_id, stats, patch }))
-}
-
-/// Commits a staged tree on `branch` as one commit on top of `base`, whatever the agent did to
-/// HEAD: the operator owns history and authorship.
-pub fn commit_staged(
-    repo: &Repository,
-    base: Oid,
-    staged: &Staged,
-    branch: &str,
-    author: &Signature<'_>,
-    message: &str,
-) -> Result<Oid, GitError> {
-    let tree = repo.find_tree(staged.tree)?;
-    let parent = repo.find_commit(base)?;
-    let oid = repo.commit(None, author, author, message, &tree, &[&parent])?;
-    repo.reference(&format!("refs/heads/{branch}"), oid, true, "agentops: commit agent changes")?;
-    repo.set_head(&format!("refs/heads/{branch}"))?;
-    Ok(oid)
-}
-
-/// Pushes `branch` to origin. A rejection (non-fast-forward, protected branch, hook) is an error
-/// carrying the server's message.
-pub fn push(
-    repo: &Repository,
-    url: &str,
-    branch: &str,
-    creds: Option<&GitCredentials>,
-    stop: &AtomicBool,
-) -> Result<(), GitError> {
-    let (result, auth_rejected) = http::with_credentials(creds, || push_inner(repo, url, branch, creds, stop));
-    result.map_err(|e| if auth_rejected { classify_auth(url, creds) } else { e })
-}
-
-fn push_inner(
+/// Pushes `refs/heads/<branch>` of `repo` to `url` (an anonymous remote: no configured remote,
+/// `pushurl` or `insteadOf` applies). A rejection (non-fast-forward, protected branch, hook) is
+/// an error carrying the server's message.
+fn push_to(
     repo: &Repository,
     url: &str,
     branch: &str,
@@ -272,7 +219,7 @@ fn push_inner(
     });
     let mut po = PushOptions::new();
     po.remote_callbacks(cb);
-    let mut remote = repo.find_remote("origin")?;
+    let mut remote = repo.remote_anonymous(url)?;
     let spec = format!("refs/heads/{branch}:refs/heads/{branch}");
     match remote.push(&[&spec], Some(&mut po)) {
         Ok(()) => {}

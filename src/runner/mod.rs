@@ -379,18 +379,29 @@ impl Run<'_> {
             return o;
         }
 
-        // Collect and commit.
-        let staged = {
-            let (path, base) = (ws.repo.clone(), cloned.base);
-            tokio::task::spawn_blocking(move || {
-                let repo = git2::Repository::open(&path)?;
-                git::stage_changes(&repo, base)
+        // Collect, commit and push from the operator's own repository: nothing the agent wrote
+        // in .git/ or a HOME is read (see git::Publish).
+        let prepared = {
+            let (workdir, gitdir, base, r, creds, abort) = (
+                ws.repo.clone(),
+                ws.root.join("publish.git"),
+                cloned.base,
+                self.r.clone(),
+                self.secrets.git.clone(),
+                self.abort.clone(),
+            );
+            let base_ref = cloned.source_ref.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, GitError> {
+                let publish =
+                    git::Publish::prepare(&workdir, &gitdir, base, &r.repo_url, &base_ref, creds.as_ref(), &abort)?;
+                let staged = publish.stage()?;
+                Ok((publish, staged))
             })
             .await
         };
-        let staged = match staged {
-            Ok(Ok(Some(s))) => s,
-            Ok(Ok(None)) => {
+        let (publish, staged) = match prepared {
+            Ok(Ok((p, Some(s)))) => (p, s),
+            Ok(Ok((_, None))) => {
                 self.say("  no changes: nothing to commit");
                 return Outcome::new(Phase::Succeeded, "NoChanges", "the agent changed nothing; no commit, no push");
             }
@@ -400,19 +411,20 @@ impl Run<'_> {
         if self.redactor.finds_secret(&staged.patch) {
             return Outcome::failed(
                 "SecretInChanges",
-                "the agent's changes contain a credential (git token or API key); nothing was committed or pushed",
+                "the agent's changes contain a credential (git token or API key, plain or encoded); nothing was committed or pushed",
             );
         }
         self.git.changed_files = staged.stats.changed_files;
         self.git.insertions = staged.stats.insertions;
         self.git.deletions = staged.stats.deletions;
         self.diff = Some(staged.patch.clone());
+        let publish = std::sync::Arc::new(std::sync::Mutex::new(publish));
         let committed = {
-            let (path, base, r) = (ws.repo.clone(), cloned.base, self.r.clone());
+            let (publish, r) = (publish.clone(), self.r.clone());
             tokio::task::spawn_blocking(move || -> Result<git2::Oid, GitError> {
-                let repo = git2::Repository::open(&path)?;
                 let sig = git2::Signature::now(&r.author.name, &r.author.email)?;
-                git::commit_staged(&repo, base, &staged, &r.branch, &sig, &r.commit_message)
+                let p = publish.lock().map_err(|_| GitError::Other(git2::Error::from_str("publish lock")))?;
+                p.commit(&staged, &r.branch, &sig, &r.commit_message)
             })
             .await
         };
@@ -438,13 +450,13 @@ impl Run<'_> {
             return o;
         }
 
-        // Push.
+        // Push: refs/heads/<branch> to spec.repository.url, nothing else anywhere else.
         let pushed = {
-            let (path, r, creds, abort) =
-                (ws.repo.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone());
+            let (publish, r, creds, abort) =
+                (publish.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone());
             tokio::task::spawn_blocking(move || -> Result<(), GitError> {
-                let repo = git2::Repository::open(&path)?;
-                git::push(&repo, &r.repo_url, &r.branch, creds.as_ref(), &abort)
+                let p = publish.lock().map_err(|_| GitError::Other(git2::Error::from_str("publish lock")))?;
+                p.push(&r.repo_url, &r.branch, creds.as_ref(), &abort)
             })
             .await
         };
@@ -452,7 +464,7 @@ impl Run<'_> {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 let reason = if matches!(e, GitError::PushRejected { .. }) { "PushRejected" } else { "PushFailed" };
-                let keep = format!("{e}; the commit is kept in the workspace {}", ws.root.display());
+                let keep = format!("{e}; the commit is kept in {}", ws.root.join("publish.git").display());
                 return self.stopped().unwrap_or_else(|| Outcome::failed(reason, keep));
             }
             Err(e) => return Outcome::failed("PushFailed", format!("push task failed: {e}")),

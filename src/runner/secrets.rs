@@ -62,19 +62,61 @@ pub fn load(r: &Resolved, dir: &Path, env: impl Fn(&str) -> Option<String>) -> R
     Ok(Secrets { git, api_key })
 }
 
-/// Replaces every known secret value in text with `***` before it is logged or stored.
+/// Replaces every known secret value in text with `***` before it is logged or stored, and
+/// finds secrets in the agent's changes: each value also in the forms an agent might write it
+/// to smuggle it out (base64, standard and URL-safe, at any alignment; hex; percent-encoding).
 #[derive(Clone, Default, Debug)]
 pub struct Redactor {
     values: Vec<String>,
 }
 
+/// Shortest encoded fragment matched (shorter ones would match ordinary text).
+const MIN_FORM: usize = 8;
+
+/// The forms of one secret value that are searched for.
+pub fn encodings(secret: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    let bytes = secret.as_bytes();
+    let mut forms = vec![secret.to_string()];
+    // base64 of a secret inside a longer text depends on where it starts (mod 3): encode it at
+    // each offset and keep the characters that depend on the secret's bytes only.
+    for shift in 0..3usize {
+        let mut shifted = vec![0u8; shift];
+        shifted.extend_from_slice(bytes);
+        let start = (shift * 8).div_ceil(6);
+        let end = (shift + bytes.len()) * 8 / 6;
+        for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+            let enc = engine.encode(&shifted);
+            if end > start && end <= enc.len() {
+                forms.push(enc[start..end].to_string());
+            }
+        }
+    }
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    forms.push(hex.clone());
+    forms.push(hex.to_uppercase());
+    forms.push(bytes.iter().map(|b| format!("%{b:02x}")).collect());
+    forms.push(bytes.iter().map(|b| format!("%{b:02X}")).collect());
+    forms.push(url::form_urlencoded::byte_serialize(bytes).collect());
+    forms.retain(|f| f.len() >= MIN_FORM || f == secret);
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
 impl Redactor {
     /// A redactor for these secrets (values shorter than 4 characters are ignored: too common).
     pub fn new(s: &Secrets) -> Self {
-        let mut values: Vec<String> =
-            s.git.iter().map(|g| g.token.clone()).chain(s.api_key.clone()).filter(|v| v.len() >= 4).collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        Self { values }
+        Self::from_values(s.git.iter().map(|g| g.token.clone()).chain(s.api_key.clone()))
+    }
+
+    /// A redactor for these values, and their encodings.
+    pub fn from_values(values: impl IntoIterator<Item = String>) -> Self {
+        let mut forms: Vec<String> = values.into_iter().filter(|v| v.len() >= 4).flat_map(|v| encodings(&v)).collect();
+        forms.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        forms.dedup();
+        Self { values: forms }
     }
 
     /// The text with secrets masked.
@@ -88,8 +130,38 @@ impl Redactor {
         out
     }
 
-    /// Whether the text holds a secret.
+    /// Whether the text holds a secret, plain or encoded.
     pub fn finds_secret(&self, text: &str) -> bool {
         self.values.iter().any(|v| text.contains(v.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn finds_a_secret_in_every_encoding_inside_other_text() {
+        let secret = "ghp_agentopsTestToken5f2b9c";
+        let r = Redactor::from_values([secret.to_string()]);
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let url_b64 = |s: &str| base64::engine::general_purpose::URL_SAFE.encode(s);
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        for text in [
+            format!("token={secret}"),
+            b64(secret),
+            b64(&format!("x{secret}")),
+            b64(&format!("xy{secret}yz")),
+            b64(&format!("user:{secret}\n")),
+            url_b64(&format!("??{secret}>>")),
+            format!("data: {hex}"),
+            hex.to_uppercase(),
+            secret.bytes().map(|b| format!("%{b:02X}")).collect(),
+        ] {
+            assert!(r.finds_secret(&text), "finds it in {text}");
+            assert!(!r.redact(&text).contains(&text[text.len() / 2..]) || r.redact(&text).contains("***"), "{text}");
+        }
+        assert!(!r.finds_secret("an ordinary diff of README.md with some base64 aGVsbG8gd29ybGQ="));
     }
 }

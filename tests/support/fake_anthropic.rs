@@ -100,6 +100,11 @@ impl FakeAnthropic {
         self.seen().iter().filter(|s| s.main).count()
     }
 
+    /// Replaces the steps not yet used (for scripts that name paths known only after start).
+    pub fn set_script(&self, script: Vec<Step>) {
+        *self.inner.script.lock().expect("lock") = script.into();
+    }
+
     /// Steps not yet used.
     pub fn remaining(&self) -> usize {
         self.inner.script.lock().expect("lock").len()

@@ -1,0 +1,156 @@
+//! Publishing the agent's work without trusting anything the agent could write in `.git/` or
+//! in a HOME: the commit is built in a private repository of ours (outside the agent's
+//! checkout), from the files of the work tree, on top of the base commit; and it is pushed to
+//! `spec.repository.url` only, as `refs/heads/<work branch>` only.
+//!
+//! What this ignores, whatever the agent did: the workspace's `.git/config` (remotes, `url`,
+//! `pushurl`, `insteadOf`, `core.worktree`, credential helpers, hooks paths), its index and
+//! HEAD, `.git/info/*`, and every global, XDG and system git config (`harden`). libgit2 runs no
+//! hooks and no external filter drivers. The base commit's objects are read from the
+//! workspace's object store by id, which is safe because objects are content-addressed (a
+//! forged object cannot have the base's id); when they are gone, the base is fetched again
+//! from the repository URL.
+
+use std::path::Path;
+use std::sync::Once;
+use std::sync::atomic::AtomicBool;
+
+use git2::{IndexAddOption, Oid, Repository, Signature};
+
+use super::{ChangeStats, GitCredentials, GitError, Staged};
+
+/// Makes libgit2 read no global, XDG, system or ProgramData config in this process: a
+/// `.gitconfig` in a HOME the agent can write (its own, or the runner pod's) must not rewrite
+/// URLs (`pushInsteadOf`) or add anything else. Called before any other libgit2 use.
+pub fn harden() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for level in [
+            git2::ConfigLevel::System,
+            git2::ConfigLevel::Global,
+            git2::ConfigLevel::XDG,
+            git2::ConfigLevel::ProgramData,
+        ] {
+            // SAFETY: runs once, before this process uses libgit2 anywhere else (every entry
+            // point in `git` calls `harden` first, and `Once` makes the others wait).
+            if let Err(e) = unsafe { git2::opts::set_search_path(level, "") } {
+                tracing::warn!(error = %e, "cannot clear libgit2's config search path");
+            }
+        }
+    });
+}
+
+/// The operator's private repository for one publish: `gitdir` (outside the agent's
+/// checkout) with the checkout's files as its work tree.
+pub struct Publish {
+    repo: Repository,
+    base: Oid,
+}
+
+impl Publish {
+    /// Prepares `gitdir` afresh (whatever is there is removed: the agent may have planted it)
+    /// over the work tree `workdir`, with the base commit `base` available.
+    pub fn prepare(
+        workdir: &Path,
+        gitdir: &Path,
+        base: Oid,
+        url: &str,
+        base_ref: &str,
+        creds: Option<&GitCredentials>,
+        stop: &AtomicBool,
+    ) -> Result<Self, GitError> {
+        harden();
+        match std::fs::symlink_metadata(gitdir) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(gitdir).map_err(io)?,
+            Ok(_) => std::fs::remove_file(gitdir).map_err(io)?,
+            Err(_) => {}
+        }
+        let repo = Repository::init_bare(gitdir)?;
+        // In memory only: no `.git` file is written into the work tree, no core.worktree.
+        repo.set_workdir(workdir, false)?;
+        let objects = workdir.join(".git").join("objects");
+        if objects.is_dir() {
+            repo.odb()?.add_disk_alternate(&objects.to_string_lossy())?;
+        }
+        if repo.find_commit(base).is_err() {
+            // The agent removed or broke its object store: fetch the base again.
+            let mut remote = repo.remote_anonymous(url)?;
+            let (fetched, rejected) = super::http::with_credentials(creds, || {
+                let mut fo = super::fetch_options(stop, 1);
+                remote.fetch(&[format!("+{base_ref}:refs/agentops/base")], Some(&mut fo), None)
+            });
+            fetched.map_err(|e| super::classify(e, url, creds, rejected))?;
+            repo.find_commit(base).map_err(|_| {
+                GitError::Other(git2::Error::from_str(&format!(
+                    "the base commit {base} is no longer in the workspace and {url} no longer has it at {base_ref}"
+                )))
+            })?;
+        }
+        Ok(Self { repo, base })
+    }
+
+    /// The work tree's files against the base (additions, edits, deletions; `.gitignore`
+    /// files of the work tree respected). None when nothing changed.
+    pub fn stage(&self) -> Result<Option<Staged>, GitError> {
+        let repo = &self.repo;
+        let base_tree = repo.find_commit(self.base)?.tree()?;
+        let mut index = repo.index()?;
+        index.read_tree(&base_tree)?;
+        index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
+        index.update_all(["*"], None)?;
+        let tree_id = index.write_tree_to(repo)?;
+        if tree_id == base_tree.id() {
+            return Ok(None);
+        }
+        let tree = repo.find_tree(tree_id)?;
+        let diff = repo.diff_tree_to_tree(Some(&base_tree), Some(&tree), None)?;
+        let st = diff.stats()?;
+        let stats = ChangeStats {
+            changed_files: st.files_changed() as u64,
+            insertions: st.insertions() as u64,
+            deletions: st.deletions() as u64,
+        };
+        let mut patch = String::new();
+        diff.print(git2::DiffFormat::Patch, |_, _, line| {
+            if matches!(line.origin(), '+' | '-' | ' ') {
+                patch.push(line.origin());
+            }
+            patch.push_str(&String::from_utf8_lossy(line.content()));
+            true
+        })?;
+        Ok(Some(Staged { tree: tree_id, stats, patch }))
+    }
+
+    /// One commit with the staged tree on top of the base, as `refs/heads/<branch>` of the
+    /// private repository.
+    pub fn commit(
+        &self,
+        staged: &Staged,
+        branch: &str,
+        author: &Signature<'_>,
+        message: &str,
+    ) -> Result<Oid, GitError> {
+        let tree = self.repo.find_tree(staged.tree)?;
+        let parent = self.repo.find_commit(self.base)?;
+        let oid = self.repo.commit(None, author, author, message, &tree, &[&parent])?;
+        self.repo.reference(&format!("refs/heads/{branch}"), oid, true, "agentops: the agent's changes")?;
+        Ok(oid)
+    }
+
+    /// Pushes `refs/heads/<branch>` to `url`, and nothing else anywhere else.
+    pub fn push(
+        &self,
+        url: &str,
+        branch: &str,
+        creds: Option<&GitCredentials>,
+        stop: &AtomicBool,
+    ) -> Result<(), GitError> {
+        let (result, auth_rejected) =
+            super::http::with_credentials(creds, || super::push_to(&self.repo, url, branch, creds, stop));
+        result.map_err(|e| if auth_rejected { super::classify_auth(url, creds) } else { e })
+    }
+}
+
+fn io(e: std::io::Error) -> GitError {
+    GitError::Other(git2::Error::from_str(&format!("cannot prepare the publish repository: {e}")))
+}
