@@ -81,17 +81,28 @@ pub struct MachineArgs {
     /// Secrets as files `<dir>/<secret-name>/<key>` [default: $XDG_CONFIG_HOME/agentops/secrets].
     #[arg(long, env = "AGENTOPS_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
+    /// Run the agent unconfined. By default it runs under Landlock: it writes only its
+    /// workspace and private HOME, and reads only system and toolchain directories.
+    #[arg(long, env = "AGENTOPS_NO_SANDBOX")]
+    pub no_sandbox: bool,
+    /// More directories the sandboxed agent may read (toolchains, e.g. ~/.rustup; comma-separated).
+    #[arg(long, env = "AGENTOPS_SANDBOX_READ", value_delimiter = ',')]
+    pub sandbox_read: Vec<PathBuf>,
 }
 
 impl MachineArgs {
     /// Run options with the defaults applied.
     pub fn options(self, progress: bool, report: Option<runner::ReportTarget>) -> RunOptions {
+        // The sandbox never grants the store, the secrets dir (added by the runner) or HOME.
+        let mut protected = vec![std::env::var_os("AGENTOPS_DB").map(PathBuf::from).unwrap_or_else(default_db)];
+        protected.extend(std::env::var_os("HOME").map(PathBuf::from));
         RunOptions {
             workspace_root: self.workspace_root.unwrap_or_else(std::env::temp_dir),
             claude_bin: self.claude_bin,
             secrets_dir: self.secrets_dir.unwrap_or_else(default_secrets_dir),
             progress,
             report,
+            sandbox: (!self.no_sandbox).then_some(runner::SandboxPolicy { extra_read: self.sandbox_read, protected }),
         }
     }
 }
@@ -269,6 +280,13 @@ fn default_secrets_dir() -> PathBuf {
 /// Runs the parsed command; returns the process exit status.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let db = cli.db.clone().unwrap_or_else(default_db);
+    if matches!(cli.command, Command::Run(_) | Command::Runner(_)) {
+        // Not dumpable: the agent (same uid) cannot read this process's /proc/<pid>/environ
+        // or memory, where the secrets it loaded live.
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot make the process non-dumpable");
+        }
+    }
     match cli.command {
         Command::Crd => {
             print!("{}", crate::crd::crds_yaml()?);

@@ -35,10 +35,22 @@ fn bash(command: &str) -> Step {
 }
 
 async fn run(h: &Harness, name: &str, extra: &str) -> (i32, String, String) {
+    run_manifest(h, name, &h.manifest(name, extra)).await
+}
+
+async fn run_manifest(h: &Harness, name: &str, yaml: &str) -> (i32, String, String) {
+    run_with(h, name, yaml, true).await
+}
+
+/// `agentops run` on this manifest; `sandbox: false` runs the agent unconfined (`--no-sandbox`),
+/// so that what is tested is the publish step alone, as in a pod where the agent can write the
+/// runner's HOME.
+async fn run_with(h: &Harness, name: &str, yaml: &str, sandbox: bool) -> (i32, String, String) {
     let file = h.dir.path().join(format!("{name}.yaml"));
-    std::fs::write(&file, h.manifest(name, extra)).unwrap();
+    std::fs::write(&file, yaml).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
         .env_clear()
+        .env("AGENTOPS_NO_SANDBOX", if sandbox { "false" } else { "true" })
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", h.dir.path())
         .env("AGENTOPS_DB", &h.db_path)
@@ -95,7 +107,8 @@ async fn nothing_the_agent_writes_in_git_or_home_redirects_the_push() {
         Step::text("Done."),
     ]);
 
-    let (code, stdout, stderr) = run(&h, "hostile", "  workspace: {retain: Retain}\n").await;
+    let yaml = h.manifest("hostile", "  workspace: {retain: Retain}\n");
+    let (code, stdout, stderr) = run_with(&h, "hostile", &yaml, false).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["git"]["pushed"], true, "{summary}");
@@ -152,4 +165,92 @@ async fn a_secret_smuggled_out_encoded_is_refused_and_nothing_is_pushed() {
         assert_eq!(h.git.branch_head("demo", &format!("agentops/{name}")), None, "nothing pushed");
         assert!(!stdout.contains(&encoded) && !stderr.contains(&encoded), "the encoded form is not echoed either");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandboxed_agent_reads_no_secret_no_store_and_not_the_users_home() {
+    let h = Harness::new(vec![]).await;
+    let (home, secrets, db) =
+        (h.dir.path().to_string_lossy(), h.opts.secrets_dir.to_string_lossy(), h.db_path.to_string_lossy());
+    std::fs::write(h.dir.path().join("private-notes.txt"), "the user's own file\n").unwrap();
+    h.model.set_script(vec![
+        // Every secret path, the store, the user's HOME.
+        bash(&format!(
+            "cat {secrets}/git-cred/token {secrets}/anthropic/api-key; base64 {secrets}/git-cred/token; \
+             ls -la {secrets} {home}; cat {home}/private-notes.txt; head -c 4096 {db} | base64; true"
+        )),
+        // Every process's environment and command line, and the files they name.
+        bash(
+            "for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; tr '\\0' ' ' < $p/cmdline; echo; done 2>&1 | head -c 200000; \
+             for f in $(for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; done 2>/dev/null | sed -n 's/^[A-Z_]*=\\(\\/.*\\)/\\1/p' | sort -u); do \
+             cat $f 2>&1 | head -c 2000; done; true",
+        ),
+        // Token-like files anywhere it can look.
+        bash("find / -xdev \\( -name token -o -name 'api-key' -o -name '*.db' \\) 2>/dev/null | head -50 | xargs -r cat 2>&1 | head -c 20000; true"),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ]);
+    let (code, stdout, stderr) = run(&h, "snoop", "").await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(h.model.remaining(), 0, "the whole script ran");
+    // What the agent saw went back to the model as tool results: search every request.
+    let finder = agentops::runner::Redactor::from_values([TOKEN.to_string()]);
+    let bodies: Vec<String> = h.model.seen().iter().map(|s| s.body.to_string()).collect();
+    assert!(bodies.len() >= 5);
+    let tool_results = bodies.last().unwrap();
+    assert!(
+        tool_results.contains("Permission denied"),
+        "the reads were attempted and refused: {}",
+        &tool_results[..tool_results.len().min(3000)]
+    );
+    for body in &bodies {
+        assert!(!finder.finds_secret(body), "the git token reached the model");
+        assert!(!body.contains("the user's own file"), "the user's HOME was read");
+        assert!(!body.contains("SQLite format"), "the store was read");
+        assert!(!body.contains("AGENTOPS_SECRETS_DIR="), "agentops's own environment was read");
+    }
+    // Known gap until the model gateway (issue 9): the agent's own environment holds the
+    // Anthropic key it uses; this test does not claim otherwise.
+    assert!(h.git.branch_head("demo", "agentops/snoop").is_some(), "and the work still lands");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandboxed_agent_cannot_write_outside_its_workspace() {
+    let h = Harness::new(vec![]).await;
+    let home = h.dir.path().to_string_lossy().into_owned();
+    h.model.set_script(vec![
+        bash(&format!(
+            "printf '[url \"http://127.0.0.1:9/\"]\\n\\tpushInsteadOf = http://\\n' > {home}/.gitconfig; \
+             echo x > {home}/planted.txt; echo y > $HOME/fine.txt; echo z > fine-too.txt; true"
+        )),
+        Step::text("Done."),
+    ]);
+    let (code, stdout, stderr) = run(&h, "walls", "").await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(!h.dir.path().join(".gitconfig").exists() && !h.dir.path().join("planted.txt").exists());
+    assert!(h.git.show("demo", "agentops/walls", "fine-too.txt").is_some(), "its workspace is writable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_tools_limit_what_the_agent_may_run() {
+    let h = Harness::new(vec![
+        bash("touch bash-ran.txt"),
+        Step::tool("Write", json!({"file_path": "written.txt", "content": "allowed\n"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let (code, stdout, stderr) = run_manifest(
+        &h,
+        "limited",
+        &h.manifest("limited", "").replace(
+            "apiKeySecretRef: {name: anthropic}",
+            "apiKeySecretRef: {name: anthropic}\n    allowedTools: [Write]",
+        ),
+    )
+    .await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert_eq!(h.git.show("demo", "agentops/limited", "written.txt").as_deref(), Some("allowed\n"));
+    assert_eq!(h.git.show("demo", "agentops/limited", "bash-ran.txt"), None, "Bash was not allowed, so it did not run");
+    let bodies: Vec<String> = h.model.seen().iter().map(|s| s.body.to_string()).collect();
+    assert!(bodies.iter().any(|b| b.contains("permission")), "the agent was told Bash needs permission");
 }

@@ -43,6 +43,8 @@ pub struct AgentCommand {
     pub cwd: PathBuf,
     /// The prompt, written to stdin (not argv: prompts can be long, and argv is world-readable).
     pub stdin: String,
+    /// Landlock confinement of the agent and everything it starts (None: unconfined).
+    pub sandbox: Option<super::Sandbox>,
 }
 
 /// Builds the command line. `home` is a private directory for this execution.
@@ -54,10 +56,13 @@ pub fn build_command(
     api_key: Option<&str>,
     parent_env: impl Fn(&str) -> Option<String>,
 ) -> AgentCommand {
-    let mut args: Vec<String> =
-        ["-p", "--output-format", "stream-json", "--verbose", "--permission-mode", "bypassPermissions"]
-            .map(String::from)
-            .into();
+    let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"].map(String::from).into();
+    // Tool lists mean something only without bypassPermissions: with a list, every tool not
+    // allowed by it is refused (headless, nobody answers a permission prompt). Without one,
+    // the agent may use every tool, inside its sandbox.
+    if r.allowed_tools.is_empty() && r.disallowed_tools.is_empty() {
+        args.extend(["--permission-mode".into(), "bypassPermissions".into()]);
+    }
     // Sessions are not resumed; keep nothing in the private HOME beyond the run.
     args.push("--no-session-persistence".into());
     if let Some(m) = &r.model {
@@ -99,7 +104,14 @@ pub fn build_command(
     if let Some(k) = api_key {
         env.push(("ANTHROPIC_API_KEY".into(), k.to_string()));
     }
-    AgentCommand { program: claude_bin.to_path_buf(), args, env, cwd: workspace.to_path_buf(), stdin: r.prompt.clone() }
+    AgentCommand {
+        program: claude_bin.to_path_buf(),
+        args,
+        env,
+        cwd: workspace.to_path_buf(),
+        stdin: r.prompt.clone(),
+        sandbox: None,
+    }
 }
 
 /// Why the agent stopped.
@@ -141,7 +153,20 @@ pub async fn run_agent(
     mut on_line: impl FnMut(&str, &Tally, bool),
 ) -> std::io::Result<AgentOutcome> {
     let started = Instant::now();
-    let mut child = Command::new(&cmd.program)
+    let mut command = Command::new(&cmd.program);
+    if let Some(sandbox) = &cmd.sandbox {
+        let ruleset = sandbox.prepare().map_err(std::io::Error::other)?;
+        let ruleset = std::sync::Mutex::new(Some(ruleset));
+        // SAFETY: between fork and exec the closure only takes the prepared ruleset (a mutex no
+        // other thread of the child can hold) and makes the landlock/prctl system calls.
+        unsafe {
+            command.pre_exec(move || match ruleset.lock().ok().and_then(|mut r| r.take()) {
+                Some(r) => super::sandbox::restrict(r),
+                None => Ok(()),
+            });
+        }
+    }
+    let mut child = command
         .args(&cmd.args)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))

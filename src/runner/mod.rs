@@ -39,6 +39,17 @@ pub struct RunOptions {
     pub progress: bool,
     /// Where live progress is posted (the controller's runner endpoint), if anywhere.
     pub report: Option<ReportTarget>,
+    /// Confine the agent with Landlock (None: unconfined, `--no-sandbox`).
+    pub sandbox: Option<SandboxPolicy>,
+}
+
+/// What the agent's sandbox adds to its workspace and the system directories.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxPolicy {
+    /// More directories the agent may read (toolchains, e.g. `~/.rustup`).
+    pub extra_read: Vec<PathBuf>,
+    /// Never granted, nor any directory holding them (the secrets dir, the store, HOME).
+    pub protected: Vec<PathBuf>,
 }
 
 /// Why an execution could not even start. Everything after the start ends in a Summary.
@@ -329,6 +340,22 @@ impl Run<'_> {
             self.secrets.api_key.as_deref(),
             env,
         );
+        let mut cmd = cmd;
+        if let Some(policy) = &self.opts.sandbox {
+            let mut protected = policy.protected.clone();
+            protected.push(self.opts.secrets_dir.clone());
+            cmd.sandbox = Some(agent::Sandbox::for_agent(
+                &ws.repo,
+                &ws.home,
+                &self.opts.claude_bin,
+                env("PATH").as_deref(),
+                &policy.extra_read,
+                &protected,
+            ));
+            if !agent::sandbox::supported() {
+                self.say("  warning: this kernel has no Landlock; the agent runs unconfined");
+            }
+        }
         let (rec, echo) = (&self.rec, self.opts.progress);
         let mut shown_tools = 0;
         let outcome =

@@ -61,6 +61,8 @@ impl Harness {
             secrets_dir: secrets,
             progress: false,
             report: None,
+            // The agent runs confined in every test, as users run it.
+            sandbox: Some(agentops::runner::SandboxPolicy { extra_read: vec![], protected: vec![db_path.clone()] }),
         };
         Self { git, model, dir, store, opts, db_path, max_retries: 1 }
     }

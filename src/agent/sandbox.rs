@@ -1,0 +1,151 @@
+//! The agent's sandbox on one machine: Linux Landlock (unprivileged, kernel 5.13+), applied in
+//! the agent's process between fork and exec, so the agent and every tool it starts can write
+//! only its workspace, its private HOME and TMPDIR (and `/dev`), and read only system and
+//! toolchain directories. Not the secrets dir, not the store, not the user's HOME. Where the
+//! kernel has no Landlock, the agent runs unconfined and the runner says so.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{
+    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetError, path_beneath_rules,
+};
+
+/// The highest Landlock ABI asked for; older kernels get what they support (best effort).
+const ABI_WANTED: ABI = ABI::V5;
+
+/// Directories of the system everyone may read (and execute from).
+const SYSTEM_DIRS: &[&str] =
+    &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt", "/proc", "/sys", "/nix"];
+
+/// What the agent may touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Read, write, create, remove, execute beneath these.
+    pub read_write: Vec<PathBuf>,
+    /// Read and execute beneath these.
+    pub read_only: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// The sandbox of one agent run: `workspace` (its checkout) and `home` (its private HOME,
+    /// TMPDIR inside) writable; system directories, the agent's own installation (`claude_bin`,
+    /// and node's when it is a script), the directories on `path` and the toolchains named in
+    /// `extra_read` readable. A directory holding any of `protected` (the secrets dir, the
+    /// store, the user's HOME) is never granted as a whole: only its harmless parts would be,
+    /// and here none are.
+    pub fn for_agent(
+        workspace: &Path,
+        home: &Path,
+        claude_bin: &Path,
+        path: Option<&str>,
+        extra_read: &[PathBuf],
+        protected: &[PathBuf],
+    ) -> Self {
+        let mut read_only: Vec<PathBuf> = SYSTEM_DIRS.iter().map(PathBuf::from).collect();
+        // The agent's installation: the resolved binary's package (for the npm package, its
+        // node_modules, which holds the vendored ripgrep too).
+        let found = if claude_bin.components().count() > 1 {
+            Some(claude_bin.to_path_buf())
+        } else {
+            path.unwrap_or_default().split(':').map(|d| Path::new(d).join(claude_bin)).find(|p| p.exists())
+        };
+        if let Some(real) = found.and_then(|f| std::fs::canonicalize(f).ok()) {
+            // Else the program file alone (a native binary; never the directory it sits in).
+            let package = real.ancestors().find(|a| a.file_name().is_some_and(|n| n == "node_modules"));
+            read_only.push(package.unwrap_or(&real).to_path_buf());
+        }
+        for dir in path.unwrap_or_default().split(':').filter(|d| d.starts_with('/')) {
+            read_only.push(PathBuf::from(dir));
+            // node installed outside the system (nvm, a tarball): its lib/ next to bin/.
+            let dir = Path::new(dir);
+            if dir.join("node").exists()
+                && let Some(root) = dir.parent()
+            {
+                read_only.push(root.join("lib"));
+            }
+        }
+        read_only.extend(extra_read.iter().cloned());
+        let covers = |granted: &Path| {
+            let g = canon(granted);
+            protected.iter().any(|p| {
+                let p = canon(p);
+                p.starts_with(&g)
+            })
+        };
+        read_only.retain(|d| d.as_os_str() != "/" && !covers(d));
+        read_only.sort();
+        read_only.dedup();
+        let read_write = vec![workspace.to_path_buf(), home.to_path_buf(), PathBuf::from("/dev")];
+        Self { read_write, read_only }
+    }
+
+    /// The Landlock ruleset, ready to be applied by `restrict` in the child. Built in the
+    /// parent: after fork, only the `restrict_self` system calls run.
+    pub fn prepare(&self) -> Result<RulesetCreated, RulesetError> {
+        let abi = ABI_WANTED;
+        Ruleset::default()
+            .handle_access(AccessFs::from_all(abi))?
+            .create()?
+            .add_rules(path_beneath_rules(&self.read_only, AccessFs::from_read(abi)))?
+            .add_rules(path_beneath_rules(&self.read_write, AccessFs::from_all(abi)))
+    }
+}
+
+/// Applies a prepared ruleset to the calling process (the agent's child, before exec).
+/// Async-signal-safe on success; a kernel without Landlock leaves the child unconfined.
+pub fn restrict(ruleset: RulesetCreated) -> std::io::Result<()> {
+    match ruleset.restrict_self() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(std::io::Error::other(e)),
+    }
+}
+
+/// Whether this kernel enforces Landlock (for the runner's warning): a throwaway thread
+/// restricts itself (Landlock binds the calling thread only) and reports what the kernel did.
+pub fn supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        std::thread::spawn(|| {
+            let ruleset = Ruleset::default().handle_access(AccessFs::from_all(ABI_WANTED)).and_then(|r| r.create());
+            ruleset.and_then(|r| r.restrict_self()).is_ok_and(|s| s.ruleset != landlock::RulesetStatus::NotEnforced)
+        })
+        .join()
+        .unwrap_or(false)
+    })
+}
+
+fn canon(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_kernel_enforces_landlock() {
+        // The machines this project runs on have kernel 6.x; if this fails, the sandbox tests
+        // below prove nothing here.
+        assert!(supported(), "Landlock is not enforced on this kernel");
+    }
+
+    #[test]
+    fn never_grants_a_directory_that_holds_a_protected_one() {
+        let home = PathBuf::from("/home/alice");
+        let s = Sandbox::for_agent(
+            Path::new("/tmp/ws/repo"),
+            Path::new("/tmp/ws/home"),
+            Path::new("/nonexistent/claude"),
+            Some("/usr/bin:/home/alice/bin:/:/home/alice"),
+            &[],
+            &[home.join(".config/agentops/secrets"), home.clone()],
+        );
+        assert!(s.read_only.contains(&PathBuf::from("/usr/bin")));
+        assert!(!s.read_only.iter().any(|d| d == Path::new("/") || d == home.as_path()), "{s:?}");
+        assert!(
+            s.read_only.contains(&PathBuf::from("/home/alice/bin")),
+            "a dir inside HOME that holds nothing protected"
+        );
+        assert_eq!(s.read_write[0], PathBuf::from("/tmp/ws/repo"));
+    }
+}
