@@ -370,3 +370,56 @@ fn argocd_configmap_embeds_the_same_script() {
     assert_eq!(cm["data"]["resource.customizations.health.agentops.dev_AgentExecution"].as_str().unwrap(), script);
     assert!(Path::new(&root().join("gitops/flux-kustomization.yaml")).exists());
 }
+
+/// Flux's health of an object with the example's `healthCheckExprs`, in the order of RFC 0009
+/// (fluxcd/pkg runtime/cel): observedGeneration first, then inProgress, failed, current.
+fn flux_health(obj: &serde_json::Value) -> &'static str {
+    let k: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(root().join("gitops/flux-kustomization.yaml")).unwrap())
+            .unwrap();
+    let exprs = &k["spec"]["healthCheckExprs"][0];
+    if obj["status"]["observedGeneration"] != obj["metadata"]["generation"] {
+        return "InProgress";
+    }
+    let eval = |name: &str| -> bool {
+        let program = cel::Program::compile(exprs[name].as_str().unwrap()).unwrap();
+        let mut ctx = cel::Context::default();
+        for var in ["metadata", "spec", "status"] {
+            ctx.add_variable_from_value(var, cel::to_value(&obj[var]).unwrap());
+        }
+        matches!(program.execute(&ctx), Ok(cel::Value::Bool(true)))
+    };
+    if eval("inProgress") {
+        "InProgress"
+    } else if eval("failed") {
+        "Failed"
+    } else if eval("current") {
+        "Current"
+    } else {
+        "Unknown"
+    }
+}
+
+#[test]
+fn flux_reports_a_stalled_execution_as_failed_not_in_progress() {
+    use serde_json::json;
+    let obj = |status: serde_json::Value| json!({"metadata": {"generation": 1}, "spec": {}, "status": status});
+    let stalled = json!({"type": "Stalled", "status": "True", "reason": "SecretNotFound"});
+    let cases = [
+        (json!({"phase": "Pending", "observedGeneration": 1, "conditions": [stalled]}), "Failed"),
+        (json!({"phase": "Pending", "observedGeneration": 1}), "InProgress"),
+        (
+            json!({"phase": "Queued", "observedGeneration": 1, "conditions": [{"type": "Stalled", "status": "False"}]}),
+            "InProgress",
+        ),
+        (json!({"phase": "Running", "observedGeneration": 1}), "InProgress"),
+        (json!({"phase": "Succeeded", "observedGeneration": 1}), "Current"),
+        (json!({"phase": "Failed", "observedGeneration": 1}), "Failed"),
+        (json!({"phase": "TimedOut", "observedGeneration": 1}), "Failed"),
+        (json!({"phase": "Cancelled", "observedGeneration": 1}), "Failed"),
+        (json!({"phase": "Succeeded", "observedGeneration": 0}), "InProgress"),
+    ];
+    for (status, want) in cases {
+        assert_eq!(flux_health(&obj(status.clone())), want, "{status}");
+    }
+}
