@@ -293,7 +293,16 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&db, args).await,
-        Command::Runner(args) => runner(&db, args).await,
+        Command::Runner(args) => {
+            // Whatever stops the runner, its last words reach the controller: a report on
+            // success, else the error, in the termination log (4 KiB at most, as Kubernetes keeps).
+            let log = args.termination_log.clone();
+            let result = runner(&db, args).await;
+            if let Err(e) = &result {
+                let _ = std::fs::write(&log, runner::truncate(&format!("error: {e:#}"), 3900));
+            }
+            result
+        }
         Command::Controller(args) => controller(&db, *args).await,
         Command::Executions(cmd) => match cmd.remote().server.clone() {
             Some(server) => remote_executions(&server, cmd).await,
@@ -313,7 +322,7 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
     };
     let opts = args.machine.options(!args.quiet, None);
     let source = args.file.display().to_string();
-    let Some(summary) = execute(db, &text, &source, &opts).await? else {
+    let Ok(summary) = execute(db, &text, &source, &opts).await? else {
         return Ok(EXIT_INVALID);
     };
     let mut out = std::io::stdout().lock();
@@ -342,8 +351,12 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
         ),
         (None, None) => anyhow::bail!("no manifest: set AGENTOPS_MANIFEST_FILE or AGENTOPS_MANIFEST"),
     };
-    let Some(summary) = execute(db, &text, &source, &opts).await? else {
-        return Ok(EXIT_INVALID);
+    let summary = match execute(db, &text, &source, &opts).await? {
+        Ok(s) => s,
+        Err(invalid) => {
+            let _ = std::fs::write(&args.termination_log, runner::truncate(&format!("error: {invalid}"), 3900));
+            return Ok(EXIT_INVALID);
+        }
     };
     println!("{}", serde_json::to_string(&summary)?);
     // The final report goes both ways: to the controller, and (below) the termination log.
@@ -360,18 +373,19 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
     Ok(summary.exit_code())
 }
 
-/// Validates and runs one manifest. None: invalid input (already reported on stderr).
+/// Validates and runs one manifest. Err(message): invalid input (already reported on stderr).
 async fn execute(
     db: &std::path::Path,
     text: &str,
     source: &str,
     opts: &RunOptions,
-) -> anyhow::Result<Option<runner::Summary>> {
+) -> anyhow::Result<Result<runner::Summary, String>> {
     let resolved = match parse_manifest(text).and_then(|m| resolve(&m.execution, &m.templates)) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {source}: {e}");
-            return Ok(None);
+            let message = format!("{source}: {e}");
+            eprintln!("error: {message}");
+            return Ok(Err(message));
         }
     };
     let store = Store::open(db).await?;
@@ -379,10 +393,10 @@ async fn execute(
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let env = |k: &str| std::env::var(k).ok();
     match runner::run_execution(&store, opts, &resolved, &env, cancel).await {
-        Ok(s) => Ok(Some(s)),
+        Ok(s) => Ok(Ok(s)),
         Err(e) => {
             eprintln!("error: {e}");
-            if e.exit_code() == EXIT_INVALID { Ok(None) } else { Err(e.into()) }
+            if e.exit_code() == EXIT_INVALID { Ok(Err(e.to_string())) } else { Err(e.into()) }
         }
     }
 }

@@ -354,7 +354,9 @@ async fn missing_secret_stalls_then_runs_once_it_exists() {
 async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let h = support::Harness::new(support::happy_script()).await;
     let kube = FakeKube::start().await;
-    secrets(&kube, "ns").await;
+    api_secrets(&kube, "ns").await;
+    // No file of the runner's machine holds them: only the API does.
+    std::fs::remove_dir_all(&h.opts.secrets_dir).unwrap();
     let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
     let (ctl, base) = start_local(&kube, &h, Some(store.clone())).await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
@@ -402,18 +404,39 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     ctl.stop().await;
 }
 
+/// The Secrets of the harness (the git server's token, the API key), in the API only: the
+/// local executor gets them from there, as a cluster user would create them.
+async fn api_secrets(kube: &FakeKube, ns: &str) {
+    let api: Api<Secret> = Api::namespaced(kube.client(), ns);
+    for (name, key, value) in [("git-cred", "token", support::TOKEN), ("anthropic", "api-key", support::API_KEY)] {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap();
+        api.create(&PostParams::default(), &s).await.unwrap();
+    }
+}
+
 /// Starts a controller with the local executor and an HTTP listener; returns its base URL.
+/// No secrets dir: the runners get the Secrets from the API.
 async fn start_local(kube: &FakeKube, h: &support::Harness, store: Option<Store>) -> (Running, String) {
+    start_local_with(kube, h, store, &[]).await
+}
+
+async fn start_local_with(
+    kube: &FakeKube,
+    h: &support::Harness,
+    store: Option<Store>,
+    extra: &[(&str, &str)],
+) -> (Running, String) {
     let root = h.dir.path().join("local-workspaces");
-    let env = vec![
+    let mut env = vec![
         ("AGENTOPS_CLAUDE_BIN".to_string(), support::claude_bin().display().to_string()),
-        ("AGENTOPS_SECRETS_DIR".to_string(), h.opts.secrets_dir.display().to_string()),
         ("AGENTOPS_WORKSPACE_ROOT".to_string(), root.display().to_string()),
         ("AGENTOPS_DB".to_string(), root.join("runner.db").display().to_string()),
         ("AGENTOPS_TERMINATION_LOG".to_string(), "/dev/null".to_string()),
         ("ANTHROPIC_BASE_URL".to_string(), h.model.base_url.clone()),
         ("CLAUDE_CODE_MAX_RETRIES".to_string(), "1".to_string()),
     ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let (http, base) = listener().await;
     let exec = ExecutorKind::Local { bin: env!("CARGO_BIN_EXE_agentops").into(), env };
     (spawn(kube, config(None), store, exec, Some(http), None), base)
@@ -428,7 +451,7 @@ async fn live_progress_reaches_the_status_and_cancel_keeps_partial_usage() {
     ])
     .await;
     let kube = FakeKube::start().await;
-    secrets(&kube, "ns").await;
+    api_secrets(&kube, "ns").await;
     let (ctl, _) = start_local(&kube, &h, None).await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let mut ax = execution("live", json!({}));
@@ -786,5 +809,119 @@ async fn with_namespaces_the_controller_touches_nothing_outside_them() {
     let by_controller: Vec<_> =
         kube.requests().into_iter().filter(|(m, p)| p.contains("/namespaces/team-b/") && m != "POST").collect();
     assert!(by_controller.is_empty(), "no request into team-b: {by_controller:?}");
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_runner_puts_its_own_error_in_the_status() {
+    let h = support::Harness::new(support::happy_script()).await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    // The runner cannot open its store: it fails before any report.
+    let (ctl, _) = start_local_with(&kube, &h, None, &[("AGENTOPS_DB", "/dev/null/runner.db")]).await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("broken", json!({}));
+    ax.spec.repository.url = h.git.url("demo");
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let done = until("Failed", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "broken")?;
+        (ax["status"]["phase"] == "Failed").then_some(ax)
+    })
+    .await;
+    let st = &done["status"];
+    assert_eq!(st["reason"], "RunnerFailed", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(message.contains("/dev/null/runner.db"), "the runner's own error, not a pointer to logs: {message}");
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_execution_with_an_old_name_runs_again() {
+    use support::Step;
+    let mut script = support::happy_script();
+    script
+        .extend([Step::tool("Write", json!({"file_path": "second.txt", "content": "again\n"})), Step::text("Again.")]);
+    let h = support::Harness::new(script).await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let (ctl, _) = start_local(&kube, &h, None).await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("same", json!({}));
+    ax.spec.repository.url = h.git.url("demo");
+    ax.spec.git.branch = Some("agentops/first".into());
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let first = until("first Succeeded", || {
+        let o = kube.get(AX, "agentexecutions", "ns", "same")?;
+        (o["status"]["phase"] == "Succeeded").then_some(o)
+    })
+    .await;
+    let requests = h.model.main_requests();
+    api.delete("same", &DeleteParams::default()).await.unwrap();
+    until("deleted", || kube.get(AX, "agentexecutions", "ns", "same").is_none().then_some(())).await;
+    ax.spec.git.branch = Some("agentops/second".into());
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let second = until("second Succeeded", || {
+        let o = kube.get(AX, "agentexecutions", "ns", "same")?;
+        (o["metadata"]["uid"] != first["metadata"]["uid"] && o["status"]["phase"] == "Succeeded").then_some(o)
+    })
+    .await;
+    assert!(h.model.main_requests() > requests, "the agent ran again (not the old run's result)");
+    assert_ne!(second["status"]["git"]["commit"], first["status"]["git"]["commit"]);
+    assert!(h.git.branch_head("demo", "agentops/second").is_some());
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kueue_job_waits_queued_without_a_slot_until_admitted() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(Some(1)), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut kueued = execution("kueued", json!({}));
+    kueued.metadata.labels = Some([("kueue.x-k8s.io/queue-name".to_string(), "team".to_string())].into());
+    api.create(&PostParams::default(), &kueued).await.unwrap();
+    let job = until("suspended job", || kube.get(BATCH, "jobs", "ns", "agentops-kueued")).await;
+    assert_eq!(job["spec"]["suspend"], true);
+    let st = until("AwaitingAdmission", || {
+        let o = kube.get(AX, "agentexecutions", "ns", "kueued")?;
+        (o["status"]["reason"] == "AwaitingAdmission").then_some(o["status"].clone())
+    })
+    .await;
+    assert_eq!(st["phase"], "Queued", "{st}");
+    assert!(st["message"].as_str().unwrap().contains("queue team"));
+    // It holds no slot: with one slot, another execution starts meanwhile.
+    api.create(&PostParams::default(), &execution("other", json!({}))).await.unwrap();
+    until("the other runs", || (phase(&kube, "ns", "other")? == "Running").then_some(())).await;
+    // Kueue admits it: the Job is unsuspended, and the execution runs.
+    let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(kube.client(), "ns");
+    jobs.patch("agentops-kueued", &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": false}})))
+        .await
+        .unwrap();
+    until("Running once admitted", || (phase(&kube, "ns", "kueued")? == "Running").then_some(())).await;
+    ctl.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_left_by_a_deleted_execution_of_the_same_name_is_not_adopted() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    kube.put(BATCH, "jobs", json!({"apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "agentops-reused", "namespace": "ns", "labels": {"app.kubernetes.io/managed-by": "agentops"},
+                     "ownerReferences": [{"apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution", "name": "reused", "uid": "old-uid", "controller": true}]},
+        "spec": {"template": {"spec": {"containers": []}}},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]}}));
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let created = api.create(&PostParams::default(), &execution("reused", json!({}))).await.unwrap();
+    let uid = created.metadata.uid.unwrap();
+    until("its own Job", || {
+        let job = kube.get(BATCH, "jobs", "ns", "agentops-reused")?;
+        (job["metadata"]["ownerReferences"][0]["uid"] == uid.as_str()).then_some(())
+    })
+    .await;
+    until("Running, not finished with the old Job's result", || {
+        (phase(&kube, "ns", "reused")? == "Running").then_some(())
+    })
+    .await;
     ctl.stop().await;
 }

@@ -297,6 +297,11 @@ async fn post_hooks_receive_the_result_and_error_hooks_the_error() {
         assert_eq!(payload["summary"]["git"]["pushed"], true);
         assert_eq!(payload["execution"]["name"], "posthooks");
         assert_eq!(payload["summary"]["toolCalls"]["total"], 4);
+        // The same summary as the printed one: when it started and how long it has run.
+        assert_eq!(payload["summary"]["startTime"].as_str(), s.start_time.as_deref());
+        assert!(payload["summary"]["durationMs"].as_u64().unwrap() > 0, "{payload}");
+        assert_eq!(payload["summary"]["git"]["baseBranch"], "main");
+        assert!(payload["summary"]["git"]["baseCommit"].as_str().is_some_and(|c| c.len() == 40));
     }
 
     // Failure: the error webhook gets the reason and message; a failing post hook is not called.

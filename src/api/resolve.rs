@@ -43,6 +43,8 @@ pub struct Resolved {
     pub retain: RetainPolicy,
     pub worker: Option<String>,
     pub work_item: Option<String>,
+    /// The runner image the template names (cluster only; None: the controller's).
+    pub image: Option<String>,
 }
 
 /// A hook with its name and limit decided.
@@ -251,6 +253,7 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         retain: spec.workspace.retain.unwrap_or_default(),
         worker: spec.worker.clone(),
         work_item: spec.work_item.clone(),
+        image: template.and_then(|t| t.image.clone()).filter(|i| !i.trim().is_empty()),
         name,
         namespace,
     })

@@ -286,7 +286,8 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
     }
     let container = Container {
         name: "runner".into(),
-        image: Some(cfg.image.clone()),
+        // The template's image when it names one (AgentTemplate.spec.image), else the controller's.
+        image: Some(r.image.clone().unwrap_or_else(|| cfg.image.clone())),
         image_pull_policy: cfg.image_pull_policy.clone(),
         command: Some(vec!["agentops".into(), "runner".into()]),
         env: Some(envs),
@@ -387,6 +388,19 @@ mod tests {
         // No storage class anywhere: the workspace is an emptyDir and there is no PVC.
         assert!(desired_pvc(&ax, &JobConfig::default()).is_none());
         assert!(pod.volumes.unwrap().iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
+    }
+
+    #[test]
+    fn the_templates_image_runs_the_job() {
+        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec: {image: registry.example.com/runner-with-rust:1}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a, namespace: n, uid: u}\nspec: {prompt: p, templateRef: {name: t}, repository: {url: 'https://h/r.git'}}\n";
+        let m = parse_manifest(text).unwrap();
+        let r = resolve(&m.execution, &m.templates).unwrap();
+        let job = desired_job(&m.execution, &r, &JobConfig::default());
+        let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.example.com/runner-with-rust:1"));
+        let (ax, r) = ax("");
+        let job = desired_job(&ax, &r, &JobConfig::default());
+        assert_eq!(job.spec.unwrap().template.spec.unwrap().containers[0].image, Some(JobConfig::default().image));
     }
 
     #[test]

@@ -29,11 +29,17 @@ use crate::runner::Summary;
 pub enum Observation {
     /// No runner exists.
     NotStarted,
+    /// The runner exists but may not start yet: its Job is suspended until Kueue admits it.
+    Suspended,
     /// The runner is working; `progress` holds its latest figures when it reports them.
     Running { progress: Option<Summary> },
-    /// The runner ended; `summary` is its report, when it could deliver one.
-    Finished { summary: Option<Summary>, failed: bool, deadline_exceeded: bool },
+    /// The runner ended; `summary` is its report, when it could deliver one, and `cause` its
+    /// own last words when it could not (an error line, a termination message).
+    Finished { summary: Option<Summary>, failed: bool, deadline_exceeded: bool, cause: Option<String> },
 }
+
+/// The longest cause of a runner failure kept for the status message.
+const CAUSE_LIMIT: usize = 1024;
 
 /// The two ways of running the runner.
 pub enum Executor {
@@ -52,6 +58,13 @@ impl Executor {
         match self {
             Executor::Job => observe_job(client, ax).await,
             Executor::Local(l) => Ok(l.observe(ax)),
+        }
+    }
+
+    /// Drops what the executor keeps of a finished execution (the local runner's files).
+    pub fn forget(&self, ax: &AgentExecution) {
+        if let Executor::Local(l) = self {
+            l.forget(ax);
         }
     }
 
@@ -130,7 +143,7 @@ impl Executor {
                 api.patch(&job.name_any(), &pp, &Patch::Apply(&with_type(&job, "batch/v1", "Job"))).await?;
                 Ok(())
             }
-            Executor::Local(l) => l.start(ax, manifest, reports),
+            Executor::Local(l) => l.start(client, ax, r, manifest, reports).await,
         }
     }
 
@@ -158,40 +171,58 @@ fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> ser
 async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
-    let Some(job) = Api::<Job>::namespaced(client.clone(), &ns).get_opt(&name).await? else {
+    let jobs = Api::<Job>::namespaced(client.clone(), &ns);
+    let Some(job) = jobs.get_opt(&name).await? else {
         return Ok(Observation::NotStarted);
     };
+    // Runs are matched by the execution's uid: a Job left by a deleted execution of the same
+    // name is not this execution's runner (it goes, and this one starts its own).
+    let owner = job.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|o| o.controller == Some(true)));
+    if owner.map(|o| o.uid.as_str()) != ax.metadata.uid.as_deref() {
+        delete_ignoring_missing(&jobs, &name).await?;
+        return Ok(Observation::NotStarted);
+    }
     let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
     let is = |t: &str| conds.iter().find(|c| c.type_ == t && c.status == "True");
     let (failed, deadline) = match (is("Complete"), is("Failed")) {
         (Some(_), _) => (false, false),
         (None, Some(f)) => (true, f.reason.as_deref() == Some("DeadlineExceeded")),
+        (None, None) if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) => return Ok(Observation::Suspended),
         (None, None) => return Ok(Observation::Running { progress: None }),
     };
-    // The runner's report is its pod's termination message.
+    // The runner's report is its pod's termination message; when that is not a report, it is
+    // the runner's error (written there by `agentops runner`, or by the kubelet).
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&format!("job-name={name}")))
         .await?;
-    let summary = pods.items.iter().find_map(|p| {
+    let message = pods.items.iter().find_map(|p| {
         let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
-        let msg =
-            statuses.iter().find(|c| c.name == "runner")?.state.as_ref()?.terminated.as_ref()?.message.as_ref()?;
-        serde_json::from_str::<Summary>(msg).ok()
+        let state = statuses.iter().find(|c| c.name == "runner")?.state.as_ref()?.terminated.as_ref()?;
+        state.message.clone().or_else(|| state.reason.clone())
     });
-    Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline })
+    let summary = message.as_deref().and_then(|m| serde_json::from_str::<Summary>(m).ok());
+    let cause = match &summary {
+        Some(_) => None,
+        None => message.map(|m| crate::runner::truncate(m.trim(), CAUSE_LIMIT)),
+    };
+    Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline, cause })
 }
 
 #[derive(Debug, Default)]
 struct LocalRun {
     pid: Option<u32>,
-    done: Option<(Option<Summary>, i32)>,
+    /// The report, the exit code, and the runner's last error lines.
+    done: Option<(Option<Summary>, i32, Option<String>)>,
+    /// Private files of this run (manifest, report token, secrets), removed when forgotten.
+    dir: PathBuf,
 }
 
-/// Runs `agentops runner` as child processes of the controller.
+/// Runs `agentops runner` as child processes of the controller. Runs are keyed by the
+/// execution's uid, so a new execution with an old name is a new run.
 pub struct LocalExecutor {
     bin: PathBuf,
     env: Vec<(String, String)>,
-    runs: Arc<Mutex<HashMap<(String, String), LocalRun>>>,
+    runs: Arc<Mutex<HashMap<String, LocalRun>>>,
     wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
     /// The controller's HTTP base URL, for progress reports.
     report_base: Option<String>,
@@ -205,66 +236,144 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+fn private_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// Writes the keys an execution references, read from the API, as `<dir>/<secret>/<key>`
+/// (0600 in 0700 directories): the runner reads the same layout as on one machine, and only
+/// the referenced keys leave the API.
+async fn materialize_secrets(client: &Client, ns: &str, r: &Resolved, dir: &std::path::Path) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let wanted = r
+        .credentials
+        .iter()
+        .map(|s| (s, s.key.clone().unwrap_or_else(|| "token".into()), true))
+        .chain(r.credentials.iter().map(|s| (s, "username".to_string(), false)))
+        .chain(r.api_key.iter().map(|s| (s, s.key.clone().unwrap_or_else(|| "api-key".into()), true)));
+    for (secret, key, required) in wanted {
+        let value = api.get_opt(&secret.name).await?.and_then(|s| {
+            let from_data = s.data.as_ref().and_then(|d| d.get(&key)).map(|b| b.0.clone());
+            from_data.or_else(|| s.string_data.as_ref().and_then(|d| d.get(&key)).map(|v| v.clone().into_bytes()))
+        });
+        let Some(value) = value else {
+            if required {
+                return Err(Error::Executor(format!("Secret {:?} has no key {key:?} in namespace {ns}", secret.name)));
+            }
+            continue;
+        };
+        let at = dir.join(&secret.name);
+        private_dir(&at).map_err(|e| Error::Executor(format!("cannot write the runner's secrets: {e}")))?;
+        write_private(&at.join(&key), &String::from_utf8_lossy(&value))
+            .map_err(|e| Error::Executor(format!("cannot write the runner's secrets: {e}")))?;
+    }
+    Ok(())
+}
+
 impl LocalExecutor {
-    /// `bin` is the agentops binary; `env` is added to each runner's environment (secrets
-    /// dir, workspace root, Claude Code binary, ...). `wake` reconciles an execution whose
-    /// runner ended.
+    /// `bin` is the agentops binary; `env` is added to each runner's environment (workspace
+    /// root, Claude Code binary, ...). `wake` reconciles an execution whose runner ended.
     pub fn new(
         bin: PathBuf,
         env: Vec<(String, String)>,
         wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
         report_base: Option<String>,
     ) -> std::io::Result<Self> {
-        let token_dir = tempfile::Builder::new().prefix("agentops-tokens").tempdir()?;
+        let token_dir = tempfile::Builder::new().prefix("agentops-runs").tempdir()?;
         Ok(Self { bin, env, runs: Default::default(), wake, report_base, token_dir })
     }
 
-    fn key(ax: &AgentExecution) -> (String, String) {
-        (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
+    fn uid(ax: &AgentExecution) -> String {
+        ax.metadata.uid.clone().unwrap_or_else(|| format!("{}/{}", ax.namespace().unwrap_or_default(), ax.name_any()))
     }
 
     fn observe(&self, ax: &AgentExecution) -> Observation {
         let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
-        match runs.get(&Self::key(ax)) {
+        match runs.get(&Self::uid(ax)) {
             None => Observation::NotStarted,
             Some(LocalRun { done: None, .. }) => Observation::Running { progress: None },
-            Some(LocalRun { done: Some((summary, code)), .. }) => {
-                Observation::Finished { summary: summary.clone(), failed: *code != 0, deadline_exceeded: false }
-            }
+            Some(LocalRun { done: Some((summary, code, cause)), .. }) => Observation::Finished {
+                summary: summary.clone(),
+                failed: *code != 0,
+                deadline_exceeded: false,
+                cause: cause.clone(),
+            },
         }
     }
 
-    fn start(&self, ax: &AgentExecution, manifest: &str, reports: &Reports) -> Result<(), Error> {
-        let key = Self::key(ax);
-        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
-        if runs.contains_key(&key) {
+    /// Forgets a finished run and removes its private files.
+    fn forget(&self, ax: &AgentExecution) {
+        let run = self.runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::uid(ax));
+        if let Some(run) = run {
+            let _ = std::fs::remove_dir_all(&run.dir);
+        }
+    }
+
+    async fn start(
+        &self,
+        client: &Client,
+        ax: &AgentExecution,
+        r: &Resolved,
+        manifest: &str,
+        reports: &Reports,
+    ) -> Result<(), Error> {
+        let uid = Self::uid(ax);
+        if self.runs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&uid) {
             return Ok(());
         }
-        let mut cmd = tokio::process::Command::new(&self.bin);
+        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        let dir = self.token_dir.path().join(uid.replace('/', "_"));
+        let failed = |what: &str, e: std::io::Error| Error::Executor(format!("cannot write the runner's {what}: {e}"));
+        private_dir(&dir).map_err(|e| failed("files", e))?;
+        // The Secrets the controller validated in the API, not files of this machine.
+        let secrets_dir = dir.join("secrets");
+        private_dir(&secrets_dir).map_err(|e| failed("secrets", e))?;
+        materialize_secrets(client, &ns, r, &secrets_dir).await?;
         // A private file: an environment variable holds at most 128 KiB.
-        let manifest_file = self.token_dir.path().join(format!("{}.{}.manifest.yaml", key.0, key.1));
-        write_private(&manifest_file, manifest)
-            .map_err(|e| Error::Executor(format!("cannot write the runner's manifest: {e}")))?;
+        let manifest_file = dir.join("manifest.yaml");
+        write_private(&manifest_file, manifest).map_err(|e| failed("manifest", e))?;
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("runner").envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(base) = &self.report_base {
             // The token goes in a private file, never in the environment or argv.
             let token = new_token();
-            let file = self.token_dir.path().join(format!("{}.{}", key.0, key.1));
-            write_private(&file, &token).map_err(|e| Error::Executor(format!("cannot write the report token: {e}")))?;
-            reports.remember(&key.0, &key.1, &token);
+            let file = dir.join("report-token");
+            write_private(&file, &token).map_err(|e| failed("report token", e))?;
+            reports.remember(&ns, &name, &token);
             cmd.env("AGENTOPS_REPORT_URL", super::desired::report_url(base, ax))
                 .env("AGENTOPS_REPORT_TOKEN_FILE", &file);
         }
         let mut child = cmd
-            .arg("runner")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("AGENTOPS_MANIFEST_FILE", &manifest_file)
+            .env("AGENTOPS_SECRETS_DIR", &secrets_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Error::Executor(format!("cannot start {}: {e}", self.bin.display())))?;
-        runs.insert(key.clone(), LocalRun { pid: child.id(), done: None });
+        self.runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.clone(), LocalRun { pid: child.id(), done: None, dir });
+        // The runner's stderr goes on to ours; its last lines are kept as the cause of a failure.
+        let tail = child.stderr.take().map(|err| {
+            tokio::spawn(async move {
+                let mut kept = std::collections::VecDeque::new();
+                let mut lines = tokio::io::BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    eprintln!("{line}");
+                    if !line.trim().is_empty() {
+                        kept.push_back(crate::runner::truncate(&line, CAUSE_LIMIT));
+                        if kept.len() > 3 {
+                            kept.pop_front();
+                        }
+                    }
+                }
+                kept.into_iter().collect::<Vec<_>>().join(" / ")
+            })
+        });
         let (runs, wake, obj) = (self.runs.clone(), self.wake.clone(), ObjectRef::from_obj(ax));
         tokio::spawn(async move {
             let mut last = None;
@@ -277,8 +386,12 @@ impl LocalExecutor {
                 }
             }
             let code = child.wait().await.ok().and_then(|s| s.code()).unwrap_or(-1);
-            if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&key) {
-                run.done = Some((last, code));
+            let cause = match tail {
+                Some(t) => t.await.ok().filter(|c| !c.is_empty()),
+                None => None,
+            };
+            if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
+                run.done = Some((last, code, cause.map(|c| crate::runner::truncate(&c, CAUSE_LIMIT))));
             }
             let _ = wake.send(obj);
         });
@@ -287,18 +400,18 @@ impl LocalExecutor {
 
     /// SIGTERM (the runner cancels: stops the agent, keeps usage, reports), then wait for it.
     async fn stop(&self, ax: &AgentExecution) -> Option<Summary> {
-        let key = Self::key(ax);
+        let key = Self::uid(ax);
         let pid = {
             let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
             match runs.get(&key) {
-                Some(LocalRun { pid: Some(pid), done: None }) => *pid,
-                Some(LocalRun { done: Some((s, _)), .. }) => return s.clone(),
+                Some(LocalRun { pid: Some(pid), done: None, .. }) => *pid,
+                Some(LocalRun { done: Some((s, _, _)), .. }) => return s.clone(),
                 _ => return None,
             }
         };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         for _ in 0..100 {
-            if let Some(LocalRun { done: Some((s, _)), .. }) =
+            if let Some(LocalRun { done: Some((s, _, _)), .. }) =
                 self.runs.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
             {
                 return s.clone();

@@ -116,9 +116,12 @@ pub async fn run(
     let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {
         ExecutorKind::Job => Executor::Job,
-        ExecutorKind::Local { bin, env } => {
+        ExecutorKind::Local { bin, mut env } => {
             // Local runners report to this process; Jobs use the configured Service URL.
             config.job.report_url = None;
+            if let Some(model) = &config.job.default_model {
+                env.push(("ANTHROPIC_MODEL".into(), model.clone()));
+            }
             match LocalExecutor::new(bin, env, wake_tx.clone(), local_base) {
                 Ok(l) => Executor::Local(l),
                 Err(e) => {

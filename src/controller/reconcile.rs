@@ -271,7 +271,22 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
             // Job changes wake us; the deadline is the Job's own. Look again now and then.
             Ok(Action::requeue(Duration::from_secs(60)))
         }
-        Observation::Finished { summary, failed, deadline_exceeded } => {
+        Observation::Suspended => {
+            // Kueue has not admitted the Job yet: waiting, and holding no slot of ours.
+            if let Ok(mut st) = ctx.starting.lock() {
+                st.remove(&key(&ax));
+            }
+            let mut st = old.clone();
+            st.phase = Phase::Queued;
+            st.reason = Some("AwaitingAdmission".into());
+            st.message = Some(suspended_message(&ax));
+            st.job_name = Some(ctx.executor.runner_name(&ax));
+            let event = (old.reason.as_deref() != Some("AwaitingAdmission"))
+                .then(|| ("AwaitingAdmission", suspended_message(&ax), EventType::Normal));
+            write_status(&ax, ctx, &old, st, event).await?;
+            Ok(Action::requeue(Duration::from_secs(60)))
+        }
+        Observation::Finished { summary, failed, deadline_exceeded, cause } => {
             // The termination message, else the runner's last report if it was the final one.
             let summary = summary.or_else(|| ctx.reports.latest(&ns, &ax.name_any()).filter(|s| s.phase.is_terminal()));
             let (phase, reason, message) = match (&summary, failed, deadline_exceeded) {
@@ -287,7 +302,10 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
                 (None, true, _) => (
                     Phase::Failed,
                     "RunnerFailed".into(),
-                    "the runner failed without a report; see the pod's logs".into(),
+                    match cause {
+                        Some(c) => format!("the runner failed without a report: {c}"),
+                        None => "the runner failed without a report; see the runner's logs".into(),
+                    },
                 ),
             };
             finish(&ax, ctx, &old, &r, phase, &reason, message, summary).await
@@ -368,6 +386,22 @@ async fn schedule(
     }
     let manifest = runner_manifest(ax, template)?;
     ctx.executor.start(&ctx.client, ax, r, &manifest, &ctx.config.job, &ctx.reports).await?;
+    if let Some(created) = ax.metadata.creation_timestamp.as_ref().map(|t| t.0) {
+        let waited = jiff::Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
+        ctx.metrics.queue_wait_seconds.observe(waited);
+    }
+    if matches!(ctx.executor, Executor::Job) && ax.labels().contains_key(desired::KUEUE_QUEUE_LABEL) {
+        // Created suspended: Kueue admits it (then the Job runs and the status says Running).
+        let mut st = old.clone();
+        st.phase = Phase::Queued;
+        st.reason = Some("AwaitingAdmission".into());
+        st.message = Some(suspended_message(ax));
+        st.job_name = Some(ctx.executor.runner_name(ax));
+        st.git.branch = Some(r.branch.clone());
+        let event = Some(("AwaitingAdmission", suspended_message(ax), EventType::Normal));
+        write_status(ax, ctx, old, st, event).await?;
+        return Ok(Action::requeue(Duration::from_secs(60)));
+    }
     if let Ok(mut s) = ctx.starting.lock() {
         s.insert(me);
     }
@@ -400,6 +434,10 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
     if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
         return None;
     }
+    // Started as a suspended Job: Kueue decides when it runs; it neither waits for nor holds a slot.
+    if st.reason.as_deref() == Some("AwaitingAdmission") {
+        return None;
+    }
     let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
     let active = st.phase == Phase::Running || starting.contains(&key(ax));
     if stalled && !active {
@@ -412,6 +450,11 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
         created: created(ax),
         active,
     })
+}
+
+fn suspended_message(ax: &AgentExecution) -> String {
+    let queue = ax.labels().get(desired::KUEUE_QUEUE_LABEL).cloned().unwrap_or_else(|| "?".into());
+    format!("the Job waits for Kueue to admit it (queue {queue})")
 }
 
 /// Stalled on a bad reference or value: say so, and look again later when it may appear.
@@ -532,7 +575,7 @@ async fn finish(
         s.remove(&me);
     }
     ctx.reports.forget(&me.0, &me.1);
-    ctx.reports.forget(&me.0, &me.1);
+    ctx.executor.forget(ax);
     // A slot is free: wake the executions that wait for one.
     for o in ctx.cache.state() {
         let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
@@ -571,6 +614,7 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
             s.remove(&key(&ax));
         }
     }
+    ctx.executor.forget(&ax);
     let retain = ax.spec.workspace.retain.unwrap_or_default();
     let keep = match retain {
         RetainPolicy::Delete => false,

@@ -109,6 +109,9 @@ struct Run<'a> {
     /// A commit exists that did not reach the remote: the workspace must be kept.
     unpushed: bool,
     hook_failure: Option<String>,
+    /// When the execution started (for every summary, the hooks' too).
+    started: Instant,
+    start_time: String,
 }
 
 /// Runs one execution to its end and returns its summary. `env` looks up the process
@@ -208,6 +211,8 @@ async fn run_started(
         diff: None,
         unpushed: false,
         hook_failure: None,
+        started,
+        start_time: start_time.clone(),
     };
     run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
     // Fault injection for the test of the panic guard; compiled out of release builds.
@@ -225,7 +230,7 @@ async fn run_started(
         let _ = run.hooks("onError", &outcome).await;
     }
     watcher.abort();
-    let summary = run.summary(&outcome, &start_time, started);
+    let summary = run.summary(&outcome);
     let Run { rec, ws, unpushed, diff, redactor, .. } = run;
     rec.finish().await;
     let error = (outcome.phase != Phase::Succeeded).then(|| redactor.redact(&outcome.message));
@@ -318,6 +323,8 @@ impl Run<'_> {
             t.fetch.as_millis(),
             t.checkout.as_millis()
         ));
+        self.git.base_branch = self.r.base_branch.clone().or_else(|| Some(cloned.source_branch.clone()));
+        self.git.base_commit = Some(cloned.base.to_string());
         if let Some(o) = self.stopped() {
             return o;
         }
@@ -582,7 +589,7 @@ impl Run<'_> {
             "workspace": ws.repo,
             "outcome": (phase != "pre").then(|| serde_json::json!({
                 "phase": outcome.phase, "reason": outcome.reason, "message": self.redactor.redact(&outcome.message)})),
-            "summary": (phase != "pre").then(|| self.summary(outcome, "", Instant::now())),
+            "summary": (phase != "pre").then(|| self.summary(outcome)),
         });
         for hook in list {
             let source = format!("hook:{phase}:{}", hook.name);
@@ -607,7 +614,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn summary(&self, o: &Outcome, start_time: &str, started: Instant) -> Summary {
+    fn summary(&self, o: &Outcome) -> Summary {
+        let (start_time, started) = (self.start_time.as_str(), self.started);
         let t = &self.tally;
         let usage = t.usage();
         let result = t.result.as_ref().and_then(|r| r.text.clone()).or_else(|| t.last_text.clone());
