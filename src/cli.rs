@@ -534,7 +534,8 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
         ExecutionsCmd::List { limit, json, .. } => {
             let rows = store.list_executions(limit).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                let reports: Vec<runner::Summary> = rows.iter().map(|r| r.summary()).collect();
+                println!("{}", serde_json::to_string_pretty(&reports)?);
                 return Ok(0);
             }
             let mut t = Table::new();
@@ -560,15 +561,13 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
             let row = store.get_execution(&id).await?;
             let log_lines = if logs { store.logs(&row.id).await? } else { Vec::new() };
             if json {
-                let mut v = serde_json::to_value(&row)?;
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("output_json");
-                    if !diff {
-                        o.remove("diff");
-                    }
-                    if logs {
-                        o.insert("logs".into(), serde_json::to_value(&log_lines)?);
-                    }
+                // The report (the shape of `run -o json`), with logs and diff when asked for.
+                let mut v = serde_json::to_value(row.summary())?;
+                if logs {
+                    v["logs"] = serde_json::to_value(&log_lines)?;
+                }
+                if diff {
+                    v["diff"] = serde_json::to_value(&row.diff)?;
                 }
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(0);
@@ -675,17 +674,17 @@ async fn remote_executions(server: &str, cmd: ExecutionsCmd) -> anyhow::Result<i
         one => vec![one.clone()],
     };
     let mut t = Table::new();
-    t.load_style(UTF8_NO_BORDERS).set_header(["NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "CREATED"]);
+    t.load_style(UTF8_NO_BORDERS).set_header(["NAME", "PHASE", "REASON", "TOKENS", "COST", "TURNS", "STARTED"]);
     for r in rows {
         let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
         t.add_row([
             format!("{}/{}", text("namespace"), text("name")),
-            text("status"),
+            text("phase"),
             text("reason"),
-            r["tokens_used"].as_u64().unwrap_or_default().to_string(),
-            format!("${:.4}", r["cost_usd"].as_f64().unwrap_or_default()),
-            r["num_turns"].as_u64().unwrap_or_default().to_string(),
-            text("created_at"),
+            r["tokensUsed"].as_u64().unwrap_or_default().to_string(),
+            format!("${:.4}", r["costUsd"].as_f64().unwrap_or_default()),
+            r["numTurns"].as_u64().unwrap_or_default().to_string(),
+            text("startTime"),
         ]);
     }
     println!("{t}");

@@ -399,7 +399,7 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     let list: Value = get("/api/v1/executions").await.json().await.unwrap();
     assert_eq!(list[0]["name"], "e2e");
     let one: Value = get("/api/v1/executions/ns/e2e").await.json().await.unwrap();
-    assert_eq!(one["git_commit"].as_str(), Some(head.as_str()));
+    assert_eq!(one["git"]["commit"].as_str(), Some(head.as_str()));
     assert_eq!(get("/api/v1/executions/ns/nope").await.status(), 404);
     ctl.stop().await;
 }
@@ -923,5 +923,70 @@ async fn a_job_left_by_a_deleted_execution_of_the_same_name_is_not_adopted() {
         (phase(&kube, "ns", "reused")? == "Running").then_some(())
     })
     .await;
+    ctl.stop().await;
+}
+
+/// One execution, four ways to read it: `agentops run -o json`, `executions show --json`,
+/// `executions list --json` and the controller's HTTP API all answer the same JSON shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_execution_has_one_json_shape_everywhere() {
+    let h = support::Harness::new(support::happy_script()).await;
+    let file = h.dir.path().join("shape.yaml");
+    std::fs::write(&file, h.manifest("shape", "")).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", h.dir.path())
+            .env("AGENTOPS_DB", &h.db_path)
+            .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
+            .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
+            .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
+            .env("ANTHROPIC_BASE_URL", &h.model.base_url)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    let run = tokio::task::block_in_place(|| cli(&["run", "-q", "-o", "json", "-f", file.to_str().unwrap()]));
+    let id = run["id"].as_str().unwrap().to_string();
+    let show = tokio::task::block_in_place(|| cli(&["executions", "show", &id, "--json"]));
+    let list = tokio::task::block_in_place(|| cli(&["executions", "list", "--json"]));
+
+    // The controller's API over the same store.
+    let kube = FakeKube::start().await;
+    kube.allow_reader("reader", "alice", &["*"]);
+    let store = Store::open(&h.db_path).await.unwrap();
+    let (http, base) = listener().await;
+    let ctl = spawn(&kube, config(None), Some(store), ExecutorKind::Job, Some(http), None);
+    let get = |path: String| async move {
+        reqwest::Client::new().get(path).bearer_auth("reader").send().await.unwrap().json::<Value>().await.unwrap()
+    };
+    let api_list = get(format!("{base}/api/v1/executions")).await;
+    let api_one = get(format!("{base}/api/v1/executions/default/shape")).await;
+
+    let want = keys(&run);
+    for key in ["phase", "usage", "git", "toolCalls", "tokensUsed", "costUsd", "durationMs"] {
+        assert!(want.contains(&key.to_string()), "{key} in {want:?}");
+    }
+    for (what, v) in
+        [("show --json", &show), ("list --json", &list[0]), ("GET list", &api_list[0]), ("GET one", &api_one)]
+    {
+        assert_eq!(keys(v), want, "{what} has the shape of run -o json");
+        assert_eq!(keys(&v["usage"]), keys(&run["usage"]), "{what}: usage");
+        assert_eq!(keys(&v["git"]), keys(&run["git"]), "{what}: git");
+        assert_eq!(v["id"], run["id"]);
+        assert_eq!(v["git"]["commit"], run["git"]["commit"]);
+        assert_eq!(v["tokensUsed"], run["tokensUsed"]);
+    }
+    // Logs and diff only when asked for, under their own keys.
+    let full = get(format!("{base}/api/v1/executions/default/shape?logs=true&diff=true")).await;
+    assert!(full["logs"].as_array().is_some_and(|l| !l.is_empty()) && full["diff"].as_str().is_some());
     ctl.stop().await;
 }

@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use super::desired::{self, JobConfig};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
 use super::reports::{Reports, new_token, token_secret_name};
+use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
-use crate::runner::Summary;
 
 /// What the controller can see of an execution's runner.
 #[derive(Debug, Clone)]
@@ -203,7 +203,7 @@ async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation
     let summary = message.as_deref().and_then(|m| serde_json::from_str::<Summary>(m).ok());
     let cause = match &summary {
         Some(_) => None,
-        None => message.map(|m| crate::runner::truncate(m.trim(), CAUSE_LIMIT)),
+        None => message.map(|m| crate::api::report::truncate(m.trim(), CAUSE_LIMIT)),
     };
     Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline, cause })
 }
@@ -365,7 +365,7 @@ impl LocalExecutor {
                 while let Ok(Some(line)) = lines.next_line().await {
                     eprintln!("{line}");
                     if !line.trim().is_empty() {
-                        kept.push_back(crate::runner::truncate(&line, CAUSE_LIMIT));
+                        kept.push_back(crate::api::report::truncate(&line, CAUSE_LIMIT));
                         if kept.len() > 3 {
                             kept.pop_front();
                         }
@@ -391,7 +391,7 @@ impl LocalExecutor {
                 None => None,
             };
             if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
-                run.done = Some((last, code, cause.map(|c| crate::runner::truncate(&c, CAUSE_LIMIT))));
+                run.done = Some((last, code, cause.map(|c| crate::api::report::truncate(&c, CAUSE_LIMIT))));
             }
             let _ = wake.send(obj);
         });

@@ -22,8 +22,8 @@ use super::metrics::{ErrorLabel, Metrics, PhaseLabel, TokenLabels, ToolLabel, Us
 use super::queue::{self, Candidate, Limits};
 use super::reports::Reports;
 use super::status::{self, Blocked};
+use crate::api::Summary;
 use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Resolved, RetainPolicy, resolve};
-use crate::runner::Summary;
 use crate::store::{NewExecution, Store, StoreError};
 
 /// Finalizer that lets the controller record the final state and release the workspace.

@@ -16,7 +16,7 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
 use crate::api::AgentExecution;
-use crate::runner::Summary;
+use crate::api::Summary;
 
 type Key = (String, String);
 
@@ -112,7 +112,7 @@ pub const MAX_TOOL_NAME: usize = 64;
 /// `MAX_TOOL_NAMES` of them (the rest count under `other`). A runner — or an agent that
 /// got hold of its token — cannot grow the status or the metrics without bound.
 pub fn bounded(mut s: Summary) -> Summary {
-    use crate::runner::truncate;
+    use crate::api::report::truncate;
     s.result = s.result.map(|r| truncate(&r, 4096));
     s.message = s.message.map(|m| truncate(&m, 1024));
     s.reason = s.reason.map(|r| r.chars().filter(char::is_ascii_alphanumeric).take(64).collect());

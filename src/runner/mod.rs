@@ -4,7 +4,6 @@
 
 mod hooks;
 mod recorder;
-mod report;
 pub mod secrets;
 mod workspace;
 
@@ -20,9 +19,9 @@ use crate::api::{GitResult, Phase, Resolved, RetainPolicy};
 use crate::git::{self, GitError};
 use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, now};
 
+pub use crate::api::report::*;
 pub use hooks::{HookError, MAX_OUTPUT as HOOK_OUTPUT_LIMIT, http_client};
 pub use recorder::{Recorder, ReportTarget, post_report};
-pub use report::*;
 pub use secrets::{Redactor, SecretError, Secrets};
 pub use workspace::Workspace;
 
@@ -555,12 +554,12 @@ impl Run<'_> {
                             "the Anthropic API failed with HTTP {} after {} retries: {}",
                             res.api_error_status.unwrap_or_default(),
                             t.api_retries,
-                            self.redactor.redact(&report::truncate(text, 300))
+                            self.redactor.redact(&truncate(text, 300))
                         ),
                     ),
                     s => Outcome::failed(
                         "AgentError",
-                        format!("the agent ended with {s}: {}", self.redactor.redact(&report::truncate(text, 300))),
+                        format!("the agent ended with {s}: {}", self.redactor.redact(&truncate(text, 300))),
                     ),
                 })
             }
@@ -635,7 +634,7 @@ impl Run<'_> {
             num_turns: t.num_turns(),
             tool_calls: t.tool_calls.clone(),
             session_id: t.session_id.clone(),
-            result: result.map(|r| self.redactor.redact(&report::truncate(&r, RESULT_LIMIT))),
+            result: result.map(|r| self.redactor.redact(&truncate(&r, RESULT_LIMIT))),
             api_retries: t.api_retries,
             git: self.git.clone(),
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),

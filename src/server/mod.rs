@@ -25,10 +25,10 @@ use serde::Deserialize;
 
 pub use auth::{Authorizer, is_dns_label, is_dns_subdomain};
 
+use crate::api::Summary;
 use crate::api::{AgentExecution, Phase};
 use crate::controller::metrics::{Metrics, PhaseLabel};
 use crate::controller::reports::Reports;
-use crate::runner::Summary;
 use crate::store::{Store, StoreError};
 
 /// Largest runner report accepted (a summary with a 4 KiB result is about 6 KiB).
@@ -106,6 +106,14 @@ async fn metrics(State(s): State<Arc<ServerState>>) -> Response {
 struct ListQuery {
     limit: Option<i64>,
     namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ShowQuery {
+    #[serde(default)]
+    logs: bool,
+    #[serde(default)]
+    diff: bool,
 }
 
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
@@ -208,13 +216,7 @@ async fn list_executions(
         Err(r) => return r,
     };
     match store.list_executions_in(namespaces.as_deref(), q.limit.unwrap_or(100).clamp(1, 1000)).await {
-        Ok(mut rows) => {
-            for r in &mut rows {
-                r.diff = None;
-                r.output_json = None;
-            }
-            Json(rows).into_response()
-        }
+        Ok(rows) => Json(rows.iter().map(|r| r.summary()).collect::<Vec<_>>()).into_response(),
         Err(e) => store_error(e),
     }
 }
@@ -223,6 +225,7 @@ async fn get_execution(
     State(s): State<Arc<ServerState>>,
     headers: HeaderMap,
     Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<ShowQuery>,
 ) -> Response {
     if !is_dns_label(&namespace) || !is_dns_subdomain(&name) {
         return error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)");
@@ -243,12 +246,17 @@ async fn get_execution(
         Ok(r) => r,
         Err(e) => return store_error(e),
     };
-    let logs = match store.logs(&row.id).await {
-        Ok(l) => l,
-        Err(e) => return store_error(e),
-    };
-    let mut v = serde_json::to_value(&row).unwrap_or_default();
-    v["logs"] = serde_json::to_value(logs).unwrap_or_default();
+    // The report (the shape of `agentops run -o json`), with logs and diff when asked for.
+    let mut v = serde_json::to_value(row.summary()).unwrap_or_default();
+    if q.logs {
+        match store.logs(&row.id).await {
+            Ok(l) => v["logs"] = serde_json::to_value(l).unwrap_or_default(),
+            Err(e) => return store_error(e),
+        }
+    }
+    if q.diff {
+        v["diff"] = serde_json::to_value(&row.diff).unwrap_or_default();
+    }
     Json(v).into_response()
 }
 

@@ -1,7 +1,7 @@
 //! Execution records: created, updated with live usage while the agent runs, finished once.
 
+use crate::api::Summary;
 use crate::api::{Phase, ToolCalls, Usage};
-use crate::runner::Summary;
 
 use super::{Store, StoreError, now};
 
@@ -95,6 +95,54 @@ pub struct ExecutionRow {
     pub deletions: i64,
     pub diff: Option<String>,
     pub output_json: Option<String>,
+}
+
+impl ExecutionRow {
+    /// The run report of this row, in the one JSON shape: the report written when the run
+    /// finished, else one built from the live columns (a run still going, or interrupted).
+    pub fn summary(&self) -> Summary {
+        if let Some(s) = self.output_json.as_deref().and_then(|j| serde_json::from_str::<Summary>(j).ok()) {
+            return s;
+        }
+        let u = |n: i64| u64::try_from(n).unwrap_or_default();
+        Summary {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            phase: serde_json::from_value(serde_json::Value::String(self.status.clone())).unwrap_or_default(),
+            reason: self.reason.clone(),
+            message: self.message.clone(),
+            start_time: self.started_at.clone(),
+            completion_time: self.completed_at.clone(),
+            duration_ms: self.duration_ms.map(u).unwrap_or_default(),
+            tokens_used: u(self.tokens_used),
+            usage: Usage {
+                input_tokens: u(self.input_tokens),
+                output_tokens: u(self.output_tokens),
+                cache_read_input_tokens: u(self.cache_read_input_tokens),
+                cache_creation_input_tokens: u(self.cache_creation_input_tokens),
+            },
+            cost_usd: self.cost_usd,
+            num_turns: u(self.num_turns),
+            tool_calls: ToolCalls {
+                total: u(self.tool_calls),
+                by_tool: serde_json::from_str(&self.tool_calls_by_tool).unwrap_or_default(),
+            },
+            session_id: self.session_id.clone(),
+            result: self.result.clone(),
+            api_retries: 0,
+            git: crate::api::GitResult {
+                branch: self.branch.clone(),
+                commit: self.git_commit.clone(),
+                pushed: self.pushed,
+                changed_files: u(self.changed_files),
+                insertions: u(self.insertions),
+                deletions: u(self.deletions),
+                ..Default::default()
+            },
+            workspace: None,
+        }
+    }
 }
 
 fn i(n: u64) -> i64 {

@@ -1,9 +1,11 @@
-//! The execution's summary (the JSON of `agentops run --output json`, the store's output JSON)
-//! and the exit status each outcome maps to.
+//! What a run did: the one report type. `agentops run -o json`, `executions list|show --json`,
+//! the controller's HTTP API, the hooks' payloads, the runner's reports and termination
+//! message all carry this shape (camelCase, usage and git nested); the store's rows and the
+//! status are built from it. Also the exit status each outcome maps to.
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{GitResult, Phase, ToolCalls, Usage};
+use super::{GitResult, Phase, ToolCalls, Usage};
 
 /// Exit status: the execution succeeded (including "no changes").
 pub const EXIT_SUCCEEDED: i32 = 0;
