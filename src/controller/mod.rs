@@ -1,5 +1,6 @@
 //! The Kubernetes operator: reconciles `AgentExecution`s into workspaces and Jobs.
 
+pub mod decide;
 pub mod desired;
 pub mod executor;
 pub mod metrics;

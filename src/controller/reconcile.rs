@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -16,12 +15,13 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::decide::{self, Decision, Effect, Facts, Next, Note, Slot, Stall, decide};
 use super::desired::{self, JobConfig};
 use super::executor::{Executor, Observation};
 use super::metrics::{ErrorLabel, Metrics, PhaseLabel, TokenLabels, ToolLabel, UsageLabels};
 use super::queue::{self, Candidate, Limits};
 use super::reports::Reports;
-use super::status::{self, Blocked};
+use super::status;
 use crate::api::Summary;
 use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Resolved, RetainPolicy, resolve};
 use crate::store::{NewExecution, Store, StoreError};
@@ -139,10 +139,6 @@ fn key(ax: &AgentExecution) -> (String, String) {
     (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
-fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
-
 /// Renders the manifest the runner reads: the execution and its template, without status or
 /// server metadata.
 pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) -> Result<String, Error> {
@@ -159,157 +155,263 @@ pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) ->
     Ok(out)
 }
 
+/// One reconcile of a live execution: read what is true now, `decide`, act on the decision.
 async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
-    let (ns, _) = key(&ax);
+    let (ns, name) = key(&ax);
+    let old = last_status(&ax, ctx);
+    // Read: the spec (template, values, secrets), the runner, the latest report.
+    let read = if old.phase.is_terminal() { None } else { Some(read_spec(&ax, ctx).await?) };
+    let ready = read.as_ref().and_then(|r| r.as_ref().ok());
+    let observed = match ready {
+        Some(_) => ctx.executor.observe(&ctx.client, &ax).await?,
+        None => Observation::NotStarted,
+    };
+    // A queue slot is asked for (and held, so that two reconciles never take the same one)
+    // only when this execution could start now.
+    let wants_slot = ready.is_some()
+        && !ax.spec.cancel
+        && matches!(observed, Observation::NotStarted)
+        && old.phase != Phase::Running;
+    let _admit = if wants_slot { Some(ctx.admit.lock().await) } else { None };
+    let slot = if wants_slot { Some(queue_slot(&ax, ctx)) } else { None };
+    let placeholder = Stall { reason: "Finished", message: String::new(), recheck: false };
+    let decision = decide(Facts {
+        old: &old,
+        generation: ax.metadata.generation,
+        spec: match &read {
+            Some(Ok(spec)) => Ok(&spec.resolved),
+            Some(Err(stall)) => Err(stall.clone()),
+            None => Err(placeholder),
+        },
+        cancel: ax.spec.cancel,
+        ttl_seconds: ax.spec.ttl_seconds_after_finished,
+        observed,
+        latest: ctx.reports.latest(&ns, &name),
+        slot,
+        kueue_queue: matches!(ctx.executor, Executor::Job)
+            .then(|| ax.labels().get(desired::KUEUE_QUEUE_LABEL).cloned())
+            .flatten(),
+        runner: ctx.executor.runner_name(&ax),
+        workspace: desired::desired_pvc(&ax, &ctx.config.job)
+            .and_then(|p| p.metadata.name)
+            .unwrap_or_else(|| "emptyDir".into()),
+        now: jiff::Timestamp::now(),
+    });
+    act(&ax, ctx, &old, ready, decision).await
+}
+
+/// The status to decide from: the cache's, unless this process finished the execution and
+/// the watch cache has not caught up with that final write yet (what we finished is final).
+fn last_status(ax: &AgentExecution, ctx: &Context) -> AgentExecutionStatus {
     let uid = ax.metadata.uid.clone().unwrap_or_default();
     let cached = ax.status.clone().unwrap_or_default();
-    // The watch cache can lag our own final status write; what we finished is final.
-    let old = {
-        let mut done = ctx.finished.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.phase.is_terminal() {
-            done.remove(&uid);
-            cached
-        } else {
-            done.get(&uid).cloned().unwrap_or(cached)
-        }
-    };
-    if old.phase.is_terminal() {
-        return expire(&ax, &old, ctx).await;
+    let mut done = ctx.finished.lock().unwrap_or_else(|e| e.into_inner());
+    if cached.phase.is_terminal() {
+        done.remove(&uid);
+        cached
+    } else {
+        done.get(&uid).cloned().unwrap_or(cached)
     }
+}
 
-    // Validate: template, spec values, secrets. Any failure is Stalled, naming what to fix.
+/// An execution's spec, ready to run: resolved (with the cluster's defaults), as the runner
+/// will read it, and its template.
+struct Spec {
+    resolved: Resolved,
+    effective: AgentExecution,
+    template: Option<AgentTemplate>,
+}
+
+/// Validates: template, spec values, secrets. Any failure is a Stall naming what to fix.
+async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, Stall>, Error> {
+    let ns = key(ax).0;
     let template = match &ax.spec.template_ref {
         None => None,
         Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await? {
             Some(t) => Some(t),
             None => {
-                let msg = format!(
+                let message = format!(
                     "AgentTemplate {:?} not found in namespace {ns} (spec.templateRef.name); the execution starts once it exists",
                     r.name
                 );
-                return blocked(&ax, ctx, &old, "TemplateNotFound", msg, true).await;
+                return Ok(Err(Stall { reason: "TemplateNotFound", message, recheck: true }));
             }
         },
     };
     // The cluster's default timeout applies when neither the execution nor its template sets one;
     // the runner gets the same value in its manifest.
-    let mut effective = (*ax).clone();
+    let mut effective = ax.clone();
     if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
         effective.spec.timeout = ctx.config.default_timeout.clone();
     }
-    let r = match resolve(&effective, template.as_slice()) {
+    let resolved = match resolve(&effective, template.as_slice()) {
         Ok(r) => r,
-        Err(e) => return blocked(&ax, ctx, &old, "InvalidSpec", e.to_string(), false).await,
+        Err(e) => return Ok(Err(Stall { reason: "InvalidSpec", message: e.to_string(), recheck: false })),
     };
-    if let Some(msg) = missing_secret(ctx, &ns, &r).await? {
-        return blocked(&ax, ctx, &old, "SecretNotFound", msg, true).await;
+    if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
+        return Ok(Err(Stall { reason: "SecretNotFound", message, recheck: true }));
     }
-    if r.api_key.is_none() && matches!(ctx.executor, Executor::Job) {
+    if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job) {
         // A runner pod has no other way to get a key: fail before starting, not after.
-        let msg = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
-        return blocked(&ax, ctx, &old, "ApiKeyMissing", msg, true).await;
+        let message = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
+        return Ok(Err(Stall { reason: "ApiKeyMissing", message, recheck: true }));
     }
-    if let Some(store) = &ctx.store {
-        store.ensure_execution(&new_execution(&ax, &r)).await?;
-    }
+    Ok(Ok(Spec { resolved, effective, template }))
+}
 
-    let observed = ctx.executor.observe(&ctx.client, &ax).await?;
-    if ax.spec.cancel {
-        let stopped = match observed {
-            Observation::NotStarted => None,
-            _ => ctx.executor.stop(&ctx.client, &ax).await?,
-        };
-        let summary = match observed {
-            Observation::Finished { summary: Some(s), .. } => Some(s),
-            _ => stopped.or_else(|| ctx.reports.latest(&ns, &ax.name_any())),
-        };
-        return finish(
-            &ax,
-            ctx,
-            &old,
-            &r,
-            Phase::Cancelled,
-            "Cancelled",
-            "cancelled by spec.cancel; the usage spent so far is kept".into(),
-            summary,
-        )
-        .await;
+/// The queue's answer for this execution (under the admit lock).
+fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
+    if ctx.config.limits == Limits::default() {
+        // No limits: nothing to order, and no O(n) look at every execution per start.
+        return Slot::Start;
     }
+    let me = key(ax);
+    let starting = ctx.starting.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut all: Vec<Candidate> =
+        ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
+    all.push(Candidate {
+        namespace: me.0.clone(),
+        name: me.1.clone(),
+        priority: ax.spec.priority,
+        created: created(ax),
+        active: false,
+    });
+    let plan = queue::plan(&all, ctx.config.limits);
+    if plan.start.contains(&me) {
+        return Slot::Start;
+    }
+    let position = plan.queued.iter().find(|(k, _)| *k == me).map(|(_, p)| *p).unwrap_or(0);
+    Slot::Wait(position, plan.queued.len())
+}
 
-    match observed {
-        Observation::NotStarted if old.phase == Phase::Running => {
-            // Started before, and the runner is gone without a result: never start twice.
-            finish(
-                &ax,
-                ctx,
-                &old,
-                &r,
-                Phase::Failed,
-                "RunnerLost",
-                "the runner disappeared before reporting a result".into(),
-                None,
-            )
-            .await
+/// Applies a decision, in one fixed order: remember, stop, start, record, status and event,
+/// workspace, memory, queue, TTL.
+async fn act(
+    ax: &AgentExecution,
+    ctx: &Context,
+    old: &AgentExecutionStatus,
+    spec: Option<&Spec>,
+    d: Decision,
+) -> Result<Action, Error> {
+    let (ns, name) = key(ax);
+    let has = |e: Effect| d.effects.contains(&e);
+    let mut status = d.status;
+    if has(Effect::Remember)
+        && let (Some(store), Some(spec)) = (&ctx.store, spec)
+    {
+        store.ensure_execution(&new_execution(ax, &spec.resolved)).await?;
+    }
+    if has(Effect::Stop)
+        && let Some(last) = ctx.executor.stop(&ctx.client, ax).await?
+    {
+        // The runner's own last report is the freshest usage.
+        decide::with_report(&mut status, &last);
+    }
+    if has(Effect::Start)
+        && let Some(spec) = spec
+    {
+        let manifest = runner_manifest(&spec.effective, spec.template.as_ref())?;
+        ctx.executor
+            .start(&ctx.client, &spec.effective, &spec.resolved, &manifest, &ctx.config.job, &ctx.reports)
+            .await?;
+        if let Some(created) = ax.metadata.creation_timestamp.as_ref().map(|t| t.0) {
+            let waited = jiff::Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
+            ctx.metrics.queue_wait_seconds.observe(waited);
         }
-        Observation::NotStarted => schedule(&effective, ctx, &old, &r, template.as_ref()).await,
-        Observation::Running { progress } => {
-            let progress = progress.or_else(|| ctx.reports.latest(&ns, &ax.name_any()));
-            let mut st = old.clone();
-            st.phase = Phase::Running;
-            st.reason = Some("Running".into());
-            st.message = Some(format!("the agent is working on {}", r.repo_url));
-            st.job_name = Some(ctx.executor.runner_name(&ax));
-            if st.start_time.is_none() {
-                st.start_time = Some(jiff::Timestamp::now().to_string());
+        if status.phase == Phase::Running
+            && let Ok(mut s) = ctx.starting.lock()
+        {
+            s.insert((ns.clone(), name.clone()));
+        }
+    }
+    if has(Effect::Unreserve)
+        && let Ok(mut s) = ctx.starting.lock()
+    {
+        s.remove(&(ns.clone(), name.clone()));
+    }
+    // The store first: once the status says it is over, the record is there (and a retried
+    // status write only repeats an idempotent update).
+    if has(Effect::Record) {
+        if let Some(store) = &ctx.store {
+            let summary = record_of(ax, &status, ctx.reports.latest(&ns, &name).map(|s| s.api_retries));
+            let error = (status.phase != Phase::Succeeded).then_some(status.reason.as_deref().unwrap_or_default());
+            store.finish_execution(&summary, error, None).await?;
+        }
+        if let Some(spec) = spec {
+            record_metrics(ctx, &spec.resolved, status.phase, &status);
+        }
+    }
+    write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
+    if status.phase.is_terminal()
+        && let Some(uid) = &ax.metadata.uid
+    {
+        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), status.clone());
+    }
+    if has(Effect::ReleaseWorkspace) {
+        let keep = match ax.spec.workspace.retain.unwrap_or_default() {
+            RetainPolicy::Delete => false,
+            RetainPolicy::Retain => true,
+            RetainPolicy::RetainOnFailure => status.phase != Phase::Succeeded,
+        };
+        if !keep && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job) {
+            let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+            match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
             }
-            if let Some(p) = progress {
-                apply_summary(&mut st, &p);
-                st.phase = Phase::Running;
-                st.reason = Some("Running".into());
+        }
+    }
+    if has(Effect::Forget) {
+        if let Ok(mut s) = ctx.starting.lock() {
+            s.remove(&(ns.clone(), name.clone()));
+        }
+        ctx.reports.forget(&ns, &name);
+        ctx.executor.forget(ax);
+    }
+    if has(Effect::WakeQueue) {
+        for o in ctx.cache.state() {
+            let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
+            if matches!(p, Phase::Queued | Phase::Pending) && key(&o) != (ns.clone(), name.clone()) {
+                let _ = ctx.wake.send(ObjectRef::from_obj(&*o));
             }
-            write_status(&ax, ctx, &old, st, None).await?;
-            // Job changes wake us; the deadline is the Job's own. Look again now and then.
-            Ok(Action::requeue(Duration::from_secs(60)))
         }
-        Observation::Suspended => {
-            // Kueue has not admitted the Job yet: waiting, and holding no slot of ours.
-            if let Ok(mut st) = ctx.starting.lock() {
-                st.remove(&key(&ax));
-            }
-            let mut st = old.clone();
-            st.phase = Phase::Queued;
-            st.reason = Some("AwaitingAdmission".into());
-            st.message = Some(suspended_message(&ax));
-            st.job_name = Some(ctx.executor.runner_name(&ax));
-            let event = (old.reason.as_deref() != Some("AwaitingAdmission"))
-                .then(|| ("AwaitingAdmission", suspended_message(&ax), EventType::Normal));
-            write_status(&ax, ctx, &old, st, event).await?;
-            Ok(Action::requeue(Duration::from_secs(60)))
-        }
-        Observation::Finished { summary, failed, deadline_exceeded, cause } => {
-            // The termination message, else the runner's last report if it was the final one.
-            let summary = summary.or_else(|| ctx.reports.latest(&ns, &ax.name_any()).filter(|s| s.phase.is_terminal()));
-            let (phase, reason, message) = match (&summary, failed, deadline_exceeded) {
-                (_, _, true) => {
-                    (Phase::TimedOut, "Timeout".to_string(), "the Job exceeded its deadline (spec.timeout)".to_string())
-                }
-                (Some(s), _, _) => {
-                    (s.phase, s.reason.clone().unwrap_or_default(), s.message.clone().unwrap_or_default())
-                }
-                (None, false, _) => {
-                    (Phase::Succeeded, "Completed".into(), "the runner finished without a report".into())
-                }
-                (None, true, _) => (
-                    Phase::Failed,
-                    "RunnerFailed".into(),
-                    match cause {
-                        Some(c) => format!("the runner failed without a report: {c}"),
-                        None => "the runner failed without a report; see the runner's logs".into(),
-                    },
-                ),
-            };
-            finish(&ax, ctx, &old, &r, phase, &reason, message, summary).await
-        }
+    }
+    if has(Effect::DeleteSelf) {
+        let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
+        api.delete(&name, &DeleteParams::default()).await?;
+        return Ok(Action::await_change());
+    }
+    Ok(match d.next {
+        Next::AwaitChange => Action::await_change(),
+        Next::Recheck => Action::requeue(ctx.config.recheck_stalled),
+        Next::After(t) => Action::requeue(t),
+    })
+}
+
+/// The store's final record of an execution, from its final status.
+fn record_of(ax: &AgentExecution, st: &AgentExecutionStatus, api_retries: Option<u64>) -> Summary {
+    let (namespace, name) = key(ax);
+    Summary {
+        id: ax.metadata.uid.clone().unwrap_or_default(),
+        name,
+        namespace,
+        phase: st.phase,
+        reason: st.reason.clone(),
+        message: st.message.clone(),
+        start_time: st.start_time.clone(),
+        completion_time: st.completion_time.clone(),
+        duration_ms: st.duration_ms.unwrap_or_default(),
+        tokens_used: st.tokens_used,
+        usage: st.usage,
+        cost_usd: st.cost_usd,
+        num_turns: st.num_turns,
+        tool_calls: st.tool_calls.clone(),
+        session_id: st.session_id.clone(),
+        result: st.result.clone(),
+        api_retries: api_retries.unwrap_or_default(),
+        git: st.git.clone(),
+        workspace: st.workspace.clone(),
     }
 }
 
@@ -346,84 +448,6 @@ fn new_execution<'a>(ax: &'a AgentExecution, r: &'a Resolved) -> NewExecution<'a
 }
 
 /// Decides whether this execution starts now or waits (Queued), and starts it.
-async fn schedule(
-    ax: &AgentExecution,
-    ctx: &Context,
-    old: &AgentExecutionStatus,
-    r: &Resolved,
-    template: Option<&AgentTemplate>,
-) -> Result<Action, Error> {
-    let me = key(ax);
-    let _admit = ctx.admit.lock().await;
-    let unlimited = ctx.config.limits == Limits::default();
-    let plan = if unlimited {
-        // No limits: nothing to order, and no O(n) look at every execution per start.
-        queue::Plan { start: vec![me.clone()], queued: Vec::new() }
-    } else {
-        let starting = ctx.starting.lock().map(|s| s.clone()).unwrap_or_default();
-        let mut all: Vec<Candidate> =
-            ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
-        all.push(Candidate {
-            namespace: me.0.clone(),
-            name: me.1.clone(),
-            priority: ax.spec.priority,
-            created: created(ax),
-            active: false,
-        });
-        queue::plan(&all, ctx.config.limits)
-    };
-    if !plan.start.contains(&me) {
-        let (pos, total) =
-            plan.queued.iter().find(|(k, _)| *k == me).map(|(_, p)| (*p, plan.queued.len())).unwrap_or((0, 0));
-        let mut st = old.clone();
-        st.phase = Phase::Queued;
-        st.reason = Some("Queued".into());
-        st.message = Some(format!("waiting for a free slot: position {pos} of {total}"));
-        let event = (old.phase != Phase::Queued)
-            .then(|| ("Queued", format!("waiting for a free slot (position {pos})"), EventType::Normal));
-        write_status(ax, ctx, old, st, event).await?;
-        return Ok(Action::await_change());
-    }
-    let manifest = runner_manifest(ax, template)?;
-    ctx.executor.start(&ctx.client, ax, r, &manifest, &ctx.config.job, &ctx.reports).await?;
-    if let Some(created) = ax.metadata.creation_timestamp.as_ref().map(|t| t.0) {
-        let waited = jiff::Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
-        ctx.metrics.queue_wait_seconds.observe(waited);
-    }
-    if matches!(ctx.executor, Executor::Job) && ax.labels().contains_key(desired::KUEUE_QUEUE_LABEL) {
-        // Created suspended: Kueue admits it (then the Job runs and the status says Running).
-        let mut st = old.clone();
-        st.phase = Phase::Queued;
-        st.reason = Some("AwaitingAdmission".into());
-        st.message = Some(suspended_message(ax));
-        st.job_name = Some(ctx.executor.runner_name(ax));
-        st.git.branch = Some(r.branch.clone());
-        let event = Some(("AwaitingAdmission", suspended_message(ax), EventType::Normal));
-        write_status(ax, ctx, old, st, event).await?;
-        return Ok(Action::requeue(Duration::from_secs(60)));
-    }
-    if let Ok(mut s) = ctx.starting.lock() {
-        s.insert(me);
-    }
-    let mut st = old.clone();
-    st.phase = Phase::Running;
-    st.reason = Some("Started".into());
-    st.message = Some(format!("runner {} started", ctx.executor.runner_name(ax)));
-    st.job_name = Some(ctx.executor.runner_name(ax));
-    st.start_time = Some(jiff::Timestamp::now().to_string());
-    st.git.branch = Some(r.branch.clone());
-    st.workspace = desired::desired_pvc(ax, &ctx.config.job).and_then(|p| p.metadata.name).or(Some("emptyDir".into()));
-    write_status(
-        ax,
-        ctx,
-        old,
-        st,
-        Some(("Started", format!("runner {} started", ctx.executor.runner_name(ax)), EventType::Normal)),
-    )
-    .await?;
-    Ok(Action::requeue(Duration::from_secs(60)))
-}
-
 fn created(ax: &AgentExecution) -> String {
     ax.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
 }
@@ -452,160 +476,6 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
     })
 }
 
-fn suspended_message(ax: &AgentExecution) -> String {
-    let queue = ax.labels().get(desired::KUEUE_QUEUE_LABEL).cloned().unwrap_or_else(|| "?".into());
-    format!("the Job waits for Kueue to admit it (queue {queue})")
-}
-
-/// Stalled on a bad reference or value: say so, and look again later when it may appear.
-async fn blocked(
-    ax: &AgentExecution,
-    ctx: &Context,
-    old: &AgentExecutionStatus,
-    reason: &str,
-    message: String,
-    recheck: bool,
-) -> Result<Action, Error> {
-    let mut st = old.clone();
-    st.phase = Phase::Pending;
-    st.reason = Some(reason.into());
-    st.message = Some(message.clone());
-    let b = Blocked { reason: reason.into(), message: message.clone() };
-    let was = old.reason.as_deref() == Some(reason) && old.message.as_deref() == Some(message.as_str());
-    let event = (!was).then_some((reason, message, EventType::Warning));
-    write_status_with(ax, ctx, old, st, event, Some(&b)).await?;
-    Ok(if recheck { Action::requeue(ctx.config.recheck_stalled) } else { Action::await_change() })
-}
-
-/// Copies a runner summary's figures into a status.
-fn apply_summary(st: &mut AgentExecutionStatus, s: &Summary) {
-    st.usage = s.usage;
-    st.tokens_used = s.tokens_used;
-    st.cost_usd = s.cost_usd;
-    st.num_turns = s.num_turns;
-    st.tool_calls = s.tool_calls.clone();
-    st.session_id = s.session_id.clone().or(st.session_id.take());
-    if s.result.is_some() {
-        st.result = s.result.clone();
-    }
-    if s.git.branch.is_some() {
-        st.git = s.git.clone();
-    }
-}
-
-/// The end: final status, event, store, workspace release, and a wake-up for the queue.
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    ax: &AgentExecution,
-    ctx: &Context,
-    old: &AgentExecutionStatus,
-    r: &Resolved,
-    phase: Phase,
-    reason: &str,
-    message: String,
-    summary: Option<Summary>,
-) -> Result<Action, Error> {
-    let mut st = old.clone();
-    if let Some(s) = &summary {
-        apply_summary(&mut st, s);
-    }
-    st.phase = phase;
-    st.reason = Some(reason.into());
-    st.message = Some(message.clone());
-    let end = jiff::Timestamp::now();
-    st.completion_time = Some(end.to_string());
-    let start = st.start_time.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
-    let ms = summary
-        .as_ref()
-        .map(|s| s.duration_ms)
-        .filter(|d| *d > 0)
-        .or_else(|| start.map(|s| end.duration_since(s).as_millis().max(0) as u64));
-    st.duration_ms = ms;
-    st.duration = ms.map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
-    // The store first: once the status says it is over, the record is there (and a retried
-    // status write only repeats an idempotent update).
-    if let Some(store) = &ctx.store {
-        let s = Summary {
-            id: ax.metadata.uid.clone().unwrap_or_default(),
-            name: r.name.clone(),
-            namespace: r.namespace.clone(),
-            phase,
-            reason: Some(reason.into()),
-            message: Some(message.clone()),
-            start_time: st.start_time.clone(),
-            completion_time: st.completion_time.clone(),
-            duration_ms: st.duration_ms.unwrap_or_default(),
-            tokens_used: st.tokens_used,
-            usage: st.usage,
-            cost_usd: st.cost_usd,
-            num_turns: st.num_turns,
-            tool_calls: st.tool_calls.clone(),
-            session_id: st.session_id.clone(),
-            result: st.result.clone(),
-            api_retries: summary.as_ref().map(|s| s.api_retries).unwrap_or_default(),
-            git: st.git.clone(),
-            workspace: st.workspace.clone(),
-        };
-        store.finish_execution(&s, (phase != Phase::Succeeded).then_some(reason), None).await?;
-    }
-    let event_type = if phase == Phase::Succeeded { EventType::Normal } else { EventType::Warning };
-    write_status(ax, ctx, old, st.clone(), Some((phase.as_str(), format!("{reason}: {message}"), event_type))).await?;
-    if let Some(uid) = &ax.metadata.uid {
-        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), st.clone());
-    }
-
-    record_metrics(ctx, r, phase, &st);
-
-    // Release the workspace volume now unless the policy keeps it.
-    let keep = match r.retain {
-        RetainPolicy::Delete => false,
-        RetainPolicy::Retain => true,
-        RetainPolicy::RetainOnFailure => phase != Phase::Succeeded,
-    };
-    if !keep && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job) {
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &key(ax).0);
-        match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let me = key(ax);
-    if let Ok(mut s) = ctx.starting.lock() {
-        s.remove(&me);
-    }
-    ctx.reports.forget(&me.0, &me.1);
-    ctx.executor.forget(ax);
-    // A slot is free: wake the executions that wait for one.
-    for o in ctx.cache.state() {
-        let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
-        if matches!(p, Phase::Queued | Phase::Pending) && key(&o) != me {
-            let _ = ctx.wake.send(ObjectRef::from_obj(&*o));
-        }
-    }
-    expire(ax, &st, ctx).await
-}
-
-/// `ttlSecondsAfterFinished`: delete the finished execution when its time is up.
-async fn expire(ax: &AgentExecution, st: &AgentExecutionStatus, ctx: &Context) -> Result<Action, Error> {
-    let Some(ttl) = ax.spec.ttl_seconds_after_finished else {
-        return Ok(Action::await_change());
-    };
-    let done = st
-        .completion_time
-        .as_deref()
-        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
-        .unwrap_or_else(jiff::Timestamp::now);
-    let age = jiff::Timestamp::now().duration_since(done).as_secs();
-    if age >= ttl {
-        let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &key(ax).0);
-        api.delete(&ax.name_any(), &DeleteParams::default()).await?;
-        return Ok(Action::await_change());
-    }
-    Ok(Action::requeue(Duration::from_secs((ttl - age).max(1) as u64)))
-}
-
-/// Finalizer cleanup: stop a runner still going, keep a retained workspace, record the end.
 async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
     let st = ax.status.clone().unwrap_or_default();
     if !st.phase.is_terminal() {
@@ -668,43 +538,29 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
     Ok(Action::await_change())
 }
 
+/// Writes the status with server-side apply, only when it changed, and publishes the event.
 async fn write_status(
     ax: &AgentExecution,
     ctx: &Context,
     old: &AgentExecutionStatus,
-    st: AgentExecutionStatus,
-    event: Option<(&str, String, EventType)>,
+    st: &AgentExecutionStatus,
+    event: Option<&Note>,
 ) -> Result<(), Error> {
-    write_status_with(ax, ctx, old, st, event, None).await
-}
-
-/// Writes the status with server-side apply, only when it changed, and publishes the event.
-async fn write_status_with(
-    ax: &AgentExecution,
-    ctx: &Context,
-    old: &AgentExecutionStatus,
-    mut st: AgentExecutionStatus,
-    event: Option<(&str, String, EventType)>,
-    blocked: Option<&Blocked>,
-) -> Result<(), Error> {
-    st.observed_generation = ax.metadata.generation;
-    st.conditions = status::conditions(
-        st.phase,
-        st.reason.as_deref().unwrap_or_default(),
-        st.message.as_deref().unwrap_or_default(),
-        ax.metadata.generation,
-        blocked,
-        &old.conditions,
-        &now(),
-    );
-    if st == *old {
+    if st == old {
         return Ok(());
     }
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &key(ax).0);
     let patch = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
     api.patch_status(&ax.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    if let Some((reason, note, type_)) = event {
-        let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Some(note) = event {
+        let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
+        let ev = Event {
+            type_,
+            reason: note.reason.clone(),
+            note: Some(note.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
         if let Err(e) = ctx.recorder.publish(&ev, &ax.object_ref(&())).await {
             tracing::warn!(error = %e, "cannot publish event");
         }
@@ -712,7 +568,6 @@ async fn write_status_with(
     Ok(())
 }
 
-/// Deletes a child by name, ignoring "not found".
 pub async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
