@@ -361,6 +361,15 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
     println!("{}", serde_json::to_string(&summary)?);
     // The final report goes both ways: to the controller, and (below) the termination log.
     if let Some(target) = &report {
+        // The diff first (the controller's store keeps cluster runs' records), bounded.
+        let diff = Store::open(db).await.ok();
+        let diff = match &diff {
+            Some(store) => store.get_execution(&summary.id).await.ok().and_then(|row| row.diff),
+            None => None,
+        };
+        if let Some(diff) = diff {
+            runner::post_diff(target, &runner::truncate(&diff, DIFF_LIMIT)).await;
+        }
         for attempt in 0..3u64 {
             if runner::post_report(target, &serde_json::to_value(&summary)?).await {
                 break;
@@ -372,6 +381,9 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
     let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
     Ok(summary.exit_code())
 }
+
+/// The diff a runner sends to the controller, at most (marked when cut).
+const DIFF_LIMIT: usize = 1024 * 1024;
 
 /// Validates and runs one manifest. Err(message): invalid input (already reported on stderr).
 async fn execute(

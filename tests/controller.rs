@@ -381,6 +381,11 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     assert_eq!(st["toolCalls"]["total"], 4);
     let row = store.get_execution(done["metadata"]["uid"].as_str().unwrap()).await.unwrap();
     assert_eq!((row.status.as_str(), row.git_commit.as_deref()), ("Succeeded", Some(head.as_str())));
+    // The controller's store is the record of the run: the runner's log lines and its diff.
+    let logs = store.logs(&row.id).await.unwrap();
+    assert!(logs.iter().any(|l| l.source == "agent"), "the agent's stream lines: {} lines", logs.len());
+    assert!(logs.iter().any(|l| l.source == "runner" && l.line.contains("pushed")), "the runner's own lines");
+    assert!(row.diff.as_deref().is_some_and(|d| d.contains("+Hello, agentops!")), "the diff: {:?}", row.diff);
 
     // The HTTP endpoints: health, readiness, metrics, and the JSON API over the store (for a
     // caller whose token the cluster accepts).

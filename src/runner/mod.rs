@@ -21,7 +21,7 @@ use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, n
 
 pub use crate::api::report::*;
 pub use hooks::{HookError, MAX_OUTPUT as HOOK_OUTPUT_LIMIT, http_client};
-pub use recorder::{Recorder, ReportTarget, post_report};
+pub use recorder::{Recorder, ReportTarget, post_diff, post_report};
 pub use secrets::{Redactor, SecretError, Secrets};
 pub use workspace::Workspace;
 

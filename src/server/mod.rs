@@ -33,6 +33,10 @@ use crate::store::{Store, StoreError};
 
 /// Largest runner report accepted (a summary with a 4 KiB result is about 6 KiB).
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
+/// Largest batch of log lines (200 lines of at most 4 KiB, JSON-escaped).
+pub const MAX_LOGS_BYTES: usize = 2 * 1024 * 1024;
+/// Largest diff (1 MiB, cut and marked by the runner, JSON-escaped).
+pub const MAX_DIFF_BYTES: usize = 3 * 1024 * 1024;
 
 /// What the endpoints read.
 pub struct ServerState {
@@ -66,6 +70,8 @@ pub fn api_router(state: Arc<ServerState>) -> Router {
             "/api/v1/runner/{namespace}/{name}/report",
             post(runner_report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
         )
+        .route("/api/v1/runner/{namespace}/{name}/logs", post(runner_logs).layer(DefaultBodyLimit::max(MAX_LOGS_BYTES)))
+        .route("/api/v1/runner/{namespace}/{name}/diff", post(runner_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BYTES)))
         .with_state(state)
 }
 
@@ -282,6 +288,34 @@ async fn list_workspaces(
     }
 }
 
+/// The execution a runner endpoint is about, once its path, its state and the token are checked.
+async fn runner_caller(
+    s: &ServerState,
+    namespace: &str,
+    name: &str,
+    headers: &HeaderMap,
+) -> Result<(Arc<Reports>, Option<String>), Response> {
+    if !is_dns_label(namespace) || !is_dns_subdomain(name) {
+        return Err(error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)"));
+    }
+    let Some(reports) = s.reports.clone() else {
+        return Err(StatusCode::NOT_FOUND.into_response());
+    };
+    let ax = s.cache.get(&ObjectRef::new(name).within(namespace));
+    let running = ax.as_ref().is_some_and(|ax| {
+        let phase = ax.status.as_ref().map(|st| st.phase).unwrap_or_default();
+        !phase.is_terminal() && ax.metadata.deletion_timestamp.is_none()
+    });
+    if !running {
+        return Err(error(StatusCode::NOT_FOUND, "no running execution by that name"));
+    }
+    let token = bearer(headers).unwrap_or_default();
+    if token.is_empty() || !reports.verify(namespace, name, token).await {
+        return Err(error(StatusCode::UNAUTHORIZED, "unknown execution or wrong token"));
+    }
+    Ok((reports, ax.and_then(|ax| ax.metadata.uid.clone())))
+}
+
 /// A runner's progress or final report, authenticated by its execution's token. Both path
 /// segments are checked before they are used anywhere; only executions in the watch cache
 /// that have not finished are served; the body is bounded (413 above `MAX_REPORT_BYTES`).
@@ -291,27 +325,80 @@ async fn runner_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !is_dns_label(&namespace) || !is_dns_subdomain(&name) {
-        return error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)");
-    }
-    let Some(reports) = &s.reports else {
-        return StatusCode::NOT_FOUND.into_response();
+    let reports = match runner_caller(&s, &namespace, &name, &headers).await {
+        Ok((r, _)) => r,
+        Err(r) => return r,
     };
-    let running = s.cache.get(&ObjectRef::new(&name).within(&namespace)).is_some_and(|ax| {
-        let phase = ax.status.as_ref().map(|st| st.phase).unwrap_or_default();
-        !phase.is_terminal() && ax.metadata.deletion_timestamp.is_none()
-    });
-    if !running {
-        return error(StatusCode::NOT_FOUND, "no running execution by that name");
-    }
-    let token = bearer(&headers).unwrap_or_default();
-    if token.is_empty() || !reports.verify(&namespace, &name, token).await {
-        return error(StatusCode::UNAUTHORIZED, "unknown execution or wrong token");
-    }
     let report: Summary = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a report: {e}")),
     };
     reports.accept(&namespace, &name, crate::controller::reports::bounded(report));
     StatusCode::ACCEPTED.into_response()
+}
+
+/// One log line a runner sends.
+#[derive(Deserialize)]
+struct RunnerLogLine {
+    seq: i64,
+    source: String,
+    line: String,
+    at: String,
+}
+
+/// Log lines of a cluster run, kept in the controller's store (the record of cluster runs).
+async fn runner_logs(
+    State(s): State<Arc<ServerState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let uid = match runner_caller(&s, &namespace, &name, &headers).await {
+        Ok((_, uid)) => uid.unwrap_or_default(),
+        Err(r) => return r,
+    };
+    let lines: Vec<RunnerLogLine> = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not log lines: {e}")),
+    };
+    let Some(store) = &s.store else { return StatusCode::ACCEPTED.into_response() };
+    let rows: Vec<(i64, String, String, String)> = lines
+        .into_iter()
+        .take(1000)
+        .map(|l| {
+            let source: String = l.source.chars().take(64).collect();
+            (l.seq, source, crate::api::report::truncate(&l.line, 4096), l.at.chars().take(40).collect())
+        })
+        .collect();
+    match store.append_logs(&uid, &rows).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct RunnerDiff {
+    diff: String,
+}
+
+/// The diff of a cluster run, kept in the controller's store.
+async fn runner_diff(
+    State(s): State<Arc<ServerState>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let uid = match runner_caller(&s, &namespace, &name, &headers).await {
+        Ok((_, uid)) => uid.unwrap_or_default(),
+        Err(r) => return r,
+    };
+    let d: RunnerDiff = match serde_json::from_slice(&body) {
+        Ok(d) => d,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a diff: {e}")),
+    };
+    let Some(store) = &s.store else { return StatusCode::ACCEPTED.into_response() };
+    match store.set_diff(&uid, &crate::api::report::truncate(&d.diff, 1024 * 1024)).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(e) => store_error(e),
+    }
 }

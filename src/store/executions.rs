@@ -226,20 +226,34 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for (seq, source, line, at) in lines {
-            sqlx::query("INSERT INTO execution_logs (execution_id, seq, source, line, at) VALUES (?, ?, ?, ?, ?)")
-                .bind(id)
-                .bind(seq)
-                .bind(source)
-                .bind(line)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
+            // A line sent twice (a runner's retried report) is kept once.
+            sqlx::query(
+                "INSERT OR IGNORE INTO execution_logs (execution_id, seq, source, line, at) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(id)
+            .bind(seq)
+            .bind(source)
+            .bind(line)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
-    /// Writes the final state once: phase, usage, git, diff and the summary JSON.
+    /// Keeps the diff of an execution (a cluster runner's, sent before its end).
+    pub async fn set_diff(&self, id: &str, diff: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE agent_executions SET diff = ?, updated_at = ? WHERE id = ?")
+            .bind(diff)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the final state once: phase, usage, git, diff (when given) and the summary JSON.
     pub async fn finish_execution(
         &self,
         s: &Summary,
@@ -251,7 +265,7 @@ impl Store {
                duration_ms = ?, input_tokens = ?, output_tokens = ?, cache_read_input_tokens = ?,
                cache_creation_input_tokens = ?, tokens_used = ?, cost_usd = ?, num_turns = ?, tool_calls = ?,
                tool_calls_by_tool = ?, session_id = ?, result = ?, git_commit = ?, pushed = ?, changed_files = ?,
-               insertions = ?, deletions = ?, diff = ?, output_json = ?, updated_at = ? WHERE id = ?",
+               insertions = ?, deletions = ?, diff = COALESCE(?, diff), output_json = ?, updated_at = ? WHERE id = ?",
         )
         .bind(s.phase.as_str())
         .bind(&s.reason)
