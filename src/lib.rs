@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod gateway;
 pub mod git;
 pub mod runner;
 pub mod server;

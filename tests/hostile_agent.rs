@@ -179,7 +179,8 @@ async fn the_sandboxed_agent_reads_no_secret_no_store_and_not_the_users_home() {
             "cat {secrets}/git-cred/token {secrets}/anthropic/api-key; base64 {secrets}/git-cred/token; \
              ls -la {secrets} {home}; cat {home}/private-notes.txt; head -c 4096 {db} | base64; true"
         )),
-        // Every process's environment and command line, and the files they name.
+        // Its own environment, every process's environment and command line, and the files they name.
+        bash("env; true"),
         bash(
             "for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; tr '\\0' ' ' < $p/cmdline; echo; done 2>&1 | head -c 200000; \
              for f in $(for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; done 2>/dev/null | sed -n 's/^[A-Z_]*=\\(\\/.*\\)/\\1/p' | sort -u); do \
@@ -194,7 +195,7 @@ async fn the_sandboxed_agent_reads_no_secret_no_store_and_not_the_users_home() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(h.model.remaining(), 0, "the whole script ran");
     // What the agent saw went back to the model as tool results: search every request.
-    let finder = agentops::runner::Redactor::from_values([TOKEN.to_string()]);
+    let finder = agentops::runner::Redactor::from_values([TOKEN.to_string(), API_KEY.to_string()]);
     let bodies: Vec<String> = h.model.seen().iter().map(|s| s.body.to_string()).collect();
     assert!(bodies.len() >= 5);
     let tool_results = bodies.last().unwrap();
@@ -204,13 +205,12 @@ async fn the_sandboxed_agent_reads_no_secret_no_store_and_not_the_users_home() {
         &tool_results[..tool_results.len().min(3000)]
     );
     for body in &bodies {
-        assert!(!finder.finds_secret(body), "the git token reached the model");
+        assert!(!finder.finds_secret(body), "the git token or the API key reached the model");
         assert!(!body.contains("the user's own file"), "the user's HOME was read");
         assert!(!body.contains("SQLite format"), "the store was read");
         assert!(!body.contains("AGENTOPS_SECRETS_DIR="), "agentops's own environment was read");
     }
-    // Known gap until the model gateway (issue 9): the agent's own environment holds the
-    // Anthropic key it uses; this test does not claim otherwise.
+    // The agent's own environment holds only the gateway's token, good for this run only.
     assert!(h.git.branch_head("demo", "agentops/snoop").is_some(), "and the work still lands");
 }
 

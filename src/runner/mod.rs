@@ -108,6 +108,8 @@ struct Run<'a> {
     /// A commit exists that did not reach the remote: the workspace must be kept.
     unpushed: bool,
     hook_failure: Option<String>,
+    /// Tokens the model gateway counted (the operator's own figures), when it relayed the run.
+    metered: Option<crate::api::Usage>,
     /// When the execution started (for every summary, the hooks' too).
     started: Instant,
     start_time: String,
@@ -210,6 +212,7 @@ async fn run_started(
         diff: None,
         unpushed: false,
         hook_failure: None,
+        metered: None,
         started,
         start_time: start_time.clone(),
     };
@@ -338,13 +341,31 @@ impl Run<'_> {
 
         // Agent.
         self.say(&format!("  agent {} starting", self.r.model.as_deref().unwrap_or("(default model)")));
+        // The agent never holds the API key: it talks to a gateway on loopback with a token good
+        // for this run only; the gateway adds the key and counts every token.
+        let gateway = match self.secrets.api_key.as_deref() {
+            Some(key) => {
+                let upstream = env("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
+                match crate::gateway::Gateway::start(&upstream, key).await {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        return Outcome::failed("AgentStartFailed", format!("cannot start the model gateway: {e}"));
+                    }
+                }
+            }
+            None => None,
+        };
+        let agent_env = |k: &str| match (&gateway, k) {
+            (Some(g), "ANTHROPIC_BASE_URL") => Some(g.base_url.clone()),
+            _ => env(k),
+        };
         let cmd = agent::build_command(
             self.r,
             &self.opts.claude_bin,
             &ws.repo,
             &ws.home,
-            self.secrets.api_key.as_deref(),
-            env,
+            gateway.as_ref().map(|g| g.token.as_str()),
+            agent_env,
         );
         let mut cmd = cmd;
         if let Some(policy) = &self.opts.sandbox {
@@ -407,6 +428,13 @@ impl Run<'_> {
             outcome.tally.cost_usd()
         ));
         self.tally = outcome.tally;
+        if let Some(g) = gateway {
+            // The run is over for the model: the agent's token stops working now.
+            g.close();
+            let m = g.metered();
+            self.say(&format!("  gateway: {} responses, {} tokens counted", m.responses, m.usage.total()));
+            self.metered = Some(m.usage);
+        }
         self.rec.progress(progress_of(&self.tally));
         if let Some(o) = self.judge_agent(&outcome.stop, &outcome.stderr_tail) {
             return o;
@@ -616,7 +644,8 @@ impl Run<'_> {
     fn summary(&self, o: &Outcome) -> Summary {
         let (start_time, started) = (self.start_time.as_str(), self.started);
         let t = &self.tally;
-        let usage = t.usage();
+        // Counted by the operator when the gateway relayed the run; else as the agent reports.
+        let usage = self.metered.filter(|m| m.total() > 0).unwrap_or_else(|| t.usage());
         let result = t.result.as_ref().and_then(|r| r.text.clone()).or_else(|| t.last_text.clone());
         Summary {
             id: self.id.clone(),
