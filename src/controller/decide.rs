@@ -39,10 +39,8 @@ pub struct Facts<'a> {
     pub spec: Result<&'a Resolved, Stall>,
     pub cancel: bool,
     pub ttl_seconds: Option<i64>,
-    /// What the runner is doing.
+    /// What the runner is doing, with its reports (merged by the executor).
     pub observed: Observation,
-    /// The runner's latest report on the report channel.
-    pub latest: Option<Summary>,
     /// Asked only when there is no runner and nothing else decides.
     pub slot: Option<Slot>,
     /// A start creates a suspended Job that Kueue admits.
@@ -119,7 +117,8 @@ pub fn decide(f: Facts<'_>) -> Decision {
     if f.cancel {
         let summary = match &f.observed {
             Observation::Finished { summary: Some(s), .. } => Some(s.clone()),
-            _ => f.latest.clone(),
+            Observation::Running { progress } => progress.clone(),
+            _ => None,
         };
         let mut d = finish(
             &f,
@@ -194,7 +193,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
             if st.start_time.is_none() {
                 st.start_time = Some(f.now.to_string());
             }
-            if let Some(p) = progress.as_ref().or(f.latest.as_ref()) {
+            if let Some(p) = progress {
                 with_report(&mut st, p);
             }
             st.phase = Phase::Running;
@@ -203,8 +202,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
             done(&f, st, None, None, vec![], Next::After(FOLLOW))
         }
         Observation::Finished { summary, failed, deadline_exceeded, cause } => {
-            // The termination message, else the runner's last report if it was the final one.
-            let summary = summary.clone().or_else(|| f.latest.clone().filter(|s| s.phase.is_terminal()));
+            let summary = summary.clone();
             let (phase, reason, message) = match (&summary, failed, deadline_exceeded) {
                 (_, _, true) => {
                     (Phase::TimedOut, "Timeout".to_string(), "the Job exceeded its deadline (spec.timeout)".into())
@@ -387,7 +385,6 @@ mod tests {
             cancel: false,
             ttl_seconds: None,
             observed,
-            latest: None,
             slot: None,
             kueue_queue: None,
             runner: "agentops-a".into(),
@@ -478,8 +475,8 @@ mod tests {
             (
                 "running with progress",
                 &running,
-                Observation::Running { progress: None },
-                |f| f.latest = Some(report(Phase::Running, "Running", 42)),
+                Observation::Running { progress: Some(report(Phase::Running, "Running", 42)) },
+                none,
                 Phase::Running,
                 "Running",
                 vec![],
@@ -503,10 +500,10 @@ mod tests {
                 vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue],
             ),
             (
-                "finished, report only on the channel",
+                "finished, the report from the channel",
                 &running,
-                finished(None, false, false, None),
-                |f| f.latest = Some(report(Phase::Failed, "PushRejected", 9)),
+                finished(Some(report(Phase::Failed, "PushRejected", 9)), false, false, None),
+                none,
                 Phase::Failed,
                 "PushRejected",
                 vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue],
@@ -630,9 +627,9 @@ mod tests {
         assert!(d.status.message.unwrap().contains("cannot open the store"));
         assert_eq!(d.status.duration_ms, Some(600_000), "from the start time when the runner gave none");
         // Cancel keeps the usage reported so far.
-        let mut f = facts(&running, &r, Observation::Running { progress: None });
+        let mut f =
+            facts(&running, &r, Observation::Running { progress: Some(report(Phase::Running, "Running", 700)) });
         f.cancel = true;
-        f.latest = Some(report(Phase::Running, "Running", 700));
         let d = decide(f);
         assert_eq!((d.status.phase, d.status.usage.input_tokens), (Phase::Cancelled, 700));
     }

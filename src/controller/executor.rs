@@ -53,12 +53,25 @@ impl Executor {
         desired::job_name(ax)
     }
 
-    /// Looks at the runner.
-    pub async fn observe(&self, client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
-        match self {
-            Executor::Job => observe_job(client, ax).await,
-            Executor::Local(l) => Ok(l.observe(ax)),
-        }
+    /// Looks at the runner, with every report it has: the termination message or the child's
+    /// output, merged with the report channel (progress while it runs; the final report when
+    /// the other way lost it). Reconcile never looks anywhere else.
+    pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
+        let observed = match self {
+            Executor::Job => observe_job(client, ax).await?,
+            Executor::Local(l) => l.observe(ax),
+        };
+        let latest = || reports.latest(&ax.namespace().unwrap_or_else(|| "default".into()), &ax.name_any());
+        Ok(match observed {
+            Observation::Running { progress: None } => Observation::Running { progress: latest() },
+            Observation::Finished { summary: None, failed, deadline_exceeded, cause } => Observation::Finished {
+                summary: latest().filter(|s| s.phase.is_terminal()),
+                failed,
+                deadline_exceeded,
+                cause,
+            },
+            other => other,
+        })
     }
 
     /// Drops what the executor keeps of a finished execution (the local runner's files).

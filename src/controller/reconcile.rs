@@ -157,13 +157,12 @@ pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) ->
 
 /// One reconcile of a live execution: read what is true now, `decide`, act on the decision.
 async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
-    let (ns, name) = key(&ax);
     let old = last_status(&ax, ctx);
-    // Read: the spec (template, values, secrets), the runner, the latest report.
+    // Read: the spec (template, values, secrets), the runner with its reports.
     let read = if old.phase.is_terminal() { None } else { Some(read_spec(&ax, ctx).await?) };
     let ready = read.as_ref().and_then(|r| r.as_ref().ok());
     let observed = match ready {
-        Some(_) => ctx.executor.observe(&ctx.client, &ax).await?,
+        Some(_) => ctx.executor.observe(&ctx.client, &ax, &ctx.reports).await?,
         None => Observation::NotStarted,
     };
     // A queue slot is asked for (and held, so that two reconciles never take the same one)
@@ -186,7 +185,6 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         cancel: ax.spec.cancel,
         ttl_seconds: ax.spec.ttl_seconds_after_finished,
         observed,
-        latest: ctx.reports.latest(&ns, &name),
         slot,
         kueue_queue: matches!(ctx.executor, Executor::Job)
             .then(|| ax.labels().get(desired::KUEUE_QUEUE_LABEL).cloned())

@@ -53,6 +53,7 @@ impl Gateway {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .user_agent(concat!("agentops-gateway/", env!("CARGO_PKG_VERSION")))
+            .tcp_nodelay(true)
             .build()
             .map_err(std::io::Error::other)?;
         let token = format!("agentops-{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
@@ -69,6 +70,11 @@ impl Gateway {
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base_url = format!("http://{}", listener.local_addr()?);
+        // Streamed events are small writes: without TCP_NODELAY each waits for the peer's
+        // delayed ACK (~40 ms on loopback), several times per turn.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let stop = CancellationToken::new();
         let until = stop.clone().cancelled_owned();
         tokio::spawn(async move {
