@@ -460,7 +460,7 @@ pub struct AgentExecutionStatus {
     pub git: GitResult,
     /// Machine-readable reason for the phase, e.g. `NoChanges`, `PushRejected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<super::Reason>,
     /// Human-readable explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -3,12 +3,14 @@
 mod execution;
 pub mod limits;
 mod manifest;
+mod reason;
 pub mod report;
 mod resolve;
 mod template;
 
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
+pub use reason::Reason;
 pub use report::Summary;
 pub use resolve::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, is_plain_duration, resolve,

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{GitResult, Phase, ToolCalls, Usage};
+use super::{GitResult, Phase, Reason, ToolCalls, Usage};
 
 /// Exit status: the execution succeeded (including "no changes").
 pub const EXIT_SUCCEEDED: i32 = 0;
@@ -26,7 +26,7 @@ pub struct Summary {
     pub name: String,
     pub namespace: String,
     pub phase: Phase,
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     pub message: Option<String>,
     pub start_time: Option<String>,
     pub completion_time: Option<String>,

@@ -9,12 +9,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::executor::Observation;
 use super::status::{self, Blocked};
-use crate::api::{AgentExecutionStatus, Phase, Resolved, Summary};
+use crate::api::{AgentExecutionStatus, Phase, Reason, Resolved, Summary};
 
 /// Why an execution cannot start (yet): a Stalled condition naming what to fix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stall {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
     /// Look again later (a missing template or Secret may appear); false: only a new spec helps.
     pub recheck: bool,
@@ -124,7 +124,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
             &f,
             r,
             Phase::Cancelled,
-            "Cancelled",
+            Reason::Cancelled,
             "cancelled by spec.cancel; the usage spent so far is kept".into(),
             summary,
         );
@@ -134,17 +134,22 @@ pub fn decide(f: Facts<'_>) -> Decision {
         return d;
     }
     match &f.observed {
-        Observation::NotStarted if old.phase == Phase::Running => {
-            finish(&f, r, Phase::Failed, "RunnerLost", "the runner disappeared before reporting a result".into(), None)
-        }
+        Observation::NotStarted if old.phase == Phase::Running => finish(
+            &f,
+            r,
+            Phase::Failed,
+            Reason::RunnerLost,
+            "the runner disappeared before reporting a result".into(),
+            None,
+        ),
         Observation::NotStarted => match f.slot.unwrap_or(Slot::Start) {
             Slot::Wait(position, total) => {
                 let mut st = old.clone();
                 st.phase = Phase::Queued;
-                st.reason = Some("Queued".into());
+                st.reason = Some(Reason::Queued);
                 st.message = Some(format!("waiting for a free slot: position {position} of {total}"));
                 let event = (old.phase != Phase::Queued).then(|| Note {
-                    reason: "Queued".into(),
+                    reason: Reason::Queued.to_string(),
                     message: format!("waiting for a free slot (position {position})"),
                     warning: false,
                 });
@@ -157,17 +162,17 @@ pub fn decide(f: Facts<'_>) -> Decision {
                 let (event, next) = match &f.kueue_queue {
                     Some(queue) => {
                         st.phase = Phase::Queued;
-                        st.reason = Some("AwaitingAdmission".into());
+                        st.reason = Some(Reason::AwaitingAdmission);
                         st.message = Some(awaiting(queue));
-                        (note("AwaitingAdmission", awaiting(queue), false), Next::After(FOLLOW))
+                        (note(Reason::AwaitingAdmission, awaiting(queue), false), Next::After(FOLLOW))
                     }
                     None => {
                         st.phase = Phase::Running;
-                        st.reason = Some("Started".into());
+                        st.reason = Some(Reason::Started);
                         st.message = Some(format!("runner {} started", f.runner));
                         st.start_time = Some(f.now.to_string());
                         st.workspace = Some(f.workspace.clone());
-                        (note("Started", format!("runner {} started", f.runner), false), Next::After(FOLLOW))
+                        (note(Reason::Started, format!("runner {} started", f.runner), false), Next::After(FOLLOW))
                     }
                 };
                 done(&f, st, None, event, vec![Effect::Remember, Effect::Start], next)
@@ -177,11 +182,11 @@ pub fn decide(f: Facts<'_>) -> Decision {
             let queue = f.kueue_queue.clone().unwrap_or_else(|| "?".into());
             let mut st = old.clone();
             st.phase = Phase::Queued;
-            st.reason = Some("AwaitingAdmission".into());
+            st.reason = Some(Reason::AwaitingAdmission);
             st.message = Some(awaiting(&queue));
             st.job_name = Some(f.runner.clone());
-            let event = (old.reason.as_deref() != Some("AwaitingAdmission")).then(|| Note {
-                reason: "AwaitingAdmission".into(),
+            let event = (old.reason != Some(Reason::AwaitingAdmission)).then(|| Note {
+                reason: Reason::AwaitingAdmission.to_string(),
                 message: awaiting(&queue),
                 warning: false,
             });
@@ -197,7 +202,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
                 with_report(&mut st, p);
             }
             st.phase = Phase::Running;
-            st.reason = Some("Running".into());
+            st.reason = Some(Reason::Running);
             st.message = Some(format!("the agent is working on {}", r.repo_url));
             done(&f, st, None, None, vec![], Next::After(FOLLOW))
         }
@@ -205,24 +210,24 @@ pub fn decide(f: Facts<'_>) -> Decision {
             let summary = summary.clone();
             let (phase, reason, message) = match (&summary, failed, deadline_exceeded) {
                 (_, _, true) => {
-                    (Phase::TimedOut, "Timeout".to_string(), "the Job exceeded its deadline (spec.timeout)".into())
+                    (Phase::TimedOut, Reason::Timeout, "the Job exceeded its deadline (spec.timeout)".into())
                 }
                 (Some(s), _, _) => {
-                    (s.phase, s.reason.clone().unwrap_or_default(), s.message.clone().unwrap_or_default())
+                    (s.phase, s.reason.clone().unwrap_or(Reason::Completed), s.message.clone().unwrap_or_default())
                 }
                 (None, false, _) => {
-                    (Phase::Succeeded, "Completed".into(), "the runner finished without a report".into())
+                    (Phase::Succeeded, Reason::Completed, "the runner finished without a report".into())
                 }
                 (None, true, _) => (
                     Phase::Failed,
-                    "RunnerFailed".into(),
+                    Reason::RunnerFailed,
                     match cause {
                         Some(c) => format!("the runner failed without a report: {c}"),
                         None => "the runner failed without a report; see the runner's logs".into(),
                     },
                 ),
             };
-            finish(&f, r, phase, &reason, message, summary)
+            finish(&f, r, phase, reason, message, summary)
         }
     }
 }
@@ -231,8 +236,8 @@ fn awaiting(queue: &str) -> String {
     format!("the Job waits for Kueue to admit it (queue {queue})")
 }
 
-fn note(reason: &str, message: String, warning: bool) -> Option<Note> {
-    Some(Note { reason: reason.into(), message, warning })
+fn note(reason: Reason, message: String, warning: bool) -> Option<Note> {
+    Some(Note { reason: reason.to_string(), message, warning })
 }
 
 /// Copies a runner report's figures into a status.
@@ -256,7 +261,7 @@ fn finish(
     f: &Facts<'_>,
     _r: &Resolved,
     phase: Phase,
-    reason: &str,
+    reason: Reason,
     message: String,
     summary: Option<Summary>,
 ) -> Decision {
@@ -265,7 +270,7 @@ fn finish(
         with_report(&mut st, s);
     }
     st.phase = phase;
-    st.reason = Some(reason.into());
+    st.reason = Some(reason.clone());
     st.message = Some(message.clone());
     st.completion_time = Some(f.now.to_string());
     let start = st.start_time.as_deref().and_then(|t| t.parse::<jiff::Timestamp>().ok());
@@ -276,7 +281,12 @@ fn finish(
         .or_else(|| start.map(|s| f.now.duration_since(s).as_millis().max(0) as u64));
     st.duration_ms = ms;
     st.duration = ms.map(|ms| humantime::format_duration(Duration::from_millis(ms / 1000 * 1000)).to_string());
-    let event = note(phase.as_str(), format!("{reason}: {message}"), phase != Phase::Succeeded);
+    // Finish events are named after the phase (Succeeded, Failed, ...), the reason in the note.
+    let event = Some(Note {
+        reason: phase.as_str().into(),
+        message: format!("{reason}: {message}"),
+        warning: phase != Phase::Succeeded,
+    });
     let effects = vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue];
     let mut d = done(f, st, None, event, effects, Next::AwaitChange);
     // The TTL counts from now.
@@ -313,11 +323,12 @@ fn stalled(f: &Facts<'_>, stall: &Stall) -> Decision {
     let old = f.old;
     let mut st = old.clone();
     st.phase = Phase::Pending;
-    st.reason = Some(stall.reason.into());
+    st.reason = Some(stall.reason.clone());
     st.message = Some(stall.message.clone());
-    let same = old.reason.as_deref() == Some(stall.reason) && old.message.as_deref() == Some(stall.message.as_str());
-    let event = (!same).then(|| Note { reason: stall.reason.into(), message: stall.message.clone(), warning: true });
-    let b = Blocked { reason: stall.reason.into(), message: stall.message.clone() };
+    let same = old.reason.as_ref() == Some(&stall.reason) && old.message.as_deref() == Some(stall.message.as_str());
+    let event =
+        (!same).then(|| Note { reason: stall.reason.to_string(), message: stall.message.clone(), warning: true });
+    let b = Blocked { reason: stall.reason.to_string(), message: stall.message.clone() };
     let next = if stall.recheck { Next::Recheck } else { Next::AwaitChange };
     done(f, st, Some(&b), event, vec![], next)
 }
@@ -362,13 +373,13 @@ mod tests {
     }
 
     fn status(phase: Phase, reason: &str) -> AgentExecutionStatus {
-        AgentExecutionStatus { phase, reason: Some(reason.into()), ..Default::default() }
+        AgentExecutionStatus { phase, reason: Some(Reason::from(reason)), ..Default::default() }
     }
 
     fn report(phase: Phase, reason: &str, tokens: u64) -> Summary {
         Summary {
             phase,
-            reason: Some(reason.into()),
+            reason: Some(Reason::from(reason)),
             message: Some(format!("{reason} message")),
             tokens_used: tokens,
             usage: Usage { input_tokens: tokens, ..Default::default() },
@@ -408,7 +419,7 @@ mod tests {
         let pending = AgentExecutionStatus::default();
         let running = AgentExecutionStatus {
             phase: Phase::Running,
-            reason: Some("Running".into()),
+            reason: Some(Reason::Running),
             start_time: Some("2026-01-01T00:00:00Z".into()),
             ..Default::default()
         };
@@ -557,7 +568,9 @@ mod tests {
                 "missing secret: stalled",
                 &pending,
                 Observation::NotStarted,
-                |f| f.spec = Err(Stall { reason: "SecretNotFound", message: "no git-cred".into(), recheck: true }),
+                |f| {
+                    f.spec = Err(Stall { reason: Reason::SecretNotFound, message: "no git-cred".into(), recheck: true })
+                },
                 Phase::Pending,
                 "SecretNotFound",
                 vec![],
@@ -589,20 +602,20 @@ mod tests {
         let r = resolved();
         let old = AgentExecutionStatus::default();
         let mut f = facts(&old, &r, Observation::NotStarted);
-        f.spec = Err(Stall { reason: "TemplateNotFound", message: "no t".into(), recheck: true });
+        f.spec = Err(Stall { reason: Reason::TemplateNotFound, message: "no t".into(), recheck: true });
         let d = decide(f);
         assert_eq!((cond(&d, "Stalled"), cond(&d, "Reconciling")), ("True", "False"));
         assert_eq!(d.next, Next::Recheck);
         assert!(d.event.as_ref().is_some_and(|e| e.warning));
         // The same stall again: no second event.
         let again = decide(Facts {
-            spec: Err(Stall { reason: "TemplateNotFound", message: "no t".into(), recheck: true }),
+            spec: Err(Stall { reason: Reason::TemplateNotFound, message: "no t".into(), recheck: true }),
             ..facts(&d.status, &r, Observation::NotStarted)
         });
         assert_eq!(again.event, None);
         // An invalid spec waits for a new spec, not a timer.
         let bad = decide(Facts {
-            spec: Err(Stall { reason: "InvalidSpec", message: "x".into(), recheck: false }),
+            spec: Err(Stall { reason: Reason::InvalidSpec, message: "x".into(), recheck: false }),
             ..facts(&old, &r, Observation::NotStarted)
         });
         assert_eq!(bad.next, Next::AwaitChange);

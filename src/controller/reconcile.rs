@@ -23,7 +23,7 @@ use super::queue::{self, Candidate, Limits};
 use super::reports::Reports;
 use super::status;
 use crate::api::Summary;
-use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Resolved, RetainPolicy, resolve};
+use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Reason, Resolved, RetainPolicy, resolve};
 use crate::store::{NewExecution, Store, StoreError};
 
 /// Finalizer that lets the controller record the final state and release the workspace.
@@ -173,7 +173,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         && old.phase != Phase::Running;
     let _admit = if wants_slot { Some(ctx.admit.lock().await) } else { None };
     let slot = if wants_slot { Some(queue_slot(&ax, ctx)) } else { None };
-    let placeholder = Stall { reason: "Finished", message: String::new(), recheck: false };
+    let placeholder = Stall { reason: Reason::Completed, message: String::new(), recheck: false };
     let decision = decide(Facts {
         old: &old,
         generation: ax.metadata.generation,
@@ -232,7 +232,7 @@ async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, St
                     "AgentTemplate {:?} not found in namespace {ns} (spec.templateRef.name); the execution starts once it exists",
                     r.name
                 );
-                return Ok(Err(Stall { reason: "TemplateNotFound", message, recheck: true }));
+                return Ok(Err(Stall { reason: Reason::TemplateNotFound, message, recheck: true }));
             }
         },
     };
@@ -244,15 +244,15 @@ async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, St
     }
     let resolved = match resolve(&effective, template.as_slice()) {
         Ok(r) => r,
-        Err(e) => return Ok(Err(Stall { reason: "InvalidSpec", message: e.to_string(), recheck: false })),
+        Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
     };
     if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
-        return Ok(Err(Stall { reason: "SecretNotFound", message, recheck: true }));
+        return Ok(Err(Stall { reason: Reason::SecretNotFound, message, recheck: true }));
     }
     if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job) {
         // A runner pod has no other way to get a key: fail before starting, not after.
         let message = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
-        return Ok(Err(Stall { reason: "ApiKeyMissing", message, recheck: true }));
+        return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
     }
     Ok(Ok(Spec { resolved, effective, template }))
 }
@@ -332,7 +332,7 @@ async fn act(
     if has(Effect::Record) {
         if let Some(store) = &ctx.store {
             let summary = record_of(ax, &status, ctx.reports.latest(&ns, &name).map(|s| s.api_retries));
-            let error = (status.phase != Phase::Succeeded).then_some(status.reason.as_deref().unwrap_or_default());
+            let error = (status.phase != Phase::Succeeded).then(|| status.reason.as_deref().unwrap_or_default());
             store.finish_execution(&summary, error, None).await?;
         }
         if let Some(spec) = spec {
@@ -457,7 +457,7 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
         return None;
     }
     // Started as a suspended Job: Kueue decides when it runs; it neither waits for nor holds a slot.
-    if st.reason.as_deref() == Some("AwaitingAdmission") {
+    if st.reason == Some(Reason::AwaitingAdmission) {
         return None;
     }
     let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
@@ -508,7 +508,7 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
             name: ax.name_any(),
             namespace: key(&ax).0,
             phase: Phase::Cancelled,
-            reason: Some("Deleted".into()),
+            reason: Some(Reason::Deleted),
             message: Some("the AgentExecution was deleted before it finished".into()),
             usage: st.usage,
             tokens_used: st.tokens_used,

@@ -115,7 +115,9 @@ pub fn bounded(mut s: Summary) -> Summary {
     use crate::api::report::truncate;
     s.result = s.result.map(|r| truncate(&r, 4096));
     s.message = s.message.map(|m| truncate(&m, 1024));
-    s.reason = s.reason.map(|r| r.chars().filter(char::is_ascii_alphanumeric).take(64).collect());
+    s.reason = s
+        .reason
+        .map(|r| crate::api::Reason::from(r.chars().filter(char::is_ascii_alphanumeric).take(64).collect::<String>()));
     s.session_id = s.session_id.map(|id| id.chars().take(128).collect());
     s.workspace = s.workspace.map(|w| w.chars().take(256).collect());
     s.git.branch = s.git.branch.map(|b| b.chars().take(256).collect());

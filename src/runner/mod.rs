@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentStop, Tally};
-use crate::api::{GitResult, Phase, Resolved, RetainPolicy};
+use crate::api::{GitResult, Phase, Reason, Resolved, RetainPolicy};
 use crate::git::{self, GitError};
 use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, now};
 
@@ -73,15 +73,15 @@ impl RunError {
 /// How the execution ended, before it is written down.
 struct Outcome {
     phase: Phase,
-    reason: &'static str,
+    reason: Reason,
     message: String,
 }
 
 impl Outcome {
-    fn new(phase: Phase, reason: &'static str, message: impl Into<String>) -> Self {
+    fn new(phase: Phase, reason: Reason, message: impl Into<String>) -> Self {
         Self { phase, reason, message: message.into() }
     }
-    fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+    fn failed(reason: Reason, message: impl Into<String>) -> Self {
         Self::new(Phase::Failed, reason, message)
     }
 }
@@ -158,7 +158,7 @@ pub async fn run_execution(
                 name: r.name.clone(),
                 namespace: r.namespace.clone(),
                 phase: Phase::Failed,
-                reason: Some("InternalError".into()),
+                reason: Some(Reason::InternalError),
                 message: Some(format!("agentops stopped on an internal error ({what}); please report it")),
                 start_time: Some(start_time),
                 completion_time: Some(now()),
@@ -225,7 +225,7 @@ async fn run_started(
     if outcome.phase == Phase::Succeeded
         && let Err(e) = run.hooks("post", &outcome).await
     {
-        outcome = Outcome::failed("PostHookFailed", e.to_string());
+        outcome = Outcome::failed(Reason::PostHookFailed, e.to_string());
     }
     if outcome.phase != Phase::Succeeded {
         // Error hooks run whatever stopped the execution; their own failure is only logged.
@@ -272,11 +272,11 @@ impl Run<'_> {
     /// Cancelled or timed out, if either happened.
     fn stopped(&self) -> Option<Outcome> {
         if self.cancel.is_cancelled() {
-            Some(Outcome::new(Phase::Cancelled, "Cancelled", "cancelled; the usage spent so far is recorded"))
+            Some(Outcome::new(Phase::Cancelled, Reason::Cancelled, "cancelled; the usage spent so far is recorded"))
         } else if Instant::now() >= self.deadline {
             Some(Outcome::new(
                 Phase::TimedOut,
-                "Timeout",
+                Reason::Timeout,
                 format!("the execution exceeded its timeout of {}", humantime::format_duration(self.r.timeout)),
             ))
         } else {
@@ -289,11 +289,14 @@ impl Run<'_> {
             Ok(ws) => ws,
             Err(e) => {
                 let where_ = self.opts.workspace_root.display();
-                return Outcome::failed("WorkspaceFailed", format!("cannot create a workspace under {where_}: {e}"));
+                return Outcome::failed(
+                    Reason::WorkspaceFailed,
+                    format!("cannot create a workspace under {where_}: {e}"),
+                );
             }
         };
         if let Err(e) = store.create_workspace(&ws.id, &self.id, &ws.root.to_string_lossy()).await {
-            return Outcome::failed("StoreFailed", e.to_string());
+            return Outcome::failed(Reason::StoreFailed, e.to_string());
         }
         self.ws = Some(ws.clone());
 
@@ -311,9 +314,9 @@ impl Run<'_> {
         let cloned = match cloned {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                return self.stopped().unwrap_or_else(|| Outcome::failed("CloneFailed", e.to_string()));
+                return self.stopped().unwrap_or_else(|| Outcome::failed(Reason::CloneFailed, e.to_string()));
             }
-            Err(e) => return Outcome::failed("CloneFailed", format!("clone task failed: {e}")),
+            Err(e) => return Outcome::failed(Reason::CloneFailed, format!("clone task failed: {e}")),
         };
         let t = cloned.timings;
         self.say(&format!(
@@ -332,8 +335,8 @@ impl Run<'_> {
         }
 
         // Pre-hooks.
-        if let Err(e) = self.hooks("pre", &Outcome::new(Phase::Running, "Running", "")).await {
-            return self.stopped().unwrap_or_else(|| Outcome::failed("PreHookRejected", e.to_string()));
+        if let Err(e) = self.hooks("pre", &Outcome::new(Phase::Running, Reason::Running, "")).await {
+            return self.stopped().unwrap_or_else(|| Outcome::failed(Reason::PreHookRejected, e.to_string()));
         }
         if let Some(o) = self.stopped() {
             return o;
@@ -349,7 +352,10 @@ impl Run<'_> {
                 match crate::gateway::Gateway::start(&upstream, key).await {
                     Ok(g) => Some(g),
                     Err(e) => {
-                        return Outcome::failed("AgentStartFailed", format!("cannot start the model gateway: {e}"));
+                        return Outcome::failed(
+                            Reason::AgentStartFailed,
+                            format!("cannot start the model gateway: {e}"),
+                        );
                     }
                 }
             }
@@ -408,7 +414,7 @@ impl Run<'_> {
             Err(e) => {
                 let bin = self.opts.claude_bin.display();
                 return Outcome::failed(
-                    "AgentStartFailed",
+                    Reason::AgentStartFailed,
                     format!("cannot start the agent {bin}: {e}; install Claude Code or pass --claude-bin"),
                 );
             }
@@ -464,14 +470,18 @@ impl Run<'_> {
             Ok(Ok((p, Some(s)))) => (p, s),
             Ok(Ok((_, None))) => {
                 self.say("  no changes: nothing to commit");
-                return Outcome::new(Phase::Succeeded, "NoChanges", "the agent changed nothing; no commit, no push");
+                return Outcome::new(
+                    Phase::Succeeded,
+                    Reason::NoChanges,
+                    "the agent changed nothing; no commit, no push",
+                );
             }
-            Ok(Err(e)) => return Outcome::failed("CommitFailed", e.to_string()),
-            Err(e) => return Outcome::failed("CommitFailed", format!("commit task failed: {e}")),
+            Ok(Err(e)) => return Outcome::failed(Reason::CommitFailed, e.to_string()),
+            Err(e) => return Outcome::failed(Reason::CommitFailed, format!("commit task failed: {e}")),
         };
         if self.redactor.finds_secret(&staged.patch) {
             return Outcome::failed(
-                "SecretInChanges",
+                Reason::SecretInChanges,
                 "the agent's changes contain a credential (git token or API key, plain or encoded); nothing was committed or pushed",
             );
         }
@@ -491,8 +501,8 @@ impl Run<'_> {
         };
         let oid = match committed {
             Ok(Ok(oid)) => oid,
-            Ok(Err(e)) => return Outcome::failed("CommitFailed", e.to_string()),
-            Err(e) => return Outcome::failed("CommitFailed", format!("commit task failed: {e}")),
+            Ok(Err(e)) => return Outcome::failed(Reason::CommitFailed, e.to_string()),
+            Err(e) => return Outcome::failed(Reason::CommitFailed, format!("commit task failed: {e}")),
         };
         self.git.commit = Some(oid.to_string());
         self.unpushed = true;
@@ -505,7 +515,11 @@ impl Run<'_> {
         ));
         if !self.r.push {
             self.unpushed = false;
-            return Outcome::new(Phase::Succeeded, "Committed", "committed; push is disabled (spec.git.push: false)");
+            return Outcome::new(
+                Phase::Succeeded,
+                Reason::Committed,
+                "committed; push is disabled (spec.git.push: false)",
+            );
         }
         if let Some(o) = self.stopped() {
             return o;
@@ -524,16 +538,17 @@ impl Run<'_> {
         match pushed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let reason = if matches!(e, GitError::PushRejected { .. }) { "PushRejected" } else { "PushFailed" };
+                let reason =
+                    if matches!(e, GitError::PushRejected { .. }) { Reason::PushRejected } else { Reason::PushFailed };
                 let keep = format!("{e}; the commit is kept in {}", ws.root.join("publish.git").display());
                 return self.stopped().unwrap_or_else(|| Outcome::failed(reason, keep));
             }
-            Err(e) => return Outcome::failed("PushFailed", format!("push task failed: {e}")),
+            Err(e) => return Outcome::failed(Reason::PushFailed, format!("push task failed: {e}")),
         }
         self.git.pushed = true;
         self.unpushed = false;
         self.say(&format!("  pushed {} to {}", self.r.branch, self.r.repo_url));
-        Outcome::new(Phase::Succeeded, "Completed", format!("pushed {} to {}", self.r.branch, self.r.repo_url))
+        Outcome::new(Phase::Succeeded, Reason::Completed, format!("pushed {} to {}", self.r.branch, self.r.repo_url))
     }
 
     /// Maps how the agent stopped (and its result line) to an outcome; None means go on.
@@ -544,7 +559,7 @@ impl Run<'_> {
             AgentStop::Idle => {
                 let idle = humantime::format_duration(self.r.idle_timeout);
                 Some(Outcome::failed(
-                    "AgentIdle",
+                    Reason::AgentIdle,
                     format!("the agent printed nothing for {idle} and was stopped (spec.agent.idleTimeout)"),
                 ))
             }
@@ -553,7 +568,7 @@ impl Run<'_> {
                     let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
                     let code = code.map_or_else(|| "a signal".to_string(), |c| format!("status {c}"));
                     return Some(Outcome::failed(
-                        "AgentCrashed",
+                        Reason::AgentCrashed,
                         format!("the agent exited with {code} without a result: {}", self.redactor.redact(last)),
                     ));
                 };
@@ -563,21 +578,21 @@ impl Run<'_> {
                 let text = res.text.as_deref().unwrap_or_default();
                 Some(match res.subtype.as_str() {
                     "error_max_turns" => Outcome::failed(
-                        "MaxTurns",
+                        Reason::MaxTurns,
                         format!(
                             "the agent used its {} turns (spec.agent.maxTurns) before finishing; nothing was pushed",
                             self.r.max_turns.unwrap_or_default()
                         ),
                     ),
                     s if s.contains("budget") => Outcome::failed(
-                        "BudgetExceeded",
+                        Reason::BudgetExceeded,
                         format!(
                             "the agent reached spec.agent.maxBudgetUsd (${}); nothing was pushed",
                             self.r.max_budget_usd.unwrap_or_default()
                         ),
                     ),
                     _ if res.api_error_status.is_some() => Outcome::failed(
-                        "ApiError",
+                        Reason::ApiError,
                         format!(
                             "the Anthropic API failed with HTTP {} after {} retries: {}",
                             res.api_error_status.unwrap_or_default(),
@@ -586,7 +601,7 @@ impl Run<'_> {
                         ),
                     ),
                     s => Outcome::failed(
-                        "AgentError",
+                        Reason::AgentError,
                         format!("the agent ended with {s}: {}", self.redactor.redact(&truncate(text, 300))),
                     ),
                 })
@@ -652,7 +667,7 @@ impl Run<'_> {
             name: self.r.name.clone(),
             namespace: self.r.namespace.clone(),
             phase: o.phase,
-            reason: Some(o.reason.to_string()),
+            reason: Some(o.reason.clone()),
             message: Some(self.redactor.redact(&o.message)).filter(|m| !m.is_empty()),
             start_time: Some(start_time.to_string()).filter(|s| !s.is_empty()),
             completion_time: Some(now()),

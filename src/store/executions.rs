@@ -110,7 +110,7 @@ impl ExecutionRow {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
             phase: serde_json::from_value(serde_json::Value::String(self.status.clone())).unwrap_or_default(),
-            reason: self.reason.clone(),
+            reason: self.reason.as_deref().map(crate::api::Reason::from),
             message: self.message.clone(),
             start_time: self.started_at.clone(),
             completion_time: self.completed_at.clone(),
@@ -268,7 +268,7 @@ impl Store {
                insertions = ?, deletions = ?, diff = COALESCE(?, diff), output_json = ?, updated_at = ? WHERE id = ?",
         )
         .bind(s.phase.as_str())
-        .bind(&s.reason)
+        .bind(s.reason.as_deref())
         .bind(&s.message)
         .bind(error)
         .bind(&s.completion_time)
