@@ -161,6 +161,17 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cold = t.elapsed().as_secs_f64();
+    // Every request the controller made to bring them all to Running, by kind.
+    let mut calls = std::collections::BTreeMap::<String, usize>::new();
+    let cold_requests = kube.requests();
+    for (m, p) in &cold_requests {
+        let path = p.split('?').next().unwrap_or_default();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let kind = parts.iter().rev().find(|s| !s.starts_with("e0") && !s.starts_with("agentops") && **s != "status").unwrap_or(&"?");
+        let sub = if path.ends_with("/status") { "/status" } else { "" };
+        *calls.entry(format!("{m} {kind}{sub}")).or_default() += 1;
+    }
+    let per_execution = cold_requests.len() as f64 / n as f64;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "bench");
     let idle = latencies(&kube, &api, "idle", 50).await;
     peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
@@ -190,4 +201,8 @@ async fn main() {
     println!("create -> Job, idle:       p50 {:.1} ms  p99 {:.1} ms", pct(idle.clone(), 0.5), pct(idle, 0.99));
     println!("create -> Job, restarting: p50 {:.1} ms  p99 {:.1} ms", pct(loaded.clone(), 0.5), pct(loaded, 0.99));
     println!("controller peak RSS:       {:.1} MiB", peak as f64 / 1024.0);
+    println!("API calls at cold start:   {per_execution:.2} per execution");
+    for (kind, count) in calls.iter().filter(|(_, c)| **c >= n / 10) {
+        println!("  {kind:<40} {:.2} per execution", *count as f64 / n as f64);
+    }
 }
