@@ -167,7 +167,11 @@ async fn main() {
     for (m, p) in &cold_requests {
         let path = p.split('?').next().unwrap_or_default();
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let kind = parts.iter().rev().find(|s| !s.starts_with("e0") && !s.starts_with("agentops") && **s != "status").unwrap_or(&"?");
+        let kind = parts
+            .iter()
+            .rev()
+            .find(|s| !s.starts_with("e0") && !s.starts_with("agentops") && **s != "status")
+            .unwrap_or(&"?");
         let sub = if path.ends_with("/status") { "/status" } else { "" };
         *calls.entry(format!("{m} {kind}{sub}")).or_default() += 1;
     }

@@ -167,9 +167,10 @@ pub fn decide(f: Facts<'_>) -> Decision {
                         (note(Reason::AwaitingAdmission, awaiting(queue), false), Next::After(FOLLOW))
                     }
                     None => {
+                        // The status the next look at a running runner gives too: one write.
                         st.phase = Phase::Running;
-                        st.reason = Some(Reason::Started);
-                        st.message = Some(format!("runner {} started", f.runner));
+                        st.reason = Some(Reason::Running);
+                        st.message = Some(format!("the agent is working on {}", r.repo_url));
                         st.start_time = Some(f.now.to_string());
                         st.workspace = Some(f.workspace.clone());
                         (note(Reason::Started, format!("runner {} started", f.runner), false), Next::After(FOLLOW))
@@ -435,7 +436,7 @@ mod tests {
                 Observation::NotStarted,
                 none,
                 Phase::Running,
-                "Started",
+                "Running",
                 vec![Effect::Remember, Effect::Start],
             ),
             (
@@ -453,7 +454,7 @@ mod tests {
                 Observation::NotStarted,
                 |f| f.slot = Some(Slot::Start),
                 Phase::Running,
-                "Started",
+                "Running",
                 vec![Effect::Remember, Effect::Start],
             ),
             (

@@ -43,7 +43,10 @@ const CAUSE_LIMIT: usize = 1024;
 
 /// The two ways of running the runner.
 pub enum Executor {
-    Job,
+    /// Kubernetes Jobs; `jobs` are the controller's watch caches of them.
+    Job {
+        jobs: Vec<kube::runtime::reflector::Store<Job>>,
+    },
     Local(LocalExecutor),
 }
 
@@ -58,7 +61,7 @@ impl Executor {
     /// the other way lost it). Reconcile never looks anywhere else.
     pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
         let observed = match self {
-            Executor::Job => observe_job(client, ax).await?,
+            Executor::Job { jobs } => observe_job(client, ax, jobs).await?,
             Executor::Local(l) => l.observe(ax),
         };
         let latest = || reports.latest(&ax.namespace().unwrap_or_else(|| "default".into()), &ax.name_any());
@@ -92,7 +95,7 @@ impl Executor {
         reports: &Reports,
     ) -> Result<(), Error> {
         match self {
-            Executor::Job => {
+            Executor::Job { .. } => {
                 let ns = ax.namespace().unwrap_or_else(|| "default".into());
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 if cfg.report_url.is_some() {
@@ -163,7 +166,7 @@ impl Executor {
     /// Stops the runner. The local runner is given a few seconds to report its partial usage.
     pub async fn stop(&self, client: &Client, ax: &AgentExecution) -> Result<Option<Summary>, Error> {
         match self {
-            Executor::Job => {
+            Executor::Job { .. } => {
                 let api: Api<Job> =
                     Api::namespaced(client.clone(), &ax.namespace().unwrap_or_else(|| "default".into()));
                 delete_ignoring_missing(&api, &desired::job_name(ax)).await?;
@@ -181,12 +184,23 @@ fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> ser
     v
 }
 
-async fn observe_job(client: &Client, ax: &AgentExecution) -> Result<Observation, Error> {
+async fn observe_job(
+    client: &Client,
+    ax: &AgentExecution,
+    caches: &[kube::runtime::reflector::Store<Job>],
+) -> Result<Observation, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
     let jobs = Api::<Job>::namespaced(client.clone(), &ns);
-    let Some(job) = jobs.get_opt(&name).await? else {
-        return Ok(Observation::NotStarted);
+    // The watch cache first; when it has no such Job (not created, or not seen yet), the API
+    // server decides: a Job just created must never look lost.
+    let key = ObjectRef::new(&name).within(&ns);
+    let job = match caches.iter().find_map(|c| c.get(&key)) {
+        Some(job) => (*job).clone(),
+        None => match jobs.get_opt(&name).await? {
+            Some(job) => job,
+            None => return Ok(Observation::NotStarted),
+        },
     };
     // Runs are matched by the execution's uid: a Job left by a deleted execution of the same
     // name is not this execution's runner (it goes, and this one starts its own).

@@ -100,23 +100,24 @@ pub async fn run(
     let stream = reflector::reflector(writer, events).applied_objects();
     let controller = Controller::for_stream(stream, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
-    // Jobs: one watch over the cluster, or one per served namespace.
-    let controller = match &config.namespaces {
-        None => controller.owns(Api::<Job>::all(client.clone()), jobs_config),
-        Some(set) => {
-            let watches = set.iter().map(|ns| {
-                watcher(Api::<Job>::namespaced(client.clone(), ns), jobs_config.clone())
-                    .default_backoff()
-                    .touched_objects()
-                    .boxed()
-            });
-            controller.owns_stream(futures::stream::select_all(watches))
-        }
+    // Jobs: one watch over the cluster, or one per served namespace, each kept in a cache that
+    // the Job executor reads instead of asking the API server on every reconcile.
+    let job_apis: Vec<Api<Job>> = match &config.namespaces {
+        None => vec![Api::all(client.clone())],
+        Some(set) => set.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
     };
+    let mut job_caches = Vec::new();
+    let watches = job_apis.into_iter().map(|api| {
+        let (reader, writer) = reflector::store();
+        job_caches.push(reader);
+        reflector::reflector(writer, watcher(api, jobs_config.clone()).default_backoff()).touched_objects().boxed()
+    });
+    let watches: Vec<_> = watches.collect();
+    let controller = controller.owns_stream(futures::stream::select_all(watches));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let executor = match executor {
-        ExecutorKind::Job => Executor::Job,
+        ExecutorKind::Job => Executor::Job { jobs: job_caches },
         ExecutorKind::Local { bin, mut env } => {
             // Local runners report to this process; Jobs use the configured Service URL.
             config.job.report_url = None;
@@ -193,6 +194,7 @@ pub async fn run(
         cache,
         executor,
         starting: Default::default(),
+        secrets_seen: Default::default(),
         finished: Default::default(),
         admit: Default::default(),
         wake: wake_tx,

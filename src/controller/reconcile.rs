@@ -26,6 +26,9 @@ use crate::api::Summary;
 use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Reason, Resolved, RetainPolicy, resolve};
 use crate::store::{NewExecution, Store, StoreError};
 
+/// How long a Secret key seen to exist is not looked at again.
+const SECRET_SEEN_FOR: Duration = Duration::from_secs(10);
+
 /// Finalizer that lets the controller record the final state and release the workspace.
 pub const FINALIZER: &str = "agentops.dev/cleanup";
 /// The one field manager of every server-side apply.
@@ -105,6 +108,9 @@ pub struct Context {
     /// Final statuses written but perhaps not yet seen by the watch cache, by uid: a reconcile
     /// that reads a stale cache must not finish the same execution twice.
     pub finished: Mutex<std::collections::HashMap<String, AgentExecutionStatus>>,
+    /// Secret keys seen to exist, and when: the same Secret referenced by many executions is
+    /// read once a while, not on every reconcile (only presence is kept, never the data).
+    pub secrets_seen: Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
     /// Serialises "decide and start" so that two reconciles never take the same slot.
     pub admit: tokio::sync::Mutex<()>,
     /// Wakes one execution (a slot freed, a runner reported).
@@ -186,7 +192,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         ttl_seconds: ax.spec.ttl_seconds_after_finished,
         observed,
         slot,
-        kueue_queue: matches!(ctx.executor, Executor::Job)
+        kueue_queue: matches!(ctx.executor, Executor::Job { .. })
             .then(|| ax.labels().get(desired::KUEUE_QUEUE_LABEL).cloned())
             .flatten(),
         runner: ctx.executor.runner_name(&ax),
@@ -249,7 +255,7 @@ async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, St
     if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
         return Ok(Err(Stall { reason: Reason::SecretNotFound, message, recheck: true }));
     }
-    if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job) {
+    if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job { .. }) {
         // A runner pod has no other way to get a key: fail before starting, not after.
         let message = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
         return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
@@ -422,6 +428,16 @@ async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<
         .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")));
     for (s, field, default_key) in refs {
         let key = s.key.clone().unwrap_or_else(|| default_key.into());
+        let seen = (ns.to_string(), s.name.clone(), key.clone());
+        let fresh = ctx
+            .secrets_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&seen).copied())
+            .is_some_and(|at| at.elapsed() < SECRET_SEEN_FOR);
+        if fresh {
+            continue;
+        }
         match api.get_opt(&s.name).await? {
             None => {
                 return Ok(Some(format!(
@@ -432,8 +448,15 @@ async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<
             Some(secret) => {
                 let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
                     || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
+                drop(secret);
                 if !has {
                     return Ok(Some(format!("Secret {:?} has no key {key:?} ({field})", s.name)));
+                }
+                if let Ok(mut m) = ctx.secrets_seen.lock() {
+                    if m.len() > 10_000 {
+                        m.clear();
+                    }
+                    m.insert(seen, std::time::Instant::now());
                 }
             }
         }
