@@ -49,6 +49,8 @@ pub struct Metrics {
     pub cost_usd: Family<UsageLabels, Counter<f64, AtomicU64>>,
     pub tool_calls: Family<ToolLabel, Counter>,
     pub reconcile_errors: Family<ErrorLabel, Counter>,
+    /// Reconciles run (of live executions and finished ones).
+    pub reconciles: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +66,7 @@ impl Default for Metrics {
             cost_usd: Family::default(),
             tool_calls: Family::default(),
             reconcile_errors: Family::default(),
+            reconciles: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
@@ -75,6 +78,7 @@ impl Default for Metrics {
         registry.register("cost_usd", "Cost in US dollars, by namespace and model", m.cost_usd.clone());
         registry.register("tool_calls", "Agent tool calls, by tool", m.tool_calls.clone());
         registry.register("reconcile_errors", "Reconcile failures, by kind", m.reconcile_errors.clone());
+        registry.register("reconciles", "Reconciles run", m.reconciles.clone());
         Self { registry, ..m }
     }
 }

@@ -110,7 +110,14 @@ pub async fn run(
     let watches = job_apis.into_iter().map(|api| {
         let (reader, writer) = reflector::store();
         job_caches.push(reader);
-        reflector::reflector(writer, watcher(api, jobs_config.clone()).default_backoff()).touched_objects().boxed()
+        // Only what observing a runner reads stays in memory: owner, suspend, status.
+        let jobs = watcher(api, jobs_config.clone()).default_backoff().modify(|job: &mut Job| {
+            job.managed_fields_mut().clear();
+            if let Some(spec) = job.spec.as_mut() {
+                spec.template = Default::default();
+            }
+        });
+        reflector::reflector(writer, jobs).touched_objects().boxed()
     });
     let watches: Vec<_> = watches.collect();
     let controller = controller.owns_stream(futures::stream::select_all(watches));

@@ -122,6 +122,7 @@ pub struct Context {
 
 /// Entry point for the kube-runtime Controller.
 pub async fn reconcile(ax: Arc<AgentExecution>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics.reconciles.inc();
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, ax, |event| async {
