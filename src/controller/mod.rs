@@ -113,8 +113,23 @@ pub async fn run(
         // Only what observing a runner reads stays in memory: owner, suspend, status.
         let jobs = watcher(api, jobs_config.clone()).default_backoff().modify(|job: &mut Job| {
             job.managed_fields_mut().clear();
+            job.labels_mut().clear();
+            job.annotations_mut().clear();
             if let Some(spec) = job.spec.as_mut() {
-                spec.template = Default::default();
+                *spec = k8s_openapi::api::batch::v1::JobSpec { suspend: spec.suspend, ..Default::default() };
+            }
+            if let Some(status) = job.status.as_mut() {
+                let conditions = status.conditions.take().map(|cs| {
+                    cs.into_iter()
+                        .map(|c| k8s_openapi::api::batch::v1::JobCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            reason: c.reason,
+                            ..Default::default()
+                        })
+                        .collect()
+                });
+                *status = k8s_openapi::api::batch::v1::JobStatus { conditions, ..Default::default() };
             }
         });
         reflector::reflector(writer, jobs).touched_objects().boxed()
