@@ -34,6 +34,8 @@ pub enum Command {
     /// Run the execution in $AGENTOPS_MANIFEST_FILE (or $AGENTOPS_MANIFEST) (used inside the Job's
     /// pod and by the local executor): the JSON summary goes to stdout and to the termination log.
     Runner(RunnerArgs),
+    /// Run one step of an execution in a runner pod's container (clone, agent, publish, finish).
+    Step(StepArgs),
     /// Run the Kubernetes operator (kubeconfig from $KUBECONFIG, ~/.kube/config or in-cluster).
     Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML.
@@ -103,6 +105,7 @@ impl MachineArgs {
             progress,
             report,
             sandbox: (!self.no_sandbox).then_some(runner::SandboxPolicy { extra_read: self.sandbox_read, protected }),
+            gateway: None,
         }
     }
 }
@@ -125,6 +128,40 @@ pub struct RunnerArgs {
     #[arg(long, env = "AGENTOPS_REPORT_TOKEN_FILE")]
     pub report_token_file: Option<PathBuf>,
     /// Where Kubernetes reads the container's final message (the compact summary).
+    #[arg(long, env = "AGENTOPS_TERMINATION_LOG", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+}
+
+/// Options of `agentops step`: each container of a runner pod runs one step.
+#[derive(clap::Args, Debug)]
+pub struct StepArgs {
+    /// The step this container runs.
+    #[arg(value_enum)]
+    pub step: runner::steps::Step,
+    /// A file holding the manifest.
+    #[arg(long, env = "AGENTOPS_MANIFEST_FILE")]
+    pub manifest_file: PathBuf,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    /// The hand-over directory the agent's container does not mount.
+    #[arg(long, env = "AGENTOPS_PRIVATE_DIR")]
+    pub private_dir: Option<PathBuf>,
+    /// The agent's stream directory.
+    #[arg(long, env = "AGENTOPS_STREAM_DIR")]
+    pub stream_dir: PathBuf,
+    /// The controller's endpoint for this execution's reports (publish).
+    #[arg(long, env = "AGENTOPS_REPORT_URL")]
+    pub report_url: Option<String>,
+    /// File holding the token for those reports (publish).
+    #[arg(long, env = "AGENTOPS_REPORT_TOKEN_FILE")]
+    pub report_token_file: Option<PathBuf>,
+    /// The model gateway for this execution (agent): the controller's.
+    #[arg(long, env = "AGENTOPS_MODEL_URL")]
+    pub model_url: Option<String>,
+    /// File holding this execution's gateway token (agent).
+    #[arg(long, env = "AGENTOPS_MODEL_TOKEN_FILE")]
+    pub model_token_file: Option<PathBuf>,
+    /// Where Kubernetes reads the container's final message.
     #[arg(long, env = "AGENTOPS_TERMINATION_LOG", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
@@ -280,7 +317,7 @@ fn default_secrets_dir() -> PathBuf {
 /// Runs the parsed command; returns the process exit status.
 pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let db = cli.db.clone().unwrap_or_else(default_db);
-    if matches!(cli.command, Command::Run(_) | Command::Runner(_)) {
+    if matches!(cli.command, Command::Run(_) | Command::Runner(_) | Command::Step(_)) {
         // Not dumpable: the agent (same uid) cannot read this process's /proc/<pid>/environ
         // or memory, where the secrets it loaded live.
         if let Err(e) = nix::sys::prctl::set_dumpable(false) {
@@ -300,6 +337,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let result = runner(&db, args).await;
             if let Err(e) = &result {
                 let _ = std::fs::write(&log, runner::truncate(&format!("error: {e:#}"), 3900));
+            }
+            result
+        }
+        Command::Step(args) => {
+            let (log, step) = (args.termination_log.clone(), args.step);
+            let result = step_main(&db, args).await;
+            if let Err(e) = &result {
+                let _ = std::fs::write(&log, runner::truncate(&format!("error: step {}: {e:#}", step.name()), 3900));
             }
             result
         }
@@ -380,6 +425,50 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
     // Best effort: outside a pod there is no termination log.
     let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
     Ok(summary.exit_code())
+}
+
+async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> {
+    use runner::steps::{StepDirs, StepEnd, run_step};
+    let read_token = |file: &PathBuf, what: &str| {
+        std::fs::read_to_string(file)
+            .map(|t| t.trim().to_string())
+            .with_context(|| format!("cannot read the {what} {}", file.display()))
+    };
+    let report = match (&args.report_url, &args.report_token_file) {
+        (Some(url), Some(file)) => {
+            Some(runner::ReportTarget { url: url.clone(), token: read_token(file, "report token")? })
+        }
+        _ => None,
+    };
+    let gateway = match (&args.model_url, &args.model_token_file) {
+        (Some(url), Some(file)) => {
+            Some(runner::ModelRoute { base_url: url.clone(), token: read_token(file, "model gateway token")? })
+        }
+        _ => None,
+    };
+    let mut opts = args.machine.options(true, report);
+    opts.gateway = gateway;
+    let text = std::fs::read_to_string(&args.manifest_file)
+        .with_context(|| format!("cannot read the manifest {}", args.manifest_file.display()))?;
+    let resolved = parse_manifest(&text)
+        .and_then(|m| resolve(&m.execution, &m.templates))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.manifest_file.display()))?;
+    let dirs = StepDirs {
+        private: args.private_dir.clone().unwrap_or_else(|| args.stream_dir.clone()),
+        stream: args.stream_dir.clone(),
+    };
+    let store = Store::open(db).await?;
+    let cancel = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(cancel.clone()));
+    let env = |k: &str| std::env::var(k).ok();
+    match run_step(args.step, &store, &opts, &resolved, &dirs, &env, cancel).await? {
+        StepEnd::Next => Ok(0),
+        StepEnd::Done(summary) => {
+            println!("{}", serde_json::to_string(&summary)?);
+            let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
+            Ok(0)
+        }
+    }
 }
 
 /// The diff a runner sends to the controller, at most (marked when cut).

@@ -59,20 +59,62 @@ impl Executor {
     /// Looks at the runner, with every report it has: the termination message or the child's
     /// output, merged with the report channel (progress while it runs; the final report when
     /// the other way lost it). Reconcile never looks anywhere else.
-    pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
+    pub async fn observe(
+        &self,
+        client: &Client,
+        ax: &AgentExecution,
+        r: &Resolved,
+        reports: &Reports,
+    ) -> Result<Observation, Error> {
+        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
         let observed = match self {
             Executor::Job { jobs } => observe_job(client, ax, jobs).await?,
             Executor::Local(l) => l.observe(ax),
         };
-        let latest = || reports.latest(&ax.namespace().unwrap_or_else(|| "default".into()), &ax.name_any());
+        if matches!(self, Executor::Job { .. })
+            && matches!(observed, Observation::Running { .. } | Observation::Suspended)
+            && reports.has_gateway()
+            && !reports.model_open(&ns, &name)
+        {
+            // A restarted controller opens the accounts of the runs it finds (same token).
+            if let Ok(tokens) = runner_tokens(client, ax, &ns, false).await
+                && let Some(model) = &tokens.model
+            {
+                reports.remember(&ns, &name, &tokens.report);
+                reports.open_model(&ns, &name, r, model).await?;
+            }
+        }
+        // The operator's own count (the gateway's) is the usage; the runner's report adds what
+        // only it knows (result, git, workspace).
+        let metered = reports.metered(&ns, &name);
+        let counted = |s: Option<Summary>| match (&metered, s) {
+            (None, s) => s,
+            (Some(m), s) => {
+                let mut s = s.unwrap_or_else(|| Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                s.usage = m.usage;
+                s.tokens_used = m.usage.total();
+                s.cost_usd = m.cost_usd;
+                if s.num_turns == 0 {
+                    s.num_turns = m.turns;
+                }
+                if s.tool_calls.total == 0 {
+                    s.tool_calls = m.tool_calls.clone();
+                }
+                Some(s)
+            }
+        };
+        let latest = || reports.latest(&ns, &name);
         Ok(match observed {
-            Observation::Running { progress: None } => Observation::Running { progress: latest() },
-            Observation::Finished { summary: None, failed, deadline_exceeded, cause } => Observation::Finished {
-                summary: latest().filter(|s| s.phase.is_terminal()),
-                failed,
-                deadline_exceeded,
-                cause,
-            },
+            Observation::Running { progress } => Observation::Running { progress: counted(progress.or_else(latest)) },
+            Observation::Finished { summary, failed, deadline_exceeded, cause } => {
+                let summary = summary.or_else(|| latest().filter(|s| s.phase.is_terminal()));
+                // The counted usage of a run that left no report still belongs in its status.
+                let summary = match summary {
+                    Some(s) => counted(Some(s)),
+                    None => None,
+                };
+                Observation::Finished { summary, failed, deadline_exceeded, cause }
+            }
             other => other,
         })
     }
@@ -99,40 +141,13 @@ impl Executor {
                 let ns = ax.namespace().unwrap_or_else(|| "default".into());
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 if cfg.report_url.is_some() {
-                    // The runner's report token, as a Secret owned by the execution.
-                    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-                    let name = token_secret_name(&ax.name_any());
-                    let existing = secrets.get_opt(&name).await?.and_then(|s| {
-                        s.data.and_then(|d| d.get("token").map(|b| String::from_utf8_lossy(&b.0).into_owned()))
-                    });
-                    let token = match existing {
-                        Some(t) => t,
-                        None => {
-                            let t = new_token();
-                            let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-                                "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
-                                             "labels": {"app.kubernetes.io/managed-by": "agentops"}},
-                                "type": "Opaque", "stringData": {"token": t}});
-                            // Create (not apply): the controller's Role grants `create` on Secrets,
-                            // not `patch`. A concurrent creation answers 409: read that one.
-                            let secret: Secret = serde_json::from_value(secret)
-                                .map_err(|e| Error::Executor(format!("report token Secret: {e}")))?;
-                            match secrets.create(&kube::api::PostParams::default(), &secret).await {
-                                Ok(_) => t,
-                                Err(kube::Error::Api(s)) if s.code == 409 => {
-                                    let again = secrets.get(&name).await?;
-                                    again
-                                        .data
-                                        .and_then(|d| {
-                                            d.get("token").map(|b| String::from_utf8_lossy(&b.0).into_owned())
-                                        })
-                                        .ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))?
-                                }
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                    };
-                    reports.remember(&ns, &ax.name_any(), &token);
+                    // The runner's tokens (reports; the model gateway), as a Secret owned by the
+                    // execution; each container mounts only its own key.
+                    let tokens = runner_tokens(client, ax, &ns, true).await?;
+                    reports.remember(&ns, &ax.name_any(), &tokens.report);
+                    if let Some(model) = &tokens.model {
+                        reports.open_model(&ns, &ax.name_any(), r, model).await?;
+                    }
                 }
                 if let Some(pvc) = desired::desired_pvc(ax, cfg) {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
@@ -174,6 +189,47 @@ impl Executor {
             }
             Executor::Local(l) => Ok(l.stop(ax).await),
         }
+    }
+}
+
+/// The tokens of one execution's runner pod.
+struct RunnerTokens {
+    report: String,
+    model: Option<String>,
+}
+
+/// Reads the execution's runner Secret; creates it (when `create`) with fresh tokens when it
+/// does not exist.
+async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: bool) -> Result<RunnerTokens, Error> {
+    use super::reports::{MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let name = token_secret_name(&ax.name_any());
+    let read = |s: Secret| {
+        let data = s.data.unwrap_or_default();
+        let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+        get(REPORT_TOKEN_KEY).map(|report| RunnerTokens { report, model: get(MODEL_TOKEN_KEY) })
+    };
+    if let Some(existing) = secrets.get_opt(&name).await? {
+        return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
+    }
+    if !create {
+        return Err(Error::Executor(format!("Secret {name} is gone")));
+    }
+    let (report, model) = (new_token(), crate::gateway::new_token());
+    let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
+                     "labels": {"app.kubernetes.io/managed-by": "agentops"}},
+        "type": "Opaque", "stringData": {REPORT_TOKEN_KEY: report, MODEL_TOKEN_KEY: model}});
+    // Create (not apply): the controller's Role grants `create` on Secrets, not `patch`. A
+    // concurrent creation answers 409: read that one.
+    let secret: Secret =
+        serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner token Secret: {e}")))?;
+    match secrets.create(&kube::api::PostParams::default(), &secret).await {
+        Ok(_) => Ok(RunnerTokens { report, model: Some(model) }),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            read(secrets.get(&name).await?).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

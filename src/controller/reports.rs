@@ -8,25 +8,36 @@
 //! termination message, which the controller reads when the Job ends.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use tokio::sync::mpsc;
 
-use crate::api::AgentExecution;
 use crate::api::Summary;
+use crate::api::{AgentExecution, Resolved};
+use crate::gateway::{Account, Gateways, Metered};
 
 type Key = (String, String);
 
-/// Tokens and latest reports of running executions.
+/// Tokens and latest reports of running executions, and their model gateway accounts.
 pub struct Reports {
     client: kube::Client,
     tokens: Mutex<HashMap<Key, String>>,
     latest: Mutex<HashMap<Key, Summary>>,
     wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+    /// The model gateway runner pods use (None: runners bring their own key; local runners).
+    gateways: Option<Arc<Gateways>>,
 }
+
+/// Key of the runner Secret holding the model gateway token (mounted in the agent's container only).
+pub const MODEL_TOKEN_KEY: &str = "model";
+/// Key of the runner Secret holding the report token (mounted in the publish container only).
+pub const REPORT_TOKEN_KEY: &str = "token";
+
+/// Live figures reach the status at most this often (each wake is one reconcile).
+const WAKE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Name of the Secret holding an execution's report token.
 pub fn token_secret_name(execution: &str) -> String {
@@ -45,7 +56,68 @@ fn same(a: &str, b: &str) -> bool {
 
 impl Reports {
     pub fn new(client: kube::Client, wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>) -> Self {
-        Self { client, tokens: Default::default(), latest: Default::default(), wake }
+        Self { client, tokens: Default::default(), latest: Default::default(), wake, gateways: None }
+    }
+
+    /// Runner pods reach the model through `gateways`.
+    pub fn with_gateways(mut self, gateways: Arc<Gateways>) -> Self {
+        self.gateways = Some(gateways);
+        self
+    }
+
+    /// Whether runner pods reach the model through this controller.
+    pub fn has_gateway(&self) -> bool {
+        self.gateways.is_some()
+    }
+
+    /// Whether the execution's model account is open.
+    pub fn model_open(&self, ns: &str, name: &str) -> bool {
+        self.gateways.as_ref().is_some_and(|g| g.is_open(ns, name))
+    }
+
+    /// Opens the execution's model account: `token` is what its agent presents; the key is read
+    /// from the execution's Secret here, and never leaves this process.
+    pub async fn open_model(
+        &self,
+        ns: &str,
+        name: &str,
+        r: &Resolved,
+        token: &str,
+    ) -> Result<(), super::reconcile::Error> {
+        let Some(gateways) = &self.gateways else { return Ok(()) };
+        let Some(key_ref) = &r.api_key else {
+            return Err(super::reconcile::Error::Executor(
+                "no Anthropic API key: set spec.agent.apiKeySecretRef".into(),
+            ));
+        };
+        let key_name = key_ref.key.clone().unwrap_or_else(|| "api-key".into());
+        let secret = Api::<Secret>::namespaced(self.client.clone(), ns).get(&key_ref.name).await?;
+        let key = secret
+            .data
+            .and_then(|d| d.get(&key_name).map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                super::reconcile::Error::Executor(format!(
+                    "Secret {:?} has no key {key_name:?} (spec.agent.apiKeySecretRef)",
+                    key_ref.name
+                ))
+            })?;
+        let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
+        let last = Mutex::new(None::<std::time::Instant>);
+        let account = Account::new(&key, token, r.max_budget_usd).on_change(move || {
+            let Ok(mut last) = last.lock() else { return };
+            if last.is_none_or(|t| t.elapsed() >= WAKE_EVERY) {
+                *last = Some(std::time::Instant::now());
+                let _ = wake.send(at.clone());
+            }
+        });
+        gateways.open(ns, name, account);
+        Ok(())
+    }
+
+    /// What the gateway counted for an execution, while its account is open.
+    pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
+        self.gateways.as_ref()?.metered(ns, name).filter(|m| m.responses > 0)
     }
 
     /// Remembers the token given to an execution's runner.
@@ -66,7 +138,7 @@ impl Reports {
                 let Ok(Some(secret)) = api.get_opt(&token_secret_name(name)).await else {
                     return false;
                 };
-                let Some(bytes) = secret.data.and_then(|d| d.get("token").cloned()) else {
+                let Some(bytes) = secret.data.and_then(|d| d.get(REPORT_TOKEN_KEY).cloned()) else {
                     return false;
                 };
                 let t = String::from_utf8_lossy(&bytes.0).into_owned();
@@ -90,8 +162,11 @@ impl Reports {
         self.latest.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()
     }
 
-    /// Drops what is kept for a finished execution.
+    /// Drops what is kept for a finished execution; its model token stops working.
     pub fn forget(&self, ns: &str, name: &str) {
+        if let Some(g) = &self.gateways {
+            g.close(ns, name);
+        }
         let key = (ns.to_string(), name.to_string());
         if let Ok(mut t) = self.tokens.lock() {
             t.remove(&key);

@@ -1,43 +1,119 @@
 //! The model gateway: the agent talks to the Messages API through it with a token that works
-//! only for this execution and only while it runs; the gateway adds the real API key (which the
-//! agent never sees), relays the response with streaming intact, and meters the `usage` of
-//! every response (from `message_start` and `message_delta` events, or a JSON body): the
-//! operator counts the tokens, rather than trusting what the agent reports.
+//! only for its execution and only while it runs; the gateway adds the real API key (which the
+//! agent never sees), relays the response with streaming intact, and meters every response
+//! (`usage` from `message_start` and `message_delta` events or a JSON body, the tools the model
+//! called, the turns): the operator counts, rather than trusting what the agent reports. With a
+//! budget, the request after the one that spent it is refused, and the run ends
+//! `BudgetExceeded`.
 //!
-//! `agentops run` starts one on loopback per execution (issue 9 adds the controller's).
+//! `agentops run` starts one on loopback per execution ([`Gateway`]); the controller serves
+//! one account per running execution on its own listener ([`Gateways`], under
+//! `/gateway/{namespace}/{name}/`), with the key read from the execution's Secret: a runner
+//! pod never holds it.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::Usage;
+use crate::api::{ToolCalls, Usage};
 
 /// Largest request body relayed (a long conversation with images stays well under it).
 const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 
+/// Words of the refusal once the budget is spent (the runner maps them to `BudgetExceeded`).
+pub const BUDGET_SPENT: &str = "agentops: spec.agent.maxBudgetUsd is spent";
+
 /// What the gateway counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metered {
     /// Tokens of every response relayed, of every kind.
     pub usage: Usage,
+    /// Cost of those tokens at each request's model's list price.
+    pub cost_usd: f64,
     /// Responses relayed (successful or not).
     pub responses: u64,
+    /// Messages the model completed (each a turn of the agent).
+    pub turns: u64,
+    /// Tools the model called, by name.
+    pub tool_calls: ToolCalls,
+    /// Requests refused because the budget was spent.
+    pub refused_over_budget: u64,
+}
+
+/// One execution's access: its token, the key added for it, what it spent.
+pub struct Account {
+    api_key: String,
+    token: String,
+    budget_usd: Option<f64>,
+    metered: Mutex<Metered>,
+    open: AtomicBool,
+    /// Called when the figures change (the controller wakes the execution's reconcile).
+    on_change: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Account {
+    pub fn new(api_key: &str, token: &str, budget_usd: Option<f64>) -> Self {
+        Self {
+            api_key: api_key.to_string(),
+            token: token.to_string(),
+            budget_usd,
+            metered: Mutex::new(Metered::default()),
+            open: AtomicBool::new(true),
+            on_change: None,
+        }
+    }
+
+    /// Calls `f` whenever the figures change.
+    pub fn on_change(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_change = Some(Box::new(f));
+        self
+    }
+
+    pub fn metered(&self) -> Metered {
+        self.metered.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The token stops working.
+    pub fn close(&self) {
+        self.open.store(false, Ordering::Relaxed);
+    }
+
+    fn accepts(&self, presented: &str) -> bool {
+        self.open.load(Ordering::Relaxed)
+            && presented.len() == self.token.len()
+            && presented.bytes().zip(self.token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+fn client() -> std::io::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("agentops-gateway/", env!("CARGO_PKG_VERSION")))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(std::io::Error::other)
+}
+
+/// A fresh token for an account (two v4 UUIDs: 244 random bits).
+pub fn new_token() -> String {
+    format!("agentops-{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
 }
 
 struct Shared {
     upstream: String,
-    api_key: String,
-    token: String,
     client: reqwest::Client,
-    metered: Mutex<Metered>,
+    account: Arc<Account>,
 }
 
-/// A running gateway; dropped or closed, its token no longer works (nothing listens).
+/// A running gateway on loopback for one execution; dropped or closed, its token no longer
+/// works (nothing listens).
 pub struct Gateway {
     /// Where the agent sends its requests (`ANTHROPIC_BASE_URL`).
     pub base_url: String,
@@ -50,22 +126,19 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway on 127.0.0.1 that relays to `upstream` with `api_key`.
     pub async fn start(upstream: &str, api_key: &str) -> std::io::Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("agentops-gateway/", env!("CARGO_PKG_VERSION")))
-            .tcp_nodelay(true)
-            .build()
-            .map_err(std::io::Error::other)?;
-        let token = format!("agentops-{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
+        Self::start_with_budget(upstream, api_key, None).await
+    }
+
+    /// The same, refusing requests once `budget_usd` is spent (priced by each request's model).
+    pub async fn start_with_budget(upstream: &str, api_key: &str, budget_usd: Option<f64>) -> std::io::Result<Self> {
+        let token = new_token();
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
-            api_key: api_key.to_string(),
-            token: token.clone(),
-            client,
-            metered: Mutex::new(Metered::default()),
+            client: client()?,
+            account: Arc::new(Account::new(api_key, &token, budget_usd)),
         });
         let app = axum::Router::new()
-            .fallback(relay)
+            .fallback(relay_local)
             .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -85,11 +158,12 @@ impl Gateway {
 
     /// What was counted so far.
     pub fn metered(&self) -> Metered {
-        self.shared.metered.lock().map(|m| *m).unwrap_or_default()
+        self.shared.account.metered()
     }
 
     /// Stops listening: the token is worthless from now on.
     pub fn close(&self) {
+        self.shared.account.close();
         self.stop.cancel();
     }
 }
@@ -98,6 +172,87 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+async fn relay_local(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    relay(&shared.client, &shared.upstream, &shared.account, method, &path, &headers, body).await
+}
+
+/// The controller's gateway: one account per running execution, keyed by namespace and name.
+pub struct Gateways {
+    upstream: String,
+    client: reqwest::Client,
+    accounts: Mutex<HashMap<(String, String), Arc<Account>>>,
+}
+
+impl Gateways {
+    /// Relays to `upstream` (e.g. `https://api.anthropic.com`).
+    pub fn new(upstream: &str) -> std::io::Result<Self> {
+        Ok(Self {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: client()?,
+            accounts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Opens (or replaces) the account of one execution.
+    pub fn open(&self, ns: &str, name: &str, account: Account) {
+        if let Ok(mut a) = self.accounts.lock() {
+            if let Some(old) = a.insert((ns.into(), name.into()), Arc::new(account)) {
+                old.close();
+            }
+        }
+    }
+
+    /// Whether the execution has an open account.
+    pub fn is_open(&self, ns: &str, name: &str) -> bool {
+        self.accounts.lock().is_ok_and(|a| a.contains_key(&(ns.to_string(), name.to_string())))
+    }
+
+    /// What one execution's account counted, while it is open.
+    pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
+        let a = self.accounts.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()?;
+        Some(a.metered())
+    }
+
+    /// Closes an execution's account: its token is refused from now on. Returns what it counted.
+    pub fn close(&self, ns: &str, name: &str) -> Option<Metered> {
+        let a = self.accounts.lock().ok()?.remove(&(ns.to_string(), name.to_string()))?;
+        a.close();
+        Some(a.metered())
+    }
+
+    /// `/gateway/{namespace}/{name}/v1/...`, for the controller's runner listener.
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/gateway/{ns}/{name}/{*path}", axum::routing::any(relay_controller))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
+            .with_state(self)
+    }
+}
+
+async fn relay_controller(
+    State(g): State<Arc<Gateways>>,
+    Path((ns, name, path)): Path<(String, String, String)>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let account = g.accounts.lock().ok().and_then(|a| a.get(&(ns, name)).cloned());
+    let Some(account) = account else {
+        // Unknown and finished executions look the same: no token works for them.
+        return refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid");
+    };
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    relay(&g.client, &g.upstream, &account, method, &format!("/{path}{query}"), &headers, body).await
 }
 
 fn refuse(status: StatusCode, kind: &str, message: &str) -> Response {
@@ -120,28 +275,56 @@ fn hop(name: &str) -> bool {
     )
 }
 
-async fn relay(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+#[derive(serde::Deserialize)]
+struct RequestModel {
+    model: Option<String>,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: &reqwest::Client,
+    upstream: &str,
+    account: &Arc<Account>,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let presented = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
         .unwrap_or_default();
-    let same = presented.len() == s.token.len()
-        && presented.bytes().zip(s.token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if !same {
+    if !account.accepts(presented) {
         return refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid");
     }
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     if !path.starts_with("/v1/") {
         return refuse(StatusCode::NOT_FOUND, "not_found_error", "the gateway relays the Messages API only (/v1/...)");
     }
-    let mut req = s.client.request(method, format!("{}{path}", s.upstream)).body(body);
-    for (name, value) in &headers {
+    if let Some(budget) = account.budget_usd {
+        let spent = account.metered().cost_usd;
+        if spent >= budget {
+            if let Ok(mut m) = account.metered.lock() {
+                m.refused_over_budget += 1;
+            }
+            // 400: the CLI does not retry it, and ends the run with this message.
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("{BUDGET_SPENT} (${spent:.4} of ${budget}); the operator's gateway refuses further requests"),
+            );
+        }
+    }
+    // The model prices the tokens (a request names it; the agent cannot change the price of
+    // what it already spent).
+    let model = serde_json::from_slice::<RequestModel>(&body).ok().and_then(|m| m.model);
+    let mut req = client.request(method, format!("{upstream}{path}")).body(body);
+    for (name, value) in headers {
         if !hop(name.as_str()) {
             req = req.header(name, value);
         }
     }
-    let Ok(key) = HeaderValue::from_str(&s.api_key) else {
+    let Ok(key) = HeaderValue::from_str(&account.api_key) else {
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "the configured API key is not a valid header");
     };
     let resp = match req.header("x-api-key", key).send().await {
@@ -151,7 +334,7 @@ async fn relay(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
             return refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway cannot reach the Anthropic API");
         }
     };
-    if let Ok(mut m) = s.metered.lock() {
+    if let Ok(mut m) = account.metered.lock() {
         m.responses += 1;
     }
     let status = resp.status();
@@ -166,23 +349,58 @@ async fn relay(State(s): State<Arc<Shared>>, method: Method, uri: Uri, headers: 
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("text/event-stream"));
-    let shared = s.clone();
+    let account = account.clone();
     let mut meter = Meter::default();
     let body = resp.bytes_stream().map(move |chunk| {
         if let Ok(bytes) = &chunk {
-            let delta = if streaming { meter.feed(bytes) } else { meter.feed_json(bytes) };
-            if delta != Usage::default()
-                && let Ok(mut m) = shared.metered.lock()
-            {
-                m.usage.input_tokens += delta.input_tokens;
-                m.usage.output_tokens += delta.output_tokens;
-                m.usage.cache_read_input_tokens += delta.cache_read_input_tokens;
-                m.usage.cache_creation_input_tokens += delta.cache_creation_input_tokens;
+            let seen = if streaming { meter.feed(bytes) } else { meter.feed_json(bytes) };
+            if !seen.is_empty() {
+                if let Ok(mut m) = account.metered.lock() {
+                    let u = &mut m.usage;
+                    u.input_tokens += seen.usage.input_tokens;
+                    u.output_tokens += seen.usage.output_tokens;
+                    u.cache_read_input_tokens += seen.usage.cache_read_input_tokens;
+                    u.cache_creation_input_tokens += seen.usage.cache_creation_input_tokens;
+                    m.cost_usd += crate::agent::stream::estimate_cost(model.as_deref(), &seen.usage);
+                    m.turns += seen.turns;
+                    for tool in seen.tools {
+                        m.tool_calls.total += 1;
+                        *m.tool_calls.by_tool.entry(tool).or_default() += 1;
+                    }
+                }
+                if let Some(f) = &account.on_change {
+                    f();
+                }
             }
         }
         chunk
     });
     out.body(Body::from_stream(body)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+/// What one piece of a response added.
+#[derive(Default)]
+struct Seen {
+    usage: Usage,
+    turns: u64,
+    tools: Vec<String>,
+}
+
+impl Seen {
+    fn is_empty(&self) -> bool {
+        self.usage == Usage::default() && self.turns == 0 && self.tools.is_empty()
+    }
+}
+
+/// Longest tool name counted as is (longer ones, and more than this many names, are `other`).
+const TOOL_NAME_LIMIT: usize = 64;
+
+fn tool_name(name: &str) -> String {
+    if name.len() <= TOOL_NAME_LIMIT && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c)) {
+        name.to_string()
+    } else {
+        "other".into()
+    }
 }
 
 /// Reads usage out of a response as it streams by.
@@ -197,10 +415,11 @@ struct Meter {
 }
 
 impl Meter {
-    /// Feeds SSE bytes; returns the usage they add.
-    fn feed(&mut self, bytes: &[u8]) -> Usage {
+    /// Feeds SSE bytes; returns what they add.
+    fn feed(&mut self, bytes: &[u8]) -> Seen {
         self.pending.extend_from_slice(bytes);
-        let mut added = Usage::default();
+        let mut seen = Seen::default();
+        let added = &mut seen.usage;
         while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
@@ -221,26 +440,47 @@ impl Meter {
                     added.output_tokens += total.saturating_sub(self.output);
                     self.output = self.output.max(total);
                 }
+                Some("content_block_start") if event["content_block"]["type"] == "tool_use" => {
+                    seen.tools.push(tool_name(event["content_block"]["name"].as_str().unwrap_or_default()));
+                }
+                Some("message_stop") => seen.turns += 1,
                 _ => {}
             }
         }
-        added
+        seen
     }
 
-    /// Feeds a JSON body; the usage once it is complete.
-    fn feed_json(&mut self, bytes: &[u8]) -> Usage {
+    /// Feeds a JSON body; what it adds once it is complete.
+    fn feed_json(&mut self, bytes: &[u8]) -> Seen {
+        // Bounded like the request: a body larger than this is not metered further.
+        if self.json.len() + bytes.len() > MAX_REQUEST_BYTES {
+            return Seen::default();
+        }
         self.json.extend_from_slice(bytes);
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.json) else { return Usage::default() };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.json) else { return Seen::default() };
         if v["type"] != "message" {
-            return Usage::default();
+            return Seen::default();
         }
         let u = &v["usage"];
         let n = |k: &str| u[k].as_u64().unwrap_or(0);
-        Usage {
-            input_tokens: n("input_tokens"),
-            output_tokens: n("output_tokens"),
-            cache_read_input_tokens: n("cache_read_input_tokens"),
-            cache_creation_input_tokens: n("cache_creation_input_tokens"),
+        let tools = v["content"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter(|b| b["type"] == "tool_use")
+                    .map(|b| tool_name(b["name"].as_str().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Seen {
+            usage: Usage {
+                input_tokens: n("input_tokens"),
+                output_tokens: n("output_tokens"),
+                cache_read_input_tokens: n("cache_read_input_tokens"),
+                cache_creation_input_tokens: n("cache_creation_input_tokens"),
+            },
+            turns: 1,
+            tools,
         }
     }
 }
@@ -261,7 +501,7 @@ mod tests {
             let mut m = Meter::default();
             let mut total = Usage::default();
             for chunk in stream.as_bytes().chunks(cut) {
-                let u = m.feed(chunk);
+                let u = m.feed(chunk).usage;
                 total.input_tokens += u.input_tokens;
                 total.output_tokens += u.output_tokens;
                 total.cache_read_input_tokens += u.cache_read_input_tokens;

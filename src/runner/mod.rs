@@ -5,8 +5,10 @@
 mod hooks;
 mod recorder;
 pub mod secrets;
+pub mod steps;
 mod workspace;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +23,7 @@ use crate::store::{NewExecution, Progress, Store, StoreError, WorkspaceStatus, n
 
 pub use crate::api::report::*;
 pub use hooks::{HookError, MAX_OUTPUT as HOOK_OUTPUT_LIMIT, http_client};
-pub use recorder::{Recorder, ReportTarget, post_diff, post_report};
+pub use recorder::{Recorder, ReportTarget, post_diff, post_logs, post_report};
 pub use secrets::{Redactor, SecretError, Secrets};
 pub use workspace::Workspace;
 
@@ -40,6 +42,32 @@ pub struct RunOptions {
     pub report: Option<ReportTarget>,
     /// Confine the agent with Landlock (None: unconfined, `--no-sandbox`).
     pub sandbox: Option<SandboxPolicy>,
+    /// The model gateway the agent uses when it is not this process's own (a runner pod's
+    /// agent step: the controller's gateway, with this execution's token). None: `agentops`
+    /// starts a gateway on loopback with the API key.
+    pub gateway: Option<ModelRoute>,
+}
+
+/// Where the agent reaches the model, and with what token (never the API key).
+#[derive(Clone)]
+pub struct ModelRoute {
+    pub base_url: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for ModelRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRoute").field("base_url", &self.base_url).field("token", &"***").finish()
+    }
+}
+
+/// The commit the agent's work goes on top of, as the clone found it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Base {
+    pub commit: String,
+    pub source_ref: String,
+    pub source_branch: String,
 }
 
 /// What the agent's sandbox adds to its workspace and the system directories.
@@ -71,6 +99,7 @@ impl RunError {
 }
 
 /// How the execution ended, before it is written down.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Outcome {
     phase: Phase,
     reason: Reason,
@@ -184,61 +213,21 @@ async fn run_started(
     started: Instant,
     start_time: String,
 ) -> Result<Summary, RunError> {
-    let deadline = started + r.timeout;
-    let abort = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (abort, cancel) = (abort.clone(), cancel.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep_until(deadline) => {}
-            }
-            abort.store(true, Ordering::Relaxed);
-        })
-    };
-    let mut run = Run {
-        rec: Recorder::start(store.clone(), id.clone(), redactor.clone(), opts.report.clone()),
-        id,
-        r,
-        opts,
-        secrets,
-        redactor,
-        cancel,
-        deadline,
-        abort,
-        ws: None,
-        tally: Tally::default(),
-        git: GitResult { branch: Some(r.branch.clone()), ..Default::default() },
-        diff: None,
-        unpushed: false,
-        hook_failure: None,
-        metered: None,
-        started,
-        start_time: start_time.clone(),
-    };
+    let (mut run, watcher) = Run::new(store, opts, r, cancel, secrets, redactor, id, started, start_time);
     run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
     // Fault injection for the test of the panic guard; compiled out of release builds.
     if cfg!(debug_assertions) && env("AGENTOPS_TEST_PANIC").is_some() {
         panic!("injected by AGENTOPS_TEST_PANIC");
     }
-    let mut outcome = run.pipeline(store, env).await;
-    if outcome.phase == Phase::Succeeded
-        && let Err(e) = run.hooks("post", &outcome).await
-    {
-        outcome = Outcome::failed(Reason::PostHookFailed, e.to_string());
-    }
-    if outcome.phase != Phase::Succeeded {
-        // Error hooks run whatever stopped the execution; their own failure is only logged.
-        let _ = run.hooks("onError", &outcome).await;
-    }
+    let outcome = run.pipeline(store, env).await;
+    let summary = run.end(outcome).await;
     watcher.abort();
-    let summary = run.summary(&outcome);
-    let Run { rec, ws, unpushed, diff, redactor, .. } = run;
+    let Run { rec, ws, unpushed, diff, .. } = run;
     rec.finish().await;
-    let error = (outcome.phase != Phase::Succeeded).then(|| redactor.redact(&outcome.message));
+    let ok = summary.phase == Phase::Succeeded;
+    let error = (!ok).then(|| summary.message.clone().unwrap_or_default());
     store.finish_execution(&summary, error.as_deref(), diff.as_deref()).await?;
     if let Some(ws) = ws {
-        let ok = outcome.phase == Phase::Succeeded;
         store
             .set_workspace_status(&ws.id, if ok { WorkspaceStatus::Completed } else { WorkspaceStatus::Error })
             .await?;
@@ -261,7 +250,86 @@ async fn run_started(
     Ok(summary)
 }
 
-impl Run<'_> {
+impl<'a> Run<'a> {
+    /// A run from `started` on, and the task that aborts git work on cancel or the deadline.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        store: &Store,
+        opts: &'a RunOptions,
+        r: &'a Resolved,
+        cancel: CancellationToken,
+        secrets: Secrets,
+        redactor: Redactor,
+        id: String,
+        started: Instant,
+        start_time: String,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        Self::new_at(store, opts, r, cancel, secrets, redactor, id, started, start_time, 0)
+    }
+
+    /// The same, numbering its log lines from `first_log_seq` (each step of a pod its own range).
+    #[allow(clippy::too_many_arguments)]
+    fn new_at(
+        store: &Store,
+        opts: &'a RunOptions,
+        r: &'a Resolved,
+        cancel: CancellationToken,
+        secrets: Secrets,
+        redactor: Redactor,
+        id: String,
+        started: Instant,
+        start_time: String,
+        first_log_seq: i64,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let deadline = started + r.timeout;
+        let abort = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (abort, cancel) = (abort.clone(), cancel.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+                abort.store(true, Ordering::Relaxed);
+            })
+        };
+        let run = Run {
+            rec: Recorder::start_at(store.clone(), id.clone(), redactor.clone(), opts.report.clone(), first_log_seq),
+            id,
+            r,
+            opts,
+            secrets,
+            redactor,
+            cancel,
+            deadline,
+            abort,
+            ws: None,
+            tally: Tally::default(),
+            git: GitResult { branch: Some(r.branch.clone()), ..Default::default() },
+            diff: None,
+            unpushed: false,
+            hook_failure: None,
+            metered: None,
+            started,
+            start_time,
+        };
+        (run, watcher)
+    }
+
+    /// The post hooks (after a success) or the error hooks, then the summary.
+    async fn end(&mut self, mut outcome: Outcome) -> Summary {
+        if outcome.phase == Phase::Succeeded
+            && let Err(e) = self.hooks("post", &outcome).await
+        {
+            outcome = Outcome::failed(Reason::PostHookFailed, e.to_string());
+        }
+        if outcome.phase != Phase::Succeeded {
+            // Error hooks run whatever stopped the execution; their own failure is only logged.
+            let _ = self.hooks("onError", &outcome).await;
+        }
+        self.summary(&outcome)
+    }
+
     fn say(&self, line: &str) {
         self.rec.log("runner", line);
         if self.opts.progress {
@@ -285,18 +353,30 @@ impl Run<'_> {
     }
 
     async fn pipeline(&mut self, store: &Store, env: &(dyn Fn(&str) -> Option<String> + Sync)) -> Outcome {
+        let base = match self.clone_part(store).await {
+            Ok(b) => b,
+            Err(o) => return o,
+        };
+        if let Some(o) = self.agent_part(env, None).await {
+            return o;
+        }
+        self.publish_part(&base).await
+    }
+
+    /// The workspace and the clone: the base the work goes on.
+    async fn clone_part(&mut self, store: &Store) -> Result<Base, Outcome> {
         let ws = match Workspace::create(&self.opts.workspace_root, &self.id) {
             Ok(ws) => ws,
             Err(e) => {
                 let where_ = self.opts.workspace_root.display();
-                return Outcome::failed(
+                return Err(Outcome::failed(
                     Reason::WorkspaceFailed,
                     format!("cannot create a workspace under {where_}: {e}"),
-                );
+                ));
             }
         };
         if let Err(e) = store.create_workspace(&ws.id, &self.id, &ws.root.to_string_lossy()).await {
-            return Outcome::failed(Reason::StoreFailed, e.to_string());
+            return Err(Outcome::failed(Reason::StoreFailed, e.to_string()));
         }
         self.ws = Some(ws.clone());
 
@@ -314,9 +394,9 @@ impl Run<'_> {
         let cloned = match cloned {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                return self.stopped().unwrap_or_else(|| Outcome::failed(Reason::CloneFailed, e.to_string()));
+                return Err(self.stopped().unwrap_or_else(|| Outcome::failed(Reason::CloneFailed, e.to_string())));
             }
-            Err(e) => return Outcome::failed(Reason::CloneFailed, format!("clone task failed: {e}")),
+            Err(e) => return Err(Outcome::failed(Reason::CloneFailed, format!("clone task failed: {e}"))),
         };
         let t = cloned.timings;
         self.say(&format!(
@@ -331,15 +411,29 @@ impl Run<'_> {
         self.git.base_branch = self.r.base_branch.clone().or_else(|| Some(cloned.source_branch.clone()));
         self.git.base_commit = Some(cloned.base.to_string());
         if let Some(o) = self.stopped() {
-            return o;
+            return Err(o);
         }
+        Ok(Base {
+            commit: cloned.base.to_string(),
+            source_ref: cloned.source_ref.clone(),
+            source_branch: cloned.source_branch.clone(),
+        })
+    }
 
+    /// Pre-hooks and the agent (its stream lines also go to `stream` when given). None: go on
+    /// and publish the work.
+    async fn agent_part(
+        &mut self,
+        env: &(dyn Fn(&str) -> Option<String> + Sync),
+        mut stream: Option<&mut (dyn std::io::Write + Send)>,
+    ) -> Option<Outcome> {
+        let ws = self.ws.clone()?;
         // Pre-hooks.
         if let Err(e) = self.hooks("pre", &Outcome::new(Phase::Running, Reason::Running, "")).await {
-            return self.stopped().unwrap_or_else(|| Outcome::failed(Reason::PreHookRejected, e.to_string()));
+            return Some(self.stopped().unwrap_or_else(|| Outcome::failed(Reason::PreHookRejected, e.to_string())));
         }
         if let Some(o) = self.stopped() {
-            return o;
+            return Some(o);
         }
 
         // Agent.
@@ -347,21 +441,27 @@ impl Run<'_> {
         // The agent never holds the API key: it talks to a gateway on loopback with a token good
         // for this run only; the gateway adds the key and counts every token.
         let gateway = match self.secrets.api_key.as_deref() {
+            _ if self.opts.gateway.is_some() => None,
             Some(key) => {
                 let upstream = env("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
-                match crate::gateway::Gateway::start(&upstream, key).await {
+                match crate::gateway::Gateway::start_with_budget(&upstream, key, self.r.max_budget_usd).await {
                     Ok(g) => Some(g),
                     Err(e) => {
-                        return Outcome::failed(
+                        return Some(Outcome::failed(
                             Reason::AgentStartFailed,
                             format!("cannot start the model gateway: {e}"),
-                        );
+                        ));
                     }
                 }
             }
             None => None,
         };
-        let agent_env = |k: &str| match (&gateway, k) {
+        // This process's own gateway, or the one it was given (the controller's).
+        let route = match &gateway {
+            Some(g) => Some(ModelRoute { base_url: g.base_url.clone(), token: g.token.clone() }),
+            None => self.opts.gateway.clone(),
+        };
+        let agent_env = |k: &str| match (&route, k) {
             (Some(g), "ANTHROPIC_BASE_URL") => Some(g.base_url.clone()),
             _ => env(k),
         };
@@ -370,7 +470,7 @@ impl Run<'_> {
             &self.opts.claude_bin,
             &ws.repo,
             &ws.home,
-            gateway.as_ref().map(|g| g.token.as_str()),
+            route.as_ref().map(|g| g.token.as_str()),
             agent_env,
         );
         let mut cmd = cmd;
@@ -394,6 +494,11 @@ impl Run<'_> {
         let outcome =
             agent::run_agent(&cmd, self.deadline, self.r.idle_timeout, &self.cancel, |line, tally, changed| {
                 rec.log("agent", line);
+                if let Some(out) = stream.as_mut() {
+                    // The steps after this one read the stream back (a runner pod's publish and
+                    // finish containers); a write error only loses figures the gateway also has.
+                    let _ = writeln!(out, "{line}");
+                }
                 if changed {
                     rec.progress(progress_of(tally));
                     if echo && tally.tool_calls.total != shown_tools {
@@ -413,10 +518,10 @@ impl Run<'_> {
             Ok(o) => o,
             Err(e) => {
                 let bin = self.opts.claude_bin.display();
-                return Outcome::failed(
+                return Some(Outcome::failed(
                     Reason::AgentStartFailed,
                     format!("cannot start the agent {bin}: {e}; install Claude Code or pass --claude-bin"),
-                );
+                ));
             }
         };
         if !outcome.stderr_tail.trim().is_empty() {
@@ -442,22 +547,30 @@ impl Run<'_> {
             self.metered = Some(m.usage);
         }
         self.rec.progress(progress_of(&self.tally));
-        if let Some(o) = self.judge_agent(&outcome.stop, &outcome.stderr_tail) {
-            return o;
-        }
+        self.judge_agent(&outcome.stop, &outcome.stderr_tail)
+    }
 
+    /// Commit and push the work on top of `base`.
+    async fn publish_part(&mut self, base: &Base) -> Outcome {
+        let Some(ws) = self.ws.clone() else {
+            return Outcome::failed(Reason::InternalError, "publish without a workspace");
+        };
+        let base_oid = match git2::Oid::from_str(&base.commit) {
+            Ok(o) => o,
+            Err(e) => return Outcome::failed(Reason::CommitFailed, format!("base commit {:?}: {e}", base.commit)),
+        };
         // Collect, commit and push from the operator's own repository: nothing the agent wrote
         // in .git/ or a HOME is read (see git::Publish).
+        let base_ref = base.source_ref.clone();
         let prepared = {
             let (workdir, gitdir, base, r, creds, abort) = (
                 ws.repo.clone(),
                 ws.root.join("publish.git"),
-                cloned.base,
+                base_oid,
                 self.r.clone(),
                 self.secrets.git.clone(),
                 self.abort.clone(),
             );
-            let base_ref = cloned.source_ref.clone();
             tokio::task::spawn_blocking(move || -> Result<_, GitError> {
                 let publish =
                     git::Publish::prepare(&workdir, &gitdir, base, &r.repo_url, &base_ref, creds.as_ref(), &abort)?;
@@ -588,6 +701,13 @@ impl Run<'_> {
                         Reason::BudgetExceeded,
                         format!(
                             "the agent reached spec.agent.maxBudgetUsd (${}); nothing was pushed",
+                            self.r.max_budget_usd.unwrap_or_default()
+                        ),
+                    ),
+                    _ if text.contains(crate::gateway::BUDGET_SPENT) => Outcome::failed(
+                        Reason::BudgetExceeded,
+                        format!(
+                            "the run spent spec.agent.maxBudgetUsd (${}) and the operator's gateway refused the next request; nothing was pushed",
                             self.r.max_budget_usd.unwrap_or_default()
                         ),
                     ),

@@ -33,7 +33,7 @@ const LOG_LINE_LIMIT: usize = 4096;
 
 /// Sends log lines to the controller's store; false when it could not (they are in the
 /// runner's own store still).
-async fn post_logs(target: &ReportTarget, lines: &[(i64, String, String, String)]) -> bool {
+pub async fn post_logs(target: &ReportTarget, lines: &[(i64, String, String, String)]) -> bool {
     let body: Vec<serde_json::Value> = lines
         .iter()
         .map(|(seq, source, line, at)| {
@@ -119,9 +119,20 @@ pub struct Recorder {
 impl Recorder {
     /// Starts the writer task for execution `id`.
     pub fn start(store: Store, id: String, redactor: Redactor, report: Option<ReportTarget>) -> Self {
+        Self::start_at(store, id, redactor, report, 0)
+    }
+
+    /// The same, numbering log lines after `first_seq`.
+    pub fn start_at(
+        store: Store,
+        id: String,
+        redactor: Redactor,
+        report: Option<ReportTarget>,
+        first_seq: i64,
+    ) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<Record>();
         let task = tokio::spawn(async move {
-            let mut seq: i64 = 0;
+            let mut seq: i64 = first_seq;
             let mut last_report: Option<Instant> = None;
             let mut unsent: Option<Progress> = None;
             // Log lines not yet at the controller (cluster runs keep their record there).

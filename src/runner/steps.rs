@@ -1,0 +1,380 @@
+//! The pipeline as a runner pod runs it: each step is `agentops step <name>` in a container of
+//! its own, mounting only what that step needs, and the steps hand over through files.
+//!
+//! | step      | kind of container | holds                                    | writes            |
+//! |-----------|-------------------|------------------------------------------|-------------------|
+//! | `clone`   | init              | the git credential (one key)             | private, stream   |
+//! | `agent`   | init              | the model gateway's token for this run   | stream, workspace |
+//! | `publish` | init              | the git credential, the report token     | private           |
+//! | `finish`  | main              | nothing                                  | termination log   |
+//!
+//! `private` is a volume the agent's container does not mount: what the clone and publish steps
+//! trust (the base commit, the outcome, the git result) lives there. `stream` is the agent's:
+//! its stream-json lines and its own account of how it ended, read back as the agent's word
+//! only (turns, tools, result text). Tokens and cost in the status are the controller's
+//! gateway's figures, not these. Post and error hooks run in `finish`, where no credential is
+//! mounted, since they run commands over a workspace the agent wrote.
+//!
+//! Every step exits 0 when it ran, whatever the execution's outcome: a failed clone is handed
+//! on (the agent and publish steps skip, finish runs the error hooks and writes the summary).
+//! A step exits non-zero only when it could not run at all; its termination message says why.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{Base, Outcome, Run, RunError, RunOptions, Summary, Workspace, post_diff, post_logs, secrets};
+use crate::agent::Tally;
+use crate::api::{GitResult, Phase, Reason, Resolved};
+use crate::store::{NewExecution, Store, now};
+
+/// The steps of a runner pod, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Step {
+    Clone,
+    Agent,
+    Publish,
+    Finish,
+}
+
+impl Step {
+    pub const ALL: [Step; 4] = [Step::Clone, Step::Agent, Step::Publish, Step::Finish];
+
+    /// The container's (and the subcommand's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Clone => "clone",
+            Step::Agent => "agent",
+            Step::Publish => "publish",
+            Step::Finish => "finish",
+        }
+    }
+
+    /// Log lines of each step are numbered in their own range, in step order.
+    fn first_log_seq(self) -> i64 {
+        match self {
+            Step::Clone => 0,
+            Step::Agent => 1_000_000,
+            Step::Publish => 2_000_000,
+            Step::Finish => 3_000_000,
+        }
+    }
+}
+
+/// Where the steps hand over.
+#[derive(Debug, Clone)]
+pub struct StepDirs {
+    /// Not mounted in the agent's container.
+    pub private: PathBuf,
+    /// The agent's: written by the agent step, read by the steps after it.
+    pub stream: PathBuf,
+}
+
+/// What a step leaves in `private` for the steps after it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Handoff {
+    id: String,
+    start_time: String,
+    base: Option<Base>,
+    /// Set by the step that ended the execution (a failure, or publish when it is done).
+    outcome: Option<Outcome>,
+    git: GitResult,
+    unpushed: bool,
+}
+
+/// What the clone step tells the agent's container: where and since when, and whether to run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Begin {
+    id: String,
+    start_time: String,
+    go: bool,
+}
+
+/// The agent step's own account of how it ended (None: the work is ready to publish).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AgentEnd {
+    outcome: Option<Outcome>,
+}
+
+const HANDOFF: &str = "handoff.json";
+const BEGIN: &str = "begin.json";
+const AGENT_END: &str = "agent.json";
+const STREAM: &str = "agent.jsonl";
+const DIFF: &str = "diff.patch";
+/// The agent step's own store (in `stream`: the agent may write it).
+pub const AGENT_DB: &str = "agent.db";
+/// Longest diff sent to the controller (marked when cut).
+pub const DIFF_LIMIT: usize = 1024 * 1024;
+/// Largest hand-over file read (the agent writes `stream`).
+const READ_LIMIT: u64 = 1024 * 1024;
+
+/// What a step ended with.
+#[derive(Debug)]
+pub enum StepEnd {
+    /// Hand over to the next step.
+    Next,
+    /// The execution's summary (the finish step).
+    Done(Box<Summary>),
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(path)?.take(READ_LIMIT).read_to_end(&mut text)?;
+    serde_json::from_slice(&text).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+}
+
+/// An instant as far in the past as `start_time` (RFC 3339) is.
+fn instant_of(start_time: &str) -> Instant {
+    let elapsed = chrono::DateTime::parse_from_rfc3339(start_time)
+        .ok()
+        .and_then(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).to_std().ok())
+        .unwrap_or_default();
+    Instant::now().checked_sub(elapsed).unwrap_or_else(Instant::now)
+}
+
+/// The agent's tally, read back from its stream file (bounded: lines past the limits count as
+/// malformed, as when read live).
+fn tally_of(stream: &Path) -> Tally {
+    use std::io::BufRead;
+    let mut tally = Tally::default();
+    if let Ok(f) = std::fs::File::open(stream.join(STREAM)) {
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            tally.push_line(&line);
+        }
+    }
+    tally
+}
+
+/// A step could not run at all (bad hand-over, store); the message goes to the termination log.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("{0}")]
+    Handoff(String),
+}
+
+/// Runs one step of the execution. `r` is resolved from the manifest; its API key reference is
+/// ignored (a pod's agent reaches the model through the controller's gateway, `opts.gateway`).
+pub async fn run_step(
+    step: Step,
+    store: &Store,
+    opts: &RunOptions,
+    r: &Resolved,
+    dirs: &StepDirs,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+    cancel: CancellationToken,
+) -> Result<StepEnd, StepError> {
+    let mut r = r.clone();
+    r.api_key = None;
+    let r = &r;
+    let handoff_path = dirs.private.join(HANDOFF);
+    let lost = |what: &str, e: std::io::Error| StepError::Handoff(format!("{what}: {e}"));
+    match step {
+        Step::Clone => {
+            let secrets = secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?;
+            let redactor = super::Redactor::new(&secrets);
+            let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+            let start_time = now();
+            store.create_execution(&NewExecution::new(&id, r)).await.map_err(RunError::from)?;
+            store.mark_running(&id, &start_time).await.map_err(RunError::from)?;
+            let (mut run, watcher) = Run::new_at(
+                store,
+                opts,
+                r,
+                cancel,
+                secrets,
+                redactor,
+                id.clone(),
+                Instant::now(),
+                start_time.clone(),
+                step.first_log_seq(),
+            );
+            run.say(&format!("▶ {} ({}): {}", r.name, id, r.repo_url));
+            let cloned = run.clone_part(store).await;
+            watcher.abort();
+            let go = cloned.is_ok();
+            let h = Handoff {
+                id: id.clone(),
+                start_time: start_time.clone(),
+                base: cloned.as_ref().ok().cloned(),
+                outcome: cloned.err(),
+                git: run.git.clone(),
+                unpushed: false,
+            };
+            run.rec.finish().await;
+            write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+            write_json(&dirs.stream.join(BEGIN), &Begin { id, start_time, go })
+                .map_err(|e| lost("cannot write the agent's start", e))?;
+            Ok(StepEnd::Next)
+        }
+        Step::Agent => {
+            let begin: Begin =
+                read_json(&dirs.stream.join(BEGIN)).map_err(|e| lost("the clone step left no start", e))?;
+            if !begin.go {
+                return Ok(StepEnd::Next);
+            }
+            let mut redactor = super::Redactor::new(&Default::default());
+            if let Some(g) = &opts.gateway {
+                redactor = super::Redactor::from_values([g.token.clone()]);
+            }
+            store.ensure_execution(&NewExecution::new(&begin.id, r)).await.map_err(RunError::from)?;
+            let (mut run, watcher) = Run::new_at(
+                store,
+                opts,
+                r,
+                cancel,
+                Default::default(),
+                redactor,
+                begin.id.clone(),
+                instant_of(&begin.start_time),
+                begin.start_time.clone(),
+                step.first_log_seq(),
+            );
+            run.ws = Some(Workspace::at(&opts.workspace_root, &begin.id));
+            let mut out = std::fs::File::create(dirs.stream.join(STREAM))
+                .map_err(|e| lost("cannot write the agent's stream", e))?;
+            let outcome = run.agent_part(env, Some(&mut out)).await;
+            watcher.abort();
+            run.rec.finish().await;
+            write_json(&dirs.stream.join(AGENT_END), &AgentEnd { outcome })
+                .map_err(|e| lost("cannot write the agent's end", e))?;
+            Ok(StepEnd::Next)
+        }
+        Step::Publish => {
+            let mut h: Handoff = read_json(&handoff_path).map_err(|e| lost("the clone step left no hand-over", e))?;
+            if h.outcome.is_some() {
+                return Ok(StepEnd::Next);
+            }
+            // The agent's own word on how it ended; when it never wrote one, it did not run.
+            let agent: AgentEnd = read_json(&dirs.stream.join(AGENT_END)).unwrap_or(AgentEnd {
+                outcome: Some(Outcome::failed(Reason::AgentCrashed, "the agent step ended without an account")),
+            });
+            if let Some(o) = agent.outcome {
+                h.outcome = Some(o);
+                write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+                return Ok(StepEnd::Next);
+            }
+            let secrets = secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?;
+            let redactor = super::Redactor::new(&secrets);
+            let (mut run, watcher) = Run::new_at(
+                store,
+                opts,
+                r,
+                cancel,
+                secrets,
+                redactor,
+                h.id.clone(),
+                instant_of(&h.start_time),
+                h.start_time.clone(),
+                step.first_log_seq(),
+            );
+            run.ws = Some(Workspace::at(&opts.workspace_root, &h.id));
+            run.git = h.git.clone();
+            let outcome = match &h.base {
+                Some(base) => run.publish_part(base).await,
+                None => Outcome::failed(Reason::InternalError, "the clone step left no base commit"),
+            };
+            watcher.abort();
+            h.git = run.git.clone();
+            h.unpushed = run.unpushed;
+            h.outcome = Some(outcome);
+            if let Some(diff) = &run.diff {
+                std::fs::write(dirs.private.join(DIFF), diff).map_err(|e| lost("cannot keep the diff", e))?;
+            }
+            run.rec.finish().await;
+            write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+            // The controller keeps the record of cluster runs: every step's log lines and the diff.
+            if let Some(target) = &opts.report {
+                forward_logs(target, store, &h.id, &dirs.stream.join(AGENT_DB)).await;
+                if let Some(diff) = &run.diff {
+                    post_diff(target, &crate::api::report::truncate(diff, DIFF_LIMIT)).await;
+                }
+            }
+            Ok(StepEnd::Next)
+        }
+        Step::Finish => {
+            let h: Handoff = read_json(&handoff_path).map_err(|e| lost("the clone step left no hand-over", e))?;
+            let outcome = h
+                .outcome
+                .clone()
+                .unwrap_or_else(|| Outcome::failed(Reason::InternalError, "the publish step left no outcome"));
+            let (mut run, watcher) = Run::new_at(
+                store,
+                opts,
+                r,
+                cancel,
+                Default::default(),
+                super::Redactor::new(&Default::default()),
+                h.id.clone(),
+                instant_of(&h.start_time),
+                h.start_time.clone(),
+                step.first_log_seq(),
+            );
+            let ws = Workspace::at(&opts.workspace_root, &h.id);
+            run.ws = ws.repo.exists().then_some(ws);
+            run.git = h.git.clone();
+            run.unpushed = h.unpushed;
+            run.tally = tally_of(&dirs.stream);
+            run.diff = std::fs::read_to_string(dirs.private.join(DIFF)).ok();
+            let summary = run.end(outcome).await;
+            watcher.abort();
+            let Run { rec, diff, .. } = run;
+            rec.finish().await;
+            let error = (summary.phase != Phase::Succeeded).then(|| summary.message.clone().unwrap_or_default());
+            store.ensure_execution(&NewExecution::new(&h.id, r)).await.map_err(RunError::from)?;
+            store.finish_execution(&summary, error.as_deref(), diff.as_deref()).await.map_err(RunError::from)?;
+            Ok(StepEnd::Done(Box::new(summary)))
+        }
+    }
+}
+
+/// Sends the log lines of the steps so far (this store's, and the agent's own store) to the
+/// controller, in batches.
+async fn forward_logs(target: &super::ReportTarget, store: &Store, id: &str, agent_db: &Path) {
+    let mut lines: Vec<(i64, String, String, String)> = Vec::new();
+    let mut add = |rows: Vec<crate::store::LogLine>| {
+        lines.extend(rows.into_iter().map(|l| (l.seq, l.source, l.line, l.at)));
+    };
+    if let Ok(rows) = store.logs(id).await {
+        add(rows);
+    }
+    if agent_db.exists()
+        && let Ok(agent) = Store::open(agent_db).await
+        && let Ok(rows) = agent.logs(id).await
+    {
+        // Only the agent step's range: its store is the agent's to write.
+        add(rows.into_iter().filter(|l| (1_000_000..2_000_000).contains(&l.seq)).collect());
+    }
+    lines.sort_by_key(|l| l.0);
+    for batch in lines.chunks(200) {
+        if !post_logs(target, batch).await {
+            break;
+        }
+    }
+}
+
+/// The outcome a runner's termination message gives a step that could not run.
+pub fn step_error_message(step: Step, e: &StepError) -> String {
+    crate::api::report::truncate(&format!("error: step {}: {e}", step.name()), 3900)
+}
+
+impl Workspace {
+    /// The workspace of execution `id` under `root`, as an earlier step created it.
+    pub fn at(root: &Path, id: &str) -> Self {
+        let root = root.join(format!("agentops-{id}"));
+        Self { id: id.to_string(), repo: root.join("repo"), home: root.join("home"), root }
+    }
+}
