@@ -214,9 +214,14 @@ pub struct ControllerArgs {
     /// Namespace of the Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// Base URL at which runner pods reach this controller (its Service), for live progress.
+    /// Base URL at which runner pods reach this controller (its Service): their reports and
+    /// the model gateway (required with `--executor job`).
     #[arg(long, env = "AGENTOPS_REPORT_URL")]
     pub report_url: Option<String>,
+    /// Where the model gateway sends runner pods' requests [default: $ANTHROPIC_BASE_URL, else
+    /// https://api.anthropic.com].
+    #[arg(long, env = "AGENTOPS_ANTHROPIC_BASE_URL")]
+    pub anthropic_base_url: Option<String>,
     /// Address of the authenticated JSON API and the runners' report endpoint.
     #[arg(long, env = "AGENTOPS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
@@ -538,6 +543,20 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
         },
         ..Default::default()
     };
+    let mut config = config;
+    if let Some(u) = args.anthropic_base_url.filter(|u| !u.is_empty()) {
+        anyhow::ensure!(
+            u.starts_with("https://") || u.starts_with("http://"),
+            "--anthropic-base-url {u:?} is not an http(s) URL"
+        );
+        config.model_upstream = u;
+    }
+    if args.executor == ExecutorArg::Job && config.job.report_url.is_none() {
+        anyhow::bail!(
+            "--report-url is required with --executor job: runner pods reach the model gateway and report through \
+             it (e.g. http://agentops-controller.agentops-system.svc:8080)"
+        );
+    }
     if let Some(t) = &config.default_timeout {
         let max = crate::api::limits::MAX_TIMEOUT;
         let ok = crate::api::is_plain_duration(t)

@@ -56,3 +56,60 @@ async fn relays_with_the_real_key_and_counts_exactly() {
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(ask(&gw.base_url, &gw.token).await.is_err(), "the run is over: nothing listens");
 }
+
+/// The controller's gateway: one account per execution, under its path.
+async fn controller_gateway(upstream: &str) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
+    let g = std::sync::Arc::new(agentops::gateway::Gateways::new(upstream).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = g.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (g, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_gateway_counts_per_execution_and_stops_at_the_budget() {
+    use agentops::gateway::{Account, BUDGET_SPENT};
+    let model = FakeAnthropic::start(vec![
+        Step::Error(529),
+        Step::tool("Bash", json!({"command": "ls"})).with_usage([1_000_000, 100_000, 0, 0]),
+        Step::text("never sent"),
+    ])
+    .await;
+    let (g, base) = controller_gateway(&model.base_url).await;
+    // Opus list price: 1M input tokens and 100k output tokens are $5 + $2.50.
+    g.open("team-a", "fix", Account::new(API_KEY, "token-a", Some(7.0)));
+    g.open("team-b", "other", Account::new(API_KEY, "token-b", None));
+    let url = |ns: &str, name: &str| format!("{base}/gateway/{ns}/{name}");
+
+    // Another execution's token, or the right token under another execution: refused.
+    assert_eq!(ask(&url("team-a", "fix"), "token-b").await.unwrap().status(), 401);
+    assert_eq!(ask(&url("team-b", "other"), "token-a").await.unwrap().status(), 401);
+    assert_eq!(ask(&url("team-a", "nope"), "token-a").await.unwrap().status(), 401);
+    assert!(model.seen().is_empty(), "nothing refused reached the model");
+
+    // A retried overload, then a tool call: counted exactly, priced by the request's model.
+    assert_eq!(ask(&url("team-a", "fix"), "token-a").await.unwrap().status(), 529);
+    let body = ask(&url("team-a", "fix"), "token-a").await.unwrap().text().await.unwrap();
+    assert!(body.contains("tool_use"), "{body}");
+    let m = g.metered("team-a", "fix").unwrap();
+    assert_eq!((m.responses, m.turns, m.tool_calls.total), (2, 1, 1));
+    assert_eq!(m.tool_calls.by_tool.get("Bash"), Some(&1));
+    assert_eq!((m.usage.input_tokens, m.usage.output_tokens), (1_000_000, 100_000));
+    assert!((m.cost_usd - 7.5).abs() < 1e-9, "priced at the list price: {}", m.cost_usd);
+    assert_eq!(g.metered("team-b", "other").unwrap().responses, 0, "the other execution spent nothing");
+
+    // The budget ($7) is spent: the next request is refused with words the runner recognises,
+    // and never reaches the model.
+    let before = model.seen().len();
+    let refused = ask(&url("team-a", "fix"), "token-a").await.unwrap();
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains(BUDGET_SPENT));
+    assert_eq!(model.seen().len(), before);
+    assert_eq!(g.metered("team-a", "fix").unwrap().refused_over_budget, 1);
+
+    // The execution ends: its token no longer works, and what it spent stays with the caller.
+    let last = g.close("team-a", "fix").unwrap();
+    assert_eq!(last.usage.input_tokens, 1_000_000);
+    assert_eq!(ask(&url("team-a", "fix"), "token-a").await.unwrap().status(), 401);
+}

@@ -175,40 +175,58 @@ pub fn desired_pvc(ax: &AgentExecution, cfg: &JobConfig) -> Option<PersistentVol
     })
 }
 
-/// Secret names the runner needs mounted.
-pub fn secret_names(r: &Resolved) -> Vec<String> {
-    let mut v: Vec<String> = r.credentials.iter().chain(r.api_key.iter()).map(|s| s.name.clone()).collect();
-    v.sort();
-    v.dedup();
-    v
+/// Hand-over volume the agent's container does not mount (clone, publish, finish).
+pub const PRIVATE_DIR: &str = "/var/run/agentops/private";
+/// The agent's stream volume (written by the agent step, read by publish and finish).
+pub const STREAM_DIR: &str = "/var/run/agentops/stream";
+/// Where the agent's container finds its model gateway token.
+pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
+/// The agent's private HOME and TMPDIR (emptyDirs; the hooks in `finish` share them).
+const HOME_DIR: &str = "/home/agentops";
+const TMP_DIR: &str = "/tmp";
+
+/// The model gateway of one execution on the controller (the agent's `ANTHROPIC_BASE_URL`).
+pub fn model_url(base: &str, ax: &AgentExecution) -> String {
+    format!(
+        "{}/gateway/{}/{}",
+        base.trim_end_matches('/'),
+        ax.namespace().unwrap_or_else(|| "default".into()),
+        ax.name_any()
+    )
 }
 
-/// The Job that runs the execution. The runner reads the execution (and its template) from the
-/// manifest Secret's file and needs no API access.
+/// The Job that runs the execution: one container per step, each mounting only what it needs
+/// (see `runner::steps`). No container holds the Anthropic key (the controller's gateway adds
+/// it); the agent's holds no credential at all: not the git token, not the report token, no
+/// service-account token.
 pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
+    use crate::runner::steps::Step;
     let env = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
-    let mut envs = vec![
-        env("AGENTOPS_MANIFEST_FILE", &format!("{MANIFEST_DIR}/{MANIFEST_KEY}")),
-        env("AGENTOPS_SECRETS_DIR", SECRETS_DIR),
-        env("AGENTOPS_WORKSPACE_ROOT", WORKSPACE_DIR),
-        env("AGENTOPS_DB", &format!("{WORKSPACE_DIR}/.agentops/runner.db")),
-        env("HOME", "/home/agentops"),
-        env("TMPDIR", "/tmp"),
-    ];
-    if let Some(m) = &cfg.default_model {
-        envs.push(env("ANTHROPIC_MODEL", m));
-    }
-    let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
-    if let Some(url) = &report {
-        envs.push(env("AGENTOPS_REPORT_URL", url));
-        envs.push(env("AGENTOPS_REPORT_TOKEN_FILE", &format!("{REPORT_TOKEN_DIR}/token")));
-    }
     let scratch = |name: &str| Volume {
         name: name.into(),
         empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity(SCRATCH_SIZE.into())), ..Default::default() }),
         ..Default::default()
     };
-    let mut volumes = vec![scratch("home"), scratch("tmp")];
+    let secret_items = |name: &str, secret: String, items: &[(&str, &str)], optional: bool| Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            default_mode: Some(0o400),
+            items: Some(
+                items
+                    .iter()
+                    .map(|(key, path)| k8s_openapi::api::core::v1::KeyToPath {
+                        key: key.to_string(),
+                        path: path.to_string(),
+                        mode: None,
+                    })
+                    .collect(),
+            ),
+            optional: optional.then_some(true),
+        }),
+        ..Default::default()
+    };
+    let mut volumes = vec![scratch("home"), scratch("tmp"), scratch("private"), scratch("stream")];
     volumes.push(match desired_pvc(ax, cfg) {
         Some(_) => Volume {
             name: "workspace".into(),
@@ -238,70 +256,101 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
         }),
         ..Default::default()
     });
-    let mut mounts = vec![
-        VolumeMount {
-            name: "manifest".into(),
-            mount_path: MANIFEST_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-        VolumeMount { name: "workspace".into(), mount_path: WORKSPACE_DIR.into(), ..Default::default() },
-        VolumeMount { name: "home".into(), mount_path: "/home/agentops".into(), ..Default::default() },
-        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
-    ];
-    for (i, secret) in secret_names(r).into_iter().enumerate() {
-        let vol = format!("secret-{i}");
-        volumes.push(Volume {
-            name: vol.clone(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                default_mode: Some(0o400),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: vol,
-            mount_path: format!("{SECRETS_DIR}/{secret}"),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
+    // The git credential: only its key (and the optional username), for clone and publish.
+    let git_secret = r.credentials.as_ref().map(|c| {
+        let key = c.key.clone().unwrap_or_else(|| "token".into());
+        // Optional: a missing `username` is fine; a missing token fails the clone by name.
+        volumes.push(secret_items("git-credential", c.name.clone(), &[(&key, &key), ("username", "username")], true));
+        c.name.clone()
+    });
+    let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
     if report.is_some() {
-        volumes.push(Volume {
-            name: "report-token".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(super::reports::token_secret_name(&ax.name_any())),
-                default_mode: Some(0o400),
+        let tokens = super::reports::token_secret_name(&ax.name_any());
+        volumes.push(secret_items(
+            "report-token",
+            tokens.clone(),
+            &[(super::reports::REPORT_TOKEN_KEY, "token")],
+            false,
+        ));
+        volumes.push(secret_items("model-token", tokens, &[(super::reports::MODEL_TOKEN_KEY, "token")], false));
+    }
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..Default::default()
+    };
+    let container = |step: Step| {
+        let db = match step {
+            Step::Agent => format!("{STREAM_DIR}/{}", crate::runner::steps::AGENT_DB),
+            _ => format!("{PRIVATE_DIR}/runner.db"),
+        };
+        let mut envs = vec![
+            env("AGENTOPS_MANIFEST_FILE", &format!("{MANIFEST_DIR}/{MANIFEST_KEY}")),
+            env("AGENTOPS_WORKSPACE_ROOT", WORKSPACE_DIR),
+            env("AGENTOPS_STREAM_DIR", STREAM_DIR),
+            env("AGENTOPS_DB", &db),
+        ];
+        let mut mounts = vec![mount("manifest", MANIFEST_DIR, true), mount("workspace", WORKSPACE_DIR, false)];
+        match step {
+            Step::Clone | Step::Publish => {
+                // No HOME of the agent's: git reads no dotfile it wrote.
+                envs.extend([env("HOME", PRIVATE_DIR), env("TMPDIR", PRIVATE_DIR)]);
+                envs.push(env("AGENTOPS_PRIVATE_DIR", PRIVATE_DIR));
+                mounts.push(mount("private", PRIVATE_DIR, false));
+                mounts.push(mount("stream", STREAM_DIR, step == Step::Publish));
+                if let Some(secret) = &git_secret {
+                    envs.push(env("AGENTOPS_SECRETS_DIR", SECRETS_DIR));
+                    mounts.push(mount("git-credential", &format!("{SECRETS_DIR}/{secret}"), true));
+                }
+                if step == Step::Publish
+                    && let Some(url) = &report
+                {
+                    envs.push(env("AGENTOPS_REPORT_URL", url));
+                    envs.push(env("AGENTOPS_REPORT_TOKEN_FILE", &format!("{REPORT_TOKEN_DIR}/token")));
+                    mounts.push(mount("report-token", REPORT_TOKEN_DIR, true));
+                }
+            }
+            Step::Agent => {
+                envs.extend([env("HOME", HOME_DIR), env("TMPDIR", TMP_DIR)]);
+                mounts.extend([mount("home", HOME_DIR, false), mount("tmp", TMP_DIR, false)]);
+                mounts.push(mount("stream", STREAM_DIR, false));
+                if let Some(base) = &cfg.report_url {
+                    envs.push(env("AGENTOPS_MODEL_URL", &model_url(base, ax)));
+                    envs.push(env("AGENTOPS_MODEL_TOKEN_FILE", &format!("{MODEL_TOKEN_DIR}/token")));
+                    mounts.push(mount("model-token", MODEL_TOKEN_DIR, true));
+                }
+                if let Some(m) = &cfg.default_model {
+                    envs.push(env("ANTHROPIC_MODEL", m));
+                }
+            }
+            Step::Finish => {
+                envs.extend([env("HOME", HOME_DIR), env("TMPDIR", TMP_DIR)]);
+                envs.push(env("AGENTOPS_PRIVATE_DIR", PRIVATE_DIR));
+                mounts.extend([mount("home", HOME_DIR, false), mount("tmp", TMP_DIR, false)]);
+                mounts.push(mount("private", PRIVATE_DIR, false));
+                mounts.push(mount("stream", STREAM_DIR, true));
+            }
+        }
+        Container {
+            name: step.name().into(),
+            // The template's image when it names one (AgentTemplate.spec.image), else the controller's.
+            image: Some(r.image.clone().unwrap_or_else(|| cfg.image.clone())),
+            image_pull_policy: cfg.image_pull_policy.clone(),
+            command: Some(vec!["agentops".into(), "step".into(), step.name().into()]),
+            env: Some(envs),
+            volume_mounts: Some(mounts),
+            resources: cfg.resources.clone(),
+            termination_message_policy: Some("File".into()),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
                 ..Default::default()
             }),
             ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "report-token".into(),
-            mount_path: REPORT_TOKEN_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-    }
-    let container = Container {
-        name: "runner".into(),
-        // The template's image when it names one (AgentTemplate.spec.image), else the controller's.
-        image: Some(r.image.clone().unwrap_or_else(|| cfg.image.clone())),
-        image_pull_policy: cfg.image_pull_policy.clone(),
-        command: Some(vec!["agentops".into(), "runner".into()]),
-        env: Some(envs),
-        volume_mounts: Some(mounts),
-        resources: cfg.resources.clone(),
-        termination_message_policy: Some("File".into()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        }
     };
     let labels = labels(ax);
     let suspend = labels.contains_key(KUEUE_QUEUE_LABEL).then_some(true);
@@ -318,6 +367,8 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
+                    // Each container sees only its own processes.
+                    share_process_namespace: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(cfg.runner_uid),
@@ -326,7 +377,12 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
-                    containers: vec![container],
+                    init_containers: Some(vec![
+                        container(Step::Clone),
+                        container(Step::Agent),
+                        container(Step::Publish),
+                    ]),
+                    containers: vec![container(Step::Finish)],
                     volumes: Some(volumes),
                     ..Default::default()
                 }),
@@ -351,10 +407,19 @@ mod tests {
         (m.execution, r)
     }
 
+    fn mounts(c: &Container) -> Vec<(String, String, bool)> {
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.clone(), m.mount_path.clone(), m.read_only == Some(true)))
+            .collect()
+    }
+
     #[test]
-    fn job_runs_the_runner_locked_down_with_secrets_as_files() {
+    fn each_step_is_a_locked_down_container_mounting_only_what_it_needs() {
         let (ax, r) = ax("");
-        let job = desired_job(&ax, &r, &JobConfig::default());
+        let cfg = JobConfig { report_url: Some("http://ctl.agentops.svc:8080".into()), ..Default::default() };
+        let job = desired_job(&ax, &r, &cfg);
         assert_eq!(job.metadata.name.as_deref(), Some("agentops-fix-bug"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-a"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
@@ -364,30 +429,66 @@ mod tests {
         assert_eq!(spec.active_deadline_seconds, Some(600 + 60));
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.share_process_namespace, Some(false));
         assert_eq!(pod.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
-        let c = &pod.containers[0];
-        assert_eq!(c.command.as_deref(), Some(&["agentops".to_string(), "runner".to_string()][..]));
-        let sc = c.security_context.as_ref().unwrap();
-        assert_eq!(
-            (sc.read_only_root_filesystem, sc.allow_privilege_escalation, sc.run_as_non_root),
-            (Some(true), Some(false), Some(true))
-        );
-        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
-        // Secrets are files, never env values; so is the manifest (env values are capped at 128 KiB).
-        let env = c.env.as_ref().unwrap();
-        assert!(env.iter().all(|e| e.value_from.is_none()));
-        assert!(env.iter().all(|e| e.name != "AGENTOPS_MANIFEST"));
-        let file = env.iter().find(|e| e.name == "AGENTOPS_MANIFEST_FILE").unwrap().value.clone().unwrap();
-        assert_eq!(file, "/var/run/agentops/manifest/manifest.yaml");
-        let mounts: Vec<&str> = c.volume_mounts.as_ref().unwrap().iter().map(|m| m.mount_path.as_str()).collect();
-        assert!(
-            mounts.contains(&"/var/run/secrets/agentops/git-cred")
-                && mounts.contains(&"/var/run/secrets/agentops/anthropic")
-        );
-        assert!(mounts.contains(&"/workspace") && mounts.contains(&"/home/agentops") && mounts.contains(&"/tmp"));
+        let init = pod.init_containers.clone().unwrap();
+        let names: Vec<&str> = init.iter().chain(&pod.containers).map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["clone", "agent", "publish", "finish"], "steps in order; finish is the main container");
+        let all: Vec<&Container> = init.iter().chain(&pod.containers).collect();
+        for c in &all {
+            assert_eq!(
+                c.command.clone().unwrap(),
+                vec!["agentops".to_string(), "step".into(), c.name.clone()],
+                "{} runs its step",
+                c.name
+            );
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(
+                (sc.read_only_root_filesystem, sc.allow_privilege_escalation, sc.run_as_non_root),
+                (Some(true), Some(false), Some(true))
+            );
+            assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+            // Secrets are files, never env values; so is the manifest (env values are capped at 128 KiB).
+            let env = c.env.as_ref().unwrap();
+            assert!(env.iter().all(|e| e.value_from.is_none()));
+            assert!(mounts(c).contains(&("manifest".into(), MANIFEST_DIR.into(), true)));
+            assert!(c.restart_policy.is_none(), "no sidecar");
+        }
+        let by = |n: &str| *all.iter().find(|c| c.name == n).unwrap();
+        let has = |n: &str, vol: &str| mounts(by(n)).iter().any(|m| m.0 == vol);
+        // The agent: no credential of any kind, no hand-over it could forge.
+        for vol in ["git-credential", "report-token", "private"] {
+            assert!(!has("agent", vol), "the agent's container mounts no {vol}");
+        }
+        assert!(has("agent", "model-token"), "only its gateway token");
+        let env: Vec<String> = by("agent").env.clone().unwrap().iter().map(|e| e.name.clone()).collect();
+        assert!(!env.iter().any(|e| e.contains("SECRETS") || e.contains("REPORT")), "{env:?}");
+        let url = by("agent").env.clone().unwrap().into_iter().find(|e| e.name == "AGENTOPS_MODEL_URL").unwrap();
+        assert_eq!(url.value.as_deref(), Some("http://ctl.agentops.svc:8080/gateway/team-a/fix-bug"));
+        // Git: the clone and publish steps only; the report token: publish only; finish: nothing.
+        assert!(has("clone", "git-credential") && has("publish", "git-credential"));
+        assert!(!has("clone", "report-token") && has("publish", "report-token"));
+        for vol in ["git-credential", "report-token", "model-token"] {
+            assert!(!has("finish", vol), "finish (hooks over the agent's workspace) mounts no {vol}");
+        }
+        assert!(!has("clone", "model-token") && !has("publish", "model-token"));
+        // The Anthropic key is mounted nowhere: the controller's gateway adds it.
+        let vols = pod.volumes.clone().unwrap();
+        assert!(vols.iter().all(|v| v.secret.as_ref().is_none_or(|s| s.secret_name.as_deref() != Some("anthropic"))));
+        // Each credential volume holds only the keys it needs.
+        let items = |vol: &str| {
+            let v = vols.iter().find(|v| v.name == vol).unwrap();
+            v.secret.as_ref().unwrap().items.clone().unwrap().into_iter().map(|i| i.key).collect::<Vec<_>>()
+        };
+        assert_eq!(items("git-credential"), ["token", "username"]);
+        assert_eq!(items("model-token"), ["model"]);
+        assert_eq!(items("report-token"), ["token"]);
+        // The stream is the agent's to write; the steps after it only read it.
+        assert!(mounts(by("publish")).contains(&("stream".into(), STREAM_DIR.into(), true)));
+        assert!(mounts(by("finish")).contains(&("stream".into(), STREAM_DIR.into(), true)));
         // No storage class anywhere: the workspace is an emptyDir and there is no PVC.
         assert!(desired_pvc(&ax, &JobConfig::default()).is_none());
-        assert!(pod.volumes.unwrap().iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
+        assert!(vols.iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
     }
 
     #[test]
@@ -396,8 +497,10 @@ mod tests {
         let m = parse_manifest(text).unwrap();
         let r = resolve(&m.execution, &m.templates).unwrap();
         let job = desired_job(&m.execution, &r, &JobConfig::default());
-        let c = &job.spec.unwrap().template.spec.unwrap().containers[0];
-        assert_eq!(c.image.as_deref(), Some("registry.example.com/runner-with-rust:1"));
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
+            assert_eq!(c.image.as_deref(), Some("registry.example.com/runner-with-rust:1"));
+        }
         let (ax, r) = ax("");
         let job = desired_job(&ax, &r, &JobConfig::default());
         assert_eq!(job.spec.unwrap().template.spec.unwrap().containers[0].image, Some(JobConfig::default().image));

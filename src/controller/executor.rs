@@ -273,20 +273,38 @@ async fn observe_job(
         (None, None) if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) => return Ok(Observation::Suspended),
         (None, None) => return Ok(Observation::Running { progress: None }),
     };
-    // The runner's report is its pod's termination message; when that is not a report, it is
-    // the runner's error (written there by `agentops runner`, or by the kubelet).
+    // The runner's report is the termination message of its last step (`finish`); when there
+    // is none, the cause is the first step that failed: its own message (written by
+    // `agentops step`), or the kubelet's reason.
     let pods = Api::<Pod>::namespaced(client.clone(), &ns)
         .list(&ListParams::default().labels(&format!("job-name={name}")))
         .await?;
-    let message = pods.items.iter().find_map(|p| {
-        let statuses = p.status.as_ref()?.container_statuses.as_ref()?;
-        let state = statuses.iter().find(|c| c.name == "runner")?.state.as_ref()?.terminated.as_ref()?;
-        state.message.clone().or_else(|| state.reason.clone())
-    });
-    let summary = message.as_deref().and_then(|m| serde_json::from_str::<Summary>(m).ok());
+    let statuses: Vec<_> = pods
+        .items
+        .iter()
+        .filter_map(|p| p.status.as_ref())
+        .flat_map(|s| s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten()))
+        .collect();
+    let summary = statuses
+        .iter()
+        .filter(|c| c.name == crate::runner::steps::Step::Finish.name())
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
+        .and_then(|m| serde_json::from_str::<Summary>(m).ok());
     let cause = match &summary {
         Some(_) => None,
-        None => message.map(|m| crate::api::report::truncate(m.trim(), CAUSE_LIMIT)),
+        None => statuses.iter().find_map(|c| {
+            let state = c.state.as_ref()?;
+            let said = match (&state.terminated, &state.waiting) {
+                (Some(t), _) if t.exit_code != 0 || t.message.is_some() => t
+                    .message
+                    .clone()
+                    .or_else(|| t.reason.clone())
+                    .or_else(|| Some(format!("exit status {}", t.exit_code))),
+                (None, Some(w)) => w.message.clone().or_else(|| w.reason.clone()),
+                _ => None,
+            }?;
+            Some(crate::api::report::truncate(&format!("step {}: {}", c.name, said.trim()), CAUSE_LIMIT))
+        }),
     };
     Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline, cause })
 }

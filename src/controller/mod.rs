@@ -155,7 +155,22 @@ pub async fn run(
             }
         }
     };
-    let reports = Arc::new(reports::Reports::new(client.clone(), wake_tx.clone()));
+    // Runner pods reach the model through this controller: the key stays here.
+    let gateways = match (&executor, &config.job.report_url) {
+        (Executor::Job { .. }, Some(_)) => match crate::gateway::Gateways::new(&config.model_upstream) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prepare the model gateway");
+                return Stopped::Shutdown;
+            }
+        },
+        _ => None,
+    };
+    let mut reports = reports::Reports::new(client.clone(), wake_tx.clone());
+    if let Some(g) = &gateways {
+        reports = reports.with_gateways(g.clone());
+    }
+    let reports = Arc::new(reports);
     let reporter = Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -190,7 +205,10 @@ pub async fn run(
             auth: Some(Arc::new(crate::server::Authorizer::new(client.clone()))),
         });
         let probes = crate::server::probes_router(state.clone());
-        let api = crate::server::api_router(state);
+        let mut api = crate::server::api_router(state);
+        if let Some(g) = &gateways {
+            api = api.merge(g.clone().router());
+        }
         let serve = |listener: tokio::net::TcpListener, app: axum::Router| {
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, app).await {

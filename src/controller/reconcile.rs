@@ -78,6 +78,8 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Namespaces whose executions this controller serves (None: every namespace).
     pub namespaces: Option<std::collections::BTreeSet<String>>,
+    /// Where the model gateway relays runner pods' requests (the Messages API).
+    pub model_upstream: String,
 }
 
 impl Default for ControllerConfig {
@@ -90,6 +92,10 @@ impl Default for ControllerConfig {
             concurrency: 16,
             default_timeout: None,
             namespaces: None,
+            model_upstream: std::env::var("ANTHROPIC_BASE_URL")
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| "https://api.anthropic.com".into()),
         }
     }
 }

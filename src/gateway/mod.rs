@@ -204,10 +204,10 @@ impl Gateways {
 
     /// Opens (or replaces) the account of one execution.
     pub fn open(&self, ns: &str, name: &str, account: Account) {
-        if let Ok(mut a) = self.accounts.lock() {
-            if let Some(old) = a.insert((ns.into(), name.into()), Arc::new(account)) {
-                old.close();
-            }
+        if let Ok(mut a) = self.accounts.lock()
+            && let Some(old) = a.insert((ns.into(), name.into()), Arc::new(account))
+        {
+            old.close();
         }
     }
 

@@ -439,6 +439,19 @@ async fn handle(
             if name.is_empty() {
                 return status_body(422, "Invalid", "metadata.name: Required value");
             }
+            let mut parsed = parsed;
+            if t.plural == "secrets" {
+                // As the API server does: stringData is write-only, merged into data (base64).
+                use base64::Engine;
+                if let Some(strings) = parsed.as_object_mut().and_then(|o| o.remove("stringData"))
+                    && let Some(strings) = strings.as_object()
+                {
+                    for (k, v) in strings {
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+                        parsed["data"][k] = Value::String(b64);
+                    }
+                }
+            }
             let obj = prepare_new(&mut s, parsed, &key, true);
             let obj = commit(&shared, &mut s, key, obj, "ADDED");
             ok(201, &obj)

@@ -5,6 +5,7 @@
 pub mod fake_anthropic;
 pub mod git_server;
 pub mod kube_api;
+pub mod pod;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,246 @@
+//! A kubelet for tests: runs the pod of a Job the controller rendered, on this machine, the way
+//! a node would in the parts that matter for what the agent can reach. Each container is a
+//! process tree in its own mount and PID namespaces (`unshare`), chrooted into a read-only
+//! root that holds the image (the host's /usr and /etc, the agentops binary and Claude Code at
+//! their paths) and exactly the container's volume mounts: Secret volumes hold only their
+//! `items`, read-only mounts are read-only, emptyDirs are shared by the containers that mount
+//! them. It runs as the pod's uid/gid, with only the container's env (plus the image's), its
+//! command, in order: init containers one by one (stopping at the first failure, as with
+//! `restartPolicy: Never`), then the main container. `/dev/termination-log` is a file per
+//! container, read back as the kubelet does.
+//!
+//! Needs root (mount namespaces); [`available`] says whether this machine can.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+/// What the image holds besides the host's /usr and /etc: directories bound at their own paths
+/// (read-only), put first on PATH, and the image's environment.
+pub struct Image {
+    pub dirs: Vec<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Image {
+    /// This build's agentops (`bin`) and the Claude Code CLI from npm.
+    pub fn local(bin: &Path) -> Self {
+        let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+        let node_modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules");
+        let claude = super::claude_bin();
+        let path =
+            format!("{}:{}:/usr/local/bin:/usr/bin:/bin", bin_dir.display(), node_modules.join(".bin").display());
+        Self {
+            dirs: vec![bin_dir, node_modules],
+            env: vec![
+                ("PATH".into(), path),
+                ("AGENTOPS_CLAUDE_BIN".into(), claude.display().to_string()),
+                ("DISABLE_AUTOUPDATER".into(), "1".into()),
+            ],
+        }
+    }
+}
+
+/// How one container ended.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub name: String,
+    pub init: bool,
+    pub exit_code: i32,
+    /// The termination log.
+    pub message: String,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Whether this machine can run pods (root, mount and PID namespaces): None when it can, else why not.
+pub fn available() -> Option<String> {
+    let out = Command::new("unshare").args(["--mount", "--pid", "--fork", "--", "true"]).output();
+    match out {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!("unshare --mount --pid failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Some(format!("no unshare: {e}")),
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// A Secret's data by key.
+pub type SecretData = BTreeMap<String, Vec<u8>>;
+
+/// Runs the pod of `job` (a Job as JSON). `secret` gives a Secret's data by name. `dir` holds
+/// the volumes and roots.
+pub fn run_pod(job: &Value, secret: &dyn Fn(&str) -> Option<SecretData>, image: &Image, dir: &Path) -> Vec<Ended> {
+    let pod = &job["spec"]["template"]["spec"];
+    let uid = pod["securityContext"]["runAsUser"].as_i64().expect("runAsUser");
+    let gid = pod["securityContext"]["runAsGroup"].as_i64().unwrap_or(uid);
+    let fs_group = pod["securityContext"]["fsGroup"].as_i64();
+    // Volumes, as the kubelet lays them out.
+    let mut volumes: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        let name = v["name"].as_str().expect("volume name");
+        let path = dir.join("volumes").join(name);
+        std::fs::create_dir_all(&path).expect("volume dir");
+        if v.get("emptyDir").is_some() || v.get("persistentVolumeClaim").is_some() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        } else if let Some(s) = v.get("secret") {
+            let data = secret(s["secretName"].as_str().expect("secretName"));
+            let optional = s["optional"].as_bool().unwrap_or(false);
+            let data = match data {
+                Some(d) => d,
+                None if optional => BTreeMap::new(),
+                None => panic!("the pod cannot start: Secret {} is missing", s["secretName"]),
+            };
+            let mode = s["defaultMode"].as_u64().unwrap_or(0o644) as u32;
+            let files: Vec<(String, String)> = match s["items"].as_array() {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (i["key"].as_str().unwrap().to_string(), i["path"].as_str().unwrap().to_string()))
+                    .collect(),
+                None => data.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            for (key, file) in files {
+                let Some(value) = data.get(&key) else {
+                    assert!(optional, "the pod cannot start: Secret {} has no key {key}", s["secretName"]);
+                    continue;
+                };
+                let f = path.join(&file);
+                std::fs::write(&f, value).expect("secret file");
+                // A read-only volume with an fsGroup: the group may read (kubelet's ownership).
+                let mode = if fs_group.is_some() { mode | 0o440 } else { mode };
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).expect("chmod");
+                if let Some(g) = fs_group {
+                    std::os::unix::fs::chown(&f, Some(0), Some(g as u32)).expect("chown");
+                }
+            }
+        } else {
+            panic!("a volume this kubelet does not know: {v}");
+        }
+        volumes.insert(name.to_string(), path);
+    }
+    // The image's passwd knows the runner's uid (as the image's useradd does).
+    let passwd = dir.join("passwd");
+    let host = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    std::fs::write(&passwd, format!("{host}agentops:x:{uid}:{gid}::/home/agentops:/bin/sh\n")).expect("passwd");
+
+    let mut ended = Vec::new();
+    let init = pod["initContainers"].as_array().cloned().unwrap_or_default();
+    let main = pod["containers"].as_array().cloned().unwrap_or_default();
+    for (c, is_init) in init.iter().map(|c| (c, true)).chain(main.iter().map(|c| (c, false))) {
+        let e = run_container(c, is_init, &volumes, image, uid, gid, &passwd, dir);
+        let failed = e.exit_code != 0;
+        ended.push(e);
+        if failed && is_init {
+            break;
+        }
+    }
+    ended
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_container(
+    c: &Value,
+    init: bool,
+    volumes: &BTreeMap<String, PathBuf>,
+    image: &Image,
+    uid: i64,
+    gid: i64,
+    passwd: &Path,
+    dir: &Path,
+) -> Ended {
+    let name = c["name"].as_str().expect("container name").to_string();
+    let root = dir.join("roots").join(&name);
+    std::fs::create_dir_all(&root).expect("root");
+    let term = dir.join(format!("{name}.termination-log"));
+    std::fs::write(&term, "").expect("termination log");
+    std::os::unix::fs::chown(&term, Some(uid as u32), Some(gid as u32)).expect("chown");
+    let mut script = String::from(
+        "set -eu\nmount --make-rprivate /\nR=\"$1\"; shift\nmount -t tmpfs -o mode=755 tmpfs \"$R\"\n\
+         for d in usr etc; do mkdir \"$R/$d\"; mount --rbind \"/$d\" \"$R/$d\"; mount -o remount,bind,ro \"$R/$d\"; done\n\
+         ln -s usr/bin \"$R/bin\"; ln -s usr/lib \"$R/lib\"; ln -s usr/sbin \"$R/sbin\"\n\
+         if [ -e /usr/lib64 ]; then ln -s usr/lib64 \"$R/lib64\"; fi\n\
+         mkdir \"$R/proc\"; mount -t proc proc \"$R/proc\"\n\
+         mkdir \"$R/dev\"; mount -t tmpfs -o mode=755 tmpfs \"$R/dev\"\n\
+         for n in null zero random urandom full tty; do touch \"$R/dev/$n\"; mount --bind \"/dev/$n\" \"$R/dev/$n\"; done\n",
+    );
+    let bind = |script: &mut String, host: &Path, at: &str, read_only: bool, file: bool| {
+        let target = format!("\"$R\"{}", quote(at));
+        if file {
+            script.push_str(&format!("[ -e {target} ] || {{ mkdir -p \"$(dirname {target})\"; touch {target}; }}\n"));
+        } else {
+            script.push_str(&format!("mkdir -p {target}\n"));
+        }
+        script.push_str(&format!("mount --bind {} {target}\n", quote(&host.display().to_string())));
+        if read_only {
+            script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
+        }
+    };
+    for d in &image.dirs {
+        bind(&mut script, d, &d.display().to_string(), true, false);
+    }
+    bind(&mut script, passwd, "/etc/passwd", true, true);
+    bind(&mut script, &term, c["terminationMessagePath"].as_str().unwrap_or("/dev/termination-log"), false, true);
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let vol = m["name"].as_str().expect("mount name");
+        let host = volumes.get(vol).unwrap_or_else(|| panic!("{name} mounts an undeclared volume {vol}"));
+        bind(&mut script, host, m["mountPath"].as_str().expect("mountPath"), m["readOnly"] == json!(true), false);
+    }
+    if c["securityContext"]["readOnlyRootFilesystem"] == json!(true) {
+        script.push_str("mount -o remount,ro \"$R\"\n");
+    }
+    script.push_str(&format!(
+        "exec unshare --root=\"$R\" --wd=/ --setgid {gid} --setuid {uid} -- /usr/bin/env -i \"$@\"\n"
+    ));
+    let mut env: BTreeMap<String, String> = image.env.iter().cloned().collect();
+    for e in c["env"].as_array().into_iter().flatten() {
+        assert!(e.get("valueFrom").is_none(), "env from a reference: {e}");
+        env.insert(e["name"].as_str().unwrap().into(), e["value"].as_str().unwrap_or_default().into());
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--pid", "--fork", "--kill-child", "--", "/bin/sh", "-c", &script, "sh"]).arg(&root);
+    for (k, v) in &env {
+        cmd.arg(format!("{k}={v}"));
+    }
+    for a in c["command"].as_array().into_iter().flatten().chain(c["args"].as_array().into_iter().flatten()) {
+        cmd.arg(a.as_str().unwrap());
+    }
+    let out = cmd.output().expect("unshare");
+    Ended {
+        name,
+        init,
+        exit_code: out.status.code().unwrap_or(128),
+        message: std::fs::read_to_string(&term).unwrap_or_default(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The pod's status as the kubelet reports it, and the Job's condition as the Job controller sets it.
+pub fn report(kube: &super::kube_api::FakeKube, ns: &str, job: &str, ended: &[Ended]) {
+    let status = |e: &Ended| {
+        json!({"name": e.name, "ready": false, "restartCount": 0, "image": "agentops", "imageID": "",
+               "state": {"terminated": {"exitCode": e.exit_code, "reason": if e.exit_code == 0 {"Completed"} else {"Error"},
+                                          "message": (!e.message.is_empty()).then(|| e.message.clone())}}})
+    };
+    let init: Vec<Value> = ended.iter().filter(|e| e.init).map(status).collect();
+    let main: Vec<Value> = ended.iter().filter(|e| !e.init).map(status).collect();
+    kube.put(
+        "api/v1",
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": format!("{job}-pod"), "namespace": ns, "labels": {"job-name": job}},
+               "status": {"initContainerStatuses": init, "containerStatuses": main}}),
+    );
+    let ok = ended.last().is_some_and(|e| !e.init && e.exit_code == 0);
+    let cond = if ok {
+        json!({"type": "Complete", "status": "True"})
+    } else {
+        json!({"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"})
+    };
+    kube.patch_status("apis/batch/v1", "jobs", ns, job, json!({"conditions": [cond]}));
+}
