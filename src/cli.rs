@@ -466,7 +466,10 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let env = |k: &str| std::env::var(k).ok();
-    match run_step(args.step, &store, &opts, &resolved, &dirs, &env, cancel).await? {
+    let end = run_step(args.step, &store, &opts, &resolved, &dirs, &env, cancel).await;
+    // Closed, the store is one file: the next step may read it from a read-only mount.
+    store.close().await;
+    match end? {
         StepEnd::Next => Ok(0),
         StepEnd::Done(summary) => {
             println!("{}", serde_json::to_string(&summary)?);

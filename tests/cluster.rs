@@ -4,7 +4,8 @@
 //!     KUBECONFIG=~/.kube/config cargo test --test cluster -- --ignored --test-threads=1
 //!
 //! It installs the CRDs from `crds/`, runs the controller in-process (Job executor) in a fresh
-//! namespace, and checks the Job it creates and the Stalled path; it does not need the runner
+//! namespace, and checks the Job it creates (the four step containers, the agent's without a
+//! credential) and the Stalled path; it does not need the runner
 //! image to be pullable. It deletes its namespace at the end.
 
 use std::time::Duration;
@@ -52,7 +53,12 @@ async fn controller_on_a_real_cluster() {
         tokio::spawn(async move {
             controller::run(
                 client,
-                ControllerConfig::default(),
+                {
+                    let mut c = ControllerConfig::default();
+                    // Runner pods would reach this controller here; the test does not run them.
+                    c.job.report_url = Some("http://agentops.invalid:8080".into());
+                    c
+                },
                 None,
                 ExecutorKind::Job,
                 Default::default(),
@@ -89,6 +95,13 @@ async fn controller_on_a_real_cluster() {
     let job = eventually("Job", || async { jobs.get_opt("agentops-hello").await.ok()? }).await;
     let pod = job.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.automount_service_account_token, Some(false));
+    // The API server took the four step containers; the agent's mounts no credential.
+    let init = pod.init_containers.clone().unwrap_or_default();
+    let names: Vec<&str> = init.iter().chain(&pod.containers).map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["clone", "agent", "publish", "finish"]);
+    let agent = &init[1];
+    let mounts: Vec<&str> = agent.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+    assert!(!mounts.contains(&"git-credential") && !mounts.contains(&"report-token"), "{mounts:?}");
     // Cancel stops it.
     api.patch("hello", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
     eventually("Cancelled", || async {

@@ -352,7 +352,7 @@ async fn forward_logs(target: &super::ReportTarget, store: &Store, id: &str, age
         add(rows);
     }
     if agent_db.exists()
-        && let Ok(agent) = Store::open(agent_db).await
+        && let Ok(agent) = Store::open_read_only(agent_db).await
         && let Ok(rows) = agent.logs(id).await
     {
         // Only the agent step's range: its store is the agent's to write.

@@ -60,6 +60,28 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Opens a store another process wrote and closed, only to read it, from a read-only
+    /// place (a runner pod's step reading the agent step's store): no migration, no journal.
+    pub async fn open_read_only(path: &Path) -> Result<Self, StoreError> {
+        let shown = path.display().to_string();
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?
+            .filename(path)
+            .read_only(true)
+            .immutable(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Open { path: shown, source: e })?;
+        Ok(Self { pool })
+    }
+
+    /// Closes every connection (the last one folds the write-ahead log into the file).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// The connection pool, for queries this module does not wrap.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
