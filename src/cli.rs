@@ -106,6 +106,7 @@ impl MachineArgs {
             report,
             sandbox: (!self.no_sandbox).then_some(runner::SandboxPolicy { extra_read: self.sandbox_read, protected }),
             gateway: None,
+            git_relay: None,
         }
     }
 }
@@ -161,6 +162,12 @@ pub struct StepArgs {
     /// File holding this execution's gateway token (agent).
     #[arg(long, env = "AGENTOPS_MODEL_TOKEN_FILE")]
     pub model_token_file: Option<PathBuf>,
+    /// The controller's git relay for this execution (clone, publish).
+    #[arg(long, env = "AGENTOPS_GIT_URL")]
+    pub git_url: Option<String>,
+    /// File holding this step's relay token (clone, publish).
+    #[arg(long, env = "AGENTOPS_GIT_TOKEN_FILE")]
+    pub git_token_file: Option<PathBuf>,
     /// Where Kubernetes reads the container's final message.
     #[arg(long, env = "AGENTOPS_TERMINATION_LOG", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
@@ -218,6 +225,11 @@ pub struct ControllerArgs {
     /// the model gateway (required with `--executor job`).
     #[arg(long, env = "AGENTOPS_REPORT_URL")]
     pub report_url: Option<String>,
+    /// Runner pods' clone and publish steps reach git through this controller, which adds the
+    /// credential (no git credential in any pod, and pods need no route to the git host).
+    /// `false`: those two containers mount the credential and talk to the git host.
+    #[arg(long, env = "AGENTOPS_GIT_RELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub git_relay: bool,
     /// Where the model gateway sends runner pods' requests [default: $ANTHROPIC_BASE_URL, else
     /// https://api.anthropic.com].
     #[arg(long, env = "AGENTOPS_ANTHROPIC_BASE_URL")]
@@ -451,8 +463,15 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
         }
         _ => None,
     };
+    let git_relay = match (&args.git_url, &args.git_token_file) {
+        (Some(url), Some(file)) => {
+            Some(runner::ModelRoute { base_url: url.clone(), token: read_token(file, "git relay token")? })
+        }
+        _ => None,
+    };
     let mut opts = args.machine.options(true, report);
     opts.gateway = gateway;
+    opts.git_relay = git_relay;
     let text = std::fs::read_to_string(&args.manifest_file)
         .with_context(|| format!("cannot read the manifest {}", args.manifest_file.display()))?;
     let resolved = parse_manifest(&text)
@@ -523,6 +542,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             default_workspace_size: args.workspace_size,
             report_url: args.report_url.filter(|u| !u.is_empty()),
             default_model: args.default_model.filter(|m| !m.is_empty()),
+            git_relay: args.git_relay,
             resources: match args.runner_resources.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
                 None => crate::controller::desired::default_runner_resources(),
                 Some(json) => serde_json::from_str(json).with_context(|| {

@@ -1087,6 +1087,13 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     ax.spec.repository.url = h.git.url("demo");
     api.create(&PostParams::default(), &ax).await.unwrap();
     let job = until("the Job", || kube.get(BATCH, "jobs", "ns", "agentops-pod")).await;
+    // No container of the pod mounts the git credential or the API key: the controller's relay
+    // and gateway add them.
+    let volumes = job["spec"]["template"]["spec"]["volumes"].as_array().unwrap().clone();
+    for v in &volumes {
+        let secret = v["secret"]["secretName"].as_str().unwrap_or_default();
+        assert!(secret != "git-cred" && secret != "anthropic", "{v}");
+    }
 
     // The kubelet's part: run the pod the controller rendered.
     let dir = h.dir.path().join("node");

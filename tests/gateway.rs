@@ -113,3 +113,97 @@ async fn the_controllers_gateway_counts_per_execution_and_stops_at_the_budget() 
     assert_eq!(last.usage.input_tokens, 1_000_000);
     assert_eq!(ask(&url("team-a", "fix"), "token-a").await.unwrap().status(), 401);
 }
+
+/// The controller's git relay, driven by the real git CLI over smart HTTP against the test git
+/// server: the clone token fetches and cannot push; the publish token pushes the work branch
+/// and nothing else; tokens die with the execution; the credential is the relay's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_git_relay_adds_the_credential_and_lets_only_the_work_branch_through() {
+    use agentops::gateway::git::{GitRelays, Route};
+    let server = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
+    server.create_repo("demo", &[("README.md", "hello\n")]);
+    let relays = std::sync::Arc::new(GitRelays::new().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = relays.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    relays.open(
+        "ns",
+        "fix",
+        Route {
+            upstream: server.url("demo"),
+            credentials: Some(agentops::git::GitCredentials {
+                username: "x-access-token".into(),
+                token: support::TOKEN.into(),
+            }),
+            clone_token: "clone-tok".into(),
+            publish_token: "publish-tok".into(),
+            branch: "agentops/fix".into(),
+        },
+    );
+    let url = |token: &str| format!("{}/git/ns/fix", base.replace("http://", &format!("http://agentops:{token}@")));
+    let dir = tempfile::tempdir().unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir.path())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // The clone token fetches (the relay adds the real credential)...
+    let (ok, err) = tokio::task::block_in_place(|| git(&["clone", "-q", &url("clone-tok"), "w"]));
+    assert!(ok, "{err}");
+    let work = dir.path().join("w");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(&work)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("HOME", dir.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@t")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@t")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    tokio::task::block_in_place(|| {
+        std::fs::write(work.join("fix.txt"), "fixed\n").unwrap();
+        assert!(run(&["add", "fix.txt"]).0 && run(&["commit", "-qm", "fix"]).0);
+        // ...but cannot push.
+        let (ok, err) = run(&["push", &url("clone-tok"), "HEAD:refs/heads/agentops/fix"]);
+        assert!(!ok && err.contains("403"), "{err}");
+        // The publish token may not push another branch, a tag, or two refs at once.
+        for refspec in [
+            &["HEAD:refs/heads/main"][..],
+            &["HEAD:refs/tags/v1"],
+            &["HEAD:refs/heads/agentops/fix", "HEAD:refs/heads/x"],
+        ] {
+            let mut args = vec!["push", "-q"];
+            let u = url("publish-tok");
+            args.push(&u);
+            args.extend_from_slice(refspec);
+            let (ok, err) = run(&args);
+            assert!(!ok, "{refspec:?} was refused: {err}");
+        }
+        assert_eq!(server.branch_head("demo", "x"), None);
+        // The work branch goes through.
+        let (ok, err) = run(&["push", "-q", &url("publish-tok"), "HEAD:refs/heads/agentops/fix"]);
+        assert!(ok, "{err}");
+    });
+    assert_eq!(server.show("demo", "agentops/fix", "fix.txt").as_deref(), Some("fixed\n"));
+    assert!(server.show("demo", "main", "fix.txt").is_none(), "main untouched");
+    // A wrong token, the real credential itself, and every token once the execution ended: refused.
+    for token in ["nope", support::TOKEN] {
+        let (ok, err) = tokio::task::block_in_place(|| git(&["ls-remote", &url(token)]));
+        assert!(!ok && err.contains("this token is not valid"), "{token}: {err}");
+    }
+    relays.close("ns", "fix");
+    let (ok, _) = tokio::task::block_in_place(|| git(&["ls-remote", &url("publish-tok")]));
+    assert!(!ok);
+}

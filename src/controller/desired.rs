@@ -66,6 +66,9 @@ pub struct JobConfig {
     pub report_url: Option<String>,
     /// Model for executions that name none (Claude Code reads `ANTHROPIC_MODEL`).
     pub default_model: Option<String>,
+    /// Clone and publish reach git through the controller's relay (with `report_url`): no git
+    /// credential in the pod. Off: those two containers mount it and talk to the git host.
+    pub git_relay: bool,
 }
 
 impl Default for JobConfig {
@@ -79,6 +82,7 @@ impl Default for JobConfig {
             resources: default_runner_resources(),
             report_url: None,
             default_model: None,
+            git_relay: true,
         }
     }
 }
@@ -181,6 +185,18 @@ pub const PRIVATE_DIR: &str = "/var/run/agentops/private";
 pub const STREAM_DIR: &str = "/var/run/agentops/stream";
 /// Where the agent's container finds its model gateway token.
 pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
+/// Where the clone and publish containers find their git relay token.
+pub const GIT_TOKEN_DIR: &str = "/var/run/secrets/agentops-git";
+
+/// The git relay of one execution on the controller (stands for `spec.repository.url`).
+pub fn git_url(base: &str, ax: &AgentExecution) -> String {
+    format!(
+        "{}/git/{}/{}",
+        base.trim_end_matches('/'),
+        ax.namespace().unwrap_or_else(|| "default".into()),
+        ax.name_any()
+    )
+}
 /// The agent's private HOME and TMPDIR (emptyDirs; the hooks in `finish` share them).
 const HOME_DIR: &str = "/home/agentops";
 const TMP_DIR: &str = "/tmp";
@@ -256,8 +272,10 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
         }),
         ..Default::default()
     });
-    // The git credential: only its key (and the optional username), for clone and publish.
-    let git_secret = r.credentials.as_ref().map(|c| {
+    let relay = cfg.report_url.as_ref().filter(|_| cfg.git_relay).map(|base| git_url(base, ax));
+    // The git credential: only its key (and the optional username), for clone and publish; and
+    // not at all when git goes through the controller's relay.
+    let git_secret = r.credentials.as_ref().filter(|_| relay.is_none()).map(|c| {
         let key = c.key.clone().unwrap_or_else(|| "token".into());
         // Optional: a missing `username` is fine; a missing token fails the clone by name.
         volumes.push(secret_items("git-credential", c.name.clone(), &[(&key, &key), ("username", "username")], true));
@@ -272,7 +290,12 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             &[(super::reports::REPORT_TOKEN_KEY, "token")],
             false,
         ));
-        volumes.push(secret_items("model-token", tokens, &[(super::reports::MODEL_TOKEN_KEY, "token")], false));
+        volumes.push(secret_items("model-token", tokens.clone(), &[(super::reports::MODEL_TOKEN_KEY, "token")], false));
+        if relay.is_some() {
+            use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY};
+            volumes.push(secret_items("git-clone-token", tokens.clone(), &[(GIT_CLONE_TOKEN_KEY, "token")], false));
+            volumes.push(secret_items("git-publish-token", tokens, &[(GIT_PUBLISH_TOKEN_KEY, "token")], false));
+        }
     }
     let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
         name: name.into(),
@@ -302,6 +325,13 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                 if let Some(secret) = &git_secret {
                     envs.push(env("AGENTOPS_SECRETS_DIR", SECRETS_DIR));
                     mounts.push(mount("git-credential", &format!("{SECRETS_DIR}/{secret}"), true));
+                }
+                if let Some(url) = &relay {
+                    // The fetch-only token for clone; publish's may push the work branch only.
+                    let vol = if step == Step::Clone { "git-clone-token" } else { "git-publish-token" };
+                    envs.push(env("AGENTOPS_GIT_URL", url));
+                    envs.push(env("AGENTOPS_GIT_TOKEN_FILE", &format!("{GIT_TOKEN_DIR}/token")));
+                    mounts.push(mount(vol, GIT_TOKEN_DIR, true));
                 }
                 if step == Step::Publish
                     && let Some(url) = &report
@@ -455,6 +485,7 @@ mod tests {
             assert!(c.restart_policy.is_none(), "no sidecar");
         }
         let by = |n: &str| *all.iter().find(|c| c.name == n).unwrap();
+        let vols = pod.volumes.clone().unwrap();
         let has = |n: &str, vol: &str| mounts(by(n)).iter().any(|m| m.0 == vol);
         // The agent: no credential of any kind, no hand-over it could forge.
         for vol in ["git-credential", "report-token", "private"] {
@@ -465,23 +496,32 @@ mod tests {
         assert!(!env.iter().any(|e| e.contains("SECRETS") || e.contains("REPORT")), "{env:?}");
         let url = by("agent").env.clone().unwrap().into_iter().find(|e| e.name == "AGENTOPS_MODEL_URL").unwrap();
         assert_eq!(url.value.as_deref(), Some("http://ctl.agentops.svc:8080/gateway/team-a/fix-bug"));
-        // Git: the clone and publish steps only; the report token: publish only; finish: nothing.
-        assert!(has("clone", "git-credential") && has("publish", "git-credential"));
+        // Git goes through the controller's relay: no pod mounts the credential; clone has a
+        // fetch-only token, publish one that may push the work branch.
+        assert!(vols.iter().all(|v| v.name != "git-credential"));
+        assert!(has("clone", "git-clone-token") && !has("clone", "git-publish-token"));
+        assert!(has("publish", "git-publish-token") && !has("publish", "git-clone-token"));
+        let git_env = |n: &str| by(n).env.clone().unwrap().into_iter().find(|e| e.name == "AGENTOPS_GIT_URL").unwrap();
+        assert_eq!(git_env("clone").value.as_deref(), Some("http://ctl.agentops.svc:8080/git/team-a/fix-bug"));
+        assert!(git_env("publish").value.is_some());
+        for vol in ["git-clone-token", "git-publish-token"] {
+            assert!(!has("agent", vol) && !has("finish", vol));
+        }
+        // The report token: publish only.
         assert!(!has("clone", "report-token") && has("publish", "report-token"));
         for vol in ["git-credential", "report-token", "model-token"] {
             assert!(!has("finish", vol), "finish (hooks over the agent's workspace) mounts no {vol}");
         }
         assert!(!has("clone", "model-token") && !has("publish", "model-token"));
         // The Anthropic key is mounted nowhere: the controller's gateway adds it.
-        let vols = pod.volumes.clone().unwrap();
         assert!(vols.iter().all(|v| v.secret.as_ref().is_none_or(|s| s.secret_name.as_deref() != Some("anthropic"))));
         // Each credential volume holds only the keys it needs.
         let items = |vol: &str| {
             let v = vols.iter().find(|v| v.name == vol).unwrap();
             v.secret.as_ref().unwrap().items.clone().unwrap().into_iter().map(|i| i.key).collect::<Vec<_>>()
         };
-        assert_eq!(items("git-credential"), ["token", "username"]);
         assert_eq!(items("model-token"), ["model"]);
+        assert_eq!(items("git-clone-token"), ["git-clone"]);
         assert_eq!(items("report-token"), ["token"]);
         // The stream is the agent's to write; the steps after it only read it.
         assert!(mounts(by("publish")).contains(&("stream".into(), STREAM_DIR.into(), true)));
@@ -489,6 +529,20 @@ mod tests {
         // No storage class anywhere: the workspace is an emptyDir and there is no PVC.
         assert!(desired_pvc(&ax, &JobConfig::default()).is_none());
         assert!(vols.iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
+    }
+
+    #[test]
+    fn without_the_relay_only_clone_and_publish_mount_the_git_key() {
+        let (ax, r) = ax("");
+        let cfg = JobConfig { report_url: Some("http://ctl:8080".into()), git_relay: false, ..Default::default() };
+        let pod = desired_job(&ax, &r, &cfg).spec.unwrap().template.spec.unwrap();
+        let all: Vec<Container> = pod.init_containers.unwrap().into_iter().chain(pod.containers).collect();
+        let with_git: Vec<&str> =
+            all.iter().filter(|c| mounts(c).iter().any(|m| m.0 == "git-credential")).map(|c| c.name.as_str()).collect();
+        assert_eq!(with_git, ["clone", "publish"]);
+        let v = pod.volumes.unwrap().into_iter().find(|v| v.name == "git-credential").unwrap();
+        let keys: Vec<String> = v.secret.unwrap().items.unwrap().into_iter().map(|i| i.key).collect();
+        assert_eq!(keys, ["token", "username"], "only the credential's keys, not the whole Secret");
     }
 
     #[test]

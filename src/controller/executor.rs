@@ -73,15 +73,11 @@ impl Executor {
         };
         if matches!(self, Executor::Job { .. })
             && matches!(observed, Observation::Running { .. } | Observation::Suspended)
-            && reports.has_gateway()
-            && !reports.model_open(&ns, &name)
+            && ((reports.has_gateway() && !reports.model_open(&ns, &name)) || !reports.git_open(&ns, &name))
         {
-            // A restarted controller opens the accounts of the runs it finds (same token).
-            if let Ok(tokens) = runner_tokens(client, ax, &ns, false).await
-                && let Some(model) = &tokens.model
-            {
-                reports.remember(&ns, &name, &tokens.report);
-                reports.open_model(&ns, &name, r, model).await?;
+            // A restarted controller opens the accounts of the runs it finds (same tokens).
+            if let Ok(tokens) = runner_tokens(client, ax, &ns, false).await {
+                tokens.open(reports, &ns, &name, r).await?;
             }
         }
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
@@ -144,10 +140,7 @@ impl Executor {
                     // The runner's tokens (reports; the model gateway), as a Secret owned by the
                     // execution; each container mounts only its own key.
                     let tokens = runner_tokens(client, ax, &ns, true).await?;
-                    reports.remember(&ns, &ax.name_any(), &tokens.report);
-                    if let Some(model) = &tokens.model {
-                        reports.open_model(&ns, &ax.name_any(), r, model).await?;
-                    }
+                    tokens.open(reports, &ns, &ax.name_any(), r).await?;
                 }
                 if let Some(pvc) = desired::desired_pvc(ax, cfg) {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
@@ -196,18 +189,38 @@ impl Executor {
 struct RunnerTokens {
     report: String,
     model: Option<String>,
+    /// The git relay's tokens (clone: fetch; publish: push the work branch).
+    git: Option<(String, String)>,
+}
+
+impl RunnerTokens {
+    /// Opens what the controller serves this execution's pod: the model gateway, the git relay.
+    async fn open(&self, reports: &Reports, ns: &str, name: &str, r: &Resolved) -> Result<(), Error> {
+        reports.remember(ns, name, &self.report);
+        if let Some(model) = &self.model {
+            reports.open_model(ns, name, r, model).await?;
+        }
+        if let Some((clone, publish)) = &self.git {
+            reports.open_git(ns, name, r, clone, publish).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads the execution's runner Secret; creates it (when `create`) with fresh tokens when it
 /// does not exist.
 async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: bool) -> Result<RunnerTokens, Error> {
-    use super::reports::{MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
+    use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let name = token_secret_name(&ax.name_any());
     let read = |s: Secret| {
         let data = s.data.unwrap_or_default();
         let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-        get(REPORT_TOKEN_KEY).map(|report| RunnerTokens { report, model: get(MODEL_TOKEN_KEY) })
+        get(REPORT_TOKEN_KEY).map(|report| RunnerTokens {
+            report,
+            model: get(MODEL_TOKEN_KEY),
+            git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
+        })
     };
     if let Some(existing) = secrets.get_opt(&name).await? {
         return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
@@ -216,16 +229,18 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
         return Err(Error::Executor(format!("Secret {name} is gone")));
     }
     let (report, model) = (new_token(), crate::gateway::new_token());
+    let (clone, publish) = (new_token(), new_token());
     let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
                      "labels": {"app.kubernetes.io/managed-by": "agentops"}},
-        "type": "Opaque", "stringData": {REPORT_TOKEN_KEY: report, MODEL_TOKEN_KEY: model}});
+        "type": "Opaque", "stringData": {REPORT_TOKEN_KEY: report, MODEL_TOKEN_KEY: model,
+                                         GIT_CLONE_TOKEN_KEY: clone, GIT_PUBLISH_TOKEN_KEY: publish}});
     // Create (not apply): the controller's Role grants `create` on Secrets, not `patch`. A
     // concurrent creation answers 409: read that one.
     let secret: Secret =
         serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner token Secret: {e}")))?;
     match secrets.create(&kube::api::PostParams::default(), &secret).await {
-        Ok(_) => Ok(RunnerTokens { report, model: Some(model) }),
+        Ok(_) => Ok(RunnerTokens { report, model: Some(model), git: Some((clone, publish)) }),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             read(secrets.get(&name).await?).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))
         }

@@ -166,9 +166,22 @@ pub async fn run(
         },
         _ => None,
     };
+    let relays = match (&executor, &config.job.report_url) {
+        (Executor::Job { .. }, Some(_)) if config.job.git_relay => match crate::gateway::git::GitRelays::new() {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot prepare the git relay");
+                return Stopped::Shutdown;
+            }
+        },
+        _ => None,
+    };
     let mut reports = reports::Reports::new(client.clone(), wake_tx.clone());
     if let Some(g) = &gateways {
         reports = reports.with_gateways(g.clone());
+    }
+    if let Some(g) = &relays {
+        reports = reports.with_git_relays(g.clone());
     }
     let reports = Arc::new(reports);
     let reporter = Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
@@ -207,6 +220,9 @@ pub async fn run(
         let probes = crate::server::probes_router(state.clone());
         let mut api = crate::server::api_router(state);
         if let Some(g) = &gateways {
+            api = api.merge(g.clone().router());
+        }
+        if let Some(g) = &relays {
             api = api.merge(g.clone().router());
         }
         let serve = |listener: tokio::net::TcpListener, app: axum::Router| {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
+use crate::gateway::git::{GitRelays, Route};
 use crate::gateway::{Account, Gateways, Metered};
 
 type Key = (String, String);
@@ -29,12 +30,17 @@ pub struct Reports {
     wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
     /// The model gateway runner pods use (None: runners bring their own key; local runners).
     gateways: Option<Arc<Gateways>>,
+    /// The git relay runner pods use (None: they talk to the git host themselves).
+    git: Option<Arc<GitRelays>>,
 }
 
 /// Key of the runner Secret holding the model gateway token (mounted in the agent's container only).
 pub const MODEL_TOKEN_KEY: &str = "model";
 /// Key of the runner Secret holding the report token (mounted in the publish container only).
 pub const REPORT_TOKEN_KEY: &str = "token";
+/// Keys of the git relay tokens: fetch only (clone), push of the work branch (publish).
+pub const GIT_CLONE_TOKEN_KEY: &str = "git-clone";
+pub const GIT_PUBLISH_TOKEN_KEY: &str = "git-publish";
 
 /// Live figures reach the status at most this often (each wake is one reconcile).
 const WAKE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -56,7 +62,60 @@ fn same(a: &str, b: &str) -> bool {
 
 impl Reports {
     pub fn new(client: kube::Client, wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>) -> Self {
-        Self { client, tokens: Default::default(), latest: Default::default(), wake, gateways: None }
+        Self { client, tokens: Default::default(), latest: Default::default(), wake, gateways: None, git: None }
+    }
+
+    /// Runner pods reach git through `relays`.
+    pub fn with_git_relays(mut self, relays: Arc<GitRelays>) -> Self {
+        self.git = Some(relays);
+        self
+    }
+
+    /// Whether the execution's git route is open (or there is no relay).
+    pub fn git_open(&self, ns: &str, name: &str) -> bool {
+        self.git.as_ref().is_none_or(|g| g.is_open(ns, name))
+    }
+
+    /// Opens the execution's git route: its repository, with the credential read from its
+    /// Secret here, for the steps' two tokens.
+    pub async fn open_git(
+        &self,
+        ns: &str,
+        name: &str,
+        r: &Resolved,
+        clone_token: &str,
+        publish_token: &str,
+    ) -> Result<(), super::reconcile::Error> {
+        let Some(relays) = &self.git else { return Ok(()) };
+        let credentials = match &r.credentials {
+            None => None,
+            Some(c) => {
+                let secret = Api::<Secret>::namespaced(self.client.clone(), ns).get(&c.name).await?;
+                let data = secret.data.unwrap_or_default();
+                let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).trim().to_string());
+                let key = c.key.clone().unwrap_or_else(|| "token".into());
+                let token = get(&key).filter(|t| !t.is_empty()).ok_or_else(|| {
+                    super::reconcile::Error::Executor(format!(
+                        "Secret {:?} has no key {key:?} (spec.repository.credentialsSecretRef)",
+                        c.name
+                    ))
+                })?;
+                let username = get("username").filter(|u| !u.is_empty()).unwrap_or_else(|| "x-access-token".into());
+                Some(crate::git::GitCredentials { username, token })
+            }
+        };
+        relays.open(
+            ns,
+            name,
+            Route {
+                upstream: r.repo_url.clone(),
+                credentials,
+                clone_token: clone_token.into(),
+                publish_token: publish_token.into(),
+                branch: r.branch.clone(),
+            },
+        );
+        Ok(())
     }
 
     /// Runner pods reach the model through `gateways`.
@@ -165,6 +224,9 @@ impl Reports {
     /// Drops what is kept for a finished execution; its model token stops working.
     pub fn forget(&self, ns: &str, name: &str) {
         if let Some(g) = &self.gateways {
+            g.close(ns, name);
+        }
+        if let Some(g) = &self.git {
             g.close(ns, name);
         }
         let key = (ns.to_string(), name.to_string());

@@ -11,6 +11,8 @@
 //! `/gateway/{namespace}/{name}/`), with the key read from the execution's Secret: a runner
 //! pod never holds it.
 
+pub mod git;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

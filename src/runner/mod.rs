@@ -46,6 +46,10 @@ pub struct RunOptions {
     /// agent step: the controller's gateway, with this execution's token). None: `agentops`
     /// starts a gateway on loopback with the API key.
     pub gateway: Option<ModelRoute>,
+    /// The controller's git relay for this execution, when git goes through it (a runner pod's
+    /// clone and publish steps): its URL stands for `spec.repository.url`, its token for the
+    /// git credential.
+    pub git_relay: Option<ModelRoute>,
 }
 
 /// Where the agent reaches the model, and with what token (never the API key).
@@ -139,6 +143,8 @@ struct Run<'a> {
     hook_failure: Option<String>,
     /// Tokens the model gateway counted (the operator's own figures), when it relayed the run.
     metered: Option<crate::api::Usage>,
+    /// Where git goes: `spec.repository.url`, or the controller's relay for it (a pod's steps).
+    git_url: String,
     /// When the execution started (for every summary, the hooks' too).
     started: Instant,
     start_time: String,
@@ -310,6 +316,7 @@ impl<'a> Run<'a> {
             unpushed: false,
             hook_failure: None,
             metered: None,
+            git_url: opts.git_relay.as_ref().map_or_else(|| r.repo_url.clone(), |g| g.base_url.clone()),
             started,
             start_time,
         };
@@ -383,10 +390,10 @@ impl<'a> Run<'a> {
         // Clone.
         self.say(&format!("  cloning {} (depth {})", self.r.repo_url, self.r.depth));
         let cloned = {
-            let (r, dest, creds, abort) =
-                (self.r.clone(), ws.repo.clone(), self.secrets.git.clone(), self.abort.clone());
+            let (r, dest, creds, abort, url) =
+                (self.r.clone(), ws.repo.clone(), self.secrets.git.clone(), self.abort.clone(), self.git_url.clone());
             tokio::task::spawn_blocking(move || {
-                git::clone(&r.repo_url, &dest, r.git_ref.as_deref(), r.depth, creds.as_ref(), &r.branch, &abort)
+                git::clone(&url, &dest, r.git_ref.as_deref(), r.depth, creds.as_ref(), &r.branch, &abort)
                     .map(|(_, c)| c)
             })
             .await
@@ -562,18 +569,12 @@ impl<'a> Run<'a> {
         // Collect, commit and push from the operator's own repository: nothing the agent wrote
         // in .git/ or a HOME is read (see git::Publish).
         let base_ref = base.source_ref.clone();
+        let url = self.git_url.clone();
         let prepared = {
-            let (workdir, gitdir, base, r, creds, abort) = (
-                ws.repo.clone(),
-                ws.root.join("publish.git"),
-                base_oid,
-                self.r.clone(),
-                self.secrets.git.clone(),
-                self.abort.clone(),
-            );
+            let (workdir, gitdir, base, creds, abort) =
+                (ws.repo.clone(), ws.root.join("publish.git"), base_oid, self.secrets.git.clone(), self.abort.clone());
             tokio::task::spawn_blocking(move || -> Result<_, GitError> {
-                let publish =
-                    git::Publish::prepare(&workdir, &gitdir, base, &r.repo_url, &base_ref, creds.as_ref(), &abort)?;
+                let publish = git::Publish::prepare(&workdir, &gitdir, base, &url, &base_ref, creds.as_ref(), &abort)?;
                 let staged = publish.stage()?;
                 Ok((publish, staged))
             })
@@ -640,11 +641,11 @@ impl<'a> Run<'a> {
 
         // Push: refs/heads/<branch> to spec.repository.url, nothing else anywhere else.
         let pushed = {
-            let (publish, r, creds, abort) =
-                (publish.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone());
+            let (publish, r, creds, abort, url) =
+                (publish.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone(), self.git_url.clone());
             tokio::task::spawn_blocking(move || -> Result<(), GitError> {
                 let p = publish.lock().map_err(|_| GitError::Other(git2::Error::from_str("publish lock")))?;
-                p.push(&r.repo_url, &r.branch, creds.as_ref(), &abort)
+                p.push(&url, &r.branch, creds.as_ref(), &abort)
             })
             .await
         };

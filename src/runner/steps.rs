@@ -179,12 +179,22 @@ pub async fn run_step(
 ) -> Result<StepEnd, StepError> {
     let mut r = r.clone();
     r.api_key = None;
+    if opts.git_relay.is_some() {
+        // The relay holds the credential; this step has only its own token.
+        r.credentials = None;
+    }
     let r = &r;
+    let relay_secrets = |mut s: super::Secrets| {
+        if let Some(g) = &opts.git_relay {
+            s.git = Some(crate::git::GitCredentials { username: "agentops".into(), token: g.token.clone() });
+        }
+        s
+    };
     let handoff_path = dirs.private.join(HANDOFF);
     let lost = |what: &str, e: std::io::Error| StepError::Handoff(format!("{what}: {e}"));
     match step {
         Step::Clone => {
-            let secrets = secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?;
+            let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
             let redactor = super::Redactor::new(&secrets);
             let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
             let start_time = now();
@@ -267,7 +277,7 @@ pub async fn run_step(
                 write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
                 return Ok(StepEnd::Next);
             }
-            let secrets = secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?;
+            let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
             let redactor = super::Redactor::new(&secrets);
             let (mut run, watcher) = Run::new_at(
                 store,

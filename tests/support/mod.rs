@@ -65,6 +65,7 @@ impl Harness {
             // The agent runs confined in every test, as users run it.
             sandbox: Some(agentops::runner::SandboxPolicy { extra_read: vec![], protected: vec![db_path.clone()] }),
             gateway: None,
+            git_relay: None,
         };
         Self { git, model, dir, store, opts, db_path, max_retries: 1 }
     }
