@@ -1034,6 +1034,19 @@ fn secret_data(kube: &FakeKube, ns: &str, name: &str) -> Option<std::collections
     )
 }
 
+/// Plays the kubelet for a Job's pod: runs it on this machine (see `support::pod`), with the
+/// agent's Landlock sandbox off, so that what holds is the pod's own isolation.
+async fn kubelet(kube: &FakeKube, job: Value, dir: &std::path::Path) -> Vec<support::pod::Ended> {
+    let (kube, dir) = (kube.clone(), dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let mut image = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
+        image.env.push(("AGENTOPS_NO_SANDBOX".into(), "true".into()));
+        support::pod::run_pod(&job, &|name| secret_data(&kube, "ns", name), &image, &dir)
+    })
+    .await
+    .unwrap()
+}
+
 /// The Job path for real: the controller renders the Job, and the test's kubelet runs its pod
 /// (each step a container in its own mount and PID namespaces, with only its own mounts, as
 /// the pod's uid). The agent is prompt-injected: it hunts for every credential and plants
@@ -1096,19 +1109,7 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     }
 
     // The kubelet's part: run the pod the controller rendered.
-    let dir = h.dir.path().join("node");
-    let ended = {
-        let (kube2, dir) = (kube.clone(), dir.clone());
-        tokio::task::spawn_blocking(move || {
-            // The agent runs without its Landlock sandbox here: what is tested is that the pod's
-            // containers and mounts alone keep every credential from it.
-            let mut image = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
-            image.env.push(("AGENTOPS_NO_SANDBOX".into(), "true".into()));
-            support::pod::run_pod(&job, &|name| secret_data(&kube2, "ns", name), &image, &dir)
-        })
-        .await
-        .unwrap()
-    };
+    let ended = kubelet(&kube, job, &h.dir.path().join("node")).await;
     let names: Vec<&str> = ended.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, ["clone", "agent", "publish", "finish"], "{ended:#?}");
     for e in &ended {
@@ -1180,5 +1181,46 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
         .await
         .unwrap();
     assert_eq!(late.status(), 401);
+    ctl.stop().await;
+}
+
+/// A clone that fails (the git host refuses the credential) is handed on through the pod's
+/// steps: every container runs, the agent and publish skip, and the status says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pod_whose_clone_fails_reports_the_cause_and_spends_nothing() {
+    assert_eq!(support::pod::available(), None, "needs root for mount and PID namespaces");
+    let h = support::Harness::new(support::happy_script()).await;
+    let kube = FakeKube::start().await;
+    let secrets: Api<Secret> = Api::namespaced(kube.client(), "ns");
+    for (name, key, value) in [("git-cred", "token", "ghp_wrong"), ("anthropic", "api-key", support::API_KEY)] {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap();
+        secrets.create(&PostParams::default(), &s).await.unwrap();
+    }
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base);
+    cfg.model_upstream = h.model.base_url.clone();
+    let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let mut ax = execution("badclone", json!({}));
+    ax.spec.repository.url = h.git.url("demo");
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let job = until("the Job", || kube.get(BATCH, "jobs", "ns", "agentops-badclone")).await;
+    let ended = kubelet(&kube, job, &h.dir.path().join("node")).await;
+    assert!(ended.iter().all(|e| e.exit_code == 0), "{ended:#?}");
+    assert_eq!(ended.len(), 4);
+    support::pod::report(&kube, "ns", "agentops-badclone", &ended);
+    let st = until("Failed", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "badclone")?;
+        (ax["status"]["phase"] == "Failed").then(|| ax["status"].clone())
+    })
+    .await;
+    assert_eq!(st["reason"], "CloneFailed", "{st}");
+    let message = st["message"].as_str().unwrap();
+    assert!(message.contains("credentials") || message.contains("401"), "{message}");
+    assert!(!message.contains("ghp_wrong"));
+    assert_eq!(h.model.seen().len(), 0, "the agent never started");
+    assert_eq!(st["tokensUsed"], 0);
     ctl.stop().await;
 }
