@@ -43,6 +43,19 @@ fn cases(h: &Harness) -> Vec<(&'static str, String, &'static str, &'static str)>
     let with_url = |url: &str| m("").replace(&demo, url);
     vec![
         ("absurd timeout", m("  timeout: 400000000000y\n"), "spec.timeout", "not a duration"),
+        (
+            "egress to a host name",
+            m("  egress: [{cidr: registry.npmjs.org/32, ports: [443]}]\n"),
+            "spec.egress[0].cidr",
+            "not an IP block",
+        ),
+        (
+            "egress prefix too long",
+            m("  egress: [{cidr: 10.0.0.0/33, ports: [443]}]\n"),
+            "spec.egress[0].cidr",
+            "not an IP block",
+        ),
+        ("egress without ports", m("  egress: [{cidr: 10.0.0.0/8, ports: []}]\n"), "spec.egress[0].ports", "TCP ports"),
         ("huge timeout", m("  timeout: 999999999h\n"), "spec.timeout", "limit is 168h"),
         ("timeout over the bound", m("  timeout: 169h\n"), "spec.timeout", "limit is 168h"),
         (

@@ -196,6 +196,7 @@ fn runner_grants(kind: &str, ns: &str) -> Vec<Grant> {
         expect(kind, ns, "", "persistentvolumeclaims", &["get", "create", "patch", "delete"]),
         expect(kind, ns, "", "pods", &["list"]),
         expect(kind, ns, "", "secrets", &["get", "create"]),
+        expect(kind, ns, "networking.k8s.io", "networkpolicies", &["patch"]),
         expect(kind, ns, "events.k8s.io", "events", &["create", "patch"]),
     ]
     .concat()

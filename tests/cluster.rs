@@ -5,7 +5,7 @@
 //!
 //! It installs the CRDs from `crds/`, runs the controller in-process (Job executor) in a fresh
 //! namespace, and checks the Job it creates (the four step containers, the agent's without a
-//! credential) and the Stalled path; it does not need the runner
+//! credential), the NetworkPolicy of its egress, and the Stalled path; it does not need the runner
 //! image to be pullable. It deletes its namespace at the end.
 
 use std::time::Duration;
@@ -74,7 +74,8 @@ async fn controller_on_a_real_cluster() {
     let ax: AgentExecution = serde_json::from_value(json!({
         "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution", "metadata": {"name": "hello"},
         "spec": {"prompt": "p", "repository": {"url": "https://github.com/octocat/Hello-World.git", "credentialsSecretRef": {"name": "git-cred"}},
-                 "agent": {"apiKeySecretRef": {"name": "anthropic"}}}
+                 "agent": {"apiKeySecretRef": {"name": "anthropic"}},
+                 "egress": [{"cidr": "151.101.0.0/16", "ports": [443]}]}
     }))
     .unwrap();
     api.create(&PostParams::default(), &ax).await.unwrap();
@@ -102,6 +103,12 @@ async fn controller_on_a_real_cluster() {
     let agent = &init[1];
     let mounts: Vec<&str> = agent.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
     assert!(!mounts.contains(&"git-credential") && !mounts.contains(&"report-token"), "{mounts:?}");
+    // The execution's egress became a NetworkPolicy the API server accepted, for its pod only.
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let np = policies.get("agentops-egress-hello").await.expect("the execution's NetworkPolicy");
+    let spec = np.spec.unwrap();
+    assert_eq!(spec.pod_selector.unwrap().match_labels.unwrap()["agentops.dev/execution"], "hello");
+    assert_eq!(spec.egress.unwrap()[0].to.as_ref().unwrap()[0].ip_block.as_ref().unwrap().cidr, "151.101.0.0/16");
     // Cancel stops it.
     api.patch("hello", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
     eventually("Cancelled", || async {

@@ -1224,3 +1224,34 @@ async fn a_job_pod_whose_clone_fails_reports_the_cause_and_spends_nothing() {
     assert_eq!(st["tokensUsed"], 0);
     ctl.stop().await;
 }
+
+/// An execution's own egress (a package registry, say) becomes a NetworkPolicy for its pod
+/// only, owned by it; one without any gets none (the chart's base policy applies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executions_egress_becomes_a_network_policy_for_its_pod_only() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let egress =
+        json!({"egress": [{"cidr": "151.101.0.0/16", "ports": [443]}, {"cidr": "2a04:4e42::/32", "ports": [443, 80]}]});
+    api.create(&PostParams::default(), &execution("npm", egress)).await.unwrap();
+    api.create(&PostParams::default(), &execution("plain", json!({}))).await.unwrap();
+    let np =
+        until("the policy", || kube.get("apis/networking.k8s.io/v1", "networkpolicies", "ns", "agentops-egress-npm"))
+            .await;
+    assert_eq!(np["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
+    assert_eq!(np["spec"]["podSelector"]["matchLabels"]["agentops.dev/execution"], "npm");
+    assert_eq!(np["spec"]["policyTypes"], json!(["Egress"]));
+    assert_eq!(
+        np["spec"]["egress"][0],
+        json!({"to": [{"ipBlock": {"cidr": "151.101.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 443}]})
+    );
+    assert_eq!(np["spec"]["egress"][1]["ports"].as_array().unwrap().len(), 2);
+    // The Job's pod carries the label the policy selects.
+    let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-npm")).await;
+    assert_eq!(job["spec"]["template"]["metadata"]["labels"]["agentops.dev/execution"], "npm");
+    until("the other Job", || kube.get(BATCH, "jobs", "ns", "agentops-plain")).await;
+    assert!(kube.get("apis/networking.k8s.io/v1", "networkpolicies", "ns", "agentops-egress-plain").is_none());
+    ctl.stop().await;
+}

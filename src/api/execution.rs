@@ -124,6 +124,22 @@ pub struct AgentExecutionSpec {
     /// Free-form attribution: which work item this execution serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_item: Option<String>,
+    /// Where runner pods may connect besides DNS and the controller (the model and git go
+    /// through the controller): e.g. package registries. Added to the template's. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub egress: Vec<EgressRule>,
+}
+
+/// A destination runner pods may reach: an IP block and TCP ports.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct EgressRule {
+    /// An IPv4 or IPv6 block, e.g. `151.101.0.0/16` (NetworkPolicy has no host names).
+    #[schemars(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"), length(max = 64))]
+    pub cidr: String,
+    /// TCP ports (1 to 65535); at least one, at most 16.
+    #[schemars(length(min = 1, max = 16), inner(range(min = 1)))]
+    pub ports: Vec<u16>,
 }
 
 /// A reference to an `AgentTemplate` by name.

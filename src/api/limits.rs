@@ -24,6 +24,9 @@ pub const MAX_HOOK_ARG_CHARS: usize = 4096;
 pub const MAX_TOOL_RULES: usize = 128;
 /// One entry of `allowedTools` / `disallowedTools`.
 pub const MAX_TOOL_RULE_CHARS: usize = 1024;
+/// `spec.egress` entries (template and execution together), and ports of one entry.
+pub const MAX_EGRESS_RULES: usize = 32;
+pub const MAX_EGRESS_PORTS: usize = 16;
 /// `spec.timeout` (also `--default-timeout`).
 pub const MAX_TIMEOUT: &str = "168h";
 /// `spec.agent.idleTimeout`.

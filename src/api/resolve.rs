@@ -45,6 +45,9 @@ pub struct Resolved {
     pub work_item: Option<String>,
     /// The runner image the template names (cluster only; None: the controller's).
     pub image: Option<String>,
+    /// Where runner pods may connect besides DNS and the controller (template's, then the
+    /// execution's; cluster only).
+    pub egress: Vec<super::execution::EgressRule>,
 }
 
 /// A hook with its name and limit decided.
@@ -254,9 +257,61 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         worker: spec.worker.clone(),
         work_item: spec.work_item.clone(),
         image: template.and_then(|t| t.image.clone()).filter(|i| !i.trim().is_empty()),
+        egress: egress(template.map(|t| t.egress.as_slice()).unwrap_or_default(), &spec.egress)?,
         name,
         namespace,
     })
+}
+
+/// The template's egress rules and the execution's, checked: each CIDR a real IP block.
+fn egress(
+    template: &[super::execution::EgressRule],
+    own: &[super::execution::EgressRule],
+) -> Result<Vec<super::execution::EgressRule>, ManifestError> {
+    if template.len() + own.len() > limits::MAX_EGRESS_RULES {
+        return Err(ManifestError::new(
+            "spec.egress",
+            format!(
+                "has {} entries with the template's; at most {} (use wider CIDRs)",
+                template.len() + own.len(),
+                limits::MAX_EGRESS_RULES
+            ),
+        ));
+    }
+    let mut all: Vec<super::execution::EgressRule> = Vec::new();
+    let fields = template
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("the AgentTemplate's spec.egress[{i}]"), r))
+        .chain(own.iter().enumerate().map(|(i, r)| (format!("spec.egress[{i}]"), r)));
+    for (field, rule) in fields {
+        let valid = rule.cidr.split_once('/').is_some_and(|(ip, bits)| {
+            let max = match ip.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(_)) => 32,
+                Ok(std::net::IpAddr::V6(_)) => 128,
+                Err(_) => return false,
+            };
+            bits.parse::<u8>().is_ok_and(|b| b <= max)
+        });
+        if !valid {
+            return Err(ManifestError::new(
+                format!("{field}.cidr"),
+                format!("{:?} is not an IP block; write e.g. 151.101.0.0/16 or 2a04:4e42::/32", rule.cidr),
+            ));
+        }
+        if rule.ports.is_empty() || rule.ports.len() > limits::MAX_EGRESS_PORTS || rule.ports.contains(&0) {
+            return Err(ManifestError::new(
+                format!("{field}.ports"),
+                format!("give 1 to {} TCP ports from 1 to 65535, e.g. [443]", limits::MAX_EGRESS_PORTS),
+            ));
+        }
+    }
+    for rule in template.iter().chain(own) {
+        if !all.contains(rule) {
+            all.push(rule.clone());
+        }
+    }
+    Ok(all)
 }
 
 fn check_secret_ref(r: &SecretKeyRef, field: &str) -> Result<(), ManifestError> {

@@ -49,4 +49,8 @@ pub struct AgentTemplateSpec {
     /// Container image for the runner pod (cluster only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Where runner pods may connect besides DNS and the controller (cluster only). At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub egress: Vec<super::execution::EgressRule>,
 }

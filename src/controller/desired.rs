@@ -211,6 +211,43 @@ pub fn model_url(base: &str, ax: &AgentExecution) -> String {
     )
 }
 
+/// Name of the NetworkPolicy an execution's egress rules become.
+pub fn egress_policy_name(ax: &AgentExecution) -> String {
+    child_name("agentops-egress", &ax.name_any())
+}
+
+/// The egress an execution adds for its own runner pod (`spec.egress` and its template's), as
+/// a NetworkPolicy owned by the execution; None when it adds none. NetworkPolicies add up: the
+/// chart's policy for every runner pod (DNS and the controller only) stays the base.
+pub fn desired_network_policy(ax: &AgentExecution, r: &Resolved) -> Option<serde_json::Value> {
+    if r.egress.is_empty() {
+        return None;
+    }
+    let rules: Vec<serde_json::Value> = r
+        .egress
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "to": [{"ipBlock": {"cidr": e.cidr}}],
+                "ports": e.ports.iter().map(|p| serde_json::json!({"protocol": "TCP", "port": p})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let meta = meta(ax, egress_policy_name(ax));
+    Some(serde_json::json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": {
+                EXECUTION_LABEL: truncate_label(&ax.name_any()),
+                "app.kubernetes.io/component": "runner",
+            }},
+            "policyTypes": ["Egress"],
+            "egress": rules,
+        }
+    }))
+}
+
 /// The Job that runs the execution: one container per step, each mounting only what it needs
 /// (see `runner::steps`). No container holds the Anthropic key (the controller's gateway adds
 /// it); the agent's holds no credential at all: not the git token, not the report token, no

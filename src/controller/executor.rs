@@ -142,6 +142,11 @@ impl Executor {
                     let tokens = runner_tokens(client, ax, &ns, true).await?;
                     tokens.open(reports, &ns, &ax.name_any(), r).await?;
                 }
+                if let Some(policy) = desired::desired_network_policy(ax, r) {
+                    let api: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+                        Api::namespaced(client.clone(), &ns);
+                    api.patch(&desired::egress_policy_name(ax), &pp, &Patch::Apply(&policy)).await?;
+                }
                 if let Some(pvc) = desired::desired_pvc(ax, cfg) {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
                     api.patch(&pvc.name_any(), &pp, &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")))

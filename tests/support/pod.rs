@@ -18,10 +18,11 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-/// What the image holds besides the host's /usr and /etc: directories bound at their own paths
-/// (read-only), put first on PATH, and the image's environment.
+/// What the image holds besides the host's /usr and /etc: host directories bound (read-only)
+/// under `/opt/image/`, as an image would carry them, and the image's environment.
 pub struct Image {
-    pub dirs: Vec<PathBuf>,
+    /// (host directory, path in the container)
+    pub dirs: Vec<(PathBuf, String)>,
     pub env: Vec<(String, String)>,
 }
 
@@ -29,15 +30,13 @@ impl Image {
     /// This build's agentops (`bin`) and the Claude Code CLI from npm.
     pub fn local(bin: &Path) -> Self {
         let bin_dir = bin.parent().expect("bin dir").to_path_buf();
+        // Claude Code as npm installed it (`.bin/claude` links into the package).
         let node_modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("node_modules");
-        let claude = super::claude_bin();
-        let path =
-            format!("{}:{}:/usr/local/bin:/usr/bin:/bin", bin_dir.display(), node_modules.join(".bin").display());
         Self {
-            dirs: vec![bin_dir, node_modules],
+            dirs: vec![(bin_dir, "/opt/image/bin".into()), (node_modules, "/opt/image/node_modules".into())],
             env: vec![
-                ("PATH".into(), path),
-                ("AGENTOPS_CLAUDE_BIN".into(), claude.display().to_string()),
+                ("PATH".into(), "/opt/image/bin:/opt/image/node_modules/.bin:/usr/local/bin:/usr/bin:/bin".into()),
+                ("AGENTOPS_CLAUDE_BIN".into(), "/opt/image/node_modules/.bin/claude".into()),
                 ("DISABLE_AUTOUPDATER".into(), "1".into()),
             ],
         }
@@ -180,8 +179,8 @@ fn run_container(
             script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
         }
     };
-    for d in &image.dirs {
-        bind(&mut script, d, &d.display().to_string(), true, false);
+    for (host, at) in &image.dirs {
+        bind(&mut script, host, at, true, false);
     }
     bind(&mut script, passwd, "/etc/passwd", true, true);
     bind(&mut script, &term, c["terminationMessagePath"].as_str().unwrap_or("/dev/termination-log"), false, true);
