@@ -219,7 +219,7 @@ async fn run_started(
     started: Instant,
     start_time: String,
 ) -> Result<Summary, RunError> {
-    let (mut run, watcher) = Run::new(store, opts, r, cancel, secrets, redactor, id, started, start_time);
+    let (mut run, watcher) = Run::new_at(store, opts, r, cancel, secrets, redactor, id, started, start_time, 0);
     run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
     // Fault injection for the test of the panic guard; compiled out of release builds.
     if cfg!(debug_assertions) && env("AGENTOPS_TEST_PANIC").is_some() {
@@ -257,23 +257,8 @@ async fn run_started(
 }
 
 impl<'a> Run<'a> {
-    /// A run from `started` on, and the task that aborts git work on cancel or the deadline.
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        store: &Store,
-        opts: &'a RunOptions,
-        r: &'a Resolved,
-        cancel: CancellationToken,
-        secrets: Secrets,
-        redactor: Redactor,
-        id: String,
-        started: Instant,
-        start_time: String,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::new_at(store, opts, r, cancel, secrets, redactor, id, started, start_time, 0)
-    }
-
-    /// The same, numbering its log lines from `first_log_seq` (each step of a pod its own range).
+    /// A run from `started` on, and the task that aborts git work on cancel or the deadline. Its
+    /// log lines are numbered from `first_log_seq` (each step of a pod has its own range).
     #[allow(clippy::too_many_arguments)]
     fn new_at(
         store: &Store,

@@ -200,18 +200,8 @@ pub async fn run_step(
             let start_time = now();
             store.create_execution(&NewExecution::new(&id, r)).await.map_err(RunError::from)?;
             store.mark_running(&id, &start_time).await.map_err(RunError::from)?;
-            let (mut run, watcher) = Run::new_at(
-                store,
-                opts,
-                r,
-                cancel,
-                secrets,
-                redactor,
-                id.clone(),
-                Instant::now(),
-                start_time.clone(),
-                step.first_log_seq(),
-            );
+            let (mut run, watcher) =
+                resume(step, store, opts, r, cancel, secrets, redactor, id.clone(), start_time.clone());
             run.say(&format!("▶ {} ({}): {}", r.name, id, r.repo_url));
             let cloned = run.clone_part(store).await;
             watcher.abort();
@@ -241,7 +231,8 @@ pub async fn run_step(
                 redactor = super::Redactor::from_values([g.token.clone()]);
             }
             store.ensure_execution(&NewExecution::new(&begin.id, r)).await.map_err(RunError::from)?;
-            let (mut run, watcher) = Run::new_at(
+            let (mut run, watcher) = resume(
+                step,
                 store,
                 opts,
                 r,
@@ -249,9 +240,7 @@ pub async fn run_step(
                 Default::default(),
                 redactor,
                 begin.id.clone(),
-                instant_of(&begin.start_time),
                 begin.start_time.clone(),
-                step.first_log_seq(),
             );
             run.ws = Some(Workspace::at(&opts.workspace_root, &begin.id));
             let mut out = std::fs::File::create(dirs.stream.join(STREAM))
@@ -279,18 +268,8 @@ pub async fn run_step(
             }
             let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
             let redactor = super::Redactor::new(&secrets);
-            let (mut run, watcher) = Run::new_at(
-                store,
-                opts,
-                r,
-                cancel,
-                secrets,
-                redactor,
-                h.id.clone(),
-                instant_of(&h.start_time),
-                h.start_time.clone(),
-                step.first_log_seq(),
-            );
+            let (mut run, watcher) =
+                resume(step, store, opts, r, cancel, secrets, redactor, h.id.clone(), h.start_time.clone());
             run.ws = Some(Workspace::at(&opts.workspace_root, &h.id));
             run.git = h.git.clone();
             let outcome = match &h.base {
@@ -321,7 +300,8 @@ pub async fn run_step(
                 .outcome
                 .clone()
                 .unwrap_or_else(|| Outcome::failed(Reason::InternalError, "the publish step left no outcome"));
-            let (mut run, watcher) = Run::new_at(
+            let (mut run, watcher) = resume(
+                step,
                 store,
                 opts,
                 r,
@@ -329,9 +309,7 @@ pub async fn run_step(
                 Default::default(),
                 super::Redactor::new(&Default::default()),
                 h.id.clone(),
-                instant_of(&h.start_time),
                 h.start_time.clone(),
-                step.first_log_seq(),
             );
             let ws = Workspace::at(&opts.workspace_root, &h.id);
             run.ws = ws.repo.exists().then_some(ws);
@@ -349,6 +327,23 @@ pub async fn run_step(
             Ok(StepEnd::Done(Box::new(summary)))
         }
     }
+}
+
+/// The run of one step: same id and start as the first step's, its own log line numbers.
+#[allow(clippy::too_many_arguments)]
+fn resume<'a>(
+    step: Step,
+    store: &Store,
+    opts: &'a RunOptions,
+    r: &'a Resolved,
+    cancel: CancellationToken,
+    secrets: super::Secrets,
+    redactor: super::Redactor,
+    id: String,
+    start_time: String,
+) -> (Run<'a>, tokio::task::JoinHandle<()>) {
+    let started = instant_of(&start_time);
+    Run::new_at(store, opts, r, cancel, secrets, redactor, id, started, start_time, step.first_log_seq())
 }
 
 /// Sends the log lines of the steps so far (this store's, and the agent's own store) to the
