@@ -67,6 +67,9 @@ fn start_controller(kubeconfig: &std::path::Path, db: &std::path::Path, metrics_
             "127.0.0.1:0",
             "--metrics-addr",
             &format!("127.0.0.1:{metrics_port}"),
+            // Runner pods would reach the gateway and relay here (the bench runs no pod).
+            "--report-url",
+            "http://127.0.0.1:9",
         ])
         .env("KUBECONFIG", kubeconfig)
         .env("AGENTOPS_DB", db)

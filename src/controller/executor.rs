@@ -227,11 +227,10 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
             git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
         })
     };
-    if let Some(existing) = secrets.get_opt(&name).await? {
-        return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
-    }
     if !create {
-        return Err(Error::Executor(format!("Secret {name} is gone")));
+        let existing =
+            secrets.get_opt(&name).await?.ok_or_else(|| Error::Executor(format!("Secret {name} is gone")))?;
+        return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
     }
     let (report, model) = (new_token(), crate::gateway::new_token());
     let (clone, publish) = (new_token(), new_token());
@@ -240,8 +239,9 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
                      "labels": {"app.kubernetes.io/managed-by": "agentops"}},
         "type": "Opaque", "stringData": {REPORT_TOKEN_KEY: report, MODEL_TOKEN_KEY: model,
                                          GIT_CLONE_TOKEN_KEY: clone, GIT_PUBLISH_TOKEN_KEY: publish}});
-    // Create (not apply): the controller's Role grants `create` on Secrets, not `patch`. A
-    // concurrent creation answers 409: read that one.
+    // Create (not apply): the controller's Role grants `create` on Secrets, not `patch`. When it
+    // exists (a restart, a concurrent start), the answer is 409: read that one. Creating first
+    // spares a read on every start.
     let secret: Secret =
         serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner token Secret: {e}")))?;
     match secrets.create(&kube::api::PostParams::default(), &secret).await {

@@ -32,7 +32,15 @@ pub struct Reports {
     gateways: Option<Arc<Gateways>>,
     /// The git relay runner pods use (None: they talk to the git host themselves).
     git: Option<Arc<GitRelays>>,
+    /// Secrets read for the gateway and the relay, for a few seconds: many executions share one
+    /// Secret, and each start would read it again. (The accounts hold the values anyway.)
+    secret_data: Mutex<HashMap<Key, (std::time::Instant, Arc<SecretData>)>>,
 }
+
+type SecretData = std::collections::BTreeMap<String, String>;
+
+/// How long a Secret read for a start is reused.
+const SECRET_DATA_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Key of the runner Secret holding the model gateway token (mounted in the agent's container only).
 pub const MODEL_TOKEN_KEY: &str = "model";
@@ -62,7 +70,40 @@ fn same(a: &str, b: &str) -> bool {
 
 impl Reports {
     pub fn new(client: kube::Client, wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>) -> Self {
-        Self { client, tokens: Default::default(), latest: Default::default(), wake, gateways: None, git: None }
+        Self {
+            client,
+            tokens: Default::default(),
+            latest: Default::default(),
+            wake,
+            gateways: None,
+            git: None,
+            secret_data: Default::default(),
+        }
+    }
+
+    /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
+    async fn secret(&self, ns: &str, name: &str) -> Result<Arc<SecretData>, super::reconcile::Error> {
+        let key = (ns.to_string(), name.to_string());
+        if let Some((at, data)) = self.secret_data.lock().ok().and_then(|m| m.get(&key).cloned())
+            && at.elapsed() < SECRET_DATA_FOR
+        {
+            return Ok(data);
+        }
+        let secret = Api::<Secret>::namespaced(self.client.clone(), ns).get(name).await?;
+        let data: SecretData = secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).trim().to_string()))
+            .collect();
+        let data = Arc::new(data);
+        if let Ok(mut m) = self.secret_data.lock() {
+            if m.len() > 1_000 {
+                m.retain(|_, (at, _)| at.elapsed() < SECRET_DATA_FOR);
+            }
+            m.insert(key, (std::time::Instant::now(), data.clone()));
+        }
+        Ok(data)
     }
 
     /// Runner pods reach git through `relays`.
@@ -90,9 +131,8 @@ impl Reports {
         let credentials = match &r.credentials {
             None => None,
             Some(c) => {
-                let secret = Api::<Secret>::namespaced(self.client.clone(), ns).get(&c.name).await?;
-                let data = secret.data.unwrap_or_default();
-                let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).trim().to_string());
+                let data = self.secret(ns, &c.name).await?;
+                let get = |k: &str| data.get(k).cloned();
                 let key = c.key.clone().unwrap_or_else(|| "token".into());
                 let token = get(&key).filter(|t| !t.is_empty()).ok_or_else(|| {
                     super::reconcile::Error::Executor(format!(
@@ -150,17 +190,14 @@ impl Reports {
             ));
         };
         let key_name = key_ref.key.clone().unwrap_or_else(|| "api-key".into());
-        let secret = Api::<Secret>::namespaced(self.client.clone(), ns).get(&key_ref.name).await?;
-        let key = secret
-            .data
-            .and_then(|d| d.get(&key_name).map(|b| String::from_utf8_lossy(&b.0).trim().to_string()))
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| {
+        let key = self.secret(ns, &key_ref.name).await?.get(&key_name).cloned().filter(|k| !k.is_empty()).ok_or_else(
+            || {
                 super::reconcile::Error::Executor(format!(
                     "Secret {:?} has no key {key_name:?} (spec.agent.apiKeySecretRef)",
                     key_ref.name
                 ))
-            })?;
+            },
+        )?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
         let last = Mutex::new(None::<std::time::Instant>);
         let account = Account::new(&key, token, r.max_budget_usd).on_change(move || {
