@@ -1255,3 +1255,49 @@ async fn an_executions_egress_becomes_a_network_policy_for_its_pod_only() {
     assert!(kube.get("apis/networking.k8s.io/v1", "networkpolicies", "ns", "agentops-egress-plain").is_none());
     ctl.stop().await;
 }
+
+/// After a restart, a running pod's gateway token works again (its account opens on first use,
+/// from the runner Secret), and stops working once the execution ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use() {
+    let model = support::FakeAnthropic::start(vec![support::Step::text("hi")]).await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let cfg = |base: &str| {
+        let mut c = config(None);
+        c.job.report_url = Some(base.to_string());
+        c.model_upstream = model.base_url.clone();
+        c
+    };
+    let (http, base) = listener().await;
+    let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("again", json!({}))).await.unwrap();
+    until("Running", || (phase(&kube, "ns", "again")? == "Running").then_some(())).await;
+    first.stop().await;
+
+    let (http, base) = listener().await;
+    let second = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-report-again").unwrap()["model"].clone()).unwrap();
+    let ask = |token: String| {
+        let url = format!("{base}/gateway/ns/again/v1/messages");
+        async move {
+            let body = json!({"model": "claude-test", "max_tokens": 8, "stream": true,
+                              "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
+            reqwest::Client::new().post(url).header("x-api-key", token).json(&body).send().await.unwrap().status()
+        }
+    };
+    until_async("the reopened account relays", || {
+        let ask = ask(token.clone());
+        async move { ask.await == 200 }
+    })
+    .await;
+    assert_eq!(model.seen()[0].api_key.as_deref(), Some(support::API_KEY));
+    assert_eq!(ask("agentops-guess".into()).await, 401, "only its own token");
+
+    finish_job(&kube, "ns", "agentops-again", true, Some(report("Succeeded", "Completed")));
+    until("Succeeded", || (phase(&kube, "ns", "again")? == "Succeeded").then_some(())).await;
+    assert_eq!(ask(token).await, 401, "the run is over: its token is retired, not reopened");
+    second.stop().await;
+}

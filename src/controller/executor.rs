@@ -59,27 +59,12 @@ impl Executor {
     /// Looks at the runner, with every report it has: the termination message or the child's
     /// output, merged with the report channel (progress while it runs; the final report when
     /// the other way lost it). Reconcile never looks anywhere else.
-    pub async fn observe(
-        &self,
-        client: &Client,
-        ax: &AgentExecution,
-        r: &Resolved,
-        reports: &Reports,
-    ) -> Result<Observation, Error> {
+    pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
         let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
         let observed = match self {
             Executor::Job { jobs } => observe_job(client, ax, jobs).await?,
             Executor::Local(l) => l.observe(ax),
         };
-        if matches!(self, Executor::Job { .. })
-            && matches!(observed, Observation::Running { .. } | Observation::Suspended)
-            && ((reports.has_gateway() && !reports.model_open(&ns, &name)) || !reports.git_open(&ns, &name))
-        {
-            // A restarted controller opens the accounts of the runs it finds (same tokens).
-            if let Ok(tokens) = runner_tokens(client, ax, &ns, false).await {
-                tokens.open(reports, &ns, &name, r).await?;
-            }
-        }
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
         // only it knows (result, git, workspace).
         let metered = reports.metered(&ns, &name);
@@ -188,6 +173,18 @@ impl Executor {
             Executor::Local(l) => Ok(l.stop(ax).await),
         }
     }
+}
+
+/// Opens the gateway account and git route of a running execution this process did not start
+/// (after a restart), with the tokens in its runner Secret, unless they were retired.
+pub async fn reopen(client: &Client, ax: &AgentExecution, r: &Resolved, reports: &Reports) -> Result<bool, Error> {
+    let ns = ax.namespace().unwrap_or_else(|| "default".into());
+    let tokens = runner_tokens(client, ax, &ns, false).await?;
+    if tokens.model.as_deref().is_some_and(|t| reports.model_retired(t)) {
+        return Ok(false);
+    }
+    tokens.open(reports, &ns, &ax.name_any(), r).await?;
+    Ok(true)
 }
 
 /// The tokens of one execution's runner pod.

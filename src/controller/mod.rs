@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::controller::Controller;
@@ -190,6 +190,43 @@ pub async fn run(
     let synced = Arc::new(AtomicBool::new(false));
     let is_leader = Arc::new(AtomicBool::new(leader.is_none()));
     let cache = controller.store();
+    // After a restart, a running pod's first request to the gateway or the relay opens its
+    // execution's account (reading its Secrets then, not for every running execution at once).
+    let opener: crate::gateway::Opener = {
+        let (cache, client, reports) = (cache.clone(), client.clone(), Arc::downgrade(&reports));
+        Arc::new(move |ns: String, name: String| {
+            let (cache, client, reports) = (cache.clone(), client.clone(), reports.clone());
+            async move {
+                let Some(reports) = reports.upgrade() else { return false };
+                let Some(ax) = cache.get(&reflector::ObjectRef::new(&name).within(&ns)) else { return false };
+                if ax.status.as_ref().map(|s| s.phase) != Some(crate::api::Phase::Running) {
+                    return false;
+                }
+                let template = match &ax.spec.template_ref {
+                    None => None,
+                    Some(t) => match Api::<crate::api::AgentTemplate>::namespaced(client.clone(), &ns).get_opt(&t.name).await {
+                        Ok(Some(t)) => Some(t),
+                        _ => return false,
+                    },
+                };
+                let Ok(r) = crate::api::resolve(&ax, template.as_slice()) else { return false };
+                match executor::reopen(&client, &ax, &r, &reports).await {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot reopen a running execution's gateway");
+                        false
+                    }
+                }
+            }
+            .boxed()
+        })
+    };
+    if let Some(g) = &gateways {
+        g.set_opener(opener.clone());
+    }
+    if let Some(g) = &relays {
+        g.set_opener(opener);
+    }
     let mut background = Vec::new();
     {
         let (cache, ready, synced, is_leader) = (cache.clone(), ready.clone(), synced.clone(), is_leader.clone());

@@ -175,7 +175,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     let read = if old.phase.is_terminal() { None } else { Some(read_spec(&ax, ctx).await?) };
     let ready = read.as_ref().and_then(|r| r.as_ref().ok());
     let observed = match ready {
-        Some(spec) => ctx.executor.observe(&ctx.client, &ax, &spec.resolved, &ctx.reports).await?,
+        Some(_) => ctx.executor.observe(&ctx.client, &ax, &ctx.reports).await?,
         None => Observation::NotStarted,
     };
     // A queue slot is asked for (and held, so that two reconciles never take the same one)

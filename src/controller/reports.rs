@@ -112,9 +112,9 @@ impl Reports {
         self
     }
 
-    /// Whether the execution's git route is open (or there is no relay).
-    pub fn git_open(&self, ns: &str, name: &str) -> bool {
-        self.git.as_ref().is_none_or(|g| g.is_open(ns, name))
+    /// Whether this model token belonged to an execution that ended.
+    pub fn model_retired(&self, token: &str) -> bool {
+        self.gateways.as_ref().is_some_and(|g| g.retired(token))
     }
 
     /// Opens the execution's git route: its repository, with the credential read from its

@@ -35,6 +35,7 @@ pub struct Route {
 pub struct GitRelays {
     client: reqwest::Client,
     routes: Mutex<HashMap<(String, String), Arc<Route>>>,
+    opener: std::sync::OnceLock<super::Opener>,
 }
 
 impl GitRelays {
@@ -46,7 +47,12 @@ impl GitRelays {
             .connect_timeout(std::time::Duration::from_secs(30))
             .build()
             .map_err(std::io::Error::other)?;
-        Ok(Self { client, routes: Mutex::new(HashMap::new()) })
+        Ok(Self { client, routes: Mutex::new(HashMap::new()), opener: std::sync::OnceLock::new() })
+    }
+
+    /// How routes this process has not opened get opened on first use (after a restart).
+    pub fn set_opener(&self, opener: super::Opener) {
+        let _ = self.opener.set(opener);
     }
 
     pub fn open(&self, ns: &str, name: &str, route: Route) {
@@ -74,8 +80,16 @@ impl GitRelays {
             .with_state(self)
     }
 
-    fn route(&self, ns: String, name: String) -> Option<Arc<Route>> {
-        self.routes.lock().ok()?.get(&(ns, name)).cloned()
+    async fn route(&self, ns: String, name: String) -> Option<Arc<Route>> {
+        let key = (ns, name);
+        if let Some(r) = self.routes.lock().ok()?.get(&key).cloned() {
+            return Some(r);
+        }
+        let open = self.opener.get()?;
+        if !open(key.0.clone(), key.1.clone()).await {
+            return None;
+        }
+        self.routes.lock().ok()?.get(&key).cloned()
     }
 }
 
@@ -129,7 +143,7 @@ async fn info_refs(
     Query(q): Query<ServiceQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(route) = relays.route(ns, name) else {
+    let Some(route) = relays.route(ns, name).await else {
         return refuse(StatusCode::UNAUTHORIZED, "no running execution here");
     };
     let Some(grant) = grant(&route, &headers) else {
@@ -151,7 +165,7 @@ async fn service(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(route) = relays.route(ns, name) else {
+    let Some(route) = relays.route(ns, name).await else {
         return refuse(StatusCode::UNAUTHORIZED, "no running execution here");
     };
     let Some(grant) = grant(&route, &headers) else {

@@ -187,11 +187,19 @@ async fn relay_local(
     relay(&shared.client, &shared.upstream, &shared.account, method, &path, &headers, body).await
 }
 
+/// Opens the account or route of a running execution this process has not opened (after a
+/// restart: accounts open on first use, not by reading every running execution's Secrets).
+/// Returns whether it did.
+pub type Opener = Arc<dyn Fn(String, String) -> futures::future::BoxFuture<'static, bool> + Send + Sync>;
+
 /// The controller's gateway: one account per running execution, keyed by namespace and name.
 pub struct Gateways {
     upstream: String,
     client: reqwest::Client,
     accounts: Mutex<HashMap<(String, String), Arc<Account>>>,
+    opener: std::sync::OnceLock<Opener>,
+    /// Tokens of closed accounts: never opened again.
+    retired: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Gateways {
@@ -201,7 +209,19 @@ impl Gateways {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
             accounts: Mutex::new(HashMap::new()),
+            opener: std::sync::OnceLock::new(),
+            retired: Mutex::new(Default::default()),
         })
+    }
+
+    /// How accounts this process has not opened get opened on first use.
+    pub fn set_opener(&self, opener: Opener) {
+        let _ = self.opener.set(opener);
+    }
+
+    /// Whether `token` belonged to an account that was closed.
+    pub fn retired(&self, token: &str) -> bool {
+        self.retired.lock().is_ok_and(|r| r.contains(token))
     }
 
     /// Opens (or replaces) the account of one execution.
@@ -228,6 +248,12 @@ impl Gateways {
     pub fn close(&self, ns: &str, name: &str) -> Option<Metered> {
         let a = self.accounts.lock().ok()?.remove(&(ns.to_string(), name.to_string()))?;
         a.close();
+        if let Ok(mut r) = self.retired.lock() {
+            if r.len() > 100_000 {
+                r.clear();
+            }
+            r.insert(a.token.clone());
+        }
         Some(a.metered())
     }
 
@@ -248,7 +274,14 @@ async fn relay_controller(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let account = g.accounts.lock().ok().and_then(|a| a.get(&(ns, name)).cloned());
+    let key = (ns, name);
+    let mut account = g.accounts.lock().ok().and_then(|a| a.get(&key).cloned());
+    if account.is_none()
+        && let Some(open) = g.opener.get()
+        && open(key.0.clone(), key.1.clone()).await
+    {
+        account = g.accounts.lock().ok().and_then(|a| a.get(&key).cloned());
+    }
     let Some(account) = account else {
         // Unknown and finished executions look the same: no token works for them.
         return refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid");
