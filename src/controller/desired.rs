@@ -15,17 +15,11 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{AgentExecution, Resolved};
 
-/// Where secrets are mounted in the runner pod (`<dir>/<secret>/<key>`, as on one machine).
-pub const SECRETS_DIR: &str = "/var/run/secrets/agentops";
-/// The workspace volume's mount point.
-pub const WORKSPACE_DIR: &str = "/workspace";
-/// Where the runner finds its report token.
-pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/agentops-report";
-/// Where the runner finds its manifest (a Secret owned by the execution, mounted read-only): a
-/// file, because one environment variable holds at most 128 KiB and a prompt may be 256 KiB.
-pub const MANIFEST_DIR: &str = "/var/run/agentops/manifest";
-/// The manifest's key in its Secret (and file name).
-pub const MANIFEST_KEY: &str = "manifest.yaml";
+use crate::runner::contract as var;
+pub use crate::runner::contract::paths::{
+    GIT_TOKEN_DIR, HOME_DIR, MANIFEST_DIR, MANIFEST_KEY, MODEL_TOKEN_DIR, PRIVATE_DIR, REPORT_TOKEN_DIR, SECRETS_DIR,
+    STREAM_DIR, TMP_DIR, WORKSPACE_DIR,
+};
 
 /// Name of the Secret holding an execution's runner manifest.
 pub fn manifest_secret_name(ax: &AgentExecution) -> String {
@@ -179,15 +173,6 @@ pub fn desired_pvc(ax: &AgentExecution, cfg: &JobConfig) -> Option<PersistentVol
     })
 }
 
-/// Hand-over volume the agent's container does not mount (clone, publish, finish).
-pub const PRIVATE_DIR: &str = "/var/run/agentops/private";
-/// The agent's stream volume (written by the agent step, read by publish and finish).
-pub const STREAM_DIR: &str = "/var/run/agentops/stream";
-/// Where the agent's container finds its model gateway token.
-pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
-/// Where the clone and publish containers find their git relay token.
-pub const GIT_TOKEN_DIR: &str = "/var/run/secrets/agentops-git";
-
 /// The git relay of one execution on the controller (stands for `spec.repository.url`).
 pub fn git_url(base: &str, ax: &AgentExecution) -> String {
     format!(
@@ -197,9 +182,6 @@ pub fn git_url(base: &str, ax: &AgentExecution) -> String {
         ax.name_any()
     )
 }
-/// The agent's private HOME and TMPDIR (emptyDirs; the hooks in `finish` share them).
-const HOME_DIR: &str = "/home/agentops";
-const TMP_DIR: &str = "/tmp";
 
 /// The model gateway of one execution on the controller (the agent's `ANTHROPIC_BASE_URL`).
 pub fn model_url(base: &str, ax: &AgentExecution) -> String {
@@ -346,35 +328,35 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             _ => format!("{PRIVATE_DIR}/runner.db"),
         };
         let mut envs = vec![
-            env("AGENTOPS_MANIFEST_FILE", &format!("{MANIFEST_DIR}/{MANIFEST_KEY}")),
-            env("AGENTOPS_WORKSPACE_ROOT", WORKSPACE_DIR),
-            env("AGENTOPS_STREAM_DIR", STREAM_DIR),
-            env("AGENTOPS_DB", &db),
+            env(var::MANIFEST_FILE, &format!("{MANIFEST_DIR}/{MANIFEST_KEY}")),
+            env(var::WORKSPACE_ROOT, WORKSPACE_DIR),
+            env(var::STREAM_DIR, STREAM_DIR),
+            env(var::DB, &db),
         ];
         let mut mounts = vec![mount("manifest", MANIFEST_DIR, true), mount("workspace", WORKSPACE_DIR, false)];
         match step {
             Step::Clone | Step::Publish => {
                 // No HOME of the agent's: git reads no dotfile it wrote.
                 envs.extend([env("HOME", PRIVATE_DIR), env("TMPDIR", PRIVATE_DIR)]);
-                envs.push(env("AGENTOPS_PRIVATE_DIR", PRIVATE_DIR));
+                envs.push(env(var::PRIVATE_DIR, PRIVATE_DIR));
                 mounts.push(mount("private", PRIVATE_DIR, false));
                 mounts.push(mount("stream", STREAM_DIR, step == Step::Publish));
                 if let Some(secret) = &git_secret {
-                    envs.push(env("AGENTOPS_SECRETS_DIR", SECRETS_DIR));
+                    envs.push(env(var::SECRETS_DIR, SECRETS_DIR));
                     mounts.push(mount("git-credential", &format!("{SECRETS_DIR}/{secret}"), true));
                 }
                 if let Some(url) = &relay {
                     // The fetch-only token for clone; publish's may push the work branch only.
                     let vol = if step == Step::Clone { "git-clone-token" } else { "git-publish-token" };
-                    envs.push(env("AGENTOPS_GIT_URL", url));
-                    envs.push(env("AGENTOPS_GIT_TOKEN_FILE", &format!("{GIT_TOKEN_DIR}/token")));
+                    envs.push(env(var::GIT_URL, url));
+                    envs.push(env(var::GIT_TOKEN_FILE, &format!("{GIT_TOKEN_DIR}/token")));
                     mounts.push(mount(vol, GIT_TOKEN_DIR, true));
                 }
                 if step == Step::Publish
                     && let Some(url) = &report
                 {
-                    envs.push(env("AGENTOPS_REPORT_URL", url));
-                    envs.push(env("AGENTOPS_REPORT_TOKEN_FILE", &format!("{REPORT_TOKEN_DIR}/token")));
+                    envs.push(env(var::REPORT_URL, url));
+                    envs.push(env(var::REPORT_TOKEN_FILE, &format!("{REPORT_TOKEN_DIR}/token")));
                     mounts.push(mount("report-token", REPORT_TOKEN_DIR, true));
                 }
             }
@@ -383,8 +365,8 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                 mounts.extend([mount("home", HOME_DIR, false), mount("tmp", TMP_DIR, false)]);
                 mounts.push(mount("stream", STREAM_DIR, false));
                 if let Some(base) = &cfg.report_url {
-                    envs.push(env("AGENTOPS_MODEL_URL", &model_url(base, ax)));
-                    envs.push(env("AGENTOPS_MODEL_TOKEN_FILE", &format!("{MODEL_TOKEN_DIR}/token")));
+                    envs.push(env(var::MODEL_URL, &model_url(base, ax)));
+                    envs.push(env(var::MODEL_TOKEN_FILE, &format!("{MODEL_TOKEN_DIR}/token")));
                     mounts.push(mount("model-token", MODEL_TOKEN_DIR, true));
                 }
                 if let Some(m) = &cfg.default_model {
@@ -393,7 +375,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             }
             Step::Finish => {
                 envs.extend([env("HOME", HOME_DIR), env("TMPDIR", TMP_DIR)]);
-                envs.push(env("AGENTOPS_PRIVATE_DIR", PRIVATE_DIR));
+                envs.push(env(var::PRIVATE_DIR, PRIVATE_DIR));
                 mounts.extend([mount("home", HOME_DIR, false), mount("tmp", TMP_DIR, false)]);
                 mounts.push(mount("private", PRIVATE_DIR, false));
                 mounts.push(mount("stream", STREAM_DIR, true));
@@ -566,6 +548,37 @@ mod tests {
         // No storage class anywhere: the workspace is an emptyDir and there is no PVC.
         assert!(desired_pvc(&ax, &JobConfig::default()).is_none());
         assert!(vols.iter().any(|v| v.name == "workspace" && v.empty_dir.is_some()));
+    }
+
+    /// The runner contract: every variable a Job sets on a step's container is one that
+    /// `agentops step` reads (a flag's env), or one the process itself uses (HOME, TMPDIR, the
+    /// model for Claude Code). A renamed flag or a typo in the Job fails here, not in a cluster.
+    #[test]
+    fn every_variable_the_job_sets_is_one_the_step_reads() {
+        use clap::CommandFactory;
+        let cli = crate::cli::Cli::command();
+        let step = cli.find_subcommand("step").expect("agentops step");
+        let mut read: Vec<String> = step
+            .get_arguments()
+            .chain(cli.get_arguments())
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        read.extend(["HOME", "TMPDIR", "ANTHROPIC_MODEL"].map(String::from));
+        let (ax, r) = ax("");
+        for relay in [true, false] {
+            let cfg = JobConfig {
+                report_url: Some("http://ctl:8080".into()),
+                git_relay: relay,
+                default_model: Some("m".into()),
+                ..Default::default()
+            };
+            let pod = desired_job(&ax, &r, &cfg).spec.unwrap().template.spec.unwrap();
+            for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
+                for e in c.env.iter().flatten() {
+                    assert!(read.contains(&e.name), "{} sets {} which `agentops step` does not read", c.name, e.name);
+                }
+            }
+        }
     }
 
     #[test]

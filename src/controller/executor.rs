@@ -23,6 +23,7 @@ use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
 use super::reports::{Reports, new_token, token_secret_name};
 use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
+use crate::runner::contract;
 
 /// What the controller can see of an execution's runner.
 #[derive(Debug, Clone)]
@@ -459,12 +460,11 @@ impl LocalExecutor {
             let file = dir.join("report-token");
             write_private(&file, &token).map_err(|e| failed("report token", e))?;
             reports.remember(&ns, &name, &token);
-            cmd.env("AGENTOPS_REPORT_URL", super::desired::report_url(base, ax))
-                .env("AGENTOPS_REPORT_TOKEN_FILE", &file);
+            cmd.env(contract::REPORT_URL, super::desired::report_url(base, ax)).env(contract::REPORT_TOKEN_FILE, &file);
         }
         let mut child = cmd
-            .env("AGENTOPS_MANIFEST_FILE", &manifest_file)
-            .env("AGENTOPS_SECRETS_DIR", &secrets_dir)
+            .env(contract::MANIFEST_FILE, &manifest_file)
+            .env(contract::SECRETS_DIR, &secrets_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,54 @@
+//! The runner contract: what a runner (`agentops runner`, `agentops step <name>`) is given, by
+//! environment variable, and where things are in its pod. The Job builder
+//! (`controller::desired`), the local executor and the runner's own flags (`cli.rs`) all name
+//! these constants, and a test checks that every variable a Job sets is one the step reads.
+
+/// The manifest (the execution and its template) as a file: a Secret mounted read-only in a pod,
+/// a 0600 file for the local executor. A file, because one environment value holds 128 KiB.
+pub const MANIFEST_FILE: &str = "AGENTOPS_MANIFEST_FILE";
+/// The manifest itself (the local runner on one machine, small manifests only).
+pub const MANIFEST: &str = "AGENTOPS_MANIFEST";
+/// Where workspaces are created.
+pub const WORKSPACE_ROOT: &str = "AGENTOPS_WORKSPACE_ROOT";
+/// Secrets as files `<dir>/<secret>/<key>`.
+pub const SECRETS_DIR: &str = "AGENTOPS_SECRETS_DIR";
+/// The runner's own store.
+pub const DB: &str = "AGENTOPS_DB";
+/// The controller's report endpoint for this execution, and the file with its token.
+pub const REPORT_URL: &str = "AGENTOPS_REPORT_URL";
+pub const REPORT_TOKEN_FILE: &str = "AGENTOPS_REPORT_TOKEN_FILE";
+/// The controller's model gateway for this execution, and the file with the agent's token.
+pub const MODEL_URL: &str = "AGENTOPS_MODEL_URL";
+pub const MODEL_TOKEN_FILE: &str = "AGENTOPS_MODEL_TOKEN_FILE";
+/// The controller's git relay for this execution, and the file with this step's token.
+pub const GIT_URL: &str = "AGENTOPS_GIT_URL";
+pub const GIT_TOKEN_FILE: &str = "AGENTOPS_GIT_TOKEN_FILE";
+/// The steps' hand-over directories (see `runner::steps`).
+pub const PRIVATE_DIR: &str = "AGENTOPS_PRIVATE_DIR";
+pub const STREAM_DIR: &str = "AGENTOPS_STREAM_DIR";
+/// Where the final message goes (Kubernetes' termination log).
+pub const TERMINATION_LOG: &str = "AGENTOPS_TERMINATION_LOG";
+
+/// Paths in a runner pod.
+pub mod paths {
+    /// Secrets mounted as `<dir>/<secret>/<key>` (with `--git-relay=false`).
+    pub const SECRETS_DIR: &str = "/var/run/secrets/agentops";
+    /// The workspace volume.
+    pub const WORKSPACE_DIR: &str = "/workspace";
+    /// The report token (publish).
+    pub const REPORT_TOKEN_DIR: &str = "/var/run/secrets/agentops-report";
+    /// The manifest Secret, and the file in it.
+    pub const MANIFEST_DIR: &str = "/var/run/agentops/manifest";
+    pub const MANIFEST_KEY: &str = "manifest.yaml";
+    /// Hand-over volume the agent's container does not mount (clone, publish, finish).
+    pub const PRIVATE_DIR: &str = "/var/run/agentops/private";
+    /// The agent's stream volume.
+    pub const STREAM_DIR: &str = "/var/run/agentops/stream";
+    /// The agent's model gateway token.
+    pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
+    /// The clone and publish steps' git relay token.
+    pub const GIT_TOKEN_DIR: &str = "/var/run/secrets/agentops-git";
+    /// HOME and TMPDIR of the agent and finish steps.
+    pub const HOME_DIR: &str = "/home/agentops";
+    pub const TMP_DIR: &str = "/tmp";
+}
