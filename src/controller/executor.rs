@@ -90,6 +90,14 @@ impl Executor {
             Observation::Running { progress } => Observation::Running { progress: counted(progress.or_else(latest)) },
             Observation::Finished { summary, failed, deadline_exceeded, cause } => {
                 let summary = summary.or_else(|| latest().filter(|s| s.phase.is_terminal()));
+                // What git did is the publish step's word, sent before the hooks of `finish` ran
+                // (they run commands over the agent's workspace, beside that termination log).
+                let summary = summary.map(|mut s| {
+                    if let Some(git) = latest().map(|l| l.git).filter(|g| g.commit.is_some() || g.pushed) {
+                        s.git = git;
+                    }
+                    s
+                });
                 // The counted usage of a run that left no report still belongs in its status.
                 let summary = match summary {
                     Some(s) => counted(Some(s)),

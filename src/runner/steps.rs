@@ -285,8 +285,13 @@ pub async fn run_step(
             }
             run.rec.finish().await;
             write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
-            // The controller keeps the record of cluster runs: every step's log lines and the diff.
+            // The controller keeps the record of cluster runs: what git did (from here, before any
+            // hook of `finish` runs over the agent's workspace), every step's log lines, the diff.
             if let Some(target) = &opts.report {
+                let said = Summary { phase: Phase::Running, git: h.git.clone(), ..Default::default() };
+                if let Ok(v) = serde_json::to_value(&said) {
+                    super::post_report(target, &v).await;
+                }
                 forward_logs(target, store, &h.id, &dirs.stream.join(AGENT_DB)).await;
                 if let Some(diff) = &run.diff {
                     post_diff(target, &crate::api::report::truncate(diff, DIFF_LIMIT)).await;
