@@ -446,29 +446,19 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
 
 async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> {
     use runner::steps::{StepDirs, StepEnd, run_step};
-    let read_token = |file: &PathBuf, what: &str| {
-        std::fs::read_to_string(file)
-            .map(|t| t.trim().to_string())
-            .with_context(|| format!("cannot read the {what} {}", file.display()))
+    // An endpoint given with the file holding its token: (URL, token).
+    let endpoint = |url: &Option<String>, file: &Option<PathBuf>, what: &str| -> anyhow::Result<_> {
+        let (Some(url), Some(file)) = (url, file) else { return Ok(None) };
+        let token =
+            std::fs::read_to_string(file).with_context(|| format!("cannot read the {what} {}", file.display()))?;
+        Ok(Some((url.clone(), token.trim().to_string())))
     };
-    let report = match (&args.report_url, &args.report_token_file) {
-        (Some(url), Some(file)) => {
-            Some(runner::ReportTarget { url: url.clone(), token: read_token(file, "report token")? })
-        }
-        _ => None,
-    };
-    let gateway = match (&args.model_url, &args.model_token_file) {
-        (Some(url), Some(file)) => {
-            Some(runner::ModelRoute { base_url: url.clone(), token: read_token(file, "model gateway token")? })
-        }
-        _ => None,
-    };
-    let git_relay = match (&args.git_url, &args.git_token_file) {
-        (Some(url), Some(file)) => {
-            Some(runner::ModelRoute { base_url: url.clone(), token: read_token(file, "git relay token")? })
-        }
-        _ => None,
-    };
+    let report = endpoint(&args.report_url, &args.report_token_file, "report token")?
+        .map(|(url, token)| runner::ReportTarget { url, token });
+    let gateway = endpoint(&args.model_url, &args.model_token_file, "model gateway token")?
+        .map(|(base_url, token)| runner::ModelRoute { base_url, token });
+    let git_relay = endpoint(&args.git_url, &args.git_token_file, "git relay token")?
+        .map(|(base_url, token)| runner::ModelRoute { base_url, token });
     let mut opts = args.machine.options(true, report);
     opts.gateway = gateway;
     opts.git_relay = git_relay;

@@ -69,10 +69,8 @@ impl Executor {
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
         // only it knows (result, git, workspace).
         let metered = reports.metered(&ns, &name);
-        let counted = |s: Option<Summary>| match (&metered, s) {
-            (None, s) => s,
-            (Some(m), s) => {
-                let mut s = s.unwrap_or_else(|| Summary { phase: crate::api::Phase::Running, ..Default::default() });
+        let counted = |mut s: Summary| {
+            if let Some(m) = &metered {
                 s.usage = m.usage;
                 s.tokens_used = m.usage.total();
                 s.cost_usd = m.cost_usd;
@@ -82,27 +80,25 @@ impl Executor {
                 if s.tool_calls.total == 0 {
                     s.tool_calls = m.tool_calls.clone();
                 }
-                Some(s)
             }
+            s
         };
         let latest = || reports.latest(&ns, &name);
         Ok(match observed {
-            Observation::Running { progress } => Observation::Running { progress: counted(progress.or_else(latest)) },
+            Observation::Running { progress } => {
+                let running =
+                    || metered.as_ref().map(|_| Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                Observation::Running { progress: progress.or_else(latest).or_else(running).map(counted) }
+            }
             Observation::Finished { summary, failed, deadline_exceeded, cause } => {
-                let summary = summary.or_else(|| latest().filter(|s| s.phase.is_terminal()));
-                // What git did is the publish step's word, sent before the hooks of `finish` ran
-                // (they run commands over the agent's workspace, beside that termination log).
-                let summary = summary.map(|mut s| {
+                let summary = summary.or_else(|| latest().filter(|s| s.phase.is_terminal())).map(|mut s| {
+                    // What git did is the publish step's word, sent before the hooks of `finish`
+                    // ran (they run commands over the agent's workspace, beside that termination log).
                     if let Some(git) = latest().map(|l| l.git).filter(|g| g.commit.is_some() || g.pushed) {
                         s.git = git;
                     }
-                    s
+                    counted(s)
                 });
-                // The counted usage of a run that left no report still belongs in its status.
-                let summary = match summary {
-                    Some(s) => counted(Some(s)),
-                    None => None,
-                };
                 Observation::Finished { summary, failed, deadline_exceeded, cause }
             }
             other => other,

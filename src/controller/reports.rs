@@ -106,6 +106,21 @@ impl Reports {
         Ok(data)
     }
 
+    /// The non-empty value a reference (`field`) names, `default_key` when it names no key.
+    async fn secret_value(
+        &self,
+        ns: &str,
+        r: &crate::api::SecretKeyRef,
+        default_key: &str,
+        field: &str,
+    ) -> Result<String, super::reconcile::Error> {
+        let key = r.key.as_deref().unwrap_or(default_key);
+        let value = self.secret(ns, &r.name).await?.get(key).cloned().filter(|v| !v.is_empty());
+        value.ok_or_else(|| {
+            super::reconcile::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name))
+        })
+    }
+
     /// Runner pods reach git through `relays`.
     pub fn with_git_relays(mut self, relays: Arc<GitRelays>) -> Self {
         self.git = Some(relays);
@@ -131,16 +146,9 @@ impl Reports {
         let credentials = match &r.credentials {
             None => None,
             Some(c) => {
-                let data = self.secret(ns, &c.name).await?;
-                let get = |k: &str| data.get(k).cloned();
-                let key = c.key.clone().unwrap_or_else(|| "token".into());
-                let token = get(&key).filter(|t| !t.is_empty()).ok_or_else(|| {
-                    super::reconcile::Error::Executor(format!(
-                        "Secret {:?} has no key {key:?} (spec.repository.credentialsSecretRef)",
-                        c.name
-                    ))
-                })?;
-                let username = get("username").filter(|u| !u.is_empty()).unwrap_or_else(|| "x-access-token".into());
+                let token = self.secret_value(ns, c, "token", "spec.repository.credentialsSecretRef").await?;
+                let username = self.secret(ns, &c.name).await?.get("username").cloned().filter(|u| !u.is_empty());
+                let username = username.unwrap_or_else(|| "x-access-token".into());
                 Some(crate::git::GitCredentials { username, token })
             }
         };
@@ -164,16 +172,6 @@ impl Reports {
         self
     }
 
-    /// Whether runner pods reach the model through this controller.
-    pub fn has_gateway(&self) -> bool {
-        self.gateways.is_some()
-    }
-
-    /// Whether the execution's model account is open.
-    pub fn model_open(&self, ns: &str, name: &str) -> bool {
-        self.gateways.as_ref().is_some_and(|g| g.is_open(ns, name))
-    }
-
     /// Opens the execution's model account: `token` is what its agent presents; the key is read
     /// from the execution's Secret here, and never leaves this process.
     pub async fn open_model(
@@ -189,15 +187,7 @@ impl Reports {
                 "no Anthropic API key: set spec.agent.apiKeySecretRef".into(),
             ));
         };
-        let key_name = key_ref.key.clone().unwrap_or_else(|| "api-key".into());
-        let key = self.secret(ns, &key_ref.name).await?.get(&key_name).cloned().filter(|k| !k.is_empty()).ok_or_else(
-            || {
-                super::reconcile::Error::Executor(format!(
-                    "Secret {:?} has no key {key_name:?} (spec.agent.apiKeySecretRef)",
-                    key_ref.name
-                ))
-            },
-        )?;
+        let key = self.secret_value(ns, key_ref, "api-key", "spec.agent.apiKeySecretRef").await?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
         let last = Mutex::new(None::<std::time::Instant>);
         let account = Account::new(&key, token, r.max_budget_usd).on_change(move || {

@@ -61,10 +61,6 @@ impl GitRelays {
         }
     }
 
-    pub fn is_open(&self, ns: &str, name: &str) -> bool {
-        self.routes.lock().is_ok_and(|r| r.contains_key(&(ns.to_string(), name.to_string())))
-    }
-
     /// The execution ended: its tokens stop working.
     pub fn close(&self, ns: &str, name: &str) {
         if let Ok(mut r) = self.routes.lock() {
@@ -124,6 +120,19 @@ fn grant(route: &Route, headers: &HeaderMap) -> Option<Grant> {
     }
 }
 
+/// The execution's route and what the presented token may do there.
+async fn authorize(
+    relays: &GitRelays,
+    ns: String,
+    name: String,
+    headers: &HeaderMap,
+) -> Result<(Arc<Route>, Grant), Response> {
+    let route =
+        relays.route(ns, name).await.ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "no running execution here"))?;
+    let grant = grant(&route, headers).ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "this token is not valid"))?;
+    Ok((route, grant))
+}
+
 fn refuse(status: StatusCode, message: &str) -> Response {
     let mut r = (status, format!("agentops git relay: {message}\n")).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -143,11 +152,9 @@ async fn info_refs(
     Query(q): Query<ServiceQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(route) = relays.route(ns, name).await else {
-        return refuse(StatusCode::UNAUTHORIZED, "no running execution here");
-    };
-    let Some(grant) = grant(&route, &headers) else {
-        return refuse(StatusCode::UNAUTHORIZED, "this token is not valid");
+    let (route, grant) = match authorize(&relays, ns, name, &headers).await {
+        Ok(ok) => ok,
+        Err(refused) => return refused,
     };
     let service = q.service.unwrap_or_default();
     match (service.as_str(), grant) {
@@ -165,11 +172,9 @@ async fn service(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some(route) = relays.route(ns, name).await else {
-        return refuse(StatusCode::UNAUTHORIZED, "no running execution here");
-    };
-    let Some(grant) = grant(&route, &headers) else {
-        return refuse(StatusCode::UNAUTHORIZED, "this token is not valid");
+    let (route, grant) = match authorize(&relays, ns, name, &headers).await {
+        Ok(ok) => ok,
+        Err(refused) => return refused,
     };
     let url = format!("{}/{service}", route.upstream.trim_end_matches('/'));
     match (service.as_str(), grant) {

@@ -233,11 +233,6 @@ impl Gateways {
         }
     }
 
-    /// Whether the execution has an open account.
-    pub fn is_open(&self, ns: &str, name: &str) -> bool {
-        self.accounts.lock().is_ok_and(|a| a.contains_key(&(ns.to_string(), name.to_string())))
-    }
-
     /// What one execution's account counted, while it is open.
     pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
         let a = self.accounts.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()?;

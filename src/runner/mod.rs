@@ -168,19 +168,10 @@ pub async fn run_execution(
     let started = Instant::now();
     let start_time = now();
     store.mark_running(&id, &start_time).await?;
+    let (run, watcher) =
+        Run::new_at(store, opts, r, cancel, secrets, redactor, id.clone(), started, start_time.clone(), 0);
     // A bug that panics below must not leave the row Running forever: finish it as Failed.
-    let run = std::panic::AssertUnwindSafe(run_started(
-        store,
-        opts,
-        r,
-        env,
-        cancel,
-        secrets,
-        redactor,
-        id.clone(),
-        started,
-        start_time.clone(),
-    ));
+    let run = std::panic::AssertUnwindSafe(run_started(store, r, env, run, watcher));
     match futures::FutureExt::catch_unwind(run).await {
         Ok(done) => done,
         Err(panic) => {
@@ -207,20 +198,13 @@ pub async fn run_execution(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_started(
     store: &Store,
-    opts: &RunOptions,
     r: &Resolved,
     env: &(dyn Fn(&str) -> Option<String> + Sync),
-    cancel: CancellationToken,
-    secrets: Secrets,
-    redactor: Redactor,
-    id: String,
-    started: Instant,
-    start_time: String,
+    mut run: Run<'_>,
+    watcher: tokio::task::JoinHandle<()>,
 ) -> Result<Summary, RunError> {
-    let (mut run, watcher) = Run::new_at(store, opts, r, cancel, secrets, redactor, id, started, start_time, 0);
     run.say(&format!("▶ {} ({}): {}", r.name, run.id, r.repo_url));
     // Fault injection for the test of the panic guard; compiled out of release builds.
     if cfg!(debug_assertions) && env("AGENTOPS_TEST_PANIC").is_some() {

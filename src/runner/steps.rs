@@ -40,8 +40,6 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 4] = [Step::Clone, Step::Agent, Step::Publish, Step::Finish];
-
     /// The container's (and the subcommand's) name.
     pub fn name(self) -> &'static str {
         match self {
@@ -192,6 +190,10 @@ pub async fn run_step(
     };
     let handoff_path = dirs.private.join(HANDOFF);
     let lost = |what: &str, e: std::io::Error| StepError::Handoff(format!("{what}: {e}"));
+    let read_handoff = || -> Result<Handoff, StepError> {
+        read_json(&handoff_path).map_err(|e| lost("the clone step left no hand-over", e))
+    };
+    let write_handoff = |h: &Handoff| write_json(&handoff_path, h).map_err(|e| lost("cannot write the hand-over", e));
     match step {
         Step::Clone => {
             let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
@@ -215,7 +217,7 @@ pub async fn run_step(
                 unpushed: false,
             };
             run.rec.finish().await;
-            write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+            write_handoff(&h)?;
             write_json(&dirs.stream.join(BEGIN), &Begin { id, start_time, go })
                 .map_err(|e| lost("cannot write the agent's start", e))?;
             Ok(StepEnd::Next)
@@ -253,7 +255,7 @@ pub async fn run_step(
             Ok(StepEnd::Next)
         }
         Step::Publish => {
-            let mut h: Handoff = read_json(&handoff_path).map_err(|e| lost("the clone step left no hand-over", e))?;
+            let mut h = read_handoff()?;
             if h.outcome.is_some() {
                 return Ok(StepEnd::Next);
             }
@@ -263,7 +265,7 @@ pub async fn run_step(
             });
             if let Some(o) = agent.outcome {
                 h.outcome = Some(o);
-                write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+                write_handoff(&h)?;
                 return Ok(StepEnd::Next);
             }
             let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
@@ -284,7 +286,7 @@ pub async fn run_step(
                 std::fs::write(dirs.private.join(DIFF), diff).map_err(|e| lost("cannot keep the diff", e))?;
             }
             run.rec.finish().await;
-            write_json(&handoff_path, &h).map_err(|e| lost("cannot write the hand-over", e))?;
+            write_handoff(&h)?;
             // The controller keeps the record of cluster runs: what git did (from here, before any
             // hook of `finish` runs over the agent's workspace), every step's log lines, the diff.
             if let Some(target) = &opts.report {
@@ -300,7 +302,7 @@ pub async fn run_step(
             Ok(StepEnd::Next)
         }
         Step::Finish => {
-            let h: Handoff = read_json(&handoff_path).map_err(|e| lost("the clone step left no hand-over", e))?;
+            let h = read_handoff()?;
             let outcome = h
                 .outcome
                 .clone()
@@ -374,11 +376,6 @@ async fn forward_logs(target: &super::ReportTarget, store: &Store, id: &str, age
             break;
         }
     }
-}
-
-/// The outcome a runner's termination message gives a step that could not run.
-pub fn step_error_message(step: Step, e: &StepError) -> String {
-    crate::api::report::truncate(&format!("error: step {}: {e}", step.name()), 3900)
 }
 
 impl Workspace {
