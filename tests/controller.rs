@@ -936,6 +936,61 @@ async fn a_job_left_by_a_deleted_execution_of_the_same_name_is_not_adopted() {
     ctl.stop().await;
 }
 
+/// `kubectl delete` then `kubectl apply` of the same name: the deleted execution's Secrets
+/// (its manifest, its runner's tokens) are still there until garbage collection takes them.
+/// The new execution must neither run the old prompt nor reuse the old tokens: it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_execution_never_runs_with_a_deleted_namesakes_secrets() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let old_owner = json!([{"apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution", "name": "twice",
+                            "uid": "old-uid", "controller": true}]);
+    kube.put(
+        CORE,
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "agentops-manifest-twice", "namespace": "ns", "ownerReferences": old_owner},
+        "data": {"manifest.yaml": base64(b"the old prompt")}}),
+    );
+    kube.put(
+        CORE,
+        "secrets",
+        json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "agentops-report-twice", "namespace": "ns", "ownerReferences": old_owner},
+        "data": {"token": base64(b"old-report-token"), "model": base64(b"old-model-token"),
+                 "git-clone": base64(b"old-clone"), "git-publish": base64(b"old-publish")}}),
+    );
+    let (_http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base);
+    let ctl = start(&kube, cfg, None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let uid = api.create(&PostParams::default(), &execution("twice", json!({}))).await.unwrap().metadata.uid.unwrap();
+    // Several reconciles (retried every 200 ms) meet the old Secrets: no Job starts meanwhile.
+    until("a start was tried", || {
+        kube.requests().iter().any(|(m, p)| m == "POST" && p.contains("/secrets")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-twice").is_none(), "no runner with the old Secrets");
+    assert_ne!(phase(&kube, "ns", "twice").as_deref(), Some("Running"));
+    // Garbage collection catches up: the execution starts with its own.
+    let secrets: Api<Secret> = Api::namespaced(kube.client(), "ns");
+    for name in ["agentops-manifest-twice", "agentops-report-twice"] {
+        secrets.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    let job = until("its Job", || kube.get(BATCH, "jobs", "ns", "agentops-twice")).await;
+    assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], uid.as_str());
+    let manifest = secret_data(&kube, "ns", "agentops-manifest-twice").unwrap()["manifest.yaml"].clone();
+    let manifest = String::from_utf8(manifest).unwrap();
+    assert!(manifest.contains("do it") && !manifest.contains("the old prompt"), "{manifest}");
+    let tokens = secret_data(&kube, "ns", "agentops-report-twice").unwrap();
+    assert_ne!(tokens["token"], b"old-report-token".to_vec());
+    assert_ne!(tokens["model"], b"old-model-token".to_vec());
+    until("Running", || (phase(&kube, "ns", "twice")? == "Running").then_some(())).await;
+    ctl.stop().await;
+}
+
 /// One execution, four ways to read it: `agentops run -o json`, `executions show --json`,
 /// `executions list --json` and the controller's HTTP API all answer the same JSON shape.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1013,6 +1068,12 @@ async fn attacker() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) 
         }
     });
     (url, hits)
+}
+
+/// Bytes as a Secret's `data` holds them.
+fn base64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// A Secret's data as the kubelet mounts it.

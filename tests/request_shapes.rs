@@ -16,6 +16,7 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 fn context(client: kube::Client) -> Arc<Context> {
     let (cache, _writer) = reflector::store();
     let (wake, _) = tokio::sync::mpsc::unbounded_channel();
+    let ledger = Arc::new(agentops::controller::ledger::Ledger::default());
     Arc::new(Context {
         recorder: Recorder::new(client.clone(), Reporter { controller: "agentops-controller".into(), instance: None }),
         client: client.clone(),
@@ -23,15 +24,15 @@ fn context(client: kube::Client) -> Arc<Context> {
         store: None,
         cache,
         executor: Executor::Job { jobs: vec![] },
-        starting: Default::default(),
+        ledger: ledger.clone(),
         secrets_seen: Default::default(),
-        finished: Default::default(),
         admit: Default::default(),
         wake,
         metrics: Default::default(),
         reports: Arc::new(agentops::controller::reports::Reports::new(
             client,
             tokio::sync::mpsc::unbounded_channel().0,
+            ledger,
         )),
     })
 }

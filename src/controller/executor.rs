@@ -3,10 +3,9 @@
 //! tests without a kubelet). Both report the runner's JSON summary at the end: the Job through
 //! its pod's termination message, the child through its stdout.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -19,8 +18,9 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::desired::{self, JobConfig};
+use super::ledger::{self, Ledger, LocalRun};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
-use super::reports::{Reports, new_token, token_secret_name};
+use super::reports::{Reports, new_token, owned_by, token_secret_name};
 use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
 use crate::runner::contract;
@@ -62,6 +62,7 @@ impl Executor {
     /// the other way lost it). Reconcile never looks anywhere else.
     pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
         let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        let uid = ledger::uid(ax);
         let observed = match self {
             Executor::Job { jobs } => observe_job(client, ax, jobs).await?,
             Executor::Local(l) => l.observe(ax),
@@ -83,7 +84,7 @@ impl Executor {
             }
             s
         };
-        let latest = || reports.latest(&ns, &name);
+        let latest = || reports.latest(&uid);
         Ok(match observed {
             Observation::Running { progress } => {
                 let running =
@@ -105,13 +106,6 @@ impl Executor {
         })
     }
 
-    /// Drops what the executor keeps of a finished execution (the local runner's files).
-    pub fn forget(&self, ax: &AgentExecution) {
-        if let Executor::Local(l) = self {
-            l.forget(ax);
-        }
-    }
-
     /// Starts the runner (idempotent: an existing Job is adopted, never duplicated).
     pub async fn start(
         &self,
@@ -130,7 +124,7 @@ impl Executor {
                     // The runner's tokens (reports; the model gateway), as a Secret owned by the
                     // execution; each container mounts only its own key.
                     let tokens = runner_tokens(client, ax, &ns, true).await?;
-                    tokens.open(reports, &ns, &ax.name_any(), r).await?;
+                    tokens.open(reports, ax, r).await?;
                 }
                 if let Some(policy) = desired::desired_network_policy(ax, r) {
                     let api: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
@@ -153,8 +147,11 @@ impl Executor {
                     serde_json::from_value(secret).map_err(|e| Error::Executor(format!("manifest Secret: {e}")))?;
                 match secrets.create(&kube::api::PostParams::default(), &secret).await {
                     Ok(_) => {}
-                    // Created before a restart: the spec is immutable, so it holds the same manifest.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {}
+                    // Created before a restart: the spec is immutable, so it holds the same
+                    // manifest, if it is this execution's and not a deleted namesake's.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        ours(secrets.get(&name).await?, ax)?;
+                    }
                     Err(e) => return Err(e.into()),
                 }
                 let job = desired::desired_job(ax, r, cfg);
@@ -188,7 +185,7 @@ pub async fn reopen(client: &Client, ax: &AgentExecution, r: &Resolved, reports:
     if tokens.model.as_deref().is_some_and(|t| reports.model_retired(t)) {
         return Ok(false);
     }
-    tokens.open(reports, &ns, &ax.name_any(), r).await?;
+    tokens.open(reports, ax, r).await?;
     Ok(true)
 }
 
@@ -202,13 +199,14 @@ struct RunnerTokens {
 
 impl RunnerTokens {
     /// Opens what the controller serves this execution's pod: the model gateway, the git relay.
-    async fn open(&self, reports: &Reports, ns: &str, name: &str, r: &Resolved) -> Result<(), Error> {
-        reports.remember(ns, name, &self.report);
+    async fn open(&self, reports: &Reports, ax: &AgentExecution, r: &Resolved) -> Result<(), Error> {
+        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        reports.remember(&ledger::uid(ax), &self.report);
         if let Some(model) = &self.model {
-            reports.open_model(ns, name, r, model).await?;
+            reports.open_model(&ns, &name, r, model).await?;
         }
         if let Some((clone, publish)) = &self.git {
-            reports.open_git(ns, name, r, clone, publish).await?;
+            reports.open_git(&ns, &name, r, clone, publish).await?;
         }
         Ok(())
     }
@@ -232,6 +230,7 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
     if !create {
         let existing =
             secrets.get_opt(&name).await?.ok_or_else(|| Error::Executor(format!("Secret {name} is gone")))?;
+        let existing = ours(existing, ax)?;
         return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
     }
     let (report, model) = (new_token(), crate::gateway::new_token());
@@ -248,11 +247,24 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
         serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner token Secret: {e}")))?;
     match secrets.create(&kube::api::PostParams::default(), &secret).await {
         Ok(_) => Ok(RunnerTokens { report, model: Some(model), git: Some((clone, publish)) }),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            read(secrets.get(&name).await?).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))
-        }
+        Err(kube::Error::Api(s)) if s.code == 409 => read(ours(secrets.get(&name).await?, ax)?)
+            .ok_or_else(|| Error::Executor(format!("Secret {name} has no token"))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The object, when the execution owns it. A deleted execution's children go by garbage
+/// collection, which takes a moment: an execution re-created under the same name meanwhile
+/// must not run with the old one's manifest or tokens. The reconcile is retried (the error
+/// says why) and finds the name free once they are collected.
+fn ours<K: kube::Resource>(obj: K, ax: &AgentExecution) -> Result<K, Error> {
+    if ax.metadata.uid.as_deref().is_some_and(|uid| owned_by(&obj, uid)) {
+        return Ok(obj);
+    }
+    Err(Error::Executor(format!(
+        "{} belongs to a deleted AgentExecution of the same name; it starts once that one's objects are garbage-collected",
+        obj.meta().name.as_deref().unwrap_or_default()
+    )))
 }
 
 fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> serde_json::Value {
@@ -331,21 +343,13 @@ async fn observe_job(
     Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline, cause })
 }
 
-#[derive(Debug, Default)]
-struct LocalRun {
-    pid: Option<u32>,
-    /// The report, the exit code, and the runner's last error lines.
-    done: Option<(Option<Summary>, i32, Option<String>)>,
-    /// Private files of this run (manifest, report token, secrets), removed when forgotten.
-    dir: PathBuf,
-}
-
 /// Runs `agentops runner` as child processes of the controller. Runs are keyed by the
 /// execution's uid, so a new execution with an old name is a new run.
 pub struct LocalExecutor {
     bin: PathBuf,
     env: Vec<(String, String)>,
-    runs: Arc<Mutex<HashMap<String, LocalRun>>>,
+    /// Where its runs are kept (the controller's ledger).
+    ledger: Arc<Ledger>,
     wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
     /// The controller's HTTP base URL, for progress reports.
     report_base: Option<String>,
@@ -402,18 +406,14 @@ impl LocalExecutor {
         env: Vec<(String, String)>,
         wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
         report_base: Option<String>,
+        ledger: Arc<Ledger>,
     ) -> std::io::Result<Self> {
         let token_dir = tempfile::Builder::new().prefix("agentops-runs").tempdir()?;
-        Ok(Self { bin, env, runs: Default::default(), wake, report_base, token_dir })
-    }
-
-    fn uid(ax: &AgentExecution) -> String {
-        ax.metadata.uid.clone().unwrap_or_else(|| format!("{}/{}", ax.namespace().unwrap_or_default(), ax.name_any()))
+        Ok(Self { bin, env, ledger, wake, report_base, token_dir })
     }
 
     fn observe(&self, ax: &AgentExecution) -> Observation {
-        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
-        match runs.get(&Self::uid(ax)) {
+        let seen = self.ledger.with(&ledger::uid(ax), |e| match &e.local {
             None => Observation::NotStarted,
             Some(LocalRun { done: None, .. }) => Observation::Running { progress: None },
             Some(LocalRun { done: Some((summary, code, cause)), .. }) => Observation::Finished {
@@ -422,15 +422,8 @@ impl LocalExecutor {
                 deadline_exceeded: false,
                 cause: cause.clone(),
             },
-        }
-    }
-
-    /// Forgets a finished run and removes its private files.
-    fn forget(&self, ax: &AgentExecution) {
-        let run = self.runs.lock().unwrap_or_else(|e| e.into_inner()).remove(&Self::uid(ax));
-        if let Some(run) = run {
-            let _ = std::fs::remove_dir_all(&run.dir);
-        }
+        });
+        seen.unwrap_or(Observation::NotStarted)
     }
 
     async fn start(
@@ -441,11 +434,11 @@ impl LocalExecutor {
         manifest: &str,
         reports: &Reports,
     ) -> Result<(), Error> {
-        let uid = Self::uid(ax);
-        if self.runs.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&uid) {
+        let uid = ledger::uid(ax);
+        if self.ledger.with(&uid, |e| e.local.is_some()) == Some(true) {
             return Ok(());
         }
-        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        let ns = ax.namespace().unwrap_or_else(|| "default".into());
         let dir = self.token_dir.path().join(uid.replace('/', "_"));
         let failed = |what: &str, e: std::io::Error| Error::Executor(format!("cannot write the runner's {what}: {e}"));
         private_dir(&dir).map_err(|e| failed("files", e))?;
@@ -463,7 +456,7 @@ impl LocalExecutor {
             let token = new_token();
             let file = dir.join("report-token");
             write_private(&file, &token).map_err(|e| failed("report token", e))?;
-            reports.remember(&ns, &name, &token);
+            reports.remember(&uid, &token);
             cmd.env(contract::REPORT_URL, super::desired::report_url(base, ax)).env(contract::REPORT_TOKEN_FILE, &file);
         }
         let mut child = cmd
@@ -475,10 +468,7 @@ impl LocalExecutor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Error::Executor(format!("cannot start {}: {e}", self.bin.display())))?;
-        self.runs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(uid.clone(), LocalRun { pid: child.id(), done: None, dir });
+        self.ledger.update(&uid, |e| e.local = Some(LocalRun { pid: child.id(), done: None, dir }));
         // The runner's stderr goes on to ours; its last lines are kept as the cause of a failure.
         let tail = child.stderr.take().map(|err| {
             tokio::spawn(async move {
@@ -496,7 +486,7 @@ impl LocalExecutor {
                 kept.into_iter().collect::<Vec<_>>().join(" / ")
             })
         });
-        let (runs, wake, obj) = (self.runs.clone(), self.wake.clone(), ObjectRef::from_obj(ax));
+        let (runs, wake, obj) = (self.ledger.clone(), self.wake.clone(), ObjectRef::from_obj(ax));
         tokio::spawn(async move {
             let mut last = None;
             if let Some(out) = child.stdout.take() {
@@ -512,9 +502,12 @@ impl LocalExecutor {
                 Some(t) => t.await.ok().filter(|c| !c.is_empty()),
                 None => None,
             };
-            if let Some(run) = runs.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
-                run.done = Some((last, code, cause.map(|c| crate::api::report::truncate(&c, CAUSE_LIMIT))));
-            }
+            // A run forgotten meanwhile (its execution deleted) stays forgotten.
+            runs.with(&uid, |e| {
+                if let Some(run) = e.local.as_mut() {
+                    run.done = Some((last, code, cause.map(|c| crate::api::report::truncate(&c, CAUSE_LIMIT))));
+                }
+            });
             let _ = wake.send(obj);
         });
         Ok(())
@@ -522,21 +515,23 @@ impl LocalExecutor {
 
     /// SIGTERM (the runner cancels: stops the agent, keeps usage, reports), then wait for it.
     async fn stop(&self, ax: &AgentExecution) -> Option<Summary> {
-        let key = Self::uid(ax);
-        let pid = {
-            let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
-            match runs.get(&key) {
-                Some(LocalRun { pid: Some(pid), done: None, .. }) => *pid,
-                Some(LocalRun { done: Some((s, _, _)), .. }) => return s.clone(),
-                _ => return None,
-            }
+        let uid = ledger::uid(ax);
+        // Its report once it ended (Some(None): it ended without one).
+        let ended = |e: &mut ledger::Entry| match &e.local {
+            Some(LocalRun { done: Some((s, _, _)), .. }) => Some(s.clone()),
+            _ => None,
+        };
+        let running = |e: &mut ledger::Entry| match &e.local {
+            Some(LocalRun { pid: Some(pid), done: None, .. }) => Some(*pid),
+            _ => None,
+        };
+        let Some(pid) = self.ledger.with(&uid, running).flatten() else {
+            return self.ledger.with(&uid, ended).flatten().flatten();
         };
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
         for _ in 0..100 {
-            if let Some(LocalRun { done: Some((s, _, _)), .. }) =
-                self.runs.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
-            {
-                return s.clone();
+            if let Some(Some(last)) = self.ledger.with(&uid, ended) {
+                return last;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

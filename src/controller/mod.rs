@@ -3,6 +3,7 @@
 pub mod decide;
 pub mod desired;
 pub mod executor;
+pub mod ledger;
 pub mod metrics;
 pub mod queue;
 pub mod reconcile;
@@ -138,6 +139,7 @@ pub async fn run(
     let controller = controller.owns_stream(futures::stream::select_all(watches));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
     let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+    let ledger = Arc::new(ledger::Ledger::default());
     let executor = match executor {
         ExecutorKind::Job => Executor::Job { jobs: job_caches },
         ExecutorKind::Local { bin, mut env } => {
@@ -146,7 +148,7 @@ pub async fn run(
             if let Some(model) = &config.job.default_model {
                 env.push(("ANTHROPIC_MODEL".into(), model.clone()));
             }
-            match LocalExecutor::new(bin, env, wake_tx.clone(), local_base) {
+            match LocalExecutor::new(bin, env, wake_tx.clone(), local_base, ledger.clone()) {
                 Ok(l) => Executor::Local(l),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot prepare the local executor");
@@ -176,7 +178,7 @@ pub async fn run(
         },
         _ => None,
     };
-    let mut reports = reports::Reports::new(client.clone(), wake_tx.clone());
+    let mut reports = reports::Reports::new(client.clone(), wake_tx.clone(), ledger.clone());
     if let Some(g) = &gateways {
         reports = reports.with_gateways(g.clone());
     }
@@ -286,9 +288,8 @@ pub async fn run(
         store,
         cache,
         executor,
-        starting: Default::default(),
+        ledger,
         secrets_seen: Default::default(),
-        finished: Default::default(),
         admit: Default::default(),
         wake: wake_tx,
         metrics,

@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+
+use super::ledger::{self, Ledger};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
@@ -109,11 +111,9 @@ pub struct Context {
     pub cache: Cache<AgentExecution>,
     pub recorder: Recorder,
     pub executor: Executor,
-    /// Executions started by this process whose Running status may not be in the cache yet.
-    pub starting: Mutex<HashSet<(String, String)>>,
-    /// Final statuses written but perhaps not yet seen by the watch cache, by uid: a reconcile
-    /// that reads a stale cache must not finish the same execution twice.
-    pub finished: Mutex<std::collections::HashMap<String, AgentExecutionStatus>>,
+    /// What this process keeps about each execution (started, finished, its runner's token
+    /// and reports, its local process), by uid.
+    pub ledger: Arc<Ledger>,
     /// Secret keys seen to exist, and when: the same Secret referenced by many executions is
     /// read once a while, not on every reconcile (only presence is kept, never the data).
     pub secrets_seen: Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
@@ -214,15 +214,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
 /// The status to decide from: the cache's, unless this process finished the execution and
 /// the watch cache has not caught up with that final write yet (what we finished is final).
 fn last_status(ax: &AgentExecution, ctx: &Context) -> AgentExecutionStatus {
-    let uid = ax.metadata.uid.clone().unwrap_or_default();
-    let cached = ax.status.clone().unwrap_or_default();
-    let mut done = ctx.finished.lock().unwrap_or_else(|e| e.into_inner());
-    if cached.phase.is_terminal() {
-        done.remove(&uid);
-        cached
-    } else {
-        done.get(&uid).cloned().unwrap_or(cached)
-    }
+    ctx.ledger.last_status(&ledger::uid(ax), ax.status.clone().unwrap_or_default())
 }
 
 /// An execution's spec, ready to run: resolved (with the cluster's defaults), as the runner
@@ -277,7 +269,7 @@ fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
         return Slot::Start;
     }
     let me = key(ax);
-    let starting = ctx.starting.lock().map(|s| s.clone()).unwrap_or_default();
+    let starting = ctx.ledger.starting();
     let mut all: Vec<Candidate> =
         ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
     all.push(Candidate {
@@ -305,6 +297,7 @@ async fn act(
     d: Decision,
 ) -> Result<Action, Error> {
     let (ns, name) = key(ax);
+    let uid = ledger::uid(ax);
     let has = |e: Effect| d.effects.contains(&e);
     let mut status = d.status;
     if has(Effect::Remember)
@@ -329,22 +322,18 @@ async fn act(
             let waited = jiff::Timestamp::now().duration_since(created).as_secs_f64().max(0.0);
             ctx.metrics.queue_wait_seconds.observe(waited);
         }
-        if status.phase == Phase::Running
-            && let Ok(mut s) = ctx.starting.lock()
-        {
-            s.insert((ns.clone(), name.clone()));
+        if status.phase == Phase::Running {
+            ctx.ledger.update(&uid, |e| e.starting = true);
         }
     }
-    if has(Effect::Unreserve)
-        && let Ok(mut s) = ctx.starting.lock()
-    {
-        s.remove(&(ns.clone(), name.clone()));
+    if has(Effect::Unreserve) {
+        ctx.ledger.with(&uid, |e| e.starting = false);
     }
     // The store first: once the status says it is over, the record is there (and a retried
     // status write only repeats an idempotent update).
     if has(Effect::Record) {
         if let Some(store) = &ctx.store {
-            let summary = record_of(ax, &status, ctx.reports.latest(&ns, &name).map(|s| s.api_retries));
+            let summary = record_of(ax, &status, ctx.reports.latest(&uid).map(|s| s.api_retries));
             let error = (status.phase != Phase::Succeeded).then(|| status.reason.as_deref().unwrap_or_default());
             store.finish_execution(&summary, error, None).await?;
         }
@@ -353,10 +342,8 @@ async fn act(
         }
     }
     write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
-    if status.phase.is_terminal()
-        && let Some(uid) = &ax.metadata.uid
-    {
-        ctx.finished.lock().unwrap_or_else(|e| e.into_inner()).insert(uid.clone(), status.clone());
+    if status.phase.is_terminal() {
+        ctx.ledger.update(&uid, |e| e.finished = Some(status.clone()));
     }
     if has(Effect::ReleaseWorkspace) {
         let keep = match ax.spec.workspace.retain.unwrap_or_default() {
@@ -374,11 +361,7 @@ async fn act(
         }
     }
     if has(Effect::Forget) {
-        if let Ok(mut s) = ctx.starting.lock() {
-            s.remove(&(ns.clone(), name.clone()));
-        }
-        ctx.reports.forget(&ns, &name);
-        ctx.executor.forget(ax);
+        ctx.reports.forget(&uid, &ns, &name);
     }
     if has(Effect::WakeQueue) {
         for o in ctx.cache.state() {
@@ -481,7 +464,7 @@ fn created(ax: &AgentExecution) -> String {
 }
 
 /// An execution as the queue sees it; None for finished, cancelled or stalled ones.
-fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Option<Candidate> {
+fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidate> {
     let st = ax.status.clone().unwrap_or_default();
     if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
         return None;
@@ -491,7 +474,7 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<(String, String)>) -> Optio
         return None;
     }
     let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
-    let active = st.phase == Phase::Running || starting.contains(&key(ax));
+    let active = st.phase == Phase::Running || starting.contains(&ledger::uid(ax));
     if stalled && !active {
         return None;
     }
@@ -508,11 +491,10 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
     let st = ax.status.clone().unwrap_or_default();
     if !st.phase.is_terminal() {
         ctx.executor.stop(&ctx.client, &ax).await?;
-        if let Ok(mut s) = ctx.starting.lock() {
-            s.remove(&key(&ax));
-        }
     }
-    ctx.executor.forget(&ax);
+    let (ns, name) = key(&ax);
+    ctx.reports.forget(&ledger::uid(&ax), &ns, &name);
+    ctx.ledger.remove(&ledger::uid(&ax));
     let retain = ax.spec.workspace.retain.unwrap_or_default();
     let keep = match retain {
         RetainPolicy::Delete => false,

@@ -20,13 +20,15 @@ use crate::api::{AgentExecution, Resolved};
 use crate::gateway::git::{GitRelays, Route};
 use crate::gateway::{Account, Gateways, Metered};
 
+use super::ledger::Ledger;
+
 type Key = (String, String);
 
-/// Tokens and latest reports of running executions, and their model gateway accounts.
+/// The report channel of running executions (their tokens and latest reports live in the
+/// ledger), and what the controller serves their pods: model gateway accounts, git routes.
 pub struct Reports {
     client: kube::Client,
-    tokens: Mutex<HashMap<Key, String>>,
-    latest: Mutex<HashMap<Key, Summary>>,
+    ledger: Arc<Ledger>,
     wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
     /// The model gateway runner pods use (None: runners bring their own key; local runners).
     gateways: Option<Arc<Gateways>>,
@@ -69,16 +71,12 @@ fn same(a: &str, b: &str) -> bool {
 }
 
 impl Reports {
-    pub fn new(client: kube::Client, wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>) -> Self {
-        Self {
-            client,
-            tokens: Default::default(),
-            latest: Default::default(),
-            wake,
-            gateways: None,
-            git: None,
-            secret_data: Default::default(),
-        }
+    pub fn new(
+        client: kube::Client,
+        wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+        ledger: Arc<Ledger>,
+    ) -> Self {
+        Self { client, ledger, wake, gateways: None, git: None, secret_data: Default::default() }
     }
 
     /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
@@ -207,16 +205,14 @@ impl Reports {
     }
 
     /// Remembers the token given to an execution's runner.
-    pub fn remember(&self, ns: &str, name: &str, token: &str) {
-        if let Ok(mut t) = self.tokens.lock() {
-            t.insert((ns.into(), name.into()), token.into());
-        }
+    pub fn remember(&self, uid: &str, token: &str) {
+        self.ledger.update(uid, |e| e.report_token = Some(token.into()));
     }
 
-    /// Whether `token` is the one given to that execution (after a restart, read from its Secret).
-    pub async fn verify(&self, ns: &str, name: &str, token: &str) -> bool {
-        let key = (ns.to_string(), name.to_string());
-        let known = self.tokens.lock().ok().and_then(|t| t.get(&key).cloned());
+    /// Whether `token` is the one given to that execution (after a restart, read from its
+    /// runner Secret, which must belong to this very execution: `uid`).
+    pub async fn verify(&self, uid: &str, ns: &str, name: &str, token: &str) -> bool {
+        let known = self.ledger.with(uid, |e| e.report_token.clone()).flatten();
         let expected = match known {
             Some(t) => t,
             None => {
@@ -224,46 +220,49 @@ impl Reports {
                 let Ok(Some(secret)) = api.get_opt(&token_secret_name(name)).await else {
                     return false;
                 };
+                if !owned_by(&secret, uid) {
+                    return false;
+                }
                 let Some(bytes) = secret.data.and_then(|d| d.get(REPORT_TOKEN_KEY).cloned()) else {
                     return false;
                 };
                 let t = String::from_utf8_lossy(&bytes.0).into_owned();
-                self.remember(ns, name, &t);
+                self.remember(uid, &t);
                 t
             }
         };
         same(&expected, token)
     }
 
-    /// Keeps a report and wakes the execution's reconcile.
-    pub fn accept(&self, ns: &str, name: &str, report: Summary) {
-        if let Ok(mut l) = self.latest.lock() {
-            l.insert((ns.into(), name.into()), report);
-        }
+    /// Keeps a report of a run this process knows (its token was verified) and wakes the
+    /// execution's reconcile.
+    pub fn accept(&self, uid: &str, ns: &str, name: &str, report: Summary) {
+        self.ledger.with(uid, |e| e.latest = Some(report));
         let _ = self.wake.send(ObjectRef::new(name).within(ns));
     }
 
     /// The latest report of an execution.
-    pub fn latest(&self, ns: &str, name: &str) -> Option<Summary> {
-        self.latest.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()
+    pub fn latest(&self, uid: &str) -> Option<Summary> {
+        self.ledger.with(uid, |e| e.latest.clone()).flatten()
     }
 
-    /// Drops what is kept for a finished execution; its model token stops working.
-    pub fn forget(&self, ns: &str, name: &str) {
+    /// Ends what is kept for an execution's run: its model token and git tokens stop working,
+    /// its ledger entry keeps only the final status.
+    pub fn forget(&self, uid: &str, ns: &str, name: &str) {
         if let Some(g) = &self.gateways {
             g.close(ns, name);
         }
         if let Some(g) = &self.git {
             g.close(ns, name);
         }
-        let key = (ns.to_string(), name.to_string());
-        if let Ok(mut t) = self.tokens.lock() {
-            t.remove(&key);
-        }
-        if let Ok(mut l) = self.latest.lock() {
-            l.remove(&key);
-        }
+        self.ledger.end_run(uid);
     }
+}
+
+/// Whether an object's controller owner is the execution `uid`: a Secret left by a deleted
+/// execution of the same name (garbage collection is not instant) is not this one's.
+pub fn owned_by(obj: &impl kube::Resource, uid: &str) -> bool {
+    obj.meta().owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 /// Distinct tool names kept from a report (each becomes a metric label).

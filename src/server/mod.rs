@@ -294,7 +294,7 @@ async fn runner_caller(
     namespace: &str,
     name: &str,
     headers: &HeaderMap,
-) -> Result<(Arc<Reports>, Option<String>), Response> {
+) -> Result<(Arc<Reports>, String), Response> {
     if !is_dns_label(namespace) || !is_dns_subdomain(name) {
         return Err(error(StatusCode::BAD_REQUEST, "namespace and name must be Kubernetes names (DNS-1123)"));
     }
@@ -309,11 +309,12 @@ async fn runner_caller(
     if !running {
         return Err(error(StatusCode::NOT_FOUND, "no running execution by that name"));
     }
+    let uid = ax.and_then(|ax| ax.metadata.uid.clone()).unwrap_or_default();
     let token = bearer(headers).unwrap_or_default();
-    if token.is_empty() || !reports.verify(namespace, name, token).await {
+    if uid.is_empty() || token.is_empty() || !reports.verify(&uid, namespace, name, token).await {
         return Err(error(StatusCode::UNAUTHORIZED, "unknown execution or wrong token"));
     }
-    Ok((reports, ax.and_then(|ax| ax.metadata.uid.clone())))
+    Ok((reports, uid))
 }
 
 /// A runner's progress or final report, authenticated by its execution's token. Both path
@@ -325,15 +326,15 @@ async fn runner_report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let reports = match runner_caller(&s, &namespace, &name, &headers).await {
-        Ok((r, _)) => r,
+    let (reports, uid) = match runner_caller(&s, &namespace, &name, &headers).await {
+        Ok(caller) => caller,
         Err(r) => return r,
     };
     let report: Summary = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a report: {e}")),
     };
-    reports.accept(&namespace, &name, crate::controller::reports::bounded(report));
+    reports.accept(&uid, &namespace, &name, crate::controller::reports::bounded(report));
     StatusCode::ACCEPTED.into_response()
 }
 
@@ -354,7 +355,7 @@ async fn runner_logs(
     body: Bytes,
 ) -> Response {
     let uid = match runner_caller(&s, &namespace, &name, &headers).await {
-        Ok((_, uid)) => uid.unwrap_or_default(),
+        Ok((_, uid)) => uid,
         Err(r) => return r,
     };
     let lines: Vec<RunnerLogLine> = match serde_json::from_slice(&body) {
@@ -389,7 +390,7 @@ async fn runner_diff(
     body: Bytes,
 ) -> Response {
     let uid = match runner_caller(&s, &namespace, &name, &headers).await {
-        Ok((_, uid)) => uid.unwrap_or_default(),
+        Ok((_, uid)) => uid,
         Err(r) => return r,
     };
     let d: RunnerDiff = match serde_json::from_slice(&body) {

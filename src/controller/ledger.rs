@@ -1,0 +1,190 @@
+//! What this controller process keeps about each execution, in one place, keyed by the
+//! execution's uid: a new execution with an old name is a new entry, never the old one's.
+//!
+//! Everything here is a cache of what the API server, the runner or its Secret also hold, or
+//! lives only as long as the run: a restarted controller starts with an empty ledger and
+//! rebuilds what it needs (the report token from the runner Secret, the status from the watch).
+//! The model gateway's accounts and the git relay's routes are those services' own routing
+//! tables (addressed by `namespace/name` in the request path); they are opened when a runner
+//! starts and closed by the same `forget` that ends a ledger entry (`Reports::forget`).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kube::ResourceExt;
+
+use crate::api::{AgentExecution, AgentExecutionStatus, Summary};
+
+/// One execution's entry.
+#[derive(Debug, Default)]
+pub struct Entry {
+    /// Started by this process; its Running status may not be in the watch cache yet (the
+    /// queue counts it as active meanwhile).
+    pub starting: bool,
+    /// The final status this process wrote, until the watch cache shows it: a reconcile that
+    /// reads a stale cache must not finish the same execution twice.
+    pub finished: Option<AgentExecutionStatus>,
+    /// The token its runner presents when it reports.
+    pub report_token: Option<String>,
+    /// The runner's latest report (progress, or its final word when the other way lost it).
+    pub latest: Option<Summary>,
+    /// Its runner process, with the local executor.
+    pub local: Option<LocalRun>,
+}
+
+/// A runner that is a child process of the controller.
+#[derive(Debug, Default)]
+pub struct LocalRun {
+    pub pid: Option<u32>,
+    /// The report, the exit code, and the runner's last error lines.
+    pub done: Option<(Option<Summary>, i32, Option<String>)>,
+    /// Private files of this run (manifest, report token, secrets), removed when it is forgotten.
+    pub dir: PathBuf,
+}
+
+impl Drop for LocalRun {
+    fn drop(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The ledger: one map, one lock.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+/// The key of an execution: its uid (the API server always sets one; objects built by hand
+/// without one fall back to `namespace/name`).
+pub fn uid(ax: &AgentExecution) -> String {
+    ax.metadata
+        .uid
+        .clone()
+        .unwrap_or_else(|| format!("{}/{}", ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any()))
+}
+
+impl Ledger {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic elsewhere while holding the lock leaves the map usable: every write is one
+        // field assignment.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes an execution's entry, creating it.
+    pub fn update<R>(&self, uid: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
+        f(self.lock().entry(uid.to_string()).or_default())
+    }
+
+    /// Reads or changes an execution's entry, if it has one.
+    pub fn with<R>(&self, uid: &str, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+        self.lock().get_mut(uid).map(f)
+    }
+
+    /// The status to decide from: the cache's, unless this process finished the execution
+    /// and the watch has not caught up with that final write yet (what we finished is final).
+    /// Once the cache shows an end, the entry has served its purpose and goes.
+    pub fn last_status(&self, uid: &str, cached: AgentExecutionStatus) -> AgentExecutionStatus {
+        let mut entries = self.lock();
+        if cached.phase.is_terminal() {
+            entries.remove(uid);
+            return cached;
+        }
+        entries.get(uid).and_then(|e| e.finished.clone()).unwrap_or(cached)
+    }
+
+    /// Executions started by this process whose start the cache may not show yet.
+    pub fn starting(&self) -> HashSet<String> {
+        self.lock().iter().filter(|(_, e)| e.starting).map(|(uid, _)| uid.clone()).collect()
+    }
+
+    /// Ends a run: drops its token, reports and runner (with its private files), and keeps
+    /// only the final status until the watch cache shows it.
+    pub fn end_run(&self, uid: &str) {
+        let mut entries = self.lock();
+        let keep = entries.get(uid).and_then(|e| e.finished.clone());
+        match keep {
+            Some(finished) => {
+                entries.insert(uid.to_string(), Entry { finished: Some(finished), ..Default::default() });
+            }
+            None => {
+                entries.remove(uid);
+            }
+        }
+    }
+
+    /// Drops the whole entry (the execution is gone).
+    pub fn remove(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+
+    /// How many executions have an entry.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Phase;
+
+    fn status(phase: Phase) -> AgentExecutionStatus {
+        AgentExecutionStatus { phase, ..Default::default() }
+    }
+
+    #[test]
+    fn a_final_status_outlives_the_run_until_the_cache_shows_it() {
+        let l = Ledger::default();
+        l.update("u1", |e| {
+            e.starting = true;
+            e.report_token = Some("t".into());
+            e.latest = Some(Summary::default());
+        });
+        assert_eq!(l.starting(), HashSet::from(["u1".to_string()]));
+        l.update("u1", |e| e.finished = Some(status(Phase::Succeeded)));
+        l.end_run("u1");
+        assert!(l.starting().is_empty());
+        assert_eq!(l.with("u1", |e| (e.report_token.clone(), e.latest.is_some())), Some((None, false)));
+        // A stale cache still says Running: the decision starts from what we wrote.
+        assert_eq!(l.last_status("u1", status(Phase::Running)).phase, Phase::Succeeded);
+        // The cache caught up: the entry goes.
+        assert_eq!(l.last_status("u1", status(Phase::Succeeded)).phase, Phase::Succeeded);
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_run_that_ends_without_a_final_status_leaves_nothing() {
+        let l = Ledger::default();
+        l.update("u1", |e| e.report_token = Some("t".into()));
+        l.end_run("u1");
+        assert!(l.is_empty());
+        assert_eq!(l.with("u1", |_| ()), None, "with never creates");
+    }
+
+    #[test]
+    fn entries_are_per_uid_not_per_name() {
+        let l = Ledger::default();
+        l.update("old-uid", |e| e.finished = Some(status(Phase::Failed)));
+        // Same name, new object: nothing of the old one applies.
+        assert_eq!(l.last_status("new-uid", status(Phase::Pending)).phase, Phase::Pending);
+    }
+
+    #[test]
+    fn a_forgotten_local_run_takes_its_private_files_with_it() {
+        let l = Ledger::default();
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir_all(run_dir.join("secrets")).unwrap();
+        std::fs::write(run_dir.join("secrets/token"), "x").unwrap();
+        l.update("u1", |e| e.local = Some(LocalRun { pid: None, done: None, dir: run_dir.clone() }));
+        l.end_run("u1");
+        assert!(!run_dir.exists());
+    }
+}
