@@ -499,9 +499,9 @@ async fn runner_reports_need_the_executions_own_token() {
     let url = env.iter().find(|e| e["name"] == "AGENTOPS_REPORT_URL").unwrap()["value"].as_str().unwrap().to_string();
     assert_eq!(url, format!("{base}/api/v1/runner/ns/rep/report"));
     assert!(env.iter().all(|e| !e["value"].as_str().unwrap_or_default().contains("Bearer")));
-    let secret = kube.get(CORE, "secrets", "ns", "agentops-report-rep").expect("token secret");
+    let secret = kube.get(CORE, "secrets", "ns", "agentops-runner-rep").expect("token secret");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
-    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-report-rep").unwrap()["token"].clone()).unwrap();
+    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-runner-rep").unwrap()["token"].clone()).unwrap();
 
     let progress = json!({"phase": "Running", "usage": {"inputTokens": 42, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0},
                           "tokensUsed": 49, "costUsd": 0.01, "numTurns": 1, "toolCalls": {"total": 1, "byTool": {"Bash": 1}}});
@@ -674,10 +674,10 @@ async fn the_default_timeout_applies_when_the_spec_sets_none() {
     let job = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-deftimeout")).await;
     assert_eq!(job["spec"]["activeDeadlineSeconds"], 7200 + 60);
     // The runner's manifest is a Secret owned by the execution, mounted as a file.
-    let secret = kube.get(CORE, "secrets", "ns", "agentops-manifest-deftimeout").expect("manifest Secret");
+    let secret = kube.get(CORE, "secrets", "ns", "agentops-runner-deftimeout").expect("manifest Secret");
     assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "AgentExecution");
     let manifest =
-        String::from_utf8(secret_data(&kube, "ns", "agentops-manifest-deftimeout").unwrap()["manifest.yaml"].clone())
+        String::from_utf8(secret_data(&kube, "ns", "agentops-runner-deftimeout").unwrap()["manifest.yaml"].clone())
             .unwrap();
     assert!(manifest.contains("timeout: 2h"), "the runner gets the same timeout: {manifest}");
     let own = until("job", || kube.get(BATCH, "jobs", "ns", "agentops-owntimeout")).await;
@@ -945,21 +945,11 @@ async fn a_new_execution_never_runs_with_a_deleted_namesakes_secrets() {
     secrets(&kube, "ns").await;
     let old_owner = json!([{"apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution", "name": "twice",
                             "uid": "old-uid", "controller": true}]);
-    kube.put(
-        CORE,
-        "secrets",
-        json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "agentops-manifest-twice", "namespace": "ns", "ownerReferences": old_owner},
-        "data": {"manifest.yaml": base64(b"the old prompt")}}),
-    );
-    kube.put(
-        CORE,
-        "secrets",
-        json!({"apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "agentops-report-twice", "namespace": "ns", "ownerReferences": old_owner},
-        "data": {"token": base64(b"old-report-token"), "model": base64(b"old-model-token"),
-                 "git-clone": base64(b"old-clone"), "git-publish": base64(b"old-publish")}}),
-    );
+    let old = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "agentops-runner-twice", "namespace": "ns", "ownerReferences": old_owner},
+        "data": {"manifest.yaml": base64(b"the old prompt"), "token": base64(b"old-report-token"),
+                 "model": base64(b"old-model-token"), "git-clone": base64(b"old-clone"), "git-publish": base64(b"old-publish")}});
+    kube.put(CORE, "secrets", old);
     let (_http, base) = listener().await;
     let mut cfg = config(None);
     cfg.job.report_url = Some(base);
@@ -976,15 +966,12 @@ async fn a_new_execution_never_runs_with_a_deleted_namesakes_secrets() {
     assert_ne!(phase(&kube, "ns", "twice").as_deref(), Some("Running"));
     // Garbage collection catches up: the execution starts with its own.
     let secrets: Api<Secret> = Api::namespaced(kube.client(), "ns");
-    for name in ["agentops-manifest-twice", "agentops-report-twice"] {
-        secrets.delete(name, &DeleteParams::default()).await.unwrap();
-    }
+    secrets.delete("agentops-runner-twice", &DeleteParams::default()).await.unwrap();
     let job = until("its Job", || kube.get(BATCH, "jobs", "ns", "agentops-twice")).await;
     assert_eq!(job["metadata"]["ownerReferences"][0]["uid"], uid.as_str());
-    let manifest = secret_data(&kube, "ns", "agentops-manifest-twice").unwrap()["manifest.yaml"].clone();
-    let manifest = String::from_utf8(manifest).unwrap();
+    let tokens = secret_data(&kube, "ns", "agentops-runner-twice").unwrap();
+    let manifest = String::from_utf8(tokens["manifest.yaml"].clone()).unwrap();
     assert!(manifest.contains("do it") && !manifest.contains("the old prompt"), "{manifest}");
-    let tokens = secret_data(&kube, "ns", "agentops-report-twice").unwrap();
     assert_ne!(tokens["token"], b"old-report-token".to_vec());
     assert_ne!(tokens["model"], b"old-model-token".to_vec());
     until("Running", || (phase(&kube, "ns", "twice")? == "Running").then_some(())).await;
@@ -1203,7 +1190,7 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     // Nothing the agent could reach was a credential: search every request the model got (the
     // tool results of the hunt), plain and encoded.
     let report_token =
-        String::from_utf8(secret_data(&kube, "ns", "agentops-report-pod").unwrap()["token"].clone()).unwrap();
+        String::from_utf8(secret_data(&kube, "ns", "agentops-runner-pod").unwrap()["token"].clone()).unwrap();
     let finder = agentops::runner::Redactor::from_values([
         support::TOKEN.to_string(),
         support::API_KEY.to_string(),
@@ -1239,7 +1226,7 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
 
     // The run is over: its gateway token is refused.
     let model_token =
-        String::from_utf8(secret_data(&kube, "ns", "agentops-report-pod").unwrap()["model"].clone()).unwrap();
+        String::from_utf8(secret_data(&kube, "ns", "agentops-runner-pod").unwrap()["model"].clone()).unwrap();
     let late = reqwest::Client::new()
         .post(format!("{base}/gateway/ns/pod/v1/messages"))
         .header("x-api-key", model_token)
@@ -1345,7 +1332,7 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
 
     let (http, base) = listener().await;
     let second = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
-    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-report-again").unwrap()["model"].clone()).unwrap();
+    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-runner-again").unwrap()["model"].clone()).unwrap();
     let ask = |token: String| {
         let url = format!("{base}/gateway/ns/again/v1/messages");
         async move {

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use agentops::api::AgentExecution;
+use agentops::controller::events::{Events, Reporter};
 use agentops::controller::{Context, ControllerConfig, Executor, reconcile};
 use http::{Request, Response};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 use serde_json::{Value, json};
 
@@ -18,12 +18,12 @@ fn context(client: kube::Client) -> Arc<Context> {
     let (wake, _) = tokio::sync::mpsc::unbounded_channel();
     let ledger = Arc::new(agentops::controller::ledger::Ledger::default());
     Arc::new(Context {
-        recorder: Recorder::new(client.clone(), Reporter { controller: "agentops-controller".into(), instance: None }),
+        events: Events::new(client.clone(), Reporter { controller: "agentops-controller".into(), instance: None }),
         client: client.clone(),
         config: ControllerConfig::default(),
         store: None,
         cache,
-        executor: Executor::Job { jobs: vec![] },
+        executor: Executor::Job { jobs: vec![], ledger: ledger.clone() },
         ledger: ledger.clone(),
         secrets_seen: Default::default(),
         admit: Default::default(),

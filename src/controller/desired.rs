@@ -21,9 +21,15 @@ pub use crate::runner::contract::paths::{
     STREAM_DIR, TMP_DIR, WORKSPACE_DIR,
 };
 
-/// Name of the Secret holding an execution's runner manifest.
-pub fn manifest_secret_name(ax: &AgentExecution) -> String {
-    child_name("agentops-manifest", &ax.name_any())
+/// Name of the Secret holding what an execution's pod is given: its manifest and its runner's
+/// tokens (each container mounts only its own keys).
+pub fn runner_secret_name(ax: &AgentExecution) -> String {
+    runner_secret_name_of(&ax.name_any())
+}
+
+/// `runner_secret_name` of the execution called `execution`.
+pub fn runner_secret_name_of(execution: &str) -> String {
+    child_name("agentops-runner", execution)
 }
 
 /// The runner's report endpoint on the controller, for one execution.
@@ -282,15 +288,8 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             ..Default::default()
         },
     });
-    volumes.push(Volume {
-        name: "manifest".into(),
-        secret: Some(SecretVolumeSource {
-            secret_name: Some(manifest_secret_name(ax)),
-            default_mode: Some(0o400),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
+    let runner_secret = runner_secret_name(ax);
+    volumes.push(secret_items("manifest", runner_secret.clone(), &[(MANIFEST_KEY, MANIFEST_KEY)], false));
     let relay = cfg.report_url.as_ref().filter(|_| cfg.git_relay).map(|base| git_url(base, ax));
     // The git credential: only its key (and the optional username), for clone and publish; and
     // not at all when git goes through the controller's relay.
@@ -302,7 +301,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
     });
     let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
     if report.is_some() {
-        let tokens = super::reports::token_secret_name(&ax.name_any());
+        let tokens = runner_secret;
         volumes.push(secret_items(
             "report-token",
             tokens.clone(),

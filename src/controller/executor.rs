@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::desired::{self, JobConfig};
 use super::ledger::{self, Ledger, LocalRun};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
-use super::reports::{Reports, new_token, owned_by, token_secret_name};
+use super::reports::{Reports, new_token, owned_by};
 use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
 use crate::runner::contract;
@@ -44,9 +44,11 @@ const CAUSE_LIMIT: usize = 1024;
 
 /// The two ways of running the runner.
 pub enum Executor {
-    /// Kubernetes Jobs; `jobs` are the controller's watch caches of them.
+    /// Kubernetes Jobs; `jobs` are the controller's watch caches of them, `ledger` says which
+    /// this process just created.
     Job {
         jobs: Vec<kube::runtime::reflector::Store<Job>>,
+        ledger: Arc<Ledger>,
     },
     Local(LocalExecutor),
 }
@@ -64,7 +66,7 @@ impl Executor {
         let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
         let uid = ledger::uid(ax);
         let observed = match self {
-            Executor::Job { jobs } => observe_job(client, ax, jobs).await?,
+            Executor::Job { jobs, ledger } => observe_job(client, ax, jobs, ledger).await?,
             Executor::Local(l) => l.observe(ax),
         };
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
@@ -120,10 +122,11 @@ impl Executor {
             Executor::Job { .. } => {
                 let ns = ax.namespace().unwrap_or_else(|| "default".into());
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
-                if cfg.report_url.is_some() {
-                    // The runner's tokens (reports; the model gateway), as a Secret owned by the
-                    // execution; each container mounts only its own key.
-                    let tokens = runner_tokens(client, ax, &ns, true).await?;
+                // One Secret owned by the execution holds what the pod is given: the manifest
+                // (the prompt may be private) and the runner's tokens (reports, the model
+                // gateway, the git relay); each container mounts only its own keys.
+                let tokens = runner_secret(client, ax, &ns, Some(manifest), cfg.report_url.is_some()).await?;
+                if let Some(tokens) = tokens {
                     tokens.open(reports, ax, r).await?;
                 }
                 if let Some(policy) = desired::desired_network_policy(ax, r) {
@@ -135,24 +138,6 @@ impl Executor {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
                     api.patch(&pvc.name_any(), &pp, &Patch::Apply(&with_type(&pvc, "v1", "PersistentVolumeClaim")))
                         .await?;
-                }
-                // The manifest, as a Secret owned by the execution (the prompt may be private).
-                let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-                let name = desired::manifest_secret_name(ax);
-                let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
-                                 "labels": {"app.kubernetes.io/managed-by": "agentops"}},
-                    "type": "Opaque", "stringData": {desired::MANIFEST_KEY: manifest}});
-                let secret: Secret =
-                    serde_json::from_value(secret).map_err(|e| Error::Executor(format!("manifest Secret: {e}")))?;
-                match secrets.create(&kube::api::PostParams::default(), &secret).await {
-                    Ok(_) => {}
-                    // Created before a restart: the spec is immutable, so it holds the same
-                    // manifest, if it is this execution's and not a deleted namesake's.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        ours(secrets.get(&name).await?, ax)?;
-                    }
-                    Err(e) => return Err(e.into()),
                 }
                 let job = desired::desired_job(ax, r, cfg);
                 let api: Api<Job> = Api::namespaced(client.clone(), &ns);
@@ -181,7 +166,9 @@ impl Executor {
 /// (after a restart), with the tokens in its runner Secret, unless they were retired.
 pub async fn reopen(client: &Client, ax: &AgentExecution, r: &Resolved, reports: &Reports) -> Result<bool, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
-    let tokens = runner_tokens(client, ax, &ns, false).await?;
+    let Some(tokens) = runner_secret(client, ax, &ns, None, true).await? else {
+        return Err(Error::Executor(format!("Secret {} has no token", desired::runner_secret_name(ax))));
+    };
     if tokens.model.as_deref().is_some_and(|t| reports.model_retired(t)) {
         return Ok(false);
     }
@@ -212,12 +199,20 @@ impl RunnerTokens {
     }
 }
 
-/// Reads the execution's runner Secret; creates it (when `create`) with fresh tokens when it
-/// does not exist.
-async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: bool) -> Result<RunnerTokens, Error> {
+/// Reads the execution's runner Secret and the tokens in it; or creates it (`manifest`:
+/// Some) with the manifest and, when `tokens`, fresh tokens. An existing one (a restart, a
+/// concurrent start) is used when it is this execution's: the spec is immutable, so it holds
+/// the same manifest.
+async fn runner_secret(
+    client: &Client,
+    ax: &AgentExecution,
+    ns: &str,
+    manifest: Option<&str>,
+    tokens: bool,
+) -> Result<Option<RunnerTokens>, Error> {
     use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let name = token_secret_name(&ax.name_any());
+    let name = desired::runner_secret_name(ax);
     let read = |s: Secret| {
         let data = s.data.unwrap_or_default();
         let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
@@ -227,28 +222,41 @@ async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str, create: b
             git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
         })
     };
-    if !create {
+    let Some(manifest) = manifest else {
         let existing =
             secrets.get_opt(&name).await?.ok_or_else(|| Error::Executor(format!("Secret {name} is gone")))?;
-        let existing = ours(existing, ax)?;
-        return read(existing).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")));
+        return Ok(read(ours(existing, ax)?));
+    };
+    let fresh = tokens.then(|| RunnerTokens {
+        report: new_token(),
+        model: Some(crate::gateway::new_token()),
+        git: Some((new_token(), new_token())),
+    });
+    let mut data = serde_json::json!({desired::MANIFEST_KEY: manifest});
+    if let Some(t) = &fresh {
+        data[REPORT_TOKEN_KEY] = t.report.clone().into();
+        data[MODEL_TOKEN_KEY] = t.model.clone().into();
+        if let Some((clone, publish)) = &t.git {
+            data[GIT_CLONE_TOKEN_KEY] = clone.clone().into();
+            data[GIT_PUBLISH_TOKEN_KEY] = publish.clone().into();
+        }
     }
-    let (report, model) = (new_token(), crate::gateway::new_token());
-    let (clone, publish) = (new_token(), new_token());
     let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": name, "namespace": ns, "ownerReferences": ax.controller_owner_ref(&()).map(|o| vec![o]),
                      "labels": {"app.kubernetes.io/managed-by": "agentops"}},
-        "type": "Opaque", "stringData": {REPORT_TOKEN_KEY: report, MODEL_TOKEN_KEY: model,
-                                         GIT_CLONE_TOKEN_KEY: clone, GIT_PUBLISH_TOKEN_KEY: publish}});
+        "type": "Opaque", "stringData": data});
     // Create (not apply): the controller's Role grants `create` on Secrets, not `patch`. When it
-    // exists (a restart, a concurrent start), the answer is 409: read that one. Creating first
-    // spares a read on every start.
-    let secret: Secret =
-        serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner token Secret: {e}")))?;
+    // exists, the answer is 409: read that one. Creating first spares a read on every start.
+    let secret: Secret = serde_json::from_value(secret).map_err(|e| Error::Executor(format!("runner Secret: {e}")))?;
     match secrets.create(&kube::api::PostParams::default(), &secret).await {
-        Ok(_) => Ok(RunnerTokens { report, model: Some(model), git: Some((clone, publish)) }),
-        Err(kube::Error::Api(s)) if s.code == 409 => read(ours(secrets.get(&name).await?, ax)?)
-            .ok_or_else(|| Error::Executor(format!("Secret {name} has no token"))),
+        Ok(_) => Ok(fresh),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = read(ours(secrets.get(&name).await?, ax)?);
+            if tokens && existing.is_none() {
+                return Err(Error::Executor(format!("Secret {name} has no token")));
+            }
+            Ok(existing.filter(|_| tokens))
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -267,6 +275,20 @@ fn ours<K: kube::Resource>(obj: K, ax: &AgentExecution) -> Result<K, Error> {
     )))
 }
 
+/// How long a Job this process created is taken as there while its watch has not shown it.
+const JUST_STARTED: Duration = Duration::from_secs(60);
+
+/// Whether a watch cache has listed everything once.
+fn synced(cache: &kube::runtime::reflector::Store<Job>) -> bool {
+    use futures::FutureExt;
+    matches!(cache.wait_until_ready().now_or_never(), Some(Ok(())))
+}
+
+/// Whether the execution's status says a runner was started (by this process or another).
+fn ever_started(ax: &AgentExecution) -> bool {
+    ax.status.as_ref().is_some_and(|s| s.job_name.is_some() || s.phase == crate::api::Phase::Running)
+}
+
 fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> serde_json::Value {
     let mut v = serde_json::to_value(obj).unwrap_or_default();
     v["apiVersion"] = api_version.into();
@@ -278,15 +300,22 @@ async fn observe_job(
     client: &Client,
     ax: &AgentExecution,
     caches: &[kube::runtime::reflector::Store<Job>],
+    ledger: &Ledger,
 ) -> Result<Observation, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
     let jobs = Api::<Job>::namespaced(client.clone(), &ns);
-    // The watch cache first; when it has no such Job (not created, or not seen yet), the API
-    // server decides: a Job just created must never look lost.
+    // The watch cache first. When it has no such Job: one this process created moments ago is
+    // there (the watch lags); one the execution never had is not, once the cache has listed
+    // every Job; otherwise (a runner started before a restart, not seen yet) the API server
+    // decides: a Job that exists must never look lost.
     let key = ObjectRef::new(&name).within(&ns);
     let job = match caches.iter().find_map(|c| c.get(&key)) {
         Some(job) => (*job).clone(),
+        None if ledger.started_within(&ledger::uid(ax), JUST_STARTED) => {
+            return Ok(Observation::Running { progress: None });
+        }
+        None if !ever_started(ax) && caches.iter().all(synced) => return Ok(Observation::NotStarted),
         None => match jobs.get_opt(&name).await? {
             Some(job) => job,
             None => return Ok(Observation::NotStarted),

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use kube::ResourceExt;
 
@@ -19,18 +20,29 @@ use crate::api::{AgentExecution, AgentExecutionStatus, Summary};
 /// One execution's entry.
 #[derive(Debug, Default)]
 pub struct Entry {
-    /// Started by this process; its Running status may not be in the watch cache yet (the
-    /// queue counts it as active meanwhile).
-    pub starting: bool,
-    /// The final status this process wrote, until the watch cache shows it: a reconcile that
-    /// reads a stale cache must not finish the same execution twice.
-    pub finished: Option<AgentExecutionStatus>,
+    /// When this process started its runner: the watch caches may not show the runner or its
+    /// Running status yet (the queue counts it as active meanwhile; its Job is taken as there).
+    pub started: Option<Instant>,
+    /// The last status this process wrote, until the watch cache shows it: a reconcile that
+    /// reads a stale cache decides from what is true (it must not finish the same execution
+    /// twice, nor write the same status again).
+    pub written: Option<AgentExecutionStatus>,
     /// The token its runner presents when it reports.
     pub report_token: Option<String>,
     /// The runner's latest report (progress, or its final word when the other way lost it).
     pub latest: Option<Summary>,
     /// Its runner process, with the local executor.
     pub local: Option<LocalRun>,
+}
+
+impl Entry {
+    fn is_empty(&self) -> bool {
+        self.started.is_none()
+            && self.written.is_none()
+            && self.report_token.is_none()
+            && self.latest.is_none()
+            && self.local.is_none()
+    }
 }
 
 /// A runner that is a child process of the controller.
@@ -83,31 +95,50 @@ impl Ledger {
         self.lock().get_mut(uid).map(f)
     }
 
-    /// The status to decide from: the cache's, unless this process finished the execution
-    /// and the watch has not caught up with that final write yet (what we finished is final).
-    /// Once the cache shows an end, the entry has served its purpose and goes.
+    /// The status to decide from: the cache's, unless this process wrote a newer one that the
+    /// watch has not delivered yet (only this controller writes the status). Once the cache
+    /// shows an end, the entry has served its purpose and goes.
     pub fn last_status(&self, uid: &str, cached: AgentExecutionStatus) -> AgentExecutionStatus {
         let mut entries = self.lock();
         if cached.phase.is_terminal() {
             entries.remove(uid);
             return cached;
         }
-        entries.get(uid).and_then(|e| e.finished.clone()).unwrap_or(cached)
+        let Some(e) = entries.get_mut(uid) else { return cached };
+        match e.written.take() {
+            // The cache caught up: nothing more to remember.
+            Some(w) if w == cached => {
+                if e.is_empty() {
+                    entries.remove(uid);
+                }
+                cached
+            }
+            Some(w) => {
+                e.written = Some(w.clone());
+                w
+            }
+            None => cached,
+        }
     }
 
     /// Executions started by this process whose start the cache may not show yet.
     pub fn starting(&self) -> HashSet<String> {
-        self.lock().iter().filter(|(_, e)| e.starting).map(|(uid, _)| uid.clone()).collect()
+        self.lock().iter().filter(|(_, e)| e.started.is_some()).map(|(uid, _)| uid.clone()).collect()
+    }
+
+    /// Whether this process started the execution's runner less than `within` ago.
+    pub fn started_within(&self, uid: &str, within: std::time::Duration) -> bool {
+        self.lock().get(uid).and_then(|e| e.started).is_some_and(|at| at.elapsed() < within)
     }
 
     /// Ends a run: drops its token, reports and runner (with its private files), and keeps
     /// only the final status until the watch cache shows it.
     pub fn end_run(&self, uid: &str) {
         let mut entries = self.lock();
-        let keep = entries.get(uid).and_then(|e| e.finished.clone());
+        let keep = entries.get_mut(uid).and_then(|e| e.written.take());
         match keep {
-            Some(finished) => {
-                entries.insert(uid.to_string(), Entry { finished: Some(finished), ..Default::default() });
+            Some(written) => {
+                entries.insert(uid.to_string(), Entry { written: Some(written), ..Default::default() });
             }
             None => {
                 entries.remove(uid);
@@ -143,12 +174,12 @@ mod tests {
     fn a_final_status_outlives_the_run_until_the_cache_shows_it() {
         let l = Ledger::default();
         l.update("u1", |e| {
-            e.starting = true;
+            e.started = Some(Instant::now());
             e.report_token = Some("t".into());
             e.latest = Some(Summary::default());
         });
         assert_eq!(l.starting(), HashSet::from(["u1".to_string()]));
-        l.update("u1", |e| e.finished = Some(status(Phase::Succeeded)));
+        l.update("u1", |e| e.written = Some(status(Phase::Succeeded)));
         l.end_run("u1");
         assert!(l.starting().is_empty());
         assert_eq!(l.with("u1", |e| (e.report_token.clone(), e.latest.is_some())), Some((None, false)));
@@ -157,6 +188,19 @@ mod tests {
         // The cache caught up: the entry goes.
         assert_eq!(l.last_status("u1", status(Phase::Succeeded)).phase, Phase::Succeeded);
         assert!(l.is_empty());
+    }
+
+    #[test]
+    fn a_written_status_stands_until_the_cache_shows_it() {
+        let l = Ledger::default();
+        let queued = status(Phase::Queued);
+        let mut running = status(Phase::Running);
+        running.message = Some("the agent is working".into());
+        l.update("u1", |e| e.written = Some(running.clone()));
+        assert_eq!(l.last_status("u1", queued.clone()), running, "the stale cache is not decided from");
+        assert_eq!(l.last_status("u1", running.clone()), running);
+        assert_eq!(l.with("u1", |e| e.written.clone()), None, "caught up: forgotten (and nothing else was kept)");
+        assert_eq!(l.last_status("u1", queued.clone()), queued, "from now on the cache is the truth");
     }
 
     #[test]
@@ -171,7 +215,7 @@ mod tests {
     #[test]
     fn entries_are_per_uid_not_per_name() {
         let l = Ledger::default();
-        l.update("old-uid", |e| e.finished = Some(status(Phase::Failed)));
+        l.update("old-uid", |e| e.written = Some(status(Phase::Failed)));
         // Same name, new object: nothing of the old one applies.
         assert_eq!(l.last_status("new-uid", status(Phase::Pending)).phase, Phase::Pending);
     }

@@ -2,6 +2,7 @@
 
 pub mod decide;
 pub mod desired;
+pub mod events;
 pub mod executor;
 pub mod ledger;
 pub mod metrics;
@@ -18,7 +19,6 @@ use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
@@ -141,7 +141,7 @@ pub async fn run(
     let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
     let ledger = Arc::new(ledger::Ledger::default());
     let executor = match executor {
-        ExecutorKind::Job => Executor::Job { jobs: job_caches },
+        ExecutorKind::Job => Executor::Job { jobs: job_caches, ledger: ledger.clone() },
         ExecutorKind::Local { bin, mut env } => {
             // Local runners report to this process; Jobs use the configured Service URL.
             config.job.report_url = None;
@@ -186,7 +186,8 @@ pub async fn run(
         reports = reports.with_git_relays(g.clone());
     }
     let reports = Arc::new(reports);
-    let reporter = Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
+    let reporter =
+        events::Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let synced = Arc::new(AtomicBool::new(false));
@@ -282,7 +283,7 @@ pub async fn run(
         }
     }
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: events::Events::new(client.clone(), reporter),
         client,
         config,
         store,

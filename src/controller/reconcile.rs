@@ -4,13 +4,13 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
+use super::events::Events;
 use super::ledger::{self, Ledger};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use kube::{Client, Resource, ResourceExt};
@@ -109,7 +109,7 @@ pub struct Context {
     pub store: Option<Store>,
     /// Every execution, as the controller's watch sees it (for queue decisions).
     pub cache: Cache<AgentExecution>,
-    pub recorder: Recorder,
+    pub events: Events,
     pub executor: Executor,
     /// What this process keeps about each execution (started, finished, its runner's token
     /// and reports, its local process), by uid.
@@ -323,11 +323,11 @@ async fn act(
             ctx.metrics.queue_wait_seconds.observe(waited);
         }
         if status.phase == Phase::Running {
-            ctx.ledger.update(&uid, |e| e.starting = true);
+            ctx.ledger.update(&uid, |e| e.started = Some(std::time::Instant::now()));
         }
     }
     if has(Effect::Unreserve) {
-        ctx.ledger.with(&uid, |e| e.starting = false);
+        ctx.ledger.with(&uid, |e| e.started = None);
     }
     // The store first: once the status says it is over, the record is there (and a retried
     // status write only repeats an idempotent update).
@@ -342,8 +342,8 @@ async fn act(
         }
     }
     write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
-    if status.phase.is_terminal() {
-        ctx.ledger.update(&uid, |e| e.finished = Some(status.clone()));
+    if status != *old {
+        ctx.ledger.update(&uid, |e| e.written = Some(status.clone()));
     }
     if has(Effect::ReleaseWorkspace) {
         let keep = match ax.spec.workspace.retain.unwrap_or_default() {
@@ -532,19 +532,12 @@ async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error
         };
         store.finish_execution(&s, Some("Deleted"), None).await?;
     }
-    let _ = ctx
-        .recorder
-        .publish(
-            &Event {
-                type_: EventType::Normal,
-                reason: "Deleted".into(),
-                note: Some("finalizer ran; workspace released per its retention policy".into()),
-                action: "Cleanup".into(),
-                secondary: None,
-            },
-            &ax.object_ref(&()),
-        )
-        .await;
+    let note = Note {
+        reason: "Deleted".into(),
+        message: "finalizer ran; workspace released per its retention policy".into(),
+        warning: false,
+    };
+    let _ = ctx.events.publish(&note, "Cleanup", &ax.object_ref(&())).await;
     Ok(Action::await_change())
 }
 
@@ -563,15 +556,7 @@ async fn write_status(
     let patch = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
     api.patch_status(&ax.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     if let Some(note) = event {
-        let type_ = if note.warning { EventType::Warning } else { EventType::Normal };
-        let ev = Event {
-            type_,
-            reason: note.reason.clone(),
-            note: Some(note.message.clone()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &ax.object_ref(&())).await {
+        if let Err(e) = ctx.events.publish(note, "Reconcile", &ax.object_ref(&())).await {
             tracing::warn!(error = %e, "cannot publish event");
         }
     }

@@ -55,11 +55,6 @@ pub const GIT_PUBLISH_TOKEN_KEY: &str = "git-publish";
 /// Live figures reach the status at most this often (each wake is one reconcile).
 const WAKE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Name of the Secret holding an execution's report token.
-pub fn token_secret_name(execution: &str) -> String {
-    super::desired::child_name("agentops-report", execution)
-}
-
 /// A fresh random token (two v4 UUIDs: 244 random bits).
 pub fn new_token() -> String {
     format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
@@ -217,7 +212,7 @@ impl Reports {
             Some(t) => t,
             None => {
                 let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-                let Ok(Some(secret)) = api.get_opt(&token_secret_name(name)).await else {
+                let Ok(Some(secret)) = api.get_opt(&super::desired::runner_secret_name_of(name)).await else {
                     return false;
                 };
                 if !owned_by(&secret, uid) {
