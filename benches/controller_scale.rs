@@ -138,6 +138,31 @@ async fn trivial(kube: &FakeKube, n: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// Time to list every Job of the namespace once (a watch until its initial list is done), as
+/// the type `K` decodes them: the full `Job`, or the controller's `JobState` projection.
+async fn list_jobs<K>(kube: &FakeKube) -> (f64, usize)
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let api: Api<K> = Api::namespaced(kube.client(), "bench");
+    let t = Instant::now();
+    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()));
+    let mut n = 0;
+    while let Some(Ok(ev)) = stream.next().await {
+        match ev {
+            watcher::Event::InitApply(_) => n += 1,
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    (t.elapsed().as_secs_f64(), n)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -213,11 +238,17 @@ async fn main() {
     stop(ctl);
 
     let trivial = trivial(&kube, n).await;
+    let (full_jobs, jobs) = list_jobs::<k8s_openapi::api::batch::v1::Job>(&kube).await;
+    let (state_jobs, _) = list_jobs::<agentops::controller::jobstate::JobState>(&kube).await;
+    let job_bytes = kube.list("apis/batch/v1", "jobs", "bench").first().map(|j| j.to_string().len()).unwrap_or(0);
     println!("cold start, all {n} Running:                 {cold:.1} s");
     println!("restart, all {n} reconciled again:           {restart:.1} s");
     println!(
         "trivial kube-runtime controller, all seen:    {trivial:.2} s   ratio (restart / trivial) {:.1}",
         restart / trivial
+    );
+    println!(
+        "listing the {jobs} Jobs ({job_bytes} bytes of JSON each) as Job: {full_jobs:.2} s, as JobState: {state_jobs:.2} s"
     );
     println!("create -> Job, idle:       p50 {:.1} ms  p99 {:.1} ms", pct(idle.clone(), 0.5), pct(idle, 0.99));
     println!("create -> Job, restarting: p50 {:.1} ms  p99 {:.1} ms", pct(loaded.clone(), 0.5), pct(loaded, 0.99));

@@ -18,6 +18,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
 use super::desired::{self, JobConfig};
+use super::jobstate::JobState;
 use super::ledger::{self, Ledger, LocalRun};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
 use super::reports::{Reports, new_token, owned_by};
@@ -47,7 +48,7 @@ pub enum Executor {
     /// Kubernetes Jobs; `jobs` are the controller's watch caches of them, `ledger` says which
     /// this process just created.
     Job {
-        jobs: Vec<kube::runtime::reflector::Store<Job>>,
+        jobs: Vec<kube::runtime::reflector::Store<JobState>>,
         ledger: Arc<Ledger>,
     },
     Local(LocalExecutor),
@@ -279,7 +280,7 @@ fn ours<K: kube::Resource>(obj: K, ax: &AgentExecution) -> Result<K, Error> {
 const JUST_STARTED: Duration = Duration::from_secs(60);
 
 /// Whether a watch cache has listed everything once.
-fn synced(cache: &kube::runtime::reflector::Store<Job>) -> bool {
+fn synced(cache: &kube::runtime::reflector::Store<JobState>) -> bool {
     use futures::FutureExt;
     matches!(cache.wait_until_ready().now_or_never(), Some(Ok(())))
 }
@@ -299,12 +300,12 @@ fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> ser
 async fn observe_job(
     client: &Client,
     ax: &AgentExecution,
-    caches: &[kube::runtime::reflector::Store<Job>],
+    caches: &[kube::runtime::reflector::Store<JobState>],
     ledger: &Ledger,
 ) -> Result<Observation, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
-    let jobs = Api::<Job>::namespaced(client.clone(), &ns);
+    let jobs = Api::<JobState>::namespaced(client.clone(), &ns);
     // The watch cache first. When it has no such Job: one this process created moments ago is
     // there (the watch lags); one the execution never had is not, once the cache has listed
     // every Job; otherwise (a runner started before a restart, not seen yet) the API server

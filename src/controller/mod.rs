@@ -4,6 +4,7 @@ pub mod decide;
 pub mod desired;
 pub mod events;
 pub mod executor;
+pub mod jobstate;
 pub mod ledger;
 pub mod metrics;
 pub mod queue;
@@ -16,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
-use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -103,7 +103,7 @@ pub async fn run(
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     // Jobs: one watch over the cluster, or one per served namespace, each kept in a cache that
     // the Job executor reads instead of asking the API server on every reconcile.
-    let job_apis: Vec<Api<Job>> = match &config.namespaces {
+    let job_apis: Vec<Api<jobstate::JobState>> = match &config.namespaces {
         None => vec![Api::all(client.clone())],
         Some(set) => set.iter().map(|ns| Api::namespaced(client.clone(), ns)).collect(),
     };
@@ -111,28 +111,8 @@ pub async fn run(
     let watches = job_apis.into_iter().map(|api| {
         let (reader, writer) = reflector::store();
         job_caches.push(reader);
-        // Only what observing a runner reads stays in memory: owner, suspend, status.
-        let jobs = watcher(api, jobs_config.clone()).default_backoff().modify(|job: &mut Job| {
-            job.managed_fields_mut().clear();
-            job.labels_mut().clear();
-            job.annotations_mut().clear();
-            if let Some(spec) = job.spec.as_mut() {
-                *spec = k8s_openapi::api::batch::v1::JobSpec { suspend: spec.suspend, ..Default::default() };
-            }
-            if let Some(status) = job.status.as_mut() {
-                let conditions = status.conditions.take().map(|cs| {
-                    cs.into_iter()
-                        .map(|c| k8s_openapi::api::batch::v1::JobCondition {
-                            type_: c.type_,
-                            status: c.status,
-                            reason: c.reason,
-                            ..Default::default()
-                        })
-                        .collect()
-                });
-                *status = k8s_openapi::api::batch::v1::JobStatus { conditions, ..Default::default() };
-            }
-        });
+        // Only what observing a runner reads is decoded and kept: owner, suspend, conditions.
+        let jobs = watcher(api, jobs_config.clone()).default_backoff();
         reflector::reflector(writer, jobs).touched_objects().boxed()
     });
     let watches: Vec<_> = watches.collect();

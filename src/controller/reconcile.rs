@@ -555,10 +555,10 @@ async fn write_status(
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &key(ax).0);
     let patch = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
     api.patch_status(&ax.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
-    if let Some(note) = event {
-        if let Err(e) = ctx.events.publish(note, "Reconcile", &ax.object_ref(&())).await {
-            tracing::warn!(error = %e, "cannot publish event");
-        }
+    if let Some(note) = event
+        && let Err(e) = ctx.events.publish(note, "Reconcile", &ax.object_ref(&())).await
+    {
+        tracing::warn!(error = %e, "cannot publish event");
     }
     Ok(())
 }
