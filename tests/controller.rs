@@ -181,7 +181,7 @@ async fn create_makes_a_job_and_pvc_and_success_reports_usage() {
     assert_eq!(pvc["spec"]["storageClassName"], "fast");
     until("Running", || (phase(&kube, "ns", "fix")? == "Running").then_some(())).await;
     let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
-    assert_eq!(ax["metadata"]["finalizers"], json!(["agentops.dev/cleanup"]));
+    assert!(ax["metadata"]["finalizers"].is_null(), "no finalizer: a delete never waits for the controller");
     assert_eq!(ax["status"]["jobName"], "agentops-fix");
     let cond = |ax: &Value, t: &str| {
         ax["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()["status"].clone()
@@ -257,6 +257,68 @@ async fn cancel_deletes_the_job_and_deletion_runs_the_finalizer() {
 
     api.delete("c", &DeleteParams::default()).await.unwrap();
     until("gone", || kube.get(AX, "agentexecutions", "ns", "c").is_none().then_some(())).await;
+    ctl.stop().await;
+}
+
+/// No finalizer: a delete is done at once, controller or not; the Job goes with its owner, a
+/// workspace is kept or not by its policy, and the store records the deletion either way (from
+/// the watch, or from the sweep after the next start). An execution from an earlier version
+/// has its finalizer taken off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_an_execution_never_waits_for_the_controller_and_the_store_records_it() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let ctl = start(&kube, config(None), Some(store.clone()));
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let kept = json!({"workspace": {"storageClassName": "fast", "retain": "RetainOnFailure"}});
+    let a = api.create(&PostParams::default(), &execution("kept", kept)).await.unwrap();
+    let owned = json!({"workspace": {"storageClassName": "fast"}});
+    let b = api.create(&PostParams::default(), &execution("owned", owned)).await.unwrap();
+    let mut legacy = execution("legacy", json!({}));
+    legacy.metadata.finalizers = Some(vec!["agentops.dev/cleanup".into()]);
+    api.create(&PostParams::default(), &legacy).await.unwrap();
+    for name in ["kept", "owned", "legacy"] {
+        until("Running", || (phase(&kube, "ns", name)? == "Running").then_some(())).await;
+    }
+    let legacy = until("the old finalizer taken off", || {
+        let o = kube.get(AX, "agentexecutions", "ns", "legacy")?;
+        o["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()).then_some(o)
+    })
+    .await;
+    assert!(legacy["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty()));
+    let pvc = |name: &str| kube.get(CORE, "persistentvolumeclaims", "ns", &format!("agentops-ws-{name}"));
+    assert!(pvc("kept").unwrap()["metadata"]["ownerReferences"].is_null(), "a kept workspace is not owned");
+    assert_eq!(
+        pvc("owned").unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        b.metadata.uid.clone().unwrap().as_str()
+    );
+
+    // Deleted while the controller watches: gone at once, recorded as deleted.
+    api.delete("kept", &DeleteParams::default()).await.unwrap();
+    assert!(kube.get(AX, "agentexecutions", "ns", "kept").is_none(), "no finalizer holds it");
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-kept").is_none(), "its Job went with it");
+    assert!(pvc("kept").is_some(), "RetainOnFailure keeps the workspace of a run that did not succeed");
+    let id = a.metadata.uid.clone().unwrap();
+    until_async("recorded", || async { store.get_execution(&id).await.is_ok_and(|r| r.status == "Cancelled") }).await;
+    assert_eq!(store.get_execution(&id).await.unwrap().reason.as_deref(), Some("Deleted"));
+
+    // Deleted while no controller runs: still gone at once; the next start records it.
+    ctl.stop().await;
+    api.delete("owned", &DeleteParams::default()).await.unwrap();
+    assert!(kube.get(AX, "agentexecutions", "ns", "owned").is_none());
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-owned").is_none() && pvc("owned").is_none(), "owned: collected");
+    let id = b.metadata.uid.clone().unwrap();
+    assert_ne!(store.get_execution(&id).await.unwrap().status, "Cancelled", "not recorded yet");
+    let ctl = start(&kube, config(None), Some(store.clone()));
+    until_async("recorded after the restart", || async {
+        store.get_execution(&id).await.is_ok_and(|r| r.status == "Cancelled")
+    })
+    .await;
+    assert_eq!(store.get_execution(&id).await.unwrap().reason.as_deref(), Some("Deleted"));
+    let legacy_id = legacy["metadata"]["uid"].as_str().unwrap();
+    assert_ne!(store.get_execution(legacy_id).await.unwrap().status, "Cancelled", "one still there is left alone");
     ctl.stop().await;
 }
 

@@ -1,5 +1,6 @@
 //! The exact requests one reconcile sends (tower-test mock, as in kube-rs/controller-rs): the
-//! finalizer JSON patch, the status server-side apply, and the event.
+//! JSON patch that takes an earlier version's finalizer off, the status server-side apply, and
+//! the event.
 
 use std::sync::Arc;
 
@@ -67,11 +68,16 @@ fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: u16, bo
     );
 }
 
+/// Executions from an earlier version carry the `agentops.dev/cleanup` finalizer: it is taken
+/// off with a JSON patch guarded by a `test` of that very entry (another controller's
+/// finalizer beside it stays), and nothing else is sent.
 #[tokio::test]
-async fn first_reconcile_adds_the_finalizer_with_a_json_patch() {
+async fn a_finalizer_of_an_earlier_version_is_taken_off_with_a_guarded_json_patch() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let ctx = context(client);
+    let mut old = execution(true);
+    old.metadata.finalizers = Some(vec!["example.com/other".into(), "agentops.dev/cleanup".into()]);
     let server = tokio::spawn(async move {
         let (method, uri, ctype, body, send) = next(&mut handle).await;
         assert_eq!(method, "PATCH");
@@ -80,14 +86,19 @@ async fn first_reconcile_adds_the_finalizer_with_a_json_patch() {
         assert_eq!(
             body,
             json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": null},
-                {"op": "add", "path": "/metadata/finalizers", "value": ["agentops.dev/cleanup"]}
+                {"op": "test", "path": "/metadata/finalizers/1", "value": "agentops.dev/cleanup"},
+                {"op": "remove", "path": "/metadata/finalizers/1"}
             ])
         );
-        respond(send, 200, serde_json::to_value(execution(true)).unwrap());
+        respond(send, 200, serde_json::to_value(execution(false)).unwrap());
+        handle
     });
-    reconcile(Arc::new(execution(false)), ctx).await.unwrap();
-    server.await.unwrap();
+    let action = reconcile(Arc::new(old), ctx).await.unwrap();
+    assert_eq!(action, kube::runtime::controller::Action::await_change(), "the patch's watch event comes back");
+    let mut handle = server.await.unwrap();
+    // Nothing more was sent.
+    let more = tokio::time::timeout(std::time::Duration::from_millis(100), handle.next_request()).await;
+    assert!(more.ok().flatten().is_none(), "one request");
 }
 
 #[tokio::test]
@@ -131,7 +142,7 @@ async fn a_missing_template_is_applied_as_stalled_status_with_an_event() {
         assert_eq!(body["reportingController"], "agentops-controller");
         respond(send, 201, body);
     });
-    let action = reconcile(Arc::new(execution(true)), ctx).await.unwrap();
+    let action = reconcile(Arc::new(execution(false)), ctx).await.unwrap();
     assert_eq!(
         action,
         kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10)),

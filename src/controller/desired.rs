@@ -164,8 +164,14 @@ pub fn desired_pvc(ax: &AgentExecution, cfg: &JobConfig) -> Option<PersistentVol
     let ws = &ax.spec.workspace;
     let class = ws.storage_class_name.clone().or_else(|| cfg.default_storage_class.clone())?;
     let size = ws.size.clone().unwrap_or_else(|| cfg.default_workspace_size.clone());
+    let mut metadata = meta(ax, pvc_name(ax));
+    // Owned (and so deleted with the execution) only when its policy does not keep it; a kept
+    // workspace is released by the controller when the run succeeded (RetainOnFailure) or never.
+    if ws.retain.unwrap_or_default() != crate::api::RetainPolicy::Delete {
+        metadata.owner_references = None;
+    }
     Some(PersistentVolumeClaim {
-        metadata: meta(ax, pvc_name(ax)),
+        metadata,
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".into()]),
             storage_class_name: Some(class),

@@ -39,6 +39,12 @@ pub enum ExecutorKind {
     },
 }
 
+/// An execution went: one seen deleted, or check the store against a fresh full list.
+enum Gone {
+    One(Box<AgentExecution>),
+    Sweep,
+}
+
 /// Why `run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
@@ -98,7 +104,18 @@ pub async fn run(
         };
         futures::future::ready(keep)
     });
-    let stream = reflector::reflector(writer, events).applied_objects();
+    // Deletions are not reconciles (there is no finalizer): the watch's delete events, and a
+    // sweep of the store after every full list (for those deleted while nobody watched).
+    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<Gone>();
+    let stream = reflector::reflector(writer, events)
+        .inspect_ok(move |ev| {
+            let _ = match ev {
+                watcher::Event::Delete(ax) => gone_tx.send(Gone::One(Box::new(ax.clone()))),
+                watcher::Event::InitDone => gone_tx.send(Gone::Sweep),
+                _ => Ok(()),
+            };
+        })
+        .applied_objects();
     let controller = Controller::for_stream(stream, reader)
         .with_config(kube::runtime::controller::Config::default().concurrency(config.concurrency));
     // Jobs: one watch over the cluster, or one per served namespace, each kept in a cache that
@@ -276,6 +293,24 @@ pub async fn run(
         metrics,
         reports,
     });
+    {
+        let ctx = ctx.clone();
+        background.push(tokio::spawn(async move {
+            while let Some(gone) = gone_rx.recv().await {
+                let done = match &gone {
+                    Gone::One(ax) => reconcile::deleted(ax, &ctx).await,
+                    Gone::Sweep => reconcile::sweep(&ctx).await.map(|n| {
+                        if n > 0 {
+                            tracing::info!(executions = n, "recorded executions deleted while not watched");
+                        }
+                    }),
+                };
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "cannot record a deleted execution");
+                }
+            }
+        }));
+    }
     // Standby until this instance holds the lease; stop when it loses it.
     let lost = Arc::new(AtomicBool::new(false));
     if let Some(mut rx) = leader {

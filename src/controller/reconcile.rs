@@ -11,7 +11,6 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
-use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -31,7 +30,8 @@ use crate::store::{NewExecution, Store, StoreError};
 /// How long a Secret key seen to exist is not looked at again.
 const SECRET_SEEN_FOR: Duration = Duration::from_secs(10);
 
-/// Finalizer that lets the controller record the final state and release the workspace.
+/// The finalizer earlier versions put on every execution. None is added now (see `reconcile`);
+/// executions that still carry it have it taken off.
 pub const FINALIZER: &str = "agentops.dev/cleanup";
 /// The one field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "agentops-controller";
@@ -41,8 +41,6 @@ pub const FIELD_MANAGER: &str = "agentops-controller";
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("cannot render the runner's manifest: {0}")]
@@ -56,7 +54,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(_) => "finalizer",
             Error::Store(_) => "store",
             Error::Manifest(_) => "manifest",
             Error::Executor(_) => "executor",
@@ -127,18 +124,66 @@ pub struct Context {
 }
 
 /// Entry point for the kube-runtime Controller.
+///
+/// No finalizer: everything an execution leaves goes with it by ownerReference (its Job, its
+/// runner Secret, its egress policy, a workspace PVC it does not keep), so deleting one never
+/// waits for the controller (nor hangs when the controller is gone). What only the controller
+/// can do when one goes (record it in the store, stop a local runner, free its slot, close its
+/// gateway account) happens in `deleted`, from the watch's delete event, and for those deleted
+/// while nobody watched, from a sweep of the store after each full list.
 pub async fn reconcile(ax: Arc<AgentExecution>, ctx: Arc<Context>) -> Result<Action, Error> {
     ctx.metrics.reconciles.inc();
-    let ns = ax.namespace().unwrap_or_else(|| "default".into());
-    let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
-    finalizer(&api, FINALIZER, ax, |event| async {
-        match event {
-            Finalizer::Apply(ax) => apply(ax, &ctx).await,
-            Finalizer::Cleanup(ax) => cleanup(ax, &ctx).await,
+    if ax.finalizers().iter().any(|f| f == FINALIZER) {
+        return retire_finalizer(&ax, &ctx).await;
+    }
+    if ax.metadata.deletion_timestamp.is_some() {
+        // Held by someone else's finalizer: nothing starts; `deleted` runs once it is gone.
+        return Ok(Action::await_change());
+    }
+    apply(ax, &ctx).await
+}
+
+/// An execution from an earlier version carries our finalizer: do what it stood for (when the
+/// execution is being deleted, `deleted`; either way, a workspace its policy keeps is no
+/// longer owned by it), then take it off with a JSON patch guarded by a `test`.
+async fn retire_finalizer(ax: &AgentExecution, ctx: &Context) -> Result<Action, Error> {
+    let (ns, name) = key(ax);
+    if ax.metadata.deletion_timestamp.is_some() {
+        deleted(ax, ctx).await?;
+    }
+    if keeps_workspace(ax, ax.status.as_ref().map(|s| s.phase).unwrap_or_default())
+        && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job)
+    {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({"metadata": {"ownerReferences": null}});
+        match api.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
+    let at = ax.finalizers().iter().position(|f| f == FINALIZER).unwrap_or_default();
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
+    ]))
+    .map_err(|e| Error::Executor(format!("finalizer patch: {e}")))?;
+    let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
+    match api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
+/// Whether the workspace outlives the execution, by its retention policy and how it ended.
+fn keeps_workspace(ax: &AgentExecution, phase: Phase) -> bool {
+    match ax.spec.workspace.retain.unwrap_or_default() {
+        RetainPolicy::Delete => false,
+        RetainPolicy::Retain => true,
+        RetainPolicy::RetainOnFailure => phase != Phase::Succeeded,
+    }
 }
 
 /// Logs, and retries later with a short backoff.
@@ -345,31 +390,22 @@ async fn act(
     if status != *old {
         ctx.ledger.update(&uid, |e| e.written = Some(status.clone()));
     }
-    if has(Effect::ReleaseWorkspace) {
-        let keep = match ax.spec.workspace.retain.unwrap_or_default() {
-            RetainPolicy::Delete => false,
-            RetainPolicy::Retain => true,
-            RetainPolicy::RetainOnFailure => status.phase != Phase::Succeeded,
-        };
-        if !keep && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job) {
-            let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-            match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
+    if has(Effect::ReleaseWorkspace)
+        && !keeps_workspace(ax, status.phase)
+        && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job)
+    {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+        match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
         }
     }
     if has(Effect::Forget) {
         ctx.reports.forget(&uid, &ns, &name);
     }
     if has(Effect::WakeQueue) {
-        for o in ctx.cache.state() {
-            let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
-            if matches!(p, Phase::Queued | Phase::Pending) && key(&o) != (ns.clone(), name.clone()) {
-                let _ = ctx.wake.send(ObjectRef::from_obj(&*o));
-            }
-        }
+        wake_queue(ctx, &(ns.clone(), name.clone()));
     }
     if has(Effect::DeleteSelf) {
         let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
@@ -487,58 +523,73 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidat
     })
 }
 
-async fn cleanup(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
-    let st = ax.status.clone().unwrap_or_default();
+/// An execution is gone (or, from an earlier version, going): stop its local runner (a Job
+/// goes with its owner), record the end in the store when it had not ended, free its slot,
+/// and drop what is kept for it.
+pub async fn deleted(ax: &AgentExecution, ctx: &Context) -> Result<(), Error> {
+    let uid = ledger::uid(ax);
+    let (ns, name) = key(ax);
+    let st = ctx.ledger.last_status(&uid, ax.status.clone().unwrap_or_default());
     if !st.phase.is_terminal() {
-        ctx.executor.stop(&ctx.client, &ax).await?;
-    }
-    let (ns, name) = key(&ax);
-    ctx.reports.forget(&ledger::uid(&ax), &ns, &name);
-    ctx.ledger.remove(&ledger::uid(&ax));
-    let retain = ax.spec.workspace.retain.unwrap_or_default();
-    let keep = match retain {
-        RetainPolicy::Delete => false,
-        RetainPolicy::Retain => true,
-        RetainPolicy::RetainOnFailure => st.phase != Phase::Succeeded,
-    };
-    if keep && let Some(pvc) = desired::desired_pvc(&ax, &ctx.config.job) {
-        // Orphan the PVC so that garbage collection leaves it when the execution goes.
-        let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &key(&ax).0);
-        let patch = json!({"metadata": {"ownerReferences": null}});
-        match api.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
+        if matches!(ctx.executor, Executor::Local(_)) || ax.metadata.deletion_timestamp.is_some() {
+            ctx.executor.stop(&ctx.client, ax).await?;
+        }
+        if let Some(store) = &ctx.store
+            && let Some(id) = &ax.metadata.uid
+        {
+            let s = Summary {
+                id: id.clone(),
+                name: name.clone(),
+                namespace: ns.clone(),
+                phase: Phase::Cancelled,
+                reason: Some(Reason::Deleted),
+                message: Some("the AgentExecution was deleted before it finished".into()),
+                usage: st.usage,
+                tokens_used: st.tokens_used,
+                cost_usd: st.cost_usd,
+                num_turns: st.num_turns,
+                tool_calls: st.tool_calls.clone(),
+                start_time: st.start_time.clone(),
+                completion_time: Some(jiff::Timestamp::now().to_string()),
+                git: st.git.clone(),
+                ..Default::default()
+            };
+            store.finish_execution(&s, Some("Deleted"), None).await?;
+        }
+        if st.phase == Phase::Running {
+            wake_queue(ctx, &(ns.clone(), name.clone()));
         }
     }
-    if let Some(store) = &ctx.store
-        && !st.phase.is_terminal()
-        && let Some(uid) = &ax.metadata.uid
-    {
-        let s = Summary {
-            id: uid.clone(),
-            name: ax.name_any(),
-            namespace: key(&ax).0,
-            phase: Phase::Cancelled,
-            reason: Some(Reason::Deleted),
-            message: Some("the AgentExecution was deleted before it finished".into()),
-            usage: st.usage,
-            tokens_used: st.tokens_used,
-            cost_usd: st.cost_usd,
-            num_turns: st.num_turns,
-            tool_calls: st.tool_calls.clone(),
-            completion_time: Some(jiff::Timestamp::now().to_string()),
-            ..Default::default()
-        };
-        store.finish_execution(&s, Some("Deleted"), None).await?;
+    ctx.reports.forget(&uid, &ns, &name);
+    ctx.ledger.remove(&uid);
+    Ok(())
+}
+
+/// Ends, in the store, the executions that are gone from the (just listed) cache without this
+/// controller having seen them go.
+pub async fn sweep(ctx: &Context) -> Result<usize, Error> {
+    let Some(store) = &ctx.store else { return Ok(0) };
+    let present: HashSet<String> = ctx.cache.state().iter().filter_map(|o| o.metadata.uid.clone()).collect();
+    let served = |ns: &str| ctx.config.namespaces.as_ref().is_none_or(|set| set.contains(ns));
+    let mut n = 0;
+    for (id, ns, name) in store.unfinished().await? {
+        if served(&ns) && !present.contains(&id) {
+            store.mark_deleted(&id).await?;
+            ctx.reports.forget(&id, &ns, &name);
+            n += 1;
+        }
     }
-    let note = Note {
-        reason: "Deleted".into(),
-        message: "finalizer ran; workspace released per its retention policy".into(),
-        warning: false,
-    };
-    let _ = ctx.events.publish(&note, "Cleanup", &ax.object_ref(&())).await;
-    Ok(Action::await_change())
+    Ok(n)
+}
+
+/// A slot is free: wake the executions waiting for one.
+fn wake_queue(ctx: &Context, except: &(String, String)) {
+    for o in ctx.cache.state() {
+        let p = o.status.as_ref().map(|s| s.phase).unwrap_or_default();
+        if matches!(p, Phase::Queued | Phase::Pending) && key(&o) != *except {
+            let _ = ctx.wake.send(ObjectRef::from_obj(&*o));
+        }
+    }
 }
 
 /// Writes the status with server-side apply, only when it changed, and publishes the event.

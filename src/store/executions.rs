@@ -333,6 +333,33 @@ impl Store {
             .await?)
     }
 
+    /// Executions that have not ended: (id, namespace, name).
+    pub async fn unfinished(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, namespace, name FROM agent_executions
+             WHERE status NOT IN ('Succeeded', 'Failed', 'Cancelled', 'TimedOut')",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Ends an execution whose resource is gone (deleted while this controller did not watch):
+    /// Cancelled, reason `Deleted`; its usage so far stays as recorded. Ended ones are left as
+    /// they are.
+    pub async fn mark_deleted(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE agent_executions SET status = 'Cancelled', reason = 'Deleted', error_message = 'Deleted',
+               message = 'the AgentExecution was deleted before it finished', completed_at = ?, updated_at = ?
+             WHERE id = ? AND status NOT IN ('Succeeded', 'Failed', 'Cancelled', 'TimedOut')",
+        )
+        .bind(now())
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Executions in a given phase (e.g. those left Running by a crash).
     pub async fn count_in_phase(&self, phase: Phase) -> Result<i64, StoreError> {
         Ok(sqlx::query_scalar("SELECT COUNT(*) FROM agent_executions WHERE status = ?")
