@@ -223,6 +223,7 @@ async fn main() {
     stop(ctl);
 
     // Restart: reconcile everything again (adopting the Jobs), while new executions arrive.
+    let before_restart = kube.requests().len();
     let port = free_port();
     let t = Instant::now();
     let ctl = start_controller(&kubeconfig, &db, port);
@@ -234,6 +235,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let restart = t.elapsed().as_secs_f64();
+    let restart_requests: Vec<_> = kube.requests()[before_restart..].to_vec();
     peak = peak.max(vm_hwm_kib(pid).unwrap_or(0));
     stop(ctl);
 
@@ -257,4 +259,13 @@ async fn main() {
     for (kind, count) in calls.iter().filter(|(_, c)| **c >= n / 10) {
         println!("  {kind:<40} {:.2} per execution", *count as f64 / n as f64);
     }
+    // The restart's own requests (the 50 creations measured meanwhile excluded).
+    let creations = restart_requests.iter().filter(|(_, p)| p.contains("/load")).count();
+    let lists =
+        restart_requests.iter().filter(|(m, p)| m == "GET" && !p.contains("/load") && !p.contains("watch=")).count();
+    println!(
+        "API requests during the restart: {} ({} for the 50 new executions; of the rest {lists} GETs incl. list pages)",
+        restart_requests.len(),
+        creations
+    );
 }

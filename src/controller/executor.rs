@@ -279,6 +279,9 @@ fn ours<K: kube::Resource>(obj: K, ax: &AgentExecution) -> Result<K, Error> {
 /// How long a Job this process created is taken as there while its watch has not shown it.
 const JUST_STARTED: Duration = Duration::from_secs(60);
 
+/// How long a reconcile waits for the Job watch's first full list before asking the API server.
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+
 /// Whether a watch cache has listed everything once.
 fn synced(cache: &kube::runtime::reflector::Store<JobState>) -> bool {
     use futures::FutureExt;
@@ -308,10 +311,22 @@ async fn observe_job(
     let jobs = Api::<JobState>::namespaced(client.clone(), &ns);
     // The watch cache first. When it has no such Job: one this process created moments ago is
     // there (the watch lags); one the execution never had is not, once the cache has listed
-    // every Job; otherwise (a runner started before a restart, not seen yet) the API server
-    // decides: a Job that exists must never look lost.
+    // every Job. A runner started before a restart is looked for in the cache once it has
+    // listed every Job (after a restart, thousands of reconciles would otherwise each ask the
+    // API server while that list is on its way); when even the listed cache lacks it, the API
+    // server decides: a Job that exists must never look lost.
     let key = ObjectRef::new(&name).within(&ns);
-    let job = match caches.iter().find_map(|c| c.get(&key)) {
+    let cached = || caches.iter().find_map(|c| c.get(&key));
+    let cached = match cached() {
+        None if ever_started(ax) && !caches.iter().all(synced) => {
+            for c in caches {
+                let _ = tokio::time::timeout(SYNC_WAIT, c.wait_until_ready()).await;
+            }
+            cached()
+        }
+        found => found,
+    };
+    let job = match cached {
         Some(job) => (*job).clone(),
         None if ledger.started_within(&ledger::uid(ax), JUST_STARTED) => {
             return Ok(Observation::Running { progress: None });
