@@ -458,7 +458,7 @@ impl LocalExecutor {
     }
 
     fn observe(&self, ax: &AgentExecution) -> Observation {
-        let seen = self.ledger.with(&ledger::uid(ax), |e| match &e.local {
+        let seen = self.ledger.with(&ledger::uid(ax), |e| match e.local.as_deref() {
             None => Observation::NotStarted,
             Some(LocalRun { done: None, .. }) => Observation::Running { progress: None },
             Some(LocalRun { done: Some((summary, code, cause)), .. }) => Observation::Finished {
@@ -513,7 +513,7 @@ impl LocalExecutor {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| Error::Executor(format!("cannot start {}: {e}", self.bin.display())))?;
-        self.ledger.update(&uid, |e| e.local = Some(LocalRun { pid: child.id(), done: None, dir }));
+        self.ledger.update(&uid, |e| e.local = Some(Box::new(LocalRun { pid: child.id(), done: None, dir })));
         // The runner's stderr goes on to ours; its last lines are kept as the cause of a failure.
         let tail = child.stderr.take().map(|err| {
             tokio::spawn(async move {
@@ -562,11 +562,11 @@ impl LocalExecutor {
     async fn stop(&self, ax: &AgentExecution) -> Option<Summary> {
         let uid = ledger::uid(ax);
         // Its report once it ended (Some(None): it ended without one).
-        let ended = |e: &mut ledger::Entry| match &e.local {
+        let ended = |e: &mut ledger::Entry| match e.local.as_deref() {
             Some(LocalRun { done: Some((s, _, _)), .. }) => Some(s.clone()),
             _ => None,
         };
-        let running = |e: &mut ledger::Entry| match &e.local {
+        let running = |e: &mut ledger::Entry| match e.local.as_deref() {
             Some(LocalRun { pid: Some(pid), done: None, .. }) => Some(*pid),
             _ => None,
         };

@@ -388,7 +388,7 @@ async fn act(
     }
     write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
     if status != *old {
-        ctx.ledger.update(&uid, |e| e.written = Some(status.clone()));
+        ctx.ledger.update(&uid, |e| e.written = Some(Box::new(status.clone())));
     }
     if has(Effect::ReleaseWorkspace)
         && !keeps_workspace(ax, status.phase)

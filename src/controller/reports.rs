@@ -232,13 +232,13 @@ impl Reports {
     /// Keeps a report of a run this process knows (its token was verified) and wakes the
     /// execution's reconcile.
     pub fn accept(&self, uid: &str, ns: &str, name: &str, report: Summary) {
-        self.ledger.with(uid, |e| e.latest = Some(report));
+        self.ledger.with(uid, |e| e.latest = Some(Box::new(report)));
         let _ = self.wake.send(ObjectRef::new(name).within(ns));
     }
 
     /// The latest report of an execution.
     pub fn latest(&self, uid: &str) -> Option<Summary> {
-        self.ledger.with(uid, |e| e.latest.clone()).flatten()
+        self.ledger.with(uid, |e| e.latest.as_deref().cloned()).flatten()
     }
 
     /// Ends what is kept for an execution's run: its model token and git tokens stop working,
