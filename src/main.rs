@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+// jemalloc instead of glibc's malloc: the controller's many small, long-lived objects (watch
+// caches, accounts) fragment glibc's arenas; BENCHMARKS.md has the measurement.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
