@@ -32,6 +32,25 @@ pub fn runner_secret_name_of(execution: &str) -> String {
     child_name("agentops-runner", execution)
 }
 
+/// Renders the manifest the runner reads: the execution and its template, without status or
+/// server metadata.
+pub fn runner_manifest(
+    ax: &AgentExecution,
+    template: Option<&crate::api::AgentTemplate>,
+) -> Result<String, super::context::Error> {
+    let mut out = String::new();
+    if let Some(t) = template {
+        let doc = serde_json::json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentTemplate",
+                         "metadata": {"name": t.name_any(), "namespace": t.namespace()}, "spec": t.spec});
+        out.push_str(&serde_norway::to_string(&doc).map_err(|e| super::context::Error::Manifest(e.to_string()))?);
+        out.push_str("---\n");
+    }
+    let doc = serde_json::json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution",
+                     "metadata": {"name": ax.name_any(), "namespace": ax.namespace()}, "spec": ax.spec});
+    out.push_str(&serde_norway::to_string(&doc).map_err(|e| super::context::Error::Manifest(e.to_string()))?);
+    Ok(out)
+}
+
 /// The runner's report endpoint on the controller, for one execution.
 pub fn report_url(base: &str, ax: &AgentExecution) -> String {
     format!(

@@ -91,3 +91,32 @@ impl Metrics {
         out
     }
 }
+
+/// Counts a finished execution: its phase, duration, tokens, cost and tool calls.
+pub fn record_finished(
+    m: &Metrics,
+    r: &crate::api::Resolved,
+    phase: crate::api::Phase,
+    st: &crate::api::AgentExecutionStatus,
+) {
+    m.finished.get_or_create(&PhaseLabel { phase: phase.as_str().into() }).inc();
+    if let Some(ms) = st.duration_ms {
+        m.duration_seconds.observe(ms as f64 / 1000.0);
+    }
+    let model = r.model.clone().unwrap_or_else(|| "default".into());
+    let ns = r.namespace.clone();
+    for (kind, n) in [
+        ("input", st.usage.input_tokens),
+        ("output", st.usage.output_tokens),
+        ("cache_read", st.usage.cache_read_input_tokens),
+        ("cache_creation", st.usage.cache_creation_input_tokens),
+    ] {
+        m.tokens
+            .get_or_create(&TokenLabels { namespace: ns.clone(), model: model.clone(), kind: kind.into() })
+            .inc_by(n);
+    }
+    m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
+    for (tool, n) in &st.tool_calls.by_tool {
+        m.tool_calls.get_or_create(&ToolLabel { tool: tool.clone() }).inc_by(*n);
+    }
+}

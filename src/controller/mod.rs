@@ -1,5 +1,6 @@
 //! The Kubernetes operator: reconciles `AgentExecution`s into workspaces and Jobs.
 
+pub mod context;
 pub mod decide;
 pub mod desired;
 pub mod events;
@@ -8,6 +9,7 @@ pub mod jobstate;
 pub mod ledger;
 pub mod metrics;
 pub mod queue;
+pub mod read;
 pub mod reconcile;
 pub mod reports;
 pub mod status;

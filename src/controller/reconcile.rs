@@ -1,127 +1,33 @@
-//! Reconcile: finalizer → validate (template, spec, secrets) → cancel → observe the runner →
-//! schedule and start, or follow it → status, events and the store.
+//! Reconcile: read (the spec, its template and Secrets; the runner and its reports; the queue)
+//! → `decide` (pure) → act on the decision in one fixed order. Deletions are handled here too
+//! (`deleted`, `sweep`): there is no finalizer.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use super::events::Events;
-use super::ledger::{self, Ledger};
-use std::time::Duration;
-
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store as Cache};
-use kube::{Client, Resource, ResourceExt};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use super::decide::{self, Decision, Effect, Facts, Next, Note, Slot, Stall, decide};
-use super::desired::{self, JobConfig};
+pub use super::context::{Context, ControllerConfig, Error};
+use super::decide::{self, Decision, Effect, Facts, Next, Note, Stall, decide};
+use super::desired;
 use super::executor::{Executor, Observation};
-use super::metrics::{ErrorLabel, Metrics, PhaseLabel, TokenLabels, ToolLabel, UsageLabels};
-use super::queue::{self, Candidate, Limits};
-use super::reports::Reports;
+use super::ledger;
+use super::metrics::ErrorLabel;
+use super::read::{Spec, queue_slot, read_spec};
 use super::status;
-use crate::api::Summary;
-use crate::api::{AgentExecution, AgentExecutionStatus, AgentTemplate, Phase, Reason, Resolved, RetainPolicy, resolve};
-use crate::store::{NewExecution, Store, StoreError};
-
-/// How long a Secret key seen to exist is not looked at again.
-const SECRET_SEEN_FOR: Duration = Duration::from_secs(10);
+use crate::api::{AgentExecution, AgentExecutionStatus, Phase, Reason, Resolved, RetainPolicy};
+use crate::store::NewExecution;
 
 /// The finalizer earlier versions put on every execution. None is added now (see `reconcile`);
 /// executions that still carry it have it taken off.
 pub const FINALIZER: &str = "agentops.dev/cleanup";
 /// The one field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "agentops-controller";
-
-/// A reconcile failure, with a label for the error metric.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("store: {0}")]
-    Store(#[from] StoreError),
-    #[error("cannot render the runner's manifest: {0}")]
-    Manifest(String),
-    #[error("runner: {0}")]
-    Executor(String),
-}
-
-impl Error {
-    /// Short label for the reconcile-errors metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Error::Kube(_) => "kube",
-            Error::Store(_) => "store",
-            Error::Manifest(_) => "manifest",
-            Error::Executor(_) => "executor",
-        }
-    }
-}
-
-/// Settings of the controller.
-#[derive(Debug, Clone)]
-pub struct ControllerConfig {
-    pub job: JobConfig,
-    pub limits: Limits,
-    /// How often a Stalled execution (missing template or secret) looks again.
-    pub recheck_stalled: Duration,
-    /// Wait before retrying a failed reconcile (a conflict, an unreachable API server).
-    pub retry_after: Duration,
-    /// Timeout for executions whose spec and template set none (e.g. `1h`; None: 1h).
-    pub default_timeout: Option<String>,
-    /// Reconciles running at once. Bounded: after a restart with thousands of executions,
-    /// unbounded concurrency holds every one's requests and objects in memory at once.
-    pub concurrency: u16,
-    /// Namespaces whose executions this controller serves (None: every namespace).
-    pub namespaces: Option<std::collections::BTreeSet<String>>,
-    /// Where the model gateway relays runner pods' requests (the Messages API).
-    pub model_upstream: String,
-}
-
-impl Default for ControllerConfig {
-    fn default() -> Self {
-        Self {
-            job: JobConfig::default(),
-            limits: Limits::default(),
-            recheck_stalled: Duration::from_secs(10),
-            retry_after: Duration::from_secs(5),
-            concurrency: 16,
-            default_timeout: None,
-            namespaces: None,
-            model_upstream: std::env::var("ANTHROPIC_BASE_URL")
-                .ok()
-                .filter(|u| !u.is_empty())
-                .unwrap_or_else(|| "https://api.anthropic.com".into()),
-        }
-    }
-}
-
-/// Shared state of the reconcilers.
-pub struct Context {
-    pub client: Client,
-    pub config: ControllerConfig,
-    pub store: Option<Store>,
-    /// Every execution, as the controller's watch sees it (for queue decisions).
-    pub cache: Cache<AgentExecution>,
-    pub events: Events,
-    pub executor: Executor,
-    /// What this process keeps about each execution (started, finished, its runner's token
-    /// and reports, its local process), by uid.
-    pub ledger: Arc<Ledger>,
-    /// Secret keys seen to exist, and when: the same Secret referenced by many executions is
-    /// read once a while, not on every reconcile (only presence is kept, never the data).
-    pub secrets_seen: Mutex<std::collections::HashMap<(String, String, String), std::time::Instant>>,
-    /// Serialises "decide and start" so that two reconciles never take the same slot.
-    pub admit: tokio::sync::Mutex<()>,
-    /// Wakes one execution (a slot freed, a runner reported).
-    pub wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
-    pub metrics: Arc<Metrics>,
-    /// Live progress and final reports from runners.
-    pub reports: Arc<Reports>,
-}
 
 /// Entry point for the kube-runtime Controller.
 ///
@@ -197,22 +103,6 @@ fn key(ax: &AgentExecution) -> (String, String) {
     (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
-/// Renders the manifest the runner reads: the execution and its template, without status or
-/// server metadata.
-pub fn runner_manifest(ax: &AgentExecution, template: Option<&AgentTemplate>) -> Result<String, Error> {
-    let mut out = String::new();
-    if let Some(t) = template {
-        let doc = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentTemplate",
-                         "metadata": {"name": t.name_any(), "namespace": t.namespace()}, "spec": t.spec});
-        out.push_str(&serde_norway::to_string(&doc).map_err(|e| Error::Manifest(e.to_string()))?);
-        out.push_str("---\n");
-    }
-    let doc = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution",
-                     "metadata": {"name": ax.name_any(), "namespace": ax.namespace()}, "spec": ax.spec});
-    out.push_str(&serde_norway::to_string(&doc).map_err(|e| Error::Manifest(e.to_string()))?);
-    Ok(out)
-}
-
 /// One reconcile of a live execution: read what is true now, `decide`, act on the decision.
 async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> {
     let old = last_status(&ax, ctx);
@@ -262,76 +152,6 @@ fn last_status(ax: &AgentExecution, ctx: &Context) -> AgentExecutionStatus {
     ctx.ledger.last_status(&ledger::uid(ax), ax.status.clone().unwrap_or_default())
 }
 
-/// An execution's spec, ready to run: resolved (with the cluster's defaults), as the runner
-/// will read it, and its template.
-struct Spec {
-    resolved: Resolved,
-    effective: AgentExecution,
-    template: Option<AgentTemplate>,
-}
-
-/// Validates: template, spec values, secrets. Any failure is a Stall naming what to fix.
-async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, Stall>, Error> {
-    let ns = key(ax).0;
-    let template = match &ax.spec.template_ref {
-        None => None,
-        Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await? {
-            Some(t) => Some(t),
-            None => {
-                let message = format!(
-                    "AgentTemplate {:?} not found in namespace {ns} (spec.templateRef.name); the execution starts once it exists",
-                    r.name
-                );
-                return Ok(Err(Stall { reason: Reason::TemplateNotFound, message, recheck: true }));
-            }
-        },
-    };
-    // The cluster's default timeout applies when neither the execution nor its template sets one;
-    // the runner gets the same value in its manifest.
-    let mut effective = ax.clone();
-    if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
-        effective.spec.timeout = ctx.config.default_timeout.clone();
-    }
-    let resolved = match resolve(&effective, template.as_slice()) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
-    };
-    if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
-        return Ok(Err(Stall { reason: Reason::SecretNotFound, message, recheck: true }));
-    }
-    if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job { .. }) {
-        // A runner pod has no other way to get a key: fail before starting, not after.
-        let message = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
-        return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
-    }
-    Ok(Ok(Spec { resolved, effective, template }))
-}
-
-/// The queue's answer for this execution (under the admit lock).
-fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
-    if ctx.config.limits == Limits::default() {
-        // No limits: nothing to order, and no O(n) look at every execution per start.
-        return Slot::Start;
-    }
-    let me = key(ax);
-    let starting = ctx.ledger.starting();
-    let mut all: Vec<Candidate> =
-        ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
-    all.push(Candidate {
-        namespace: me.0.clone(),
-        name: me.1.clone(),
-        priority: ax.spec.priority,
-        created: created(ax),
-        active: false,
-    });
-    let plan = queue::plan(&all, ctx.config.limits);
-    if plan.start.contains(&me) {
-        return Slot::Start;
-    }
-    let position = plan.queued.iter().find(|(k, _)| *k == me).map(|(_, p)| *p).unwrap_or(0);
-    Slot::Wait(position, plan.queued.len())
-}
-
 /// Applies a decision, in one fixed order: remember, stop, start, record, status and event,
 /// workspace, memory, queue, TTL.
 async fn act(
@@ -359,7 +179,7 @@ async fn act(
     if has(Effect::Start)
         && let Some(spec) = spec
     {
-        let manifest = runner_manifest(&spec.effective, spec.template.as_ref())?;
+        let manifest = desired::runner_manifest(&spec.effective, spec.template.as_ref())?;
         ctx.executor
             .start(&ctx.client, &spec.effective, &spec.resolved, &manifest, &ctx.config.job, &ctx.reports)
             .await?;
@@ -378,12 +198,12 @@ async fn act(
     // status write only repeats an idempotent update).
     if has(Effect::Record) {
         if let Some(store) = &ctx.store {
-            let summary = record_of(ax, &status, ctx.reports.latest(&uid).map(|s| s.api_retries));
+            let summary = status::record(ax, &status, ctx.reports.latest(&uid).map(|s| s.api_retries));
             let error = (status.phase != Phase::Succeeded).then(|| status.reason.as_deref().unwrap_or_default());
             store.finish_execution(&summary, error, None).await?;
         }
         if let Some(spec) = spec {
-            record_metrics(ctx, &spec.resolved, status.phase, &status);
+            super::metrics::record_finished(&ctx.metrics, &spec.resolved, status.phase, &status);
         }
     }
     write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
@@ -419,108 +239,8 @@ async fn act(
     })
 }
 
-/// The store's final record of an execution, from its final status.
-fn record_of(ax: &AgentExecution, st: &AgentExecutionStatus, api_retries: Option<u64>) -> Summary {
-    let (namespace, name) = key(ax);
-    Summary {
-        id: ax.metadata.uid.clone().unwrap_or_default(),
-        name,
-        namespace,
-        phase: st.phase,
-        reason: st.reason.clone(),
-        message: st.message.clone(),
-        start_time: st.start_time.clone(),
-        completion_time: st.completion_time.clone(),
-        duration_ms: st.duration_ms.unwrap_or_default(),
-        tokens_used: st.tokens_used,
-        usage: st.usage,
-        cost_usd: st.cost_usd,
-        num_turns: st.num_turns,
-        tool_calls: st.tool_calls.clone(),
-        session_id: st.session_id.clone(),
-        result: st.result.clone(),
-        api_retries: api_retries.unwrap_or_default(),
-        git: st.git.clone(),
-        workspace: st.workspace.clone(),
-    }
-}
-
-async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<String>, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let refs = r
-        .credentials
-        .iter()
-        .map(|s| (s, "spec.repository.credentialsSecretRef", "token"))
-        .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")));
-    for (s, field, default_key) in refs {
-        let key = s.key.clone().unwrap_or_else(|| default_key.into());
-        let seen = (ns.to_string(), s.name.clone(), key.clone());
-        let fresh = ctx
-            .secrets_seen
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&seen).copied())
-            .is_some_and(|at| at.elapsed() < SECRET_SEEN_FOR);
-        if fresh {
-            continue;
-        }
-        match api.get_opt(&s.name).await? {
-            None => {
-                return Ok(Some(format!(
-                    "Secret {:?} not found in namespace {ns} ({field}); create it and the execution starts by itself",
-                    s.name
-                )));
-            }
-            Some(secret) => {
-                let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
-                    || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
-                drop(secret);
-                if !has {
-                    return Ok(Some(format!("Secret {:?} has no key {key:?} ({field})", s.name)));
-                }
-                if let Ok(mut m) = ctx.secrets_seen.lock() {
-                    if m.len() > 10_000 {
-                        m.clear();
-                    }
-                    m.insert(seen, std::time::Instant::now());
-                }
-            }
-        }
-    }
-    Ok(None)
-}
-
 fn new_execution<'a>(ax: &'a AgentExecution, r: &'a Resolved) -> NewExecution<'a> {
     NewExecution::new(ax.metadata.uid.as_deref().unwrap_or_default(), r)
-}
-
-/// Decides whether this execution starts now or waits (Queued), and starts it.
-fn created(ax: &AgentExecution) -> String {
-    ax.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
-}
-
-/// An execution as the queue sees it; None for finished, cancelled or stalled ones.
-fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidate> {
-    let st = ax.status.clone().unwrap_or_default();
-    if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    // Started as a suspended Job: Kueue decides when it runs; it neither waits for nor holds a slot.
-    if st.reason == Some(Reason::AwaitingAdmission) {
-        return None;
-    }
-    let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
-    let active = st.phase == Phase::Running || starting.contains(&ledger::uid(ax));
-    if stalled && !active {
-        return None;
-    }
-    Some(Candidate {
-        namespace: key(ax).0,
-        name: ax.name_any(),
-        priority: ax.spec.priority,
-        created: created(ax),
-        active,
-    })
 }
 
 /// An execution is gone (or, from an earlier version, going): stop its local runner (a Job
@@ -535,25 +255,14 @@ pub async fn deleted(ax: &AgentExecution, ctx: &Context) -> Result<(), Error> {
             ctx.executor.stop(&ctx.client, ax).await?;
         }
         if let Some(store) = &ctx.store
-            && let Some(id) = &ax.metadata.uid
+            && ax.metadata.uid.is_some()
         {
-            let s = Summary {
-                id: id.clone(),
-                name: name.clone(),
-                namespace: ns.clone(),
-                phase: Phase::Cancelled,
-                reason: Some(Reason::Deleted),
-                message: Some("the AgentExecution was deleted before it finished".into()),
-                usage: st.usage,
-                tokens_used: st.tokens_used,
-                cost_usd: st.cost_usd,
-                num_turns: st.num_turns,
-                tool_calls: st.tool_calls.clone(),
-                start_time: st.start_time.clone(),
-                completion_time: Some(jiff::Timestamp::now().to_string()),
-                git: st.git.clone(),
-                ..Default::default()
-            };
+            let mut end = st.clone();
+            end.phase = Phase::Cancelled;
+            end.reason = Some(Reason::Deleted);
+            end.message = Some("the AgentExecution was deleted before it finished".into());
+            end.completion_time = Some(jiff::Timestamp::now().to_string());
+            let s = status::record(ax, &end, None);
             store.finish_execution(&s, Some("Deleted"), None).await?;
         }
         if st.phase == Phase::Running {
@@ -629,28 +338,4 @@ where
 /// Whether an API error is 404 Not Found.
 pub fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
-}
-
-fn record_metrics(ctx: &Context, r: &Resolved, phase: Phase, st: &AgentExecutionStatus) {
-    let m = &ctx.metrics;
-    m.finished.get_or_create(&PhaseLabel { phase: phase.as_str().into() }).inc();
-    if let Some(ms) = st.duration_ms {
-        m.duration_seconds.observe(ms as f64 / 1000.0);
-    }
-    let model = r.model.clone().unwrap_or_else(|| "default".into());
-    let ns = r.namespace.clone();
-    for (kind, n) in [
-        ("input", st.usage.input_tokens),
-        ("output", st.usage.output_tokens),
-        ("cache_read", st.usage.cache_read_input_tokens),
-        ("cache_creation", st.usage.cache_creation_input_tokens),
-    ] {
-        m.tokens
-            .get_or_create(&TokenLabels { namespace: ns.clone(), model: model.clone(), kind: kind.into() })
-            .inc_by(n);
-    }
-    m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
-    for (tool, n) in &st.tool_calls.by_tool {
-        m.tool_calls.get_or_create(&ToolLabel { tool: tool.clone() }).inc_by(*n);
-    }
 }

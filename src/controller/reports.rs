@@ -75,7 +75,7 @@ impl Reports {
     }
 
     /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
-    async fn secret(&self, ns: &str, name: &str) -> Result<Arc<SecretData>, super::reconcile::Error> {
+    async fn secret(&self, ns: &str, name: &str) -> Result<Arc<SecretData>, super::context::Error> {
         let key = (ns.to_string(), name.to_string());
         if let Some((at, data)) = self.secret_data.lock().ok().and_then(|m| m.get(&key).cloned())
             && at.elapsed() < SECRET_DATA_FOR
@@ -106,11 +106,11 @@ impl Reports {
         r: &crate::api::SecretKeyRef,
         default_key: &str,
         field: &str,
-    ) -> Result<String, super::reconcile::Error> {
+    ) -> Result<String, super::context::Error> {
         let key = r.key.as_deref().unwrap_or(default_key);
         let value = self.secret(ns, &r.name).await?.get(key).cloned().filter(|v| !v.is_empty());
         value.ok_or_else(|| {
-            super::reconcile::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name))
+            super::context::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name))
         })
     }
 
@@ -134,7 +134,7 @@ impl Reports {
         r: &Resolved,
         clone_token: &str,
         publish_token: &str,
-    ) -> Result<(), super::reconcile::Error> {
+    ) -> Result<(), super::context::Error> {
         let Some(relays) = &self.git else { return Ok(()) };
         let credentials = match &r.credentials {
             None => None,
@@ -173,10 +173,10 @@ impl Reports {
         name: &str,
         r: &Resolved,
         token: &str,
-    ) -> Result<(), super::reconcile::Error> {
+    ) -> Result<(), super::context::Error> {
         let Some(gateways) = &self.gateways else { return Ok(()) };
         let Some(key_ref) = &r.api_key else {
-            return Err(super::reconcile::Error::Executor(
+            return Err(super::context::Error::Executor(
                 "no Anthropic API key: set spec.agent.apiKeySecretRef".into(),
             ));
         };

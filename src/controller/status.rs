@@ -69,6 +69,37 @@ pub fn conditions(
         .collect()
 }
 
+/// The store's final record of an execution, from its final status.
+pub fn record(
+    ax: &crate::api::AgentExecution,
+    st: &crate::api::AgentExecutionStatus,
+    api_retries: Option<u64>,
+) -> crate::api::Summary {
+    use kube::ResourceExt;
+    let (namespace, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+    crate::api::Summary {
+        id: ax.metadata.uid.clone().unwrap_or_default(),
+        name,
+        namespace,
+        phase: st.phase,
+        reason: st.reason.clone(),
+        message: st.message.clone(),
+        start_time: st.start_time.clone(),
+        completion_time: st.completion_time.clone(),
+        duration_ms: st.duration_ms.unwrap_or_default(),
+        tokens_used: st.tokens_used,
+        usage: st.usage,
+        cost_usd: st.cost_usd,
+        num_turns: st.num_turns,
+        tool_calls: st.tool_calls.clone(),
+        session_id: st.session_id.clone(),
+        result: st.result.clone(),
+        api_retries: api_retries.unwrap_or_default(),
+        git: st.git.clone(),
+        workspace: st.workspace.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

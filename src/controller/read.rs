@@ -1,0 +1,168 @@
+//! What a reconcile reads before it decides: the execution's spec (template, values, the
+//! Secrets it names) and, when it could start, the queue's answer.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+
+use super::context::{Context, Error};
+use super::decide::{Slot, Stall};
+use super::executor::Executor;
+use super::ledger;
+use super::queue::{self, Candidate, Limits};
+use super::status;
+use crate::api::{AgentExecution, AgentTemplate, Phase, Reason, Resolved, resolve};
+
+/// How long a Secret key seen to exist is not looked at again.
+const SECRET_SEEN_FOR: Duration = Duration::from_secs(10);
+
+/// An execution's spec, ready to run: resolved (with the cluster's defaults), as the runner
+/// will read it, and its template.
+pub struct Spec {
+    pub resolved: Resolved,
+    pub effective: AgentExecution,
+    pub template: Option<AgentTemplate>,
+}
+
+/// Validates: template, spec values, secrets. Any failure is a Stall naming what to fix.
+pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, Stall>, Error> {
+    let ns = key(ax).0;
+    let template = match &ax.spec.template_ref {
+        None => None,
+        Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await? {
+            Some(t) => Some(t),
+            None => {
+                let message = format!(
+                    "AgentTemplate {:?} not found in namespace {ns} (spec.templateRef.name); the execution starts once it exists",
+                    r.name
+                );
+                return Ok(Err(Stall { reason: Reason::TemplateNotFound, message, recheck: true }));
+            }
+        },
+    };
+    // The cluster's default timeout applies when neither the execution nor its template sets one;
+    // the runner gets the same value in its manifest.
+    let mut effective = ax.clone();
+    if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
+        effective.spec.timeout = ctx.config.default_timeout.clone();
+    }
+    let resolved = match resolve(&effective, template.as_slice()) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
+    };
+    if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
+        return Ok(Err(Stall { reason: Reason::SecretNotFound, message, recheck: true }));
+    }
+    if resolved.api_key.is_none() && matches!(ctx.executor, Executor::Job { .. }) {
+        // A runner pod has no other way to get a key: fail before starting, not after.
+        let message = "no Anthropic API key: set spec.agent.apiKeySecretRef (or in the AgentTemplate)".to_string();
+        return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
+    }
+    Ok(Ok(Spec { resolved, effective, template }))
+}
+
+/// The queue's answer for this execution (under the admit lock).
+pub fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
+    if ctx.config.limits == Limits::default() {
+        // No limits: nothing to order, and no O(n) look at every execution per start.
+        return Slot::Start;
+    }
+    let me = key(ax);
+    let starting = ctx.ledger.starting();
+    let mut all: Vec<Candidate> =
+        ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
+    all.push(Candidate {
+        namespace: me.0.clone(),
+        name: me.1.clone(),
+        priority: ax.spec.priority,
+        created: created(ax),
+        active: false,
+    });
+    let plan = queue::plan(&all, ctx.config.limits);
+    if plan.start.contains(&me) {
+        return Slot::Start;
+    }
+    let position = plan.queued.iter().find(|(k, _)| *k == me).map(|(_, p)| *p).unwrap_or(0);
+    Slot::Wait(position, plan.queued.len())
+}
+
+async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<String>, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let refs = r
+        .credentials
+        .iter()
+        .map(|s| (s, "spec.repository.credentialsSecretRef", "token"))
+        .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")));
+    for (s, field, default_key) in refs {
+        let key = s.key.clone().unwrap_or_else(|| default_key.into());
+        let seen = (ns.to_string(), s.name.clone(), key.clone());
+        let fresh = ctx
+            .secrets_seen
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&seen).copied())
+            .is_some_and(|at| at.elapsed() < SECRET_SEEN_FOR);
+        if fresh {
+            continue;
+        }
+        match api.get_opt(&s.name).await? {
+            None => {
+                return Ok(Some(format!(
+                    "Secret {:?} not found in namespace {ns} ({field}); create it and the execution starts by itself",
+                    s.name
+                )));
+            }
+            Some(secret) => {
+                let has = secret.data.as_ref().is_some_and(|d| d.contains_key(&key))
+                    || secret.string_data.as_ref().is_some_and(|d| d.contains_key(&key));
+                drop(secret);
+                if !has {
+                    return Ok(Some(format!("Secret {:?} has no key {key:?} ({field})", s.name)));
+                }
+                if let Ok(mut m) = ctx.secrets_seen.lock() {
+                    if m.len() > 10_000 {
+                        m.clear();
+                    }
+                    m.insert(seen, std::time::Instant::now());
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Decides whether this execution starts now or waits (Queued), and starts it.
+fn created(ax: &AgentExecution) -> String {
+    ax.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+}
+
+/// An execution as the queue sees it; None for finished, cancelled or stalled ones.
+fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidate> {
+    let st = ax.status.clone().unwrap_or_default();
+    if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    // Started as a suspended Job: Kueue decides when it runs; it neither waits for nor holds a slot.
+    if st.reason == Some(Reason::AwaitingAdmission) {
+        return None;
+    }
+    let stalled = st.conditions.iter().any(|c| c.type_ == status::STALLED && c.status == "True");
+    let active = st.phase == Phase::Running || starting.contains(&ledger::uid(ax));
+    if stalled && !active {
+        return None;
+    }
+    Some(Candidate {
+        namespace: key(ax).0,
+        name: ax.name_any(),
+        priority: ax.spec.priority,
+        created: created(ax),
+        active,
+    })
+}
+
+fn key(ax: &AgentExecution) -> (String, String) {
+    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
+}
