@@ -75,6 +75,16 @@ fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Run
     spawn(kube, config, store, ExecutorKind::Job, None, None)
 }
 
+/// An API server with the executions' Secrets in `ns`, and a controller store (kept while the
+/// directory is).
+async fn with_store() -> (FakeKube, Store, tempfile::TempDir) {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    (kube, store, dir)
+}
+
 fn config(max: Option<usize>) -> ControllerConfig {
     let mut c = ControllerConfig::default();
     c.limits.global = max;
@@ -159,10 +169,7 @@ fn report(phase: &str, reason: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_makes_a_job_and_pvc_and_success_reports_usage() {
-    let kube = FakeKube::start().await;
-    secrets(&kube, "ns").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let (kube, store, _dir) = with_store().await;
     let ctl = start(&kube, config(None), Some(store.clone()));
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     api.create(
@@ -266,10 +273,7 @@ async fn cancel_deletes_the_job_and_deletion_runs_the_finalizer() {
 /// has its finalizer taken off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_an_execution_never_waits_for_the_controller_and_the_store_records_it() {
-    let kube = FakeKube::start().await;
-    secrets(&kube, "ns").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let (kube, store, _dir) = with_store().await;
     let ctl = start(&kube, config(None), Some(store.clone()));
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let kept = json!({"workspace": {"storageClassName": "fast", "retain": "RetainOnFailure"}});
@@ -684,10 +688,7 @@ async fn conflicts_and_api_errors_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_deletes_finished_executions_and_the_store_keeps_them() {
-    let kube = FakeKube::start().await;
-    secrets(&kube, "ns").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("c.db")).await.unwrap();
+    let (kube, store, _dir) = with_store().await;
     let ctl = start(&kube, config(None), Some(store.clone()));
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     api.create(&PostParams::default(), &execution("short", json!({"ttlSecondsAfterFinished": 1}))).await.unwrap();

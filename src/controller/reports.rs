@@ -109,9 +109,8 @@ impl Reports {
     ) -> Result<String, super::context::Error> {
         let key = r.key.as_deref().unwrap_or(default_key);
         let value = self.secret(ns, &r.name).await?.get(key).cloned().filter(|v| !v.is_empty());
-        value.ok_or_else(|| {
-            super::context::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name))
-        })
+        value
+            .ok_or_else(|| super::context::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name)))
     }
 
     /// Runner pods reach git through `relays`.
@@ -176,9 +175,7 @@ impl Reports {
     ) -> Result<(), super::context::Error> {
         let Some(gateways) = &self.gateways else { return Ok(()) };
         let Some(key_ref) = &r.api_key else {
-            return Err(super::context::Error::Executor(
-                "no Anthropic API key: set spec.agent.apiKeySecretRef".into(),
-            ));
+            return Err(super::context::Error::Executor("no Anthropic API key: set spec.agent.apiKeySecretRef".into()));
         };
         let key = self.secret_value(ns, key_ref, "api-key", "spec.agent.apiKeySecretRef").await?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
