@@ -233,6 +233,20 @@ pub fn decide(f: Facts<'_>) -> Decision {
     }
 }
 
+/// The last record of an execution deleted before it ended (`None`: it had ended; its record
+/// stands): Cancelled, reason `Deleted`, the usage it had so far.
+pub fn gone(old: &AgentExecutionStatus, now: jiff::Timestamp) -> Option<AgentExecutionStatus> {
+    if old.phase.is_terminal() {
+        return None;
+    }
+    let mut st = old.clone();
+    st.phase = Phase::Cancelled;
+    st.reason = Some(Reason::Deleted);
+    st.message = Some("the AgentExecution was deleted before it finished".into());
+    st.completion_time = Some(now.to_string());
+    Some(st)
+}
+
 fn awaiting(queue: &str) -> String {
     format!("the Job waits for Kueue to admit it (queue {queue})")
 }
@@ -594,6 +608,28 @@ mod tests {
             assert_eq!(d.effects, effects, "{what}");
             if !old.phase.is_terminal() {
                 assert_eq!(d.status.observed_generation, Some(1), "{what}: every written status says which spec");
+            }
+        }
+    }
+
+    #[test]
+    fn a_deletion_ends_what_had_not_ended_and_keeps_its_usage() {
+        let now: jiff::Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
+        for (phase, ends) in [
+            (Phase::Pending, true),
+            (Phase::Queued, true),
+            (Phase::Running, true),
+            (Phase::Succeeded, false),
+            (Phase::Failed, false),
+            (Phase::Cancelled, false),
+            (Phase::TimedOut, false),
+        ] {
+            let old = AgentExecutionStatus { phase, tokens_used: 42, ..Default::default() };
+            let st = gone(&old, now);
+            assert_eq!(st.is_some(), ends, "{phase:?}");
+            if let Some(st) = st {
+                assert_eq!((st.phase, st.reason, st.tokens_used), (Phase::Cancelled, Some(Reason::Deleted), 42));
+                assert_eq!(st.completion_time.as_deref(), Some("2026-01-01T00:10:00Z"));
             }
         }
     }

@@ -250,20 +250,14 @@ pub async fn deleted(ax: &AgentExecution, ctx: &Context) -> Result<(), Error> {
     let uid = ledger::uid(ax);
     let (ns, name) = key(ax);
     let st = ctx.ledger.last_status(&uid, ax.status.clone().unwrap_or_default());
-    if !st.phase.is_terminal() {
+    if let Some(end) = decide::gone(&st, jiff::Timestamp::now()) {
         if matches!(ctx.executor, Executor::Local(_)) || ax.metadata.deletion_timestamp.is_some() {
             ctx.executor.stop(&ctx.client, ax).await?;
         }
         if let Some(store) = &ctx.store
             && ax.metadata.uid.is_some()
         {
-            let mut end = st.clone();
-            end.phase = Phase::Cancelled;
-            end.reason = Some(Reason::Deleted);
-            end.message = Some("the AgentExecution was deleted before it finished".into());
-            end.completion_time = Some(jiff::Timestamp::now().to_string());
-            let s = status::record(ax, &end, None);
-            store.finish_execution(&s, Some("Deleted"), None).await?;
+            store.finish_execution(&status::record(ax, &end, None), Some("Deleted"), None).await?;
         }
         if st.phase == Phase::Running {
             wake_queue(ctx, &(ns.clone(), name.clone()));
