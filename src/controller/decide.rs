@@ -613,6 +613,24 @@ mod tests {
     }
 
     #[test]
+    fn a_written_status_reads_back_equal_from_the_api() {
+        // The ledger keeps a written status until the watch shows an equal one: a status that
+        // does not survive a JSON round trip unchanged would be kept for the whole run.
+        let r = resolved();
+        let old = AgentExecutionStatus::default();
+        let mut f = facts(&old, &r, Observation::NotStarted);
+        f.slot = Some(Slot::Start);
+        let started = decide(f).status;
+        let running =
+            decide(facts(&started, &r, Observation::Running { progress: Some(report(Phase::Running, "Running", 7)) }))
+                .status;
+        for st in [started, running] {
+            let back: AgentExecutionStatus = serde_json::from_value(serde_json::to_value(&st).unwrap()).unwrap();
+            assert_eq!(back, st);
+        }
+    }
+
+    #[test]
     fn a_deletion_ends_what_had_not_ended_and_keeps_its_usage() {
         let now: jiff::Timestamp = "2026-01-01T00:10:00Z".parse().unwrap();
         for (phase, ends) in [

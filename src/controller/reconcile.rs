@@ -208,7 +208,7 @@ async fn act(
     }
     write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
     if status != *old {
-        ctx.ledger.update(&uid, |e| e.written = Some(Box::new(status.clone())));
+        ctx.ledger.wrote(&uid, &status);
     }
     if has(Effect::ReleaseWorkspace)
         && !keeps_workspace(ax, status.phase)
