@@ -308,8 +308,11 @@ async fn deleting_an_execution_never_waits_for_the_controller_and_the_store_reco
     until_async("recorded", || async { store.get_execution(&id).await.is_ok_and(|r| r.status == "Cancelled") }).await;
     assert_eq!(store.get_execution(&id).await.unwrap().reason.as_deref(), Some("Deleted"));
 
-    // Deleted while no controller runs: still gone at once; the next start records it.
+    // Deleted while no controller runs: still gone at once; the next start records it (and
+    // leaves alone a run of `agentops run` that shares the store file).
     ctl.stop().await;
+    let r = agentops::api::resolve(&execution("local-run", json!({})), &[]).unwrap();
+    store.create_execution(&agentops::store::NewExecution::new("local-run-id", &r)).await.unwrap();
     api.delete("owned", &DeleteParams::default()).await.unwrap();
     assert!(kube.get(AX, "agentexecutions", "ns", "owned").is_none());
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-owned").is_none() && pvc("owned").is_none(), "owned: collected");
@@ -323,6 +326,11 @@ async fn deleting_an_execution_never_waits_for_the_controller_and_the_store_reco
     assert_eq!(store.get_execution(&id).await.unwrap().reason.as_deref(), Some("Deleted"));
     let legacy_id = legacy["metadata"]["uid"].as_str().unwrap();
     assert_ne!(store.get_execution(legacy_id).await.unwrap().status, "Cancelled", "one still there is left alone");
+    assert_eq!(
+        store.get_execution("local-run-id").await.unwrap().status,
+        "Pending",
+        "not the controller's: left alone"
+    );
     ctl.stop().await;
 }
 

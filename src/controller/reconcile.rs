@@ -168,7 +168,7 @@ async fn act(
     if has(Effect::Remember)
         && let (Some(store), Some(spec)) = (&ctx.store, spec)
     {
-        store.ensure_execution(&new_execution(ax, &spec.resolved)).await?;
+        store.ensure_cluster_execution(&new_execution(ax, &spec.resolved)).await?;
     }
     if has(Effect::Stop)
         && let Some(last) = ctx.executor.stop(&ctx.client, ax).await?
@@ -275,7 +275,7 @@ pub async fn sweep(ctx: &Context) -> Result<usize, Error> {
     let present: HashSet<String> = ctx.cache.state().iter().filter_map(|o| o.metadata.uid.clone()).collect();
     let served = |ns: &str| ctx.config.namespaces.as_ref().is_none_or(|set| set.contains(ns));
     let mut n = 0;
-    for (id, ns, name) in store.unfinished().await? {
+    for (id, ns, name) in store.unfinished_cluster().await? {
         if served(&ns) && !present.contains(&id) {
             store.mark_deleted(&id).await?;
             ctx.reports.forget(&id, &ns, &name);

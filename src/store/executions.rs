@@ -152,19 +152,29 @@ fn i(n: u64) -> i64 {
 impl Store {
     /// Records a new execution in phase Pending.
     pub async fn create_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
-        self.insert_execution(e, "INSERT").await
+        self.insert_execution(e, "INSERT", false).await
     }
 
-    async fn insert_execution(&self, e: &NewExecution<'_>, verb: &'static str) -> Result<(), StoreError> {
+    /// Records an AgentExecution of the cluster once (the controller's record; idempotent).
+    pub async fn ensure_cluster_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
+        self.insert_execution(e, "INSERT OR IGNORE", true).await
+    }
+
+    async fn insert_execution(
+        &self,
+        e: &NewExecution<'_>,
+        verb: &'static str,
+        cluster: bool,
+    ) -> Result<(), StoreError> {
         let at = now();
         let sql = match verb {
             "INSERT OR IGNORE" => {
-                "INSERT OR IGNORE INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
-                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT OR IGNORE INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at, cluster)
+                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             }
             _ => {
-                "INSERT INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at)
-                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at, cluster)
+                 VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             }
         };
         sqlx::query(sql)
@@ -179,6 +189,7 @@ impl Store {
             .bind(e.work_item)
             .bind(&at)
             .bind(&at)
+            .bind(cluster)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -333,11 +344,12 @@ impl Store {
             .await?)
     }
 
-    /// Executions that have not ended: (id, namespace, name).
-    pub async fn unfinished(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+    /// The controller's executions that have not ended: (id, namespace, name). Runs of
+    /// `agentops run` sharing the store file are not among them.
+    pub async fn unfinished_cluster(&self) -> Result<Vec<(String, String, String)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT id, namespace, name FROM agent_executions
-             WHERE status NOT IN ('Succeeded', 'Failed', 'Cancelled', 'TimedOut')",
+             WHERE cluster = 1 AND status NOT IN ('Succeeded', 'Failed', 'Cancelled', 'TimedOut')",
         )
         .fetch_all(&self.pool)
         .await?)
@@ -372,7 +384,7 @@ impl Store {
 impl Store {
     /// Records an execution the controller saw, once (keyed by its id, the resource's uid).
     pub async fn ensure_execution(&self, e: &NewExecution<'_>) -> Result<(), StoreError> {
-        self.insert_execution(e, "INSERT OR IGNORE").await
+        self.insert_execution(e, "INSERT OR IGNORE", false).await
     }
 }
 
