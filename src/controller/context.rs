@@ -17,6 +17,7 @@ use super::queue::Limits;
 use super::reports::Reports;
 use crate::api::AgentExecution;
 use crate::store::{Store, StoreError};
+use kube::ResourceExt;
 
 /// A reconcile failure, with a label for the error metric.
 #[derive(Debug, thiserror::Error)]
@@ -103,4 +104,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Live progress and final reports from runners.
     pub reports: Arc<Reports>,
+}
+
+/// An execution's namespace and name (the namespace `default` when it has none).
+pub fn key(ax: &AgentExecution) -> (String, String) {
+    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }

@@ -64,7 +64,7 @@ impl Executor {
     /// output, merged with the report channel (progress while it runs; the final report when
     /// the other way lost it). Reconcile never looks anywhere else.
     pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
-        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        let (ns, name) = super::context::key(ax);
         let uid = ledger::uid(ax);
         let observed = match self {
             Executor::Job { jobs, ledger } => observe_job(client, ax, jobs, ledger).await?,
@@ -126,7 +126,7 @@ impl Executor {
                 // One Secret owned by the execution holds what the pod is given: the manifest
                 // (the prompt may be private) and the runner's tokens (reports, the model
                 // gateway, the git relay); each container mounts only its own keys.
-                let tokens = runner_secret(client, ax, &ns, Some(manifest), cfg.report_url.is_some()).await?;
+                let tokens = create_runner_secret(client, ax, &ns, manifest, cfg.report_url.is_some()).await?;
                 if let Some(tokens) = tokens {
                     tokens.open(reports, ax, r).await?;
                 }
@@ -167,9 +167,7 @@ impl Executor {
 /// (after a restart), with the tokens in its runner Secret, unless they were retired.
 pub async fn reopen(client: &Client, ax: &AgentExecution, r: &Resolved, reports: &Reports) -> Result<bool, Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
-    let Some(tokens) = runner_secret(client, ax, &ns, None, true).await? else {
-        return Err(Error::Executor(format!("Secret {} has no token", desired::runner_secret_name(ax))));
-    };
+    let tokens = runner_tokens(client, ax, &ns).await?;
     if tokens.model.as_deref().is_some_and(|t| reports.model_retired(t)) {
         return Ok(false);
     }
@@ -188,7 +186,7 @@ struct RunnerTokens {
 impl RunnerTokens {
     /// Opens what the controller serves this execution's pod: the model gateway, the git relay.
     async fn open(&self, reports: &Reports, ax: &AgentExecution, r: &Resolved) -> Result<(), Error> {
-        let (ns, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+        let (ns, name) = super::context::key(ax);
         reports.remember(&ledger::uid(ax), &self.report);
         if let Some(model) = &self.model {
             reports.open_model(&ns, &name, r, model).await?;
@@ -200,34 +198,39 @@ impl RunnerTokens {
     }
 }
 
-/// Reads the execution's runner Secret and the tokens in it; or creates it (`manifest`:
-/// Some) with the manifest and, when `tokens`, fresh tokens. An existing one (a restart, a
-/// concurrent start) is used when it is this execution's: the spec is immutable, so it holds
-/// the same manifest.
-async fn runner_secret(
+/// The runner tokens a runner Secret holds (None: it holds none, only the manifest).
+fn tokens_in(secret: Secret) -> Option<RunnerTokens> {
+    use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
+    let data = secret.data.unwrap_or_default();
+    let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    get(REPORT_TOKEN_KEY).map(|report| RunnerTokens {
+        report,
+        model: get(MODEL_TOKEN_KEY),
+        git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
+    })
+}
+
+/// The tokens in the execution's runner Secret (after a restart).
+async fn runner_tokens(client: &Client, ax: &AgentExecution, ns: &str) -> Result<RunnerTokens, Error> {
+    let name = desired::runner_secret_name(ax);
+    let secret = Api::<Secret>::namespaced(client.clone(), ns).get_opt(&name).await?;
+    let secret = secret.ok_or_else(|| Error::Executor(format!("Secret {name} is gone")))?;
+    tokens_in(ours(secret, ax)?).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))
+}
+
+/// Creates the execution's runner Secret: the manifest and, when `tokens`, fresh tokens (which
+/// it returns). One that exists (a restart, a concurrent start) is used when it is this
+/// execution's: the spec is immutable, so it holds the same manifest.
+async fn create_runner_secret(
     client: &Client,
     ax: &AgentExecution,
     ns: &str,
-    manifest: Option<&str>,
+    manifest: &str,
     tokens: bool,
 ) -> Result<Option<RunnerTokens>, Error> {
     use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let name = desired::runner_secret_name(ax);
-    let read = |s: Secret| {
-        let data = s.data.unwrap_or_default();
-        let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
-        get(REPORT_TOKEN_KEY).map(|report| RunnerTokens {
-            report,
-            model: get(MODEL_TOKEN_KEY),
-            git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
-        })
-    };
-    let Some(manifest) = manifest else {
-        let existing =
-            secrets.get_opt(&name).await?.ok_or_else(|| Error::Executor(format!("Secret {name} is gone")))?;
-        return Ok(read(ours(existing, ax)?));
-    };
     let fresh = tokens.then(|| RunnerTokens {
         report: new_token(),
         model: Some(crate::gateway::new_token()),
@@ -252,11 +255,11 @@ async fn runner_secret(
     match secrets.create(&kube::api::PostParams::default(), &secret).await {
         Ok(_) => Ok(fresh),
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let existing = read(ours(secrets.get(&name).await?, ax)?);
-            if tokens && existing.is_none() {
-                return Err(Error::Executor(format!("Secret {name} has no token")));
+            let existing = ours(secrets.get(&name).await?, ax)?;
+            if !tokens {
+                return Ok(None);
             }
-            Ok(existing.filter(|_| tokens))
+            tokens_in(existing).map(Some).ok_or_else(|| Error::Executor(format!("Secret {name} has no token")))
         }
         Err(e) => Err(e.into()),
     }

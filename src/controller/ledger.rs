@@ -13,8 +13,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use kube::ResourceExt;
-
 use crate::api::{AgentExecution, AgentExecutionStatus, Summary};
 
 /// One execution's entry.
@@ -74,10 +72,10 @@ pub struct Ledger {
 /// The key of an execution: its uid (the API server always sets one; objects built by hand
 /// without one fall back to `namespace/name`).
 pub fn uid(ax: &AgentExecution) -> String {
-    ax.metadata
-        .uid
-        .clone()
-        .unwrap_or_else(|| format!("{}/{}", ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any()))
+    ax.metadata.uid.clone().unwrap_or_else(|| {
+        let (ns, name) = super::context::key(ax);
+        format!("{ns}/{name}")
+    })
 }
 
 impl Ledger {
@@ -157,13 +155,10 @@ impl Ledger {
         self.lock().remove(uid);
     }
 
-    /// How many executions have an entry.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Whether nothing is kept (tests).
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
     }
 }
 

@@ -30,6 +30,7 @@ pub use reconcile::{Context, ControllerConfig, error_policy, reconcile};
 
 use crate::api::AgentExecution;
 use crate::store::Store;
+use context::key;
 
 /// How the runner is run.
 pub enum ExecutorKind {
@@ -355,10 +356,6 @@ pub async fn run(
         })
         .await;
     end(background, stop_task, if lost.load(Ordering::Relaxed) { Stopped::LostLeadership } else { Stopped::Shutdown })
-}
-
-fn key(ax: &AgentExecution) -> (String, String) {
-    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
 fn end(background: Vec<tokio::task::JoinHandle<()>>, stop_task: tokio::task::JoinHandle<()>, why: Stopped) -> Stopped {

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
 
-use super::context::{Context, Error};
+use super::context::{Context, Error, key};
 use super::decide::{Slot, Stall};
 use super::executor::Executor;
 use super::ledger;
@@ -161,8 +161,4 @@ fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidat
         created: created(ax),
         active,
     })
-}
-
-fn key(ax: &AgentExecution) -> (String, String) {
-    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }

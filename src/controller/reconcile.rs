@@ -12,6 +12,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::context::key;
 pub use super::context::{Context, ControllerConfig, Error};
 use super::decide::{self, Decision, Effect, Facts, Next, Note, Stall, decide};
 use super::desired;
@@ -62,11 +63,7 @@ async fn retire_finalizer(ax: &AgentExecution, ctx: &Context) -> Result<Action, 
     {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({"metadata": {"ownerReferences": null}});
-        match api.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        unless_gone(api.patch(&pvc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await)?;
     }
     let at = ax.finalizers().iter().position(|f| f == FINALIZER).unwrap_or_default();
     let patch: json_patch::Patch = serde_json::from_value(json!([
@@ -75,11 +72,7 @@ async fn retire_finalizer(ax: &AgentExecution, ctx: &Context) -> Result<Action, 
     ]))
     .map_err(|e| Error::Executor(format!("finalizer patch: {e}")))?;
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &ns);
-    match api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await {
-        Ok(_) => {}
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => return Err(e.into()),
-    }
+    unless_gone(api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch)).await)?;
     Ok(Action::await_change())
 }
 
@@ -97,10 +90,6 @@ pub fn error_policy(ax: Arc<AgentExecution>, err: &Error, ctx: Arc<Context>) -> 
     ctx.metrics.reconcile_errors.get_or_create(&ErrorLabel { kind: err.metric_label().into() }).inc();
     tracing::warn!(execution = %ax.name_any(), error = %err, kind = err.metric_label(), "reconcile failed");
     Action::requeue(ctx.config.retry_after)
-}
-
-fn key(ax: &AgentExecution) -> (String, String) {
-    (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any())
 }
 
 /// One reconcile of a live execution: read what is true now, `decide`, act on the decision.
@@ -146,8 +135,8 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     act(&ax, ctx, &old, ready, decision).await
 }
 
-/// The status to decide from: the cache's, unless this process finished the execution and
-/// the watch cache has not caught up with that final write yet (what we finished is final).
+/// The status to decide from: the cache's, or the one this process last wrote while the watch
+/// has not shown it yet.
 fn last_status(ax: &AgentExecution, ctx: &Context) -> AgentExecutionStatus {
     ctx.ledger.last_status(&ledger::uid(ax), ax.status.clone().unwrap_or_default())
 }
@@ -206,8 +195,7 @@ async fn act(
             super::metrics::record_finished(&ctx.metrics, &spec.resolved, status.phase, &status);
         }
     }
-    write_status(ax, ctx, old, &status, d.event.as_ref()).await?;
-    if status != *old {
+    if write_status(ax, ctx, old, &status, d.event.as_ref()).await? {
         ctx.ledger.wrote(&uid, &status);
     }
     if has(Effect::ReleaseWorkspace)
@@ -215,11 +203,7 @@ async fn act(
         && let Some(pvc) = desired::desired_pvc(ax, &ctx.config.job)
     {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        match api.delete(&pvc.name_any(), &DeleteParams::background()).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        }
+        delete_ignoring_missing(&api, &pvc.name_any()).await?;
     }
     if has(Effect::Forget) {
         ctx.reports.forget(&uid, &ns, &name);
@@ -295,16 +279,17 @@ fn wake_queue(ctx: &Context, except: &(String, String)) {
     }
 }
 
-/// Writes the status with server-side apply, only when it changed, and publishes the event.
+/// Writes the status with server-side apply, only when it changed (says whether it did), and
+/// publishes the event.
 async fn write_status(
     ax: &AgentExecution,
     ctx: &Context,
     old: &AgentExecutionStatus,
     st: &AgentExecutionStatus,
     event: Option<&Note>,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     if st == old {
-        return Ok(());
+        return Ok(false);
     }
     let api: Api<AgentExecution> = Api::namespaced(ctx.client.clone(), &key(ax).0);
     let patch = json!({"apiVersion": crate::api::API_VERSION, "kind": "AgentExecution", "status": st});
@@ -314,7 +299,7 @@ async fn write_status(
     {
         tracing::warn!(error = %e, "cannot publish event");
     }
-    Ok(())
+    Ok(true)
 }
 
 pub async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
@@ -322,7 +307,12 @@ where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let dp = DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() };
-    match api.delete(name, &dp).await {
+    unless_gone(api.delete(name, &dp).await)
+}
+
+/// `Ok` as well when the object is not there (404): what was to be done to it is moot.
+fn unless_gone<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
         Ok(_) => Ok(()),
         Err(e) if is_not_found(&e) => Ok(()),
         Err(e) => Err(e),

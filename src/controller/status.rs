@@ -75,8 +75,7 @@ pub fn record(
     st: &crate::api::AgentExecutionStatus,
     api_retries: Option<u64>,
 ) -> crate::api::Summary {
-    use kube::ResourceExt;
-    let (namespace, name) = (ax.namespace().unwrap_or_else(|| "default".into()), ax.name_any());
+    let (namespace, name) = super::context::key(ax);
     crate::api::Summary {
         id: ax.metadata.uid.clone().unwrap_or_default(),
         name,
