@@ -1,67 +1,307 @@
-//! git2 operations against the real smart-HTTP server: which ref is cloned, how deep, and what
-//! a missing ref says.
+//! git2 operations against the real smart-HTTP server, on repositories with history (merges,
+//! annotated and lightweight tags, several branches, a default branch not named `main`): which
+//! commit a ref names, pushing from a depth-1 clone with only the new objects, a work branch
+//! that already exists, and real content (modes, symlinks, binaries, line endings, renames,
+//! submodules, LFS pointers) surviving the round trip.
 
 mod support;
 
-use std::sync::atomic::AtomicBool;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use agentops::git::{self, GitError};
 use support::GitServer;
 use support::git_server::git;
 
-async fn server_with_history() -> GitServer {
-    let s = GitServer::start("u", None).await;
-    let bare = s.create_repo("r", &[("a.txt", "1\n")]);
-    // A second commit on main, a feature branch and a tag, made with the git CLI.
-    let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["clone", "-q", &bare.to_string_lossy(), "w"]);
-    let w = work.path().join("w");
-    std::fs::write(w.join("a.txt"), "2\n").unwrap();
-    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "second"]);
-    git(&w, &["tag", "v1"]);
-    git(&w, &["checkout", "-qb", "feature"]);
-    std::fs::write(w.join("b.txt"), "feature\n").unwrap();
-    git(&w, &["add", "b.txt"]);
-    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "feature"]);
-    git(&w, &["push", "-q", "origin", "main", "feature", "v1"]);
-    s
+/// Runs blocking git work off the runtime that serves the git server.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
 }
 
-async fn clone(s: &GitServer, r: Option<&str>, depth: u32) -> Result<(git2::Repository, git::Cloned), GitError> {
-    let (url, r) = (s.url("r"), r.map(String::from));
-    tokio::task::spawn_blocking(move || {
+/// A clone into a fresh directory: (the checkout's directory, what the clone says).
+async fn clone(url: &str, r: Option<&str>, depth: u32, branch: &str) -> Result<(PathBuf, git::Cloned), GitError> {
+    let (url, r, branch) = (url.to_string(), r.map(String::from), branch.to_string());
+    blocking(move || {
         let dir = tempfile::tempdir().unwrap().keep();
-        git::clone(&url, &dir.join("c"), r.as_deref(), depth, None, "work", &AtomicBool::new(false))
+        let (_, c) = git::clone(&url, &dir.join("c"), r.as_deref(), depth, None, &branch, &AtomicBool::new(false))?;
+        Ok((dir, c))
     })
     .await
-    .unwrap()
+}
+
+/// What the operator does after the agent: stage the checkout's files, one commit on the base,
+/// push the work branch. Ok(None): nothing changed.
+async fn publish(
+    dir: &Path,
+    c: &git::Cloned,
+    url: &str,
+    branch: &str,
+) -> Result<Option<(String, git::Staged)>, GitError> {
+    let (dir, c, url, branch) = (dir.to_path_buf(), c.clone(), url.to_string(), branch.to_string());
+    blocking(move || {
+        let stop = AtomicBool::new(false);
+        let p =
+            git::Publish::prepare(&dir.join("c"), &dir.join("publish.git"), c.base, &url, &c.source_ref, None, &stop)?;
+        let Some(staged) = p.stage()? else { return Ok(None) };
+        let sig = git2::Signature::now("agentops", "agentops@localhost")?;
+        let oid = p.commit(&staged, &branch, &sig, "the agent's work")?;
+        p.push(&url, &branch, None, &stop)?;
+        Ok(Some((oid.to_string(), staged)))
+    })
+    .await
+}
+
+/// Commits on top of `branch` of the bare repository from a scratch clone (a person pushing).
+fn push_as_someone_else(s: &GitServer, name: &str, branch: &str, file: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", "-b", branch, &s.repo_path(name).to_string_lossy(), "w"]);
+    let w = work.path().join("w");
+    std::fs::write(w.join(file), "someone else's work\n").unwrap();
+    git(&w, &["add", "-A"]);
+    git(&w, &["-c", "user.name=p", "-c", "user.email=p@p", "commit", "-qm", "someone else"]);
+    git(&w, &["push", "-q", "origin", branch]);
+    s.branch_head(name, branch).unwrap()
+}
+
+fn rev(s: &GitServer, name: &str, r: &str) -> String {
+    s.git(name, &["rev-parse", r]).trim().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_branch_branch_tag_and_depth() {
-    let s = server_with_history().await;
-    let main = s.branch_head("r", "main").unwrap();
+async fn every_ref_form_users_write_names_the_commit_they_expect() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo_on("r", "trunk", &[("a.txt", "1\n")]);
+    let url = s.url("r");
 
-    let (repo, c) = clone(&s, None, 1).await.unwrap();
-    assert_eq!((c.source_branch.as_str(), c.base.to_string()), ("main", main.clone()));
-    assert_eq!(repo.head().unwrap().shorthand().ok(), Some("work"));
+    // Omitted: the remote's default branch, read from its HEAD (here `trunk`, no `main` at all).
+    let (dir, c) = clone(&url, None, 1, "work").await.unwrap();
+    assert_eq!((c.source_branch.as_str(), c.source_ref.as_str()), ("trunk", "refs/heads/trunk"));
+    assert_eq!(c.base.to_string(), rev(&s, "r", "trunk"));
+    let repo = git2::Repository::open(dir.join("c")).unwrap();
     assert!(repo.is_shallow(), "depth 1 is shallow");
-    assert_eq!(std::fs::read_to_string(repo.workdir().unwrap().join("a.txt")).unwrap(), "2\n");
+    assert_eq!(repo.head().unwrap().shorthand().ok(), Some("work"));
+    assert_eq!(std::fs::read_to_string(dir.join("c/a.txt")).unwrap(), "1\n");
 
-    let (repo, c) = clone(&s, Some("feature"), 1).await.unwrap();
-    assert_eq!(c.source_branch, "feature");
-    assert!(repo.workdir().unwrap().join("b.txt").exists());
+    // A branch.
+    let (dir, c) = clone(&url, Some("feature/docs"), 1, "work").await.unwrap();
+    assert_eq!((c.source_branch.as_str(), c.base.to_string()), ("feature/docs", rev(&s, "r", "feature/docs")));
+    assert!(dir.join("c/docs/guide.md").exists() && !dir.join("c/a.txt").exists());
 
-    let (_, c) = clone(&s, Some("v1"), 1).await.unwrap();
-    assert_eq!(c.base.to_string(), main, "the tag points at main's second commit");
+    // An annotated tag: the commit it points at, not the tag object.
+    let (dir, c) = clone(&url, Some("v0.1"), 1, "work").await.unwrap();
+    assert_eq!((c.source_branch.as_str(), c.source_ref.as_str()), ("v0.1", "refs/tags/v0.1"));
+    assert_eq!(c.base.to_string(), rev(&s, "r", "v0.1^{commit}"));
+    assert_ne!(c.base.to_string(), rev(&s, "r", "v0.1"), "v0.1 is an annotated tag");
+    assert!(!dir.join("c/a.txt").exists(), "v0.1 is older than a.txt");
+    // A lightweight tag, and a full ref name.
+    let (_, c) = clone(&url, Some("v0.2"), 1, "work").await.unwrap();
+    assert_eq!(c.base.to_string(), rev(&s, "r", "v0.2"));
+    let (_, c) = clone(&url, Some("refs/heads/develop"), 1, "work").await.unwrap();
+    assert_eq!((c.source_branch.as_str(), c.base.to_string()), ("develop", rev(&s, "r", "develop")));
 
-    let (repo, _) = clone(&s, None, 0).await.unwrap();
+    // A full commit id that no ref points at. git-http-backend, as git ships it, serves no
+    // commit by id: every branch and tag is fetched and the commit found in them.
+    let files_commit = rev(&s, "r", "trunk~2");
+    let (dir, c) = clone(&url, Some(&files_commit), 1, "work").await.unwrap();
+    assert_eq!((c.base.to_string(), c.source_branch.clone()), (files_commit.clone(), files_commit.clone()));
+    assert!(dir.join("c/a.txt").exists() && !dir.join("c/docs/guide.md").exists());
+    // A server that does (GitHub, GitLab): fetched by id, shallow.
+    s.git("r", &["config", "uploadpack.allowReachableSHA1InWant", "true"]);
+    let (dir, c) = clone(&url, Some(&files_commit), 1, "work").await.unwrap();
+    assert_eq!(c.base.to_string(), files_commit);
+    assert!(git2::Repository::open(dir.join("c")).unwrap().is_shallow());
+
+    // Full history on request.
+    let (dir, _) = clone(&url, None, 0, "work").await.unwrap();
+    let repo = git2::Repository::open(dir.join("c")).unwrap();
     assert!(!repo.is_shallow(), "depth 0 fetches all history");
     let mut walk = repo.revwalk().unwrap();
     walk.push_head().unwrap();
-    assert_eq!(walk.count(), 2);
+    assert_eq!(walk.count(), 5, "first, guide, files, merge, changelog");
 
-    let Err(err) = clone(&s, Some("nope"), 1).await else { panic!("a missing ref must fail") };
-    assert!(matches!(err, GitError::RefNotFound { .. }), "{err}");
-    assert!(err.to_string().contains("spec.repository.ref"));
+    // What does not exist says which field to fix.
+    for missing in ["nope", "refs/heads/nope", &"0123456789".repeat(4)] {
+        let Err(err) = clone(&url, Some(missing), 1, "work").await else { panic!("{missing} must fail") };
+        assert!(matches!(err, GitError::RefNotFound { .. }), "{missing}: {err}");
+        assert!(err.to_string().contains("spec.repository.ref"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_depth_1_clone_pushes_only_the_new_objects_whatever_the_base() {
+    let s = GitServer::start("u", None).await;
+    // 400 files of ~2 KiB: the repository is ~800 KiB; a one-file change is a few hundred bytes.
+    let files: Vec<(String, String)> =
+        (0..400).map(|i| (format!("src/m{}/f{i}.txt", i % 20), format!("file {i}\n").repeat(200))).collect();
+    let refs: Vec<(&str, &str)> = files.iter().map(|(p, b)| (p.as_str(), b.as_str())).collect();
+    s.create_repo("r", &refs);
+    let url = s.url("r");
+    let pushed_bytes = || s.stats().receive_pack_bytes.swap(0, Ordering::Relaxed);
+
+    // (1) The base is the remote's branch tip; (2) a commit no ref points at, fetched by id as
+    // GitHub serves it; (3) a branch tip, and the branch moves on while the agent works. In (2)
+    // and (3) the server advertises no ref at the base: the pack must still be only the new objects.
+    s.git("r", &["config", "uploadpack.allowReachableSHA1InWant", "true"]);
+    let middle = rev(&s, "r", "main~1");
+    for (case, r) in [("tip", None), ("sha", Some(middle.as_str())), ("moved", Some("develop"))] {
+        let branch = format!("agentops/{case}");
+        let (dir, c) = clone(&url, r, 1, &branch).await.unwrap();
+        std::fs::write(dir.join("c/src/m3/f3.txt"), "one line changed\n").unwrap();
+        std::fs::write(dir.join("c/NEW.md"), format!("new in {case}\n")).unwrap();
+        if case == "moved" {
+            push_as_someone_else(&s, "r", "develop", "moved.txt");
+        }
+        pushed_bytes();
+        let (commit, staged) = publish(&dir, &c, &url, &branch).await.unwrap().unwrap();
+        let bytes = pushed_bytes();
+        assert!(bytes < 2048, "{case}: pushed {bytes} bytes for a two-file change");
+        assert_eq!(s.branch_head("r", &branch).as_deref(), Some(commit.as_str()), "{case}");
+        assert_eq!(rev(&s, "r", &format!("{commit}^")), c.base.to_string(), "{case}: one commit on the base");
+        assert_eq!(s.git("r", &["rev-list", "--count", &format!("{}..{commit}", c.base)]).trim(), "1");
+        assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), (2, 2, 200));
+    }
+    s.git("r", &["fsck", "--strict", "--no-dangling"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_work_branch_is_continued_only_when_the_run_started_from_it() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    let develop = s.branch_head("r", "develop").unwrap();
+
+    // Started from main, working on `develop`, which exists: refused at the clone, before any
+    // agent spends a token, naming the branch and both ways out.
+    let Err(err) = clone(&url, None, 1, "develop").await else { panic!("an existing branch must be refused") };
+    assert!(matches!(err, GitError::BranchExists { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("develop") && msg.contains("spec.git.branch") && msg.contains("spec.repository.ref"), "{msg}");
+
+    // Started from `develop` itself: the new commit goes on top (a fast-forward).
+    let (dir, c) = clone(&url, Some("develop"), 1, "develop").await.unwrap();
+    std::fs::write(dir.join("c/next.txt"), "continued\n").unwrap();
+    let (commit, _) = publish(&dir, &c, &url, "develop").await.unwrap().unwrap();
+    assert_eq!(rev(&s, "r", "develop^"), develop);
+    assert_eq!(s.branch_head("r", "develop"), Some(commit.clone()));
+
+    // Someone pushes to it while the agent works: rejected, their commit kept, nothing forced.
+    let (dir, c) = clone(&url, Some("develop"), 1, "develop").await.unwrap();
+    std::fs::write(dir.join("c/again.txt"), "more\n").unwrap();
+    let theirs = push_as_someone_else(&s, "r", "develop", "theirs.txt");
+    let Err(err) = publish(&dir, &c, &url, "develop").await else { panic!("a moved branch must be refused") };
+    assert!(matches!(err, GitError::PushRejected { .. }), "{err}");
+    assert!(err.to_string().contains("moved"), "{err}");
+    assert_eq!(s.branch_head("r", "develop"), Some(theirs));
+
+    // A new work branch someone creates while the agent works: BranchExists, theirs kept.
+    let (dir, c) = clone(&url, None, 1, "agentops/late").await.unwrap();
+    std::fs::write(dir.join("c/late.txt"), "late\n").unwrap();
+    s.git("r", &["branch", "agentops/late", "develop"]);
+    let Err(err) = publish(&dir, &c, &url, "agentops/late").await else { panic!("must be refused") };
+    assert!(matches!(err, GitError::BranchExists { .. }), "{err}");
+    assert_eq!(s.branch_head("r", "agentops/late"), s.branch_head("r", "develop"));
+}
+
+/// The repository's content that is easy to get wrong, committed with the git CLI.
+fn add_real_content(s: &GitServer, name: &str) -> String {
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["clone", "-q", &s.repo_path(name).to_string_lossy(), "w"]);
+    let w = work.path().join("w");
+    let write = |p: &str, b: &[u8]| {
+        std::fs::create_dir_all(w.join(p).parent().unwrap()).unwrap();
+        std::fs::write(w.join(p), b).unwrap();
+    };
+    write(".gitattributes", b"*.bat text eol=crlf\n*.psd filter=lfs diff=lfs merge=lfs -text\n");
+    write(".gitignore", b"target/\nnode_modules/\n");
+    write("scripts/build.sh", b"#!/bin/sh\necho build\n");
+    std::os::unix::fs::symlink("README.md", w.join("link-to-readme")).unwrap();
+    write("README.md", b"# Readme\n");
+    write("assets/logo.bin", &[0u8, 159, 146, 150, 0, 1, 2, 255, 0]);
+    write("win/run.bat", b"@echo off\r\necho one\r\n");
+    write("old-name.txt", &b"a line that moves with its file\n".repeat(20));
+    write("to-delete.txt", b"gone soon\n");
+    write("docs/ünïcödé/日本語.md", b"konnichiwa\n");
+    let pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n";
+    write("assets/big.psd", pointer.as_bytes());
+    write(".gitmodules", b"[submodule \"vendor/lib\"]\n\tpath = vendor/lib\n\turl = https://example.invalid/lib.git\n");
+    git(&w, &["add", "-A"]);
+    git(&w, &["update-index", "--chmod=+x", "scripts/build.sh"]);
+    let sub = git(&w, &["rev-parse", "HEAD"]);
+    git(&w, &["update-index", "--add", "--cacheinfo", &format!("160000,{},vendor/lib", sub.trim())]);
+    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "content that is easy to get wrong"]);
+    git(&w, &["push", "-q", "origin", "main"]);
+    pointer.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let pointer = add_real_content(&s, "r");
+    let url = s.url("r");
+    let (dir, c) = clone(&url, None, 1, "agentops/content").await.unwrap();
+    let w = dir.join("c");
+    // The checkout is what a developer's would be.
+    assert_eq!(std::fs::read(w.join("win/run.bat")).unwrap(), b"@echo off\r\necho one\r\n");
+    assert_eq!(std::fs::read_link(w.join("link-to-readme")).unwrap(), Path::new("README.md"));
+    assert_eq!(std::fs::read_to_string(w.join("assets/big.psd")).unwrap(), pointer, "LFS pointers stay pointers");
+
+    // What an agent does.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(w.join("tools")).unwrap();
+    std::fs::write(w.join("tools/gen.sh"), "#!/bin/sh\necho gen\n").unwrap();
+    std::fs::set_permissions(w.join("tools/gen.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(w.join("scripts/build.sh"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::os::unix::fs::symlink("docs", w.join("link-to-docs")).unwrap();
+    std::fs::write(w.join("assets/new.bin"), [0u8, 1, 2, 3, 0, 255, 254]).unwrap();
+    std::fs::write(w.join("win/run.bat"), "@echo off\r\necho one\r\necho two\r\n").unwrap();
+    std::fs::rename(w.join("old-name.txt"), w.join("new-name.txt")).unwrap();
+    std::fs::remove_file(w.join("to-delete.txt")).unwrap();
+    std::fs::write(w.join("docs/ünïcödé/新しい.md"), "atarashii\n").unwrap();
+    for ignored in ["target/debug/out.o", "node_modules/x/index.js"] {
+        std::fs::create_dir_all(w.join(ignored).parent().unwrap()).unwrap();
+        std::fs::write(w.join(ignored), "build output\n").unwrap();
+    }
+    std::fs::create_dir_all(w.join("vendor/lib")).unwrap();
+    std::fs::write(w.join("vendor/lib/patched.c"), "int x;\n").unwrap();
+
+    let (commit, staged) = publish(&dir, &c, &url, "agentops/content").await.unwrap().unwrap();
+    assert_eq!(staged.skipped, ["vendor/lib"], "the edit inside the submodule is reported");
+    let tree = s.git("r", &["ls-tree", "-r", "--full-tree", &commit]);
+    let mode = |path: &str| {
+        tree.lines().find(|l| l.ends_with(&format!("\t{path}"))).map(|l| l.split(' ').next().unwrap().to_string())
+    };
+    assert_eq!(mode("tools/gen.sh").as_deref(), Some("100755"));
+    assert_eq!(mode("scripts/build.sh").as_deref(), Some("100644"), "a mode change is committed");
+    assert_eq!(mode("link-to-docs").as_deref(), Some("120000"));
+    assert_eq!(mode("link-to-readme").as_deref(), Some("120000"));
+    assert_eq!(mode("vendor/lib").as_deref(), Some("160000"), "the submodule stays a gitlink");
+    assert_eq!(
+        s.git("r", &["rev-parse", &format!("{commit}:vendor/lib")]),
+        s.git("r", &["rev-parse", &format!("{}:vendor/lib", c.base)])
+    );
+    assert_eq!(mode("new-name.txt").as_deref(), Some("100644"));
+    for gone in
+        ["old-name.txt", "to-delete.txt", "target/debug/out.o", "node_modules/x/index.js", "vendor/lib/patched.c"]
+    {
+        assert_eq!(mode(gone), None, "{gone}");
+    }
+    let show = |p: &str| s.git("r", &["show", &format!("{commit}:{p}")]);
+    assert_eq!(show("win/run.bat"), "@echo off\necho one\necho two\n", "CRLF in the work tree, LF in the repository");
+    assert_eq!(show("assets/big.psd"), pointer);
+    assert_eq!(show("docs/ünïcödé/新しい.md"), "atarashii\n");
+    let blob = s.git("r", &["cat-file", "-s", &format!("{commit}:assets/new.bin")]);
+    assert_eq!(blob.trim(), "7", "binary content byte for byte");
+
+    // The counts are git's own `diff --stat` of the pushed commit (renames detected).
+    let short = s.git("r", &["diff", "--shortstat", &format!("{commit}^"), &commit]);
+    let n = |word: &str| -> u64 {
+        short.split(',').find(|p| p.contains(word)).and_then(|p| p.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    assert_eq!(
+        (staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions),
+        (n("changed"), n("insertion"), n("deletion")),
+        "git says: {short}"
+    );
+    s.git("r", &["fsck", "--strict", "--no-dangling"]);
 }

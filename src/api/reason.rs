@@ -47,6 +47,8 @@ reasons! {
     WorkspaceFailed,
     StoreFailed,
     CloneFailed,
+    /// The work branch already exists on the remote and the execution did not start from it.
+    BranchExists,
     PreHookRejected,
     AgentStartFailed,
     AgentCrashed,

@@ -20,6 +20,56 @@ thread_local! {
     static CREDENTIALS: RefCell<Option<GitCredentials>> = const { RefCell::new(None) };
     /// Whether the server refused the credentials (401/403) during that operation.
     static AUTH_REJECTED: Cell<bool> = const { Cell::new(false) };
+    /// Commits the server is known to have (the base we cloned from it), added to its
+    /// receive-pack advertisement as `.have` lines (see `with_haves`).
+    static HAVES: RefCell<Vec<git2::Oid>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` (a push) with `haves` taken as objects the server has, as if it had advertised
+/// them with `.have` lines, git's own way of saying "I have these, not as refs".
+///
+/// Why: libgit2 builds a push's pack from the local commits minus those the server advertises.
+/// The base we cloned is one the server has, but it is not advertised when it is not a ref tip
+/// (a SHA or tag's commit, or the branch moved on during the run); libgit2 would then send the
+/// base's whole tree again (the size of the repository, not of the change). Telling it the
+/// server has the base keeps the pack to the new objects in every case. Should the server have
+/// lost the base meanwhile (a force-push and a gc), its connectivity check refuses the push
+/// with its own message, which is reported.
+pub(super) fn with_haves<T>(haves: &[git2::Oid], f: impl FnOnce() -> T) -> T {
+    let previous = HAVES.with(|h| h.replace(haves.to_vec()));
+    let out = f();
+    HAVES.with(|h| *h.borrow_mut() = previous);
+    out
+}
+
+/// Longest receive-pack advertisement read whole to add `.have` lines (100,000 refs is ~7 MiB).
+const MAX_ADVERTISEMENT: u64 = 64 << 20;
+
+/// Adds a `.have` pkt-line for each of `haves` at the end of a smart HTTP ref advertisement
+/// (`# service=...`, flush, ref lines, flush). None when `adv` is not one.
+fn add_haves(adv: &[u8], haves: &[git2::Oid]) -> Option<Vec<u8>> {
+    let mut at = 0;
+    let mut flushes = 0;
+    while flushes < 2 {
+        let len = usize::from_str_radix(std::str::from_utf8(adv.get(at..at + 4)?).ok()?, 16).ok()?;
+        match len {
+            0 => flushes += 1,
+            n if n >= 4 => {}
+            _ => return None,
+        }
+        if len == 0 && flushes == 2 {
+            break;
+        }
+        at += len.max(4);
+    }
+    let mut out = Vec::with_capacity(adv.len() + haves.len() * 52);
+    out.extend_from_slice(&adv[..at]);
+    for oid in haves {
+        let line = format!("{oid} .have\n");
+        out.extend_from_slice(format!("{:04x}{line}", line.len() + 4).as_bytes());
+    }
+    out.extend_from_slice(&adv[at..]);
+    Some(out)
 }
 
 /// Runs `f` with `creds` available to the HTTP transport on this thread. Also returns whether
@@ -104,7 +154,13 @@ struct Stream {
     service: &'static str,
     ls: bool,
     body: Vec<u8>,
-    response: Option<reqwest::blocking::Response>,
+    response: Option<Answer>,
+}
+
+/// A response as it streams in, or read whole (an advertisement we added `.have` lines to).
+enum Answer {
+    Live(reqwest::blocking::Response),
+    Read(std::io::Cursor<Vec<u8>>),
 }
 
 fn io_error(e: Error) -> std::io::Error {
@@ -176,13 +232,40 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+impl Stream {
+    fn answer(&mut self) -> Result<Answer, Error> {
+        let resp = self.send()?;
+        let haves = HAVES.with(|h| h.borrow().clone());
+        if !(self.ls && self.service == "git-receive-pack") || haves.is_empty() {
+            return Ok(Answer::Live(resp));
+        }
+        let mut adv = Vec::new();
+        let mut limited = resp.take(MAX_ADVERTISEMENT + 1);
+        limited
+            .read_to_end(&mut adv)
+            .map_err(|e| Error::new(ErrorCode::GenericError, ErrorClass::Net, e.to_string()))?;
+        if adv.len() as u64 > MAX_ADVERTISEMENT {
+            return Err(Error::new(
+                ErrorCode::GenericError,
+                ErrorClass::Net,
+                "the server's ref advertisement is over 64 MiB",
+            ));
+        }
+        let adv = add_haves(&adv, &haves).ok_or_else(|| {
+            Error::new(ErrorCode::GenericError, ErrorClass::Net, "the server's ref advertisement is not git's protocol")
+        })?;
+        Ok(Answer::Read(std::io::Cursor::new(adv)))
+    }
+}
+
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.response.is_none() {
-            self.response = Some(self.send().map_err(io_error)?);
+            self.response = Some(self.answer().map_err(io_error)?);
         }
         match self.response.as_mut() {
-            Some(r) => r.read(buf),
+            Some(Answer::Live(r)) => r.read(buf),
+            Some(Answer::Read(c)) => c.read(buf),
             None => Ok(0),
         }
     }
@@ -196,5 +279,27 @@ impl Write for Stream {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkt(s: &str) -> String {
+        format!("{:04x}{s}", s.len() + 4)
+    }
+
+    #[test]
+    fn have_lines_go_at_the_end_of_the_advertisement() {
+        let base = git2::Oid::from_str(&"b".repeat(40)).unwrap();
+        let head = pkt(&format!("{} refs/heads/main\0report-status\n", "a".repeat(40)));
+        let adv = format!("{}0000{head}0000", pkt("# service=git-receive-pack\n"));
+        let out = String::from_utf8(add_haves(adv.as_bytes(), &[base]).unwrap()).unwrap();
+        let have = pkt(&format!("{base} .have\n"));
+        assert_eq!(out, format!("{}0000{head}{have}0000", pkt("# service=git-receive-pack\n")));
+        // Not an advertisement: refused rather than guessed at.
+        assert!(add_haves(b"<html>", &[base]).is_none());
+        assert!(add_haves(format!("{}0000{head}", pkt("# service=x\n")).as_bytes(), &[base]).is_none());
     }
 }

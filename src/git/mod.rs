@@ -37,6 +37,10 @@ pub enum GitError {
     Unreachable { url: String, message: String },
     #[error("ref {git_ref:?} not found in {url}: check spec.repository.ref")]
     RefNotFound { url: String, git_ref: String },
+    #[error(
+        "branch {branch} already exists on {url} and this execution does not start from it: set spec.git.branch to a new name, or spec.repository.ref: {branch} to add the work on top of it"
+    )]
+    BranchExists { url: String, branch: String },
     #[error("push of {branch} was rejected: {message}")]
     PushRejected { branch: String, message: String },
     #[error("git: {0}")]
@@ -48,9 +52,11 @@ pub enum GitError {
 pub struct Cloned {
     /// The commit the work starts from.
     pub base: Oid,
-    /// The remote branch it came from.
+    /// What the work starts from, as a user names it: the branch (the default branch's name
+    /// when no ref was given), the tag, or the commit id.
     pub source_branch: String,
-    /// The full ref fetched (e.g. `refs/heads/main`), to fetch the base again when needed.
+    /// The full ref fetched (e.g. `refs/heads/main`, `refs/tags/v1`; the commit id when the ref
+    /// was one), to fetch the base again when needed.
     pub source_ref: String,
     /// Where the time went.
     pub timings: CloneTimings,
@@ -130,6 +136,36 @@ fn classify_auth(url: &str, creds: Option<&GitCredentials>) -> GitError {
     }
 }
 
+/// What `spec.repository.ref` names, as users write it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wanted {
+    /// Omitted: the remote's default branch, whatever its name (its HEAD).
+    DefaultBranch,
+    /// A full ref name (`refs/heads/x`, `refs/pull/1/head`).
+    FullRef(String),
+    /// A full commit id.
+    Commit(Oid),
+    /// A branch name, or else a tag name.
+    Name(String),
+}
+
+impl Wanted {
+    /// Reads `spec.repository.ref`.
+    pub fn parse(git_ref: Option<&str>) -> Self {
+        match git_ref {
+            None => Wanted::DefaultBranch,
+            Some(r) if r.starts_with("refs/") => Wanted::FullRef(r.to_string()),
+            Some(r) if r.len() == 40 && r.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Oid::from_str(r).map_or_else(|_| Wanted::Name(r.to_string()), Wanted::Commit)
+            }
+            Some(r) => Wanted::Name(r.to_string()),
+        }
+    }
+}
+
+/// Where the clone keeps the base (a ref of ours: the agent's checkout has no branch of the remote).
+const BASE_REF: &str = "refs/agentops/base";
+
 fn clone_inner(
     url: &str,
     dest: &Path,
@@ -144,31 +180,48 @@ fn clone_inner(
     let wrap = |e: git2::Error| classify(e, url, creds, false);
     // The remote is created with the plain URL; nothing secret reaches .git/config.
     let mut remote = repo.remote("origin", url)?;
+    let wanted = Wanted::parse(git_ref);
+    let not_found = || GitError::RefNotFound { url: url.into(), git_ref: git_ref.unwrap_or("HEAD").into() };
 
-    // One connection: fetch the wanted ref (the remote's HEAD when none is given) straight
-    // into a local ref. The advertised refs stay readable afterwards, for the branch name and
-    // for the rare ref that is a tag rather than a branch.
-    const BASE_REF: &str = "refs/agentops/base";
-    let mut fo = fetch_options(stop, depth);
+    // One connection in the common case: fetch the wanted ref (the remote's HEAD when none is
+    // given) straight into BASE_REF. The advertised refs stay readable afterwards, for the
+    // default branch's name, a tag of that name, and whether the work branch exists.
     let t1 = Instant::now();
-    let first = match git_ref {
-        Some(r) if r.starts_with("refs/") => r.to_string(),
-        Some(r) => format!("refs/heads/{r}"),
-        None => "HEAD".to_string(),
+    let first = match &wanted {
+        Wanted::DefaultBranch => "HEAD".to_string(),
+        Wanted::FullRef(r) => r.clone(),
+        Wanted::Name(r) => format!("refs/heads/{r}"),
+        Wanted::Commit(oid) => oid.to_string(),
     };
-    remote.fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
-    let heads: Vec<String> = remote.list().map_err(wrap)?.iter().map(|h| h.name().to_string()).collect();
+    let fetched_first = remote.fetch(&[format!("+{first}:{BASE_REF}")], Some(&mut fetch_options(stop, depth)), None);
     let mut fetched = first.clone();
+    match (&wanted, fetched_first) {
+        (_, Ok(())) => {}
+        // The server serves no commit by id (git's default: uploadpack.allowReachableSHA1InWant
+        // off; GitHub and GitLab allow it), or not this one: fetch every branch and tag, whole,
+        // and look for it there (a network or auth failure fails again, and says so).
+        (Wanted::Commit(oid), Err(e)) => {
+            tracing::info!(commit = %oid, error = %e, "no commit by id; fetching every branch and tag");
+            let specs = ["+refs/heads/*:refs/agentops/heads/*", "+refs/tags/*:refs/agentops/tags/*"];
+            remote.fetch(&specs, Some(&mut fetch_options(stop, 0)), None).map_err(wrap)?;
+            if repo.find_commit(*oid).is_err() {
+                return Err(not_found());
+            }
+            repo.reference(BASE_REF, *oid, true, "agentops: the base commit")?;
+        }
+        (_, Err(e)) => return Err(wrap(e)),
+    }
+    let heads: Vec<(String, Oid)> =
+        remote.list().map_err(wrap)?.iter().map(|h| (h.name().to_string(), h.oid())).collect();
     if repo.refname_to_id(BASE_REF).is_err() {
-        // Not a branch: a tag or a full ref name, if the remote has it.
-        let r = git_ref.unwrap_or("HEAD");
-        let other = [format!("refs/tags/{r}"), r.to_string()]
-            .into_iter()
-            .find(|cand| heads.iter().any(|n| n == cand))
-            .ok_or_else(|| GitError::RefNotFound { url: url.into(), git_ref: r.into() })?;
-        let mut fo = fetch_options(stop, depth);
-        remote.fetch(&[format!("+{other}:{BASE_REF}")], Some(&mut fo), None).map_err(wrap)?;
-        fetched = other;
+        // Not a branch: a tag of that name, if the remote has it.
+        let Wanted::Name(r) = &wanted else { return Err(not_found()) };
+        let tag = format!("refs/tags/{r}");
+        if !heads.iter().any(|(n, _)| *n == tag) {
+            return Err(not_found());
+        }
+        remote.fetch(&[format!("+{tag}:{BASE_REF}")], Some(&mut fetch_options(stop, depth)), None).map_err(wrap)?;
+        fetched = tag;
     }
     if fetched == "HEAD"
         && let Some(b) = remote.default_branch().ok().and_then(|b| b.as_str().ok().map(String::from))
@@ -177,13 +230,27 @@ fn clone_inner(
     }
     drop(remote);
     let t2 = Instant::now();
-    let short = fetched.strip_prefix("refs/heads/").unwrap_or(&fetched).to_string();
-    let tracking = BASE_REF;
 
-    let base = repo.refname_to_id(tracking)?;
-    let commit = repo.find_commit(base)?;
+    // The work branch must not exist on the remote unless the work continues it: a new commit
+    // on someone else's branch would be a surprise at best, a force-push a loss.
+    let work_ref = format!("refs/heads/{work_branch}");
+    if fetched != work_ref && heads.iter().any(|(n, _)| *n == work_ref) {
+        return Err(GitError::BranchExists { url: url.into(), branch: work_branch.into() });
+    }
+
+    // A tag's ref names a tag object: the work starts from the commit it points at.
+    let commit = repo.find_reference(BASE_REF)?.peel_to_commit()?;
+    let base = commit.id();
+    let short = match &wanted {
+        Wanted::Commit(oid) => oid.to_string(),
+        _ => fetched
+            .strip_prefix("refs/heads/")
+            .or_else(|| fetched.strip_prefix("refs/tags/"))
+            .unwrap_or(&fetched)
+            .into(),
+    };
     repo.branch(work_branch, &commit, true)?;
-    repo.set_head(&format!("refs/heads/{work_branch}"))?;
+    repo.set_head(&work_ref)?;
     repo.checkout_head(Some(git2::build::CheckoutBuilder::new().force()))?;
     drop(commit);
     let timings = CloneTimings { init: t1 - t0, fetch: t2 - t1, checkout: t2.elapsed() };
@@ -197,19 +264,28 @@ pub struct Staged {
     pub stats: ChangeStats,
     /// The unified diff against the base.
     pub patch: String,
+    /// Submodules the agent wrote files into (not committed: they stay at their commit).
+    pub skipped: Vec<String>,
 }
 
-/// Pushes `refs/heads/<branch>` of `repo` to `url` (an anonymous remote: no configured remote,
-/// `pushurl` or `insteadOf` applies). A rejection (non-fast-forward, protected branch, hook) is
-/// an error carrying the server's message.
+/// Pushes `refs/heads/<branch>` of `repo`, one commit on top of `base`, to `url` (an anonymous
+/// remote: no configured remote, `pushurl` or `insteadOf` applies), only if the remote branch
+/// is where the clone left it: absent (a new work branch), or at `base` when the work
+/// `continues` that branch. Never a force-push. A rejection (someone pushed in between, protected
+/// branch, hook) is an error carrying the server's message.
 fn push_to(
     repo: &Repository,
     url: &str,
     branch: &str,
+    base: Oid,
+    continues: bool,
     creds: Option<&GitCredentials>,
     stop: &AtomicBool,
 ) -> Result<(), GitError> {
+    let expected = continues.then_some(base);
     let rejected: std::cell::RefCell<Option<String>> = Default::default();
+    let surprise: std::cell::RefCell<Option<GitError>> = Default::default();
+    let dst = format!("refs/heads/{branch}");
     let mut cb = callbacks(stop);
     cb.push_update_reference(|_refname, status| {
         if let Some(msg) = status {
@@ -217,23 +293,44 @@ fn push_to(
         }
         Ok(())
     });
+    // Compare before sending: what the server has now (zero: no such branch) against what the
+    // clone saw. libgit2 asks here, before it builds the pack.
+    cb.push_negotiation(|updates| {
+        for u in updates.iter().filter(|u| u.dst_refname() == Ok(dst.as_str())) {
+            let now = (!u.src().is_zero()).then(|| u.src());
+            let err = match (expected, now) {
+                (None, Some(_)) => GitError::BranchExists { url: url.into(), branch: branch.into() },
+                (Some(was), Some(now)) if was != now => GitError::PushRejected {
+                    branch: branch.into(),
+                    message: format!(
+                        "the branch moved on the remote since the clone (was {}, now {}): someone pushed to it; fetch their work and run again",
+                        &was.to_string()[..12],
+                        &now.to_string()[..12]
+                    ),
+                },
+                _ => continue,
+            };
+            *surprise.borrow_mut() = Some(err);
+            return Err(git2::Error::from_str("the remote branch is not where the clone left it"));
+        }
+        Ok(())
+    });
     let mut po = PushOptions::new();
     po.remote_callbacks(cb);
     let mut remote = repo.remote_anonymous(url)?;
-    let spec = format!("refs/heads/{branch}:refs/heads/{branch}");
-    match remote.push(&[&spec], Some(&mut po)) {
-        Ok(()) => {}
-        Err(e) => {
-            let err = classify(e, url, creds, false);
-            return Err(match err {
-                GitError::Other(e) => {
-                    GitError::PushRejected { branch: branch.into(), message: e.message().to_string() }
-                }
-                other => other,
-            });
-        }
-    }
+    let spec = format!("{dst}:{dst}");
+    // The server has the base: we cloned it from there (see `http::with_haves`).
+    let pushed = http::with_haves(&[base], || remote.push(&[&spec], Some(&mut po)));
     drop(po);
+    if let Some(err) = surprise.into_inner() {
+        return Err(err);
+    }
+    if let Err(e) = pushed {
+        return Err(match classify(e, url, creds, false) {
+            GitError::Other(e) => GitError::PushRejected { branch: branch.into(), message: e.message().to_string() },
+            other => other,
+        });
+    }
     match rejected.into_inner() {
         Some(message) => Err(GitError::PushRejected { branch: branch.into(), message }),
         None => Ok(()),

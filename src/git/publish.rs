@@ -45,6 +45,8 @@ pub fn harden() {
 pub struct Publish {
     repo: Repository,
     base: Oid,
+    /// The full ref the base was cloned from.
+    base_ref: String,
 }
 
 impl Publish {
@@ -65,7 +67,14 @@ impl Publish {
             Ok(_) => std::fs::remove_file(gitdir).map_err(io)?,
             Err(_) => {}
         }
-        let repo = Repository::init_bare(gitdir)?;
+        drop(Repository::init_bare(gitdir)?);
+        // The base is where our history starts: a depth-limited clone has none of its parents,
+        // and a push walks from the new commit down to what the server has. Grafting the base
+        // as a root (git's `shallow` file, read when the repository opens) stops the walk there.
+        std::fs::write(gitdir.join("shallow"), format!("{base}\n")).map_err(io)?;
+        // open_ext, not open_bare: libgit2 1.9's open_bare never reads the `shallow` file.
+        let flags = git2::RepositoryOpenFlags::NO_SEARCH | git2::RepositoryOpenFlags::BARE;
+        let repo = Repository::open_ext(gitdir, flags, std::iter::empty::<&std::ffi::OsStr>())?;
         // In memory only: no `.git` file is written into the work tree, no core.worktree.
         repo.set_workdir(workdir, false)?;
         let objects = workdir.join(".git").join("objects");
@@ -86,24 +95,42 @@ impl Publish {
                 )))
             })?;
         }
-        Ok(Self { repo, base })
+        Ok(Self { repo, base, base_ref: base_ref.to_string() })
     }
 
-    /// The work tree's files against the base (additions, edits, deletions; `.gitignore`
-    /// files of the work tree respected). None when nothing changed.
+    /// The work tree's files against the base (additions, edits, deletions, modes, symlinks;
+    /// `.gitignore` files of the work tree respected). None when nothing changed.
+    ///
+    /// Submodules stay gitlinks at the commit the base records: the clone never fills them, so
+    /// files the agent writes inside one are not committed (a gitlink turned into a half tree
+    /// would break the repository for everyone); `Staged::skipped` names them.
     pub fn stage(&self) -> Result<Option<Staged>, GitError> {
         let repo = &self.repo;
+        let workdir = repo.workdir().map(Path::to_path_buf).unwrap_or_default();
         let base_tree = repo.find_commit(self.base)?.tree()?;
         let mut index = repo.index()?;
         index.read_tree(&base_tree)?;
-        index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
-        index.update_all(["*"], None)?;
+        let gitlinks: Vec<Vec<u8>> = index.iter().filter(|e| e.mode == GITLINK).map(|e| e.path).collect();
+        let in_gitlink = |path: &Path| {
+            let p = path.as_os_str().as_encoded_bytes();
+            gitlinks.iter().any(|g| p == g.as_slice() || (p.starts_with(g) && p.get(g.len()) == Some(&b'/')))
+        };
+        let mut keep = |path: &Path, _: &[u8]| i32::from(in_gitlink(path));
+        index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut keep))?;
+        index.update_all(["*"], Some(&mut keep))?;
+        let skipped: Vec<String> = gitlinks
+            .iter()
+            .map(|g| String::from_utf8_lossy(g).into_owned())
+            .filter(|g| std::fs::read_dir(workdir.join(g)).is_ok_and(|mut d| d.next().is_some()))
+            .collect();
         let tree_id = index.write_tree_to(repo)?;
         if tree_id == base_tree.id() {
             return Ok(None);
         }
         let tree = repo.find_tree(tree_id)?;
-        let diff = repo.diff_tree_to_tree(Some(&base_tree), Some(&tree), None)?;
+        let mut diff = repo.diff_tree_to_tree(Some(&base_tree), Some(&tree), None)?;
+        // Renames count as git's `diff --stat` counts them (one file, the changed lines).
+        diff.find_similar(Some(git2::DiffFindOptions::new().renames(true)))?;
         let st = diff.stats()?;
         let stats = ChangeStats {
             changed_files: st.files_changed() as u64,
@@ -118,7 +145,7 @@ impl Publish {
             patch.push_str(&String::from_utf8_lossy(line.content()));
             true
         })?;
-        Ok(Some(Staged { tree: tree_id, stats, patch }))
+        Ok(Some(Staged { tree: tree_id, stats, patch, skipped }))
     }
 
     /// One commit with the staged tree on top of the base, as `refs/heads/<branch>` of the
@@ -137,7 +164,8 @@ impl Publish {
         Ok(oid)
     }
 
-    /// Pushes `refs/heads/<branch>` to `url`, and nothing else anywhere else.
+    /// Pushes `refs/heads/<branch>` to `url`, and nothing else anywhere else: a new branch, or
+    /// a fast-forward of the branch the work was cloned from, never a force-push.
     pub fn push(
         &self,
         url: &str,
@@ -145,11 +173,16 @@ impl Publish {
         creds: Option<&GitCredentials>,
         stop: &AtomicBool,
     ) -> Result<(), GitError> {
-        let (result, auth_rejected) =
-            super::http::with_credentials(creds, || super::push_to(&self.repo, url, branch, creds, stop));
+        let (result, auth_rejected) = super::http::with_credentials(creds, || {
+            let continues = self.base_ref == format!("refs/heads/{branch}");
+            super::push_to(&self.repo, url, branch, self.base, continues, creds, stop)
+        });
         result.map_err(|e| if auth_rejected { super::classify_auth(url, creds) } else { e })
     }
 }
+
+/// A submodule's entry in a tree.
+const GITLINK: u32 = 0o160000;
 
 fn io(e: std::io::Error) -> GitError {
     GitError::Other(git2::Error::from_str(&format!("cannot prepare the publish repository: {e}")))

@@ -371,7 +371,9 @@ impl<'a> Run<'a> {
         let cloned = match cloned {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                return Err(self.stopped().unwrap_or_else(|| Outcome::failed(Reason::CloneFailed, e.to_string())));
+                let reason =
+                    if matches!(e, GitError::BranchExists { .. }) { Reason::BranchExists } else { Reason::CloneFailed };
+                return Err(self.stopped().unwrap_or_else(|| Outcome::failed(reason, e.to_string())));
             }
             Err(e) => return Err(Outcome::failed(Reason::CloneFailed, format!("clone task failed: {e}"))),
         };
@@ -573,6 +575,16 @@ impl<'a> Run<'a> {
         self.git.insertions = staged.stats.insertions;
         self.git.deletions = staged.stats.deletions;
         self.diff = Some(staged.patch.clone());
+        let skipped = match staged.skipped.as_slice() {
+            [] => String::new(),
+            s => format!(
+                "; files written inside submodule {} were not committed (submodules stay at their recorded commit)",
+                s.join(", ")
+            ),
+        };
+        if !skipped.is_empty() {
+            self.say(&format!("  note: {}", skipped.trim_start_matches("; ")));
+        }
         let publish = std::sync::Arc::new(std::sync::Mutex::new(publish));
         let committed = {
             let (publish, r) = (publish.clone(), self.r.clone());
@@ -622,8 +634,11 @@ impl<'a> Run<'a> {
         match pushed {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                let reason =
-                    if matches!(e, GitError::PushRejected { .. }) { Reason::PushRejected } else { Reason::PushFailed };
+                let reason = match e {
+                    GitError::PushRejected { .. } => Reason::PushRejected,
+                    GitError::BranchExists { .. } => Reason::BranchExists,
+                    _ => Reason::PushFailed,
+                };
                 let keep = format!("{e}; the commit is kept in {}", ws.root.join("publish.git").display());
                 return self.stopped().unwrap_or_else(|| Outcome::failed(reason, keep));
             }
@@ -632,7 +647,11 @@ impl<'a> Run<'a> {
         self.git.pushed = true;
         self.unpushed = false;
         self.say(&format!("  pushed {} to {}", self.r.branch, self.r.repo_url));
-        Outcome::new(Phase::Succeeded, Reason::Completed, format!("pushed {} to {}", self.r.branch, self.r.repo_url))
+        Outcome::new(
+            Phase::Succeeded,
+            Reason::Completed,
+            format!("pushed {} to {}{skipped}", self.r.branch, self.r.repo_url),
+        )
     }
 
     /// Maps how the agent stopped (and its result line) to an outcome; None means go on.

@@ -18,6 +18,8 @@ pub struct GitStats {
     pub requests: AtomicU64,
     pub unauthorized: AtomicU64,
     pub receive_pack: AtomicU64,
+    /// Bytes of every push request (commands and pack).
+    pub receive_pack_bytes: AtomicU64,
 }
 
 struct Inner {
@@ -76,22 +78,73 @@ impl GitServer {
         self.root.join(format!("{name}.git"))
     }
 
-    /// Creates bare repository `name` with one commit on `main` holding `files`.
+    /// Creates bare repository `name` with a real history on `main` whose tip holds `files`
+    /// (see `create_repo_on`).
     pub fn create_repo(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        self.create_repo_on(name, "main", files)
+    }
+
+    /// Creates bare repository `name` whose default branch (the remote's HEAD) is
+    /// `default_branch`, with history as real repositories have it, never one commit:
+    ///
+    /// ```text
+    /// v0.1 (annotated) ── first ─┬─ files ── merge ── changelog   ← default_branch, tag v0.2
+    ///                             └─ guide ──┘   (feature/docs)     └─ develop ← develop
+    /// ```
+    ///
+    /// `files` are added by the second commit, so they are at the tip; the tip also has
+    /// `CHANGELOG.md` and `docs/` from the other commits.
+    pub fn create_repo_on(&self, name: &str, default_branch: &str, files: &[(&str, &str)]) -> PathBuf {
         let work = tempfile::tempdir().expect("tempdir");
-        for (path, content) in files {
-            let p = work.path().join(path);
+        let w = work.path();
+        let commit = |msg: &str| {
+            git(w, &["add", "-A"]);
+            git(w, &["-c", "user.name=Seed", "-c", "user.email=seed@example.com", "commit", "-q", "-m", msg]);
+        };
+        let write = |path: &str, content: &str| {
+            let p = w.join(path);
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(p, content).expect("write");
+        };
+        git(w, &["init", "-q", "-b", default_branch]);
+        write("CHANGELOG.md", "# Changelog\n\n- 0.1: first release\n");
+        write("docs/history.md", "one\n");
+        commit("first release");
+        git(w, &["-c", "user.name=Seed", "-c", "user.email=seed@example.com", "tag", "-a", "v0.1", "-m", "0.1"]);
+        git(w, &["checkout", "-q", "-b", "feature/docs"]);
+        write("docs/guide.md", "# Guide\n");
+        commit("docs: a guide");
+        git(w, &["checkout", "-q", default_branch]);
+        for (path, content) in files {
+            write(path, content);
         }
-        git(work.path(), &["init", "-q", "-b", "main"]);
-        git(work.path(), &["add", "-A"]);
+        write("docs/history.md", "one\ntwo\n");
+        commit("the project's files");
         git(
-            work.path(),
-            &["-c", "user.name=Seed", "-c", "user.email=seed@example.com", "commit", "-q", "-m", "initial"],
+            w,
+            &[
+                "-c",
+                "user.name=Seed",
+                "-c",
+                "user.email=seed@example.com",
+                "merge",
+                "-q",
+                "--no-ff",
+                "-m",
+                "Merge branch 'feature/docs'",
+                "feature/docs",
+            ],
         );
+        write("CHANGELOG.md", "# Changelog\n\n- 0.2: the project's files\n- 0.1: first release\n");
+        commit("changelog for 0.2");
+        git(w, &["tag", "v0.2"]);
+        git(w, &["checkout", "-q", "-b", "develop"]);
+        write("docs/develop.md", "next\n");
+        commit("develop: next steps");
+        git(w, &["checkout", "-q", default_branch]);
         let bare = self.repo_path(name);
-        git(&self.root, &["clone", "-q", "--bare", &work.path().to_string_lossy(), &bare.to_string_lossy()]);
+        git(&self.root, &["clone", "-q", "--bare", "--no-local", &w.to_string_lossy(), &bare.to_string_lossy()]);
+        // A bare clone maps the source's branches to its own; HEAD follows the default branch.
         bare
     }
 
@@ -178,6 +231,7 @@ async fn handle(
     }
     if uri.path().ends_with("git-receive-pack") {
         inner.stats.receive_pack.fetch_add(1, Ordering::Relaxed);
+        inner.stats.receive_pack_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     }
     let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     let mut child = tokio::process::Command::new("git")
