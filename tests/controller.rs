@@ -1254,6 +1254,12 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     let head = h.git.branch_head("demo", "agentops/pod").expect("pushed to the real repository");
     assert_eq!(st["git"]["commit"].as_str(), Some(head.as_str()));
     assert_eq!(h.git.show("demo", "agentops/pod", "legit.txt").as_deref(), Some("the real fix\n"));
+    // Cloned at depth 1 from a repository with history and pushed through the relay: one
+    // commit on main's tip, and the pack held the new objects only.
+    let main = h.git.branch_head("demo", "main").unwrap();
+    assert_eq!(h.git.git("demo", &["rev-parse", &format!("{head}^")]).trim(), main);
+    let pushed = h.git.stats().receive_pack_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(pushed < 4096, "pushed {pushed} bytes");
     let mode = h.git.git("demo", &["ls-tree", "agentops/pod", "leak.txt"]);
     assert!(mode.starts_with("120000"), "the symlink went as a link: {mode}");
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the attacker's server was never contacted");

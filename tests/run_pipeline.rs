@@ -430,3 +430,100 @@ async fn a_webhooks_answer_is_read_up_to_a_cap() {
         logs.iter().filter(|l| l.source == "hook:pre:chatty" && l.line.starts_with('z')).map(|l| l.line.len()).sum();
     assert!(kept > 0 && kept <= agentops::runner::HOOK_OUTPUT_LIMIT, "kept {kept} bytes of 5 MB");
 }
+
+/// One Write and a final answer: the smallest real change an agent makes.
+fn write_script(file: &str) -> Vec<Step> {
+    vec![Step::tool("Write", json!({"file_path": file, "content": "written by the agent\n"})), Step::text("Wrote it.")]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_starts_from_the_default_branch_a_tag_or_a_commit_and_says_which() {
+    let h = Harness::new(vec![]).await;
+    // A repository whose default branch is `master` (no `main` anywhere), with history.
+    h.git.create_repo_on("legacy", "master", &[("app.txt", "app\n")]);
+    let on_legacy = |name: &str, extra: &str| h.manifest(name, extra).replace(&h.git.url("demo"), &h.git.url("legacy"));
+    let rev = |r: &str| h.git.git("legacy", &["rev-parse", r]).trim().to_string();
+    let old = rev("master~2");
+    for (name, git_ref, base, base_branch) in [
+        ("default", None, rev("master"), "master".to_string()),
+        ("tag", Some("v0.1"), rev("v0.1^{commit}"), "v0.1".to_string()),
+        ("sha", Some(old.as_str()), old.clone(), old.clone()),
+    ] {
+        h.model.set_script(write_script(&format!("{name}.txt")));
+        let yaml = on_legacy(name, "");
+        let yaml = match git_ref {
+            Some(r) => yaml.replace("    credentialsSecretRef:", &format!("    ref: '{r}'\n    credentialsSecretRef:")),
+            None => yaml,
+        };
+        let s = h.run(&yaml).await;
+        assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{name}: {s:#?}");
+        assert_eq!(s.git.base_commit.as_deref(), Some(base.as_str()), "{name}");
+        assert_eq!(s.git.base_branch.as_deref(), Some(base_branch.as_str()), "{name}");
+        let head = h.git.branch_head("legacy", &format!("agentops/{name}")).expect("pushed");
+        assert_eq!(rev(&format!("{head}^")), base, "{name}: one commit on the base");
+        assert_eq!(h.git.show("legacy", &head, &format!("{name}.txt")).as_deref(), Some("written by the agent\n"));
+    }
+    h.git.git("legacy", &["fsck", "--strict", "--no-dangling"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_base_moving_on_the_remote_during_the_agents_turn_does_not_matter() {
+    let h = Harness::new(vec![
+        Step::tool("Write", json!({"file_path": "mine.txt", "content": "mine\n"})),
+        Step::tool("Bash", json!({"command": "sleep 3", "description": "think"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let base = h.git.branch_head("demo", "main").unwrap();
+    // Someone pushes to main once the agent has started.
+    let mover = {
+        let (model, bare) = (h.model.clone(), h.git.repo_path("demo"));
+        tokio::spawn(async move {
+            while model.main_requests() < 2 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let work = tempfile::tempdir().unwrap();
+            let w = work.path();
+            support::git_server::git(w, &["clone", "-q", &bare.to_string_lossy(), "w"]);
+            std::fs::write(w.join("w/theirs.txt"), "theirs\n").unwrap();
+            support::git_server::git(&w.join("w"), &["add", "-A"]);
+            support::git_server::git(
+                &w.join("w"),
+                &["-c", "user.name=p", "-c", "user.email=p@p", "commit", "-qm", "theirs"],
+            );
+            support::git_server::git(&w.join("w"), &["push", "-q", "origin", "main"]);
+        })
+    };
+    let s = h.run(&h.manifest("moving", "")).await;
+    mover.await.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    let main = h.git.branch_head("demo", "main").unwrap();
+    assert_ne!(main, base, "main moved during the run");
+    let head = h.git.branch_head("demo", "agentops/moving").unwrap();
+    assert_eq!(h.git.git("demo", &["rev-parse", &format!("{head}^")]).trim(), base, "the work is on the base it saw");
+    assert_eq!(h.git.show("demo", &head, "theirs.txt"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_work_branch_fails_before_the_agent_unless_the_run_continues_it() {
+    let h = Harness::new(write_script("next.txt")).await;
+    let develop = h.git.branch_head("demo", "develop").unwrap();
+
+    // Work branch `develop` exists and the run starts from main: refused before any token is spent.
+    let s = h.run(&h.manifest("clash", "  git: {branch: develop}\n")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("BranchExists")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("develop") && msg.contains("spec.git.branch") && msg.contains("spec.repository.ref"), "{msg}");
+    assert_eq!(h.model.seen().len(), 0, "the agent never ran");
+    assert_eq!(h.git.branch_head("demo", "develop"), Some(develop.clone()), "untouched");
+
+    // Started from `develop`: the commit goes on top of it, a fast-forward.
+    let yaml = h
+        .manifest("continue", "  git: {branch: develop}\n")
+        .replace("    credentialsSecretRef:", "    ref: develop\n    credentialsSecretRef:");
+    let s = h.run(&yaml).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    let head = h.git.branch_head("demo", "develop").unwrap();
+    assert_eq!(Some(&head), s.git.commit.as_ref());
+    assert_eq!(h.git.git("demo", &["rev-parse", "develop^"]).trim(), develop);
+}

@@ -166,7 +166,8 @@ pub struct Repository {
     /// Clone URL (`https://` or `http://`). Never put a token in it: use `credentialsSecretRef`.
     #[schemars(regex(pattern = r"^(https?|file)://"), length(max = 2048))]
     pub url: String,
-    /// Branch or tag to start from. Default: the remote's default branch.
+    /// Where the work starts: a branch, a tag (its commit), a full commit SHA, or a full ref
+    /// name (`refs/...`). Default: the remote's default branch (its HEAD), whatever its name.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
     /// History depth to fetch. Default 1; 0 fetches everything.
@@ -186,7 +187,9 @@ pub struct Repository {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GitSpec {
-    /// Work branch to create and push. Default `agentops/<name>`.
+    /// Work branch to create and push. Default `agentops/<name>`. If it already exists on the
+    /// remote, the execution must start from it (`repository.ref` set to it): the commit then
+    /// goes on top; otherwise the run fails with reason `BranchExists` (never a force-push).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub branch: Option<String>,
     /// Branch the work is meant to merge into (recorded for pull requests). Default: `repository.ref`.

@@ -119,6 +119,16 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
     if let Some(r) = &repo.credentials_secret_ref {
         check_secret_ref(r, "spec.repository.credentialsSecretRef")?;
     }
+    if let Some(r) = repo.git_ref.as_deref().filter(|r| !r.is_empty()) {
+        // A branch or tag name, `refs/...`, or a full commit id (which is a valid name too).
+        let full = if r.starts_with("refs/") { r.to_string() } else { format!("refs/heads/{r}") };
+        if r.len() > 255 || !git2::Reference::is_valid_name(&full) {
+            return Err(ManifestError::new(
+                "spec.repository.ref",
+                format!("{r:?} is not a branch, tag, full commit id or refs/... name"),
+            ));
+        }
+    }
 
     let branch = spec.git.branch.clone().unwrap_or_else(|| format!("agentops/{name}"));
     if git2::Branch::name_is_valid(&branch).ok() != Some(true) {
@@ -480,6 +490,22 @@ mod tests {
         assert!(r.push);
         assert_eq!(r.namespace, "default");
         assert!(r.commit_message.starts_with("agentops: hello"));
+    }
+
+    #[test]
+    fn refs_are_names_tags_commits_or_full_refs() {
+        let with_ref = |r: &str| {
+            let text = format!(
+                "apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {{name: a}}\nspec:\n  prompt: p\n  repository: {{url: 'http://127.0.0.1/r.git', ref: '{r}'}}\n"
+            );
+            resolve(&parse_manifest(&text).unwrap().execution, &[])
+        };
+        for good in ["main", "release/1.x", "v1.2.3", "refs/pull/7/head", &"ab12".repeat(10)] {
+            assert_eq!(with_ref(good).unwrap().git_ref.as_deref(), Some(good));
+        }
+        for bad in ["main:refs/heads/x", "a b", "a..b", "refs/heads/", "-x^{}"] {
+            assert_eq!(with_ref(bad).unwrap_err().field, "spec.repository.ref", "{bad}");
+        }
     }
 
     #[test]
