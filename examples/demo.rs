@@ -42,6 +42,9 @@ async fn main() -> anyhow::Result<()> {
     println!("\n== the pushed branch on the git server");
     let log = h.git.git("demo", &["log", "--stat", "--format=%h %an <%ae>%n    %s", "main..agentops/demo"]);
     println!("{log}");
+    println!("== the repository's history (cloned at depth 1; the work is one commit on main)");
+    let graph = h.git.git("demo", &["log", "--graph", "--all", "--format=%h%d %s"]);
+    println!("{graph}");
     println!("== agentops executions list");
     agentops(&["executions", "list"]).status().await?;
     let code = status.code().unwrap_or(1);

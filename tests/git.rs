@@ -24,6 +24,8 @@ async fn clone(url: &str, r: Option<&str>, depth: u32, branch: &str) -> Result<(
     blocking(move || {
         let dir = tempfile::tempdir().unwrap().keep();
         let (_, c) = git::clone(&url, &dir.join("c"), r.as_deref(), depth, None, &branch, &AtomicBool::new(false))?;
+        // As the runner does: the clone's index kept outside the checkout, for its stat data.
+        std::fs::copy(dir.join("c/.git/index"), dir.join("clone.index")).unwrap();
         Ok((dir, c))
     })
     .await
@@ -262,6 +264,12 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
         std::fs::create_dir_all(w.join(ignored).parent().unwrap()).unwrap();
         std::fs::write(w.join(ignored), "build output\n").unwrap();
     }
+    // Same size and mtime as at the clone (the stat data publish trusts): still committed, as
+    // the write changed the ctime, which no process can set back.
+    std::process::Command::new("cp").args(["-p", "README.md", "../readme.orig"]).current_dir(&w).status().unwrap();
+    std::fs::write(w.join("README.md"), "# README\n").unwrap();
+    let st = std::process::Command::new("touch").args(["-r", "../readme.orig", "README.md"]).current_dir(&w).status();
+    assert!(st.unwrap().success());
     std::fs::create_dir_all(w.join("vendor/lib")).unwrap();
     std::fs::write(w.join("vendor/lib/patched.c"), "int x;\n").unwrap();
 
@@ -287,6 +295,7 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
         assert_eq!(mode(gone), None, "{gone}");
     }
     let show = |p: &str| s.git("r", &["show", &format!("{commit}:{p}")]);
+    assert_eq!(show("README.md"), "# README\n", "a same-size, same-mtime edit");
     assert_eq!(show("win/run.bat"), "@echo off\necho one\necho two\n", "CRLF in the work tree, LF in the repository");
     assert_eq!(show("assets/big.psd"), pointer);
     assert_eq!(show("docs/ünïcödé/新しい.md"), "atarashii\n");

@@ -107,6 +107,7 @@ async fn nothing_the_agent_writes_in_git_or_home_redirects_the_push() {
         Step::text("Done."),
     ]);
 
+    let refs_before = h.git.git("demo", &["for-each-ref", "--format=%(refname) %(objectname)"]);
     let yaml = h.manifest("hostile", "  workspace: {retain: Retain}\n");
     let (code, stdout, stderr) = run_with(&h, "hostile", &yaml, false).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
@@ -126,11 +127,12 @@ async fn nothing_the_agent_writes_in_git_or_home_redirects_the_push() {
     let head = h.git.branch_head("demo", "agentops/hostile").expect("pushed to the real repository");
     assert_eq!(summary["git"]["commit"].as_str(), Some(head.as_str()));
     assert_eq!(h.git.show("demo", "agentops/hostile", "legit.txt").as_deref(), Some("the real fix\n"));
-    let branches = h.git.git("demo", &["for-each-ref", "--format=%(refname)"]);
+    let refs = h.git.git("demo", &["for-each-ref", "--format=%(refname) %(objectname)"]);
+    let others: Vec<&str> = refs.lines().filter(|l| !l.starts_with("refs/heads/agentops/hostile ")).collect();
     assert_eq!(
-        branches.lines().filter(|l| l.starts_with("refs/heads/")).count(),
-        2,
-        "main and the work branch: {branches}"
+        others,
+        refs_before.lines().collect::<Vec<_>>(),
+        "only the work branch is new; every other ref as it was"
     );
     // The symlink went as a link (its target path), never as the token's content; the files of
     // the secrets dir (core.worktree) were not committed.

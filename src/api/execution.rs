@@ -169,6 +169,7 @@ pub struct Repository {
     /// Where the work starts: a branch, a tag (its commit), a full commit SHA, or a full ref
     /// name (`refs/...`). Default: the remote's default branch (its HEAD), whatever its name.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
     pub git_ref: Option<String>,
     /// History depth to fetch. Default 1; 0 fetches everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -98,6 +98,20 @@ impl Publish {
         Ok(Self { repo, base, base_ref: base_ref.to_string() })
     }
 
+    /// Takes the stat data of `index` (the clone's own index, kept where the agent cannot
+    /// write) so that staging hashes only files whose stat changed. Trusting it is safe: only
+    /// entries whose path, mode and id equal the base's keep their stat data (libgit2's
+    /// `read_tree`), and any write to a file changes its ctime, which no process can set back;
+    /// at worst a forged index would hide a change, never add content. A missing or unreadable
+    /// index only costs time.
+    pub fn with_stat_cache(self, index: &Path) -> Self {
+        let Some(gitdir) = self.repo.path().to_str().map(std::path::PathBuf::from) else { return self };
+        if let Err(e) = std::fs::copy(index, gitdir.join("index")) {
+            tracing::debug!(error = %e, "no stat cache for publish: every file is hashed");
+        }
+        self
+    }
+
     /// The work tree's files against the base (additions, edits, deletions, modes, symlinks;
     /// `.gitignore` files of the work tree respected). None when nothing changed.
     ///

@@ -149,7 +149,14 @@ struct Run<'a> {
     /// When the execution started (for every summary, the hooks' too).
     started: Instant,
     start_time: String,
+    /// Where the steps keep what they trust and the agent cannot write: a pod's private
+    /// volume; on one machine (None) the workspace's root, outside the agent's sandbox.
+    private: Option<PathBuf>,
 }
+
+/// The clone's index, kept where the agent cannot write: its stat data lets publish hash only
+/// the files that changed (see `git::Publish::prepare`).
+const CLONE_INDEX: &str = "clone.index";
 
 /// Runs one execution to its end and returns its summary. `env` looks up the process
 /// environment (API key fallback and pass-through variables).
@@ -289,6 +296,7 @@ impl<'a> Run<'a> {
             git_url: opts.git_relay.as_ref().map_or_else(|| r.repo_url.clone(), |g| g.base_url.clone()),
             started,
             start_time,
+            private: None,
         };
         (run, watcher)
     }
@@ -340,6 +348,10 @@ impl<'a> Run<'a> {
         self.publish_part(&base).await
     }
 
+    fn private_dir(&self, ws: &Workspace) -> PathBuf {
+        self.private.clone().unwrap_or_else(|| ws.root.clone())
+    }
+
     /// The workspace and the clone: the base the work goes on.
     async fn clone_part(&mut self, store: &Store) -> Result<Base, Outcome> {
         let ws = match Workspace::create(&self.opts.workspace_root, &self.id) {
@@ -387,6 +399,10 @@ impl<'a> Run<'a> {
             t.fetch.as_millis(),
             t.checkout.as_millis()
         ));
+        // Only a speed-up: without it, publish hashes every file of the work tree.
+        if let Err(e) = std::fs::copy(ws.repo.join(".git/index"), self.private_dir(&ws).join(CLONE_INDEX)) {
+            tracing::warn!(error = %e, "cannot keep the clone's index; publish will hash every file");
+        }
         self.git.base_branch = self.r.base_branch.clone().or_else(|| Some(cloned.source_branch.clone()));
         self.git.base_commit = Some(cloned.base.to_string());
         if let Some(o) = self.stopped() {
@@ -545,8 +561,10 @@ impl<'a> Run<'a> {
         let prepared = {
             let (workdir, gitdir, base, creds, abort) =
                 (ws.repo.clone(), ws.root.join("publish.git"), base_oid, self.secrets.git.clone(), self.abort.clone());
+            let index = self.private_dir(&ws).join(CLONE_INDEX);
             tokio::task::spawn_blocking(move || -> Result<_, GitError> {
-                let publish = git::Publish::prepare(&workdir, &gitdir, base, &url, &base_ref, creds.as_ref(), &abort)?;
+                let publish = git::Publish::prepare(&workdir, &gitdir, base, &url, &base_ref, creds.as_ref(), &abort)?
+                    .with_stat_cache(&index);
                 let staged = publish.stage()?;
                 Ok((publish, staged))
             })

@@ -204,6 +204,7 @@ pub async fn run_step(
             store.mark_running(&id, &start_time).await.map_err(RunError::from)?;
             let (mut run, watcher) =
                 resume(step, store, opts, r, cancel, secrets, redactor, id.clone(), start_time.clone());
+            run.private = Some(dirs.private.clone());
             run.say(&format!("▶ {} ({}): {}", r.name, id, r.repo_url));
             let cloned = run.clone_part(store).await;
             watcher.abort();
@@ -273,6 +274,7 @@ pub async fn run_step(
             let (mut run, watcher) =
                 resume(step, store, opts, r, cancel, secrets, redactor, h.id.clone(), h.start_time.clone());
             run.ws = Some(Workspace::at(&opts.workspace_root, &h.id));
+            run.private = Some(dirs.private.clone());
             run.git = h.git.clone();
             let outcome = match &h.base {
                 Some(base) => run.publish_part(base).await,
