@@ -204,42 +204,11 @@ async fn an_existing_work_branch_is_continued_only_when_the_run_started_from_it(
     assert_eq!(s.branch_head("r", "agentops/late"), s.branch_head("r", "develop"));
 }
 
-/// The repository's content that is easy to get wrong, committed with the git CLI.
-fn add_real_content(s: &GitServer, name: &str) -> String {
-    let work = tempfile::tempdir().unwrap();
-    git(work.path(), &["clone", "-q", &s.repo_path(name).to_string_lossy(), "w"]);
-    let w = work.path().join("w");
-    let write = |p: &str, b: &[u8]| {
-        std::fs::create_dir_all(w.join(p).parent().unwrap()).unwrap();
-        std::fs::write(w.join(p), b).unwrap();
-    };
-    write(".gitattributes", b"*.bat text eol=crlf\n*.psd filter=lfs diff=lfs merge=lfs -text\n");
-    write(".gitignore", b"target/\nnode_modules/\n");
-    write("scripts/build.sh", b"#!/bin/sh\necho build\n");
-    std::os::unix::fs::symlink("README.md", w.join("link-to-readme")).unwrap();
-    write("README.md", b"# Readme\n");
-    write("assets/logo.bin", &[0u8, 159, 146, 150, 0, 1, 2, 255, 0]);
-    write("win/run.bat", b"@echo off\r\necho one\r\n");
-    write("old-name.txt", &b"a line that moves with its file\n".repeat(20));
-    write("to-delete.txt", b"gone soon\n");
-    write("docs/ünïcödé/日本語.md", b"konnichiwa\n");
-    let pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n";
-    write("assets/big.psd", pointer.as_bytes());
-    write(".gitmodules", b"[submodule \"vendor/lib\"]\n\tpath = vendor/lib\n\turl = https://example.invalid/lib.git\n");
-    git(&w, &["add", "-A"]);
-    git(&w, &["update-index", "--chmod=+x", "scripts/build.sh"]);
-    let sub = git(&w, &["rev-parse", "HEAD"]);
-    git(&w, &["update-index", "--add", "--cacheinfo", &format!("160000,{},vendor/lib", sub.trim())]);
-    git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "content that is easy to get wrong"]);
-    git(&w, &["push", "-q", "origin", "main"]);
-    pointer.to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
     let s = GitServer::start("u", None).await;
     s.create_repo("r", &[("a.txt", "1\n")]);
-    let pointer = add_real_content(&s, "r");
+    let pointer = s.add_real_content("r");
     let url = s.url("r");
     let (dir, c) = clone(&url, None, 1, "agentops/content").await.unwrap();
     let w = dir.join("c");
@@ -248,69 +217,11 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
     assert_eq!(std::fs::read_link(w.join("link-to-readme")).unwrap(), Path::new("README.md"));
     assert_eq!(std::fs::read_to_string(w.join("assets/big.psd")).unwrap(), pointer, "LFS pointers stay pointers");
 
-    // What an agent does.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(w.join("tools")).unwrap();
-    std::fs::write(w.join("tools/gen.sh"), "#!/bin/sh\necho gen\n").unwrap();
-    std::fs::set_permissions(w.join("tools/gen.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(w.join("scripts/build.sh"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    std::os::unix::fs::symlink("docs", w.join("link-to-docs")).unwrap();
-    std::fs::write(w.join("assets/new.bin"), [0u8, 1, 2, 3, 0, 255, 254]).unwrap();
-    std::fs::write(w.join("win/run.bat"), "@echo off\r\necho one\r\necho two\r\n").unwrap();
-    std::fs::rename(w.join("old-name.txt"), w.join("new-name.txt")).unwrap();
-    std::fs::remove_file(w.join("to-delete.txt")).unwrap();
-    std::fs::write(w.join("docs/ünïcödé/新しい.md"), "atarashii\n").unwrap();
-    for ignored in ["target/debug/out.o", "node_modules/x/index.js"] {
-        std::fs::create_dir_all(w.join(ignored).parent().unwrap()).unwrap();
-        std::fs::write(w.join(ignored), "build output\n").unwrap();
-    }
-    // Same size and mtime as at the clone (the stat data publish trusts): still committed, as
-    // the write changed the ctime, which no process can set back.
-    std::process::Command::new("cp").args(["-p", "README.md", "../readme.orig"]).current_dir(&w).status().unwrap();
-    std::fs::write(w.join("README.md"), "# README\n").unwrap();
-    let st = std::process::Command::new("touch").args(["-r", "../readme.orig", "README.md"]).current_dir(&w).status();
+    // What an agent does (the same script the real CLI's Bash tool runs in run_pipeline.rs).
+    let st = std::process::Command::new("bash").args(["-c", support::git_server::REAL_EDITS]).current_dir(&w).status();
     assert!(st.unwrap().success());
-    std::fs::create_dir_all(w.join("vendor/lib")).unwrap();
-    std::fs::write(w.join("vendor/lib/patched.c"), "int x;\n").unwrap();
-
     let (commit, staged) = publish(&dir, &c, &url, "agentops/content").await.unwrap().unwrap();
     assert_eq!(staged.skipped, ["vendor/lib"], "the edit inside the submodule is reported");
-    let tree = s.git("r", &["ls-tree", "-r", "--full-tree", &commit]);
-    let mode = |path: &str| {
-        tree.lines().find(|l| l.ends_with(&format!("\t{path}"))).map(|l| l.split(' ').next().unwrap().to_string())
-    };
-    assert_eq!(mode("tools/gen.sh").as_deref(), Some("100755"));
-    assert_eq!(mode("scripts/build.sh").as_deref(), Some("100644"), "a mode change is committed");
-    assert_eq!(mode("link-to-docs").as_deref(), Some("120000"));
-    assert_eq!(mode("link-to-readme").as_deref(), Some("120000"));
-    assert_eq!(mode("vendor/lib").as_deref(), Some("160000"), "the submodule stays a gitlink");
-    assert_eq!(
-        s.git("r", &["rev-parse", &format!("{commit}:vendor/lib")]),
-        s.git("r", &["rev-parse", &format!("{}:vendor/lib", c.base)])
-    );
-    assert_eq!(mode("new-name.txt").as_deref(), Some("100644"));
-    for gone in
-        ["old-name.txt", "to-delete.txt", "target/debug/out.o", "node_modules/x/index.js", "vendor/lib/patched.c"]
-    {
-        assert_eq!(mode(gone), None, "{gone}");
-    }
-    let show = |p: &str| s.git("r", &["show", &format!("{commit}:{p}")]);
-    assert_eq!(show("README.md"), "# README\n", "a same-size, same-mtime edit");
-    assert_eq!(show("win/run.bat"), "@echo off\necho one\necho two\n", "CRLF in the work tree, LF in the repository");
-    assert_eq!(show("assets/big.psd"), pointer);
-    assert_eq!(show("docs/ünïcödé/新しい.md"), "atarashii\n");
-    let blob = s.git("r", &["cat-file", "-s", &format!("{commit}:assets/new.bin")]);
-    assert_eq!(blob.trim(), "7", "binary content byte for byte");
-
-    // The counts are git's own `diff --stat` of the pushed commit (renames detected).
-    let short = s.git("r", &["diff", "--shortstat", &format!("{commit}^"), &commit]);
-    let n = |word: &str| -> u64 {
-        short.split(',').find(|p| p.contains(word)).and_then(|p| p.split_whitespace().next()?.parse().ok()).unwrap_or(0)
-    };
-    assert_eq!(
-        (staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions),
-        (n("changed"), n("insertion"), n("deletion")),
-        "git says: {short}"
-    );
-    s.git("r", &["fsck", "--strict", "--no-dangling"]);
+    let git_stat = s.check_real_edits("r", &commit, &c.base.to_string(), &pointer);
+    assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), git_stat);
 }

@@ -527,3 +527,21 @@ async fn an_existing_work_branch_fails_before_the_agent_unless_the_run_continues
     assert_eq!(Some(&head), s.git.commit.as_ref());
     assert_eq!(h.git.git("demo", &["rev-parse", "develop^"]).trim(), develop);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_content_survives_an_agents_run_and_the_counts_are_gits() {
+    let h = Harness::new(vec![
+        Step::tool("Bash", json!({"command": support::git_server::REAL_EDITS, "description": "edit"})),
+        Step::text("Edited."),
+    ])
+    .await;
+    let pointer = h.git.add_real_content("demo");
+    let base = h.git.branch_head("demo", "main").unwrap();
+    let s = h.run(&h.manifest("content", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    let msg = s.message.clone().unwrap_or_default();
+    assert!(msg.contains("submodule vendor/lib") && msg.contains("not committed"), "{msg}");
+    let commit = s.git.commit.clone().unwrap();
+    let git_stat = h.git.check_real_edits("demo", &commit, &base, &pointer);
+    assert_eq!((s.git.changed_files, s.git.insertions, s.git.deletions), git_stat, "{:?}", s.git);
+}

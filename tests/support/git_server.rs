@@ -148,6 +148,94 @@ impl GitServer {
         bare
     }
 
+    /// Commits content that is easy to get wrong on top of `main` (with the git CLI): an
+    /// executable, symlinks, a binary, CRLF line endings by `.gitattributes`, a file to rename
+    /// and one to delete, non-ASCII nested paths, `.gitignore`, a submodule (gitlink) and a Git
+    /// LFS pointer. Returns the pointer's text.
+    pub fn add_real_content(&self, name: &str) -> String {
+        let work = tempfile::tempdir().expect("tempdir");
+        git(work.path(), &["clone", "-q", &self.repo_path(name).to_string_lossy(), "w"]);
+        let w = work.path().join("w");
+        let write = |p: &str, b: &[u8]| {
+            std::fs::create_dir_all(w.join(p).parent().expect("parent")).expect("mkdir");
+            std::fs::write(w.join(p), b).expect("write");
+        };
+        write(".gitattributes", b"*.bat text eol=crlf\n*.psd filter=lfs diff=lfs merge=lfs -text\n");
+        write(".gitignore", b"target/\nnode_modules/\n");
+        write("scripts/build.sh", b"#!/bin/sh\necho build\n");
+        std::os::unix::fs::symlink("README.md", w.join("link-to-readme")).expect("symlink");
+        write("README.md", b"# Readme\n");
+        write("assets/logo.bin", &[0u8, 159, 146, 150, 0, 1, 2, 255, 0]);
+        write("win/run.bat", b"@echo off\r\necho one\r\n");
+        write("old-name.txt", &b"a line that moves with its file\n".repeat(20));
+        write("to-delete.txt", b"gone soon\n");
+        write("docs/ünïcödé/日本語.md", b"konnichiwa\n");
+        let pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 12345\n";
+        write("assets/big.psd", pointer.as_bytes());
+        write(
+            ".gitmodules",
+            b"[submodule \"vendor/lib\"]\n\tpath = vendor/lib\n\turl = https://example.invalid/lib.git\n",
+        );
+        git(&w, &["add", "-A"]);
+        git(&w, &["update-index", "--chmod=+x", "scripts/build.sh"]);
+        let sub = git(&w, &["rev-parse", "HEAD"]);
+        git(&w, &["update-index", "--add", "--cacheinfo", &format!("160000,{},vendor/lib", sub.trim())]);
+        git(&w, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "content that is easy to get wrong"]);
+        git(&w, &["push", "-q", "origin", "main"]);
+        pointer.to_string()
+    }
+
+    /// Checks that `commit` (one commit on `base`) holds what `REAL_EDITS` did to the content of
+    /// `add_real_content`, that the remote passes `git fsck`, and returns git's own
+    /// `diff --shortstat` counts of it (files, insertions, deletions).
+    pub fn check_real_edits(&self, name: &str, commit: &str, base: &str, pointer: &str) -> (u64, u64, u64) {
+        let tree = self.git(name, &["ls-tree", "-r", "--full-tree", commit]);
+        let mode = |path: &str| {
+            tree.lines()
+                .find(|l| l.ends_with(&format!("\t{path}")))
+                .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+        };
+        assert_eq!(mode("tools/gen.sh").as_deref(), Some("100755"));
+        assert_eq!(mode("scripts/build.sh").as_deref(), Some("100644"), "a mode change is committed");
+        assert_eq!(mode("link-to-docs").as_deref(), Some("120000"));
+        assert_eq!(mode("link-to-readme").as_deref(), Some("120000"));
+        assert_eq!(mode("vendor/lib").as_deref(), Some("160000"), "the submodule stays a gitlink");
+        assert_eq!(
+            self.git(name, &["rev-parse", &format!("{commit}:vendor/lib")]),
+            self.git(name, &["rev-parse", &format!("{base}:vendor/lib")]),
+            "at its recorded commit"
+        );
+        assert_eq!(mode("new-name.txt").as_deref(), Some("100644"));
+        for gone in
+            ["old-name.txt", "to-delete.txt", "target/debug/out.o", "node_modules/x/index.js", "vendor/lib/patched.c"]
+        {
+            assert_eq!(mode(gone), None, "{gone}");
+        }
+        let show = |p: &str| self.git(name, &["show", &format!("{commit}:{p}")]);
+        assert_eq!(show("README.md"), "# README\n", "a same-size, same-mtime edit");
+        assert_eq!(
+            show("win/run.bat"),
+            "@echo off\necho one\necho two\n",
+            "CRLF in the work tree, LF in the repository"
+        );
+        assert_eq!(show("assets/big.psd"), pointer, "the LFS pointer stays a pointer");
+        assert_eq!(show("docs/ünïcödé/新しい.md"), "atarashii\n");
+        assert_eq!(show("link-to-docs"), "docs", "a link is its target path");
+        let size = self.git(name, &["cat-file", "-s", &format!("{commit}:assets/new.bin")]);
+        assert_eq!(size.trim(), "7", "binary content byte for byte");
+        assert_eq!(self.git(name, &["rev-parse", &format!("{commit}^")]).trim(), base);
+        self.git(name, &["fsck", "--strict", "--no-dangling"]);
+        let short = self.git(name, &["diff", "--shortstat", base, commit]);
+        let n = |word: &str| -> u64 {
+            short
+                .split(',')
+                .find(|p| p.contains(word))
+                .and_then(|p| p.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        (n("changed"), n("insertion"), n("deletion"))
+    }
+
     /// Makes every push to `name` fail with `message` (a real pre-receive hook).
     pub fn reject_pushes(&self, name: &str, message: &str) {
         use std::os::unix::fs::PermissionsExt;
@@ -181,6 +269,19 @@ impl GitServer {
         git(&self.repo_path(name), args)
     }
 }
+
+/// What an agent does to the content of `GitServer::add_real_content`, as one shell command
+/// (the agent's Bash tool runs it, or a test with `bash -c`, in the checkout): a new
+/// executable, a mode change, a new symlink, a binary, a CRLF edit, a rename, a deletion, a
+/// non-ASCII path, ignored build output, a file inside the submodule, and an edit that keeps
+/// the file's size and mtime (publish trusts the clone's stat data; the ctime still changes).
+pub const REAL_EDITS: &str = "set -e; mkdir -p tools target/debug node_modules/x vendor/lib \
+    && printf '#!/bin/sh\\necho gen\\n' > tools/gen.sh && chmod 755 tools/gen.sh && chmod 644 scripts/build.sh \
+    && ln -s docs link-to-docs && printf '\\000\\001\\002\\003\\000\\377\\376' > assets/new.bin \
+    && printf '@echo off\\r\\necho one\\r\\necho two\\r\\n' > win/run.bat \
+    && mv old-name.txt new-name.txt && rm to-delete.txt && printf 'atarashii\\n' > 'docs/ünïcödé/新しい.md' \
+    && echo out > target/debug/out.o && echo x > node_modules/x/index.js && echo 'int x;' > vendor/lib/patched.c \
+    && cp -p README.md target/readme.orig && printf '# README\\n' > README.md && touch -r target/readme.orig README.md";
 
 /// Runs git with a clean config and returns stdout; panics on failure.
 pub fn git(dir: &Path, args: &[&str]) -> String {
