@@ -207,3 +207,86 @@ async fn the_git_relay_adds_the_credential_and_lets_only_the_work_branch_through
     let (ok, _) = tokio::task::block_in_place(|| git(&["ls-remote", &url("publish-tok")]));
     assert!(!ok);
 }
+
+/// The relay follows no redirect of the repository host (the target is never contacted and
+/// the pod gets an error naming the status), and reads a push's ref byte for byte: a
+/// look-alike of the work branch is refused before anything reaches the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
+    use agentops::gateway::git::{GitRelays, Route};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Where a redirect would lead, counting every request it gets.
+    let target_hits = std::sync::Arc::new(AtomicU64::new(0));
+    let target = {
+        let hits = target_hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            hits.fetch_add(1, Ordering::SeqCst);
+            async { "internal service" }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        url
+    };
+    // A repository host that redirects everything there.
+    let host = {
+        let to = format!("{target}/internal");
+        let app = axum::Router::new().fallback(move || {
+            let to = to.clone();
+            async move { (axum::http::StatusCode::FOUND, [("location", to)], "moved") }
+        });
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/repo.git", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await });
+        url
+    };
+    let server = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
+    server.create_repo("demo", &[("README.md", "hello\n")]);
+    let relays = std::sync::Arc::new(GitRelays::new().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn({
+        let app = relays.clone().router();
+        async move { axum::serve(listener, app).await }
+    });
+    let route = |upstream: String| Route {
+        upstream,
+        credentials: Some(agentops::git::GitCredentials {
+            username: "x-access-token".into(),
+            token: support::TOKEN.into(),
+        }),
+        clone_token: "clone-tok".into(),
+        publish_token: "publish-tok".into(),
+        branch: "agentops/fix".into(),
+    };
+    let client = reqwest::Client::new();
+
+    relays.open("ns", "redirected", route(host));
+    let resp = client
+        .get(format!("{base}/git/ns/redirected/info/refs?service=git-upload-pack"))
+        .basic_auth("agentops", Some("clone-tok"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("HTTP 302") && text.contains("not followed"), "{text}");
+    assert_eq!(target_hits.load(Ordering::SeqCst), 0, "the redirect's target was never contacted");
+
+    relays.open("ns", "fix", route(server.url("demo")));
+    let pkt = |s: &str| format!("{:04x}{s}", s.len() + 4);
+    let (z, one) = ("0".repeat(40), "1".repeat(40));
+    for name in ["refs/heads/agentops/fix\u{a0}", "refs/heads/agentops/fix\t", " refs/heads/agentops/fix"] {
+        let body = format!("{}0000PACK", pkt(&format!("{z} {one} {name}\0report-status\n")));
+        let resp = client
+            .post(format!("{base}/git/ns/fix/git-receive-pack"))
+            .basic_auth("agentops", Some("publish-tok"))
+            .header("content-type", "application/x-git-receive-pack-request")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status() == 403 || resp.status() == 400, "{name:?}: {}", resp.status());
+    }
+    assert_eq!(server.stats().receive_pack.load(Ordering::Relaxed), 0, "nothing reached the host");
+}

@@ -45,6 +45,10 @@ impl GitRelays {
             .user_agent(concat!("git/2.0 (agentops-relay/", env!("CARGO_PKG_VERSION"), ")"))
             .tcp_nodelay(true)
             .connect_timeout(std::time::Duration::from_secs(30))
+            // A repository host's 3xx is answered to the pod as an error, never followed: a
+            // redirect would send the operator's request (and its network position) wherever
+            // the host points.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(std::io::Error::other)?;
         Ok(Self { client, routes: Mutex::new(HashMap::new()), opener: std::sync::OnceLock::new() })
@@ -250,14 +254,19 @@ fn pushed_refs(commands: &[u8]) -> Result<Vec<String>, String> {
         }
         let line = &commands[at + 4..at + len];
         let line = line.split(|b| *b == 0).next().unwrap_or_default();
-        let line = String::from_utf8_lossy(line);
-        let mut parts = line.trim_end().split(' ');
+        // Byte for byte: only the pkt-line's own newline goes; a look-alike such as
+        // `refs/heads/main\u{a0}` stays what it is (and is refused by the caller).
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let mut parts = line.split(|b| *b == b' ');
         let (Some(_old), Some(_new), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(format!(
                 "a push command this relay does not take: {:?}",
-                crate::api::report::truncate(&line, 100)
+                crate::api::report::truncate(&String::from_utf8_lossy(line), 100)
             ));
+        };
+        let Ok(name) = std::str::from_utf8(name) else {
+            return Err("a pushed ref name is not UTF-8".into());
         };
         refs.push(name.to_string());
         at += len;
@@ -295,6 +304,16 @@ async fn forward(
             return refuse(StatusCode::BAD_GATEWAY, "cannot reach the repository");
         }
     };
+    if resp.status().is_redirection() {
+        let status = resp.status().as_u16();
+        tracing::warn!(status, upstream = %route.upstream, "the git host answered a redirect; not followed");
+        return refuse(
+            StatusCode::BAD_GATEWAY,
+            &format!(
+                "the repository host answered HTTP {status} (a redirect, not followed): use the repository's final URL in spec.repository.url"
+            ),
+        );
+    }
     let mut out = Response::builder().status(resp.status().as_u16());
     for (name, value) in resp.headers() {
         if PASS.contains(&name.as_str()) || name == "cache-control" {
@@ -329,5 +348,10 @@ mod tests {
         assert_eq!(commands_end(&two.as_bytes()[..10]), None);
         assert!(pushed_refs(b"GET / HTTP/1.1").is_err());
         assert!(pushed_refs(pkt("push-cert\0caps\n").as_bytes()).is_err());
+        // Look-alikes stay what they are: nothing is trimmed but the pkt-line's newline.
+        let nbsp = format!("{}0000", pkt(&format!("{z} {z} refs/heads/agentops/x\u{a0}\n")));
+        assert_eq!(pushed_refs(nbsp.as_bytes()).unwrap(), ["refs/heads/agentops/x\u{a0}"]);
+        let tab = format!("{}0000", pkt(&format!("{z} {z} refs/heads/agentops/x\t\n")));
+        assert_eq!(pushed_refs(tab.as_bytes()).unwrap(), ["refs/heads/agentops/x\t"]);
     }
 }
