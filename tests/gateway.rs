@@ -290,3 +290,126 @@ async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
     }
     assert_eq!(server.stats().receive_pack.load(Ordering::Relaxed), 0, "nothing reached the host");
 }
+
+/// One request written by hand on a fresh connection (no client library normalises the path:
+/// `..` and `%2F` go as they are). `body` None: headers only, announcing a 32 MiB body that is
+/// never sent. Returns the status, or 0 when the connection ended without one.
+async fn raw(base: &str, method: &str, path: &str, token: &str, headers: &str, body: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let length = body.map_or(32 << 20, str::len);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {token}\r\ncontent-type: application/json\r\n{headers}content-length: {length}\r\n\r\n{}",
+        body.unwrap_or_default()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// An upstream that records what reaches it and answers one metered message; when `gzip_always`
+/// it labels its answer gzip whatever was asked (as a misbehaving or hostile upstream could).
+async fn recording_upstream(
+    gzip_always: bool,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, axum::http::HeaderMap)>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let app = axum::Router::new().fallback({
+        let seen = seen.clone();
+        move |uri: axum::http::Uri, headers: axum::http::HeaderMap| {
+            let seen = seen.clone();
+            async move {
+                let compressed = gzip_always
+                    || headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+                seen.lock().unwrap().push((uri.to_string(), headers));
+                let sse = concat!(
+                    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1000,\"output_tokens\":1}}}\n\n",
+                    "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":500}}\n\n",
+                    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+                );
+                let mut r = axum::response::IntoResponse::into_response(([("content-type", "text/event-stream")], sse));
+                if compressed {
+                    r.headers_mut().insert("content-encoding", axum::http::HeaderValue::from_static("gzip"));
+                }
+                r
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, seen)
+}
+
+/// The attacks of issue 18 on the model gateway, played with a raw client: compressed answers
+/// (which the gateway could not meter), paths and methods beyond the Messages API, encoded
+/// traversals, extra headers, and unauthenticated uploads. The upstream sees only what it must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
+    let (upstream, seen) = recording_upstream(false).await;
+    let gw = Gateway::start(&upstream, API_KEY).await.unwrap();
+    let (g, cbase) = controller_gateway(&upstream).await;
+    g.open("ns", "fix", agentops::gateway::Account::new(API_KEY, "tok-c", None));
+    let msg = r#"{"model":"claude-sonnet-x","max_tokens":64,"messages":[]}"#;
+
+    // The agent asks for gzip and adds headers of its own: the upstream is asked for identity
+    // and gets the allowlisted headers only; every token is metered.
+    let extra = "accept-encoding: gzip, br\r\nx-evil: 1\r\ncookie: s=1\r\nanthropic-version: 2023-06-01\r\nanthropic-beta: b1\r\nx-forwarded-for: 10.0.0.1\r\n";
+    assert_eq!(raw(&gw.base_url, "POST", "/v1/messages?beta=true", &gw.token, extra, Some(msg)).await, 200);
+    assert_eq!(raw(&cbase, "POST", "/gateway/ns/fix/v1/messages?beta=true", "tok-c", extra, Some(msg)).await, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for (path, h) in seen.lock().unwrap().iter() {
+        assert_eq!(path, "/v1/messages?beta=true");
+        assert_eq!(h.get("accept-encoding").unwrap(), "identity");
+        assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
+        assert_eq!(h.get("anthropic-beta").unwrap(), "b1");
+        for dropped in ["x-evil", "cookie", "x-forwarded-for"] {
+            assert!(h.get(dropped).is_none(), "{dropped} reached the upstream");
+        }
+        assert_eq!(h.get("x-api-key").unwrap(), API_KEY);
+    }
+    assert_eq!((gw.metered().usage.input_tokens, gw.metered().usage.output_tokens), (1000, 500));
+    assert_eq!(g.metered("ns", "fix").unwrap().usage.output_tokens, 500);
+    let reached = seen.lock().unwrap().len();
+    assert_eq!(reached, 2);
+
+    // Everything else, with a valid token: 404, and nothing reaches the upstream.
+    for (method, path) in [
+        ("POST", "/v1/messages/batches"),
+        ("GET", "/v1/messages"),
+        ("POST", "/v1/files"),
+        ("POST", "/v1/../admin"),
+        ("POST", "/v1/messages/../../admin"),
+        ("POST", "/v1/messages%2F..%2Fbatches"),
+        ("POST", "/v1/%2E%2E/admin"),
+        ("POST", "/v1/messages?beta=true&x=1"),
+        ("POST", "//v1/messages"),
+    ] {
+        assert_eq!(raw(&gw.base_url, method, path, &gw.token, "", Some(msg)).await, 404, "{method} {path}");
+        let under = format!("/gateway/ns/fix{path}");
+        assert_eq!(raw(&cbase, method, &under, "tok-c", "", Some(msg)).await, 404, "{method} {under}");
+    }
+    for path in ["/gateway/ns/fix%2Fx/v1/messages", "/gateway/ns/%66ix/v1/messages"] {
+        assert_ne!(raw(&cbase, "POST", path, "tok-c", "", Some(msg)).await, 200, "{path}");
+    }
+    assert_eq!(seen.lock().unwrap().len(), reached, "no refused request reached the upstream");
+    assert_eq!(gw.metered().refused_not_allowed, 9);
+
+    // Unauthenticated uploads are answered from their headers: a 32 MiB body announced and
+    // never sent still gets its 401 at once.
+    for _ in 0..24 {
+        assert_eq!(raw(&gw.base_url, "POST", "/v1/messages", "wrong", "", None).await, 401);
+        assert_eq!(raw(&cbase, "POST", "/gateway/ns/fix/v1/messages", "wrong", "", None).await, 401);
+        assert_eq!(raw(&cbase, "POST", "/gateway/ns/nobody/v1/messages", "tok-c", "", None).await, 401);
+    }
+
+    // An upstream that answers compressed whatever it is asked: not relayed (it could not be metered).
+    let (gzipping, _) = recording_upstream(true).await;
+    let gw2 = Gateway::start(&gzipping, API_KEY).await.unwrap();
+    assert_eq!(raw(&gw2.base_url, "POST", "/v1/messages", &gw2.token, "", Some(msg)).await, 502);
+    assert_eq!(gw2.metered().usage.output_tokens, 0);
+}

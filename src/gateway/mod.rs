@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -47,6 +47,8 @@ pub struct Metered {
     pub tool_calls: ToolCalls,
     /// Requests refused because the budget was spent.
     pub refused_over_budget: u64,
+    /// Requests refused because their method, path or query is not one the gateway relays.
+    pub refused_not_allowed: u64,
 }
 
 /// One execution's access: its token, the key added for it, what it spent.
@@ -139,10 +141,7 @@ impl Gateway {
             client: client()?,
             account: Arc::new(Account::new(api_key, &token, budget_usd)),
         });
-        let app = axum::Router::new()
-            .fallback(relay_local)
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-            .with_state(shared.clone());
+        let app = axum::Router::new().fallback(relay_local).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let base_url = format!("http://{}", listener.local_addr()?);
         // Streamed events are small writes: without TCP_NODELAY each waits for the peer's
@@ -181,10 +180,10 @@ async fn relay_local(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    relay(&shared.client, &shared.upstream, &shared.account, method, &path, &headers, body).await
+    relay(&shared.client, &shared.upstream, Some(&shared.account), method, &path, &headers, body).await
 }
 
 /// Opens the account or route of a running execution this process has not opened (after a
@@ -254,21 +253,27 @@ impl Gateways {
 
     /// `/gateway/{namespace}/{name}/v1/...`, for the controller's runner listener.
     pub fn router(self: Arc<Self>) -> axum::Router {
-        axum::Router::new()
-            .route("/gateway/{ns}/{name}/{*path}", axum::routing::any(relay_controller))
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
-            .with_state(self)
+        axum::Router::new().route("/gateway/{ns}/{name}/{*path}", axum::routing::any(relay_controller)).with_state(self)
     }
 }
 
 async fn relay_controller(
     State(g): State<Arc<Gateways>>,
-    Path((ns, name, path)): Path<(String, String, String)>,
+    Path((ns, name, _)): Path<(String, String, String)>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
+    // The path as it came, never decoded: `%2F`, `%2E` and `..` reach the allowlist as they are.
+    let raw = uri.path().strip_prefix("/gateway/").and_then(|rest| {
+        let mut parts = rest.splitn(3, '/');
+        let (n, e, tail) = (parts.next()?, parts.next()?, parts.next()?);
+        (n == ns && e == name).then(|| format!("/{tail}"))
+    });
+    let Some(path) = raw else {
+        return refuse(StatusCode::NOT_FOUND, "not_found_error", "the gateway relays the Messages API only");
+    };
     let key = (ns, name);
     let mut account = g.accounts.lock().ok().and_then(|a| a.get(&key).cloned());
     if account.is_none()
@@ -277,18 +282,40 @@ async fn relay_controller(
     {
         account = g.accounts.lock().ok().and_then(|a| a.get(&key).cloned());
     }
-    let Some(account) = account else {
-        // Unknown and finished executions look the same: no token works for them.
-        return refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid");
-    };
+    // Unknown and finished executions look the same: no token works for them (`relay` says so
+    // before it reads a byte of the body).
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    relay(&g.client, &g.upstream, &account, method, &format!("/{path}{query}"), &headers, body).await
+    relay(&g.client, &g.upstream, account.as_ref(), method, &format!("{path}{query}"), &headers, body).await
+}
+
+/// Asks hyper to close the connection after this answer (the request body may be unread).
+fn close(mut r: Response) -> Response {
+    r.headers_mut().insert("connection", HeaderValue::from_static("close"));
+    r
 }
 
 fn refuse(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = serde_json::json!({"type": "error", "error": {"type": kind, "message": message}});
     (status, [("content-type", "application/json")], body.to_string()).into_response()
 }
+
+/// The only requests relayed: what the pinned Claude Code CLI sends (seen in its traffic:
+/// `POST /v1/messages?beta=true`, and `count_tokens` for `/context`), matched on the raw path
+/// and query, before any decoding. Anything else (`/v1/messages/batches`, `/v1/files`,
+/// `/v1/../admin`, `%2F`, `%2E`) never reaches the upstream with the operator's key.
+fn allowed(method: &Method, path_and_query: &str) -> bool {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    method == Method::POST
+        && matches!(path, "/v1/messages" | "/v1/messages/count_tokens")
+        && matches!(query, None | Some("beta=true"))
+}
+
+/// Request headers passed upstream; everything else the agent sends stays here. The
+/// `accept-encoding` is the gateway's own: identity, so every byte relayed is metered.
+const REQUEST_HEADERS: &[&str] = &["anthropic-version", "anthropic-beta", "content-type", "accept"];
 
 /// Headers never copied from one side to the other.
 fn hop(name: &str) -> bool {
@@ -310,27 +337,48 @@ struct RequestModel {
     model: Option<String>,
 }
 
+/// Relays one request for `account` (None: no running execution here). The token is checked
+/// from the headers, and the path against the allowlist, before a byte of the body is read; an
+/// unauthenticated request is answered at once and its connection closed with the body unread.
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     client: &reqwest::Client,
     upstream: &str,
-    account: &Arc<Account>,
+    account: Option<&Arc<Account>>,
     method: Method,
     path: &str,
     headers: &HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let presented = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .or_else(|| headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
         .unwrap_or_default();
-    if !account.accepts(presented) {
-        return refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid");
+    let Some(account) = account.filter(|a| a.accepts(presented)) else {
+        return close(refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid"));
+    };
+    if !allowed(&method, path) {
+        tracing::warn!(%method, path = %crate::api::report::truncate(path, 200), "the model gateway refused a request outside its allowlist");
+        if let Ok(mut m) = account.metered.lock() {
+            m.refused_not_allowed += 1;
+        }
+        return close(refuse(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "the gateway relays POST /v1/messages and /v1/messages/count_tokens only",
+        ));
     }
-    if !path.starts_with("/v1/") {
-        return refuse(StatusCode::NOT_FOUND, "not_found_error", "the gateway relays the Messages API only (/v1/...)");
-    }
+    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return close(refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "the request body is over the gateway's 32 MiB limit",
+            ));
+        }
+    };
     if let Some(budget) = account.budget_usd {
         let spent = account.metered().cost_usd;
         if spent >= budget {
@@ -349,11 +397,12 @@ async fn relay(
     // what it already spent).
     let model = serde_json::from_slice::<RequestModel>(&body).ok().and_then(|m| m.model);
     let mut req = client.request(method, format!("{upstream}{path}")).body(body);
-    for (name, value) in headers {
-        if !hop(name.as_str()) {
-            req = req.header(name, value);
+    for name in REQUEST_HEADERS {
+        if let Some(value) = headers.get(*name) {
+            req = req.header(*name, value);
         }
     }
+    req = req.header("accept-encoding", "identity");
     let Ok(key) = HeaderValue::from_str(&account.api_key) else {
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "the configured API key is not a valid header");
     };
@@ -366,6 +415,15 @@ async fn relay(
     };
     if let Ok(mut m) = account.metered.lock() {
         m.responses += 1;
+    }
+    // Identity was asked for; a compressed answer could not be metered, so it is not relayed.
+    if let Some(enc) = resp.headers().get("content-encoding").filter(|v| v.as_bytes() != b"identity") {
+        tracing::warn!(encoding = ?enc, "the upstream API answered compressed; not relayed (it could not be metered)");
+        return refuse(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "the upstream API answered compressed content, which the gateway cannot meter",
+        );
     }
     let status = resp.status();
     let mut out = Response::builder().status(status.as_u16());
