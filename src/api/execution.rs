@@ -394,6 +394,29 @@ pub struct ToolCalls {
     pub by_tool: BTreeMap<String, u64>,
 }
 
+impl ToolCalls {
+    /// The same counts with at most `names` tool names (the most called first), each at most
+    /// 64 bytes of `[A-Za-z0-9_.:-]`; every other call is counted under `other`. The total is
+    /// unchanged. What an agent names its tools must not grow a report, a status or a metric
+    /// without bound.
+    pub fn bounded(&self, names: usize) -> ToolCalls {
+        let fine = |n: &str| {
+            n.len() <= 64 && n != "other" && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+        };
+        let mut named: Vec<(&String, u64)> =
+            self.by_tool.iter().filter(|(n, _)| fine(n)).map(|(n, c)| (n, *c)).collect();
+        named.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        named.truncate(names);
+        let mut by_tool: BTreeMap<String, u64> = named.into_iter().map(|(n, c)| (n.clone(), c)).collect();
+        let kept: u64 = by_tool.values().sum();
+        let other = self.by_tool.values().sum::<u64>().saturating_sub(kept);
+        if other > 0 {
+            by_tool.insert("other".into(), other);
+        }
+        ToolCalls { total: self.total, by_tool }
+    }
+}
+
 /// What the operator did in git.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -73,6 +73,8 @@ reasons! {
     Running,
     RunnerLost,
     RunnerFailed,
+    /// The runner ended with a report that is missing, truncated or unparsable: never a success.
+    ReportInvalid,
     TemplateNotFound,
     SecretNotFound,
     InvalidSpec,

@@ -115,6 +115,9 @@ pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 /// then dropped, so the usage and git figures always arrive.
 pub fn termination_message(s: &Summary) -> String {
     let mut s = s.clone();
+    // Bounded whatever the agent did: 16 names of at most 64 bytes (the full counts go to the
+    // report endpoint).
+    s.tool_calls = s.tool_calls.bounded(16);
     for keep in [1024usize, 256, 0] {
         let text = serde_json::to_string(&s).unwrap_or_default();
         if text.len() <= TERMINATION_MESSAGE_LIMIT {
@@ -124,4 +127,28 @@ pub fn termination_message(s: &Summary) -> String {
         s.message = s.message.as_deref().map(|m| truncate(m, 512));
     }
     serde_json::to_string(&s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_termination_message_fits_whatever_the_agent_named_its_tools() {
+        for name_len in [20usize, 60, 200] {
+            let mut s = Summary { result: Some("r".repeat(100_000)), ..Default::default() };
+            for i in 0..500 {
+                let name = format!("{i:03}{}", "t".repeat(name_len));
+                s.tool_calls.by_tool.insert(name, 2);
+                s.tool_calls.total += 2;
+            }
+            let text = termination_message(&s);
+            assert!(text.len() <= TERMINATION_MESSAGE_LIMIT, "{name_len}: {} bytes", text.len());
+            let back: Summary = serde_json::from_str(&text).unwrap();
+            assert_eq!(back.tool_calls.total, 1000);
+            assert_eq!(back.tool_calls.by_tool.values().sum::<u64>(), 1000, "nothing lost, the rest is `other`");
+            assert!(back.tool_calls.by_tool.len() <= 17);
+            assert!(back.tool_calls.by_tool.keys().all(|k| k.len() <= 64));
+        }
+    }
 }

@@ -216,9 +216,17 @@ pub fn decide(f: Facts<'_>) -> Decision {
                 (Some(s), _, _) => {
                     (s.phase, s.reason.clone().unwrap_or(Reason::Completed), s.message.clone().unwrap_or_default())
                 }
-                (None, false, _) => {
-                    (Phase::Succeeded, Reason::Completed, "the runner finished without a report".into())
-                }
+                // Success is only ever what a readable report says: a missing, truncated (the
+                // kubelet cuts termination messages at 4 KiB) or unparsable one is a failure,
+                // never "Succeeded" with work that may not be anywhere.
+                (None, false, _) => (
+                    Phase::Failed,
+                    Reason::ReportInvalid,
+                    match cause {
+                        Some(c) => format!("the runner finished but its report is missing or unreadable: {c}"),
+                        None => "the runner finished without a report; see the runner's logs".into(),
+                    },
+                ),
                 (None, true, _) => (
                     Phase::Failed,
                     Reason::RunnerFailed,
@@ -535,12 +543,26 @@ mod tests {
                 vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue],
             ),
             (
-                "finished ok, no report",
+                "finished ok, no report: never a success",
                 &running,
                 finished(None, false, false, None),
                 none,
-                Phase::Succeeded,
-                "Completed",
+                Phase::Failed,
+                "ReportInvalid",
+                vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue],
+            ),
+            (
+                "finished ok, a truncated report",
+                &running,
+                finished(
+                    None,
+                    false,
+                    false,
+                    Some("step finish: {\"phase\":\"Succeeded\",\"toolCalls\":{\"byTool\":{\"aaaa"),
+                ),
+                none,
+                Phase::Failed,
+                "ReportInvalid",
                 vec![Effect::Record, Effect::ReleaseWorkspace, Effect::Forget, Effect::WakeQueue],
             ),
             (

@@ -92,6 +92,28 @@ impl Metrics {
     }
 }
 
+/// Claude Code's built-in tools: the only tool names that become metric label values.
+const BUILTIN_TOOLS: &[&str] = &[
+    "Bash",
+    "BashOutput",
+    "Edit",
+    "ExitPlanMode",
+    "Glob",
+    "Grep",
+    "KillShell",
+    "LS",
+    "MultiEdit",
+    "NotebookEdit",
+    "Read",
+    "Skill",
+    "SlashCommand",
+    "Task",
+    "TodoWrite",
+    "WebFetch",
+    "WebSearch",
+    "Write",
+];
+
 /// Counts a finished execution: its phase, duration, tokens, cost and tool calls.
 pub fn record_finished(
     m: &Metrics,
@@ -116,7 +138,10 @@ pub fn record_finished(
             .inc_by(n);
     }
     m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
+    // Label values from a fixed set: Claude Code's own tools by name, anything else `other`
+    // (tool names are the agent's to choose, and every new label value is a new series).
     for (tool, n) in &st.tool_calls.by_tool {
-        m.tool_calls.get_or_create(&ToolLabel { tool: tool.clone() }).inc_by(*n);
+        let tool = if BUILTIN_TOOLS.contains(&tool.as_str()) { tool.as_str() } else { "other" };
+        m.tool_calls.get_or_create(&ToolLabel { tool: tool.into() }).inc_by(*n);
     }
 }

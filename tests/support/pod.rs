@@ -213,7 +213,12 @@ fn run_container(
         name,
         init,
         exit_code: out.status.code().unwrap_or(128),
-        message: std::fs::read_to_string(&term).unwrap_or_default(),
+        // The kubelet keeps the first 4096 bytes of a termination message, cut anywhere.
+        message: {
+            let mut bytes = std::fs::read(&term).unwrap_or_default();
+            bytes.truncate(4096);
+            String::from_utf8_lossy(&bytes).into_owned()
+        },
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
