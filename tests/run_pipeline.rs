@@ -545,3 +545,24 @@ async fn real_content_survives_an_agents_run_and_the_counts_are_gits() {
     let git_stat = h.git.check_real_edits("demo", &commit, &base, &pointer);
     assert_eq!((s.git.changed_files, s.git.insertions, s.git.deletions), git_stat, "{:?}", s.git);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_that_fails_for_a_moment_is_tried_again_and_a_rejection_is_not() {
+    let h = Harness::new(write_script("retry.txt")).await;
+    // Two 503s (a host or relay in trouble), then the push goes through.
+    h.git.fail_pushes(2);
+    let s = h.run(&h.manifest("retry", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), 3, "two failures, one push");
+    assert_eq!(h.git.branch_head("demo", "agentops/retry"), s.git.commit);
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(logs.iter().any(|l| l.line.contains("trying again")), "the retry is in the run's log");
+
+    // A rejection (here a pre-receive hook) is final: one attempt, no retry.
+    h.git.reject_pushes("demo", "protected");
+    h.model.set_script(write_script("again.txt"));
+    let before = h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed);
+    let s = h.run(&h.manifest("rejected-once", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), before + 1);
+}

@@ -298,6 +298,10 @@ fn push_to(
     cb.push_negotiation(|updates| {
         for u in updates.iter().filter(|u| u.dst_refname() == Ok(dst.as_str())) {
             let now = (!u.src().is_zero()).then(|| u.src());
+            if now == Some(u.dst()) {
+                // Already there: an earlier attempt's answer was lost on the way back.
+                continue;
+            }
             let err = match (expected, now) {
                 (None, Some(_)) => GitError::BranchExists { url: url.into(), branch: branch.into() },
                 (Some(was), Some(now)) if was != now => GitError::PushRejected {

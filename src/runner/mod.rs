@@ -13,6 +13,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -153,6 +154,9 @@ struct Run<'a> {
     /// volume; on one machine (None) the workspace's root, outside the agent's sandbox.
     private: Option<PathBuf>,
 }
+
+/// How long a push that failed for a transient reason is tried again.
+const PUSH_RETRY_FOR: Duration = Duration::from_secs(60);
 
 /// The clone's index, kept where the agent cannot write: its stat data lets publish hash only
 /// the files that changed (see `git::Publish::prepare`).
@@ -639,15 +643,35 @@ impl<'a> Run<'a> {
             return o;
         }
 
-        // Push: refs/heads/<branch> to spec.repository.url, nothing else anywhere else.
-        let pushed = {
+        // Push: refs/heads/<branch> to spec.repository.url, nothing else anywhere else. A
+        // transient failure is retried with backoff for up to a minute: the host (or the
+        // controller's relay) unreachable or answering 5xx, and through the relay a 401 (right
+        // after a controller restart it does not know the execution yet). A rejection is final.
+        let (first_try, mut delay) = (Instant::now(), Duration::from_secs(1));
+        let pushed = loop {
             let (publish, r, creds, abort, url) =
                 (publish.clone(), self.r.clone(), self.secrets.git.clone(), self.abort.clone(), self.git_url.clone());
-            tokio::task::spawn_blocking(move || -> Result<(), GitError> {
+            let pushed = tokio::task::spawn_blocking(move || -> Result<(), GitError> {
                 let p = publish.lock().map_err(|_| GitError::Other(git2::Error::from_str("publish lock")))?;
                 p.push(&url, &r.branch, creds.as_ref(), &abort)
             })
-            .await
+            .await;
+            let transient = match &pushed {
+                Ok(Err(GitError::Unreachable { .. })) => true,
+                Ok(Err(GitError::Auth { .. } | GitError::AuthRequired { .. })) => self.opts.git_relay.is_some(),
+                _ => false,
+            };
+            if !transient || first_try.elapsed() + delay > PUSH_RETRY_FOR || self.stopped().is_some() {
+                break pushed;
+            }
+            if let Ok(Err(e)) = &pushed {
+                self.say(&format!("  push failed ({e}); trying again in {} s", delay.as_secs()));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.cancel.cancelled() => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(15));
         };
         match pushed {
             Ok(Ok(())) => {}

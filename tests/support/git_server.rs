@@ -27,6 +27,8 @@ struct Inner {
     user: String,
     token: Option<String>,
     stats: GitStats,
+    /// Pushes (receive-pack POSTs) still to be answered 503 (`fail_pushes`).
+    failing_pushes: AtomicU64,
 }
 
 /// A running server. Repositories live under `root` as `<name>.git`.
@@ -53,6 +55,7 @@ impl GitServer {
             user: user.into(),
             token: token.map(Into::into),
             stats: GitStats::default(),
+            failing_pushes: AtomicU64::new(0),
         });
         let app = axum::Router::new().fallback(handle).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -236,6 +239,12 @@ impl GitServer {
         (n("changed"), n("insertion"), n("deletion"))
     }
 
+    /// Answers the next `n` pushes (receive-pack requests, after the ref advertisement) with
+    /// 503, as a host or a relay in trouble does.
+    pub fn fail_pushes(&self, n: u64) {
+        self.inner.failing_pushes.store(n, Ordering::SeqCst);
+    }
+
     /// Makes every push to `name` fail with `message` (a real pre-receive hook).
     pub fn reject_pushes(&self, name: &str, message: &str) {
         use std::os::unix::fs::PermissionsExt;
@@ -332,6 +341,9 @@ async fn handle(
     }
     if uri.path().ends_with("git-receive-pack") {
         inner.stats.receive_pack.fetch_add(1, Ordering::Relaxed);
+        if inner.failing_pushes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Response::builder().status(503).body(Body::from("try again later")).expect("response");
+        }
         inner.stats.receive_pack_bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
     }
     let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
