@@ -413,3 +413,67 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
     assert_eq!(raw(&gw2.base_url, "POST", "/v1/messages", &gw2.token, "", Some(msg)).await, 502);
     assert_eq!(gw2.metered().usage.output_tokens, 0);
 }
+
+/// An upstream as the real API bills: input tokens at most the request's bytes / 4, and every
+/// request using all of its `max_tokens` (the worst a real answer can do), after a pause so
+/// that concurrent requests overlap.
+async fn honest_upstream() -> String {
+    let app = axum::Router::new().fallback(|body: axum::body::Bytes| async move {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let out = v["max_tokens"].as_u64().unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let sse = format!(
+            "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":{},\"output_tokens\":1}}}}}}\n\n\
+             event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{out}}}}}\n\n\
+             event: message_stop\ndata: {{\"type\":\"message_stop\"}}\n\n",
+            body.len() / 4
+        );
+        ([("content-type", "text/event-stream")], sse)
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+/// Ten concurrent requests of Claude Code's size (`max_tokens` 128,000 at Opus's $25/M: $3.20
+/// each at worst) against a $1 budget: what is spent stays within the budget. A request the
+/// budget can pay only part of goes with a lower `max_tokens`; the rest are refused with the
+/// words the runner maps to `BudgetExceeded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_is_hard_under_concurrent_requests_and_survives_a_restart() {
+    use agentops::gateway::{Account, BUDGET_SPENT};
+    let upstream = honest_upstream().await;
+    let (g, base) = controller_gateway(&upstream).await;
+    g.open("ns", "spender", Account::new(API_KEY, "tok", Some(1.0)));
+    let body = json!({"model": "claude-opus-5-5", "max_tokens": 128000, "stream": true,
+                      "messages": [{"role": "user", "content": "x".repeat(20_000)}]});
+    let client = reqwest::Client::new();
+    let requests = (0..10).map(|_| {
+        let req = client.post(format!("{base}/gateway/ns/spender/v1/messages")).header("x-api-key", "tok").json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let m = g.metered("ns", "spender").unwrap();
+    assert!(m.cost_usd <= 1.0, "spent ${} of a $1 budget", m.cost_usd);
+    assert!(m.cost_usd > 0.5, "the budget was used, not refused outright: ${}", m.cost_usd);
+    let ok = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert!(ok >= 1 && m.clamped >= 1, "{ok} relayed, {} clamped", m.clamped);
+    for (status, text) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(*status, 400, "{text}");
+        assert!(text.contains(BUDGET_SPENT), "{text}");
+    }
+    assert_eq!(m.reserved_usd, 0.0, "nothing is held once every request ended");
+
+    // A restart: the account reopens with what the status recorded, and the budget holds.
+    let spent = g.close("ns", "spender").unwrap();
+    g.open("ns", "spender", Account::new(API_KEY, "tok", Some(1.0)).with_spent(spent.usage, spent.cost_usd));
+    let r = client.post(format!("{base}/gateway/ns/spender/v1/messages")).header("x-api-key", "tok").json(&body);
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains(BUDGET_SPENT));
+}

@@ -189,7 +189,10 @@ impl RunnerTokens {
         let (ns, name) = super::context::key(ax);
         reports.remember(&ledger::uid(ax), &self.report);
         if let Some(model) = &self.model {
-            reports.open_model(&ns, &name, r, model).await?;
+            // What the status already records was spent (a restart, or a new leader, never
+            // resets a budget); a fresh execution's status records nothing.
+            let st = ax.status.clone().unwrap_or_default();
+            reports.open_model(&ns, &name, r, model, (st.usage, st.cost_usd)).await?;
         }
         if let Some((clone, publish)) = &self.git {
             reports.open_git(&ns, &name, r, clone, publish).await?;

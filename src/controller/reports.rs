@@ -165,13 +165,15 @@ impl Reports {
     }
 
     /// Opens the execution's model account: `token` is what its agent presents; the key is read
-    /// from the execution's Secret here, and never leaves this process.
+    /// from the execution's Secret here, and never leaves this process. `spent` (usage and cost
+    /// already recorded) counts against the budget.
     pub async fn open_model(
         &self,
         ns: &str,
         name: &str,
         r: &Resolved,
         token: &str,
+        spent: (crate::api::Usage, f64),
     ) -> Result<(), super::context::Error> {
         let Some(gateways) = &self.gateways else { return Ok(()) };
         let Some(key_ref) = &r.api_key else {
@@ -180,7 +182,7 @@ impl Reports {
         let key = self.secret_value(ns, key_ref, "api-key", "spec.agent.apiKeySecretRef").await?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
         let last = Mutex::new(None::<std::time::Instant>);
-        let account = Account::new(&key, token, r.max_budget_usd).on_change(move || {
+        let account = Account::new(&key, token, r.max_budget_usd).with_spent(spent.0, spent.1).on_change(move || {
             let Ok(mut last) = last.lock() else { return };
             if last.is_none_or(|t| t.elapsed() >= WAKE_EVERY) {
                 *last = Some(std::time::Instant::now());

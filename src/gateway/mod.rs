@@ -3,8 +3,10 @@
 //! agent never sees), relays the response with streaming intact, and meters every response
 //! (`usage` from `message_start` and `message_delta` events or a JSON body, the tools the model
 //! called, the turns): the operator counts, rather than trusting what the agent reports. With a
-//! budget, the request after the one that spent it is refused, and the run ends
-//! `BudgetExceeded`.
+//! budget, each request's worst case is held against it while the request is in flight (its
+//! `max_tokens` lowered to what is left when needed): what is spent never exceeds the budget,
+//! also under concurrent requests. A request the budget cannot pay for is refused, and the run
+//! ends `BudgetExceeded`.
 //!
 //! `agentops run` starts one on loopback per execution ([`Gateway`]); the controller serves
 //! one account per running execution on its own listener ([`Gateways`], under
@@ -17,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +51,10 @@ pub struct Metered {
     pub refused_over_budget: u64,
     /// Requests refused because their method, path or query is not one the gateway relays.
     pub refused_not_allowed: u64,
+    /// The worst case of the requests in flight, held against the budget until they end.
+    pub reserved_usd: f64,
+    /// Requests whose `max_tokens` was lowered to what the budget left could pay for.
+    pub clamped: u64,
 }
 
 /// One execution's access: its token, the key added for it, what it spent.
@@ -72,6 +78,66 @@ impl Account {
             open: AtomicBool::new(true),
             on_change: None,
         }
+    }
+
+    /// Counts what was already spent (recorded before this process opened the account).
+    pub fn with_spent(self, usage: Usage, cost_usd: f64) -> Self {
+        if let Ok(mut m) = self.metered.lock() {
+            m.usage = usage;
+            m.cost_usd = cost_usd;
+        }
+        self
+    }
+
+    /// Holds a request's worst case against the budget, lowering its `max_tokens` to what the
+    /// budget left can pay for when needed. Err: the budget cannot pay for the request.
+    fn reserve(self: &Arc<Self>, path: &str, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
+        let Some(budget) = self.budget_usd else { return Ok((None, body)) };
+        let req = serde_json::from_slice::<RequestModel>(&body).unwrap_or_default();
+        let model = req.model.as_deref();
+        // Tokens are never more than the request's bytes (text is ~4 bytes a token), priced at
+        // the dearest input rate (a cache write); output at most `max_tokens`.
+        let input = crate::agent::stream::estimate_cost(
+            model,
+            &Usage { cache_creation_input_tokens: body.len() as u64, ..Default::default() },
+        );
+        let per_output =
+            crate::agent::stream::estimate_cost(model, &Usage { output_tokens: 1_000_000, ..Default::default() })
+                / 1_000_000.0;
+        let free = path.starts_with("/v1/messages/count_tokens");
+        let wanted = if free { 0 } else { req.max_tokens.unwrap_or(0) };
+        let Ok(mut m) = self.metered.lock() else { return Err("the gateway's books are unreadable".into()) };
+        let left = budget - m.cost_usd - m.reserved_usd;
+        let refuse = |m: &mut Metered, why: String| {
+            m.refused_over_budget += 1;
+            Err(format!("{BUDGET_SPENT} ({why}; ${:.4} spent of ${budget})", m.cost_usd))
+        };
+        if m.cost_usd >= budget {
+            return refuse(&mut m, "nothing left".into());
+        }
+        if free {
+            return Ok((None, body));
+        }
+        let affordable = ((left - input) / per_output).floor().max(0.0) as u64;
+        let granted = wanted.min(affordable);
+        if granted < wanted.min(MIN_OUTPUT_TOKENS) || left < input {
+            let why = format!(
+                "${left:.4} left, ${:.4} held by requests in flight; this one could cost ${:.4}",
+                m.reserved_usd,
+                input + wanted as f64 * per_output
+            );
+            return refuse(&mut m, why);
+        }
+        let usd = input + granted as f64 * per_output;
+        m.reserved_usd += usd;
+        let body = if granted < wanted {
+            m.clamped += 1;
+            drop(m);
+            with_max_tokens(&body, granted).unwrap_or(body)
+        } else {
+            body
+        };
+        Ok((Some(Hold { account: self.clone(), usd }), body))
     }
 
     /// Calls `f` whenever the figures change.
@@ -332,9 +398,39 @@ fn hop(name: &str) -> bool {
     )
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Default)]
 struct RequestModel {
     model: Option<String>,
+    max_tokens: Option<u64>,
+}
+
+/// A clamped request still gets room for a useful answer; below this, the budget is spent.
+const MIN_OUTPUT_TOKENS: u64 = 2048;
+
+/// A request's worst case held against its account's budget while it is in flight.
+struct Hold {
+    account: Arc<Account>,
+    usd: f64,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.account.metered.lock() {
+            m.reserved_usd = (m.reserved_usd - self.usd).max(0.0);
+        }
+    }
+}
+
+/// The request with `max_tokens` set to `n` (and an extended-thinking budget kept below it).
+fn with_max_tokens(body: &[u8], n: u64) -> Option<Bytes> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v["max_tokens"] = n.into();
+    if let Some(t) = v.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens"))
+        && t.as_u64().is_some_and(|b| b >= n)
+    {
+        *t = (n / 2).into();
+    }
+    serde_json::to_vec(&v).ok().map(Bytes::from)
 }
 
 /// Relays one request for `account` (None: no running execution here). The token is checked
@@ -379,20 +475,13 @@ async fn relay(
             ));
         }
     };
-    if let Some(budget) = account.budget_usd {
-        let spent = account.metered().cost_usd;
-        if spent >= budget {
-            if let Ok(mut m) = account.metered.lock() {
-                m.refused_over_budget += 1;
-            }
-            // 400: the CLI does not retry it, and ends the run with this message.
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &format!("{BUDGET_SPENT} (${spent:.4} of ${budget}); the operator's gateway refuses further requests"),
-            );
-        }
-    }
+    // The budget is hard, also under concurrency: the worst case of every request in flight is
+    // held against it until the request ends (`Hold`), and settled to the metered figure.
+    let (hold, body) = match account.reserve(path, body) {
+        Ok(ok) => ok,
+        // 400: the CLI does not retry it, and ends the run with this message.
+        Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_request_error", &why),
+    };
     // The model prices the tokens (a request names it; the agent cannot change the price of
     // what it already spent).
     let model = serde_json::from_slice::<RequestModel>(&body).ok().and_then(|m| m.model);
@@ -440,6 +529,8 @@ async fn relay(
     let account = account.clone();
     let mut meter = Meter::default();
     let body = resp.bytes_stream().map(move |chunk| {
+        // Held until the response has streamed to its end (or the agent went away).
+        let _hold = &hold;
         if let Ok(bytes) = &chunk {
             let seen = if streaming { meter.feed(bytes) } else { meter.feed_json(bytes) };
             if !seen.is_empty() {
