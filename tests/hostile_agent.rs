@@ -262,3 +262,58 @@ async fn allowed_tools_limit_what_the_agent_may_run() {
     let bodies: Vec<String> = h.model.seen().iter().map(|s| s.body.to_string()).collect();
     assert!(bodies.iter().any(|b| b.contains("permission")), "the agent was told Bash needs permission");
 }
+
+/// The agent on one machine tries to reach out of its sandbox through the kernel: a signal to a
+/// process of the user, the user's abstract unix socket, a TCP port that is not its gateway's,
+/// a file in `/dev/shm`, and the controlling terminal. Every attempt fails (each step proves it
+/// ran by writing its result where the test reads it), and the run itself succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
+    use std::os::linux::net::SocketAddrExt;
+    let h = Harness::new(vec![]).await;
+    // The user's things the agent goes for.
+    let mut victim = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    let tag = format!("agentops-attack-{}", std::process::id());
+    let abstract_addr = std::os::unix::net::SocketAddr::from_abstract_name(tag.as_bytes()).unwrap();
+    let unix = std::os::unix::net::UnixListener::bind_addr(&abstract_addr).unwrap();
+    unix.set_nonblocking(true).unwrap();
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let shm = std::path::PathBuf::from(format!("/dev/shm/{tag}"));
+    // Each attempt appends "name:exit status" to a file in the workspace (ignored by git, read back).
+    let attempt = |name: &str, cmd: &str| format!("( {cmd} ) >/dev/null 2>&1; echo \"{name}:$?\" >> target/attempts");
+    let script = [
+        "mkdir -p target && printf 'target/\\n' >> .gitignore".to_string(),
+        attempt("kill", &format!("kill -9 {}", victim.id())),
+        attempt(
+            "abstract",
+            &format!("perl -e 'use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or exit 3; connect(S, pack_sockaddr_un(\"\\0{tag}\")) or exit 1'"),
+        ),
+        attempt("tcp", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")),
+        attempt("shm", &format!("echo x > {}", shm.display())),
+        attempt("tty", "exec 3</dev/tty"),
+    ]
+    .join("; ");
+    h.model.set_script(vec![
+        bash(&script),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ]);
+    let (code, stdout, stderr) = run(&h, "kernel", "  workspace: {retain: Retain}\n").await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let ws = std::path::Path::new(summary["workspace"].as_str().unwrap());
+    let attempts = std::fs::read_to_string(ws.join("repo/target/attempts")).unwrap();
+    let results: std::collections::BTreeMap<&str, &str> = attempts.lines().filter_map(|l| l.split_once(':')).collect();
+    assert_eq!(results.len(), 5, "every attempt ran: {attempts}");
+    for (name, status) in &results {
+        assert_ne!(*status, "0", "{name} succeeded: {attempts}");
+    }
+    assert!(victim.try_wait().unwrap().is_none(), "the user's process is alive");
+    victim.kill().unwrap();
+    assert!(unix.accept().is_err(), "nothing connected to the user's abstract socket");
+    assert!(tcp.accept().is_err(), "nothing connected to the other port");
+    assert!(!shm.exists(), "nothing written in /dev/shm");
+    assert_eq!(summary["phase"], "Succeeded", "{summary}");
+}

@@ -154,6 +154,13 @@ pub async fn run_agent(
 ) -> std::io::Result<AgentOutcome> {
     let started = Instant::now();
     let mut command = Command::new(&cmd.program);
+    // A session of its own: no controlling terminal (nothing it starts can open the user's
+    // `/dev/tty`, let alone push keystrokes into it), and its own process group, so that
+    // stopping it stops the tools it started too.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
     if let Some(sandbox) = &cmd.sandbox {
         let ruleset = sandbox.prepare().map_err(std::io::Error::other)?;
         let ruleset = std::sync::Mutex::new(Some(ruleset));
@@ -174,8 +181,6 @@ pub async fn run_agent(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Its own group, so that stopping it stops the tools it started too.
-        .process_group(0)
         .kill_on_drop(true)
         .spawn()?;
     let pgid = child.id().map(|id| Pid::from_raw(id as i32));

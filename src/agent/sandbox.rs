@@ -1,17 +1,27 @@
 //! The agent's sandbox on one machine: Linux Landlock (unprivileged, kernel 5.13+), applied in
 //! the agent's process between fork and exec, so the agent and every tool it starts can write
-//! only its workspace, its private HOME and TMPDIR (and `/dev`), and read only system and
-//! toolchain directories. Not the secrets dir, not the store, not the user's HOME. Where the
-//! kernel has no Landlock, the agent runs unconfined and the runner says so.
+//! only its workspace, its private HOME and TMPDIR (and the harmless devices: `/dev/null`,
+//! `/dev/zero`, `/dev/full`, `/dev/random`, `/dev/urandom`), and read only system and
+//! toolchain directories. Not the secrets dir, not the store, not the user's HOME, not
+//! `/dev/shm`. Where the kernel has them: no ioctl on any device it opens (ABI 5: no `TIOCSTI`
+//! into a terminal), TCP connect only to the ports it is given (the model gateway's, the
+//! egress allowlist's; ABI 4), no bind, no signal to a process outside the sandbox and no
+//! abstract unix socket outside it (ABI 6 scopes). The agent also starts in a session of its
+//! own, without the user's controlling terminal. Where the kernel has no Landlock, the agent
+//! runs unconfined and the runner says so; older kernels get what they support.
 
 use std::path::{Path, PathBuf};
 
 use landlock::{
-    ABI, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetError, path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, NetPort, Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetError,
+    Scope, path_beneath_rules,
 };
 
 /// The highest Landlock ABI asked for; older kernels get what they support (best effort).
-const ABI_WANTED: ABI = ABI::V5;
+const ABI_WANTED: ABI = ABI::V6;
+
+/// Devices a shell and its tools write to; nothing else under `/dev` is writable.
+const WRITABLE_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 
 /// Directories of the system everyone may read (and execute from).
 const SYSTEM_DIRS: &[&str] =
@@ -24,6 +34,8 @@ pub struct Sandbox {
     pub read_write: Vec<PathBuf>,
     /// Read and execute beneath these.
     pub read_only: Vec<PathBuf>,
+    /// TCP ports the agent may connect to (the model gateway's, the egress allowlist's).
+    pub tcp_connect: Vec<u16>,
 }
 
 impl Sandbox {
@@ -40,6 +52,7 @@ impl Sandbox {
         path: Option<&str>,
         extra_read: &[PathBuf],
         protected: &[PathBuf],
+        tcp_connect: &[u16],
     ) -> Self {
         let mut read_only: Vec<PathBuf> = SYSTEM_DIRS.iter().map(PathBuf::from).collect();
         // The agent's installation: the resolved binary's package (for the npm package, its
@@ -75,19 +88,32 @@ impl Sandbox {
         read_only.retain(|d| d.as_os_str() != "/" && !covers(d));
         read_only.sort();
         read_only.dedup();
-        let read_write = vec![workspace.to_path_buf(), home.to_path_buf(), PathBuf::from("/dev")];
-        Self { read_write, read_only }
+        read_only.push(PathBuf::from("/dev"));
+        let read_write = vec![workspace.to_path_buf(), home.to_path_buf()];
+        let mut tcp_connect = tcp_connect.to_vec();
+        tcp_connect.sort_unstable();
+        tcp_connect.dedup();
+        Self { read_write, read_only, tcp_connect }
     }
 
     /// The Landlock ruleset, ready to be applied by `restrict` in the child. Built in the
     /// parent: after fork, only the `restrict_self` system calls run.
     pub fn prepare(&self) -> Result<RulesetCreated, RulesetError> {
         let abi = ABI_WANTED;
+        // No ioctl on devices, even beneath the writable directories (a device node there is
+        // not the agent's to drive).
+        let files = AccessFs::from_all(abi) & !AccessFs::IoctlDev;
+        let devices: Vec<&str> = WRITABLE_DEVICES.iter().copied().filter(|d| Path::new(d).exists()).collect();
+        let ports = self.tcp_connect.iter().map(|p| NetPort::new(*p, AccessNet::ConnectTcp));
         Ruleset::default()
             .handle_access(AccessFs::from_all(abi))?
+            .handle_access(AccessNet::from_all(abi))?
+            .scope(Scope::from_all(abi))?
             .create()?
             .add_rules(path_beneath_rules(&self.read_only, AccessFs::from_read(abi)))?
-            .add_rules(path_beneath_rules(&self.read_write, AccessFs::from_all(abi)))
+            .add_rules(path_beneath_rules(&self.read_write, files))?
+            .add_rules(path_beneath_rules(&devices, device_rights()))?
+            .add_rules(ports.map(Ok::<_, RulesetError>))
     }
 }
 
@@ -112,6 +138,11 @@ pub fn supported() -> bool {
         .join()
         .unwrap_or(false)
     })
+}
+
+/// What the agent may do to the devices it writes to: read, write, truncate (`> /dev/null`).
+fn device_rights() -> landlock::BitFlags<AccessFs> {
+    AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate
 }
 
 fn canon(p: &Path) -> PathBuf {
@@ -139,6 +170,7 @@ mod tests {
             Some("/usr/bin:/home/alice/bin:/:/home/alice"),
             &[],
             &[home.join(".config/agentops/secrets"), home.clone()],
+            &[8080],
         );
         assert!(s.read_only.contains(&PathBuf::from("/usr/bin")));
         assert!(!s.read_only.iter().any(|d| d == Path::new("/") || d == home.as_path()), "{s:?}");

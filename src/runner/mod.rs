@@ -155,6 +155,14 @@ struct Run<'a> {
     private: Option<PathBuf>,
 }
 
+/// The TCP ports the agent's sandbox lets it connect to: its model endpoint's (the gateway's)
+/// and those of `spec.egress`.
+fn agent_ports(model_url: Option<&str>, egress: &[crate::api::EgressRule]) -> Vec<u16> {
+    let model =
+        url::Url::parse(model_url.unwrap_or("https://api.anthropic.com")).ok().and_then(|u| u.port_or_known_default());
+    model.into_iter().chain(egress.iter().flat_map(|e| e.ports.iter().copied())).collect()
+}
+
 /// How long a push that failed for a transient reason is tried again.
 const PUSH_RETRY_FOR: Duration = Duration::from_secs(60);
 
@@ -483,6 +491,7 @@ impl<'a> Run<'a> {
                 env("PATH").as_deref(),
                 &policy.extra_read,
                 &protected,
+                &agent_ports(agent_env("ANTHROPIC_BASE_URL").as_deref(), &self.r.egress),
             ));
             if !agent::sandbox::supported() {
                 self.say("  warning: this kernel has no Landlock; the agent runs unconfined");
