@@ -90,6 +90,29 @@ pub struct MachineArgs {
     /// More directories the sandboxed agent may read (toolchains, e.g. ~/.rustup; comma-separated).
     #[arg(long, env = "AGENTOPS_SANDBOX_READ", value_delimiter = ',')]
     pub sandbox_read: Vec<PathBuf>,
+    /// Refuse to run unless every protection of the sandbox is in force (Landlock ABI 6 or
+    /// later: files, TCP ports, device ioctls, signals, abstract sockets).
+    #[arg(long, env = "AGENTOPS_SANDBOX_REQUIRE", conflicts_with = "no_sandbox")]
+    pub sandbox_require: bool,
+}
+
+impl MachineArgs {
+    /// With `--sandbox-require`: why this kernel cannot run the agent fully confined, if it cannot.
+    pub fn sandbox_refusal(&self) -> Option<String> {
+        if !self.sandbox_require {
+            return None;
+        }
+        let abi = crate::agent::sandbox::kernel_abi();
+        let (_, missing) = crate::agent::sandbox::protections(abi);
+        (!missing.is_empty()).then(|| {
+            let have = abi.map_or_else(|| "no Landlock".to_string(), |a| format!("Landlock ABI {a}"));
+            format!(
+                "--sandbox-require: this kernel has {have}, which lacks: {} (needs ABI {}); nothing was started",
+                missing.join("; "),
+                crate::agent::sandbox::FULL_ABI
+            )
+        })
+    }
 }
 
 impl MachineArgs {
@@ -382,6 +405,10 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_INVALID);
         }
     };
+    if let Some(why) = args.machine.sandbox_refusal() {
+        eprintln!("error: {why}");
+        return Ok(EXIT_INVALID);
+    }
     let opts = args.machine.options(!args.quiet, None);
     let source = args.file.display().to_string();
     let Ok(summary) = execute(db, &text, &source, &opts).await? else {

@@ -46,10 +46,13 @@ async fn run_prints_a_json_summary_and_the_store_commands_read_it() {
     let h = Harness::new(happy_script()).await;
     let file = write_manifest(&h, "json", &h.manifest("json", ""));
     let mut c = agentops(&h);
-    c.args(["run", "-f"]).arg(&file).args(["--output", "json"]);
+    // --sandbox-require: this machine's kernel has every protection (Landlock ABI 7), so it runs.
+    c.args(["run", "--sandbox-require", "-f"]).arg(&file).args(["--output", "json"]);
     let (code, stdout, stderr) = output(c).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("cloning") && stderr.contains("pushed"), "progress on stderr: {stderr}");
+    assert!(stderr.contains("sandbox: Landlock ABI"), "the protections in force are said: {stderr}");
+    assert!(!stderr.contains("lacks"), "{stderr}");
     let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON object on stdout");
     for key in [
         "id",

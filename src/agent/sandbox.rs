@@ -126,18 +126,50 @@ pub fn restrict(ruleset: RulesetCreated) -> std::io::Result<()> {
     }
 }
 
-/// Whether this kernel enforces Landlock (for the runner's warning): a throwaway thread
-/// restricts itself (Landlock binds the calling thread only) and reports what the kernel did.
+/// Whether this kernel enforces Landlock (for the runner's warning).
 pub fn supported() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
+    kernel_abi().is_some()
+}
+
+/// The Landlock ABI this kernel enforces (as far as this build knows them), None when it
+/// enforces none: a throwaway thread restricts itself (Landlock binds the calling thread only)
+/// and reports what the kernel did.
+pub fn kernel_abi() -> Option<u8> {
+    static ABI_SEEN: std::sync::OnceLock<Option<u8>> = std::sync::OnceLock::new();
+    *ABI_SEEN.get_or_init(|| {
         std::thread::spawn(|| {
             let ruleset = Ruleset::default().handle_access(AccessFs::from_all(ABI_WANTED)).and_then(|r| r.create());
-            ruleset.and_then(|r| r.restrict_self()).is_ok_and(|s| s.ruleset != landlock::RulesetStatus::NotEnforced)
+            let status = ruleset.and_then(|r| r.restrict_self()).ok()?;
+            if status.ruleset == landlock::RulesetStatus::NotEnforced {
+                return None;
+            }
+            match status.landlock {
+                landlock::LandlockStatus::Available { effective_abi, .. } => Some(effective_abi as u8),
+                _ => None,
+            }
         })
         .join()
-        .unwrap_or(false)
+        .ok()
+        .flatten()
     })
+}
+
+/// The lowest Landlock ABI with every protection the sandbox asks for (ABI 6: scopes).
+pub const FULL_ABI: u8 = 6;
+
+/// What the sandbox enforces on a kernel with Landlock ABI `abi`, and what it cannot, for the
+/// run's log: (in force, missing).
+pub fn protections(abi: Option<u8>) -> (Vec<&'static str>, Vec<&'static str>) {
+    let all: [(u8, &str); 5] = [
+        (1, "files (write only the workspace and HOME, read only system and toolchain directories)"),
+        (3, "truncate"),
+        (4, "TCP connect only to the model gateway's and spec.egress ports"),
+        (5, "no device ioctls (no TIOCSTI)"),
+        (6, "signals and abstract unix sockets only within the sandbox"),
+    ];
+    let abi = abi.unwrap_or(0);
+    let pick = |on: bool| all.iter().filter(|(need, _)| (abi >= *need) == on).map(|(_, what)| *what).collect();
+    (pick(true), pick(false))
 }
 
 /// What the agent may do to the devices it writes to: read, write, truncate (`> /dev/null`).
@@ -158,6 +190,11 @@ mod tests {
         // The machines this project runs on have kernel 6.x; if this fails, the sandbox tests
         // below prove nothing here.
         assert!(supported(), "Landlock is not enforced on this kernel");
+        // This project's machines (and CI) have ABI 7: every protection is in force.
+        let (_, missing) = protections(kernel_abi());
+        assert!(missing.is_empty(), "ABI {:?} lacks {missing:?}", kernel_abi());
+        let (on, off) = protections(Some(4));
+        assert_eq!((on.len(), off.len()), (3, 2));
     }
 
     #[test]

@@ -493,8 +493,15 @@ impl<'a> Run<'a> {
                 &protected,
                 &agent_ports(agent_env("ANTHROPIC_BASE_URL").as_deref(), &self.r.egress),
             ));
-            if !agent::sandbox::supported() {
-                self.say("  warning: this kernel has no Landlock; the agent runs unconfined");
+            match agent::sandbox::kernel_abi() {
+                None => self.say("  warning: this kernel has no Landlock; the agent runs unconfined"),
+                Some(abi) => {
+                    let (_, missing) = agent::sandbox::protections(Some(abi));
+                    self.say(&format!("  sandbox: Landlock ABI {abi}"));
+                    if !missing.is_empty() {
+                        self.say(&format!("  warning: this kernel's Landlock lacks: {}", missing.join("; ")));
+                    }
+                }
             }
         }
         let (rec, echo) = (&self.rec, self.opts.progress);
