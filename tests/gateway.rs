@@ -114,33 +114,39 @@ async fn the_controllers_gateway_counts_per_execution_and_stops_at_the_budget() 
     assert_eq!(ask(&url("team-a", "fix"), "token-a").await.unwrap().status(), 401);
 }
 
+/// The controller's git relay on 127.0.0.1, and its base URL.
+async fn relay_server() -> (std::sync::Arc<agentops::gateway::git::GitRelays>, String) {
+    let relays = std::sync::Arc::new(agentops::gateway::git::GitRelays::new().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = relays.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (relays, base)
+}
+
+/// An execution's route to `upstream` with the test server's credential, for `agentops/fix`.
+fn route_to(upstream: String) -> agentops::gateway::git::Route {
+    agentops::gateway::git::Route {
+        upstream,
+        credentials: Some(agentops::git::GitCredentials {
+            username: "x-access-token".into(),
+            token: support::TOKEN.into(),
+        }),
+        clone_token: "clone-tok".into(),
+        publish_token: "publish-tok".into(),
+        branch: "agentops/fix".into(),
+    }
+}
+
 /// The controller's git relay, driven by the real git CLI over smart HTTP against the test git
 /// server: the clone token fetches and cannot push; the publish token pushes the work branch
 /// and nothing else; tokens die with the execution; the credential is the relay's alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_git_relay_adds_the_credential_and_lets_only_the_work_branch_through() {
-    use agentops::gateway::git::{GitRelays, Route};
     let server = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
     server.create_repo("demo", &[("README.md", "hello\n")]);
-    let relays = std::sync::Arc::new(GitRelays::new().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let app = relays.clone().router();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    relays.open(
-        "ns",
-        "fix",
-        Route {
-            upstream: server.url("demo"),
-            credentials: Some(agentops::git::GitCredentials {
-                username: "x-access-token".into(),
-                token: support::TOKEN.into(),
-            }),
-            clone_token: "clone-tok".into(),
-            publish_token: "publish-tok".into(),
-            branch: "agentops/fix".into(),
-        },
-    );
+    let (relays, base) = relay_server().await;
+    relays.open("ns", "fix", route_to(server.url("demo")));
     let url = |token: &str| format!("{}/git/ns/fix", base.replace("http://", &format!("http://agentops:{token}@")));
     let dir = tempfile::tempdir().unwrap();
     let git = |args: &[&str]| {
@@ -213,7 +219,6 @@ async fn the_git_relay_adds_the_credential_and_lets_only_the_work_branch_through
 /// look-alike of the work branch is refused before anything reaches the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
-    use agentops::gateway::git::{GitRelays, Route};
     use std::sync::atomic::{AtomicU64, Ordering};
     // Where a redirect would lead, counting every request it gets.
     let target_hits = std::sync::Arc::new(AtomicU64::new(0));
@@ -242,26 +247,10 @@ async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
     };
     let server = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
     server.create_repo("demo", &[("README.md", "hello\n")]);
-    let relays = std::sync::Arc::new(GitRelays::new().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn({
-        let app = relays.clone().router();
-        async move { axum::serve(listener, app).await }
-    });
-    let route = |upstream: String| Route {
-        upstream,
-        credentials: Some(agentops::git::GitCredentials {
-            username: "x-access-token".into(),
-            token: support::TOKEN.into(),
-        }),
-        clone_token: "clone-tok".into(),
-        publish_token: "publish-tok".into(),
-        branch: "agentops/fix".into(),
-    };
+    let (relays, base) = relay_server().await;
     let client = reqwest::Client::new();
 
-    relays.open("ns", "redirected", route(host));
+    relays.open("ns", "redirected", route_to(host));
     let resp = client
         .get(format!("{base}/git/ns/redirected/info/refs?service=git-upload-pack"))
         .basic_auth("agentops", Some("clone-tok"))
@@ -273,7 +262,7 @@ async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
     assert!(text.contains("HTTP 302") && text.contains("not followed"), "{text}");
     assert_eq!(target_hits.load(Ordering::SeqCst), 0, "the redirect's target was never contacted");
 
-    relays.open("ns", "fix", route(server.url("demo")));
+    relays.open("ns", "fix", route_to(server.url("demo")));
     let pkt = |s: &str| format!("{:04x}{s}", s.len() + 4);
     let (z, one) = ("0".repeat(40), "1".repeat(40));
     for name in ["refs/heads/agentops/fix\u{a0}", "refs/heads/agentops/fix\t", " refs/heads/agentops/fix"] {
