@@ -91,7 +91,8 @@ pub struct MachineArgs {
     #[arg(long, env = "AGENTOPS_SANDBOX_READ", value_delimiter = ',')]
     pub sandbox_read: Vec<PathBuf>,
     /// Refuse to run unless every protection of the sandbox is in force (Landlock ABI 6 or
-    /// later: files, TCP ports, device ioctls, signals, abstract sockets).
+    /// later: files, TCP ports, device ioctls, signals, abstract sockets; and namespaces of
+    /// its own).
     #[arg(long, env = "AGENTOPS_SANDBOX_REQUIRE", conflicts_with = "no_sandbox")]
     pub sandbox_require: bool,
 }
@@ -103,11 +104,11 @@ impl MachineArgs {
             return None;
         }
         let abi = crate::agent::sandbox::kernel_abi();
-        let (_, missing) = crate::agent::sandbox::protections(abi);
+        let (_, missing) = crate::agent::sandbox::protections(abi, crate::agent::sandbox::isolation_supported());
         (!missing.is_empty()).then(|| {
             let have = abi.map_or_else(|| "no Landlock".to_string(), |a| format!("Landlock ABI {a}"));
             format!(
-                "--sandbox-require: this kernel has {have}, which lacks: {} (needs ABI {}); nothing was started",
+                "--sandbox-require: this machine has {have}, which lacks: {} (needs Landlock ABI {} and user namespaces); nothing was started",
                 missing.join("; "),
                 crate::agent::sandbox::FULL_ABI
             )

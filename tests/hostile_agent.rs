@@ -46,10 +46,17 @@ async fn run_manifest(h: &Harness, name: &str, yaml: &str) -> (i32, String, Stri
 /// so that what is tested is the publish step alone, as in a pod where the agent can write the
 /// runner's HOME.
 async fn run_with(h: &Harness, name: &str, yaml: &str, sandbox: bool) -> (i32, String, String) {
+    run_env(h, name, yaml, sandbox, &[]).await
+}
+
+/// `run_with`, with more variables in `agentops run`'s own environment (as exported in the
+/// user's shell).
+async fn run_env(h: &Harness, name: &str, yaml: &str, sandbox: bool, extra: &[(&str, &str)]) -> (i32, String, String) {
     let file = h.dir.path().join(format!("{name}.yaml"));
     std::fs::write(&file, yaml).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
         .env_clear()
+        .envs(extra.iter().copied())
         .env("AGENTOPS_NO_SANDBOX", if sandbox { "false" } else { "true" })
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", h.dir.path())
@@ -293,6 +300,10 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
         attempt("tcp", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")),
         attempt("shm", &format!("echo x > {}", shm.display())),
         attempt("tty", "exec 3</dev/tty"),
+        // Every process's environment: the user's shell exported a token.
+        attempt("environ", "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' | grep -q ghp_user\"\"ShellToken"),
+        // Sleepers meant to outlive the run.
+        "setsid sleep 311 >/dev/null 2>&1 < /dev/null & nohup sleep 312 >/dev/null 2>&1 & ( sleep 313 >/dev/null 2>&1 & ) ; true".to_string(),
     ]
     .join("; ");
     h.model.set_script(vec![
@@ -300,13 +311,15 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
         Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
         Step::text("Done."),
     ]);
-    let (code, stdout, stderr) = run(&h, "kernel", "  workspace: {retain: Retain}\n").await;
+    let yaml = h.manifest("kernel", "  workspace: {retain: Retain}\n");
+    let exported = [("GH_TOKEN", "ghp_userShellToken7c1"), ("AWS_SECRET_ACCESS_KEY", "ghp_userShellToken7c1")];
+    let (code, stdout, stderr) = run_env(&h, "kernel", &yaml, true, &exported).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let ws = std::path::Path::new(summary["workspace"].as_str().unwrap());
     let attempts = std::fs::read_to_string(ws.join("repo/target/attempts")).unwrap();
     let results: std::collections::BTreeMap<&str, &str> = attempts.lines().filter_map(|l| l.split_once(':')).collect();
-    assert_eq!(results.len(), 5, "every attempt ran: {attempts}");
+    assert_eq!(results.len(), 6, "every attempt ran: {attempts}");
     for (name, status) in &results {
         assert_ne!(*status, "0", "{name} succeeded: {attempts}");
     }
@@ -316,4 +329,14 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
     assert!(tcp.accept().is_err(), "nothing connected to the other port");
     assert!(!shm.exists(), "nothing written in /dev/shm");
     assert_eq!(summary["phase"], "Succeeded", "{summary}");
+    // The token exported in the user's shell never reached the model.
+    assert!(h.model.seen().iter().all(|r| !r.body.to_string().contains("ghp_userShellToken7c1")));
+    // Nothing the agent started outlives the run.
+    let survivors: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| ["sleep 311", "sleep 312", "sleep 313"].iter().any(|s| c.starts_with(s)))
+        .collect();
+    assert!(survivors.is_empty(), "outlived the run: {survivors:?}");
 }

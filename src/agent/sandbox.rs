@@ -98,7 +98,9 @@ impl Sandbox {
 
     /// The Landlock ruleset, ready to be applied by `restrict` in the child. Built in the
     /// parent: after fork, only the `restrict_self` system calls run.
-    pub fn prepare(&self) -> Result<RulesetCreated, RulesetError> {
+    /// With `isolated` (the agent mounts a `/proc` of its own), `/proc` is granted by
+    /// `restrict`, after that mount: a rule made here would name the outer one.
+    pub fn prepare(&self, isolated: bool) -> Result<RulesetCreated, RulesetError> {
         let abi = ABI_WANTED;
         // No ioctl on devices, even beneath the writable directories (a device node there is
         // not the agent's to drive).
@@ -110,7 +112,10 @@ impl Sandbox {
             .handle_access(AccessNet::from_all(abi))?
             .scope(Scope::from_all(abi))?
             .create()?
-            .add_rules(path_beneath_rules(&self.read_only, AccessFs::from_read(abi)))?
+            .add_rules(path_beneath_rules(
+                self.read_only.iter().filter(|d| !(isolated && d.as_path() == Path::new("/proc"))),
+                AccessFs::from_read(abi),
+            ))?
             .add_rules(path_beneath_rules(&self.read_write, files))?
             .add_rules(path_beneath_rules(&devices, device_rights()))?
             .add_rules(ports.map(Ok::<_, RulesetError>))
@@ -119,7 +124,17 @@ impl Sandbox {
 
 /// Applies a prepared ruleset to the calling process (the agent's child, before exec).
 /// Async-signal-safe on success; a kernel without Landlock leaves the child unconfined.
-pub fn restrict(ruleset: RulesetCreated) -> std::io::Result<()> {
+pub fn restrict(ruleset: RulesetCreated, isolated: bool) -> std::io::Result<()> {
+    let ruleset = if isolated {
+        // The agent's own /proc, mounted by `Isolation::enter` (it shows only its processes).
+        let proc = landlock::PathBeneath::new(
+            landlock::PathFd::new("/proc").map_err(std::io::Error::other)?,
+            AccessFs::from_read(ABI_WANTED),
+        );
+        ruleset.add_rule(proc).map_err(std::io::Error::other)?
+    } else {
+        ruleset
+    };
     match ruleset.restrict_self() {
         Ok(_) => Ok(()),
         Err(e) => Err(std::io::Error::other(e)),
@@ -159,7 +174,7 @@ pub const FULL_ABI: u8 = 6;
 
 /// What the sandbox enforces on a kernel with Landlock ABI `abi`, and what it cannot, for the
 /// run's log: (in force, missing).
-pub fn protections(abi: Option<u8>) -> (Vec<&'static str>, Vec<&'static str>) {
+pub fn protections(abi: Option<u8>, isolated: bool) -> (Vec<&'static str>, Vec<&'static str>) {
     let all: [(u8, &str); 5] = [
         (1, "files (write only the workspace and HOME, read only system and toolchain directories)"),
         (3, "truncate"),
@@ -168,8 +183,119 @@ pub fn protections(abi: Option<u8>) -> (Vec<&'static str>, Vec<&'static str>) {
         (6, "signals and abstract unix sockets only within the sandbox"),
     ];
     let abi = abi.unwrap_or(0);
-    let pick = |on: bool| all.iter().filter(|(need, _)| (abi >= *need) == on).map(|(_, what)| *what).collect();
-    (pick(true), pick(false))
+    let pick = |on: bool| all.iter().filter(move |(need, _)| (abi >= *need) == on).map(|(_, what)| *what);
+    let own = "namespaces of its own (no other process in /proc, empty /dev/shm, nothing outlives the run)";
+    let (mut on, mut off): (Vec<_>, Vec<_>) = (pick(true).collect(), pick(false).collect());
+    if isolated {
+        on.push(own)
+    } else {
+        off.push(own)
+    }
+    (on, off)
+}
+
+/// The agent's own user, mount and PID namespaces (unprivileged where the kernel allows): it
+/// becomes PID 1 of a namespace of its own with a `/proc` of its own (no other process, so no
+/// other process's `environ`) and an empty `/dev/shm`; when it ends, the kernel kills everything
+/// it left behind (`setsid`, `nohup`, double forks). Prepared in the parent; `enter` runs in
+/// the child between fork and exec.
+pub struct Isolation {
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+}
+
+impl Isolation {
+    /// The maps that keep the agent's user and group ids what they are outside.
+    pub fn new() -> Self {
+        let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+        Self { uid_map: format!("{uid} {uid} 1\n").into_bytes(), gid_map: format!("{gid} {gid} 1\n").into_bytes() }
+    }
+
+    /// In the child: new namespaces, then a fork. This process stays outside as the
+    /// namespace's parent: it waits for the agent and exits with its status (never returning);
+    /// the agent, PID 1 inside, mounts its `/proc` and `/dev/shm` and returns to exec.
+    pub fn enter(&self) -> std::io::Result<()> {
+        use nix::mount::{MsFlags, mount};
+        use nix::sched::{CloneFlags, unshare};
+        use nix::unistd::{ForkResult, fork};
+        unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)?;
+        write_file(c"/proc/self/setgroups", b"deny")?;
+        write_file(c"/proc/self/uid_map", &self.uid_map)?;
+        write_file(c"/proc/self/gid_map", &self.gid_map)?;
+        // SAFETY: this process is the single-threaded child of a fork; what follows in either
+        // branch is system calls (the waiting parent allocates nothing).
+        match unsafe { fork() }? {
+            ForkResult::Parent { child } => wait_and_exit(child),
+            ForkResult::Child => {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                let none: Option<&str> = None;
+                mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+                let quiet = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+                mount(Some("proc"), "/proc", Some("proc"), quiet, none)?;
+                if Path::new("/dev/shm").is_dir() {
+                    mount(Some("tmpfs"), "/dev/shm", Some("tmpfs"), quiet, Some("size=1m,mode=1777"))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Default for Isolation {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn write_file(path: &std::ffi::CStr, data: &[u8]) -> std::io::Result<()> {
+    let fd = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let written = nix::unistd::write(&fd, data);
+    written.map(|_| ()).map_err(std::io::Error::from)
+}
+
+/// The namespace's parent: closes every descriptor but the standard ones (the spawner's
+/// exec-status pipe among them: it must see the agent's exec, not wait for this process), waits
+/// for the agent and exits as it did.
+fn wait_and_exit(child: nix::unistd::Pid) -> ! {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    for fd in 3..4096 {
+        // Raw descriptors: nothing in this process uses them any more (it only waits).
+        let _ = nix::unistd::close(fd);
+    }
+    let code = loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => break code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => break 128 + sig as i32,
+            Err(nix::errno::Errno::EINTR) | Ok(_) => continue,
+            Err(_) => break 127,
+        }
+    };
+    // SAFETY: _exit ends this forked process without running the parent's atexit handlers.
+    unsafe { nix::libc::_exit(code) }
+}
+
+/// Whether this kernel lets this user make the agent's namespaces (probed once: `true` run
+/// inside them, in a throwaway child).
+pub fn isolation_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        use std::os::unix::process::CommandExt;
+        let iso = Isolation::new();
+        let mut probe = std::process::Command::new("true");
+        probe
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // SAFETY: `enter` makes system calls only (see above).
+        unsafe {
+            probe.pre_exec(move || iso.enter());
+        }
+        probe.status().is_ok_and(|s| s.success())
+    })
 }
 
 /// What the agent may do to the devices it writes to: read, write, truncate (`> /dev/null`).
@@ -191,10 +317,10 @@ mod tests {
         // below prove nothing here.
         assert!(supported(), "Landlock is not enforced on this kernel");
         // This project's machines (and CI) have ABI 7: every protection is in force.
-        let (_, missing) = protections(kernel_abi());
+        let (_, missing) = protections(kernel_abi(), isolation_supported());
         assert!(missing.is_empty(), "ABI {:?} lacks {missing:?}", kernel_abi());
-        let (on, off) = protections(Some(4));
-        assert_eq!((on.len(), off.len()), (3, 2));
+        let (on, off) = protections(Some(4), false);
+        assert_eq!((on.len(), off.len()), (3, 3));
     }
 
     #[test]

@@ -496,8 +496,10 @@ impl<'a> Run<'a> {
             match agent::sandbox::kernel_abi() {
                 None => self.say("  warning: this kernel has no Landlock; the agent runs unconfined"),
                 Some(abi) => {
-                    let (_, missing) = agent::sandbox::protections(Some(abi));
-                    self.say(&format!("  sandbox: Landlock ABI {abi}"));
+                    let isolated = agent::sandbox::isolation_supported();
+                    let (_, missing) = agent::sandbox::protections(Some(abi), isolated);
+                    let own = if isolated { ", namespaces of its own" } else { "" };
+                    self.say(&format!("  sandbox: Landlock ABI {abi}{own}"));
                     if !missing.is_empty() {
                         self.say(&format!("  warning: this kernel's Landlock lacks: {}", missing.join("; ")));
                     }
