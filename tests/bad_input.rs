@@ -190,6 +190,15 @@ fn the_crd_refuses_what_resolve_refuses() {
         ),
         (json!({"prompt": "é".repeat(262_145)}), "spec.prompt"),
         (json!({"agent": {"appendSystemPrompt": "s".repeat(65_537)}}), "spec.agent.appendSystemPrompt"),
+        (json!({"egress": [{"cidr": "10.0.0.0/33", "ports": [443]}]}), "spec.egress[0].cidr"),
+        (json!({"egress": [{"cidr": "2a04:4e42::/129", "ports": [443]}]}), "spec.egress[0].cidr"),
+        (
+            json!({"repository": {"url": "https://git.example.com/r.git", "ref": "main:refs/heads/x"}}),
+            "spec.repository.ref",
+        ),
+        (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "a b"}}), "spec.repository.ref"),
+        (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "a..b"}}), "spec.repository.ref"),
+        (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "feature/"}}), "spec.repository.ref"),
     ];
     for (patch, field) in refused {
         let spec = merged(&base, &patch);
@@ -209,6 +218,11 @@ fn the_crd_refuses_what_resolve_refuses() {
         json!({"repository": {"url": "http://git.example.com/r.git", "insecure": true, "credentialsSecretRef": {"name": "c"}}}),
         // ASCII: the cel crate's size() counts bytes where the apiserver counts characters.
         json!({"prompt": "x".repeat(262_144)}),
+        json!({"egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "2a04:4e42::/32", "ports": [443]}]}),
+        json!({"egress": [{"cidr": "151.101.1.1/32", "ports": [443]}, {"cidr": "::1/128", "ports": [80]}]}),
+        json!({"repository": {"url": "https://git.example.com/r.git", "ref": "release/1.x"}}),
+        json!({"repository": {"url": "https://git.example.com/r.git", "ref": "refs/pull/7/head"}}),
+        json!({"repository": {"url": "https://git.example.com/r.git", "ref": "0123456789abcdef0123456789abcdef01234567"}}),
     ];
     for patch in accepted {
         let spec = merged(&base, &patch);

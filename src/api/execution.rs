@@ -41,6 +41,13 @@ pub const BOUNDED_HOOK_TIMEOUTS: &str = "!has(self.hooks) || [has(self.hooks.pre
 /// No credentials in the URL: no userinfo, no query string, no fragment.
 pub const URL_WITHOUT_CREDENTIALS: &str = "!self.repository.url.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@') \
     && !self.repository.url.contains('?') && !self.repository.url.contains('#')";
+/// Every egress CIDR is an IP block with a prefix its family allows (as `resolve` checks).
+pub const EGRESS_CIDRS: &str = "!has(self.egress) || self.egress.all(e, \
+    e.cidr.matches('^[0-9]{1,3}([.][0-9]{1,3}){3}/([0-9]|[12][0-9]|3[0-2])$') \
+    || e.cidr.matches('^[0-9a-fA-F.]*:[0-9a-fA-F:.]*/([0-9]|[1-9][0-9]|1[01][0-9]|12[0-8])$'))";
+/// `spec.repository.ref` has none of what git refuses in a ref name (`resolve` checks the rest).
+pub const REF_NAME: &str =
+    "!has(self.repository.ref) || !self.repository.ref.matches('[ :~^?*\\\\[\\\\\\\\]|[.][.]|/$')";
 /// Credentials over plain http:// only to loopback, or with `insecure: true`.
 pub const NO_PLAIN_HTTP_CREDENTIALS: &str = "!self.repository.url.startsWith('http://') \
     || !has(self.repository.credentialsSecretRef) \
@@ -79,6 +86,8 @@ pub const NO_PLAIN_HTTP_CREDENTIALS: &str = "!self.repository.url.startsWith('ht
     validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
     validation = Rule::new(URL_WITHOUT_CREDENTIALS).message("spec.repository.url must not contain credentials, a query string or a fragment; use spec.repository.credentialsSecretRef"),
     validation = Rule::new(NO_PLAIN_HTTP_CREDENTIALS).message("credentials over plain http:// to a host other than loopback need spec.repository.insecure: true (use https://)"),
+    validation = Rule::new(EGRESS_CIDRS).message("each spec.egress[].cidr must be an IP block: an IPv4 address with a prefix of at most /32, or an IPv6 one with at most /128"),
+    validation = Rule::new(REF_NAME).message("spec.repository.ref must be a branch, tag, full commit id or refs/... name (no spaces, ':', '..', '~', '^', '?', '*', '[', '\\', no trailing '/')"),
     validation = Rule::new(IMMUTABLE_EXCEPT_CANCEL).message("spec is immutable after creation, except spec.cancel"),
     validation = Rule::new("!(has(oldSelf.cancel) && oldSelf.cancel) || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be undone"),
 )]
