@@ -466,3 +466,76 @@ async fn the_budget_is_hard_under_concurrent_requests_and_survives_a_restart() {
     assert_eq!(r.status(), 400);
     assert!(r.text().await.unwrap().contains(BUDGET_SPENT));
 }
+
+/// Plain JSON answers are metered as exactly as streamed ones, and the upstream's errors (429
+/// with `Retry-After`, 529 overloaded) reach the agent as they are, costing nothing and holding
+/// nothing against the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_are_metered_and_upstream_errors_pass_through_at_no_cost() {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().fallback({
+        let calls = calls.clone();
+        move || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                use axum::response::IntoResponse;
+                match n {
+                    0 => (
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "7"), ("content-type", "application/json")],
+                        r#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+                    )
+                        .into_response(),
+                    1 => (
+                        axum::http::StatusCode::from_u16(529).unwrap(),
+                        [("content-type", "application/json")],
+                        r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                    )
+                        .into_response(),
+                    _ => (
+                        [("content-type", "application/json")],
+                        r#"{"type":"message","content":[{"type":"tool_use","name":"Read","input":{}}],"usage":{"input_tokens":1200,"output_tokens":80,"cache_read_input_tokens":30,"cache_creation_input_tokens":4}}"#,
+                    )
+                        .into_response(),
+                }
+            }
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(10.0)).await.unwrap();
+    let body = json!({"model": "claude-sonnet-x", "max_tokens": 1000, "messages": []});
+    let post = || {
+        reqwest::Client::new()
+            .post(format!("{}/v1/messages", gw.base_url))
+            .header("x-api-key", &gw.token)
+            .json(&body)
+            .send()
+    };
+    let limited = post().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert_eq!(limited.headers()["retry-after"], "7");
+    assert!(limited.text().await.unwrap().contains("rate_limit_error"));
+    let overloaded = post().await.unwrap();
+    assert_eq!(overloaded.status(), 529);
+    assert!(overloaded.text().await.unwrap().contains("overloaded_error"));
+    let m = gw.metered();
+    assert_eq!((m.cost_usd, m.usage.total(), m.reserved_usd), (0.0, 0, 0.0), "errors cost nothing and hold nothing");
+
+    let ok = post().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    ok.text().await.unwrap();
+    let m = gw.metered();
+    let u = &m.usage;
+    assert_eq!(
+        (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens),
+        (1200, 80, 30, 4)
+    );
+    assert_eq!((m.turns, m.tool_calls.total, m.reserved_usd), (1, 1, 0.0));
+    assert!(
+        (m.cost_usd - (1200.0 * 3.0 + 80.0 * 15.0 + 30.0 * 0.3 + 4.0 * 3.75) / 1e6).abs() < 1e-12,
+        "{}",
+        m.cost_usd
+    );
+}
