@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_NO_BORDERS};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{parse_manifest, resolve};
+use crate::api::{self, parse_manifest, resolve};
 use crate::runner::{self, EXIT_INVALID, RunOptions, Workspace};
 use crate::store::{Store, WorkspaceStatus};
 
@@ -18,7 +18,7 @@ use crate::store::{Store, WorkspaceStatus};
 #[command(name = "agentops", version, about)]
 pub struct Cli {
     /// SQLite store file [default: $XDG_DATA_HOME/agentops/agentops.db]
-    #[arg(long, global = true, env = runner::contract::DB)]
+    #[arg(long, global = true, env = api::contract::DB)]
     pub db: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -75,13 +75,13 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct MachineArgs {
     /// Directory for workspaces [default: the system temp dir].
-    #[arg(long, env = runner::contract::WORKSPACE_ROOT)]
+    #[arg(long, env = api::contract::WORKSPACE_ROOT)]
     pub workspace_root: Option<PathBuf>,
     /// The Claude Code CLI.
     #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
     pub claude_bin: PathBuf,
     /// Secrets as files `<dir>/<secret-name>/<key>` [default: $XDG_CONFIG_HOME/agentops/secrets].
-    #[arg(long, env = runner::contract::SECRETS_DIR)]
+    #[arg(long, env = api::contract::SECRETS_DIR)]
     pub secrets_dir: Option<PathBuf>,
     /// Run the agent unconfined. By default it runs under Landlock: it writes only its
     /// workspace and private HOME, and reads only system and toolchain directories.
@@ -139,21 +139,21 @@ impl MachineArgs {
 #[derive(clap::Args, Debug)]
 pub struct RunnerArgs {
     /// The AgentExecution (and its AgentTemplate) as YAML.
-    #[arg(long, env = runner::contract::MANIFEST, hide_env_values = true, required_unless_present = "manifest_file")]
+    #[arg(long, env = api::contract::MANIFEST, hide_env_values = true, required_unless_present = "manifest_file")]
     pub manifest: Option<String>,
     /// A file holding the manifest (what the controller gives its runners).
-    #[arg(long, env = runner::contract::MANIFEST_FILE, conflicts_with = "manifest")]
+    #[arg(long, env = api::contract::MANIFEST_FILE, conflicts_with = "manifest")]
     pub manifest_file: Option<PathBuf>,
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The controller's endpoint for this execution's progress reports.
-    #[arg(long, env = runner::contract::REPORT_URL)]
+    #[arg(long, env = api::contract::REPORT_URL)]
     pub report_url: Option<String>,
     /// File holding the token for those reports.
-    #[arg(long, env = runner::contract::REPORT_TOKEN_FILE)]
+    #[arg(long, env = api::contract::REPORT_TOKEN_FILE)]
     pub report_token_file: Option<PathBuf>,
     /// Where Kubernetes reads the container's final message (the compact summary).
-    #[arg(long, env = runner::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
+    #[arg(long, env = api::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 
@@ -164,36 +164,36 @@ pub struct StepArgs {
     #[arg(value_enum)]
     pub step: runner::steps::Step,
     /// A file holding the manifest.
-    #[arg(long, env = runner::contract::MANIFEST_FILE)]
+    #[arg(long, env = api::contract::MANIFEST_FILE)]
     pub manifest_file: PathBuf,
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The hand-over directory the agent's container does not mount.
-    #[arg(long, env = runner::contract::PRIVATE_DIR)]
+    #[arg(long, env = api::contract::PRIVATE_DIR)]
     pub private_dir: Option<PathBuf>,
     /// The agent's stream directory.
-    #[arg(long, env = runner::contract::STREAM_DIR)]
+    #[arg(long, env = api::contract::STREAM_DIR)]
     pub stream_dir: PathBuf,
     /// The controller's endpoint for this execution's reports (publish).
-    #[arg(long, env = runner::contract::REPORT_URL)]
+    #[arg(long, env = api::contract::REPORT_URL)]
     pub report_url: Option<String>,
     /// File holding the token for those reports (publish).
-    #[arg(long, env = runner::contract::REPORT_TOKEN_FILE)]
+    #[arg(long, env = api::contract::REPORT_TOKEN_FILE)]
     pub report_token_file: Option<PathBuf>,
     /// The model gateway for this execution (agent): the controller's.
-    #[arg(long, env = runner::contract::MODEL_URL)]
+    #[arg(long, env = api::contract::MODEL_URL)]
     pub model_url: Option<String>,
     /// File holding this execution's gateway token (agent).
-    #[arg(long, env = runner::contract::MODEL_TOKEN_FILE)]
+    #[arg(long, env = api::contract::MODEL_TOKEN_FILE)]
     pub model_token_file: Option<PathBuf>,
     /// The controller's git relay for this execution (clone, publish).
-    #[arg(long, env = runner::contract::GIT_URL)]
+    #[arg(long, env = api::contract::GIT_URL)]
     pub git_url: Option<String>,
     /// File holding this step's relay token (clone, publish).
-    #[arg(long, env = runner::contract::GIT_TOKEN_FILE)]
+    #[arg(long, env = api::contract::GIT_TOKEN_FILE)]
     pub git_token_file: Option<PathBuf>,
     /// Where Kubernetes reads the container's final message.
-    #[arg(long, env = runner::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
+    #[arg(long, env = api::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 }
 
@@ -247,7 +247,7 @@ pub struct ControllerArgs {
     pub lease_namespace: String,
     /// Base URL at which runner pods reach this controller (its Service): their reports and
     /// the model gateway (required with `--executor job`).
-    #[arg(long, env = runner::contract::REPORT_URL)]
+    #[arg(long, env = api::contract::REPORT_URL)]
     pub report_url: Option<String>,
     /// Runner pods' clone and publish steps reach git through this controller, which adds the
     /// credential (no git credential in any pod, and pods need no route to the git host).

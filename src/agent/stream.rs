@@ -244,7 +244,7 @@ impl Tally {
         self.result
             .as_ref()
             .and_then(|r| r.cost_usd)
-            .unwrap_or_else(|| estimate_cost(self.model.as_deref(), &self.usage()))
+            .unwrap_or_else(|| crate::gateway::prices::estimate_cost(self.model.as_deref(), &self.usage()))
     }
 }
 
@@ -253,24 +253,6 @@ fn add(total: &mut Usage, u: &Usage) {
     total.output_tokens += u.output_tokens;
     total.cache_read_input_tokens += u.cache_read_input_tokens;
     total.cache_creation_input_tokens += u.cache_creation_input_tokens;
-}
-
-/// List-price estimate (USD per million tokens by model family), used only until the CLI
-/// reports its own cost, so that a run stopped by timeout or cancel still shows what it spent.
-pub fn estimate_cost(model: Option<&str>, u: &Usage) -> f64 {
-    let model = model.unwrap_or_default();
-    let (input, output) = if model.contains("haiku") {
-        (1.0, 5.0)
-    } else if model.contains("sonnet") {
-        (3.0, 15.0)
-    } else {
-        (5.0, 25.0)
-    };
-    (u.input_tokens as f64 * input
-        + u.output_tokens as f64 * output
-        + u.cache_read_input_tokens as f64 * input * 0.1
-        + u.cache_creation_input_tokens as f64 * input * 1.25)
-        / 1_000_000.0
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The resources users apply: `AgentExecution` and `AgentTemplate` (`agentops.dev/v1alpha1`).
 
+pub mod contract;
 mod execution;
 pub mod limits;
 mod manifest;

@@ -15,8 +15,8 @@ use kube::{Resource, ResourceExt};
 
 use crate::api::{AgentExecution, Resolved};
 
-use crate::runner::contract as var;
-pub use crate::runner::contract::paths::{
+use crate::api::contract as var;
+pub use crate::api::contract::paths::{
     GIT_TOKEN_DIR, HOME_DIR, MANIFEST_DIR, MANIFEST_KEY, MODEL_TOKEN_DIR, PRIVATE_DIR, REPORT_TOKEN_DIR, SECRETS_DIR,
     STREAM_DIR, TMP_DIR, WORKSPACE_DIR,
 };
@@ -266,7 +266,7 @@ pub fn desired_network_policy(ax: &AgentExecution, r: &Resolved) -> Option<serde
 /// it); the agent's holds no credential at all: not the git token, not the report token, no
 /// service-account token.
 pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
-    use crate::runner::steps::Step;
+    use crate::api::contract::Step;
     let env = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     let scratch = |name: &str| Volume {
         name: name.into(),
@@ -348,7 +348,7 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
     };
     let container = |step: Step| {
         let db = match step {
-            Step::Agent => format!("{STREAM_DIR}/{}", crate::runner::steps::AGENT_DB),
+            Step::Agent => format!("{STREAM_DIR}/{}", crate::api::contract::AGENT_DB),
             _ => format!("{PRIVATE_DIR}/runner.db"),
         };
         let mut envs = vec![

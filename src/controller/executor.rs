@@ -23,8 +23,8 @@ use super::ledger::{self, Ledger, LocalRun};
 use super::reconcile::{Error, FIELD_MANAGER, delete_ignoring_missing};
 use super::reports::{Reports, new_token, owned_by};
 use crate::api::Summary;
+use crate::api::contract;
 use crate::api::{AgentExecution, Resolved};
-use crate::runner::contract;
 
 /// What the controller can see of an execution's runner.
 #[derive(Debug, Clone)]
@@ -372,7 +372,7 @@ async fn observe_job(
         .collect();
     let summary = statuses
         .iter()
-        .filter(|c| c.name == crate::runner::steps::Step::Finish.name())
+        .filter(|c| c.name == crate::api::contract::Step::Finish.name())
         .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
         .and_then(|m| serde_json::from_str::<Summary>(m).ok());
     let cause = match &summary {

@@ -14,6 +14,7 @@
 //! pod never holds it.
 
 pub mod git;
+pub mod prices;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,13 +98,12 @@ impl Account {
         let model = req.model.as_deref();
         // Tokens are never more than the request's bytes (text is ~4 bytes a token), priced at
         // the dearest input rate (a cache write); output at most `max_tokens`.
-        let input = crate::agent::stream::estimate_cost(
+        let input = prices::estimate_cost(
             model,
             &Usage { cache_creation_input_tokens: body.len() as u64, ..Default::default() },
         );
         let per_output =
-            crate::agent::stream::estimate_cost(model, &Usage { output_tokens: 1_000_000, ..Default::default() })
-                / 1_000_000.0;
+            prices::estimate_cost(model, &Usage { output_tokens: 1_000_000, ..Default::default() }) / 1_000_000.0;
         let free = path.starts_with("/v1/messages/count_tokens");
         let wanted = if free { 0 } else { req.max_tokens.unwrap_or(0) };
         let Ok(mut m) = self.metered.lock() else { return Err("the gateway's books are unreadable".into()) };
@@ -540,7 +540,7 @@ async fn relay(
                     u.output_tokens += seen.usage.output_tokens;
                     u.cache_read_input_tokens += seen.usage.cache_read_input_tokens;
                     u.cache_creation_input_tokens += seen.usage.cache_creation_input_tokens;
-                    m.cost_usd += crate::agent::stream::estimate_cost(model.as_deref(), &seen.usage);
+                    m.cost_usd += prices::estimate_cost(model.as_deref(), &seen.usage);
                     m.turns += seen.turns;
                     for tool in seen.tools {
                         m.tool_calls.total += 1;

@@ -2,7 +2,6 @@
 //! commit/push → post-hooks (or error hooks) → report. Runs the same on one machine
 //! (`agentops run`) and inside a Job's pod (`agentops runner`).
 
-pub mod contract;
 mod hooks;
 mod recorder;
 pub mod secrets;

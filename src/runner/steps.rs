@@ -30,36 +30,7 @@ use crate::agent::Tally;
 use crate::api::{GitResult, Phase, Reason, Resolved};
 use crate::store::{NewExecution, Store, now};
 
-/// The steps of a runner pod, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Step {
-    Clone,
-    Agent,
-    Publish,
-    Finish,
-}
-
-impl Step {
-    /// The container's (and the subcommand's) name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Step::Clone => "clone",
-            Step::Agent => "agent",
-            Step::Publish => "publish",
-            Step::Finish => "finish",
-        }
-    }
-
-    /// Log lines of each step are numbered in their own range, in step order.
-    fn first_log_seq(self) -> i64 {
-        match self {
-            Step::Clone => 0,
-            Step::Agent => 1_000_000,
-            Step::Publish => 2_000_000,
-            Step::Finish => 3_000_000,
-        }
-    }
-}
+pub use crate::api::contract::{AGENT_DB, Step};
 
 /// Where the steps hand over.
 #[derive(Debug, Clone)]
@@ -104,8 +75,6 @@ const BEGIN: &str = "begin.json";
 const AGENT_END: &str = "agent.json";
 const STREAM: &str = "agent.jsonl";
 const DIFF: &str = "diff.patch";
-/// The agent step's own store (in `stream`: the agent may write it).
-pub const AGENT_DB: &str = "agent.db";
 /// Longest diff sent to the controller (marked when cut).
 pub const DIFF_LIMIT: usize = 1024 * 1024;
 /// Largest hand-over file read (the agent writes `stream`).

@@ -1,5 +1,6 @@
-//! The runner contract: what a runner (`agentops runner`, `agentops step <name>`) is given, by
-//! environment variable, and where things are in its pod. The Job builder
+//! The runner contract, the language the controller and the runner both speak: what a runner
+//! (`agentops runner`, `agentops step <name>`) is given, by environment variable, the steps of
+//! its pod, and where things are in it. The Job builder
 //! (`controller::desired`), the local executor and the runner's own flags (`cli.rs`) all name
 //! these constants, and a test checks that every variable a Job sets is one the step reads.
 
@@ -52,3 +53,37 @@ pub mod paths {
     pub const HOME_DIR: &str = "/home/agentops";
     pub const TMP_DIR: &str = "/tmp";
 }
+
+/// The steps of a runner pod, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Step {
+    Clone,
+    Agent,
+    Publish,
+    Finish,
+}
+
+impl Step {
+    /// The container's (and the subcommand's) name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Clone => "clone",
+            Step::Agent => "agent",
+            Step::Publish => "publish",
+            Step::Finish => "finish",
+        }
+    }
+
+    /// Log lines of each step are numbered in their own range, in step order.
+    pub fn first_log_seq(self) -> i64 {
+        match self {
+            Step::Clone => 0,
+            Step::Agent => 1_000_000,
+            Step::Publish => 2_000_000,
+            Step::Finish => 3_000_000,
+        }
+    }
+}
+
+/// The agent step's own store, in the stream directory (the controller reads its log lines).
+pub const AGENT_DB: &str = "agent.db";
