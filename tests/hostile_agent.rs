@@ -174,6 +174,17 @@ async fn a_secret_smuggled_out_encoded_is_refused_and_nothing_is_pushed() {
         assert_eq!(h.git.branch_head("demo", &format!("agentops/{name}")), None, "nothing pushed");
         assert!(!stdout.contains(&encoded) && !stderr.contains(&encoded), "the encoded form is not echoed either");
     }
+    // In a binary file, whose content no text diff shows.
+    let h = Harness::new(vec![
+        bash(&format!("printf '\\000\\001\\002%s\\000\\377' '{TOKEN}' > data.bin")),
+        Step::text("Done."),
+    ])
+    .await;
+    let (code, stdout, stderr) = run(&h, "smugglebin", "").await;
+    assert_eq!(code, 1, "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["reason"], "SecretInChanges", "{summary}");
+    assert_eq!(h.git.branch_head("demo", "agentops/smugglebin"), None, "nothing pushed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,6 +266,8 @@ pub struct Staged {
     pub patch: String,
     /// Submodules the agent wrote files into (not committed: they stay at their commit).
     pub skipped: Vec<String>,
+    /// The binary files added or changed (their content is not in `patch`), to be scanned.
+    pub binaries: Vec<Oid>,
 }
 
 /// Pushes `refs/heads/<branch>` of `repo`, one commit on top of `base`, to `url` (an anonymous

@@ -151,6 +151,17 @@ impl Publish {
             insertions: st.insertions() as u64,
             deletions: st.deletions() as u64,
         };
+        // A binary file's content is not in the patch: its blob is named for the secret scan.
+        let mut binaries = Vec::new();
+        for delta in diff.deltas() {
+            let new = delta.new_file();
+            if new.mode() != git2::FileMode::Commit
+                && !new.id().is_zero()
+                && repo.find_blob(new.id()).is_ok_and(|b| b.is_binary())
+            {
+                binaries.push(new.id());
+            }
+        }
         let mut patch = String::new();
         diff.print(git2::DiffFormat::Patch, |_, _, line| {
             if matches!(line.origin(), '+' | '-' | ' ') {
@@ -159,7 +170,17 @@ impl Publish {
             patch.push_str(&String::from_utf8_lossy(line.content()));
             true
         })?;
-        Ok(Some(Staged { tree: tree_id, stats, patch, skipped }))
+        Ok(Some(Staged { tree: tree_id, stats, patch, skipped, binaries }))
+    }
+
+    /// Whether `found` says yes of any of the staged binary files (read one at a time).
+    pub fn any_binary(&self, staged: &Staged, found: impl Fn(&[u8]) -> bool) -> Result<bool, GitError> {
+        for oid in &staged.binaries {
+            if found(self.repo.find_blob(*oid)?.content()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// One commit with the staged tree on top of the base, as `refs/heads/<branch>` of the

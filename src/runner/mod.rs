@@ -604,7 +604,13 @@ impl<'a> Run<'a> {
             Ok(Err(e)) => return Outcome::failed(Reason::CommitFailed, e.to_string()),
             Err(e) => return Outcome::failed(Reason::CommitFailed, format!("commit task failed: {e}")),
         };
-        if self.redactor.finds_secret(&staged.patch) {
+        // The text diff, and the binary files it leaves out (read as text: a token is ASCII).
+        let in_binary =
+            match publish.any_binary(&staged, |bytes| self.redactor.finds_secret(&String::from_utf8_lossy(bytes))) {
+                Ok(found) => found,
+                Err(e) => return Outcome::failed(Reason::CommitFailed, format!("cannot read the changed files: {e}")),
+            };
+        if self.redactor.finds_secret(&staged.patch) || in_binary {
             return Outcome::failed(
                 Reason::SecretInChanges,
                 "the agent's changes contain a credential (git token or API key, plain or encoded); nothing was committed or pushed",
