@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use agentops::api::{AgentExecution, AgentExecutionSpec, parse_manifest, resolve};
@@ -16,22 +15,7 @@ use support::*;
 async fn run(h: &Harness, yaml: &str) -> (i32, String) {
     let file = h.dir.path().join("bad.yaml");
     std::fs::write(&file, yaml).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", h.dir.path())
-        .env("AGENTOPS_DB", &h.db_path)
-        .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
-        .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
-        .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
-        .env("ANTHROPIC_BASE_URL", &h.model.base_url)
-        .args(["run", "-q", "-f"])
-        .arg(&file)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .unwrap();
+    let out = h.agentops(env!("CARGO_BIN_EXE_agentops")).args(["run", "-q", "-f"]).arg(&file).output().await.unwrap();
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

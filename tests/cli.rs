@@ -11,19 +11,7 @@ use serde_json::{Value, json};
 use support::*;
 
 fn agentops(h: &Harness) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", h.dir.path())
-        .env("AGENTOPS_DB", &h.db_path)
-        .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
-        .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
-        .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
-        .env("ANTHROPIC_BASE_URL", &h.model.base_url)
-        .env("CLAUDE_CODE_MAX_RETRIES", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    c
+    h.agentops(env!("CARGO_BIN_EXE_agentops"))
 }
 
 async fn output(mut c: tokio::process::Command) -> (i32, String, String) {

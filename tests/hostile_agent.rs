@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -54,22 +53,12 @@ async fn run_with(h: &Harness, name: &str, yaml: &str, sandbox: bool) -> (i32, S
 async fn run_env(h: &Harness, name: &str, yaml: &str, sandbox: bool, extra: &[(&str, &str)]) -> (i32, String, String) {
     let file = h.dir.path().join(format!("{name}.yaml"));
     std::fs::write(&file, yaml).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
-        .env_clear()
+    let out = h
+        .agentops(env!("CARGO_BIN_EXE_agentops"))
         .envs(extra.iter().copied())
         .env("AGENTOPS_NO_SANDBOX", if sandbox { "false" } else { "true" })
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", h.dir.path())
-        .env("AGENTOPS_DB", &h.db_path)
-        .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
-        .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
-        .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
-        .env("ANTHROPIC_BASE_URL", &h.model.base_url)
-        .env("CLAUDE_CODE_MAX_RETRIES", "1")
         .args(["run", "-q", "-o", "json", "-f"])
         .arg(&file)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
         .output()
         .await
         .unwrap();

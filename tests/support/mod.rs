@@ -96,6 +96,25 @@ impl Harness {
         }
     }
 
+    /// The `agentops` binary `bin` (`env!("CARGO_BIN_EXE_agentops")` in a test) as a user runs
+    /// it against this harness: a clean environment with the real PATH, this harness's HOME,
+    /// store, secrets, workspaces and model, one API retry; stdin closed; killed when dropped.
+    pub fn agentops(&self, bin: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(bin);
+        c.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("AGENTOPS_DB", &self.db_path)
+            .env("AGENTOPS_CLAUDE_BIN", &self.opts.claude_bin)
+            .env("AGENTOPS_SECRETS_DIR", &self.opts.secrets_dir)
+            .env("AGENTOPS_WORKSPACE_ROOT", &self.opts.workspace_root)
+            .env("ANTHROPIC_BASE_URL", &self.model.base_url)
+            .env("CLAUDE_CODE_MAX_RETRIES", "1")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
     /// Runs a manifest to the end.
     pub async fn run(&self, yaml: &str) -> Summary {
         self.try_run(yaml, CancellationToken::new()).await.expect("run")
