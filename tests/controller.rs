@@ -1056,19 +1056,8 @@ async fn one_execution_has_one_json_shape_everywhere() {
     let h = support::Harness::new(support::happy_script()).await;
     let file = h.dir.path().join("shape.yaml");
     std::fs::write(&file, h.manifest("shape", "")).unwrap();
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", h.dir.path())
-            .env("AGENTOPS_DB", &h.db_path)
-            .env("AGENTOPS_CLAUDE_BIN", &h.opts.claude_bin)
-            .env("AGENTOPS_SECRETS_DIR", &h.opts.secrets_dir)
-            .env("AGENTOPS_WORKSPACE_ROOT", &h.opts.workspace_root)
-            .env("ANTHROPIC_BASE_URL", &h.model.base_url)
-            .args(args)
-            .output()
-            .unwrap();
+    let cli = async |args: &[&str]| {
+        let out = h.agentops(env!("CARGO_BIN_EXE_agentops")).args(args).output().await.unwrap();
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Value>(&out.stdout).unwrap()
     };
@@ -1077,10 +1066,10 @@ async fn one_execution_has_one_json_shape_everywhere() {
         k.sort();
         k
     };
-    let run = tokio::task::block_in_place(|| cli(&["run", "-q", "-o", "json", "-f", file.to_str().unwrap()]));
+    let run = cli(&["run", "-q", "-o", "json", "-f", file.to_str().unwrap()]).await;
     let id = run["id"].as_str().unwrap().to_string();
-    let show = tokio::task::block_in_place(|| cli(&["executions", "show", &id, "--json"]));
-    let list = tokio::task::block_in_place(|| cli(&["executions", "list", "--json"]));
+    let show = cli(&["executions", "show", &id, "--json"]).await;
+    let list = cli(&["executions", "list", "--json"]).await;
 
     // The controller's API over the same store.
     let kube = FakeKube::start().await;
