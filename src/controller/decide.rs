@@ -153,7 +153,8 @@ pub fn decide(f: Facts<'_>) -> Decision {
                     message: format!("waiting for a free slot (position {position})"),
                     warning: false,
                 });
-                done(&f, st, None, event, vec![Effect::Remember], Next::AwaitChange)
+                // A freed slot wakes the queue; the recheck is the net under a missed wake.
+                done(&f, st, None, event, vec![Effect::Remember], Next::Recheck)
             }
             Slot::Start => {
                 let mut st = old.clone();

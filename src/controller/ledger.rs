@@ -118,6 +118,18 @@ impl Ledger {
         last
     }
 
+    /// The status to judge this execution by without changing what is kept: the one this
+    /// process last wrote when the cache has not shown it yet (the queue reads every
+    /// execution this way: a slot freed a moment ago must count as free).
+    pub fn peek_status(&self, uid: &str, cached: &AgentExecutionStatus) -> Option<AgentExecutionStatus> {
+        if cached.phase.is_terminal() {
+            return None;
+        }
+        let entries = self.lock();
+        let w = entries.get(uid)?.written.as_ref()?;
+        serde_json::from_slice(w).ok()
+    }
+
     /// Remembers the status this process just wrote.
     pub fn wrote(&self, uid: &str, status: &AgentExecutionStatus) {
         if let Ok(json) = serde_json::to_vec(status) {
@@ -184,7 +196,10 @@ mod tests {
         l.end_run("u1");
         assert!(l.starting().is_empty());
         assert_eq!(l.with("u1", |e| (e.report_token.clone(), e.latest.is_some())), Some((None, false)));
-        // A stale cache still says Running: the decision starts from what we wrote.
+        // A stale cache still says Running: the queue (peek, which keeps the entry) and the
+        // decision start from what we wrote.
+        let peeked = l.peek_status("u1", &status(Phase::Running)).map(|s| s.phase);
+        assert_eq!(peeked, Some(Phase::Succeeded), "a slot freed a moment ago counts as free");
         assert_eq!(l.last_status("u1", status(Phase::Running)).phase, Phase::Succeeded);
         // The cache caught up: the entry goes.
         assert_eq!(l.last_status("u1", status(Phase::Succeeded)).phase, Phase::Succeeded);

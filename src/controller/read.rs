@@ -73,7 +73,7 @@ pub fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
     let me = key(ax);
     let starting = ctx.ledger.starting();
     let mut all: Vec<Candidate> =
-        ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting)).collect();
+        ctx.cache.state().iter().filter(|o| key(o) != me).filter_map(|o| candidate(o, &starting, ctx)).collect();
     all.push(Candidate {
         namespace: me.0.clone(),
         name: me.1.clone(),
@@ -140,8 +140,11 @@ fn created(ax: &AgentExecution) -> String {
 }
 
 /// An execution as the queue sees it; None for finished, cancelled or stalled ones.
-fn candidate(ax: &AgentExecution, starting: &HashSet<String>) -> Option<Candidate> {
-    let st = ax.status.clone().unwrap_or_default();
+fn candidate(ax: &AgentExecution, starting: &HashSet<String>, ctx: &Context) -> Option<Candidate> {
+    let cached = ax.status.clone().unwrap_or_default();
+    // The cache lags this process's own writes: an execution that just ended (and woke the
+    // queue) still shows Running there, and would keep its slot until some later event.
+    let st = ctx.ledger.peek_status(&ledger::uid(ax), &cached).unwrap_or(cached);
     if st.phase.is_terminal() || ax.spec.cancel || ax.metadata.deletion_timestamp.is_some() {
         return None;
     }
