@@ -70,6 +70,7 @@ pub const NO_PLAIN_HTTP_CREDENTIALS: &str = "!self.repository.url.startsWith('ht
     printcolumn = r#"{"name":"Tokens","type":"integer","jsonPath":".status.tokensUsed"}"#,
     printcolumn = r#"{"name":"Turns","type":"integer","jsonPath":".status.numTurns"}"#,
     printcolumn = r#"{"name":"Duration","type":"string","jsonPath":".status.duration"}"#,
+    printcolumn = r#"{"name":"PR","type":"string","jsonPath":".status.git.pullRequest.url"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(
@@ -191,6 +192,76 @@ pub struct Repository {
     /// network unencrypted). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub insecure: Option<bool>,
+    /// Who hosts the repository, for pull requests: `github` or `gitlab`. Default: from the
+    /// host (`github.com`, `gitlab.com`); required for any other host (Enterprise, self-managed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<Provider>,
+    /// The provider's REST API root. Default `https://api.github.com`, `https://gitlab.com/api/v4`,
+    /// and for another host `https://HOST/api/v3` (GitHub Enterprise) or `https://HOST/api/v4`
+    /// (GitLab).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub api_url: Option<String>,
+}
+
+/// A git hosting provider whose API the operator opens pull requests with.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// GitHub (github.com or Enterprise): a pull request.
+    Github,
+    /// GitLab (gitlab.com or self-managed): a merge request.
+    Gitlab,
+}
+
+impl Provider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+        }
+    }
+}
+
+/// The pull request (GitHub) or merge request (GitLab) the operator opens after the push, with
+/// the repository's credential (the agent never holds it). Each field set on the execution wins
+/// over the template's. Titles and bodies are plain text with placeholders: `{{name}}`,
+/// `{{namespace}}`, `{{prompt}}`, `{{result}}`, `{{summary}}`, `{{branch}}`, and
+/// `{{output.FIELD}}` with `spec.agent.outputSchema`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequestSpec {
+    /// Open one. Default true when this block is present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Title template. Default `agentops: {{name}}`. At most 1024 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub title: Option<String>,
+    /// Body template, above the generated summary of the run. Default `{{result}}`. At most
+    /// 32768 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub body: Option<String>,
+    /// Open it as a draft. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draft: Option<bool>,
+    /// Labels to set. At most 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 128)))]
+    pub labels: Option<Vec<String>>,
+    /// Users asked for a review (user names). At most 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 128)))]
+    pub reviewers: Option<Vec<String>>,
+    /// Teams asked for a review (GitHub team slugs; GitHub only). At most 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 128)))]
+    pub team_reviewers: Option<Vec<String>>,
+    /// The branch to merge into. Default: `git.baseBranch`, else the branch that was cloned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub base: Option<String>,
 }
 
 /// How the operator commits and pushes.
@@ -214,6 +285,9 @@ pub struct GitSpec {
     /// Push the work branch. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<bool>,
+    /// Open a pull request (merge request) for the pushed branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<PullRequestSpec>,
 }
 
 /// A commit author.
@@ -259,6 +333,17 @@ pub struct AgentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
     pub idle_timeout: Option<String>,
+    /// A JSON Schema (an object, at most 16 KiB as JSON) the agent's final answer must follow:
+    /// the validated JSON lands in `status.output`. A run that ends without it, or with output
+    /// that does not validate, fails with reason `InvalidOutput`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub output_schema: Option<serde_json::Value>,
+}
+
+/// Any JSON object, kept as written (a JSON Schema, the agent's output).
+pub fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
 }
 
 /// Hooks run around the agent.
@@ -450,9 +535,26 @@ pub struct GitResult {
     pub insertions: u64,
     /// Lines removed.
     pub deletions: u64,
-    /// Pull request, when one was opened.
+    /// The pull request (merge request) the operator opened or updated for the branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<PullRequestResult>,
+    /// Deprecated: `pullRequest.url`. Still written and read for one version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull_request_url: Option<String>,
+}
+
+/// A pull request the operator opened or updated.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequestResult {
+    /// Where people see it.
+    pub url: String,
+    /// Its number (GitHub) or iid (GitLab).
+    pub number: u64,
+    /// `github` or `gitlab`.
+    pub provider: String,
+    /// `opened` (new) or `updated` (one was open for the branch already).
+    pub state: String,
 }
 
 /// What happened: the fields `kubectl get ax` and GitOps tools read.
@@ -507,6 +609,10 @@ pub struct AgentExecutionStatus {
     /// The agent's final text (truncated to 4 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<String>,
+    /// The agent's structured output, validated against `spec.agent.outputSchema` (at most 16 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub output: Option<serde_json::Value>,
     /// What the operator did in git.
     #[serde(default)]
     pub git: GitResult,

@@ -27,6 +27,14 @@ pub const MAX_TOOL_RULE_CHARS: usize = 1024;
 /// `spec.egress` entries (template and execution together), and ports of one entry.
 pub const MAX_EGRESS_RULES: usize = 32;
 pub const MAX_EGRESS_PORTS: usize = 16;
+/// `spec.agent.outputSchema` and the output it asks for, as JSON.
+pub const MAX_OUTPUT_SCHEMA_BYTES: usize = 16 * 1024;
+pub const MAX_OUTPUT_BYTES: usize = 16 * 1024;
+/// `spec.git.pullRequest.title` and `.body` (templates).
+pub const MAX_PR_TITLE_CHARS: usize = 1024;
+pub const MAX_PR_BODY_CHARS: usize = 32 * 1024;
+/// Labels, reviewers and team reviewers of a pull request, each.
+pub const MAX_PR_NAMES: usize = 32;
 /// `spec.timeout` (also `--default-timeout`).
 pub const MAX_TIMEOUT: &str = "168h";
 /// `spec.agent.idleTimeout`.

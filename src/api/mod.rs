@@ -4,6 +4,7 @@ pub mod contract;
 mod execution;
 pub mod limits;
 mod manifest;
+pub mod pull_request;
 mod reason;
 pub mod report;
 mod resolve;
@@ -16,7 +17,8 @@ pub use report::Summary;
 pub use resolve::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, is_plain_duration, resolve,
 };
-pub use template::{AgentTemplate, AgentTemplateSpec};
+pub use pull_request::ResolvedPullRequest;
+pub use template::{AgentTemplate, AgentTemplateSpec, TemplateGit};
 
 /// `apiVersion` of both resources.
 pub const API_VERSION: &str = "agentops.dev/v1alpha1";

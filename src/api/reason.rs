@@ -61,6 +61,12 @@ reasons! {
     CommitFailed,
     PushRejected,
     PushFailed,
+    /// The branch was pushed; opening or updating its pull request failed (the branch is kept).
+    PullRequestFailed,
+    /// The agent's structured output is missing or does not follow `spec.agent.outputSchema`.
+    InvalidOutput,
+    /// The agent's structured output is larger than 16 KiB.
+    OutputTooLarge,
     PostHookFailed,
     Timeout,
     Cancelled,

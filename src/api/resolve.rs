@@ -48,6 +48,10 @@ pub struct Resolved {
     /// Where runner pods may connect besides DNS and the controller (template's, then the
     /// execution's; cluster only).
     pub egress: Vec<super::execution::EgressRule>,
+    /// The pull request to open after the push (None: none asked for, or disabled).
+    pub pull_request: Option<super::ResolvedPullRequest>,
+    /// The JSON Schema the agent's final answer follows (`--json-schema`), checked.
+    pub output_schema: Option<serde_json::Value>,
 }
 
 /// A hook with its name and limit decided.
@@ -240,7 +244,26 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
             all.into_iter().enumerate().map(|(i, h)| resolve_hook(h, phase, i)).collect()
         };
 
+    let output_schema = spec.agent.output_schema.clone().or_else(|| t_agent.and_then(|a| a.output_schema.clone()));
+    if let Some(schema) = &output_schema {
+        check_output_schema(schema)?;
+    }
+    let pull_request = super::pull_request::resolve_pull_request(
+        spec.git.pull_request.as_ref(),
+        template.and_then(|t| t.git.pull_request.as_ref()),
+        repo,
+        output_schema.as_ref(),
+    )?;
+    if pull_request.is_some() && spec.git.push == Some(false) {
+        return Err(ManifestError::new(
+            "spec.git.pullRequest",
+            "needs the branch pushed; remove spec.git.push: false or disable the pull request",
+        ));
+    }
+
     Ok(Resolved {
+        pull_request,
+        output_schema,
         prompt,
         repo_url: url,
         git_ref: repo.git_ref.clone().filter(|r| !r.is_empty()),
@@ -271,6 +294,25 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         name,
         namespace,
     })
+}
+
+/// `spec.agent.outputSchema`: an object, at most 16 KiB, that compiles as a JSON Schema (no
+/// remote `$ref`: nothing is fetched).
+fn check_output_schema(schema: &serde_json::Value) -> Result<(), ManifestError> {
+    let field = "spec.agent.outputSchema";
+    if !schema.is_object() {
+        return Err(ManifestError::new(field, "must be a JSON Schema object, e.g. {type: object, properties: {...}}"));
+    }
+    let size = schema.to_string().len();
+    if size > limits::MAX_OUTPUT_SCHEMA_BYTES {
+        return Err(ManifestError::new(
+            field,
+            format!("is {size} bytes as JSON; at most {}", limits::MAX_OUTPUT_SCHEMA_BYTES),
+        ));
+    }
+    jsonschema::validator_for(schema)
+        .map(|_| ())
+        .map_err(|e| ManifestError::new(field, format!("is not a valid JSON Schema: {e}")))
 }
 
 /// The template's egress rules and the execution's, checked: each CIDR a real IP block.

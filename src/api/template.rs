@@ -43,6 +43,9 @@ pub struct AgentTemplateSpec {
     /// Hooks run before the execution's own hooks of the same phase.
     #[serde(default)]
     pub hooks: Hooks,
+    /// Default git settings (the pull request).
+    #[serde(default)]
+    pub git: TemplateGit,
     /// Default commit author.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<GitAuthor>,
@@ -53,4 +56,13 @@ pub struct AgentTemplateSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub egress: Vec<super::execution::EgressRule>,
+}
+
+/// Git settings a template gives its executions.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateGit {
+    /// The pull request every execution opens; each field the execution sets wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request: Option<super::execution::PullRequestSpec>,
 }
