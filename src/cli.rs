@@ -131,6 +131,7 @@ impl MachineArgs {
             sandbox: (!self.no_sandbox).then_some(runner::SandboxPolicy { extra_read: self.sandbox_read, protected }),
             gateway: None,
             git_relay: None,
+            open_pull_request: false,
         }
     }
 }
@@ -410,7 +411,10 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("error: {why}");
         return Ok(EXIT_INVALID);
     }
-    let opts = args.machine.options(!args.quiet, None);
+    let mut opts = args.machine.options(!args.quiet, None);
+    // On one machine this process holds the repository's credential: it opens the pull request.
+    // (In a cluster the controller does, after the runner pod reported the push.)
+    opts.open_pull_request = true;
     let source = args.file.display().to_string();
     let Ok(summary) = execute(db, &text, &source, &opts).await? else {
         return Ok(EXIT_INVALID);

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod crd;
+pub mod forge;
 pub mod gateway;
 pub mod git;
 pub mod runner;

@@ -83,6 +83,10 @@ pub fn build_command(
     if let Some(s) = &r.append_system_prompt {
         args.extend(["--append-system-prompt".into(), s.clone()]);
     }
+    if let Some(schema) = &r.output_schema {
+        // At most 16 KiB (resolve): well under the 128 KiB a single argument may be.
+        args.extend(["--json-schema".into(), schema.to_string()]);
+    }
     let mut env: Vec<(String, String)> =
         PASSTHROUGH_ENV.iter().filter_map(|k| parent_env(k).map(|v| (k.to_string(), v))).collect();
     let home_s = home.to_string_lossy().into_owned();

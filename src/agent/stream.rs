@@ -44,6 +44,8 @@ pub struct AgentResult {
     pub duration_ms: Option<u64>,
     pub api_error_status: Option<u64>,
     pub session_id: Option<String>,
+    /// What `--json-schema` asked for, as the CLI validated it (`structured_output`).
+    pub structured_output: Option<Value>,
 }
 
 /// Why a line could not be used.
@@ -125,6 +127,7 @@ pub fn parse_line(line: &str) -> Result<Event, ParseError> {
             duration_ms: u64_of(&v, "duration_ms"),
             api_error_status: u64_of(&v, "api_error_status"),
             session_id: str_of(&v, "session_id"),
+            structured_output: v.get("structured_output").filter(|o| !o.is_null()).cloned(),
         }),
         _ => Event::Other,
     })

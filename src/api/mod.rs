@@ -4,6 +4,7 @@ pub mod contract;
 mod execution;
 pub mod limits;
 mod manifest;
+pub mod output;
 pub mod pull_request;
 mod reason;
 pub mod report;
@@ -12,12 +13,12 @@ mod template;
 
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
+pub use pull_request::ResolvedPullRequest;
 pub use reason::Reason;
 pub use report::Summary;
 pub use resolve::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, is_plain_duration, resolve,
 };
-pub use pull_request::ResolvedPullRequest;
 pub use template::{AgentTemplate, AgentTemplateSpec, TemplateGit};
 
 /// `apiVersion` of both resources.

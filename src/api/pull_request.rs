@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::ManifestError;
-use super::execution::{PullRequestSpec, Provider, Repository};
+use super::execution::{Provider, PullRequestSpec, Repository};
 use super::limits;
 
 /// A pull request to open after the push, with every default applied.
@@ -123,7 +123,9 @@ pub fn forge_of(repo: &Repository) -> Result<(Provider, String, String), Manifes
         (None, _) => {
             return Err(ManifestError::new(
                 "spec.repository.provider",
-                format!("is needed for a pull request on {host}: set github or gitlab (and apiUrl if the API is not at the default place)"),
+                format!(
+                    "is needed for a pull request on {host}: set github or gitlab (and apiUrl if the API is not at the default place)"
+                ),
             ));
         }
     };
@@ -131,7 +133,9 @@ pub fn forge_of(repo: &Repository) -> Result<(Provider, String, String), Manifes
         (Some(u), _, _) => {
             let parsed = url::Url::parse(u.trim())
                 .map_err(|e| ManifestError::new("spec.repository.apiUrl", format!("is not a URL: {e}")))?;
-            if !matches!(parsed.scheme(), "https" | "http") || !parsed.username().is_empty() || parsed.password().is_some()
+            if !matches!(parsed.scheme(), "https" | "http")
+                || !parsed.username().is_empty()
+                || parsed.password().is_some()
             {
                 return Err(ManifestError::new(
                     "spec.repository.apiUrl",

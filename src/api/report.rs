@@ -38,6 +38,10 @@ pub struct Summary {
     pub tool_calls: ToolCalls,
     pub session_id: Option<String>,
     pub result: Option<String>,
+    /// The agent's structured output (`spec.agent.outputSchema`), validated.
+    pub output: Option<serde_json::Value>,
+    /// The model the agent used, as it said.
+    pub model: Option<String>,
     pub api_retries: u64,
     pub git: GitResult,
     pub workspace: Option<String>,
@@ -87,6 +91,12 @@ impl Summary {
                 self.git.deletions
             );
         }
+        if let Some(p) = &self.git.pull_request {
+            s += &format!("  pull req  #{} {} ({}, {})\n", p.number, p.url, p.provider, p.state);
+        }
+        if let Some(o) = &self.output {
+            s += &format!("  output    {}\n", truncate(&o.to_string(), 200));
+        }
         s += &format!("  duration  {:.1}s\n", self.duration_ms as f64 / 1000.0);
         if let Some(w) = &self.workspace {
             let gone = if std::path::Path::new(w).exists() { "" } else { " (removed)" };
@@ -118,6 +128,10 @@ pub fn termination_message(s: &Summary) -> String {
     // Bounded whatever the agent did: 16 names of at most 64 bytes (the full counts go to the
     // report endpoint).
     s.tool_calls = s.tool_calls.bounded(16);
+    // The structured output (up to 16 KiB) reaches the controller with the publish step's report.
+    if serde_json::to_string(&s).map_or(0, |t| t.len()) > TERMINATION_MESSAGE_LIMIT {
+        s.output = None;
+    }
     for keep in [1024usize, 256, 0] {
         let text = serde_json::to_string(&s).unwrap_or_default();
         if text.len() <= TERMINATION_MESSAGE_LIMIT {

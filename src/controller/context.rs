@@ -62,6 +62,8 @@ pub struct ControllerConfig {
     pub namespaces: Option<std::collections::BTreeSet<String>>,
     /// Where the model gateway relays runner pods' requests (the Messages API).
     pub model_upstream: String,
+    /// How a pull request's transient failures (429, 5xx) are retried.
+    pub pull_request_retry: crate::forge::Retry,
 }
 
 impl Default for ControllerConfig {
@@ -78,6 +80,7 @@ impl Default for ControllerConfig {
                 .ok()
                 .filter(|u| !u.is_empty())
                 .unwrap_or_else(|| "https://api.anthropic.com".into()),
+            pull_request_retry: crate::forge::Retry::default(),
         }
     }
 }

@@ -275,6 +275,9 @@ pub fn with_report(st: &mut AgentExecutionStatus, s: &Summary) {
     if s.result.is_some() {
         st.result = s.result.clone();
     }
+    if s.output.is_some() {
+        st.output = s.output.clone();
+    }
     if s.git.branch.is_some() {
         st.git = s.git.clone();
     }

@@ -101,6 +101,10 @@ impl Executor {
                     if let Some(git) = latest().map(|l| l.git).filter(|g| g.commit.is_some() || g.pushed) {
                         s.git = git;
                     }
+                    // The structured output, when the termination message had no room for it.
+                    if s.output.is_none() {
+                        s.output = latest().and_then(|l| l.output);
+                    }
                     counted(s)
                 });
                 Observation::Finished { summary, failed, deadline_exceeded, cause }

@@ -33,6 +33,9 @@ pub struct Entry {
     pub latest: Option<Box<Summary>>,
     /// Its runner process, with the local executor.
     pub local: Option<Box<LocalRun>>,
+    /// The pull request this process opened for it (a reconcile that runs again before the
+    /// final status is written does not call the provider again).
+    pub pull_request: Option<Box<crate::api::PullRequestResult>>,
 }
 
 impl Entry {
@@ -42,6 +45,7 @@ impl Entry {
             && self.report_token.is_none()
             && self.latest.is_none()
             && self.local.is_none()
+            && self.pull_request.is_none()
     }
 }
 

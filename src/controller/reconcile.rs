@@ -98,10 +98,15 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     // Read: the spec (template, values, secrets), the runner with its reports.
     let read = if old.phase.is_terminal() { None } else { Some(read_spec(&ax, ctx).await?) };
     let ready = read.as_ref().and_then(|r| r.as_ref().ok());
-    let observed = match ready {
+    let mut observed = match ready {
         Some(_) => ctx.executor.observe(&ctx.client, &ax, &ctx.reports).await?,
         None => Observation::NotStarted,
     };
+    if let (Some(spec), Observation::Finished { summary: Some(s), .. }) = (ready, &mut observed)
+        && !ax.spec.cancel
+    {
+        pull_request(&ax, ctx, &spec.resolved, s).await;
+    }
     // A queue slot is asked for (and held, so that two reconciles never take the same one)
     // only when this execution could start now.
     let wants_slot = ready.is_some()
@@ -133,6 +138,56 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         now: jiff::Timestamp::now(),
     });
     act(&ax, ctx, &old, ready, decision).await
+}
+
+/// A runner that pushed its branch, for an execution that asks for a pull request: the
+/// controller opens it (or updates the open one of the branch) with the repository's credential,
+/// which no pod holds, and the report says so before `decide` reads it. A failure turns the
+/// report into `Failed`/`PullRequestFailed`; the pushed branch stays reported. The provider is
+/// asked at most once per process (the ledger keeps the answer), and a new controller that
+/// finds the PR open updates it rather than open a second one.
+async fn pull_request(ax: &AgentExecution, ctx: &Context, r: &Resolved, s: &mut crate::api::Summary) {
+    let Some(pr) = &r.pull_request else { return };
+    if s.phase != Phase::Succeeded || s.reason != Some(Reason::Completed) || !s.git.pushed {
+        return;
+    }
+    let uid = ledger::uid(ax);
+    if let Some(known) = ctx.ledger.with(&uid, |e| e.pull_request.clone()).flatten() {
+        s.git.pull_request_url = Some(known.url.clone());
+        s.git.pull_request = Some(*known);
+        return;
+    }
+    let (ns, name) = key(ax);
+    let failed = |s: &mut crate::api::Summary, why: String| {
+        s.phase = Phase::Failed;
+        s.reason = Some(Reason::PullRequestFailed);
+        s.message = Some(format!("{why}; the branch {} was pushed and is kept", r.branch));
+    };
+    let token = match ctx.reports.git_token(&ns, r).await {
+        Ok(Some(t)) => t,
+        Ok(None) => return failed(s, "a pull request needs a token: set spec.repository.credentialsSecretRef".into()),
+        Err(e) => return failed(s, format!("cannot read the repository's token: {e}")),
+    };
+    let output = s.output.clone();
+    let req = crate::forge::request_for(pr, r, s, output.as_ref(), crate::forge::Origin::Cluster { uid: &uid });
+    let retry = ctx.config.pull_request_retry;
+    let said = |m: &str| tracing::info!(namespace = %ns, execution = %name, "{m}");
+    match crate::forge::open_or_update(&crate::forge::client(), &req, &token, retry, said).await {
+        Ok(p) => {
+            let note = Note {
+                reason: "PullRequestOpened".into(),
+                message: format!("pull request #{} {} ({}): {}", p.number, p.state, p.provider, p.url),
+                warning: false,
+            };
+            if let Err(e) = ctx.events.publish(&note, "OpenPullRequest", &ax.object_ref(&())).await {
+                tracing::warn!(error = %e, "cannot publish event");
+            }
+            ctx.ledger.update(&uid, |e| e.pull_request = Some(Box::new(p.clone())));
+            s.git.pull_request_url = Some(p.url.clone());
+            s.git.pull_request = Some(p);
+        }
+        Err(e) => failed(s, e.to_string()),
+    }
 }
 
 /// The status to decide from: the cache's, or the one this process last wrote while the watch

@@ -113,6 +113,15 @@ impl Reports {
             .ok_or_else(|| super::context::Error::Executor(format!("Secret {:?} has no key {key:?} ({field})", r.name)))
     }
 
+    /// The repository's token (for the provider's API: pull requests), read from the Secret
+    /// the execution names.
+    pub async fn git_token(&self, ns: &str, r: &Resolved) -> Result<Option<String>, super::context::Error> {
+        match &r.credentials {
+            None => Ok(None),
+            Some(c) => Ok(Some(self.secret_value(ns, c, "token", "spec.repository.credentialsSecretRef").await?)),
+        }
+    }
+
     /// Runner pods reach git through `relays`.
     pub fn with_git_relays(mut self, relays: Arc<GitRelays>) -> Self {
         self.git = Some(relays);
@@ -279,7 +288,11 @@ pub fn bounded(mut s: Summary) -> Summary {
     s.workspace = s.workspace.map(|w| w.chars().take(256).collect());
     s.git.branch = s.git.branch.map(|b| b.chars().take(256).collect());
     s.git.commit = s.git.commit.map(|c| c.chars().filter(char::is_ascii_hexdigit).take(64).collect());
-    s.git.pull_request_url = s.git.pull_request_url.map(|u| u.chars().take(512).collect());
+    // The controller opens pull requests; a runner's word about one is never taken.
+    s.git.pull_request = None;
+    s.git.pull_request_url = None;
+    s.output = s.output.filter(|o| o.is_object() && o.to_string().len() <= crate::api::limits::MAX_OUTPUT_BYTES);
+    s.model = s.model.map(|m| m.chars().filter(|c| c.is_ascii_graphic()).take(128).collect());
     let plain = |t: &str| {
         !t.is_empty()
             && t.len() <= MAX_TOOL_NAME

@@ -93,6 +93,8 @@ pub fn record(
         tool_calls: st.tool_calls.clone(),
         session_id: st.session_id.clone(),
         result: st.result.clone(),
+        output: st.output.clone(),
+        model: None,
         api_retries: api_retries.unwrap_or_default(),
         git: st.git.clone(),
         workspace: st.workspace.clone(),

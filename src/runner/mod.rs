@@ -51,6 +51,9 @@ pub struct RunOptions {
     /// clone and publish steps): its URL stands for `spec.repository.url`, its token for the
     /// git credential.
     pub git_relay: Option<ModelRoute>,
+    /// Open the pull request `spec.git.pullRequest` asks for after the push (`agentops run`,
+    /// which holds the credential). False in a runner pod: the controller opens it.
+    pub open_pull_request: bool,
 }
 
 /// Where the agent reaches the model, and with what token (never the API key).
@@ -142,8 +145,9 @@ struct Run<'a> {
     /// A commit exists that did not reach the remote: the workspace must be kept.
     unpushed: bool,
     hook_failure: Option<String>,
-    /// Tokens the model gateway counted (the operator's own figures), when it relayed the run.
-    metered: Option<crate::api::Usage>,
+    /// Tokens and cost the model gateway counted (the operator's own figures), when it
+    /// relayed the run.
+    metered: Option<(crate::api::Usage, f64)>,
     /// Where git goes: `spec.repository.url`, or the controller's relay for it (a pod's steps).
     git_url: String,
     /// When the execution started (for every summary, the hooks' too).
@@ -356,7 +360,47 @@ impl<'a> Run<'a> {
         if let Some(o) = self.agent_part(env, None).await {
             return o;
         }
-        self.publish_part(&base).await
+        let outcome = self.publish_part(&base).await;
+        if self.opts.open_pull_request {
+            return self.pull_request_part(outcome).await;
+        }
+        outcome
+    }
+
+    /// After a push, the pull request `spec.git.pullRequest` asks for, opened (or the open one
+    /// for the branch updated) with the repository's credential, which the agent never held.
+    /// A failure keeps the pushed branch and says what the API answered.
+    async fn pull_request_part(&mut self, outcome: Outcome) -> Outcome {
+        let Some(pr) = self.r.pull_request.as_ref() else { return outcome };
+        if outcome.phase != Phase::Succeeded || outcome.reason != Reason::Completed || !self.git.pushed {
+            return outcome;
+        }
+        let Some(token) = self.secrets.git.as_ref().map(|c| c.token.clone()) else {
+            return Outcome::failed(
+                Reason::PullRequestFailed,
+                "a pull request needs a token: set spec.repository.credentialsSecretRef; the branch was pushed",
+            );
+        };
+        let summary = self.summary(&outcome);
+        let req = crate::forge::request_for(pr, self.r, &summary, summary.output.as_ref(), crate::forge::Origin::Local);
+        self.say(&format!("  opening a pull request for {} into {}", req.head, req.base_owned));
+        let (rec, http) = (&self.rec, crate::forge::client());
+        let opened = tokio::select! {
+            r = crate::forge::open_or_update(&http, &req, &token, crate::forge::Retry::default(), |m| rec.log("runner", m)) => r,
+            _ = self.cancel.cancelled() => return self.stopped().unwrap_or(outcome),
+        };
+        match opened {
+            Ok(p) => {
+                self.say(&format!("  pull request {} ({}): {}", p.number, p.state, p.url));
+                self.git.pull_request_url = Some(p.url.clone());
+                self.git.pull_request = Some(p);
+                outcome
+            }
+            Err(e) => Outcome::failed(
+                Reason::PullRequestFailed,
+                format!("{e}; the branch {} was pushed and is kept", self.r.branch),
+            ),
+        }
     }
 
     fn private_dir(&self, ws: &Workspace) -> PathBuf {
@@ -560,10 +604,18 @@ impl<'a> Run<'a> {
             g.close();
             let m = g.metered();
             self.say(&format!("  gateway: {} responses, {} tokens counted", m.responses, m.usage.total()));
-            self.metered = Some(m.usage);
+            self.metered = Some((m.usage, m.cost_usd));
         }
         self.rec.progress(progress_of(&self.tally));
-        self.judge_agent(&outcome.stop, &outcome.stderr_tail)
+        self.judge_agent(&outcome.stop, &outcome.stderr_tail).or_else(|| self.judge_output())
+    }
+
+    /// With `spec.agent.outputSchema`: the run fails unless the agent's structured output
+    /// follows it (checked before anything is committed).
+    fn judge_output(&self) -> Option<Outcome> {
+        let schema = self.r.output_schema.as_ref()?;
+        let given = self.tally.result.as_ref().and_then(|r| r.structured_output.as_ref());
+        crate::api::output::judge_output(schema, given).err().map(|(reason, message)| Outcome::failed(reason, message))
     }
 
     /// Commit and push the work on top of `base`.
@@ -835,7 +887,13 @@ impl<'a> Run<'a> {
         let (start_time, started) = (self.start_time.as_str(), self.started);
         let t = &self.tally;
         // Counted by the operator when the gateway relayed the run; else as the agent reports.
-        let usage = self.metered.filter(|m| m.total() > 0).unwrap_or_else(|| t.usage());
+        let metered = self.metered.filter(|(u, _)| u.total() > 0);
+        let usage = metered.map_or_else(|| t.usage(), |(u, _)| u);
+        let cost_usd = metered.map_or_else(|| t.cost_usd(), |(_, c)| c);
+        // Only output that follows the schema is ever reported (the run failed otherwise).
+        let output = self.r.output_schema.as_ref().and_then(|schema| {
+            crate::api::output::judge_output(schema, t.result.as_ref().and_then(|r| r.structured_output.as_ref())).ok()
+        });
         let result = t.result.as_ref().and_then(|r| r.text.clone()).or_else(|| t.last_text.clone());
         Summary {
             id: self.id.clone(),
@@ -849,11 +907,13 @@ impl<'a> Run<'a> {
             duration_ms: started.elapsed().as_millis() as u64,
             tokens_used: usage.total(),
             usage,
-            cost_usd: t.cost_usd(),
+            cost_usd,
             num_turns: t.num_turns(),
             tool_calls: t.tool_calls.clone(),
             session_id: t.session_id.clone(),
             result: result.map(|r| self.redactor.redact(&truncate(&r, RESULT_LIMIT))),
+            output,
+            model: t.model.clone().or_else(|| self.r.model.clone()),
             api_retries: t.api_retries,
             git: self.git.clone(),
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),

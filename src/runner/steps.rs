@@ -261,7 +261,14 @@ pub async fn run_step(
             // The controller keeps the record of cluster runs: what git did (from here, before any
             // hook of `finish` runs over the agent's workspace), every step's log lines, the diff.
             if let Some(target) = &opts.report {
-                let said = Summary { phase: Phase::Running, git: h.git.clone(), ..Default::default() };
+                // The structured output too: the finish step's termination message has no room
+                // for 16 KiB, and the finish container holds no report token.
+                let output = r.output_schema.as_ref().and_then(|schema| {
+                    let tally = tally_of(&dirs.stream);
+                    let given = tally.result.as_ref().and_then(|res| res.structured_output.as_ref());
+                    crate::api::output::judge_output(schema, given).ok()
+                });
+                let said = Summary { phase: Phase::Running, git: h.git.clone(), output, ..Default::default() };
                 if let Ok(v) = serde_json::to_value(&said) {
                     super::post_report(target, &v).await;
                 }

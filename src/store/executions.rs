@@ -95,6 +95,11 @@ pub struct ExecutionRow {
     pub deletions: i64,
     pub diff: Option<String>,
     pub output_json: Option<String>,
+    pub pull_request_url: Option<String>,
+    pub pull_request_number: Option<i64>,
+    pub pull_request_provider: Option<String>,
+    pub pull_request_state: Option<String>,
+    pub structured_output: Option<String>,
 }
 
 impl ExecutionRow {
@@ -130,6 +135,8 @@ impl ExecutionRow {
             },
             session_id: self.session_id.clone(),
             result: self.result.clone(),
+            output: self.structured_output.as_deref().and_then(|o| serde_json::from_str(o).ok()),
+            model: self.model.clone(),
             api_retries: 0,
             git: crate::api::GitResult {
                 branch: self.branch.clone(),
@@ -138,6 +145,16 @@ impl ExecutionRow {
                 changed_files: u(self.changed_files),
                 insertions: u(self.insertions),
                 deletions: u(self.deletions),
+                pull_request: match (&self.pull_request_url, self.pull_request_number) {
+                    (Some(url), Some(n)) => Some(crate::api::PullRequestResult {
+                        url: url.clone(),
+                        number: u(n),
+                        provider: self.pull_request_provider.clone().unwrap_or_default(),
+                        state: self.pull_request_state.clone().unwrap_or_default(),
+                    }),
+                    _ => None,
+                },
+                pull_request_url: self.pull_request_url.clone(),
                 ..Default::default()
             },
             workspace: None,
@@ -271,7 +288,9 @@ impl Store {
                duration_ms = ?, input_tokens = ?, output_tokens = ?, cache_read_input_tokens = ?,
                cache_creation_input_tokens = ?, tokens_used = ?, cost_usd = ?, num_turns = ?, tool_calls = ?,
                tool_calls_by_tool = ?, session_id = ?, result = ?, git_commit = ?, pushed = ?, changed_files = ?,
-               insertions = ?, deletions = ?, diff = COALESCE(?, diff), output_json = ?, updated_at = ? WHERE id = ?",
+               insertions = ?, deletions = ?, diff = COALESCE(?, diff), output_json = ?, pull_request_url = ?,
+               pull_request_number = ?, pull_request_provider = ?, pull_request_state = ?, structured_output = ?,
+               updated_at = ? WHERE id = ?",
         )
         .bind(s.phase.as_str())
         .bind(s.reason.as_deref())
@@ -297,6 +316,11 @@ impl Store {
         .bind(i(s.git.deletions))
         .bind(diff)
         .bind(serde_json::to_string(s).ok())
+        .bind(s.git.pull_request.as_ref().map(|p| p.url.clone()))
+        .bind(s.git.pull_request.as_ref().map(|p| i(p.number)))
+        .bind(s.git.pull_request.as_ref().map(|p| p.provider.clone()))
+        .bind(s.git.pull_request.as_ref().map(|p| p.state.clone()))
+        .bind(s.output.as_ref().map(|o| o.to_string()))
         .bind(now())
         .bind(&s.id)
         .execute(&self.pool)

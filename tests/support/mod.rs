@@ -66,6 +66,7 @@ impl Harness {
             sandbox: Some(agentops::runner::SandboxPolicy { extra_read: vec![], protected: vec![db_path.clone()] }),
             gateway: None,
             git_relay: None,
+            open_pull_request: true,
         };
         Self { git, model, dir, store, opts, db_path, max_retries: 1 }
     }
