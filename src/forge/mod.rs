@@ -23,8 +23,10 @@ pub struct Request<'a> {
     pub pr: &'a ResolvedPullRequest,
     /// The pushed work branch.
     pub head: &'a str,
-    /// The branch to merge into.
-    pub base_owned: String,
+    /// The branch to merge into. None when the run continued the work branch itself (`ref` is
+    /// the branch) and `pullRequest.base` is not set: an open pull request keeps its base, and
+    /// none can be opened.
+    pub base: Option<String>,
     pub title: String,
     pub body: String,
 }
@@ -162,8 +164,9 @@ pub fn request_for<'a>(
     let title: String = render(&pr.title, &values).lines().next().unwrap_or_default().chars().take(256).collect();
     let user = render(&pr.body, &values);
     let body = fit_body(&user, &summary_markdown(s, r, origin), GITHUB_BODY_LIMIT);
-    let base = pr.base.as_deref().or(s.git.base_branch.as_deref()).unwrap_or("main");
-    Request { pr, head: s.git.branch.as_deref().unwrap_or(&r.branch), base_owned: base.to_string(), title, body }
+    let head = s.git.branch.as_deref().unwrap_or(&r.branch);
+    let base = pr.base.clone().or_else(|| s.git.base_branch.clone()).filter(|b| b != head);
+    Request { pr, head, base, title, body }
 }
 
 /// `{{summary}}`: one line about the run.
@@ -390,6 +393,19 @@ fn next_link(headers: &reqwest::header::HeaderMap, base: &str) -> Option<String>
     (a.origin() == b.origin()).then_some(url)
 }
 
+/// The base a new pull request needs.
+fn no_base<'a>(req: &'a Request<'_>) -> Result<&'a str, ForgeError> {
+    req.base.as_deref().ok_or_else(|| ForgeError {
+        status: None,
+        message: format!(
+            "no branch to merge {} into: the run continued that branch itself; set spec.git.pullRequest.base",
+            req.head
+        ),
+        transient: false,
+        retry_after: None,
+    })
+}
+
 fn number_of(v: &Value, key: &str) -> Option<u64> {
     v.get(key).and_then(Value::as_u64)
 }
@@ -411,14 +427,19 @@ async fn github(api: &Api<'_>, req: &Request<'_>) -> Result<PullRequestResult, F
     let body = fit_body(&req.body, "", GITHUB_BODY_LIMIT);
     let (pr, state) = match existing.and_then(|p| number_of(p, "number")) {
         Some(n) => {
-            let patch = json!({"title": req.title, "body": body, "base": req.base_owned});
+            let mut patch = json!({"title": req.title, "body": body});
+            if let Some(base) = &req.base {
+                patch["base"] = json!(base);
+            }
             let a = api
                 .call(Method::PATCH, &format!("{repo}/pulls/{n}"), Some(&patch), "updating the pull request")
                 .await?;
             (a.json, "updated")
         }
         None => {
-            let create = json!({"title": req.title, "head": req.head, "base": req.base_owned, "body": body, "draft": req.pr.draft});
+            let base = no_base(req)?;
+            let create =
+                json!({"title": req.title, "head": req.head, "base": base, "body": body, "draft": req.pr.draft});
             match api.call(Method::POST, &format!("{repo}/pulls"), Some(&create), "opening the pull request").await {
                 Ok(a) => (a.json, "opened"),
                 // Opened in between (another attempt, another controller): update that one.
@@ -477,8 +498,10 @@ async fn gitlab(api: &Api<'_>, req: &Request<'_>) -> Result<PullRequestResult, F
     let mut fields = json!({
         "title": title,
         "description": fit_body(&req.body, "", GITLAB_BODY_LIMIT),
-        "target_branch": req.base_owned,
     });
+    if let Some(base) = &req.base {
+        fields["target_branch"] = json!(base);
+    }
     if !req.pr.labels.is_empty() {
         fields["labels"] = json!(req.pr.labels.join(","));
     }
@@ -498,6 +521,7 @@ async fn gitlab(api: &Api<'_>, req: &Request<'_>) -> Result<PullRequestResult, F
             (a.json, "updated")
         }
         None => {
+            fields["target_branch"] = json!(no_base(req)?);
             fields["source_branch"] = json!(req.head);
             fields["remove_source_branch"] = json!(false);
             match api

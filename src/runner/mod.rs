@@ -383,7 +383,8 @@ impl<'a> Run<'a> {
         };
         let summary = self.summary(&outcome);
         let req = crate::forge::request_for(pr, self.r, &summary, summary.output.as_ref(), crate::forge::Origin::Local);
-        self.say(&format!("  opening a pull request for {} into {}", req.head, req.base_owned));
+        let into = req.base.as_deref().unwrap_or("its base");
+        self.say(&format!("  opening a pull request for {} into {into}", req.head));
         let (rec, http) = (&self.rec, crate::forge::client());
         let opened = tokio::select! {
             r = crate::forge::open_or_update(&http, &req, &token, crate::forge::Retry::default(), |m| rec.log("runner", m)) => r,
@@ -797,6 +798,13 @@ impl<'a> Run<'a> {
                 }
                 let text = res.text.as_deref().unwrap_or_default();
                 Some(match res.subtype.as_str() {
+                    s if s.contains("structured_output") => Outcome::failed(
+                        Reason::InvalidOutput,
+                        format!(
+                            "the agent did not give output that follows spec.agent.outputSchema ({s}): {}",
+                            self.redactor.redact(&truncate(text, 300))
+                        ),
+                    ),
                     "error_max_turns" => Outcome::failed(
                         Reason::MaxTurns,
                         format!(

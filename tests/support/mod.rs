@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod fake_anthropic;
+pub mod fake_forge;
 pub mod git_server;
 pub mod kube_api;
 pub mod pod;
