@@ -24,6 +24,11 @@ struct Running {
 }
 
 impl Running {
+    /// The process dies: no graceful end, whatever it was doing is dropped mid-way.
+    fn kill(self) {
+        self.task.abort();
+    }
+
     async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -1419,5 +1424,97 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     finish_job(&kube, "ns", "agentops-again", true, Some(report("Succeeded", "Completed")));
     until("Succeeded", || (phase(&kube, "ns", "again")? == "Succeeded").then_some(())).await;
     assert_eq!(ask(token).await, 401, "the run is over: its token is retired, not reopened");
+    second.stop().await;
+}
+
+/// The cluster path of a pull request: the runner pod pushes (it holds no token), the controller
+/// opens the pull request with the repository's credential. The controller dies after GitHub
+/// created it but before the answer came back; the next controller finds it open and updates
+/// it: exactly one pull request. The structured output reaches the status as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_opens_the_pull_request_once_across_a_restart() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let h = support::Harness::new(vec![
+        support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed\n"})),
+        support::Step::tool("StructuredOutput", json!({"title": "Fix the thing", "risk": "low"})),
+        support::Step::text("Fixed it."),
+    ])
+    .await;
+    h.git.create_repo("acme/demo", &[("README.md", "# Demo\n")]);
+    let forge =
+        support::fake_forge::FakeForge::start(support::fake_forge::Flavor::Github, h.git.root.clone(), support::TOKEN)
+            .await;
+    forge.delay_creates(Duration::from_secs(3600));
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
+    let cfg = |base: &str| {
+        let mut cfg = config(None);
+        cfg.job.report_url = Some(base.to_string());
+        cfg.model_upstream = h.model.base_url.clone();
+        cfg
+    };
+    let (http, base) = listener().await;
+    let first = spawn(&kube, cfg(&base), Some(store.clone()), ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let ax = execution(
+        "prx",
+        json!({
+            "repository": {"url": h.git.url("acme/demo"), "provider": "github", "apiUrl": forge.api_url},
+            "git": {"pullRequest": {"title": "{{output.title}}", "labels": ["agent"]}},
+            "agent": {"outputSchema": {"type": "object", "properties": {"title": {"type": "string"}, "risk": {"type": "string"}},
+                                       "required": ["title", "risk"]}}
+        }),
+    );
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let job = until("the Job", || kube.get(BATCH, "jobs", "ns", "agentops-prx")).await;
+    let ended = kubelet(&kube, job, &h.dir.path().join("node")).await;
+    for e in &ended {
+        assert_eq!(e.exit_code, 0, "step {}: {}\n{}\n{}", e.name, e.message, e.stdout, e.stderr);
+    }
+    support::pod::report(&kube, "ns", "agentops-prx", &ended);
+    // GitHub created it; its answer is late, and the controller dies meanwhile.
+    until("the pull request exists", || (forge.prs().len() == 1).then_some(())).await;
+    first.kill();
+    assert_ne!(phase(&kube, "ns", "prx").as_deref(), Some("Succeeded"), "the first never learnt the answer");
+
+    let (http, base) = listener().await;
+    let second = spawn(&kube, cfg(&base), Some(store.clone()), ExecutorKind::Job, Some(http), None);
+    let done = until("Succeeded", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "prx")?;
+        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        Some(ax)
+    })
+    .await;
+    let st = &done["status"];
+    assert_eq!(st["phase"], "Succeeded", "{st}");
+    let prs = forge.prs();
+    assert_eq!(prs.len(), 1, "exactly one pull request");
+    let creates = forge.calls().iter().filter(|c| c.method == "POST" && c.path.ends_with("/pulls")).count();
+    assert_eq!(creates, 1);
+    assert_eq!(st["git"]["pullRequest"]["number"], 1, "{st}");
+    assert_eq!(st["git"]["pullRequest"]["state"], "updated", "found open, updated: {st}");
+    assert_eq!(st["git"]["pullRequest"]["provider"], "github");
+    assert_eq!(st["git"]["pullRequestUrl"], st["git"]["pullRequest"]["url"]);
+    assert_eq!(st["output"], json!({"title": "Fix the thing", "risk": "low"}), "{st}");
+    assert_eq!(prs[0].title, "Fix the thing");
+    assert_eq!(prs[0].labels, ["agent"]);
+    let uid = done["metadata"]["uid"].as_str().unwrap();
+    assert!(prs[0].body.contains(&format!("uid `{uid}`")) && prs[0].body.contains("kubectl get ax -n ns prx"));
+    let cost = st["costUsd"].as_f64().unwrap();
+    assert!(prs[0].body.contains(&format!("${cost:.4} (metered by the operator's gateway)")), "{}", prs[0].body);
+    // The token came from the Secret, through the controller only.
+    assert!(forge.calls().iter().all(|c| c.auth.as_deref() == Some(&format!("Bearer {}", support::TOKEN) as &str)));
+    let events = kube.list("apis/events.k8s.io/v1", "events", "ns");
+    let opened = events.iter().find(|e| e["reason"] == "PullRequestOpened").expect("a PullRequestOpened event");
+    assert!(opened.to_string().contains("pull request #1 updated (github)"), "{opened}");
+    let row = store.get_execution(uid).await.unwrap();
+    assert_eq!(row.pull_request_number, Some(1));
+    assert!(row.structured_output.is_some());
+    for r in h.model.seen() {
+        assert!(!r.body.to_string().contains(support::TOKEN), "the model saw the git token");
+    }
     second.stop().await;
 }
