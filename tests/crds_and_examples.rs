@@ -21,7 +21,7 @@ fn crd_has_status_printer_columns_and_short_name() {
     assert!(v["subresources"]["status"].is_object());
     let cols: Vec<&str> =
         v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(cols, ["Phase", "Repo", "Branch", "Cost", "Tokens", "Turns", "Duration", "Age"]);
+    assert_eq!(cols, ["Phase", "Repo", "Branch", "Cost", "Tokens", "Turns", "Duration", "PR", "Age"]);
 }
 
 #[test]
