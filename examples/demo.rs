@@ -1,6 +1,7 @@
-//! The offline demo: one real execution of `agentops run` against a local git server and the
-//! scripted model from `tests/support/` (no network, no Anthropic account), then the pushed
-//! branch and the recorded usage. Run it with `scripts/demo`.
+//! The offline demo: one real execution of `agentops run` against a local git server, the
+//! scripted model and a fake GitHub API from `tests/support/` (no network, no Anthropic or
+//! GitHub account), then the pushed branch, the pull request the operator opened, and the
+//! recorded usage. Run it with `scripts/demo`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -19,8 +20,21 @@ async fn main() -> anyhow::Result<()> {
         .map(|dir| dir.join("agentops"))
         .filter(|p| p.exists())
         .ok_or_else(|| anyhow::anyhow!("build the binary first: cargo build --bin agentops"))?;
+    // A repository with history on the local git server, and GitHub's API for it (the fake).
+    h.git.create_repo(
+        "acme/demo",
+        &[("README.md", "# Demo\n\nHello from the demo repository.\n"), ("src/lib.txt", "one\ntwo\nthree\n")],
+    );
+    let github = fake_forge::FakeForge::start(fake_forge::Flavor::Github, h.git.root.clone(), TOKEN).await;
     let manifest = h.dir.path().join("demo.yaml");
-    std::fs::write(&manifest, h.manifest("demo", "  timeout: 5m\n"))?;
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata:\n  name: demo\nspec:\n  prompt: Update the demo repository\n  timeout: 5m\n  repository:\n    url: {}\n    credentialsSecretRef: {{name: git-cred}}\n    provider: github\n    apiUrl: {}\n  git:\n    pullRequest:\n      title: \"Demo: {{{{summary}}}}\"\n      labels: [agent]\n  agent:\n    apiKeySecretRef: {{name: anthropic}}\n",
+            h.git.url("acme/demo"),
+            github.api_url
+        ),
+    )?;
     println!("== manifest ({})\n{}", manifest.display(), std::fs::read_to_string(&manifest)?);
 
     let agentops = |args: &[&str]| {
@@ -40,11 +54,18 @@ async fn main() -> anyhow::Result<()> {
     let status = agentops(&["run", "-f", &shown]).status().await?;
 
     println!("\n== the pushed branch on the git server");
-    let log = h.git.git("demo", &["log", "--stat", "--format=%h %an <%ae>%n    %s", "main..agentops/demo"]);
+    let log = h.git.git("acme/demo", &["log", "--stat", "--format=%h %an <%ae>%n    %s", "main..agentops/demo"]);
     println!("{log}");
     println!("== the repository's history (cloned at depth 1; the work is one commit on main)");
-    let graph = h.git.git("demo", &["log", "--graph", "--all", "--format=%h%d %s"]);
+    let graph = h.git.git("acme/demo", &["log", "--graph", "--all", "--format=%h%d %s"]);
     println!("{graph}");
+    println!("== the pull request agentops opened on the local fake GitHub");
+    for pr in github.prs() {
+        println!(
+            "#{} {} → {}  labels {:?}\ntitle: {}\n{}\n",
+            pr.number, pr.head, pr.base, pr.labels, pr.title, pr.body
+        );
+    }
     println!("== agentops executions list");
     agentops(&["executions", "list"]).status().await?;
     let code = status.code().unwrap_or(1);

@@ -189,7 +189,11 @@ pub fn summary_markdown(s: &Summary, r: &Resolved, origin: Origin<'_>) -> String
     let mut tools: Vec<(&String, &u64)> = s.tool_calls.by_tool.iter().collect();
     tools.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let tools: Vec<String> = tools.iter().take(20).map(|(k, v)| format!("{k} {v}")).collect();
-    let duration = humantime::format_duration(Duration::from_secs(s.duration_ms / 1000));
+    let duration = if s.duration_ms < 60_000 {
+        format!("{:.1}s", s.duration_ms as f64 / 1000.0)
+    } else {
+        humantime::format_duration(Duration::from_secs(s.duration_ms / 1000)).to_string()
+    };
     let mut out = String::from("\n\n---\n<!-- agentops:summary -->\n**agentops run**\n\n| | |\n|---|---|\n");
     let mut row = |k: &str, v: String| out.push_str(&format!("| {k} | {} |\n", v.replace('|', "\\|")));
     row("Model", s.model.clone().or_else(|| r.model.clone()).unwrap_or_else(|| "default".into()));
@@ -210,7 +214,7 @@ pub fn summary_markdown(s: &Summary, r: &Resolved, origin: Origin<'_>) -> String
         ),
     );
     row("Cost", format!("${:.4} (metered by the operator's gateway)", s.cost_usd));
-    row("Duration", duration.to_string());
+    row("Duration", duration);
     row(
         "Changes",
         format!("{} files, +{} -{} on `{}`", s.git.changed_files, s.git.insertions, s.git.deletions, r.branch),
