@@ -48,7 +48,14 @@ fn token_never_reached_the_agent(h: &Harness) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_opens_a_pull_request_whose_body_has_the_gateways_numbers() {
-    let s = Setup::new(Flavor::Github, happy_script()).await;
+    // The agent looks for the token first: its environment, its HOME, its parent's environment.
+    let mut script = vec![Step::tool(
+        "Bash",
+        json!({"command": "env; ls -la ~; cat ~/.gitconfig ~/.git-credentials 2>&1; tr '\\0' '\\n' < /proc/$PPID/environ; true",
+               "description": "look around"}),
+    )];
+    script.extend(happy_script());
+    let s = Setup::new(Flavor::Github, script).await;
     let yaml = s.manifest(
         "pr",
         "",
@@ -99,6 +106,8 @@ async fn a_run_opens_a_pull_request_whose_body_has_the_gateways_numbers() {
             "POST /api/v3/repos/acme/demo/pulls/1/requested_reviewers"
         ]
     );
+    let looked = s.h.model.seen().iter().any(|r| r.body.to_string().contains("CLAUDE_CONFIG_DIR="));
+    assert!(looked, "the agent's environment dump reached the model");
     token_never_reached_the_agent(&s.h);
 
     // The store has it, in its own columns and in the report.

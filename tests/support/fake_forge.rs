@@ -248,6 +248,13 @@ fn gh_json(inner: &Inner, p: &Pr) -> Value {
     })
 }
 
+/// 201 with the new pull request, after the configured delay.
+async fn created(inner: &Inner, pr: Value) -> Response<Body> {
+    let delay = *inner.create_delay.lock().expect("lock");
+    tokio::time::sleep(delay).await;
+    answer(201, pr, &[])
+}
+
 fn gh_validation(message: &str, field: &str) -> Response<Body> {
     answer(
         422,
@@ -328,9 +335,7 @@ async fn github(inner: &Inner, method: &Method, path: &str, query: &str, body: V
                 prs.push(pr.clone());
                 pr
             };
-            let delay = *inner.create_delay.lock().expect("lock");
-            tokio::time::sleep(delay).await;
-            answer(201, gh_json(inner, &pr), &[])
+            created(inner, gh_json(inner, &pr)).await
         }
         (m, ["pulls", n, tail @ ..]) | (m, ["issues", n, tail @ ..]) => {
             let kind = match (m, tail) {
@@ -473,9 +478,7 @@ async fn gitlab(inner: &Inner, method: &Method, path: &str, query: &str, body: V
                 prs.push(pr.clone());
                 pr
             };
-            let delay = *inner.create_delay.lock().expect("lock");
-            tokio::time::sleep(delay).await;
-            answer(201, gl_json(inner, &pr), &[])
+            created(inner, gl_json(inner, &pr)).await
         }
         ("PUT", ["merge_requests", iid]) => {
             if let Some(r) = scripted(inner, "update") {
