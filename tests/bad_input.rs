@@ -106,6 +106,30 @@ fn cases(h: &Harness) -> Vec<(&'static str, String, &'static str, &'static str)>
             "spec.hooks.post",
             "at most 16",
         ),
+        (
+            "unknown pull request placeholder",
+            m("  git:\n    pullRequest: {title: \"fix {{nmae}}\"}\n"),
+            "spec.git.pullRequest.title",
+            "unknown placeholder {{nmae}}",
+        ),
+        (
+            "pull request on an unknown host",
+            m("  git:\n    pullRequest: {}\n"),
+            "spec.repository.provider",
+            "set github or gitlab",
+        ),
+        (
+            "output field without a schema",
+            m("  git:\n    pullRequest: {body: \"{{output.title}}\"}\n"),
+            "spec.git.pullRequest.body",
+            "outputSchema is not set",
+        ),
+        (
+            "output schema that is no schema",
+            m("    outputSchema: {type: 12}\n"),
+            "spec.agent.outputSchema",
+            "not a valid JSON Schema",
+        ),
         ("deep YAML", m(&format!("  worker: {}{}\n", "[".repeat(100_000), "]".repeat(100_000))), "(yaml)", "nesting"),
         ("huge file", m(&format!("  worker: {}\n", "z".repeat(1_100_000))), "(file)", "1 MiB"),
     ]
