@@ -1397,7 +1397,9 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     let (http, base) = listener().await;
     let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
-    api.create(&PostParams::default(), &execution("again", json!({}))).await.unwrap();
+    let git = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
+    git.create_repo("r", &[("README.md", "# r\n")]);
+    api.create(&PostParams::default(), &execution("again", json!({"repository": {"url": git.url("r")}}))).await.unwrap();
     until("Running", || (phase(&kube, "ns", "again")? == "Running").then_some(())).await;
     first.stop().await;
 
@@ -1413,12 +1415,21 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
             reqwest::Client::new().post(url).header("x-api-key", token).json(&body).send().await.unwrap().status()
         }
     };
-    until_async("the reopened account relays", || {
-        let ask = ask(token.clone());
-        async move { ask.await == 200 }
-    })
-    .await;
+    // At once: the first request, whether or not the new watch has listed yet (the API server
+    // is asked then), is relayed.
+    assert_eq!(ask(token.clone()).await, 200, "the first request after the restart");
     assert_eq!(model.seen()[0].api_key.as_deref(), Some(support::API_KEY));
+    // The git relay too: the publish step's push is answered without waiting.
+    let publish =
+        String::from_utf8(secret_data(&kube, "ns", "agentops-runner-again").unwrap()["git-publish"].clone()).unwrap();
+    let refs = reqwest::Client::new()
+        .get(format!("{base}/git/ns/again/info/refs?service=git-receive-pack"))
+        .bearer_auth(&publish)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refs.status(), 200, "the relay knows the running execution at once");
+    assert!(refs.text().await.unwrap().contains("refs/heads/main"));
     assert_eq!(ask("agentops-guess".into()).await, 401, "only its own token");
 
     finish_job(&kube, "ns", "agentops-again", true, Some(report("Succeeded", "Completed")));

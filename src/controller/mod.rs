@@ -196,12 +196,25 @@ pub async fn run(
     // After a restart, a running pod's first request to the gateway or the relay opens its
     // execution's account (reading its Secrets then, not for every running execution at once).
     let opener: crate::gateway::Opener = {
-        let (cache, client, reports) = (cache.clone(), client.clone(), Arc::downgrade(&reports));
+        let (cache, client, reports, synced) =
+            (cache.clone(), client.clone(), Arc::downgrade(&reports), synced.clone());
         Arc::new(move |ns: String, name: String| {
-            let (cache, client, reports) = (cache.clone(), client.clone(), reports.clone());
+            let (cache, client, reports, synced) = (cache.clone(), client.clone(), reports.clone(), synced.clone());
             async move {
                 let Some(reports) = reports.upgrade() else { return false };
-                let Some(ax) = cache.get(&reflector::ObjectRef::new(&name).within(&ns)) else { return false };
+                // Right after a restart the watch has not listed yet: ask the API server, so a
+                // running pod's push is accepted at once (once synced, the cache is the truth and
+                // an unknown name costs no request).
+                let ax = match cache.get(&reflector::ObjectRef::new(&name).within(&ns)) {
+                    Some(ax) => ax,
+                    None if !synced.load(std::sync::atomic::Ordering::Relaxed) => {
+                        match Api::<crate::api::AgentExecution>::namespaced(client.clone(), &ns).get_opt(&name).await {
+                            Ok(Some(ax)) => Arc::new(ax),
+                            _ => return false,
+                        }
+                    }
+                    None => return false,
+                };
                 if ax.status.as_ref().map(|s| s.phase) != Some(crate::api::Phase::Running) {
                     return false;
                 }
