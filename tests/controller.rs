@@ -1399,7 +1399,9 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let git = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
     git.create_repo("r", &[("README.md", "# r\n")]);
-    api.create(&PostParams::default(), &execution("again", json!({"repository": {"url": git.url("r")}}))).await.unwrap();
+    api.create(&PostParams::default(), &execution("again", json!({"repository": {"url": git.url("r")}})))
+        .await
+        .unwrap();
     until("Running", || (phase(&kube, "ns", "again")? == "Running").then_some(())).await;
     first.stop().await;
 
@@ -1528,4 +1530,41 @@ async fn the_controller_opens_the_pull_request_once_across_a_restart() {
         assert!(!r.body.to_string().contains(support::TOKEN), "the model saw the git token");
     }
     second.stop().await;
+}
+
+/// A prompt-injected agent asks the gateway for what it does not relay: each request is refused
+/// with 404 without reaching the model, and the execution's owner sees a warning Event naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_gateway_path_is_an_event_on_the_execution() {
+    let model = support::FakeAnthropic::start(vec![]).await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base.clone());
+    cfg.model_upstream = model.base_url.clone();
+    let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("probe", json!({}))).await.unwrap();
+    until("Running", || (phase(&kube, "ns", "probe")? == "Running").then_some(())).await;
+    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-runner-probe").unwrap()["model"].clone()).unwrap();
+    for path in ["/v1/messages/batches", "/v1/..%2F..%2Fadmin"] {
+        let status = reqwest::Client::new()
+            .post(format!("{base}/gateway/ns/probe{path}"))
+            .header("x-api-key", &token)
+            .body("{}")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 404, "{path}");
+    }
+    let event = until("a GatewayRefused event", || {
+        kube.list("apis/events.k8s.io/v1", "events", "ns").into_iter().find(|e| e["reason"] == "GatewayRefused")
+    })
+    .await;
+    let text = event.to_string();
+    assert!(text.contains("Warning") && text.contains("POST /v1/messages/batches"), "{text}");
+    assert!(model.seen().is_empty(), "nothing reached the model");
+    ctl.stop().await;
 }

@@ -36,6 +36,8 @@ pub struct Entry {
     /// The pull request this process opened for it (a reconcile that runs again before the
     /// final status is written does not call the provider again).
     pub pull_request: Option<Box<crate::api::PullRequestResult>>,
+    /// Gateway refusals already told in an Event.
+    pub refusals_told: u64,
 }
 
 impl Entry {
@@ -46,6 +48,7 @@ impl Entry {
             && self.latest.is_none()
             && self.local.is_none()
             && self.pull_request.is_none()
+            && self.refusals_told == 0
     }
 }
 

@@ -107,6 +107,7 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
     {
         pull_request(&ax, ctx, &spec.resolved, s).await;
     }
+    tell_refusals(&ax, ctx).await;
     // A queue slot is asked for (and held, so that two reconciles never take the same one)
     // only when this execution could start now.
     let wants_slot = ready.is_some()
@@ -187,6 +188,31 @@ async fn pull_request(ax: &AgentExecution, ctx: &Context, r: &Resolved, s: &mut 
             s.git.pull_request = Some(p);
         }
         Err(e) => failed(s, e.to_string()),
+    }
+}
+
+/// The model gateway refused requests of this execution's agent outside its allowlist (another
+/// endpoint, `..`, encoded slashes): a warning Event for the execution's owner, once per new
+/// batch of refusals (the gateway wakes the execution at most once a second).
+async fn tell_refusals(ax: &AgentExecution, ctx: &Context) {
+    let (ns, name) = key(ax);
+    let Some((n, last)) = ctx.reports.refusals(&ns, &name) else { return };
+    let uid = ledger::uid(ax);
+    let told = ctx.ledger.with(&uid, |e| e.refusals_told).unwrap_or(0);
+    if n <= told {
+        return;
+    }
+    ctx.ledger.update(&uid, |e| e.refusals_told = n);
+    let note = Note {
+        reason: "GatewayRefused".into(),
+        message: format!(
+            "the model gateway refused {n} request(s) of the agent outside its allowlist (last: {}); it relays POST /v1/messages and /v1/messages/count_tokens only",
+            last.unwrap_or_default()
+        ),
+        warning: true,
+    };
+    if let Err(e) = ctx.events.publish(&note, "RelayModel", &ax.object_ref(&())).await {
+        tracing::warn!(error = %e, "cannot publish event");
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Metered {
     pub refused_over_budget: u64,
     /// Requests refused because their method, path or query is not one the gateway relays.
     pub refused_not_allowed: u64,
+    /// The last of those, as `METHOD path` (at most 200 bytes).
+    pub last_refused: Option<String>,
     /// The worst case of the requests in flight, held against the budget until they end.
     pub reserved_usd: f64,
     /// Requests whose `max_tokens` was lowered to what the budget left could pay for.
@@ -458,6 +460,11 @@ async fn relay(
         tracing::warn!(%method, path = %crate::api::report::truncate(path, 200), "the model gateway refused a request outside its allowlist");
         if let Ok(mut m) = account.metered.lock() {
             m.refused_not_allowed += 1;
+            m.last_refused = Some(format!("{method} {}", crate::api::report::truncate(path, 200)));
+        }
+        // The controller tells the execution's owner (an Event), at most once a second.
+        if let Some(f) = &account.on_change {
+            f();
         }
         return close(refuse(
             StatusCode::NOT_FOUND,
