@@ -288,6 +288,12 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
     tcp.set_nonblocking(true).unwrap();
     let port = tcp.local_addr().unwrap().port();
     let shm = std::path::PathBuf::from(format!("/dev/shm/{tag}"));
+    // A socket of the user's on a path, where Docker's and ssh-agent's are (Landlock does not
+    // govern connecting to one).
+    let sock_dir = tempfile::Builder::new().prefix("agentops-user-").tempdir_in("/tmp").unwrap();
+    let sock_path = sock_dir.path().join("agent.sock");
+    let path_listener = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+    path_listener.set_nonblocking(true).unwrap();
     // Each attempt appends "name:exit status" to a file in the workspace (ignored by git, read back).
     let attempt = |name: &str, cmd: &str| format!("( {cmd} ) >/dev/null 2>&1; echo \"{name}:$?\" >> target/attempts");
     let script = [
@@ -296,6 +302,10 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
         attempt(
             "abstract",
             &format!("perl -e 'use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or exit 3; connect(S, pack_sockaddr_un(\"\\0{tag}\")) or exit 1'"),
+        ),
+        attempt(
+            "pathsock",
+            &format!("perl -e 'use Socket; socket(S, PF_UNIX, SOCK_STREAM, 0) or exit 3; connect(S, pack_sockaddr_un(\"{}\")) or exit 1'", sock_path.display()),
         ),
         attempt("tcp", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")),
         attempt("shm", &format!("echo x > {}", shm.display())),
@@ -319,13 +329,14 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
     let ws = std::path::Path::new(summary["workspace"].as_str().unwrap());
     let attempts = std::fs::read_to_string(ws.join("repo/target/attempts")).unwrap();
     let results: std::collections::BTreeMap<&str, &str> = attempts.lines().filter_map(|l| l.split_once(':')).collect();
-    assert_eq!(results.len(), 6, "every attempt ran: {attempts}");
+    assert_eq!(results.len(), 7, "every attempt ran: {attempts}");
     for (name, status) in &results {
         assert_ne!(*status, "0", "{name} succeeded: {attempts}");
     }
     assert!(victim.try_wait().unwrap().is_none(), "the user's process is alive");
     victim.kill().unwrap();
     assert!(unix.accept().is_err(), "nothing connected to the user's abstract socket");
+    assert!(path_listener.accept().is_err(), "nothing connected to the user's socket in /tmp");
     assert!(tcp.accept().is_err(), "nothing connected to the other port");
     assert!(!shm.exists(), "nothing written in /dev/shm");
     assert_eq!(summary["phase"], "Succeeded", "{summary}");

@@ -176,6 +176,7 @@ pub async fn run_agent(
                 command.pre_exec(move || isolation.enter());
             }
         }
+        let filter = super::sandbox::seccomp_filter()?;
         let ruleset = sandbox.prepare(isolated).map_err(std::io::Error::other)?;
         let ruleset = std::sync::Mutex::new(Some(ruleset));
         // SAFETY: between fork and exec the closure only takes the prepared ruleset (a mutex no
@@ -185,6 +186,11 @@ pub async fn run_agent(
                 Some(r) => super::sandbox::restrict(r, isolated),
                 None => Ok(()),
             });
+        }
+        // SAFETY: the filter was built in the parent; the child only makes the prctl and
+        // seccomp system calls. Last: the namespaces and Landlock need no unix socket.
+        unsafe {
+            command.pre_exec(move || super::sandbox::apply_seccomp(&filter));
         }
     }
     let mut child = command

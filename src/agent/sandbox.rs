@@ -141,6 +141,33 @@ pub fn restrict(ruleset: RulesetCreated, isolated: bool) -> std::io::Result<()> 
     }
 }
 
+/// The seccomp filter of the agent: `socket(AF_UNIX, …)` fails with EACCES. Landlock governs
+/// neither `connect()` to a pathname unix socket nor which sockets exist, so without this the
+/// agent could talk to the Docker daemon's socket, the user's ssh-agent or any socket the user
+/// left in `/tmp` or `/run`. `socketpair` (how runtimes wire their own children) stays allowed:
+/// its two ends reach nothing else. Built in the parent; `apply_seccomp` runs in the child.
+pub fn seccomp_filter() -> std::io::Result<seccompiler::BpfProgram> {
+    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+    let err = |e: seccompiler::Error| std::io::Error::other(e.to_string());
+    let unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nix::libc::AF_UNIX as u64)
+        .map_err(|e| err(e.into()))?;
+    let rules = vec![(nix::libc::SYS_socket, vec![SeccompRule::new(vec![unix]).map_err(|e| err(e.into()))?])];
+    let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
+    let filter = SeccompFilter::new(
+        rules.into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(nix::libc::EACCES as u32),
+        arch,
+    )
+    .map_err(|e| err(e.into()))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
+}
+
+/// Applies the filter to the calling process (the agent's child, before exec).
+pub fn apply_seccomp(filter: &seccompiler::BpfProgram) -> std::io::Result<()> {
+    seccompiler::apply_filter(filter).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
 /// Whether this kernel enforces Landlock (for the runner's warning).
 pub fn supported() -> bool {
     kernel_abi().is_some()
@@ -182,10 +209,13 @@ pub fn protections(abi: Option<u8>, isolated: bool) -> (Vec<&'static str>, Vec<&
         (5, "no device ioctls (no TIOCSTI)"),
         (6, "signals and abstract unix sockets only within the sandbox"),
     ];
+    // Not Landlock's: the seccomp filter, on every kernel the agent runs on.
+    let seccomp = "no unix sockets (no Docker socket, ssh-agent or other socket of the user)";
     let abi = abi.unwrap_or(0);
     let pick = |on: bool| all.iter().filter(move |(need, _)| (abi >= *need) == on).map(|(_, what)| *what);
     let own = "namespaces of its own (no other process in /proc, empty /dev/shm, nothing outlives the run)";
     let (mut on, mut off): (Vec<_>, Vec<_>) = (pick(true).collect(), pick(false).collect());
+    on.push(seccomp);
     if isolated {
         on.push(own)
     } else {
@@ -324,7 +354,7 @@ mod tests {
         let (_, missing) = protections(kernel_abi(), isolation_supported());
         assert!(missing.is_empty(), "ABI {:?} lacks {missing:?}", kernel_abi());
         let (on, off) = protections(Some(4), false);
-        assert_eq!((on.len(), off.len()), (3, 3));
+        assert_eq!((on.len(), off.len()), (4, 3), "ABI 4: files, truncate, TCP, and seccomp's unix sockets");
     }
 
     #[test]
