@@ -255,6 +255,21 @@ fn runner_pods_are_bounded_and_have_no_default_egress() {
         .flat_map(|e| e["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()))
         .collect();
     assert_eq!(ports, [53, 53, 8080], "DNS and the controller's API port, not its metrics port");
+    // The policy selects the pods the controller really renders (their labels, not a copy).
+    let ax: agentops::api::AgentExecution = serde_json::from_value(serde_json::json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
+        "metadata": {"name": "np", "namespace": "default", "uid": "u-1"},
+        "spec": {"prompt": "p", "repository": {"url": "https://git.example.com/r.git"}}
+    }))
+    .unwrap();
+    let r = agentops::api::resolve(&ax, &[]).unwrap();
+    let job = agentops::controller::desired::desired_job(&ax, &r, &Default::default());
+    let pod_labels = serde_json::to_value(&job).unwrap()["spec"]["template"]["metadata"]["labels"].clone();
+    let selector = policy["spec"]["podSelector"]["matchLabels"].as_object().unwrap();
+    assert!(!selector.is_empty());
+    for (k, v) in selector {
+        assert_eq!(&pod_labels[k], v, "the chart's NetworkPolicy selects {k}={v}; runner pods carry {pod_labels}");
+    }
     assert!(
         default.contains(
             r#"AGENTOPS_RUNNER_RESOURCES, value: "{\"limits\":{\"ephemeral-storage\":\"20Gi\",\"memory\":\"4Gi\"}"#

@@ -1178,6 +1178,7 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
         // Every credential path a runner pod had, its own environment, every process's.
         bash(
             "cat /var/run/secrets/agentops/git-cred/token /var/run/secrets/agentops-report/token \
+             /var/run/secrets/agentops-git/token /var/run/agentops/manifest/manifest.yaml \
              /var/run/secrets/agentops/anthropic/api-key /var/run/agentops/private/handoff.json \
              /var/run/secrets/kubernetes.io/serviceaccount/token; \
              ls -la / /var/run /var/run/secrets /var/run/agentops; env; \
@@ -1219,6 +1220,34 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     for v in &volumes {
         let secret = v["secret"]["secretName"].as_str().unwrap_or_default();
         assert!(secret != "git-cred" && secret != "anthropic", "{v}");
+    }
+    // The runner Secret holds every token of the pod; each volume of it projects one key, so a
+    // container sees only the one it mounts.
+    let items = |volume: &str| -> Vec<String> {
+        let v = volumes.iter().find(|v| v["name"] == volume).unwrap_or_else(|| panic!("volume {volume}"));
+        assert_eq!(v["secret"]["secretName"], "agentops-runner-pod", "{v}");
+        v["secret"]["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(items("manifest"), ["manifest.yaml"]);
+    assert_eq!(items("model-token"), ["model"]);
+    assert_eq!(items("git-clone-token"), ["git-clone"]);
+    assert_eq!(items("git-publish-token"), ["git-publish"]);
+    assert_eq!(items("report-token"), ["token"]);
+    let containers: Vec<Value> = job["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(job["spec"]["template"]["spec"]["containers"].as_array().unwrap())
+        .cloned()
+        .collect();
+    let mounts = |step: &str| -> Vec<String> {
+        let c = containers.iter().find(|c| c["name"] == step).unwrap();
+        c["volumeMounts"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap().to_string()).collect()
+    };
+    let agent = mounts("agent");
+    assert!(agent.contains(&"model-token".to_string()), "{agent:?}");
+    for token in ["git-clone-token", "git-publish-token", "report-token", "git-credential"] {
+        assert!(!agent.contains(&token.to_string()), "the agent's container mounts {token}: {agent:?}");
     }
 
     // The kubelet's part: run the pod the controller rendered.
@@ -1271,7 +1300,12 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     let bodies: Vec<String> = seen.iter().map(|s| s.body.to_string()).collect();
     assert_eq!(h.model.remaining(), 0, "the whole script ran");
     let hunt = bodies.iter().find(|b| b.contains("No such file or directory")).expect("the hunt's results");
-    for path in ["/var/run/secrets/agentops/git-cred/token", "/var/run/secrets/agentops-report/token", "handoff.json"] {
+    for path in [
+        "/var/run/secrets/agentops/git-cred/token",
+        "/var/run/secrets/agentops-report/token",
+        "/var/run/secrets/agentops-git/token",
+        "handoff.json",
+    ] {
         assert!(hunt.contains(path), "the agent tried {path}");
     }
     for body in &bodies {
