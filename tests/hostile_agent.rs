@@ -351,3 +351,77 @@ async fn the_sandbox_holds_signals_sockets_ports_shm_and_the_terminal() {
         .collect();
     assert!(survivors.is_empty(), "outlived the run: {survivors:?}");
 }
+
+/// `agentops run` started from a terminal: the user's terminal is its controlling terminal and
+/// its stdin. The agent tries to type into it (`TIOCSTI`) through its own stdin, `/dev/tty`, and
+/// the user's pts by path. Every attempt fails, nothing arrives on the terminal, and the run
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_cannot_type_into_the_users_terminal() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let h = Harness::new(vec![]).await;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let pts = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    // Each attempt pushes "id > pwned" and a newline into the terminal's input, one character
+    // at a time; a shell reading the terminal would run it.
+    let push = |target: &str| {
+        format!(
+            "perl -e '{target} or exit 2; for my $c (split //, \"id > pwned\\n\") {{ ioctl($t, 0x5412, $c) or exit 1 }}'"
+        )
+    };
+    let attempt = |name: &str, cmd: &str| format!("( {cmd} ) >/dev/null 2>&1; echo \"{name}:$?\" >> target/attempts");
+    let script = [
+        "mkdir -p target && printf 'target/\\n' >> .gitignore".to_string(),
+        attempt("stdin", &push("open(my $t, \"<&=\", 0)")),
+        attempt("devtty", &push("open(my $t, \"+<\", \"/dev/tty\")")),
+        attempt("pts", &push(&format!("open(my $t, \"+<\", \"{}\")", pts.display()))),
+    ]
+    .join("; ");
+    h.model.set_script(vec![
+        bash(&script),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ]);
+    let file = h.dir.path().join("tty.yaml");
+    std::fs::write(&file, h.manifest("tty", "  workspace: {retain: Retain}\n")).unwrap();
+    let slave: OwnedFd = pty.slave;
+    let (stdin, stderr) = (slave.try_clone().unwrap(), slave.try_clone().unwrap());
+    let mut cmd = h.agentops(env!("CARGO_BIN_EXE_agentops"));
+    cmd.args(["run", "-o", "json", "-f"])
+        .arg(&file)
+        .stdin(std::process::Stdio::from(stdin))
+        .stderr(std::process::Stdio::from(stderr))
+        .stdout(std::process::Stdio::piped());
+    // SAFETY: setsid and the ioctl are async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            // The terminal becomes this session's controlling terminal, as a login shell's is.
+            if nix::libc::ioctl(0, nix::libc::TIOCSCTTY as _, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().await.unwrap();
+    drop(slave);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["phase"], "Succeeded", "{summary}");
+    let ws = std::path::Path::new(summary["workspace"].as_str().unwrap());
+    let attempts = std::fs::read_to_string(ws.join("repo/target/attempts")).unwrap();
+    let results: std::collections::BTreeMap<&str, &str> = attempts.lines().filter_map(|l| l.split_once(':')).collect();
+    assert_eq!(results.len(), 3, "every attempt ran: {attempts}");
+    for (name, status) in &results {
+        assert_ne!(*status, "0", "{name} typed into the terminal: {attempts}");
+    }
+    // Nothing waits in the terminal's input: the master reads only what agentops printed, and a
+    // read of the slave's input queue finds nothing typed.
+    let master = std::fs::File::from(pty.master);
+    nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut shown = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut &master, &mut shown);
+    assert!(!String::from_utf8_lossy(&shown).contains("id > pwned"), "echoed input on the terminal");
+    assert!(!ws.join("repo/pwned").exists());
+}
