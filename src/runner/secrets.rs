@@ -132,7 +132,13 @@ impl Redactor {
 
     /// Whether the text holds a secret, plain or encoded.
     pub fn finds_secret(&self, text: &str) -> bool {
-        self.values.iter().any(|v| text.contains(v.as_str()))
+        if self.values.iter().any(|v| text.contains(v.as_str())) {
+            return true;
+        }
+        // Split across lines: `base64` wraps at 76 columns and PEM at 64, and a secret cut in two
+        // reads the same once the lines are joined (in a file, or the added lines of a diff).
+        let joined: String = text.lines().map(|l| l.strip_prefix('+').unwrap_or(l).trim_end_matches('\r')).collect();
+        self.values.iter().any(|v| joined.contains(v.as_str()))
     }
 }
 
