@@ -1602,3 +1602,55 @@ async fn a_refused_gateway_path_is_an_event_on_the_execution() {
     assert!(model.seen().is_empty(), "nothing reached the model");
     ctl.stop().await;
 }
+
+/// An agent that calls 500 tools with 200-byte names (one answer of the model): the pod's
+/// termination message (cut at 4096 bytes by the test kubelet, as by a real one) still parses,
+/// and the run ends Succeeded with bounded counts and the work pushed, never a wrong verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_tool_names_keep_the_report_whole() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let blocks: Vec<support::Block> = (0..500)
+        .map(|i| support::Block::ToolUse { name: format!("t{i:03}{}", "x".repeat(196)), input: json!({}) })
+        .collect();
+    let h = support::Harness::new(vec![
+        support::Step::Reply { blocks, usage: [100, 30, 0, 0] },
+        support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed\n"})),
+        support::Step::text("Fixed it."),
+    ])
+    .await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base.clone());
+    cfg.model_upstream = h.model.base_url.clone();
+    let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("many", json!({"repository": {"url": h.git.url("demo")}})))
+        .await
+        .unwrap();
+    let job = until("the Job", || kube.get(BATCH, "jobs", "ns", "agentops-many")).await;
+    let ended = kubelet(&kube, job, &h.dir.path().join("node")).await;
+    for e in &ended {
+        assert_eq!(e.exit_code, 0, "step {}: {}\n{}\n{}", e.name, e.message, e.stdout, e.stderr);
+        assert!(e.message.len() <= 4096);
+    }
+    support::pod::report(&kube, "ns", "agentops-many", &ended);
+    let done = until("finished", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "many")?;
+        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        Some(ax)
+    })
+    .await;
+    let st = &done["status"];
+    assert_eq!(st["phase"], "Succeeded", "{st}");
+    assert_eq!(h.git.branch_head("demo", "agentops/many").as_deref(), st["git"]["commit"].as_str(), "pushed");
+    let by_tool = st["toolCalls"]["byTool"].as_object().unwrap();
+    assert!(by_tool.len() <= 17 && by_tool.keys().all(|k| k.len() <= 64), "{by_tool:?}");
+    let total = st["toolCalls"]["total"].as_u64().unwrap();
+    assert!(total >= 501, "every call counted: {total}");
+    assert_eq!(by_tool.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), total, "the rest under `other`");
+    ctl.stop().await;
+}
