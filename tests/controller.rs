@@ -1654,3 +1654,97 @@ async fn five_hundred_tool_names_keep_the_report_whole() {
     assert_eq!(by_tool.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), total, "the rest under `other`");
     ctl.stop().await;
 }
+
+/// The chart's Roles, derived from nothing but the chart: every permission the controller
+/// needed in a lifecycle against the test API server (watches, the Job, the runner Secret, the
+/// egress NetworkPolicy and the workspace PVC made by server-side applies that create, status
+/// writes, events, cancel, TTL deletion) is granted by `helm template` for that namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_roles_grant_every_request_the_controller_made() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "team-a").await;
+    let templates: Api<agentops::api::AgentTemplate> = Api::namespaced(kube.client(), "team-a");
+    let t: agentops::api::AgentTemplate = serde_json::from_value(json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentTemplate", "metadata": {"name": "tpl"},
+        "spec": {"agent": {"maxTurns": 5}}
+    }))
+    .unwrap();
+    templates.create(&PostParams::default(), &t).await.unwrap();
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base);
+    cfg.namespaces = Some(["team-a".to_string()].into());
+    let store = Store::open(&tempfile::tempdir().unwrap().keep().join("c.db")).await.unwrap();
+    // Only the controller's requests count: from here on, less the test's own (below).
+    let before = kube.verbs_used().len();
+    let ctl = spawn(&kube, cfg, Some(store), ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "team-a");
+    let full = json!({
+        "templateRef": {"name": "tpl"}, "ttlSecondsAfterFinished": 0,
+        "egress": [{"cidr": "10.1.0.0/16", "ports": [443]}],
+        "workspace": {"storageClassName": "standard", "size": "1Gi"}
+    });
+    api.create(&PostParams::default(), &execution("full", full)).await.unwrap();
+    api.create(&PostParams::default(), &execution("stop", json!({}))).await.unwrap();
+    until("both Jobs", || {
+        (kube.get(BATCH, "jobs", "team-a", "agentops-full").is_some()
+            && kube.get(BATCH, "jobs", "team-a", "agentops-stop").is_some())
+        .then_some(())
+    })
+    .await;
+    finish_job(&kube, "team-a", "agentops-full", true, Some(report("Succeeded", "Completed")));
+    api.patch("stop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
+    until("full deleted by its TTL", || kube.get(AX, "agentexecutions", "team-a", "full").is_none().then_some(()))
+        .await;
+    until("stop Cancelled", || (phase(&kube, "team-a", "stop")? == "Cancelled").then_some(())).await;
+    ctl.stop().await;
+
+    // The test creates two executions and patches one (cancel), as a user would.
+    let mut used: std::collections::BTreeSet<_> = kube.verbs_used()[before..].iter().cloned().collect();
+    used.remove(&(
+        "agentops.dev".to_string(),
+        "agentexecutions".to_string(),
+        "create".to_string(),
+        "team-a".to_string(),
+    ));
+    for (r, v) in [("networkpolicies", "create"), ("persistentvolumeclaims", "create"), ("jobs", "create")] {
+        assert!(used.iter().any(|u| u.1 == r && u.2 == v), "the lifecycle exercised {v} {r}: {used:?}");
+    }
+    let helm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/bin/helm");
+    let out = std::process::Command::new(&helm)
+        .args(["template", "agentops", "--namespace", "agentops-system", "--set", "rbac.watchNamespaces={team-a}"])
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/agentops"))
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/setup installs it)", helm.display()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rendered = String::from_utf8(out.stdout).unwrap();
+    // (namespace or "*", group, resource, verb) of every rule of every Role and ClusterRole.
+    let mut granted = std::collections::BTreeSet::new();
+    for doc in serde_norway::Deserializer::from_str(&rendered) {
+        let d: Value = serde::Deserialize::deserialize(doc).unwrap();
+        let scope = match d["kind"].as_str() {
+            Some("Role") => d["metadata"]["namespace"].as_str().unwrap_or("agentops-system").to_string(),
+            Some("ClusterRole") => "*".to_string(),
+            _ => continue,
+        };
+        for rule in d["rules"].as_array().unwrap() {
+            let list = |k: &str| -> Vec<String> {
+                rule[k].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect()
+            };
+            for g in list("apiGroups") {
+                for r in list("resources") {
+                    for v in list("verbs") {
+                        granted.insert((scope.clone(), g.clone(), r.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    let allowed = |(g, r, v, ns): &(String, String, String, String)| {
+        granted.iter().any(|(scope, gg, rr, vv)| {
+            (scope == "*" || scope == ns) && gg == g && (rr == r || rr == "*") && (vv == v || vv == "*")
+        })
+    };
+    let missing: Vec<_> = used.iter().filter(|u| !allowed(u)).collect();
+    assert!(missing.is_empty(), "the chart forbids what the controller does: {missing:?}\ngranted: {granted:?}");
+}

@@ -37,6 +37,9 @@ struct Store {
     objects: BTreeMap<Key, Value>,
     history: Vec<Event>,
     requests: Vec<(String, String)>,
+    /// What each request needs authorised, as RBAC names it: (API group, resource, verb,
+    /// namespace or "" for cluster scope). A server-side apply that creates needs `create` too.
+    verbs: Vec<(String, String, String, String)>,
     /// Bearer tokens the cluster accepts: token → (user, namespaces it may read; "*" = all).
     readers: BTreeMap<String, (String, Vec<String>)>,
 }
@@ -217,6 +220,12 @@ impl FakeKube {
         self.shared.store.lock().expect("lock").readers.insert(token.into(), (user.into(), ns));
     }
 
+    /// The RBAC permissions the requests so far needed, in order: (group, resource, verb,
+    /// namespace). `verbs_used()[n..]` are those of the requests after the n-th.
+    pub fn verbs_used(&self) -> Vec<(String, String, String, String)> {
+        self.shared.store.lock().expect("lock").verbs.clone()
+    }
+
     /// Requests seen so far, as (method, path and query).
     pub fn requests(&self) -> Vec<(String, String)> {
         self.shared.store.lock().expect("lock").requests.clone()
@@ -386,6 +395,31 @@ async fn handle(
     };
     let q = query(&uri);
     let ns = t.namespace.clone().unwrap_or_default();
+    {
+        let group = t.prefix.strip_prefix("apis/").and_then(|g| g.split('/').next()).unwrap_or_default().to_string();
+        let resource = if t.status { format!("{}/status", t.plural) } else { t.plural.clone() };
+        let watching = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+        let verb = match (&method, t.name.is_some()) {
+            (&Method::GET, false) if watching => "watch",
+            (&Method::GET, false) => "list",
+            (&Method::GET, true) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, false) => "deletecollection",
+            (&Method::DELETE, true) => "delete",
+            _ => "other",
+        };
+        let mut s = shared.store.lock().expect("lock");
+        let name = t.name.clone().unwrap_or_default();
+        let creates = method == Method::PATCH
+            && headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("apply-patch"))
+            && !s.objects.contains_key(&(t.prefix.clone(), t.plural.clone(), ns.clone(), name));
+        s.verbs.push((group.clone(), resource.clone(), verb.into(), ns.clone()));
+        if creates {
+            s.verbs.push((group, resource, "create".into(), ns.clone()));
+        }
+    }
 
     if method == Method::GET && t.name.is_none() {
         if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
