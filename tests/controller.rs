@@ -1033,11 +1033,12 @@ async fn a_new_execution_never_runs_with_a_deleted_namesakes_secrets() {
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let uid = api.create(&PostParams::default(), &execution("twice", json!({}))).await.unwrap().metadata.uid.unwrap();
     // Several reconciles (retried every 200 ms) meet the old Secrets: no Job starts meanwhile.
-    until("a start was tried", || {
-        kube.requests().iter().any(|(m, p)| m == "POST" && p.contains("/secrets")).then_some(())
+    // Not a fixed sleep: three tries of the start, each refused by the old Secret.
+    until("three starts tried", || {
+        let tries = kube.requests().iter().filter(|(m, p)| m == "POST" && p.contains("/secrets")).count();
+        (tries >= 3).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-twice").is_none(), "no runner with the old Secrets");
     assert_ne!(phase(&kube, "ns", "twice").as_deref(), Some("Running"));
     // Garbage collection catches up: the execution starts with its own.
