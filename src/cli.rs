@@ -649,7 +649,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     let probes = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {} (--metrics-addr)", args.metrics_addr))?;
-    let listeners = crate::controller::Listeners { api: Some(http), probes: Some(probes) };
+    let listeners = crate::server::serve(crate::server::Listeners { api: Some(http), probes: Some(probes) });
     let leader = if args.leader_election {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("agentops-{}", std::process::id()));
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)

@@ -57,24 +57,45 @@ pub enum Stopped {
     LostLeadership,
 }
 
-/// The controller's listeners.
-#[derive(Default)]
-pub struct Listeners {
-    /// The authenticated read API and the runners' report endpoint.
-    pub api: Option<tokio::net::TcpListener>,
-    /// `/healthz`, `/readyz`, `/metrics`. None: served on `api` as well (tests).
-    pub probes: Option<tokio::net::TcpListener>,
+/// What the controller exposes for whoever serves HTTP (`crate::server`, composed by `main`):
+/// the controller builds no part of the server.
+pub struct Exposed {
+    pub client: Client,
+    /// Every execution the controller serves, as its watch sees it.
+    pub cache: kube::runtime::reflector::Store<AgentExecution>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub store: Option<Store>,
+    /// True once the watch caches are synced and this instance leads.
+    pub ready: Arc<AtomicBool>,
+    /// Where runner reports go.
+    pub reports: Arc<reports::Reports>,
+    /// The model gateway's and the git relay's routes for runner pods (empty without them).
+    pub relayed: axum::Router,
 }
 
-/// Runs the controller until `shutdown` resolves. Reconciles every namespace. Serves the
-/// endpoints of `crate::server` on `http`. With `leader` (the lease manager's channel),
-/// reconciles only while this instance holds the lease; `/readyz` says so.
+/// Who serves what the controller exposes: where its API listens (local runners report
+/// there), and `start`, whose tasks end with the controller.
+pub struct Serve {
+    pub api_addr: Option<std::net::SocketAddr>,
+    pub start: Box<dyn FnOnce(Exposed) -> Vec<tokio::task::JoinHandle<()>> + Send>,
+}
+
+impl Default for Serve {
+    /// Nothing served (tests that need no endpoint).
+    fn default() -> Self {
+        Self { api_addr: None, start: Box::new(|_| Vec::new()) }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. Reconciles every namespace. Hands what it
+/// exposes to `serve` (see `crate::server::serve`). With `leader` (the lease manager's
+/// channel), reconciles only while this instance holds the lease; `/readyz` says so.
 pub async fn run(
     client: Client,
     mut config: ControllerConfig,
     store: Option<Store>,
     executor: ExecutorKind,
-    http: Listeners,
+    serve: Serve,
     leader: Option<tokio::sync::watch::Receiver<bool>>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Stopped {
@@ -138,7 +159,7 @@ pub async fn run(
     let watches: Vec<_> = watches.collect();
     let controller = controller.owns_stream(futures::stream::select_all(watches));
     let (wake_tx, wake_rx) = mpsc::unbounded_channel();
-    let local_base = http.api.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+    let local_base = serve.api_addr.map(|a| format!("http://{a}"));
     let ledger = Arc::new(ledger::Ledger::default());
     let executor = match executor {
         ExecutorKind::Job => Executor::Job { jobs: job_caches, ledger: ledger.clone() },
@@ -262,38 +283,22 @@ pub async fn run(
         }));
     }
     {
-        let state = Arc::new(crate::server::ServerState {
+        let mut relayed = axum::Router::new();
+        if let Some(g) = &gateways {
+            relayed = relayed.merge(g.clone().router());
+        }
+        if let Some(g) = &relays {
+            relayed = relayed.merge(g.clone().router());
+        }
+        background.extend((serve.start)(Exposed {
+            client: client.clone(),
             cache: cache.clone(),
             metrics: metrics.clone(),
             store: store.clone(),
             ready: ready.clone(),
-            reports: Some(reports.clone()),
-            auth: Some(Arc::new(crate::server::Authorizer::new(client.clone()))),
-        });
-        let probes = crate::server::probes_router(state.clone());
-        let mut api = crate::server::api_router(state);
-        if let Some(g) = &gateways {
-            api = api.merge(g.clone().router());
-        }
-        if let Some(g) = &relays {
-            api = api.merge(g.clone().router());
-        }
-        let serve = |listener: tokio::net::TcpListener, app: axum::Router| {
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "HTTP server stopped");
-                }
-            })
-        };
-        match (http.api, http.probes) {
-            (Some(a), Some(p)) => {
-                background.push(serve(a, api));
-                background.push(serve(p, probes));
-            }
-            (Some(a), None) => background.push(serve(a, api.merge(probes))),
-            (None, Some(p)) => background.push(serve(p, probes)),
-            (None, None) => {}
-        }
+            reports: reports.clone(),
+            relayed,
+        }));
     }
     let ctx = Arc::new(Context {
         events: events::Events::new(client.clone(), reporter),

@@ -51,6 +51,47 @@ pub struct ServerState {
     pub auth: Option<Arc<Authorizer>>,
 }
 
+/// The server's listeners.
+#[derive(Default)]
+pub struct Listeners {
+    /// The authenticated read API, the runners' report endpoint, the gateway and the relay.
+    pub api: Option<tokio::net::TcpListener>,
+    /// `/healthz`, `/readyz`, `/metrics`. None: served on `api` as well (tests).
+    pub probes: Option<tokio::net::TcpListener>,
+}
+
+/// Serves what the controller exposes on `listeners`: this module owns the routes and who may
+/// read them (`main` composes the two).
+pub fn serve(listeners: Listeners) -> crate::controller::Serve {
+    let api_addr = listeners.api.as_ref().and_then(|l| l.local_addr().ok());
+    let start = Box::new(move |e: crate::controller::Exposed| {
+        let state = Arc::new(ServerState {
+            cache: e.cache,
+            metrics: e.metrics,
+            store: e.store,
+            ready: e.ready,
+            reports: Some(e.reports),
+            auth: Some(Arc::new(Authorizer::new(e.client))),
+        });
+        let probes = probes_router(state.clone());
+        let api = api_router(state).merge(e.relayed);
+        let spawn = |listener: tokio::net::TcpListener, app: Router| {
+            tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, app).await {
+                    tracing::error!(error = %err, "HTTP server stopped");
+                }
+            })
+        };
+        match (listeners.api, listeners.probes) {
+            (Some(a), Some(p)) => vec![spawn(a, api), spawn(p, probes)],
+            (Some(a), None) => vec![spawn(a, api.merge(probes))],
+            (None, Some(p)) => vec![spawn(p, probes)],
+            (None, None) => vec![],
+        }
+    });
+    crate::controller::Serve { api_addr, start }
+}
+
 /// Probes and metrics.
 pub fn probes_router(state: Arc<ServerState>) -> Router {
     Router::new()
