@@ -539,3 +539,49 @@ async fn json_answers_are_metered_and_upstream_errors_pass_through_at_no_cost() 
         m.cost_usd
     );
 }
+
+/// A runaway agent opens request after request: at most `MAX_IN_FLIGHT` of one execution are
+/// relayed at once (each held until its answer has streamed), the rest get 429 before their
+/// body is read; another execution is not affected, and a finished request frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_per_execution() {
+    use agentops::gateway::{Account, MAX_IN_FLIGHT};
+    let model = FakeAnthropic::start((0..40).map(|_| Step::Hang).collect()).await;
+    let (g, base) = controller_gateway(&model.base_url).await;
+    g.open("ns", "greedy", Account::new(API_KEY, "tok-g", None));
+    g.open("ns", "other", Account::new(API_KEY, "tok-o", None));
+    let body = json!({"model": "claude-test", "max_tokens": 8, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
+    let client = reqwest::Client::new();
+    let send = |name: &str, token: &str| {
+        client.post(format!("{base}/gateway/ns/{name}/v1/messages")).header("x-api-key", token).json(&body).send()
+    };
+    let answers = futures::future::join_all((0..MAX_IN_FLIGHT + 4).map(|_| send("greedy", "tok-g"))).await;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for a in answers {
+        let a = a.unwrap();
+        match a.status().as_u16() {
+            200 => open.push(a),
+            429 => refused += 1,
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (MAX_IN_FLIGHT, 4));
+    assert_eq!(model.main_requests(), MAX_IN_FLIGHT, "the refused ones never reached the model");
+    assert_eq!(send("other", "tok-o").await.unwrap().status(), 200, "another execution has its own places");
+    // The agent gives up on one answer: its place is free again.
+    drop(open.pop());
+    let mut again = 0;
+    for _ in 0..50 {
+        let r = send("greedy", "tok-g").await.unwrap();
+        if r.status() == 200 {
+            again += 1;
+            open.push(r);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(again, 1, "a freed place is taken again");
+}

@@ -60,6 +60,10 @@ pub struct Metered {
     pub clamped: u64,
 }
 
+/// Requests one execution may have in flight at once (Claude Code sends a few: the main turn,
+/// subagents, token counts). Beyond: 429, which the CLI retries later.
+pub const MAX_IN_FLIGHT: usize = 16;
+
 /// One execution's access: its token, the key added for it, what it spent.
 pub struct Account {
     api_key: String,
@@ -67,6 +71,9 @@ pub struct Account {
     budget_usd: Option<f64>,
     metered: Mutex<Metered>,
     open: AtomicBool,
+    /// Requests of this execution in flight, bounded (`MAX_IN_FLIGHT`): a runaway or hostile
+    /// agent cannot hold more of the controller's memory and connections than this.
+    in_flight: Arc<tokio::sync::Semaphore>,
     /// Called when the figures change (the controller wakes the execution's reconcile).
     on_change: Option<Box<dyn Fn() + Send + Sync>>,
 }
@@ -79,6 +86,7 @@ impl Account {
             budget_usd,
             metered: Mutex::new(Metered::default()),
             open: AtomicBool::new(true),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             on_change: None,
         }
     }
@@ -472,6 +480,14 @@ async fn relay(
             "the gateway relays POST /v1/messages and /v1/messages/count_tokens only",
         ));
     }
+    // Bounded per execution before its body is read (16 × 32 MiB at most in memory).
+    let Ok(slot) = account.in_flight.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "too many requests of this execution in flight at the model gateway; try again",
+        );
+    };
     let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(b) => b,
         Err(_) => {
@@ -537,7 +553,7 @@ async fn relay(
     let mut meter = Meter::default();
     let body = resp.bytes_stream().map(move |chunk| {
         // Held until the response has streamed to its end (or the agent went away).
-        let _hold = &hold;
+        let (_hold, _slot) = (&hold, &slot);
         if let Ok(bytes) = &chunk {
             let seen = if streaming { meter.feed(bytes) } else { meter.feed_json(bytes) };
             if !seen.is_empty() {
