@@ -543,6 +543,14 @@ pub struct GitResult {
     pub pull_request_url: Option<String>,
 }
 
+impl GitResult {
+    /// Records the pull request (and the deprecated URL field, for one version).
+    pub fn set_pull_request(&mut self, p: PullRequestResult) {
+        self.pull_request_url = Some(p.url.clone());
+        self.pull_request = Some(p);
+    }
+}
+
 /// A pull request the operator opened or updated.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -154,26 +154,25 @@ async fn pull_request(ax: &AgentExecution, ctx: &Context, r: &Resolved, s: &mut 
     }
     let uid = ledger::uid(ax);
     if let Some(known) = ctx.ledger.with(&uid, |e| e.pull_request.clone()).flatten() {
-        s.git.pull_request_url = Some(known.url.clone());
-        s.git.pull_request = Some(*known);
-        return;
+        return s.git.set_pull_request(*known);
     }
     let (ns, name) = key(ax);
     let failed = |s: &mut crate::api::Summary, why: String| {
         s.phase = Phase::Failed;
         s.reason = Some(Reason::PullRequestFailed);
-        s.message = Some(format!("{why}; the branch {} was pushed and is kept", r.branch));
+        s.message = Some(why);
     };
+    let kept = format!("; the branch {} was pushed and is kept", r.branch);
     let token = match ctx.reports.git_token(&ns, r).await {
         Ok(Some(t)) => t,
-        Ok(None) => return failed(s, "a pull request needs a token: set spec.repository.credentialsSecretRef".into()),
-        Err(e) => return failed(s, format!("cannot read the repository's token: {e}")),
+        Ok(None) => {
+            return failed(s, format!("a pull request needs a token: set spec.repository.credentialsSecretRef{kept}"));
+        }
+        Err(e) => return failed(s, format!("cannot read the repository's token: {e}{kept}")),
     };
-    let output = s.output.clone();
-    let req = crate::forge::request_for(pr, r, s, output.as_ref(), crate::forge::Origin::Cluster { uid: &uid });
-    let retry = ctx.config.pull_request_retry;
+    let origin = crate::forge::Origin::Cluster { uid: &uid };
     let said = |m: &str| tracing::info!(namespace = %ns, execution = %name, "{m}");
-    match crate::forge::open_or_update(&crate::forge::client(), &req, &token, retry, said).await {
+    match crate::forge::open_for(pr, r, s, origin, &token, ctx.config.pull_request_retry, said).await {
         Ok(p) => {
             let note = Note {
                 reason: "PullRequestOpened".into(),
@@ -184,10 +183,9 @@ async fn pull_request(ax: &AgentExecution, ctx: &Context, r: &Resolved, s: &mut 
                 tracing::warn!(error = %e, "cannot publish event");
             }
             ctx.ledger.update(&uid, |e| e.pull_request = Some(Box::new(p.clone())));
-            s.git.pull_request_url = Some(p.url.clone());
-            s.git.pull_request = Some(p);
+            s.git.set_pull_request(p);
         }
-        Err(e) => failed(s, e.to_string()),
+        Err(why) => failed(s, why),
     }
 }
 

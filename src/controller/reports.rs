@@ -204,8 +204,7 @@ impl Reports {
 
     /// Requests the gateway refused for an execution (outside its allowlist), and the last one.
     pub fn refusals(&self, ns: &str, name: &str) -> Option<(u64, Option<String>)> {
-        let m = self.gateways.as_ref()?.metered(ns, name)?;
-        (m.refused_not_allowed > 0).then_some((m.refused_not_allowed, m.last_refused))
+        self.gateways.as_ref()?.refusals(ns, name)
     }
 
     /// What the gateway counted for an execution, while its account is open.

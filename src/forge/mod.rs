@@ -148,7 +148,6 @@ pub fn request_for<'a>(
     pr: &'a ResolvedPullRequest,
     r: &'a Resolved,
     s: &'a Summary,
-    output: Option<&Value>,
     origin: Origin<'_>,
 ) -> Request<'a> {
     let line = one_line(s);
@@ -159,7 +158,7 @@ pub fn request_for<'a>(
         result: s.result.as_deref().unwrap_or_default(),
         summary: &line,
         branch: &r.branch,
-        output,
+        output: s.output.as_ref(),
     };
     let title: String = render(&pr.title, &values).lines().next().unwrap_or_default().chars().take(256).collect();
     let user = render(&pr.body, &values);
@@ -167,6 +166,23 @@ pub fn request_for<'a>(
     let head = s.git.branch.as_deref().unwrap_or(&r.branch);
     let base = pr.base.clone().or_else(|| s.git.base_branch.clone()).filter(|b| b != head);
     Request { pr, head, base, title, body }
+}
+
+/// Opens (or updates) the pull request of a run that pushed: the request built from the run's
+/// summary, sent with `token`. The error says that the pushed branch is kept.
+pub async fn open_for(
+    pr: &ResolvedPullRequest,
+    r: &Resolved,
+    s: &Summary,
+    origin: Origin<'_>,
+    token: &str,
+    retry: Retry,
+    log: impl FnMut(&str),
+) -> Result<PullRequestResult, String> {
+    let req = request_for(pr, r, s, origin);
+    open_or_update(&client(), &req, token, retry, log)
+        .await
+        .map_err(|e| format!("{e}; the branch {} was pushed and is kept", req.head))
 }
 
 /// `{{summary}}`: one line about the run.

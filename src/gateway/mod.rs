@@ -308,6 +308,14 @@ impl Gateways {
         }
     }
 
+    /// Requests of one execution refused outside the allowlist, and the last one (read on
+    /// every reconcile: only these two fields, not the whole account).
+    pub fn refusals(&self, ns: &str, name: &str) -> Option<(u64, Option<String>)> {
+        let a = self.accounts.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()?;
+        let m = a.metered.lock().ok()?;
+        (m.refused_not_allowed > 0).then(|| (m.refused_not_allowed, m.last_refused.clone()))
+    }
+
     /// What one execution's account counted, while it is open.
     pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
         let a = self.accounts.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()?;

@@ -382,25 +382,20 @@ impl<'a> Run<'a> {
             );
         };
         let summary = self.summary(&outcome);
-        let req = crate::forge::request_for(pr, self.r, &summary, summary.output.as_ref(), crate::forge::Origin::Local);
-        let into = req.base.as_deref().unwrap_or("its base");
-        self.say(&format!("  opening a pull request for {} into {into}", req.head));
-        let (rec, http) = (&self.rec, crate::forge::client());
+        self.say(&format!("  opening a pull request for {}", self.r.branch));
+        let rec = &self.rec;
         let opened = tokio::select! {
-            r = crate::forge::open_or_update(&http, &req, &token, crate::forge::Retry::default(), |m| rec.log("runner", m)) => r,
+            r = crate::forge::open_for(pr, self.r, &summary, crate::forge::Origin::Local, &token,
+                                       crate::forge::Retry::default(), |m| rec.log("runner", m)) => r,
             _ = self.cancel.cancelled() => return self.stopped().unwrap_or(outcome),
         };
         match opened {
             Ok(p) => {
                 self.say(&format!("  pull request {} ({}): {}", p.number, p.state, p.url));
-                self.git.pull_request_url = Some(p.url.clone());
-                self.git.pull_request = Some(p);
+                self.git.set_pull_request(p);
                 outcome
             }
-            Err(e) => Outcome::failed(
-                Reason::PullRequestFailed,
-                format!("{e}; the branch {} was pushed and is kept", self.r.branch),
-            ),
+            Err(why) => Outcome::failed(Reason::PullRequestFailed, why),
         }
     }
 
