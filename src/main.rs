@@ -14,6 +14,10 @@ static MALLOC_CONF: &[u8; 10] = b"narenas:1\0";
 
 #[tokio::main]
 async fn main() {
+    // Processes of the same user (a hook over the agent's workspace in a pod's `finish` step)
+    // may not read this one's memory, descriptors or environment, nor trace it: /proc/<pid>
+    // of a non-dumpable process needs CAP_SYS_PTRACE. What it starts is dumpable again (exec).
+    let _ = nix::sys::prctl::set_dumpable(false);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

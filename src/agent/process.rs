@@ -166,32 +166,7 @@ pub async fn run_agent(
         command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
     }
     if let Some(sandbox) = &cmd.sandbox {
-        // Namespaces of its own where the kernel lets this user make them (see `Isolation`).
-        let isolated = super::sandbox::isolation_supported();
-        if isolated {
-            let isolation = super::sandbox::Isolation::new();
-            // SAFETY: `enter` makes system calls only; the process that stays outside waits
-            // and exits without returning.
-            unsafe {
-                command.pre_exec(move || isolation.enter());
-            }
-        }
-        let filter = super::sandbox::seccomp_filter()?;
-        let ruleset = sandbox.prepare(isolated).map_err(std::io::Error::other)?;
-        let ruleset = std::sync::Mutex::new(Some(ruleset));
-        // SAFETY: between fork and exec the closure only takes the prepared ruleset (a mutex no
-        // other thread of the child can hold) and makes the landlock/prctl system calls.
-        unsafe {
-            command.pre_exec(move || match ruleset.lock().ok().and_then(|mut r| r.take()) {
-                Some(r) => super::sandbox::restrict(r, isolated),
-                None => Ok(()),
-            });
-        }
-        // SAFETY: the filter was built in the parent; the child only makes the prctl and
-        // seccomp system calls. Last: the namespaces and Landlock need no unix socket.
-        unsafe {
-            command.pre_exec(move || super::sandbox::apply_seccomp(&filter));
-        }
+        sandbox.confine(&mut command)?;
     }
     let mut child = command
         .args(&cmd.args)

@@ -36,6 +36,19 @@ pub struct Sandbox {
     pub read_only: Vec<PathBuf>,
     /// TCP ports the agent may connect to (the model gateway's, the egress allowlist's).
     pub tcp_connect: Vec<u16>,
+    /// Whether UDP sockets may be made (DNS, when the run needs names resolved: see
+    /// `needs_dns`). Landlock governs TCP only, so UDP is refused by the seccomp filter.
+    pub udp: bool,
+}
+
+/// Whether a run whose agent reaches its model at `model_url` and may open `tcp_ports` needs
+/// DNS: the gateway is named by a host name (a runner pod reaches the controller's Service by
+/// name), or an egress rule opens port 53. Else UDP stays closed.
+pub fn needs_dns(model_url: Option<&str>, tcp_ports: &[u16]) -> bool {
+    let named = model_url
+        .and_then(|u| url::Url::parse(u).ok())
+        .is_some_and(|u| matches!(u.host(), Some(url::Host::Domain(d)) if d != "localhost"));
+    named || tcp_ports.contains(&53)
 }
 
 impl Sandbox {
@@ -78,6 +91,12 @@ impl Sandbox {
             }
         }
         read_only.extend(extra_read.iter().cloned());
+        if nix::unistd::geteuid().is_root() {
+            // Root reads every file; the agent reads only what any user could (no
+            // /etc/shadow, /etc/sudoers, /etc/ssl/private): /etc's world-readable entries.
+            read_only.retain(|d| d != Path::new("/etc"));
+            read_only.extend(world_readable_entries(Path::new("/etc")));
+        }
         let covers = |granted: &Path| {
             let g = canon(granted);
             protected.iter().any(|p| {
@@ -93,7 +112,45 @@ impl Sandbox {
         let mut tcp_connect = tcp_connect.to_vec();
         tcp_connect.sort_unstable();
         tcp_connect.dedup();
-        Self { read_write, read_only, tcp_connect }
+        Self { read_write, read_only, tcp_connect, udp: false }
+    }
+
+    /// The same, with UDP sockets allowed or not (see `needs_dns`).
+    pub fn with_udp(mut self, udp: bool) -> Self {
+        self.udp = udp;
+        self
+    }
+
+    /// Confines what `command` starts: namespaces of its own where this user can make them,
+    /// Landlock, then the seccomp filter, all between fork and exec. Returns whether the
+    /// namespaces are in force.
+    pub fn confine(&self, command: &mut tokio::process::Command) -> std::io::Result<bool> {
+        let isolated = isolation_supported();
+        if isolated {
+            let isolation = Isolation::new();
+            // SAFETY: `enter` makes system calls only; the process that stays outside waits
+            // and exits without returning.
+            unsafe {
+                command.pre_exec(move || isolation.enter());
+            }
+        }
+        let filter = seccomp_filter(self.udp)?;
+        let ruleset = self.prepare(isolated).map_err(std::io::Error::other)?;
+        let ruleset = std::sync::Mutex::new(Some(ruleset));
+        // SAFETY: between fork and exec the closure only takes the prepared ruleset (a mutex no
+        // other thread of the child can hold) and makes the landlock/prctl system calls.
+        unsafe {
+            command.pre_exec(move || match ruleset.lock().ok().and_then(|mut r| r.take()) {
+                Some(r) => restrict(r, isolated),
+                None => Ok(()),
+            });
+        }
+        // SAFETY: the filter was built in the parent; the child only makes the prctl and
+        // seccomp system calls. Last: the namespaces and Landlock need no unix socket.
+        unsafe {
+            command.pre_exec(move || apply_seccomp(&filter));
+        }
+        Ok(isolated)
     }
 
     /// The Landlock ruleset, ready to be applied by `restrict` in the child. Built in the
@@ -141,31 +198,97 @@ pub fn restrict(ruleset: RulesetCreated, isolated: bool) -> std::io::Result<()> 
     }
 }
 
-/// The seccomp filter of the agent: `socket(AF_UNIX, …)` fails with EACCES. Landlock governs
-/// neither `connect()` to a pathname unix socket nor which sockets exist, so without this the
-/// agent could talk to the Docker daemon's socket, the user's ssh-agent or any socket the user
-/// left in `/tmp` or `/run`. `socketpair` (how runtimes wire their own children) stays allowed:
-/// its two ends reach nothing else. Built in the parent; `apply_seccomp` runs in the child.
-pub fn seccomp_filter() -> std::io::Result<seccompiler::BpfProgram> {
-    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+/// The seccomp filter of the agent. Landlock governs neither `connect()` to a pathname unix
+/// socket nor which sockets exist, so without this the agent could talk to the Docker daemon's
+/// socket, the user's ssh-agent or any socket left in `/tmp` or `/run`, or send a datagram
+/// anywhere. Refused, with the errno each gets:
+/// - `socket(AF_UNIX, …)`, `socket(AF_PACKET, …)`, raw IP sockets: EACCES;
+/// - UDP sockets (`SOCK_DGRAM` of `AF_INET`/`AF_INET6`) unless `udp`: EACCES;
+/// - io_uring (`io_uring_setup`, `_enter`, `_register`), which makes sockets and opens files
+///   without the system calls above (`IORING_OP_SOCKET`): EPERM, as container runtimes'
+///   default profiles do;
+/// - `prlimit64` on another process (pid ≠ 0): EPERM (a hook sharing the runner's PID
+///   namespace in a pod cannot take away its descriptors).
+///
+/// `socketpair` (how runtimes wire their own children) stays allowed: its two ends reach
+/// nothing else. Built in the parent; `apply_seccomp` runs in the child.
+pub fn seccomp_filter(udp: bool) -> std::io::Result<Vec<seccompiler::BpfProgram>> {
+    use nix::libc;
+    use seccompiler::{SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond};
+    use seccompiler::{SeccompFilter, SeccompRule};
     let err = |e: seccompiler::Error| std::io::Error::other(e.to_string());
-    let unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, nix::libc::AF_UNIX as u64)
+    let cond = |arg: u8, op: Op, value: u64| Cond::new(arg, Len::Dword, op, value).map_err(|e| err(e.into()));
+    let rule = |conds: Vec<Cond>| SeccompRule::new(conds).map_err(|e| err(e.into()));
+    // The socket's type without SOCK_NONBLOCK / SOCK_CLOEXEC (the low four bits).
+    let of_type = |family: i32, t: i32| -> std::io::Result<SeccompRule> {
+        rule(vec![cond(0, Op::Eq, family as u64)?, cond(1, Op::MaskedEq(0xf), t as u64)?])
+    };
+    let mut socket = vec![
+        rule(vec![cond(0, Op::Eq, libc::AF_UNIX as u64)?])?,
+        rule(vec![cond(0, Op::Eq, libc::AF_PACKET as u64)?])?,
+        of_type(libc::AF_INET, libc::SOCK_RAW)?,
+        of_type(libc::AF_INET6, libc::SOCK_RAW)?,
+    ];
+    if !udp {
+        socket.push(of_type(libc::AF_INET, libc::SOCK_DGRAM)?);
+        socket.push(of_type(libc::AF_INET6, libc::SOCK_DGRAM)?);
+    }
+    let eacces = |rules: Vec<(i64, Vec<SeccompRule>)>| -> std::io::Result<seccompiler::BpfProgram> {
+        let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
+        let filter = SeccompFilter::new(
+            rules.into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            arch,
+        )
         .map_err(|e| err(e.into()))?;
-    let rules = vec![(nix::libc::SYS_socket, vec![SeccompRule::new(vec![unix]).map_err(|e| err(e.into()))?])];
-    let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
-    let filter = SeccompFilter::new(
-        rules.into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(nix::libc::EACCES as u32),
-        arch,
-    )
-    .map_err(|e| err(e.into()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
+        filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
+    };
+    let eperm = |rules: Vec<(i64, Vec<SeccompRule>)>| -> std::io::Result<seccompiler::BpfProgram> {
+        let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
+        let filter = SeccompFilter::new(
+            rules.into_iter().collect(),
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            arch,
+        )
+        .map_err(|e| err(e.into()))?;
+        filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
+    };
+    let sockets = eacces(vec![(libc::SYS_socket, socket)])?;
+    let others = eperm(vec![
+        (libc::SYS_io_uring_setup, vec![]),
+        (libc::SYS_io_uring_enter, vec![]),
+        (libc::SYS_io_uring_register, vec![]),
+        (libc::SYS_prlimit64, vec![rule(vec![cond(0, Op::Ne, 0)?])?]),
+    ])?;
+    // Two filters (one errno each), stacked: the kernel runs both, and a refusal wins.
+    Ok(vec![sockets, others])
 }
 
-/// Applies the filter to the calling process (the agent's child, before exec).
-pub fn apply_seccomp(filter: &seccompiler::BpfProgram) -> std::io::Result<()> {
-    seccompiler::apply_filter(filter).map_err(|e| std::io::Error::other(e.to_string()))
+/// Applies the filters to the calling process (the agent's child, before exec).
+pub fn apply_seccomp(filters: &[seccompiler::BpfProgram]) -> std::io::Result<()> {
+    for filter in filters {
+        seccompiler::apply_filter(filter).map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The entries of `dir` any user may read (files readable by others, directories readable
+/// and searchable by others), for a root agent that must read only those.
+fn world_readable_entries(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            // Through symlinks (/etc/mtab, /etc/localtime): what they name is what is read.
+            let meta = std::fs::metadata(e.path()).ok()?;
+            let mode = meta.permissions().mode();
+            let open = if meta.is_dir() { mode & 0o005 == 0o005 } else { mode & 0o004 != 0 };
+            open.then(|| e.path())
+        })
+        .collect()
 }
 
 /// Whether this kernel enforces Landlock (for the runner's warning).
@@ -210,7 +333,7 @@ pub fn protections(abi: Option<u8>, isolated: bool) -> (Vec<&'static str>, Vec<&
         (6, "signals and abstract unix sockets only within the sandbox"),
     ];
     // Not Landlock's: the seccomp filter, on every kernel the agent runs on.
-    let seccomp = "no unix sockets (no Docker socket, ssh-agent or other socket of the user)";
+    let seccomp = "no unix, raw or (unless DNS is needed) UDP sockets, no io_uring (no Docker socket, ssh-agent or other socket of the user)";
     let abi = abi.unwrap_or(0);
     let pick = |on: bool| all.iter().filter(move |(need, _)| (abi >= *need) == on).map(|(_, what)| *what);
     let own = "namespaces of its own (no other process in /proc, empty /dev/shm, nothing outlives the run)";
@@ -248,6 +371,9 @@ impl Isolation {
         use nix::mount::{MsFlags, mount};
         use nix::sched::{CloneFlags, unshare};
         use nix::unistd::{ForkResult, fork};
+        // The runner is not dumpable (main); its child must be to write its own uid_map (a
+        // non-dumpable process's /proc/self is root's). Exec would reset it anyway.
+        nix::sys::prctl::set_dumpable(true)?;
         unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID)?;
         write_file(c"/proc/self/setgroups", b"deny")?;
         write_file(c"/proc/self/uid_map", &self.uid_map)?;

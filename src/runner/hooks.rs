@@ -1,5 +1,12 @@
 //! Hooks: commands run in the workspace with the context JSON on stdin, or webhooks that
 //! receive it as a POST. Their output goes to the log (redacted).
+//!
+//! A command hook is the user's code, but it runs over a checkout the agent wrote: a
+//! `core.fsmonitor` in `.git/config`, a `.pth` file in a HOME, a Makefile are the agent's code
+//! once the hook runs git, python or make there. So a command hook runs in the agent's sandbox
+//! (its files, its network, its system calls; namespaces of its own where the kernel allows),
+//! with a HOME the runner made fresh for it: whatever it ends up running reaches nothing the
+//! agent could not. Webhooks are sent by the runner itself and run nothing of the agent's.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -43,10 +50,15 @@ async fn read_capped(stream: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u
 
 /// Where the hook runs and what it may see.
 pub struct HookEnv<'a> {
+    /// The checkout (the agent's, after the agent ran).
     pub cwd: &'a Path,
+    /// A HOME made fresh by the runner for the hooks (never the agent's), TMPDIR inside.
     pub home: &'a Path,
     pub phase: &'a str,
     pub execution_id: &'a str,
+    /// The agent's sandbox, around the hook's HOME instead of the agent's (None: unconfined,
+    /// `--no-sandbox`).
+    pub sandbox: Option<&'a crate::agent::Sandbox>,
 }
 
 /// A shared HTTP client for webhooks (rustls with the ring provider, installed once).
@@ -76,12 +88,24 @@ pub async fn run_hook(
     let timed_out = || HookError::Timeout { name: name.clone(), secs: timeout.as_secs() };
     match &hook.action {
         HookAction::Command(argv) => {
-            let mut child = Command::new(&argv[0])
+            let mut command = Command::new(&argv[0]);
+            // The checkout's `.git/config` (fsmonitor, hooksPath, filters) and anything else the
+            // agent planted there runs no further than the agent itself could go.
+            if let Some(sandbox) = env.sandbox {
+                sandbox.confine(&mut command).map_err(|e| HookError::Start {
+                    name: name.clone(),
+                    message: format!("cannot confine the hook: {e}"),
+                })?;
+            }
+            let mut child = command
                 .args(&argv[1..])
                 .current_dir(env.cwd)
                 .env_clear()
                 .env("PATH", std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into()))
                 .env("HOME", env.home)
+                .env("TMPDIR", env.home.join("tmp"))
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_TERMINAL_PROMPT", "0")
                 .env("AGENTOPS_HOOK_PHASE", env.phase)
                 .env("AGENTOPS_EXECUTION_ID", env.execution_id)
                 .env("AGENTOPS_WORKSPACE", env.cwd)

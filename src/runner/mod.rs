@@ -523,15 +523,20 @@ impl<'a> Run<'a> {
         if let Some(policy) = &self.opts.sandbox {
             let mut protected = policy.protected.clone();
             protected.push(self.opts.secrets_dir.clone());
-            cmd.sandbox = Some(agent::Sandbox::for_agent(
-                &ws.repo,
-                &ws.home,
-                &self.opts.claude_bin,
-                env("PATH").as_deref(),
-                &policy.extra_read,
-                &protected,
-                &agent_ports(agent_env("ANTHROPIC_BASE_URL").as_deref(), &self.r.egress),
-            ));
+            let model_url = agent_env("ANTHROPIC_BASE_URL");
+            let ports = agent_ports(model_url.as_deref(), &self.r.egress);
+            cmd.sandbox = Some(
+                agent::Sandbox::for_agent(
+                    &ws.repo,
+                    &ws.home,
+                    &self.opts.claude_bin,
+                    env("PATH").as_deref(),
+                    &policy.extra_read,
+                    &protected,
+                    &ports,
+                )
+                .with_udp(agent::sandbox::needs_dns(model_url.as_deref(), &ports)),
+            );
             match agent::sandbox::kernel_abi() {
                 None => self.say("  warning: this kernel has no Landlock; the agent runs unconfined"),
                 Some(abi) => {
@@ -863,10 +868,36 @@ impl<'a> Run<'a> {
                 "phase": outcome.phase, "reason": outcome.reason, "message": self.redactor.redact(&outcome.message)})),
             "summary": (phase != "pre").then(|| self.summary(outcome)),
         });
+        let home = match fresh_hook_home(&ws) {
+            Ok(h) => h,
+            Err(e) => {
+                let name = list.first().map(|h| h.name.clone()).unwrap_or_default();
+                let e = HookError::Start { name, message: format!("cannot make the hooks' HOME: {e}") };
+                self.hook_failure = Some(e.to_string());
+                return Err(e);
+            }
+        };
+        let sandbox = self.opts.sandbox.as_ref().map(|policy| {
+            let mut protected = policy.protected.clone();
+            protected.push(self.opts.secrets_dir.clone());
+            let ports: Vec<u16> = self.r.egress.iter().flat_map(|e| e.ports.iter().copied()).collect();
+            let path = std::env::var("PATH").ok();
+            agent::Sandbox::for_agent(
+                &ws.repo,
+                &home,
+                &self.opts.claude_bin,
+                path.as_deref(),
+                &policy.extra_read,
+                &protected,
+                &ports,
+            )
+            .with_udp(agent::sandbox::needs_dns(None, &ports))
+        });
         for hook in list {
             let source = format!("hook:{phase}:{}", hook.name);
             self.say(&format!("  hook {phase} {}", hook.name));
-            let env = hooks::HookEnv { cwd: &ws.repo, home: &ws.home, phase, execution_id: &self.id };
+            let env =
+                hooks::HookEnv { cwd: &ws.repo, home: &home, phase, execution_id: &self.id, sandbox: sandbox.as_ref() };
             let remaining = self.deadline.saturating_duration_since(Instant::now());
             let mut h = hook.clone();
             if phase == "pre" {
@@ -922,6 +953,25 @@ impl<'a> Run<'a> {
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
         }
     }
+}
+
+/// The hooks' HOME: `hook-home/` beside the checkout, emptied and made again before each phase,
+/// so nothing the agent (or an earlier hook) left there is read (a symlink planted in its place
+/// is removed, not followed).
+fn fresh_hook_home(ws: &Workspace) -> std::io::Result<PathBuf> {
+    let home = ws.root.join("hook-home");
+    match std::fs::symlink_metadata(&home) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&home)?,
+        Ok(_) => std::fs::remove_file(&home)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&home)?;
+    }
+    std::fs::create_dir(home.join("tmp"))?;
+    Ok(home)
 }
 
 fn progress_of(t: &Tally) -> Progress {
