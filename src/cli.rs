@@ -512,6 +512,10 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
     store.close().await;
     match end? {
         StepEnd::Next => Ok(0),
+        StepEnd::Published(said) => {
+            let _ = std::fs::write(&args.termination_log, runner::termination_message(&said));
+            Ok(0)
+        }
         StepEnd::Done(summary) => {
             println!("{}", serde_json::to_string(&summary)?);
             let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));

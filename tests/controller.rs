@@ -76,8 +76,17 @@ async fn listener() -> (tokio::net::TcpListener, String) {
     (http, base)
 }
 
-fn start(kube: &FakeKube, config: ControllerConfig, store: Option<Store>) -> Running {
-    spawn(kube, config, store, ExecutorKind::Job, None, None)
+fn start(kube: &FakeKube, mut config: ControllerConfig, store: Option<Store>) -> Running {
+    // With the runners' endpoint, where a pod's publish step reports (`finish_job` plays it).
+    let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std.set_nonblocking(true).unwrap();
+    if config.job.report_url.is_none() {
+        config.job.report_url = Some(format!("http://{}", std.local_addr().unwrap()));
+        // Nobody pushes in these played pods: git through the relay is the pod tests' part.
+        config.job.git_relay = false;
+    }
+    let http = tokio::net::TcpListener::from_std(std).unwrap();
+    spawn(kube, config, store, ExecutorKind::Job, Some(http), None)
 }
 
 /// An API server with the executions' Secrets in `ns`, and a controller store (kept while the
@@ -148,7 +157,13 @@ fn phase(kube: &FakeKube, ns: &str, name: &str) -> Option<String> {
 }
 
 /// Plays the Job controller and kubelet: the Job finished, its pod left this report.
-fn finish_job(kube: &FakeKube, ns: &str, job: &str, ok: bool, report: Option<Value>) {
+/// Plays a runner pod's end: its publish step reports how the run ended and what git did (as
+/// the real step does, to the URL in its env with the execution's token), then the kubelet
+/// writes the finish step's termination message and the Job controller the Job's condition.
+async fn finish_job(kube: &FakeKube, ns: &str, job: &str, ok: bool, report: Option<Value>) {
+    if let Some(report) = &report {
+        publish_reports(kube, ns, job, report).await;
+    }
     let cond = if ok {
         json!({"type": "Complete", "status": "True"})
     } else {
@@ -157,10 +172,46 @@ fn finish_job(kube: &FakeKube, ns: &str, job: &str, ok: bool, report: Option<Val
     if let Some(report) = report {
         kube.put(CORE, "pods", json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("{job}-abcde"), "namespace": ns, "labels": {"job-name": job}},
-            "status": {"containerStatuses": [{"name": "finish", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
-                "state": {"terminated": {"exitCode": if ok {0} else {1}, "message": report.to_string()}}}]}}));
+            "status": {
+                "initContainerStatuses": [{"name": "publish", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                    "state": {"terminated": {"exitCode": 0, "message": publish_said(&report).to_string()}}}],
+                "containerStatuses": [{"name": "finish", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
+                    "state": {"terminated": {"exitCode": if ok {0} else {1}, "message": report.to_string()}}}]}}));
     }
     kube.patch_status(BATCH, "jobs", ns, job, json!({"conditions": [cond]}));
+}
+
+/// What a pod's publish step sends before `finish` runs: the outcome and git of `report`.
+async fn publish_reports(kube: &FakeKube, ns: &str, job: &str, report: &Value) {
+    let Some(spec) = kube.get(BATCH, "jobs", ns, job) else { return };
+    let publish = spec["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "publish").cloned())
+        .unwrap_or_default();
+    let env = publish["env"].as_array().cloned().unwrap_or_default();
+    let Some(url) = env.iter().find(|e| e["name"] == "AGENTOPS_REPORT_URL").and_then(|e| e["value"].as_str()) else {
+        return;
+    };
+    let name = job.trim_start_matches("agentops-");
+    let secret = secret_data(kube, ns, &format!("agentops-runner-{name}")).expect("the runner's Secret");
+    let token = String::from_utf8(secret["token"].clone()).unwrap();
+    // Best effort, as the step's: a controller that went away misses it (the termination
+    // message says the same).
+    if let Ok(r) = reqwest::Client::new().post(url).bearer_auth(token).json(&publish_said(report)).send().await {
+        assert!(r.status().is_success(), "the publish step's report was refused: {}", r.status());
+    }
+}
+
+/// The publish step's word: the outcome and git of the run's report.
+fn publish_said(report: &Value) -> Value {
+    json!({"phase": report["phase"], "reason": report["reason"], "message": report["message"], "git": report["git"]})
+}
+
+/// A report without a commit (for a run whose git relay saw no push).
+fn unpushed(mut report: Value) -> Value {
+    report["git"]["pushed"] = json!(false);
+    report["git"]["commit"] = Value::Null;
+    report
 }
 
 fn report(phase: &str, reason: &str) -> Value {
@@ -200,7 +251,7 @@ async fn create_makes_a_job_and_pvc_and_success_reports_usage() {
     };
     assert_eq!(cond(&ax, "Reconciling"), "True");
 
-    finish_job(&kube, "ns", "agentops-fix", true, Some(report("Succeeded", "Completed")));
+    finish_job(&kube, "ns", "agentops-fix", true, Some(report("Succeeded", "Completed"))).await;
     until("Succeeded", || (phase(&kube, "ns", "fix")? == "Succeeded").then_some(())).await;
     let ax = kube.get(AX, "agentexecutions", "ns", "fix").unwrap();
     let st = &ax["status"];
@@ -237,7 +288,7 @@ async fn job_failures_map_to_failed_and_timed_out() {
     until("jobs", || kube.get(BATCH, "jobs", "ns", "agentops-b").and(kube.get(BATCH, "jobs", "ns", "agentops-a")))
         .await;
     // a: the runner reported a failure; b: the Job hit its deadline.
-    finish_job(&kube, "ns", "agentops-a", false, Some(report("Failed", "ApiError")));
+    finish_job(&kube, "ns", "agentops-a", false, Some(report("Failed", "ApiError"))).await;
     kube.patch_status(
         BATCH,
         "jobs",
@@ -369,7 +420,7 @@ async fn two_slots_five_executions_run_in_priority_then_age_order() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(jobs(&kube).len(), 2, "never more than --max-concurrent");
 
-    finish_job(&kube, "ns", "agentops-e3", true, Some(report("Succeeded", "Completed")));
+    finish_job(&kube, "ns", "agentops-e3", true, Some(report("Succeeded", "Completed"))).await;
     until("e1 starts", || kube.get(BATCH, "jobs", "ns", "agentops-e1")).await;
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-e2").is_none());
     // e2 is told where it stands now: first of the two still waiting.
@@ -401,7 +452,7 @@ async fn restart_mid_run_adopts_the_job_without_a_duplicate() {
     until("other queued behind the adopted run", || (phase(&kube, "ns", "other")? == "Queued").then_some(())).await;
     assert_eq!(job_writes(&kube), before, "the running Job was adopted, not written again");
     assert_eq!(kube.get(BATCH, "jobs", "ns", "agentops-r").unwrap()["metadata"]["uid"], uid);
-    finish_job(&kube, "ns", "agentops-r", true, Some(report("Succeeded", "Completed")));
+    finish_job(&kube, "ns", "agentops-r", true, Some(report("Succeeded", "Completed"))).await;
     until("r Succeeded", || (phase(&kube, "ns", "r")? == "Succeeded").then_some(())).await;
     until("other starts", || kube.get(BATCH, "jobs", "ns", "agentops-other")).await;
     ctl.stop().await;
@@ -619,10 +670,10 @@ async fn runner_reports_need_the_executions_own_token() {
     })
     .await;
     // The final report arrives, the termination message does not: the result is still kept.
-    let mut fin = report("Succeeded", "Completed");
+    let mut fin = unpushed(report("Succeeded", "NoChanges"));
     fin["tokensUsed"] = json!(1234);
     assert_eq!(http.post(&url).bearer_auth(&token).json(&fin).send().await.unwrap().status(), 202);
-    finish_job(&kube, "ns", "agentops-rep", true, None);
+    finish_job(&kube, "ns", "agentops-rep", true, None).await;
     until("Succeeded with the reported usage", || {
         let ax = kube.get(AX, "agentexecutions", "ns", "rep")?;
         (ax["status"]["phase"] == "Succeeded" && ax["status"]["tokensUsed"] == 1234).then_some(())
@@ -707,7 +758,7 @@ async fn ttl_deletes_finished_executions_and_the_store_keeps_them() {
     api.create(&PostParams::default(), &execution("short", json!({"ttlSecondsAfterFinished": 1}))).await.unwrap();
     until("job", || kube.get(BATCH, "jobs", "ns", "agentops-short")).await;
     let uid = kube.get(AX, "agentexecutions", "ns", "short").unwrap()["metadata"]["uid"].as_str().unwrap().to_string();
-    finish_job(&kube, "ns", "agentops-short", true, Some(report("Succeeded", "Completed")));
+    finish_job(&kube, "ns", "agentops-short", true, Some(report("Succeeded", "Completed"))).await;
     until("Succeeded", || (phase(&kube, "ns", "short")? == "Succeeded").then_some(())).await;
     until("deleted after its TTL", || kube.get(AX, "agentexecutions", "ns", "short").is_none().then_some(())).await;
     assert!(kube.get(BATCH, "jobs", "ns", "agentops-short").is_none(), "children go with it");
@@ -1469,7 +1520,8 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     assert!(refs.text().await.unwrap().contains("refs/heads/main"));
     assert_eq!(ask("agentops-guess".into()).await, 401, "only its own token");
 
-    finish_job(&kube, "ns", "agentops-again", true, Some(report("Succeeded", "Completed")));
+    // Nothing was pushed through the relay: a report claiming a push would be ReportInvalid.
+    finish_job(&kube, "ns", "agentops-again", true, Some(unpushed(report("Succeeded", "NoChanges")))).await;
     until("Succeeded", || (phase(&kube, "ns", "again")? == "Succeeded").then_some(())).await;
     assert_eq!(ask(token).await, 401, "the run is over: its token is retired, not reopened");
     second.stop().await;
@@ -1693,7 +1745,7 @@ async fn the_charts_roles_grant_every_request_the_controller_made() {
         .then_some(())
     })
     .await;
-    finish_job(&kube, "team-a", "agentops-full", true, Some(report("Succeeded", "Completed")));
+    finish_job(&kube, "team-a", "agentops-full", true, Some(report("Succeeded", "Completed"))).await;
     api.patch("stop", &PatchParams::default(), &Patch::Merge(json!({"spec": {"cancel": true}}))).await.unwrap();
     until("full deleted by its TTL", || kube.get(AX, "agentexecutions", "team-a", "full").is_none().then_some(()))
         .await;
@@ -1748,4 +1800,133 @@ async fn the_charts_roles_grant_every_request_the_controller_made() {
     };
     let missing: Vec<_> = used.iter().filter(|u| !allowed(u)).collect();
     assert!(missing.is_empty(), "the chart forbids what the controller does: {missing:?}\ngranted: {granted:?}");
+}
+
+/// The test kubelet, with the agent's sandbox on or off in every step's container.
+async fn kubelet_sandboxed(
+    kube: &FakeKube,
+    job: Value,
+    dir: &std::path::Path,
+    sandbox: bool,
+) -> Vec<support::pod::Ended> {
+    let (kube, dir) = (kube.clone(), dir.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        let mut image = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
+        image.env.push(("AGENTOPS_NO_SANDBOX".into(), (!sandbox).to_string()));
+        support::pod::run_pod(&job, &|name| secret_data(&kube, "ns", name), &image, &dir)
+    })
+    .await
+    .unwrap()
+}
+
+/// A run that fails (`maxTurns`) in a pod whose agent planted a `core.fsmonitor` program: the
+/// error hook's `git status` in the `finish` container runs it. It writes a forged report
+/// (Succeeded, pushed, a commit and a pull request) into the termination log and takes away
+/// PID 1's descriptors (`prlimit --pid 1 --nofile=0:0`) so that finish cannot write its own.
+/// With the sandbox, the hook's run of it is refused both (EACCES on the file, EPERM on
+/// prlimit) and finish's own message stands. Control, the sandbox off: both succeed and the
+/// forgery is what the kubelet reports for finish. Either way the controller believes the
+/// publish step (its own termination message): Failed/MaxTurns, nothing pushed, no pull
+/// request, in the status and in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_in_finish_cannot_forge_the_report() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let forged = json!({"phase": "Succeeded", "reason": "Completed", "message": "forged",
+        "git": {"branch": "agentops/forge", "commit": "f".repeat(40), "pushed": true, "changedFiles": 1,
+                "insertions": 1, "deletions": 0, "pullRequestUrl": "https://evil.example.com/pr/1"}});
+    let fsmon = "#!/bin/sh\nD=$(dirname \"$0\")\n\
+                 cat \"$D/forged.json\" 2>> \"$D/log\" > /dev/termination-log; echo \"term:$?\" >> \"$D/log\"\n\
+                 prlimit --pid 1 --nofile=0:0 2>> \"$D/log\"; echo \"prlimit:$?\" >> \"$D/log\"\nexit 1\n";
+    let bash = |c: &str| support::Step::tool("Bash", json!({"command": c, "description": "prompt-injected"}));
+    let script = vec![
+        support::Step::tool("Write", json!({"file_path": "target/forged.json", "content": forged.to_string()})),
+        support::Step::tool("Write", json!({"file_path": "target/fsmon.sh", "content": fsmon})),
+        bash("chmod +x target/fsmon.sh && git config core.fsmonitor \"$(pwd)/target/fsmon.sh\""),
+        bash("true"),
+        support::Step::text("Done."),
+    ];
+    for sandbox in [true, false] {
+        let h = support::Harness::new(script.clone()).await;
+        let kube = FakeKube::start().await;
+        api_secrets(&kube, "ns").await;
+        let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
+        let (http, base) = listener().await;
+        let mut cfg = config(None);
+        cfg.job.report_url = Some(base.clone());
+        cfg.model_upstream = h.model.base_url.clone();
+        let ctl = spawn(&kube, cfg, Some(store.clone()), ExecutorKind::Job, Some(http), None);
+        let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+        let mut ax = execution(
+            "forge",
+            json!({"agent": {"maxTurns": 3}, "hooks": {"onError": [{"name": "status", "command": ["git", "status", "--short"]}]}}),
+        );
+        ax.spec.repository.url = h.git.url("demo");
+        api.create(&PostParams::default(), &ax).await.unwrap();
+        let job = until("the Job", || kube.get(BATCH, "jobs", "ns", "agentops-forge")).await;
+        let node = h.dir.path().join("node");
+        let ended = kubelet_sandboxed(&kube, job, &node, sandbox).await;
+        support::pod::report(&kube, "ns", "agentops-forge", &ended);
+        let done = until("the end", || {
+            let ax = kube.get(AX, "agentexecutions", "ns", "forge")?;
+            ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+            Some(ax)
+        })
+        .await;
+        let st = &done["status"];
+        let which = if sandbox { "sandboxed" } else { "control" };
+        assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Failed"), Some("MaxTurns")), "{which}: {st}");
+        assert_eq!(st["git"]["pushed"], json!(false), "{which}: {st}");
+        assert!(st["git"]["commit"].is_null() && st["git"]["pullRequestUrl"].is_null(), "{which}: {st}");
+        assert_eq!(h.git.branch_head("demo", "agentops/forge"), None);
+        let row = until_row(&store, "forge").await;
+        assert_eq!((row.status.as_str(), row.reason.as_deref()), ("Failed", Some("MaxTurns")), "{which}");
+        // What the planted program managed, in the workspace volume.
+        let log = find_file(&node.join("volumes"), "target/log").map(|p| std::fs::read_to_string(p).unwrap());
+        let log = log.unwrap_or_else(|| panic!("{which}: the planted program never ran: {ended:#?}"));
+        let finish = ended.iter().find(|e| e.name == "finish").unwrap();
+        if sandbox {
+            assert!(log.contains("Permission denied") && !log.contains("term:0"), "EACCES on the file: {log}");
+            assert!(log.contains("Operation not permitted") && log.contains("prlimit:1"), "EPERM: {log}");
+            let own: agentops::api::Summary = serde_json::from_str(&finish.message).unwrap();
+            assert_eq!(own.reason, Some(agentops::api::Reason::MaxTurns), "finish's own message stands");
+        } else {
+            assert!(log.contains("term:0") && log.contains("prlimit:0"), "control: the attack worked: {log}");
+            assert!(finish.message.contains("forged"), "control: the kubelet reports the forgery: {}", finish.message);
+        }
+        ctl.stop().await;
+    }
+}
+
+/// The store's row of an execution, once it has ended.
+async fn until_row(store: &Store, name: &str) -> agentops::store::ExecutionRow {
+    for _ in 0..150 {
+        if let Ok(row) = store.find_execution("ns", name).await
+            && row.status != "Running"
+            && row.status != "Pending"
+            && row.status != "Queued"
+        {
+            return row;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no finished row for {name}");
+}
+
+/// The first file under `dir` whose path ends with `tail`.
+fn find_file(dir: &std::path::Path, tail: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.ends_with(tail) && path.is_file() {
+            return Some(path);
+        }
+        if path.is_dir()
+            && !path.is_symlink()
+            && let Some(found) = find_file(&path, tail)
+        {
+            return Some(found);
+        }
+    }
+    None
 }

@@ -66,10 +66,11 @@ impl Executor {
     pub async fn observe(&self, client: &Client, ax: &AgentExecution, reports: &Reports) -> Result<Observation, Error> {
         let (ns, name) = super::context::key(ax);
         let uid = ledger::uid(ax);
-        let observed = match self {
+        let (observed, words) = match self {
             Executor::Job { jobs, ledger } => observe_job(client, ax, jobs, ledger).await?,
-            Executor::Local(l) => l.observe(ax),
+            Executor::Local(l) => (l.observe(ax), PodWords::default()),
         };
+        let pod = matches!(self, Executor::Job { .. });
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
         // only it knows (result, git, workspace).
         let metered = reports.metered(&ns, &name);
@@ -93,6 +94,21 @@ impl Executor {
                 let running =
                     || metered.as_ref().map(|_| Summary { phase: crate::api::Phase::Running, ..Default::default() });
                 Observation::Running { progress: progress.or_else(latest).or_else(running).map(counted) }
+            }
+            Observation::Finished { summary, failed, deadline_exceeded, cause } if pod => {
+                // Each step's word on what it can know (see `verdict`): the publish step's report,
+                // the relay's record, the finish step's message and exit status.
+                let reported = latest();
+                let publish = words.publish.or_else(|| reported.clone().filter(|s| s.phase.is_terminal()));
+                let relay = reports.relay_pushed(&ns, &name);
+                let summary = super::verdict::judge(summary, words.finish_exit, publish, relay).map(|mut s| {
+                    // The structured output, which only the report had room for.
+                    if s.output.is_none() {
+                        s.output = reported.and_then(|l| l.output);
+                    }
+                    counted(s)
+                });
+                Observation::Finished { summary, failed, deadline_exceeded, cause }
             }
             Observation::Finished { summary, failed, deadline_exceeded, cause } => {
                 let summary = summary.or_else(|| latest().filter(|s| s.phase.is_terminal())).map(|mut s| {
@@ -310,12 +326,22 @@ fn with_type<T: serde::Serialize>(obj: &T, api_version: &str, kind: &str) -> ser
     v
 }
 
+/// What a finished runner pod's steps said beside the finish step's report.
+#[derive(Default)]
+struct PodWords {
+    /// The finish container's exit status.
+    finish_exit: Option<i32>,
+    /// The publish step's report, its own termination message.
+    publish: Option<Summary>,
+}
+
+/// The runner Job's state, and what its steps said once it ended.
 async fn observe_job(
     client: &Client,
     ax: &AgentExecution,
     caches: &[kube::runtime::reflector::Store<JobState>],
     ledger: &Ledger,
-) -> Result<Observation, Error> {
+) -> Result<(Observation, PodWords), Error> {
     let ns = ax.namespace().unwrap_or_else(|| "default".into());
     let name = desired::job_name(ax);
     let jobs = Api::<JobState>::namespaced(client.clone(), &ns);
@@ -339,12 +365,14 @@ async fn observe_job(
     let job = match cached {
         Some(job) => (*job).clone(),
         None if ledger.started_within(&ledger::uid(ax), JUST_STARTED) => {
-            return Ok(Observation::Running { progress: None });
+            return Ok((Observation::Running { progress: None }, PodWords::default()));
         }
-        None if !ever_started(ax) && caches.iter().all(synced) => return Ok(Observation::NotStarted),
+        None if !ever_started(ax) && caches.iter().all(synced) => {
+            return Ok((Observation::NotStarted, PodWords::default()));
+        }
         None => match jobs.get_opt(&name).await? {
             Some(job) => job,
-            None => return Ok(Observation::NotStarted),
+            None => return Ok((Observation::NotStarted, PodWords::default())),
         },
     };
     // Runs are matched by the execution's uid: a Job left by a deleted execution of the same
@@ -352,15 +380,17 @@ async fn observe_job(
     let owner = job.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|o| o.controller == Some(true)));
     if owner.map(|o| o.uid.as_str()) != ax.metadata.uid.as_deref() {
         delete_ignoring_missing(&jobs, &name).await?;
-        return Ok(Observation::NotStarted);
+        return Ok((Observation::NotStarted, PodWords::default()));
     }
     let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
     let is = |t: &str| conds.iter().find(|c| c.type_ == t && c.status == "True");
     let (failed, deadline) = match (is("Complete"), is("Failed")) {
         (Some(_), _) => (false, false),
         (None, Some(f)) => (true, f.reason.as_deref() == Some("DeadlineExceeded")),
-        (None, None) if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) => return Ok(Observation::Suspended),
-        (None, None) => return Ok(Observation::Running { progress: None }),
+        (None, None) if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) => {
+            return Ok((Observation::Suspended, PodWords::default()));
+        }
+        (None, None) => return Ok((Observation::Running { progress: None }, PodWords::default())),
     };
     // The runner's report is the termination message of its last step (`finish`); when there
     // is none, the cause is the first step that failed: its own message (written by
@@ -374,11 +404,17 @@ async fn observe_job(
         .filter_map(|p| p.status.as_ref())
         .flat_map(|s| s.init_container_statuses.iter().flatten().chain(s.container_statuses.iter().flatten()))
         .collect();
-    let summary = statuses
+    let finish = statuses
         .iter()
         .filter(|c| c.name == crate::api::contract::Step::Finish.name())
+        .find_map(|c| c.state.as_ref()?.terminated.as_ref());
+    let summary = finish.and_then(|t| t.message.as_deref()).and_then(|m| serde_json::from_str::<Summary>(m).ok());
+    let publish = statuses
+        .iter()
+        .filter(|c| c.name == crate::api::contract::Step::Publish.name())
         .find_map(|c| c.state.as_ref()?.terminated.as_ref()?.message.as_deref())
         .and_then(|m| serde_json::from_str::<Summary>(m).ok());
+    let words = PodWords { finish_exit: finish.map(|t| t.exit_code), publish };
     let cause = match &summary {
         Some(_) => None,
         None => statuses.iter().find_map(|c| {
@@ -395,7 +431,7 @@ async fn observe_job(
             Some(crate::api::report::truncate(&format!("step {}: {}", c.name, said.trim()), CAUSE_LIMIT))
         }),
     };
-    Ok(Observation::Finished { summary, failed, deadline_exceeded: deadline, cause })
+    Ok((Observation::Finished { summary, failed, deadline_exceeded: deadline, cause }, words))
 }
 
 /// Runs `agentops runner` as child processes of the controller. Runs are keyed by the

@@ -13,6 +13,7 @@ pub mod read;
 pub mod reconcile;
 pub mod reports;
 pub mod status;
+pub mod verdict;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

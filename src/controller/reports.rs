@@ -207,6 +207,11 @@ impl Reports {
         self.gateways.as_ref()?.refusals(ns, name)
     }
 
+    /// What the git relay saw pushed for an execution (see `GitRelays::pushed`).
+    pub fn relay_pushed(&self, ns: &str, name: &str) -> Option<Option<String>> {
+        self.git.as_ref()?.pushed(ns, name)
+    }
+
     /// What the gateway counted for an execution, while its account is open.
     pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
         self.gateways.as_ref()?.metered(ns, name).filter(|m| m.responses > 0)

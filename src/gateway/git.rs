@@ -35,6 +35,9 @@ pub struct Route {
 pub struct GitRelays {
     client: reqwest::Client,
     routes: Mutex<HashMap<(String, String), Arc<Route>>>,
+    /// The commit each execution's last push sent its branch to, as the host accepted it
+    /// (HTTP 200): what the controller checks the publish step's report against.
+    pushes: Mutex<HashMap<(String, String), String>>,
     opener: std::sync::OnceLock<super::Opener>,
 }
 
@@ -51,7 +54,12 @@ impl GitRelays {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(std::io::Error::other)?;
-        Ok(Self { client, routes: Mutex::new(HashMap::new()), opener: std::sync::OnceLock::new() })
+        Ok(Self {
+            client,
+            routes: Mutex::new(HashMap::new()),
+            pushes: Mutex::new(HashMap::new()),
+            opener: std::sync::OnceLock::new(),
+        })
     }
 
     /// How routes this process has not opened get opened on first use (after a restart).
@@ -67,9 +75,22 @@ impl GitRelays {
 
     /// The execution ended: its tokens stop working.
     pub fn close(&self, ns: &str, name: &str) {
+        let key = (ns.to_string(), name.to_string());
         if let Ok(mut r) = self.routes.lock() {
-            r.remove(&(ns.to_string(), name.to_string()));
+            r.remove(&key);
         }
+        if let Ok(mut p) = self.pushes.lock() {
+            p.remove(&key);
+        }
+    }
+
+    /// What this relay saw of an execution's pushes while its route is open: None when it has
+    /// no route for it (not relayed, or opened after a restart that lost the record), else the
+    /// commit its branch was last pushed to (None: no push went through).
+    pub fn pushed(&self, ns: &str, name: &str) -> Option<Option<String>> {
+        let key = (ns.to_string(), name.to_string());
+        self.routes.lock().ok()?.get(&key)?;
+        Some(self.pushes.lock().ok()?.get(&key).cloned())
     }
 
     /// `/git/{namespace}/{name}/{info/refs, git-upload-pack, git-receive-pack}`.
@@ -176,7 +197,7 @@ async fn service(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let (route, grant) = match authorize(&relays, ns, name, &headers).await {
+    let (route, grant) = match authorize(&relays, ns.clone(), name.clone(), &headers).await {
         Ok(ok) => ok,
         Err(refused) => return refused,
     };
@@ -201,17 +222,27 @@ async fn service(
                 }
             };
             let allowed = format!("refs/heads/{}", route.branch);
-            match pushed_refs(&head[..end]) {
-                Ok(refs) if !refs.is_empty() && refs.iter().all(|r| *r == allowed) => {}
-                Ok(refs) => {
+            let new = match pushed_commands(&head[..end]) {
+                Ok(cmds) if !cmds.is_empty() && cmds.iter().all(|(r, _)| *r == allowed) => {
+                    cmds.last().map(|(_, new)| new.clone()).unwrap_or_default()
+                }
+                Ok(cmds) => {
+                    let refs: Vec<&String> = cmds.iter().map(|(r, _)| r).collect();
                     tracing::warn!(refs = ?refs, allowed, "git relay refused a push");
                     return refuse(StatusCode::FORBIDDEN, &format!("only {allowed} may be pushed"));
                 }
                 Err(e) => return refuse(StatusCode::BAD_REQUEST, &e),
-            }
+            };
             let rest =
                 futures::stream::once(async move { Ok::<_, axum::Error>(axum::body::Bytes::from(head)) }).chain(stream);
-            forward(&relays.client, &route, Method::POST, &url, &headers, Some(Body::from_stream(rest))).await
+            let answer =
+                forward(&relays.client, &route, Method::POST, &url, &headers, Some(Body::from_stream(rest))).await;
+            if answer.status() == StatusCode::OK
+                && let Ok(mut p) = relays.pushes.lock()
+            {
+                p.insert((ns.clone(), name.clone()), new);
+            }
+            answer
         }
         ("git-receive-pack", Grant::Fetch) => refuse(StatusCode::FORBIDDEN, "the clone step may not push"),
         _ => refuse(StatusCode::NOT_FOUND, "only git-upload-pack and git-receive-pack are relayed"),
@@ -238,7 +269,13 @@ fn commands_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The refs a push updates, from its command list.
+#[cfg(test)]
 fn pushed_refs(commands: &[u8]) -> Result<Vec<String>, String> {
+    pushed_commands(commands).map(|c| c.into_iter().map(|(name, _)| name).collect())
+}
+
+/// The refs a push updates and the commit each is sent to, from its command list.
+fn pushed_commands(commands: &[u8]) -> Result<Vec<(String, String)>, String> {
     let mut refs = Vec::new();
     let mut at = 0;
     while at + 4 <= commands.len() {
@@ -258,8 +295,7 @@ fn pushed_refs(commands: &[u8]) -> Result<Vec<String>, String> {
         // `refs/heads/main\u{a0}` stays what it is (and is refused by the caller).
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         let mut parts = line.split(|b| *b == b' ');
-        let (Some(_old), Some(_new), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(_old), Some(new), Some(name), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(format!(
                 "a push command this relay does not take: {:?}",
                 crate::api::report::truncate(&String::from_utf8_lossy(line), 100)
@@ -268,7 +304,7 @@ fn pushed_refs(commands: &[u8]) -> Result<Vec<String>, String> {
         let Ok(name) = std::str::from_utf8(name) else {
             return Err("a pushed ref name is not UTF-8".into());
         };
-        refs.push(name.to_string());
+        refs.push((name.to_string(), String::from_utf8_lossy(new).into_owned()));
         at += len;
     }
     Err("the push's command list has no end".into())

@@ -85,6 +85,9 @@ const READ_LIMIT: u64 = 1024 * 1024;
 pub enum StepEnd {
     /// Hand over to the next step.
     Next,
+    /// Hand over, with the publish step's word on the execution for its own termination
+    /// message (a file no later step can write: the controller believes it over `finish`).
+    Published(Box<Summary>),
     /// The execution's summary (the finish step).
     Done(Box<Summary>),
 }
@@ -226,8 +229,8 @@ pub async fn run_step(
         }
         Step::Publish => {
             let mut h = read_handoff()?;
-            if h.outcome.is_some() {
-                return Ok(StepEnd::Next);
+            if let Some(o) = &h.outcome {
+                return Ok(post_verdict(opts, o, &h.git, None).await);
             }
             // The agent's own word on how it ended; when it never wrote one, it did not run.
             let agent: AgentEnd = read_json(&dirs.stream.join(AGENT_END)).unwrap_or(AgentEnd {
@@ -236,7 +239,8 @@ pub async fn run_step(
             if let Some(o) = agent.outcome {
                 h.outcome = Some(o);
                 write_handoff(&h)?;
-                return Ok(StepEnd::Next);
+                let o = h.outcome.clone().unwrap_or_else(|| Outcome::failed(Reason::InternalError, "no outcome"));
+                return Ok(post_verdict(opts, &o, &h.git, None).await);
             }
             let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
             let redactor = super::Redactor::new(&secrets);
@@ -252,7 +256,8 @@ pub async fn run_step(
             watcher.abort();
             h.git = run.git.clone();
             h.unpushed = run.unpushed;
-            h.outcome = Some(outcome);
+            let outcome = Outcome { message: run.redactor.redact(&outcome.message), ..outcome };
+            h.outcome = Some(outcome.clone());
             if let Some(diff) = &run.diff {
                 std::fs::write(dirs.private.join(DIFF), diff).map_err(|e| lost("cannot keep the diff", e))?;
             }
@@ -260,24 +265,21 @@ pub async fn run_step(
             write_handoff(&h)?;
             // The controller keeps the record of cluster runs: what git did (from here, before any
             // hook of `finish` runs over the agent's workspace), every step's log lines, the diff.
+            // The structured output too: the finish step's termination message has no room for
+            // 16 KiB, and the finish container holds no report token.
+            let output = r.output_schema.as_ref().and_then(|schema| {
+                let tally = tally_of(&dirs.stream);
+                let given = tally.result.as_ref().and_then(|res| res.structured_output.as_ref());
+                crate::api::output::judge_output(schema, given).ok()
+            });
+            let handed = post_verdict(opts, &outcome, &h.git, output).await;
             if let Some(target) = &opts.report {
-                // The structured output too: the finish step's termination message has no room
-                // for 16 KiB, and the finish container holds no report token.
-                let output = r.output_schema.as_ref().and_then(|schema| {
-                    let tally = tally_of(&dirs.stream);
-                    let given = tally.result.as_ref().and_then(|res| res.structured_output.as_ref());
-                    crate::api::output::judge_output(schema, given).ok()
-                });
-                let said = Summary { phase: Phase::Running, git: h.git.clone(), output, ..Default::default() };
-                if let Ok(v) = serde_json::to_value(&said) {
-                    super::post_report(target, &v).await;
-                }
                 forward_logs(target, store, &h.id, &dirs.stream.join(AGENT_DB)).await;
                 if let Some(diff) = &run.diff {
                     post_diff(target, &crate::api::report::truncate(diff, DIFF_LIMIT)).await;
                 }
             }
-            Ok(StepEnd::Next)
+            Ok(handed)
         }
         Step::Finish => {
             let h = read_handoff()?;
@@ -312,6 +314,34 @@ pub async fn run_step(
             Ok(StepEnd::Done(Box::new(summary)))
         }
     }
+}
+
+/// The publish step's report to the controller: how the execution ended up to and including
+/// the push, and what git did, sent before any hook of `finish` runs over the agent's
+/// workspace. The controller believes the finish step only where it agrees with this
+/// (`controller::verdict`), so it is tried for up to half a minute.
+async fn post_verdict(opts: &RunOptions, o: &Outcome, git: &GitResult, output: Option<serde_json::Value>) -> StepEnd {
+    let said = Summary {
+        phase: o.phase,
+        reason: Some(o.reason.clone()),
+        message: Some(crate::api::report::truncate(&o.message, 1024)).filter(|m| !m.is_empty()),
+        git: git.clone(),
+        output,
+        ..Default::default()
+    };
+    let handed = StepEnd::Published(Box::new(Summary { output: None, ..said.clone() }));
+    let Some(target) = &opts.report else { return handed };
+    let Ok(v) = serde_json::to_value(&said) else { return handed };
+    let mut delay = std::time::Duration::from_millis(500);
+    for _ in 0..6 {
+        if super::post_report(target, &v).await {
+            return handed;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(8));
+    }
+    tracing::warn!("the controller did not take the publish step's report; its termination message says the same");
+    handed
 }
 
 /// The run of one step: same id and start as the first step's, its own log line numbers.

@@ -130,8 +130,18 @@ pub fn run_pod(job: &Value, secret: &dyn Fn(&str) -> Option<SecretData>, image: 
     let mut ended = Vec::new();
     let init = pod["initContainers"].as_array().cloned().unwrap_or_default();
     let main = pod["containers"].as_array().cloned().unwrap_or_default();
+    // The status manager keeps the first 12 KiB ÷ (containers + init containers) bytes of each
+    // message (kubelet `MaxPodTerminationMessageLogLength`): 3072 in a pod of four.
+    let keep = 12 * 1024 / (init.len() + main.len()).max(1);
     for (c, is_init) in init.iter().map(|c| (c, true)).chain(main.iter().map(|c| (c, false))) {
-        let e = run_container(c, is_init, &volumes, image, uid, gid, &passwd, dir);
+        let mut e = run_container(c, is_init, &volumes, image, uid, gid, &passwd, dir);
+        if e.message.len() > keep {
+            let mut end = keep;
+            while !e.message.is_char_boundary(end) {
+                end -= 1;
+            }
+            e.message.truncate(end);
+        }
         let failed = e.exit_code != 0;
         ended.push(e);
         if failed && is_init {
@@ -213,11 +223,11 @@ fn run_container(
         name,
         init,
         exit_code: out.status.code().unwrap_or(128),
-        // The kubelet keeps the first 4096 bytes of a termination message, cut anywhere.
+        // The kubelet reads the last 4096 bytes of the file (`tail.ReadAtMost`, cut anywhere);
+        // `run_pod` then cuts as its status manager does.
         message: {
-            let mut bytes = std::fs::read(&term).unwrap_or_default();
-            bytes.truncate(4096);
-            String::from_utf8_lossy(&bytes).into_owned()
+            let bytes = std::fs::read(&term).unwrap_or_default();
+            String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(4096)..]).into_owned()
         },
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
