@@ -1930,3 +1930,86 @@ fn find_file(dir: &std::path::Path, tail: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+/// Reports as large as agents make them, through a pod whose kubelet cuts termination messages
+/// as a real node does (last 4096 bytes, then 3072 in a pod of four): a final text that makes
+/// the report 3–4 KiB, and a structured output that makes it over 16 KiB. Both runs end
+/// Succeeded with the whole text and output in the status; the finish step's own message
+/// fits what the node keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_of_any_size_reach_the_status_whole_from_a_pod() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let text: String = (0..60).map(|i| format!("line {i:02} of the agent's long final answer.\n")).collect();
+    assert!((2500..3500).contains(&text.len()), "{}", text.len());
+    let big: Vec<String> = (0..340).map(|i| format!("finding {i:03}: a detail the agent reported")).collect();
+    let cases = [
+        ("mid", None, json!({})),
+        (
+            "big",
+            Some(json!({"findings": big})),
+            json!({"agent": {"outputSchema": {"type": "object", "properties": {"findings": {"type": "array", "items": {"type": "string"}}},
+                                              "required": ["findings"]}}}),
+        ),
+    ];
+    for (name, output, spec) in cases {
+        let mut script = vec![support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed\n"}))];
+        if let Some(o) = &output {
+            script.push(support::Step::tool("StructuredOutput", o.clone()));
+        }
+        script.push(support::Step::text(&text));
+        let h = support::Harness::new(script).await;
+        let kube = FakeKube::start().await;
+        api_secrets(&kube, "ns").await;
+        let (http, base) = listener().await;
+        let mut cfg = config(None);
+        cfg.job.report_url = Some(base.clone());
+        cfg.model_upstream = h.model.base_url.clone();
+        let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
+        let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+        let mut ax = execution(name, spec);
+        ax.spec.repository.url = h.git.url("demo");
+        api.create(&PostParams::default(), &ax).await.unwrap();
+        let job = until("the Job", || kube.get(BATCH, "jobs", "ns", &format!("agentops-{name}"))).await;
+        let ended = kubelet(&kube, job, &h.dir.path().join("node")).await;
+        for e in &ended {
+            assert_eq!(e.exit_code, 0, "step {}: {}\n{}", e.name, e.message, e.stderr);
+            assert!(e.message.len() <= 3072, "{}: {} bytes", e.name, e.message.len());
+        }
+        let finish = ended.iter().find(|e| e.name == "finish").unwrap();
+        let said: agentops::api::Summary = serde_json::from_str(&finish.message).expect("finish's message is whole");
+        let whole = serde_json::to_string(&agentops::api::Summary {
+            result: Some(text.clone()),
+            output: output.clone(),
+            ..said
+        })
+        .unwrap()
+        .len();
+        if output.is_some() {
+            assert!(whole > 16 * 1024, "the report is over 16 KiB: {whole}");
+        } else {
+            assert!((3072..4096).contains(&whole), "the report is 3-4 KiB: {whole}");
+        }
+        support::pod::report(&kube, "ns", &format!("agentops-{name}"), &ended);
+        let done = until("the end", || {
+            let ax = kube.get(AX, "agentexecutions", "ns", name)?;
+            ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+            Some(ax)
+        })
+        .await;
+        let st = &done["status"];
+        assert_eq!(
+            (st["phase"].as_str(), st["reason"].as_str()),
+            (Some("Succeeded"), Some("Completed")),
+            "{name}: {st}"
+        );
+        assert_eq!(st["git"]["pushed"], true);
+        match &output {
+            // With a schema, the CLI's result is the structured output's JSON.
+            Some(o) => assert_eq!(&st["output"], o, "{name}: the whole structured output"),
+            None => assert_eq!(st["result"].as_str(), Some(text.as_str()), "{name}: the whole final text"),
+        }
+        ctl.stop().await;
+    }
+}

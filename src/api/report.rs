@@ -118,8 +118,15 @@ pub fn truncate(text: &str, max: usize) -> String {
     format!("{}… [truncated]", &text[..end])
 }
 
-/// Kubernetes keeps at most 4096 bytes of a container's termination message.
-pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+/// What a real node keeps of a runner container's termination message: the kubelet reads the
+/// last 4096 bytes of the file, and its status manager keeps the first 12 KiB ÷ (containers +
+/// init containers) of that: 3072 bytes in the runner pod's four (`desired` checks the count).
+/// The whole report (the final text, every tool's count, the structured output) reaches the
+/// controller with the publish step's report; this is what survives without it.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 12 * 1024 / RUNNER_CONTAINERS;
+
+/// Containers of a runner pod (clone, agent, publish, finish).
+pub const RUNNER_CONTAINERS: usize = 4;
 
 /// The summary as JSON that fits a termination message: the final text is shortened first,
 /// then dropped, so the usage and git figures always arrive.

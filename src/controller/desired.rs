@@ -507,6 +507,8 @@ mod tests {
         let init = pod.init_containers.clone().unwrap();
         let names: Vec<&str> = init.iter().chain(&pod.containers).map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["clone", "agent", "publish", "finish"], "steps in order; finish is the main container");
+        // A node keeps 12 KiB ÷ containers of each termination message: the runner's bound.
+        assert_eq!(names.len(), crate::api::report::RUNNER_CONTAINERS);
         let all: Vec<&Container> = init.iter().chain(&pod.containers).collect();
         for c in &all {
             assert_eq!(

@@ -102,9 +102,16 @@ impl Executor {
                 let publish = words.publish.or_else(|| reported.clone().filter(|s| s.phase.is_terminal()));
                 let relay = reports.relay_pushed(&ns, &name);
                 let summary = super::verdict::judge(summary, words.finish_exit, publish, relay).map(|mut s| {
-                    // The structured output, which only the report had room for.
-                    if s.output.is_none() {
-                        s.output = reported.and_then(|l| l.output);
+                    // What only the publish step's report had room for (the termination message
+                    // may have cut it): the structured output, the final text, every tool's count.
+                    if let Some(l) = reported {
+                        s.output = s.output.or(l.output);
+                        if l.result.as_ref().is_some_and(|r| r.len() >= s.result.as_ref().map_or(0, |t| t.len())) {
+                            s.result = l.result;
+                        }
+                        if l.tool_calls.total >= s.tool_calls.total && l.tool_calls.total > 0 {
+                            s.tool_calls = l.tool_calls;
+                        }
                     }
                     counted(s)
                 });

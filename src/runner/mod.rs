@@ -124,7 +124,7 @@ impl Outcome {
 }
 
 /// Limits of the final result text kept in the summary and status.
-const RESULT_LIMIT: usize = 4096;
+pub(crate) const RESULT_LIMIT: usize = 4096;
 
 /// State of one execution while it runs.
 struct Run<'a> {

@@ -230,7 +230,7 @@ pub async fn run_step(
         Step::Publish => {
             let mut h = read_handoff()?;
             if let Some(o) = &h.outcome {
-                return Ok(post_verdict(opts, o, &h.git, None).await);
+                return Ok(post_verdict(opts, o, &h.git, None, &Tally::default()).await);
             }
             // The agent's own word on how it ended; when it never wrote one, it did not run.
             let agent: AgentEnd = read_json(&dirs.stream.join(AGENT_END)).unwrap_or(AgentEnd {
@@ -240,7 +240,7 @@ pub async fn run_step(
                 h.outcome = Some(o);
                 write_handoff(&h)?;
                 let o = h.outcome.clone().unwrap_or_else(|| Outcome::failed(Reason::InternalError, "no outcome"));
-                return Ok(post_verdict(opts, &o, &h.git, None).await);
+                return Ok(post_verdict(opts, &o, &h.git, None, &tally_of(&dirs.stream)).await);
             }
             let secrets = relay_secrets(secrets::load(r, &opts.secrets_dir, |_| None).map_err(RunError::from)?);
             let redactor = super::Redactor::new(&secrets);
@@ -267,12 +267,12 @@ pub async fn run_step(
             // hook of `finish` runs over the agent's workspace), every step's log lines, the diff.
             // The structured output too: the finish step's termination message has no room for
             // 16 KiB, and the finish container holds no report token.
+            let tally = tally_of(&dirs.stream);
             let output = r.output_schema.as_ref().and_then(|schema| {
-                let tally = tally_of(&dirs.stream);
                 let given = tally.result.as_ref().and_then(|res| res.structured_output.as_ref());
                 crate::api::output::judge_output(schema, given).ok()
             });
-            let handed = post_verdict(opts, &outcome, &h.git, output).await;
+            let handed = post_verdict(opts, &outcome, &h.git, output, &tally).await;
             if let Some(target) = &opts.report {
                 forward_logs(target, store, &h.id, &dirs.stream.join(AGENT_DB)).await;
                 if let Some(diff) = &run.diff {
@@ -320,17 +320,33 @@ pub async fn run_step(
 /// the push, and what git did, sent before any hook of `finish` runs over the agent's
 /// workspace. The controller believes the finish step only where it agrees with this
 /// (`controller::verdict`), so it is tried for up to half a minute.
-async fn post_verdict(opts: &RunOptions, o: &Outcome, git: &GitResult, output: Option<serde_json::Value>) -> StepEnd {
+async fn post_verdict(
+    opts: &RunOptions,
+    o: &Outcome,
+    git: &GitResult,
+    output: Option<serde_json::Value>,
+    agent: &Tally,
+) -> StepEnd {
     let said = Summary {
         phase: o.phase,
         reason: Some(o.reason.clone()),
         message: Some(crate::api::report::truncate(&o.message, 1024)).filter(|m| !m.is_empty()),
         git: git.clone(),
-        output,
         ..Default::default()
     };
-    let handed = StepEnd::Published(Box::new(Summary { output: None, ..said.clone() }));
+    let handed = StepEnd::Published(Box::new(said.clone()));
     let Some(target) = &opts.report else { return handed };
+    // The report has room for what the finish step's termination message may have to cut: the
+    // structured output, the agent's final text, every tool's count (the agent's word).
+    let result = agent.result.as_ref().and_then(|r| r.text.clone()).or_else(|| agent.last_text.clone());
+    let said = Summary {
+        output,
+        result: result.map(|r| crate::api::report::truncate(&r, super::RESULT_LIMIT)),
+        tool_calls: agent.tool_calls.clone(),
+        num_turns: agent.num_turns(),
+        session_id: agent.session_id.clone(),
+        ..said
+    };
     let Ok(v) = serde_json::to_value(&said) else { return handed };
     let mut delay = std::time::Duration::from_millis(500);
     for _ in 0..6 {
