@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_NO_BORDERS};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::text::{clean, clean_line};
 use crate::api::{self, parse_manifest, resolve};
 use crate::runner::{self, EXIT_INVALID, RunOptions, Workspace};
 use crate::store::{Store, WorkspaceStatus};
@@ -723,7 +724,7 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                     r.created_at,
                 ]);
             }
-            println!("{t}");
+            println!("{}", clean(&t.to_string()));
             Ok(0)
         }
         ExecutionsCmd::Show { id, logs, diff, json, .. } => {
@@ -745,13 +746,19 @@ async fn executions(store: &Store, cmd: ExecutionsCmd) -> anyhow::Result<i32> {
                 row.output_json.as_deref().and_then(|j| serde_json::from_str(j).ok());
             match summary {
                 Some(s) => print!("{}", s.human()),
-                None => println!("{} {}/{} {} (running or interrupted)", row.status, row.namespace, row.name, row.id),
+                None => println!(
+                    "{}",
+                    clean_line(&format!(
+                        "{} {}/{} {} (running or interrupted)",
+                        row.status, row.namespace, row.name, row.id
+                    ))
+                ),
             }
             if diff {
-                println!("{}", row.diff.as_deref().unwrap_or("(no diff)"));
+                println!("{}", clean(row.diff.as_deref().unwrap_or("(no diff)")));
             }
             for l in log_lines {
-                println!("{} [{}] {}", l.at, l.source, l.line);
+                println!("{} [{}] {}", l.at, clean_line(&l.source), clean_line(&l.line));
             }
             Ok(0)
         }
@@ -831,7 +838,7 @@ async fn remote_executions(server: &str, cmd: ExecutionsCmd) -> anyhow::Result<i
     let body: serde_json::Value = resp.json().await.unwrap_or_default();
     if !status.is_success() {
         let why = body["error"].as_str().unwrap_or("no details");
-        eprintln!("error: the controller answered HTTP {}: {why}", status.as_u16());
+        eprintln!("error: the controller answered HTTP {}: {}", status.as_u16(), clean(why));
         return Ok(1);
     }
     if json {
@@ -856,7 +863,7 @@ async fn remote_executions(server: &str, cmd: ExecutionsCmd) -> anyhow::Result<i
             text("startTime"),
         ]);
     }
-    println!("{t}");
+    println!("{}", clean(&t.to_string()));
     Ok(0)
 }
 
@@ -880,7 +887,7 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
                     r.cleanup_at.unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            println!("{}", clean(&t.to_string()));
             Ok(0)
         }
         WorkspacesCmd::Clean { older_than, dry_run } => {

@@ -29,7 +29,7 @@ async fn main() {
     let code = match agentops::cli::dispatch(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", agentops::api::text::clean(&format!("{e:#}")));
             1
         }
     };

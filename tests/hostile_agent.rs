@@ -601,3 +601,52 @@ attempt("passwd", lambda: open("/etc/passwd").read())
         assert_eq!((open["shadow"], open["raw"], open["prlimit"]), (0, 0, 0), "control as root: {open:?}");
     }
 }
+
+/// Terminal escape sequences from the model and the agent: the model names a tool with an
+/// OSC 52 sequence (sets the user's clipboard) and an OSC 0 one (the window title), and the
+/// agent writes CSI and OSC sequences straight into the CLI's own stdout and stderr. `agentops
+/// run`, `executions show` and `executions show --logs` print none of them (no ESC, BEL or C1
+/// byte reaches the terminal), while the store keeps the lines as they came (the control: the
+/// sequences did reach agentops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_escape_sequence_reaches_the_users_terminal() {
+    let osc52 = "Bash\u{1b}]52;c;cHduZWQ=\u{7}\u{1b}]0;pwned\u{7}";
+    let h = Harness::new(vec![
+        Step::tool(osc52, json!({"command": "true"})),
+        bash(
+            "printf 'forged\\033[2K\\033]0;title\\007\\233 31m\\n' > /proc/$PPID/fd/1; \
+             printf 'err\\033]52;c;eA==\\007\\n' > /proc/$PPID/fd/2; true",
+        ),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done \u{1b}[31mred\u{1b}[0m \u{9b}1A"),
+    ])
+    .await;
+    let file = h.dir.path().join("esc.yaml");
+    std::fs::write(&file, h.manifest("esc", "")).unwrap();
+    let out = h.agentops(env!("CARGO_BIN_EXE_agentops")).args(["run", "-f"]).arg(&file).output().await.unwrap();
+    let printed = |o: &std::process::Output| {
+        let mut all = o.stdout.clone();
+        all.extend_from_slice(&o.stderr);
+        String::from_utf8_lossy(&all).into_owned()
+    };
+    let run = printed(&out);
+    assert_eq!(out.status.code(), Some(0), "{run}");
+    let rows = h.store.list_executions(1).await.unwrap();
+    let id = rows[0].id.clone();
+    let show =
+        printed(&h.agentops(env!("CARGO_BIN_EXE_agentops")).args(["executions", "show", &id]).output().await.unwrap());
+    let logs = printed(
+        &h.agentops(env!("CARGO_BIN_EXE_agentops")).args(["executions", "show", &id, "--logs"]).output().await.unwrap(),
+    );
+    for (what, text) in [("run", &run), ("show", &show), ("logs", &logs)] {
+        let bad: Vec<char> = text.chars().filter(|c| c.is_control() && *c != '\n' && *c != '\t').collect();
+        assert!(bad.is_empty(), "{what} printed control characters {bad:?}:\n{text}");
+    }
+    assert!(show.contains("Succeeded esc (Completed)"), "{show}");
+    assert!(logs.contains("forged"), "the agent's line is shown: {logs}");
+    // Control: the sequences did arrive, and the store keeps them as they came.
+    let stored = h.store.logs(&id).await.unwrap();
+    assert!(stored.iter().any(|l| l.line.contains("forged\u{1b}[2K")), "raw in the store");
+    let row = h.store.get_execution(&id).await.unwrap();
+    assert!(row.tool_calls_by_tool.contains("other"), "the made-up name is `other`: {}", row.tool_calls_by_tool);
+}

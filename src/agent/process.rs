@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::stream::Tally;
@@ -206,9 +206,18 @@ pub async fn run_agent(
     });
     let mut tally = Tally::default();
     let mut stop = None;
-    // Lines are bounded: one endless line must not take the runner's memory with it.
-    let mut lines =
-        child.stdout.take().map(|out| FramedRead::new(out, LinesCodec::new_with_max_length(MAX_STDOUT_LINE)));
+    // Lines are bounded: one endless line must not take the runner's memory with it. Bytes, not
+    // UTF-8: a byte that is not UTF-8 (anything can write into the CLI's stdout) must not end
+    // the reading; it is read as U+FFFD.
+    let codec = || AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_STDOUT_LINE);
+    let mut lines = child.stdout.take().map(|out| {
+        FramedRead::new(out, codec()).map(|chunk| {
+            chunk.map(|b| {
+                let b = b.strip_suffix(b"\r").unwrap_or(&b);
+                String::from_utf8_lossy(b).into_owned()
+            })
+        })
+    });
     if let Some(lines) = lines.as_mut() {
         let mut idle_at = Instant::now() + idle;
         loop {
@@ -220,7 +229,7 @@ pub async fn run_agent(
                         on_line(&l, &tally, changed);
                     }
                     // Skipped up to the next newline by the codec.
-                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => idle_at = Instant::now() + idle,
+                    Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => idle_at = Instant::now() + idle,
                     Some(Err(_)) | None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => { stop = Some(AgentStop::TimedOut); break; }

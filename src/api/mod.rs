@@ -10,6 +10,7 @@ mod reason;
 pub mod report;
 mod resolve;
 mod template;
+pub mod text;
 
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};

@@ -102,7 +102,8 @@ impl Summary {
             let gone = if std::path::Path::new(w).exists() { "" } else { " (removed)" };
             s += &format!("  workspace {w}{gone}\n");
         }
-        s
+        // Names, messages, tool names and the output come from the agent, a git host or a forge.
+        super::text::clean(&s).into_owned()
     }
 }
 

@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::executor::Observation;
 use super::status::{self, Blocked};
+use crate::api::text::{clean, clean_line};
 use crate::api::{AgentExecutionStatus, Phase, Reason, Resolved, Summary};
 
 /// Why an execution cannot start (yet): a Stalled condition naming what to fix.
@@ -270,10 +271,11 @@ pub fn with_report(st: &mut AgentExecutionStatus, s: &Summary) {
     st.tokens_used = s.tokens_used;
     st.cost_usd = s.cost_usd;
     st.num_turns = s.num_turns;
-    st.tool_calls = s.tool_calls.clone();
-    st.session_id = s.session_id.clone().or(st.session_id.take());
-    if s.result.is_some() {
-        st.result = s.result.clone();
+    // What a runner reported is shown by kubectl: no control characters in it.
+    st.tool_calls = s.tool_calls.bounded(usize::MAX);
+    st.session_id = s.session_id.as_deref().map(|t| clean_line(t).into_owned()).or(st.session_id.take());
+    if let Some(r) = &s.result {
+        st.result = Some(clean(r).into_owned());
     }
     if s.output.is_some() {
         st.output = s.output.clone();
@@ -296,6 +298,7 @@ fn finish(
     if let Some(s) = &summary {
         with_report(&mut st, s);
     }
+    let message = clean(&message).into_owned();
     st.phase = phase;
     st.reason = Some(reason.clone());
     st.message = Some(message.clone());

@@ -49,7 +49,7 @@ pub fn render(
         event_time: Some(MicroTime(now)),
         action: Some(action.into()),
         reason: Some(note.reason.chars().take(128).collect()),
-        note: Some(crate::api::report::truncate(&note.message, MAX_NOTE - 32)),
+        note: Some(crate::api::report::truncate(&crate::api::text::clean(&note.message), MAX_NOTE - 32)),
         type_: Some(if note.warning { "Warning" } else { "Normal" }.into()),
         regarding: Some(regarding.clone()),
         reporting_controller: Some(reporter.controller.clone()),

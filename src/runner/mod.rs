@@ -333,7 +333,7 @@ impl<'a> Run<'a> {
     fn say(&self, line: &str) {
         self.rec.log("runner", line);
         if self.opts.progress {
-            eprintln!("{}", self.redactor.redact(line));
+            eprintln!("{}", crate::api::text::clean(&self.redactor.redact(line)));
         }
     }
 
@@ -935,7 +935,7 @@ impl<'a> Run<'a> {
             namespace: self.r.namespace.clone(),
             phase: o.phase,
             reason: Some(o.reason.clone()),
-            message: Some(self.redactor.redact(&o.message)).filter(|m| !m.is_empty()),
+            message: Some(clean(&self.redactor.redact(&o.message)).into_owned()).filter(|m| !m.is_empty()),
             start_time: Some(start_time.to_string()).filter(|s| !s.is_empty()),
             completion_time: Some(now()),
             duration_ms: started.elapsed().as_millis() as u64,
@@ -943,9 +943,10 @@ impl<'a> Run<'a> {
             usage,
             cost_usd,
             num_turns: t.num_turns(),
-            tool_calls: t.tool_calls.clone(),
+            // Names the model made up stay out of terminals and the status: odd ones are `other`.
+            tool_calls: t.tool_calls.bounded(usize::MAX),
             session_id: t.session_id.clone(),
-            result: result.map(|r| self.redactor.redact(&truncate(&r, RESULT_LIMIT))),
+            result: result.map(|r| clean(&self.redactor.redact(&truncate(&r, RESULT_LIMIT))).into_owned()),
             output,
             model: t.model.clone().or_else(|| self.r.model.clone()),
             api_retries: t.api_retries,
@@ -973,6 +974,8 @@ fn fresh_hook_home(ws: &Workspace) -> std::io::Result<PathBuf> {
     std::fs::create_dir(home.join("tmp"))?;
     Ok(home)
 }
+
+use crate::api::text::clean;
 
 fn progress_of(t: &Tally) -> Progress {
     Progress {
