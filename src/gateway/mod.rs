@@ -682,8 +682,8 @@ async fn relay(
         meter,
         worst_usd,
         must_end: streaming && status.is_success(),
-        _hold: hold,
-        _slot: slot,
+        hold,
+        slot: Some(slot),
     };
     tokio::spawn(drain.run(resp, tx));
     let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
@@ -708,8 +708,8 @@ struct Drain {
     /// A successful stream ends with `message_stop` (or an `error` event); one that ends
     /// otherwise was cut.
     must_end: bool,
-    _hold: Option<Hold>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    hold: Option<Hold>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drain {
@@ -745,7 +745,6 @@ impl Drain {
                 }
             }
         }
-        drop(tx);
         let seen = self.meter.finish();
         billed += seen.cost_usd;
         self.account.record(&self.model, seen);
@@ -762,7 +761,11 @@ impl Drain {
                 f();
             }
         }
-        // `_hold` and `_slot` are released here, after the last figure is in.
+        // The reservation and the slot go once the last figure is in, and only then does the
+        // client see the end of the answer (it may read the figures at once).
+        drop(self.hold.take());
+        drop(self.slot.take());
+        drop(tx);
     }
 }
 

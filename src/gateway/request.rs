@@ -297,10 +297,11 @@ fn block(req: &mut Request, b: &Value, at: &str) {
         },
         "document" => match b["source"]["type"].as_str() {
             Some("text") => {}
-            Some("content") => match &b["source"]["content"] {
-                Value::Array(inner) => inner.iter().for_each(|c| block(req, c, at)),
-                _ => {}
-            },
+            Some("content") => {
+                if let Value::Array(inner) = &b["source"]["content"] {
+                    inner.iter().for_each(|c| block(req, c, at));
+                }
+            }
             // A PDF's tokens follow its pages (text and an image of each), not its bytes.
             Some("base64") if b["source"]["media_type"] != "application/pdf" => {}
             Some("base64") => by_reference(req, "a PDF".into()),
