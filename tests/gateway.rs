@@ -890,10 +890,12 @@ async fn cumulative_usage_and_server_tools_are_metered_as_the_upstream_bills() {
 async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
     const STEPS: u64 = 66;
     let bill = Bill::default();
+    // The upstream streams the first half, then the rest once the client has hung up.
+    let (hung_up, second_half) = tokio::sync::watch::channel(false);
     let upstream = {
         let bill = bill.clone();
         serve(axum::Router::new().fallback(move || {
-            let bill = bill.clone();
+            let (bill, mut second_half) = (bill.clone(), second_half.clone());
             async move {
                 bill.add((1_000.0 * 1.0 + 33_000.0 * 5.0) / 1e6);
                 let mut events = vec![json!({"type": "message_start", "message": {"usage": {"input_tokens": 1_000, "output_tokens": 1}}})];
@@ -902,10 +904,18 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
                     events.push(json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"input_tokens": 1_000, "output_tokens": i * 500}}));
                 }
                 events.push(json!({"type": "message_stop"}));
-                let chunks = futures::StreamExt::then(futures::stream::iter(events), |e| async move {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(sse(&[e])))
-                });
+                let rest = events.split_off(events.len() / 2);
+                let paced = |events: Vec<serde_json::Value>| {
+                    futures::StreamExt::then(futures::stream::iter(events), |e| async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(sse(&[e])))
+                    })
+                };
+                let later = futures::StreamExt::flatten(futures::stream::once(async move {
+                    let _ = second_half.wait_for(|go| *go).await;
+                    paced(rest)
+                }));
+                let chunks = futures::StreamExt::chain(paced(events), later);
                 ([("content-type", "text/event-stream")], axum::body::Body::from_stream(chunks))
             }
         }))
@@ -936,8 +946,11 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
         }
     }
     drop(r);
-    assert!((16_500..33_000).contains(&client_count), "the client left having seen {client_count} tokens");
+    assert_eq!(client_count, 16_500, "the client left having seen half");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(gw.metered().reserved_usd > 0.0, "the reservation is held while the upstream still produces");
+    assert!(gw.metered().usage.output_tokens <= 16_500);
+    hung_up.send_replace(true);
     assert!(gw.settled(std::time::Duration::from_secs(10)).await, "the answer was read to its end");
     let m = gw.metered();
     assert_eq!((m.usage.output_tokens, m.usage.input_tokens, m.turns), (33_000, 1_000, 1));
@@ -946,16 +959,21 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
 }
 
 /// An upstream that fetches the document a request names by URL: 150,000 input tokens of
-/// Claude Haiku 4.5 ($1 / $5), and a 100-token answer, after a pause (requests overlap).
-async fn document_fetching_upstream(bill: Bill) -> String {
+/// Claude Haiku 4.5 ($1 / $5), and a 100-token answer, once `go` is set (requests overlap).
+async fn document_fetching_upstream(
+    bill: Bill,
+    go: tokio::sync::watch::Receiver<bool>,
+    arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
     serve(axum::Router::new().fallback(move |body: axum::body::Bytes| {
-        let bill = bill.clone();
+        let (bill, mut go, arrived) = (bill.clone(), go.clone(), arrived.clone());
         async move {
+            arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             let by_url = v["messages"][0]["content"][0]["source"]["type"] == "url";
             let input = if by_url { 150_000 } else { body.len() as u64 / 4 };
             let output = v["max_tokens"].as_u64().unwrap().min(100);
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let _ = go.wait_for(|go| *go).await;
             bill.add((input as f64 * 1.0 + output as f64 * 5.0) / 1e6);
             let events = [
                 json!({"type": "message_start", "message": {"usage": {"input_tokens": input, "output_tokens": 1}}}),
@@ -992,17 +1010,31 @@ async fn concurrent_documents_by_url_cannot_overshoot_the_budget() {
     };
     // Control: every request admitted.
     let control = Bill::default();
-    let direct = document_fetching_upstream(control.clone()).await;
+    let direct =
+        document_fetching_upstream(control.clone(), tokio::sync::watch::channel(true).1, Default::default()).await;
     let answers = burst(format!("{direct}/v1/messages"), "none").await;
     assert!(answers.iter().all(|(s, _)| *s == 200));
     assert!((control.usd() - 12.0 * 0.1505).abs() < 1e-9, "${}", control.usd());
 
     let bill = Bill::default();
-    let upstream = document_fetching_upstream(bill.clone()).await;
+    let (go, wait) = tokio::sync::watch::channel(false);
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = document_fetching_upstream(bill.clone(), wait, arrived.clone()).await;
     let (g, base) = controller_gateway(&upstream).await;
     g.open("ns", "docs", Account::new(API_KEY, "tok", Some(1.0)));
     let url = format!("{base}/gateway/ns/docs/v1/messages");
-    let answers = burst(url.clone(), "tok").await;
+    // The upstream answers once all twelve were either relayed or refused: all overlap.
+    let release = async {
+        for _ in 0..500 {
+            let refused = g.metered("ns", "docs").unwrap().refused_over_budget as usize;
+            if arrived.load(std::sync::atomic::Ordering::SeqCst) + refused >= 12 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        go.send_replace(true);
+    };
+    let (answers, ()) = tokio::join!(burst(url.clone(), "tok"), release);
     let admitted = answers.iter().filter(|(s, _)| *s == 200).count();
     assert_eq!(admitted, 2, "what $1 holds at $0.405 each");
     for (status, text) in answers.iter().filter(|(s, _)| *s != 200) {
@@ -1017,4 +1049,57 @@ async fn concurrent_documents_by_url_cannot_overshoot_the_budget() {
     assert!(bill.usd() <= 1.0, "the upstream billed ${}", bill.usd());
     assert!((m.cost_usd - bill.usd()).abs() < 1e-9, "the gateway's ${} is the upstream's ${}", m.cost_usd, bill.usd());
     assert_eq!(m.reserved_usd, 0.0);
+}
+
+/// The pinned Claude Code CLI through the gateway: every request it sends (its betas, its
+/// bodies) passes the strict reading, and the models it names by default have rows of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_clis_requests_pass_the_strict_reading_and_price_by_their_own_rows() {
+    use agentops::gateway::{prices::PriceTable, request::ALLOWED_BETAS};
+    let model = FakeAnthropic::start(vec![
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([3_000, 40, 1_000, 200]),
+        Step::text("done"),
+    ])
+    .await;
+    let gw = agentops::gateway::Gateway::start_with_budget(&model.base_url, API_KEY, Some(50.0)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (home, work) = (dir.path().join("home"), dir.path().join("work"));
+    std::fs::create_dir_all(home.join("tmp")).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(support::claude_bin())
+            .args(["-p", "write a.txt", "--output-format", "stream-json", "--verbose"])
+            .args(["--permission-mode", "bypassPermissions", "--no-session-persistence"])
+            .current_dir(&work)
+            .env("HOME", &home)
+            .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
+            .env("TMPDIR", home.join("tmp"))
+            .env("IS_SANDBOX", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("DISABLE_TELEMETRY", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("ANTHROPIC_BASE_URL", &gw.base_url)
+            .env("ANTHROPIC_API_KEY", &gw.token)
+            .output(),
+    )
+    .await
+    .expect("the CLI finished")
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read_to_string(work.join("a.txt")).unwrap(), "a\n", "the run worked through the gateway");
+    let m = gw.metered();
+    assert_eq!((m.refused_invalid, m.refused_over_budget), (0, 0), "nothing the CLI sent was refused");
+    let table = PriceTable::list();
+    let seen = model.seen();
+    assert!(seen.iter().filter(|s| s.main).count() >= 2);
+    for s in &seen {
+        for beta in s.beta.iter().flat_map(|b| b.split(',')) {
+            assert!(ALLOWED_BETAS.contains(&beta.trim()), "{beta}");
+        }
+        let id = s.body["model"].as_str().unwrap();
+        assert!(table.price(id).known, "the CLI's model {id} has a row");
+    }
+    assert_eq!(m.model.as_deref(), Some("claude-opus-5-5"), "the CLI's default model");
+    assert!(m.cost_usd > 0.0 && m.by_model.keys().all(|k| table.price(k).known), "{:?}", m.by_model.keys());
 }

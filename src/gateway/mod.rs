@@ -2,11 +2,13 @@
 //! only for its execution and only while it runs; the gateway adds the real API key (which the
 //! agent never sees), relays the response with streaming intact, and meters every response
 //! (`usage` from `message_start` and `message_delta` events or a JSON body, the tools the model
-//! called, the turns): the operator counts, rather than trusting what the agent reports. With a
-//! budget, each request's worst case is held against it while the request is in flight (its
-//! `max_tokens` lowered to what is left when needed): what is spent never exceeds the budget,
-//! also under concurrent requests. A request the budget cannot pay for is refused, and the run
-//! ends `BudgetExceeded`.
+//! called, the turns): the operator counts, rather than trusting what the agent reports. Each
+//! request is read strictly first (`request`): what the gateway prices is what the API will
+//! bill. With a budget, each request's worst case is held against it while the request is in
+//! flight (its `max_tokens` lowered to what is left when needed): what is spent never exceeds
+//! the budget, also under concurrent requests. A request the budget cannot pay for is refused,
+//! and the run ends `BudgetExceeded`. Every answer is read and metered to its end by a task of
+//! its own (`Drain`), whether or not the agent still listens.
 //!
 //! `agentops run` starts one on loopback per execution ([`Gateway`]); the controller serves
 //! one account per running execution on its own listener ([`Gateways`], under
