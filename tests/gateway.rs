@@ -402,7 +402,10 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
     let (gzipping, _) = recording_upstream(true).await;
     let gw2 = Gateway::start(&gzipping, API_KEY).await.unwrap();
     assert_eq!(raw(&gw2.base_url, "POST", "/v1/messages", &gw2.token, "", Some(msg)).await, 502);
-    assert_eq!(gw2.metered().usage.output_tokens, 0);
+    let m = gw2.metered();
+    assert_eq!(m.usage.output_tokens, 0);
+    // The upstream billed it, by an amount the gateway cannot read: its worst case is counted.
+    assert!(m.settled_at_worst_case == 1 && m.cost_usd > 0.0, "{m:?}");
 }
 
 /// An upstream as the real API bills: input tokens at most the request's bytes / 4, and every
@@ -956,6 +959,39 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
     assert_eq!((m.usage.output_tokens, m.usage.input_tokens, m.turns), (33_000, 1_000, 1));
     assert!((m.cost_usd - bill.usd()).abs() < 1e-12, "the gateway's ${} is the upstream's ${}", m.cost_usd, bill.usd());
     assert_eq!((m.reserved_usd, m.settled_at_worst_case), (0.0, 0));
+
+    // The same without streaming: the agent hangs up before the answer's head arrives. The
+    // upstream still bills its 20,000 tokens, and so does the gateway.
+    let slow = Bill::default();
+    let upstream = {
+        let slow = slow.clone();
+        serve(axum::Router::new().fallback(move || {
+            let slow = slow.clone();
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                slow.add((1_000.0 * 1.0 + 20_000.0 * 5.0) / 1e6);
+                let usage = json!({"input_tokens": 1_000, "output_tokens": 20_000});
+                (
+                    [("content-type", "application/json")],
+                    json!({"type": "message", "content": [], "usage": usage}).to_string(),
+                )
+            }
+        }))
+        .await
+    };
+    let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(5.0)).await.unwrap();
+    let body =
+        json!({"model": "claude-haiku-4-5", "max_tokens": 40_000, "messages": [{"role": "user", "content": "long"}]});
+    let r =
+        reqwest::Client::new().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(100), r.send()).await.is_err(),
+        "the agent left first"
+    );
+    assert!(gw.settled(std::time::Duration::from_secs(10)).await);
+    let m = gw.metered();
+    assert_eq!(m.usage.output_tokens, 20_000);
+    assert!((m.cost_usd - slow.usd()).abs() < 1e-12 && slow.requests() == 1, "${} against ${}", m.cost_usd, slow.usd());
 }
 
 /// An upstream that fetches the document a request names by URL: 150,000 input tokens of

@@ -224,6 +224,19 @@ impl Account {
         }
     }
 
+    /// Bills `usd` for an answer that could not be metered to its end (cut, silent, compressed).
+    fn settle_unmetered(&self, model: &str, usd: f64) {
+        if let Ok(mut m) = self.metered.lock() {
+            m.cost_usd += usd;
+            m.settled_at_worst_case += 1;
+            let key = model_key(&m.by_model, model);
+            m.by_model.entry(key).or_default().cost_usd += usd;
+        }
+        if let Some(f) = &self.on_change {
+            f();
+        }
+    }
+
     /// Waits until no request of this account is in flight (every answer read to its end and
     /// metered), at most `limit`. Returns whether it is so.
     pub async fn settled(&self, limit: std::time::Duration) -> bool {
@@ -638,58 +651,90 @@ async fn relay(
     let Ok(key) = HeaderValue::from_str(&account.api_key) else {
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "the configured API key is not a valid header");
     };
-    let resp = match out_req.header("x-api-key", key).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "the model gateway cannot reach the upstream API");
-            return refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway cannot reach the Anthropic API");
+    // From here on the agent cannot stop the gateway's work: if it goes away while the upstream
+    // works, `forward` still takes the answer, meters it and releases the reservation.
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let forwarding = Forward { account: account.clone(), req, hold, slot };
+    tokio::spawn(forwarding.run(out_req.header("x-api-key", key), head_tx));
+    head_rx.await.unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway lost the answer"))
+}
+
+/// One request on its way upstream, with its reservation and in-flight slot.
+struct Forward {
+    account: Arc<Account>,
+    req: Request,
+    hold: Option<Hold>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Forward {
+    /// Sends the request, hands the answer's head to the client (`head`), and reads the answer
+    /// to its end.
+    async fn run(self, out: reqwest::RequestBuilder, head: tokio::sync::oneshot::Sender<Response>) {
+        let Forward { account, req, hold, slot } = self;
+        // What it is billed if its answer cannot be metered: its reservation (or, without a
+        // budget, its worst case).
+        let worst_usd = hold
+            .as_ref()
+            .map(|h| h.usd)
+            .unwrap_or_else(|| if req.free { 0.0 } else { req.worst_case(&account.prices).usd(req.max_tokens) });
+        let resp = match out.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "the model gateway cannot reach the upstream API");
+                let _ = head.send(refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "the model gateway cannot reach the Anthropic API",
+                ));
+                return;
+            }
+        };
+        if let Ok(mut m) = account.metered.lock() {
+            m.responses += 1;
+            m.model = Some(meter::tool_name(&req.model));
         }
-    };
-    if let Ok(mut m) = account.metered.lock() {
-        m.responses += 1;
-        m.model = Some(meter::tool_name(&req.model));
-    }
-    // Identity was asked for; a compressed answer could not be metered, so it is not relayed.
-    if let Some(enc) = resp.headers().get("content-encoding").filter(|v| v.as_bytes() != b"identity") {
-        tracing::warn!(encoding = ?enc, "the upstream API answered compressed; not relayed (it could not be metered)");
-        return refuse(
-            StatusCode::BAD_GATEWAY,
-            "api_error",
-            "the upstream API answered compressed content, which the gateway cannot meter",
-        );
-    }
-    let status = resp.status();
-    let mut out = Response::builder().status(status.as_u16());
-    for (name, value) in resp.headers() {
-        if !hop(name.as_str()) {
-            out = out.header(name, value);
+        // Identity was asked for; a compressed answer could not be metered, so it is not
+        // relayed, and it is billed at its worst case (the upstream billed it).
+        if let Some(enc) = resp.headers().get("content-encoding").filter(|v| v.as_bytes() != b"identity") {
+            tracing::warn!(encoding = ?enc, "the upstream API answered compressed; not relayed (it could not be metered)");
+            let _ = head.send(refuse(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "the upstream API answered compressed content, which the gateway cannot meter",
+            ));
+            account.settle_unmetered(&req.model, worst_usd);
+            return;
         }
+        let status = resp.status();
+        let mut out = Response::builder().status(status.as_u16());
+        for (name, value) in resp.headers() {
+            if !hop(name.as_str()) {
+                out = out.header(name, value);
+            }
+        }
+        let streaming = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let price = account.prices.price(&req.model);
+        let meter = Meter::new(price, req.fast, account.prices.max_fast_multiplier(), streaming);
+        let (tx, rx) = tokio::sync::mpsc::channel(RELAYED_CHUNKS);
+        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
+        let _ =
+            head.send(out.body(Body::from_stream(body)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()));
+        let drain = Drain {
+            account,
+            model: req.model,
+            meter,
+            worst_usd,
+            must_end: streaming && status.is_success(),
+            hold,
+            slot: Some(slot),
+        };
+        drain.run(resp, tx).await;
     }
-    let streaming = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("text/event-stream"));
-    let price = account.prices.price(&req.model);
-    let meter = Meter::new(price, req.fast, account.prices.max_fast_multiplier(), streaming);
-    // What it is billed if its answer is cut: its reservation (or, without a budget, its worst case).
-    let worst_usd = hold
-        .as_ref()
-        .map(|h| h.usd)
-        .unwrap_or_else(|| if req.free { 0.0 } else { req.worst_case(&account.prices).usd(req.max_tokens) });
-    let (tx, rx) = tokio::sync::mpsc::channel(RELAYED_CHUNKS);
-    let drain = Drain {
-        account: account.clone(),
-        model: req.model,
-        meter,
-        worst_usd,
-        must_end: streaming && status.is_success(),
-        hold,
-        slot: Some(slot),
-    };
-    tokio::spawn(drain.run(resp, tx));
-    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
-    out.body(Body::from_stream(body)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
 /// Chunks of an answer buffered between the upstream and a slow client.
@@ -752,16 +797,7 @@ impl Drain {
         self.account.record(&self.model, seen);
         if cut || (self.must_end && !self.meter.ended()) {
             // What the upstream billed for it is not known: the worst case.
-            let extra = (self.worst_usd - billed).max(0.0);
-            if let Ok(mut m) = self.account.metered.lock() {
-                m.cost_usd += extra;
-                m.settled_at_worst_case += 1;
-                let key = model_key(&m.by_model, &self.model);
-                m.by_model.entry(key).or_default().cost_usd += extra;
-            }
-            if let Some(f) = &self.account.on_change {
-                f();
-            }
+            self.account.settle_unmetered(&self.model, (self.worst_usd - billed).max(0.0));
         }
         // The reservation and the slot go once the last figure is in, and only then does the
         // client see the end of the answer (it may read the figures at once).
