@@ -1,6 +1,8 @@
 //! The model gateway against the scripted Messages API: the agent's token is checked, the real
 //! key is added, streaming is relayed, usage is counted exactly (also across a failed attempt),
-//! and a token is worthless for another gateway and once its run is over.
+//! and a token is worthless for another gateway and once its run is over. Then the attacks of a
+//! prompt-injected agent on the budget, each against an upstream double that bills at list
+//! price what it served, with a control showing what the attack achieves without the defence.
 
 mod support;
 
@@ -10,7 +12,7 @@ use support::{API_KEY, FakeAnthropic, Step};
 
 async fn ask(base: &str, token: &str) -> reqwest::Result<reqwest::Response> {
     // Tools make it a "main" request, which the scripted server answers from its script.
-    let body = json!({"model": "claude-test", "max_tokens": 64, "stream": true,
+    let body = json!({"model": "claude-opus-4-6", "max_tokens": 64, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
     reqwest::Client::new().post(format!("{base}/v1/messages")).header("x-api-key", token).json(&body).send().await
@@ -77,7 +79,7 @@ async fn the_controllers_gateway_counts_per_execution_and_stops_at_the_budget() 
     ])
     .await;
     let (g, base) = controller_gateway(&model.base_url).await;
-    // Opus list price: 1M input tokens and 100k output tokens are $5 + $2.50.
+    // Opus 4.6's list price: 1M input tokens and 100k output tokens are $5 + $2.50.
     g.open("team-a", "fix", Account::new(API_KEY, "token-a", Some(7.0)));
     g.open("team-b", "other", Account::new(API_KEY, "token-b", None));
     let url = |ns: &str, name: &str| format!("{base}/gateway/{ns}/{name}");
@@ -343,11 +345,11 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
     let gw = Gateway::start(&upstream, API_KEY).await.unwrap();
     let (g, cbase) = controller_gateway(&upstream).await;
     g.open("ns", "fix", agentops::gateway::Account::new(API_KEY, "tok-c", None));
-    let msg = r#"{"model":"claude-sonnet-x","max_tokens":64,"messages":[]}"#;
+    let msg = r#"{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[]}"#;
 
     // The agent asks for gzip and adds headers of its own: the upstream is asked for identity
     // and gets the allowlisted headers only; every token is metered.
-    let extra = "accept-encoding: gzip, br\r\nx-evil: 1\r\ncookie: s=1\r\nanthropic-version: 2023-06-01\r\nanthropic-beta: b1\r\nx-forwarded-for: 10.0.0.1\r\n";
+    let extra = "accept-encoding: gzip, br\r\nx-evil: 1\r\ncookie: s=1\r\nanthropic-version: 2023-06-01\r\nanthropic-beta: claude-code-20250219\r\nx-forwarded-for: 10.0.0.1\r\n";
     assert_eq!(raw(&gw.base_url, "POST", "/v1/messages?beta=true", &gw.token, extra, Some(msg)).await, 200);
     assert_eq!(raw(&cbase, "POST", "/gateway/ns/fix/v1/messages?beta=true", "tok-c", extra, Some(msg)).await, 200);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -355,7 +357,7 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
         assert_eq!(path, "/v1/messages?beta=true");
         assert_eq!(h.get("accept-encoding").unwrap(), "identity");
         assert_eq!(h.get("anthropic-version").unwrap(), "2023-06-01");
-        assert_eq!(h.get("anthropic-beta").unwrap(), "b1");
+        assert_eq!(h.get("anthropic-beta").unwrap(), "claude-code-20250219");
         for dropped in ["x-evil", "cookie", "x-forwarded-for"] {
             assert!(h.get(dropped).is_none(), "{dropped} reached the upstream");
         }
@@ -400,7 +402,10 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
     let (gzipping, _) = recording_upstream(true).await;
     let gw2 = Gateway::start(&gzipping, API_KEY).await.unwrap();
     assert_eq!(raw(&gw2.base_url, "POST", "/v1/messages", &gw2.token, "", Some(msg)).await, 502);
-    assert_eq!(gw2.metered().usage.output_tokens, 0);
+    let m = gw2.metered();
+    assert_eq!(m.usage.output_tokens, 0);
+    // The upstream billed it, by an amount the gateway cannot read: its worst case is counted.
+    assert!(m.settled_at_worst_case == 1 && m.cost_usd > 0.0, "{m:?}");
 }
 
 /// An upstream as the real API bills: input tokens at most the request's bytes / 4, and every
@@ -425,8 +430,8 @@ async fn honest_upstream() -> String {
     url
 }
 
-/// Ten concurrent requests of Claude Code's size (`max_tokens` 128,000 at Opus's $25/M: $3.20
-/// each at worst) against a $1 budget: what is spent stays within the budget. A request the
+/// Ten concurrent requests of Claude Code's size (`max_tokens` 128,000 at Opus 5.5's $20/M:
+/// $2.56 each at worst) against a $1 budget: what is spent stays within the budget. A request the
 /// budget can pay only part of goes with a lower `max_tokens`; the rest are refused with the
 /// words the runner maps to `BudgetExceeded`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -505,7 +510,7 @@ async fn json_answers_are_metered_and_upstream_errors_pass_through_at_no_cost() 
     let upstream = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await });
     let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(10.0)).await.unwrap();
-    let body = json!({"model": "claude-sonnet-x", "max_tokens": 1000, "messages": []});
+    let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 1000, "messages": []});
     let post = || {
         reqwest::Client::new()
             .post(format!("{}/v1/messages", gw.base_url))
@@ -541,8 +546,9 @@ async fn json_answers_are_metered_and_upstream_errors_pass_through_at_no_cost() 
 }
 
 /// A runaway agent opens request after request: at most `MAX_IN_FLIGHT` of one execution are
-/// relayed at once (each held until its answer has streamed), the rest get 429 before their
-/// body is read; another execution is not affected, and a finished request frees its place.
+/// relayed at once (each held until the upstream's answer has ended), the rest get 429 before
+/// their body is read; another execution is not affected. An answer the agent hangs up on keeps
+/// its place until the upstream ends it; then the place is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_bounded_per_execution() {
     use agentops::gateway::{Account, MAX_IN_FLIGHT};
@@ -550,7 +556,7 @@ async fn requests_in_flight_are_bounded_per_execution() {
     let (g, base) = controller_gateway(&model.base_url).await;
     g.open("ns", "greedy", Account::new(API_KEY, "tok-g", None));
     g.open("ns", "other", Account::new(API_KEY, "tok-o", None));
-    let body = json!({"model": "claude-test", "max_tokens": 8, "stream": true,
+    let body = json!({"model": "claude-haiku-4-5", "max_tokens": 8, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
     let client = reqwest::Client::new();
@@ -571,8 +577,12 @@ async fn requests_in_flight_are_bounded_per_execution() {
     assert_eq!((open.len(), refused), (MAX_IN_FLIGHT, 4));
     assert_eq!(model.main_requests(), MAX_IN_FLIGHT, "the refused ones never reached the model");
     assert_eq!(send("other", "tok-o").await.unwrap().status(), 200, "another execution has its own places");
-    // The agent gives up on one answer: its place is free again.
+    // The agent hangs up on one answer: the upstream is still producing it, so its place is kept.
     drop(open.pop());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(send("greedy", "tok-g").await.unwrap().status(), 429, "hanging up frees nothing");
+    // The upstream ends its answers: every place is free again.
+    model.end_hangs();
     let mut again = 0;
     for _ in 0..50 {
         let r = send("greedy", "tok-g").await.unwrap();
@@ -584,4 +594,548 @@ async fn requests_in_flight_are_bounded_per_execution() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(again, 1, "a freed place is taken again");
+}
+
+// ---- The attacks of a prompt-injected agent with a shell, the gateway token and `maxBudgetUsd: 1`.
+
+/// Serves `app` on 127.0.0.1; its base URL.
+async fn serve(app: axum::Router) -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    url
+}
+
+/// An SSE body of these events.
+fn sse(events: &[serde_json::Value]) -> String {
+    events.iter().map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap())).collect()
+}
+
+/// What an upstream double billed, at list price, for what it served.
+#[derive(Clone, Default)]
+struct Bill(std::sync::Arc<std::sync::Mutex<(f64, usize)>>);
+
+impl Bill {
+    fn add(&self, usd: f64) {
+        let mut b = self.0.lock().unwrap();
+        b.0 += usd;
+        b.1 += 1;
+    }
+    fn usd(&self) -> f64 {
+        self.0.lock().unwrap().0
+    }
+    fn requests(&self) -> usize {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// An upstream that reads `max_tokens` as a lenient parser would (the first of two keys; a
+/// float; a string) and produces that many output tokens of Opus 5.5 ($4 / $20 per MTok).
+async fn lenient_upstream(bill: Bill) -> String {
+    serve(axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let bill = bill.clone();
+        async move {
+            let text = String::from_utf8_lossy(&body);
+            let at = text.find("\"max_tokens\":").unwrap() + "\"max_tokens\":".len();
+            let raw: String = text[at..].chars().take_while(|c| !matches!(c, ',' | '}')).collect();
+            let out = raw.trim().trim_matches('"').parse::<f64>().unwrap() as u64;
+            let input = body.len() as u64 / 4;
+            bill.add((input as f64 * 4.0 + out as f64 * 20.0) / 1e6);
+            let usage = json!({"input_tokens": input, "output_tokens": out});
+            (
+                [("content-type", "application/json")],
+                json!({"type": "message", "content": [], "usage": usage}).to_string(),
+            )
+        }
+    }))
+    .await
+}
+
+/// Attack 1: a body serde reads one way and the upstream another. Control: serde reads
+/// `max_tokens` 1 (or nothing) from each, so the old gateway reserved no output, while the
+/// upstream reads 128,000 and bills $2.56 per request against a $1 budget. Now each is refused
+/// with a 400 naming the field, and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_could_read_otherwise_is_refused_naming_the_field() {
+    let bodies = [
+        r#"{"model":"claude-opus-5-5","max_tokens":128000,"max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"claude-opus-5-5","max_tokens":128000.0,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"claude-opus-5-5","max_tokens":"128000","messages":[{"role":"user","content":"hi"}]}"#,
+    ];
+    // Control: what serde read, and what the upstream bills for the same bodies sent straight.
+    let control = Bill::default();
+    let direct = lenient_upstream(control.clone()).await;
+    for body in bodies {
+        let serde_read = serde_json::from_str::<serde_json::Value>(body).unwrap()["max_tokens"].as_u64();
+        assert!(serde_read.unwrap_or(0) <= 1, "serde reads {serde_read:?} from {body}");
+        let r = reqwest::Client::new().post(format!("{direct}/v1/messages")).body(body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(control.usd() > 3.0 * 2.56, "the upstream billed ${} for three 'tiny' requests", control.usd());
+
+    let bill = Bill::default();
+    let upstream = lenient_upstream(bill.clone()).await;
+    let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(1.0)).await.unwrap();
+    let post = |body: &'static str, beta: Option<&'static str>| {
+        let mut r = reqwest::Client::new()
+            .post(format!("{}/v1/messages", gw.base_url))
+            .header("x-api-key", &gw.token)
+            .header("content-type", "application/json");
+        if let Some(b) = beta {
+            r = r.header("anthropic-beta", b);
+        }
+        r.body(body).send()
+    };
+    for (body, field) in bodies.iter().zip([
+        "\\\"max_tokens\\\" appears twice",
+        "\\\"max_tokens\\\" must be a whole number",
+        "\\\"max_tokens\\\" must be a whole number",
+    ]) {
+        let r = post(body, None).await.unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("invalid_request_error") && text.contains(field), "{body}: {text}");
+    }
+    // A field with a price the gateway does not know: refused the same way.
+    for (body, beta, field) in [
+        (r#"{"model":["claude-opus-5-5"],"max_tokens":1,"messages":[]}"#, None, "\\\"model\\\" must be a string"),
+        (r#"{"model":"claude-opus-5-5","max_tokens":1,"messages":[],"speed":"ludicrous"}"#, None, "\\\"speed\\\""),
+        (
+            r#"{"model":"claude-opus-5-5","max_tokens":1,"messages":[],"service_tier":"priority"}"#,
+            None,
+            "\\\"service_tier\\\"",
+        ),
+        (
+            r#"{"model":"claude-opus-5-5","max_tokens":1,"messages":[]}"#,
+            Some("cache-keepalive-2026-09-03"),
+            "anthropic-beta",
+        ),
+    ] {
+        let r = post(body, beta).await.unwrap();
+        assert_eq!(r.status(), 400);
+        let text = r.text().await.unwrap();
+        assert!(text.contains(field), "{body}: {text}");
+    }
+    assert_eq!(bill.requests(), 0, "no refused request reached the upstream");
+    assert_eq!(gw.metered().refused_invalid, 7);
+    assert_eq!(gw.metered().cost_usd, 0.0);
+}
+
+/// The list rates an upstream double bills per model: (input, output) USD per MTok, and the
+/// fast-mode multiplier.
+fn list_rates(model: &str, fast: bool) -> (f64, f64) {
+    let (i, o) = match model {
+        "claude-opus-4-1" => (15.0, 75.0),
+        "claude-opus-5-5" => (4.0, 20.0),
+        other => panic!("the double has no price for {other}"),
+    };
+    let k = if fast { 2.0 } else { 1.0 };
+    (i * k, o * k)
+}
+
+/// Attack 2: dear models charged at a cheaper family's price. Each answer is 100,000 input and
+/// 10,000 output tokens; the upstream bills `claude-opus-4-1` at $15 / $75 ($2.25) and Opus
+/// 5.5 in fast mode at 2× $4 / $20 ($1.20). Control: the family price (Opus 4.5's $5 / $25)
+/// was $0.75 for each. The gateway's figures equal the upstream's bill, by model; an unknown
+/// model is priced at the table's ceiling; an operator's table replaces the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opus_4_1_and_fast_mode_are_billed_at_their_own_list_price() {
+    let bill = Bill::default();
+    let upstream = {
+        let bill = bill.clone();
+        serve(axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let bill = bill.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let model = v["model"].as_str().unwrap().to_string();
+                let fast = v["speed"] == "fast";
+                if model != "claude-opus-9" {
+                    let (i, o) = list_rates(&model, fast);
+                    bill.add((100_000.0 * i + 10_000.0 * o) / 1e6);
+                }
+                let speed = if fast { "fast" } else { "standard" };
+                let events = [
+                    json!({"type": "message_start", "message": {"model": model, "usage": {"input_tokens": 100_000, "output_tokens": 1, "speed": speed}}}),
+                    json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": 100_000, "output_tokens": 10_000, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}}}),
+                    json!({"type": "message_stop"}),
+                ];
+                ([("content-type", "text/event-stream")], sse(&events))
+            }
+        }))
+        .await
+    };
+    let family_price: f64 = (100_000.0 * 5.0 + 10_000.0 * 25.0) / 1e6;
+    assert!((family_price - 0.75).abs() < 1e-12);
+
+    let g = std::sync::Arc::new(agentops::gateway::Gateways::new(&upstream).unwrap());
+    let base = serve(g.clone().router()).await;
+    g.open("ns", "fix", agentops::gateway::Account::new(API_KEY, "tok", Some(10.0)));
+    let ask = |model: &str, fast: bool| {
+        let mut body = json!({"model": model, "max_tokens": 10_000, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+        let mut r =
+            reqwest::Client::new().post(format!("{base}/gateway/ns/fix/v1/messages")).header("x-api-key", "tok");
+        if fast {
+            body["speed"] = json!("fast");
+            r = r.header("anthropic-beta", "fast-mode-2026-02-01");
+        }
+        async move { r.json(&body).send().await.unwrap().text().await.unwrap() }
+    };
+    ask("claude-opus-4-1", false).await;
+    ask("claude-opus-5-5", true).await;
+    let m = g.metered("ns", "fix").unwrap();
+    let by = |model: &str| m.by_model[model].cost_usd;
+    assert!((by("claude-opus-4-1") - 2.25).abs() < 1e-12, "{}", by("claude-opus-4-1"));
+    assert!((by("claude-opus-5-5") - 1.20).abs() < 1e-12, "{}", by("claude-opus-5-5"));
+    assert!((m.cost_usd - bill.usd()).abs() < 1e-12, "the gateway's ${} is the upstream's ${}", m.cost_usd, bill.usd());
+    assert!(
+        m.cost_usd > 2.0 * family_price * 2.0,
+        "${} against ${} at the family price",
+        m.cost_usd,
+        2.0 * family_price
+    );
+    assert_eq!(m.model.as_deref(), Some("claude-opus-5-5"), "the last model relayed");
+    assert_eq!((m.by_model["claude-opus-4-1"].usage.output_tokens, m.turns), (10_000, 2));
+
+    // A model the table does not know: the highest rates of any row ($15 / $75), never less.
+    ask("claude-opus-9", false).await;
+    let m = g.metered("ns", "fix").unwrap();
+    assert!((m.by_model["claude-opus-9"].cost_usd - 2.25).abs() < 1e-12);
+
+    // The operator's table: Opus 4.1 at $1 / $1 for every account opened from then on.
+    let mut table = agentops::gateway::prices::PriceTable::list();
+    let row = table.models.iter_mut().find(|r| r.ids.iter().any(|id| id == "claude-opus-4-1")).unwrap();
+    row.rates = agentops::gateway::prices::Rates::list(1.0, 1.0);
+    let table = agentops::gateway::prices::PriceTable::from_yaml(&table.to_yaml().unwrap()).unwrap();
+    let g2 = std::sync::Arc::new(agentops::gateway::Gateways::new(&upstream).unwrap().with_prices(table));
+    let base2 = serve(g2.clone().router()).await;
+    g2.open("ns", "cheap", agentops::gateway::Account::new(API_KEY, "tok2", None));
+    let body = json!({"model": "claude-opus-4-1", "max_tokens": 10_000, "stream": true, "messages": []});
+    let r = reqwest::Client::new().post(format!("{base2}/gateway/ns/cheap/v1/messages")).header("x-api-key", "tok2");
+    r.json(&body).send().await.unwrap().text().await.unwrap();
+    assert!((g2.metered("ns", "cheap").unwrap().cost_usd - 0.11).abs() < 1e-12, "the operator's price");
+}
+
+/// Attack 3: a message with web searches, whose input grows during the message. The upstream
+/// streams usage as the real API does (`message_delta` cumulative, every field) and bills
+/// `claude-sonnet-4-6` at list: 22,000 input ($3), 900 output ($15), 500 cache reads ($0.30),
+/// 1,000 one-hour cache writes ($6) and 3 searches ($0.01): $0.11565. Control: reading input
+/// from `message_start` only, no searches and writes at 1.25× reports $0.0234. The gateway's
+/// figures equal the upstream's, streamed and as JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cumulative_usage_and_server_tools_are_metered_as_the_upstream_bills() {
+    let start = json!({"input_tokens": 2_000, "output_tokens": 1, "cache_read_input_tokens": 500, "cache_creation_input_tokens": 1_000,
+                       "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 1_000}, "service_tier": "standard"});
+    let delta = |input: u64, output: u64, searches: u64| {
+        json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"input_tokens": input, "output_tokens": output,
+               "cache_read_input_tokens": 500, "cache_creation_input_tokens": 1_000,
+               "server_tool_use": {"web_search_requests": searches, "web_fetch_requests": 0}}})
+    };
+    let events = vec![
+        json!({"type": "message_start", "message": {"model": "claude-sonnet-4-6", "usage": start}}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "server_tool_use", "name": "web_search"}}),
+        delta(12_000, 300, 2),
+        delta(22_000, 900, 3),
+        json!({"type": "message_stop"}),
+    ];
+    let upstream_bill: f64 = (22_000.0 * 3.0 + 900.0 * 15.0 + 500.0 * 0.30 + 1_000.0 * 6.0) / 1e6 + 3.0 * 0.01;
+    let naive: f64 = (2_000.0 * 3.0 + 900.0 * 15.0 + 500.0 * 0.30 + 1_000.0 * 3.75) / 1e6;
+    assert!((naive - 0.0234).abs() < 1e-12 && (upstream_bill - 0.11565).abs() < 1e-12);
+    let json_body = json!({"type": "message", "content": [{"type": "text", "text": "found"}], "usage": {
+        "input_tokens": 22_000, "output_tokens": 900, "cache_read_input_tokens": 500, "cache_creation_input_tokens": 1_000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 1_000},
+        "server_tool_use": {"web_search_requests": 3, "web_fetch_requests": 0}}});
+    let upstream = serve(axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let (events, json_body) = (events.clone(), json_body.clone());
+        async move {
+            use axum::response::IntoResponse;
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            if v["stream"] == true {
+                ([("content-type", "text/event-stream")], sse(&events)).into_response()
+            } else {
+                ([("content-type", "application/json")], json_body.to_string()).into_response()
+            }
+        }
+    }))
+    .await;
+    for stream in [true, false] {
+        let gw = Gateway::start(&upstream, API_KEY).await.unwrap();
+        let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 1000, "stream": stream,
+                          "messages": [{"role": "user", "content": "search"}],
+                          "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]});
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/messages", gw.base_url))
+            .header("x-api-key", &gw.token)
+            .json(&body);
+        let text = r.send().await.unwrap().text().await.unwrap();
+        assert!(text.contains(if stream { "message_stop" } else { "found" }), "the answer relayed: {text}");
+        let m = gw.metered();
+        let u = m.usage;
+        assert_eq!(
+            (u.input_tokens, u.output_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens),
+            (22_000, 900, 500, 1_000),
+            "stream {stream}"
+        );
+        assert_eq!((m.cache_creation_1h_input_tokens, m.web_search_requests, m.turns), (1_000, 3, 1));
+        assert!(
+            (m.cost_usd - upstream_bill).abs() < 1e-12,
+            "stream {stream}: ${} against the upstream's ${upstream_bill}",
+            m.cost_usd
+        );
+    }
+}
+
+/// Attack 4: the agent reads half of a long answer and hangs up. The upstream produces 33,000
+/// output tokens of Claude Haiku 4.5 ($5 / MTok) whatever the client does. Control: the client
+/// saw about half of the tokens when it left, which is what a meter on the client's side of the
+/// stream counted. The gateway reads the answer to its end: it meters all 33,000, bills what the
+/// upstream billed, and holds the reservation until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
+    const STEPS: u64 = 66;
+    let bill = Bill::default();
+    // The upstream streams the first half, then the rest once the client has hung up.
+    let (hung_up, second_half) = tokio::sync::watch::channel(false);
+    let upstream = {
+        let bill = bill.clone();
+        serve(axum::Router::new().fallback(move || {
+            let (bill, mut second_half) = (bill.clone(), second_half.clone());
+            async move {
+                bill.add((1_000.0 * 1.0 + 33_000.0 * 5.0) / 1e6);
+                let mut events = vec![json!({"type": "message_start", "message": {"usage": {"input_tokens": 1_000, "output_tokens": 1}}})];
+                for i in 1..=STEPS {
+                    events.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "x".repeat(200)}}));
+                    events.push(json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"input_tokens": 1_000, "output_tokens": i * 500}}));
+                }
+                events.push(json!({"type": "message_stop"}));
+                let rest = events.split_off(events.len() / 2);
+                let paced = |events: Vec<serde_json::Value>| {
+                    futures::StreamExt::then(futures::stream::iter(events), |e| async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(sse(&[e])))
+                    })
+                };
+                let later = futures::StreamExt::flatten(futures::stream::once(async move {
+                    let _ = second_half.wait_for(|go| *go).await;
+                    paced(rest)
+                }));
+                let chunks = futures::StreamExt::chain(paced(events), later);
+                ([("content-type", "text/event-stream")], axum::body::Body::from_stream(chunks))
+            }
+        }))
+        .await
+    };
+    let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(5.0)).await.unwrap();
+    let body = json!({"model": "claude-haiku-4-5", "max_tokens": 40_000, "stream": true, "messages": [{"role": "user", "content": "long"}]});
+    let mut r = reqwest::Client::new()
+        .post(format!("{}/v1/messages", gw.base_url))
+        .header("x-api-key", &gw.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    let mut client_count = 0;
+    while let Some(chunk) = r.chunk().await.unwrap() {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+        client_count = seen
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+            .filter_map(|e| e["usage"]["output_tokens"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if client_count >= 16_500 {
+            break;
+        }
+    }
+    drop(r);
+    assert_eq!(client_count, 16_500, "the client left having seen half");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(gw.metered().reserved_usd > 0.0, "the reservation is held while the upstream still produces");
+    assert!(gw.metered().usage.output_tokens <= 16_500);
+    hung_up.send_replace(true);
+    assert!(gw.settled(std::time::Duration::from_secs(10)).await, "the answer was read to its end");
+    let m = gw.metered();
+    assert_eq!((m.usage.output_tokens, m.usage.input_tokens, m.turns), (33_000, 1_000, 1));
+    assert!((m.cost_usd - bill.usd()).abs() < 1e-12, "the gateway's ${} is the upstream's ${}", m.cost_usd, bill.usd());
+    assert_eq!((m.reserved_usd, m.settled_at_worst_case), (0.0, 0));
+
+    // The same without streaming: the agent hangs up before the answer's head arrives. The
+    // upstream still bills its 20,000 tokens, and so does the gateway.
+    let slow = Bill::default();
+    let upstream = {
+        let slow = slow.clone();
+        serve(axum::Router::new().fallback(move || {
+            let slow = slow.clone();
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                slow.add((1_000.0 * 1.0 + 20_000.0 * 5.0) / 1e6);
+                let usage = json!({"input_tokens": 1_000, "output_tokens": 20_000});
+                (
+                    [("content-type", "application/json")],
+                    json!({"type": "message", "content": [], "usage": usage}).to_string(),
+                )
+            }
+        }))
+        .await
+    };
+    let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(5.0)).await.unwrap();
+    let body =
+        json!({"model": "claude-haiku-4-5", "max_tokens": 40_000, "messages": [{"role": "user", "content": "long"}]});
+    let r =
+        reqwest::Client::new().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(100), r.send()).await.is_err(),
+        "the agent left first"
+    );
+    assert!(gw.settled(std::time::Duration::from_secs(10)).await);
+    let m = gw.metered();
+    assert_eq!(m.usage.output_tokens, 20_000);
+    assert!((m.cost_usd - slow.usd()).abs() < 1e-12 && slow.requests() == 1, "${} against ${}", m.cost_usd, slow.usd());
+}
+
+/// An upstream that fetches the document a request names by URL: 150,000 input tokens of
+/// Claude Haiku 4.5 ($1 / $5), and a 100-token answer, once `go` is set (requests overlap).
+async fn document_fetching_upstream(
+    bill: Bill,
+    go: tokio::sync::watch::Receiver<bool>,
+    arrived: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> String {
+    serve(axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let (bill, mut go, arrived) = (bill.clone(), go.clone(), arrived.clone());
+        async move {
+            arrived.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let by_url = v["messages"][0]["content"][0]["source"]["type"] == "url";
+            let input = if by_url { 150_000 } else { body.len() as u64 / 4 };
+            let output = v["max_tokens"].as_u64().unwrap().min(100);
+            let _ = go.wait_for(|go| *go).await;
+            bill.add((input as f64 * 1.0 + output as f64 * 5.0) / 1e6);
+            let events = [
+                json!({"type": "message_start", "message": {"usage": {"input_tokens": input, "output_tokens": 1}}}),
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": input, "output_tokens": output}}),
+                json!({"type": "message_stop"}),
+            ];
+            ([("content-type", "text/event-stream")], sse(&events))
+        }
+    }))
+    .await
+}
+
+/// Attack 5: twelve concurrent small requests, each naming a document by URL that the upstream
+/// reads as 150,000 input tokens ($0.1505 each). Control: admitted all at once (their bytes
+/// promise a few tokens), they cost $1.806 against a $1 budget. The gateway holds each at
+/// Haiku 4.5's whole context window (200,000 tokens at the $2 one-hour write rate, plus output:
+/// $0.405): two fit in $1, the rest are refused, and the upstream's bill stays within $1, also
+/// over a second wave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_documents_by_url_cannot_overshoot_the_budget() {
+    use agentops::gateway::{Account, BUDGET_SPENT};
+    let body = json!({"model": "claude-haiku-4-5", "max_tokens": 1000, "stream": true,
+                      "messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://example.com/big.pdf"}}]}]});
+    let client = reqwest::Client::new();
+    let burst = |url: String, token: &'static str| {
+        let reqs = (0..12).map(|_| {
+            let r = client.post(url.clone()).header("x-api-key", token).json(&body);
+            async move {
+                let r = r.send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            }
+        });
+        futures::future::join_all(reqs)
+    };
+    // Control: every request admitted.
+    let control = Bill::default();
+    let direct =
+        document_fetching_upstream(control.clone(), tokio::sync::watch::channel(true).1, Default::default()).await;
+    let answers = burst(format!("{direct}/v1/messages"), "none").await;
+    assert!(answers.iter().all(|(s, _)| *s == 200));
+    assert!((control.usd() - 12.0 * 0.1505).abs() < 1e-9, "${}", control.usd());
+
+    let bill = Bill::default();
+    let (go, wait) = tokio::sync::watch::channel(false);
+    let arrived = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let upstream = document_fetching_upstream(bill.clone(), wait, arrived.clone()).await;
+    let (g, base) = controller_gateway(&upstream).await;
+    g.open("ns", "docs", Account::new(API_KEY, "tok", Some(1.0)));
+    let url = format!("{base}/gateway/ns/docs/v1/messages");
+    // The upstream answers once all twelve were either relayed or refused: all overlap.
+    let release = async {
+        for _ in 0..500 {
+            let refused = g.metered("ns", "docs").unwrap().refused_over_budget as usize;
+            if arrived.load(std::sync::atomic::Ordering::SeqCst) + refused >= 12 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        go.send_replace(true);
+    };
+    let (answers, ()) = tokio::join!(burst(url.clone(), "tok"), release);
+    let admitted = answers.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(admitted, 2, "what $1 holds at $0.405 each");
+    for (status, text) in answers.iter().filter(|(s, _)| *s != 200) {
+        assert_eq!(*status, 400);
+        assert!(text.contains(BUDGET_SPENT) && text.contains("whole context window"), "{text}");
+    }
+    assert!(bill.usd() <= 1.0 && (bill.usd() - 2.0 * 0.1505).abs() < 1e-9, "${}", bill.usd());
+    // A second burst, once the first is over: still within $1.
+    let answers = burst(url, "tok").await;
+    assert!(answers.iter().filter(|(s, _)| *s == 200).count() >= 1);
+    let m = g.metered("ns", "docs").unwrap();
+    assert!(bill.usd() <= 1.0, "the upstream billed ${}", bill.usd());
+    assert!((m.cost_usd - bill.usd()).abs() < 1e-9, "the gateway's ${} is the upstream's ${}", m.cost_usd, bill.usd());
+    assert_eq!(m.reserved_usd, 0.0);
+}
+
+/// The pinned Claude Code CLI through the gateway: every request it sends (its betas, its
+/// bodies) passes the strict reading, and the models it names by default have rows of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pinned_clis_requests_pass_the_strict_reading_and_price_by_their_own_rows() {
+    use agentops::gateway::{prices::PriceTable, request::ALLOWED_BETAS};
+    let model = FakeAnthropic::start(vec![
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([3_000, 40, 1_000, 200]),
+        Step::text("done"),
+    ])
+    .await;
+    let gw = agentops::gateway::Gateway::start_with_budget(&model.base_url, API_KEY, Some(50.0)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (home, work) = (dir.path().join("home"), dir.path().join("work"));
+    std::fs::create_dir_all(home.join("tmp")).unwrap();
+    std::fs::create_dir_all(&work).unwrap();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        tokio::process::Command::new(support::claude_bin())
+            .args(["-p", "write a.txt", "--output-format", "stream-json", "--verbose"])
+            .args(["--permission-mode", "bypassPermissions", "--no-session-persistence"])
+            .current_dir(&work)
+            .env("HOME", &home)
+            .env("CLAUDE_CONFIG_DIR", home.join(".claude"))
+            .env("TMPDIR", home.join("tmp"))
+            .env("IS_SANDBOX", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+            .env("DISABLE_TELEMETRY", "1")
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("ANTHROPIC_BASE_URL", &gw.base_url)
+            .env("ANTHROPIC_API_KEY", &gw.token)
+            .output(),
+    )
+    .await
+    .expect("the CLI finished")
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read_to_string(work.join("a.txt")).unwrap(), "a\n", "the run worked through the gateway");
+    let m = gw.metered();
+    assert_eq!((m.refused_invalid, m.refused_over_budget), (0, 0), "nothing the CLI sent was refused");
+    let table = PriceTable::list();
+    let seen = model.seen();
+    assert!(seen.iter().filter(|s| s.main).count() >= 2);
+    for s in &seen {
+        for beta in s.beta.iter().flat_map(|b| b.split(',')) {
+            assert!(ALLOWED_BETAS.contains(&beta.trim()), "{beta}");
+        }
+        let id = s.body["model"].as_str().unwrap();
+        assert!(table.price(id).known, "the CLI's model {id} has a row");
+    }
+    assert_eq!(m.model.as_deref(), Some("claude-opus-5-5"), "the CLI's default model");
+    assert!(m.cost_usd > 0.0 && m.by_model.keys().all(|k| table.price(k).known), "{:?}", m.by_model.keys());
 }

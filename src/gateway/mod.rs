@@ -2,11 +2,13 @@
 //! only for its execution and only while it runs; the gateway adds the real API key (which the
 //! agent never sees), relays the response with streaming intact, and meters every response
 //! (`usage` from `message_start` and `message_delta` events or a JSON body, the tools the model
-//! called, the turns): the operator counts, rather than trusting what the agent reports. With a
-//! budget, each request's worst case is held against it while the request is in flight (its
-//! `max_tokens` lowered to what is left when needed): what is spent never exceeds the budget,
-//! also under concurrent requests. A request the budget cannot pay for is refused, and the run
-//! ends `BudgetExceeded`.
+//! called, the turns): the operator counts, rather than trusting what the agent reports. Each
+//! request is read strictly first (`request`): what the gateway prices is what the API will
+//! bill. With a budget, each request's worst case is held against it while the request is in
+//! flight (its `max_tokens` lowered to what is left when needed): what is spent never exceeds
+//! the budget, also under concurrent requests. A request the budget cannot pay for is refused,
+//! and the run ends `BudgetExceeded`. Every answer is read and metered to its end by a task of
+//! its own (`Drain`), whether or not the agent still listens.
 //!
 //! `agentops run` starts one on loopback per execution ([`Gateway`]); the controller serves
 //! one account per running execution on its own listener ([`Gateways`], under
@@ -14,9 +16,11 @@
 //! pod never holds it.
 
 pub mod git;
+mod meter;
 pub mod prices;
+pub mod request;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +32,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ToolCalls, Usage};
+use meter::{Meter, Seen};
+use prices::PriceTable;
+use request::Request;
 
 /// Largest request body relayed (a long conversation with images stays well under it).
 const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
@@ -40,7 +47,12 @@ pub const BUDGET_SPENT: &str = "agentops: spec.agent.maxBudgetUsd is spent";
 pub struct Metered {
     /// Tokens of every response relayed, of every kind.
     pub usage: Usage,
-    /// Cost of those tokens at each request's model's list price.
+    /// Of the cache writes, those written for one hour (billed at 2× input, not 1.25×).
+    pub cache_creation_1h_input_tokens: u64,
+    /// Server tool uses the API reported (`usage.server_tool_use`), billed per use.
+    pub web_search_requests: u64,
+    pub web_fetch_requests: u64,
+    /// Cost of all that at each request's model's list price.
     pub cost_usd: f64,
     /// Responses relayed (successful or not).
     pub responses: u64,
@@ -48,17 +60,40 @@ pub struct Metered {
     pub turns: u64,
     /// Tools the model called, by name.
     pub tool_calls: ToolCalls,
+    /// The model of the last request relayed.
+    pub model: Option<String>,
+    /// What each model (at most `MAX_MODELS` names; the rest as `other`) was metered.
+    pub by_model: BTreeMap<String, ModelMetered>,
     /// Requests refused because the budget was spent.
     pub refused_over_budget: u64,
     /// Requests refused because their method, path or query is not one the gateway relays.
     pub refused_not_allowed: u64,
-    /// The last of those, as `METHOD path` (at most 200 bytes).
+    /// Requests refused because their body or headers could be billed otherwise than read
+    /// (`request::read`: a key twice, `max_tokens` not a whole number, a beta without a price).
+    pub refused_invalid: u64,
+    /// The last of those refusals, as `METHOD path` (at most 200 bytes).
     pub last_refused: Option<String>,
     /// The worst case of the requests in flight, held against the budget until they end.
     pub reserved_usd: f64,
     /// Requests whose `max_tokens` was lowered to what the budget left could pay for.
     pub clamped: u64,
+    /// Answers cut before their end (the upstream failed or went silent): billed at their
+    /// worst case, since what the upstream billed is not known.
+    pub settled_at_worst_case: u64,
 }
+
+/// What one model was metered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelMetered {
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub turns: u64,
+    pub web_search_requests: u64,
+    pub web_fetch_requests: u64,
+}
+
+/// Model names kept apart in `Metered::by_model` (the agent names the model: bounded).
+pub const MAX_MODELS: usize = 16;
 
 /// Requests one execution may have in flight at once (Claude Code sends a few: the main turn,
 /// subagents, token counts). Beyond: 429, which the CLI retries later.
@@ -76,6 +111,8 @@ pub struct Account {
     in_flight: Arc<tokio::sync::Semaphore>,
     /// Called when the figures change (the controller wakes the execution's reconcile).
     on_change: Option<Box<dyn Fn() + Send + Sync>>,
+    /// What its requests are priced at.
+    prices: Arc<PriceTable>,
 }
 
 impl Account {
@@ -88,7 +125,14 @@ impl Account {
             open: AtomicBool::new(true),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
             on_change: None,
+            prices: PriceTable::list_shared(),
         }
+    }
+
+    /// Prices its requests at `prices` instead of the list prices.
+    pub fn with_prices(mut self, prices: Arc<PriceTable>) -> Self {
+        self.prices = prices;
+        self
     }
 
     /// Counts what was already spent (recorded before this process opened the account).
@@ -102,20 +146,10 @@ impl Account {
 
     /// Holds a request's worst case against the budget, lowering its `max_tokens` to what the
     /// budget left can pay for when needed. Err: the budget cannot pay for the request.
-    fn reserve(self: &Arc<Self>, path: &str, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
+    fn reserve(self: &Arc<Self>, req: &Request, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
         let Some(budget) = self.budget_usd else { return Ok((None, body)) };
-        let req = serde_json::from_slice::<RequestModel>(&body).unwrap_or_default();
-        let model = req.model.as_deref();
-        // Tokens are never more than the request's bytes (text is ~4 bytes a token), priced at
-        // the dearest input rate (a cache write); output at most `max_tokens`.
-        let input = prices::estimate_cost(
-            model,
-            &Usage { cache_creation_input_tokens: body.len() as u64, ..Default::default() },
-        );
-        let per_output =
-            prices::estimate_cost(model, &Usage { output_tokens: 1_000_000, ..Default::default() }) / 1_000_000.0;
-        let free = path.starts_with("/v1/messages/count_tokens");
-        let wanted = if free { 0 } else { req.max_tokens.unwrap_or(0) };
+        let worst = req.worst_case(&self.prices);
+        let wanted = if req.free { 0 } else { req.max_tokens };
         let Ok(mut m) = self.metered.lock() else { return Err("the gateway's books are unreadable".into()) };
         let left = budget - m.cost_usd - m.reserved_usd;
         let refuse = |m: &mut Metered, why: String| {
@@ -125,20 +159,24 @@ impl Account {
         if m.cost_usd >= budget {
             return refuse(&mut m, "nothing left".into());
         }
-        if free {
+        if req.free {
             return Ok((None, body));
         }
-        let affordable = ((left - input) / per_output).floor().max(0.0) as u64;
+        let affordable = ((left - worst.fixed_usd) / worst.per_output_usd).floor().max(0.0) as u64;
         let granted = wanted.min(affordable);
-        if granted < wanted.min(MIN_OUTPUT_TOKENS) || left < input {
-            let why = format!(
+        if granted < wanted.min(MIN_OUTPUT_TOKENS) || left < worst.fixed_usd {
+            let mut why = format!(
                 "${left:.4} left, ${:.4} held by requests in flight; this one could cost ${:.4}",
                 m.reserved_usd,
-                input + wanted as f64 * per_output
+                worst.usd(wanted)
             );
+            if let Some(what) = &req.unbounded_input {
+                why +=
+                    &format!(" ({what} is held at the model's whole context window, {} tokens)", worst.prompt_tokens);
+            }
             return refuse(&mut m, why);
         }
-        let usd = input + granted as f64 * per_output;
+        let usd = worst.usd(granted);
         m.reserved_usd += usd;
         let body = if granted < wanted {
             m.clamped += 1;
@@ -148,6 +186,62 @@ impl Account {
             body
         };
         Ok((Some(Hold { account: self.clone(), usd }), body))
+    }
+
+    /// Adds what a response added (`model`: the request's).
+    fn record(&self, model: &str, seen: Seen) {
+        if seen.is_empty() {
+            return;
+        }
+        if let Ok(mut m) = self.metered.lock() {
+            let s = seen.usage;
+            let add = |u: &mut Usage| {
+                u.input_tokens += s.input_tokens;
+                u.output_tokens += s.output_tokens;
+                u.cache_read_input_tokens += s.cache_read_input_tokens;
+                u.cache_creation_input_tokens += s.cache_creation_input_tokens;
+            };
+            add(&mut m.usage);
+            m.cache_creation_1h_input_tokens += s.cache_creation_1h_input_tokens;
+            m.web_search_requests += s.web_search_requests;
+            m.web_fetch_requests += s.web_fetch_requests;
+            m.cost_usd += seen.cost_usd;
+            m.turns += seen.turns;
+            let key = model_key(&m.by_model, model);
+            let by = m.by_model.entry(key).or_default();
+            add(&mut by.usage);
+            by.cost_usd += seen.cost_usd;
+            by.turns += seen.turns;
+            by.web_search_requests += s.web_search_requests;
+            by.web_fetch_requests += s.web_fetch_requests;
+            for tool in seen.tools {
+                m.tool_calls.total += 1;
+                *m.tool_calls.by_tool.entry(tool).or_default() += 1;
+            }
+        }
+        if let Some(f) = &self.on_change {
+            f();
+        }
+    }
+
+    /// Bills `usd` for an answer that could not be metered to its end (cut, silent, compressed).
+    fn settle_unmetered(&self, model: &str, usd: f64) {
+        if let Ok(mut m) = self.metered.lock() {
+            m.cost_usd += usd;
+            m.settled_at_worst_case += 1;
+            let key = model_key(&m.by_model, model);
+            m.by_model.entry(key).or_default().cost_usd += usd;
+        }
+        if let Some(f) = &self.on_change {
+            f();
+        }
+    }
+
+    /// Waits until no request of this account is in flight (every answer read to its end and
+    /// metered), at most `limit`. Returns whether it is so.
+    pub async fn settled(&self, limit: std::time::Duration) -> bool {
+        let all = self.in_flight.acquire_many(MAX_IN_FLIGHT as u32);
+        matches!(tokio::time::timeout(limit, all).await, Ok(Ok(_)))
     }
 
     /// Calls `f` whenever the figures change.
@@ -211,11 +305,21 @@ impl Gateway {
 
     /// The same, refusing requests once `budget_usd` is spent (priced by each request's model).
     pub async fn start_with_budget(upstream: &str, api_key: &str, budget_usd: Option<f64>) -> std::io::Result<Self> {
+        Self::start_with_budget_and_prices(upstream, api_key, budget_usd, PriceTable::list_shared()).await
+    }
+
+    /// The same, priced at `prices` (an operator's table) instead of the list prices.
+    pub async fn start_with_budget_and_prices(
+        upstream: &str,
+        api_key: &str,
+        budget_usd: Option<f64>,
+        prices: Arc<PriceTable>,
+    ) -> std::io::Result<Self> {
         let token = new_token();
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
-            account: Arc::new(Account::new(api_key, &token, budget_usd)),
+            account: Arc::new(Account::new(api_key, &token, budget_usd).with_prices(prices)),
         });
         let app = axum::Router::new().fallback(relay_local).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -236,6 +340,12 @@ impl Gateway {
     /// What was counted so far.
     pub fn metered(&self) -> Metered {
         self.shared.account.metered()
+    }
+
+    /// Waits (at most `limit`) until every answer relayed was read to its end and metered,
+    /// also those whose client went away: then `metered` is final.
+    pub async fn settled(&self, limit: std::time::Duration) -> bool {
+        self.shared.account.settled(limit).await
     }
 
     /// Stops listening: the token is worthless from now on.
@@ -275,6 +385,8 @@ pub struct Gateways {
     opener: std::sync::OnceLock<Opener>,
     /// Tokens of closed accounts: never opened again.
     retired: Mutex<std::collections::HashSet<String>>,
+    /// The operator's prices for every account opened here (None: each account's own).
+    prices: Option<Arc<PriceTable>>,
 }
 
 impl Gateways {
@@ -286,7 +398,14 @@ impl Gateways {
             accounts: Mutex::new(HashMap::new()),
             opener: std::sync::OnceLock::new(),
             retired: Mutex::new(Default::default()),
+            prices: None,
         })
+    }
+
+    /// Prices every account opened from now on at `prices` (an operator's table).
+    pub fn with_prices(mut self, prices: PriceTable) -> Self {
+        self.prices = Some(Arc::new(prices));
+        self
     }
 
     /// How accounts this process has not opened get opened on first use.
@@ -301,6 +420,10 @@ impl Gateways {
 
     /// Opens (or replaces) the account of one execution.
     pub fn open(&self, ns: &str, name: &str, account: Account) {
+        let account = match &self.prices {
+            Some(p) => account.with_prices(p.clone()),
+            None => account,
+        };
         if let Ok(mut a) = self.accounts.lock()
             && let Some(old) = a.insert((ns.into(), name.into()), Arc::new(account))
         {
@@ -416,12 +539,6 @@ fn hop(name: &str) -> bool {
     )
 }
 
-#[derive(serde::Deserialize, Default)]
-struct RequestModel {
-    model: Option<String>,
-    max_tokens: Option<u64>,
-}
-
 /// A clamped request still gets room for a useful answer; below this, the budget is spent.
 const MIN_OUTPUT_TOKENS: u64 = 2048;
 
@@ -506,227 +623,192 @@ async fn relay(
             ));
         }
     };
+    // Read strictly: what the gateway reserves and prices is what the upstream will read.
+    let req = match request::read(path, headers, &body, &account.prices) {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::warn!(reason = %why, "the model gateway refused a request it could not price");
+            if let Ok(mut m) = account.metered.lock() {
+                m.refused_invalid += 1;
+            }
+            return refuse(StatusCode::BAD_REQUEST, "invalid_request_error", &why.to_string());
+        }
+    };
     // The budget is hard, also under concurrency: the worst case of every request in flight is
-    // held against it until the request ends (`Hold`), and settled to the metered figure.
-    let (hold, body) = match account.reserve(path, body) {
+    // held against it until the upstream's answer ends (`Hold`), and settled to the metered figure.
+    let (hold, body) = match account.reserve(&req, body) {
         Ok(ok) => ok,
         // 400: the CLI does not retry it, and ends the run with this message.
         Err(why) => return refuse(StatusCode::BAD_REQUEST, "invalid_request_error", &why),
     };
-    // The model prices the tokens (a request names it; the agent cannot change the price of
-    // what it already spent).
-    let model = serde_json::from_slice::<RequestModel>(&body).ok().and_then(|m| m.model);
-    let mut req = client.request(method, format!("{upstream}{path}")).body(body);
+    let mut out_req = client.request(method, format!("{upstream}{path}")).body(body);
     for name in REQUEST_HEADERS {
-        if let Some(value) = headers.get(*name) {
-            req = req.header(*name, value);
+        for value in headers.get_all(*name) {
+            out_req = out_req.header(*name, value);
         }
     }
-    req = req.header("accept-encoding", "identity");
+    out_req = out_req.header("accept-encoding", "identity");
     let Ok(key) = HeaderValue::from_str(&account.api_key) else {
         return refuse(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "the configured API key is not a valid header");
     };
-    let resp = match req.header("x-api-key", key).send().await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "the model gateway cannot reach the upstream API");
-            return refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway cannot reach the Anthropic API");
+    // From here on the agent cannot stop the gateway's work: if it goes away while the upstream
+    // works, `forward` still takes the answer, meters it and releases the reservation.
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    let forwarding = Forward { account: account.clone(), req, hold, slot };
+    tokio::spawn(forwarding.run(out_req.header("x-api-key", key), head_tx));
+    head_rx.await.unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway lost the answer"))
+}
+
+/// One request on its way upstream, with its reservation and in-flight slot.
+struct Forward {
+    account: Arc<Account>,
+    req: Request,
+    hold: Option<Hold>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Forward {
+    /// Sends the request, hands the answer's head to the client (`head`), and reads the answer
+    /// to its end.
+    async fn run(self, out: reqwest::RequestBuilder, head: tokio::sync::oneshot::Sender<Response>) {
+        let Forward { account, req, hold, slot } = self;
+        // What it is billed if its answer cannot be metered: its reservation (or, without a
+        // budget, its worst case).
+        let worst_usd = hold
+            .as_ref()
+            .map(|h| h.usd)
+            .unwrap_or_else(|| if req.free { 0.0 } else { req.worst_case(&account.prices).usd(req.max_tokens) });
+        let resp = match out.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "the model gateway cannot reach the upstream API");
+                let _ = head.send(refuse(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "the model gateway cannot reach the Anthropic API",
+                ));
+                return;
+            }
+        };
+        if let Ok(mut m) = account.metered.lock() {
+            m.responses += 1;
+            m.model = Some(meter::tool_name(&req.model));
         }
-    };
-    if let Ok(mut m) = account.metered.lock() {
-        m.responses += 1;
-    }
-    // Identity was asked for; a compressed answer could not be metered, so it is not relayed.
-    if let Some(enc) = resp.headers().get("content-encoding").filter(|v| v.as_bytes() != b"identity") {
-        tracing::warn!(encoding = ?enc, "the upstream API answered compressed; not relayed (it could not be metered)");
-        return refuse(
-            StatusCode::BAD_GATEWAY,
-            "api_error",
-            "the upstream API answered compressed content, which the gateway cannot meter",
-        );
-    }
-    let status = resp.status();
-    let mut out = Response::builder().status(status.as_u16());
-    for (name, value) in resp.headers() {
-        if !hop(name.as_str()) {
-            out = out.header(name, value);
+        // Identity was asked for; a compressed answer could not be metered, so it is not
+        // relayed, and it is billed at its worst case (the upstream billed it).
+        if let Some(enc) = resp.headers().get("content-encoding").filter(|v| v.as_bytes() != b"identity") {
+            tracing::warn!(encoding = ?enc, "the upstream API answered compressed; not relayed (it could not be metered)");
+            let _ = head.send(refuse(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "the upstream API answered compressed content, which the gateway cannot meter",
+            ));
+            account.settle_unmetered(&req.model, worst_usd);
+            return;
         }
+        let status = resp.status();
+        let mut out = Response::builder().status(status.as_u16());
+        for (name, value) in resp.headers() {
+            if !hop(name.as_str()) {
+                out = out.header(name, value);
+            }
+        }
+        let streaming = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        let price = account.prices.price(&req.model);
+        let meter = Meter::new(price, req.fast, account.prices.max_fast_multiplier(), streaming);
+        let (tx, rx) = tokio::sync::mpsc::channel(RELAYED_CHUNKS);
+        let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|chunk| (chunk, rx)) });
+        let _ =
+            head.send(out.body(Body::from_stream(body)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()));
+        let drain = Drain {
+            account,
+            model: req.model,
+            meter,
+            worst_usd,
+            must_end: streaming && status.is_success(),
+            hold,
+            slot: Some(slot),
+        };
+        drain.run(resp, tx).await;
     }
-    let streaming = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("text/event-stream"));
-    let account = account.clone();
-    let mut meter = Meter::default();
-    let body = resp.bytes_stream().map(move |chunk| {
-        // Held until the response has streamed to its end (or the agent went away).
-        let (_hold, _slot) = (&hold, &slot);
-        if let Ok(bytes) = &chunk {
-            let seen = if streaming { meter.feed(bytes) } else { meter.feed_json(bytes) };
-            if !seen.is_empty() {
-                if let Ok(mut m) = account.metered.lock() {
-                    let u = &mut m.usage;
-                    u.input_tokens += seen.usage.input_tokens;
-                    u.output_tokens += seen.usage.output_tokens;
-                    u.cache_read_input_tokens += seen.usage.cache_read_input_tokens;
-                    u.cache_creation_input_tokens += seen.usage.cache_creation_input_tokens;
-                    m.cost_usd += prices::estimate_cost(model.as_deref(), &seen.usage);
-                    m.turns += seen.turns;
-                    for tool in seen.tools {
-                        m.tool_calls.total += 1;
-                        *m.tool_calls.by_tool.entry(tool).or_default() += 1;
+}
+
+/// Chunks of an answer buffered between the upstream and a slow client.
+const RELAYED_CHUNKS: usize = 16;
+
+/// How long the upstream may send nothing before its answer is given up as cut (the API sends
+/// `ping` events while it works).
+const UPSTREAM_SILENCE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Reads one upstream answer to its end, metering it and passing it to the client while the
+/// client listens. The client cannot stop it: an agent that hangs up half way still pays for
+/// what the upstream produced. The reservation and the in-flight slot are held until the end.
+struct Drain {
+    account: Arc<Account>,
+    model: String,
+    meter: Meter,
+    worst_usd: f64,
+    /// A successful stream ends with `message_stop` (or an `error` event); one that ends
+    /// otherwise was cut.
+    must_end: bool,
+    hold: Option<Hold>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drain {
+    async fn run(mut self, resp: reqwest::Response, tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) {
+        let mut upstream = resp.bytes_stream();
+        let mut listening = true;
+        let mut cut = false;
+        let mut billed = 0.0;
+        loop {
+            match tokio::time::timeout(UPSTREAM_SILENCE, upstream.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    let seen = self.meter.feed(&bytes);
+                    billed += seen.cost_usd;
+                    self.account.record(&self.model, seen);
+                    if listening && tx.send(Ok(bytes)).await.is_err() {
+                        // The client went away: keep reading and metering to the end.
+                        listening = false;
                     }
                 }
-                if let Some(f) = &account.on_change {
-                    f();
+                Ok(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "the upstream API's answer broke off");
+                    if listening {
+                        let _ = tx.send(Err(std::io::Error::other(e))).await;
+                    }
+                    cut = true;
+                    break;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("the upstream API went silent in the middle of an answer; given up");
+                    cut = true;
+                    break;
                 }
             }
         }
-        chunk
-    });
-    out.body(Body::from_stream(body)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
-}
-
-/// What one piece of a response added.
-#[derive(Default)]
-struct Seen {
-    usage: Usage,
-    turns: u64,
-    tools: Vec<String>,
-}
-
-impl Seen {
-    fn is_empty(&self) -> bool {
-        self.usage == Usage::default() && self.turns == 0 && self.tools.is_empty()
+        let seen = self.meter.finish();
+        billed += seen.cost_usd;
+        self.account.record(&self.model, seen);
+        if cut || (self.must_end && !self.meter.ended()) {
+            // What the upstream billed for it is not known: the worst case.
+            self.account.settle_unmetered(&self.model, (self.worst_usd - billed).max(0.0));
+        }
+        // The reservation and the slot go once the last figure is in, and only then does the
+        // client see the end of the answer (it may read the figures at once).
+        drop(self.hold.take());
+        drop(self.slot.take());
+        drop(tx);
     }
 }
 
-/// Longest tool name counted as is (longer ones, and more than this many names, are `other`).
-const TOOL_NAME_LIMIT: usize = 64;
-
-fn tool_name(name: &str) -> String {
-    if name.len() <= TOOL_NAME_LIMIT && name.chars().all(|c| c.is_ascii_alphanumeric() || "_-:.".contains(c)) {
-        name.to_string()
-    } else {
-        "other".into()
-    }
-}
-
-/// Reads usage out of a response as it streams by.
-#[derive(Default)]
-struct Meter {
-    /// Bytes of an event not yet complete.
-    pending: Vec<u8>,
-    /// Output tokens of the current message counted so far (`message_delta` is cumulative).
-    output: u64,
-    /// A JSON (non-streaming) body, gathered to the end.
-    json: Vec<u8>,
-}
-
-impl Meter {
-    /// Feeds SSE bytes; returns what they add.
-    fn feed(&mut self, bytes: &[u8]) -> Seen {
-        self.pending.extend_from_slice(bytes);
-        let mut seen = Seen::default();
-        let added = &mut seen.usage;
-        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=end).collect();
-            let line = String::from_utf8_lossy(&line);
-            let Some(data) = line.trim_end().strip_prefix("data:") else { continue };
-            let Ok(event) = serde_json::from_str::<serde_json::Value>(data.trim()) else { continue };
-            let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
-            match event["type"].as_str() {
-                Some("message_start") => {
-                    let u = &event["message"]["usage"];
-                    added.input_tokens += n(u, "input_tokens");
-                    added.cache_read_input_tokens += n(u, "cache_read_input_tokens");
-                    added.cache_creation_input_tokens += n(u, "cache_creation_input_tokens");
-                    self.output = n(u, "output_tokens");
-                    added.output_tokens += self.output;
-                }
-                Some("message_delta") => {
-                    let total = n(&event["usage"], "output_tokens");
-                    added.output_tokens += total.saturating_sub(self.output);
-                    self.output = self.output.max(total);
-                }
-                Some("content_block_start") if event["content_block"]["type"] == "tool_use" => {
-                    seen.tools.push(tool_name(event["content_block"]["name"].as_str().unwrap_or_default()));
-                }
-                Some("message_stop") => seen.turns += 1,
-                _ => {}
-            }
-        }
-        seen
-    }
-
-    /// Feeds a JSON body; what it adds once it is complete.
-    fn feed_json(&mut self, bytes: &[u8]) -> Seen {
-        // Bounded like the request: a body larger than this is not metered further.
-        if self.json.len() + bytes.len() > MAX_REQUEST_BYTES {
-            return Seen::default();
-        }
-        self.json.extend_from_slice(bytes);
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&self.json) else { return Seen::default() };
-        if v["type"] != "message" {
-            return Seen::default();
-        }
-        let u = &v["usage"];
-        let n = |k: &str| u[k].as_u64().unwrap_or(0);
-        let tools = v["content"]
-            .as_array()
-            .map(|c| {
-                c.iter()
-                    .filter(|b| b["type"] == "tool_use")
-                    .map(|b| tool_name(b["name"].as_str().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Seen {
-            usage: Usage {
-                input_tokens: n("input_tokens"),
-                output_tokens: n("output_tokens"),
-                cache_read_input_tokens: n("cache_read_input_tokens"),
-                cache_creation_input_tokens: n("cache_creation_input_tokens"),
-            },
-            turns: 1,
-            tools,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn meters_a_stream_split_anywhere() {
-        let stream = concat!(
-            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":120,\"output_tokens\":1,\"cache_read_input_tokens\":10,\"cache_creation_input_tokens\":5}}}\n\n",
-            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n",
-            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":30}}\n\n",
-            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":40}}\n\n",
-        );
-        for cut in [1usize, 7, 33, 100, stream.len()] {
-            let mut m = Meter::default();
-            let mut total = Usage::default();
-            for chunk in stream.as_bytes().chunks(cut) {
-                let u = m.feed(chunk).usage;
-                total.input_tokens += u.input_tokens;
-                total.output_tokens += u.output_tokens;
-                total.cache_read_input_tokens += u.cache_read_input_tokens;
-                total.cache_creation_input_tokens += u.cache_creation_input_tokens;
-            }
-            assert_eq!(
-                (
-                    total.input_tokens,
-                    total.output_tokens,
-                    total.cache_read_input_tokens,
-                    total.cache_creation_input_tokens
-                ),
-                (120, 40, 10, 5),
-                "chunks of {cut}"
-            );
-        }
-    }
+/// The `by_model` key of `model`: its name, or `other` beyond `MAX_MODELS` names.
+fn model_key(by_model: &BTreeMap<String, ModelMetered>, model: &str) -> String {
+    let name = meter::tool_name(model);
+    if by_model.contains_key(&name) || by_model.len() < MAX_MODELS - 1 { name } else { "other".into() }
 }

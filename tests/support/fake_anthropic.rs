@@ -1,6 +1,8 @@
 //! A scripted fake of the Anthropic Messages API (SSE streaming) on 127.0.0.1, for the real
 //! Claude Code CLI. Each main request (one that offers tools) takes the next step of the script;
-//! side requests (titles, summaries: no tools) get a short text answer.
+//! side requests (titles, summaries: no tools) get a short text answer. Usage is reported as the
+//! real API does: `message_start` carries the message's usage so far (with the cache split by
+//! lifetime), and `message_delta` repeats every field, cumulative (`server_tool_use` included).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -27,7 +29,8 @@ pub enum Step {
     Reply { blocks: Vec<Block>, usage: [u64; 4] },
     /// An HTTP error status with an Anthropic-style error body.
     Error(u16),
-    /// Starts streaming, then never finishes (the client must give up or be stopped).
+    /// Starts streaming, then never finishes (the client must give up or be stopped), until
+    /// `FakeAnthropic::end_hangs`.
     Hang,
 }
 
@@ -54,6 +57,8 @@ impl Step {
 pub struct Seen {
     pub path: String,
     pub api_key: Option<String>,
+    /// The `anthropic-beta` header, as sent.
+    pub beta: Option<String>,
     pub body: Value,
     pub main: bool,
 }
@@ -63,6 +68,8 @@ struct Inner {
     seen: Mutex<Vec<Seen>>,
     notify: tokio::sync::Notify,
     tool_ids: std::sync::atomic::AtomicU64,
+    /// Set: hanging answers finish.
+    hangs_end: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running fake model server.
@@ -80,6 +87,7 @@ impl FakeAnthropic {
             seen: Mutex::new(Vec::new()),
             notify: tokio::sync::Notify::new(),
             tool_ids: Default::default(),
+            hangs_end: tokio::sync::watch::channel(false).0,
         });
         let app = axum::Router::new().fallback(handle).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -103,6 +111,11 @@ impl FakeAnthropic {
     /// Replaces the steps not yet used (for scripts that name paths known only after start).
     pub fn set_script(&self, script: Vec<Step>) {
         *self.inner.script.lock().expect("lock") = script.into();
+    }
+
+    /// Hanging answers (`Step::Hang`), those streaming and those to come, finish now.
+    pub fn end_hangs(&self) {
+        self.inner.hangs_end.send_replace(true);
     }
 
     /// Steps not yet used.
@@ -129,8 +142,9 @@ async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, b
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let main = body.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
     let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(String::from);
+    let beta = headers.get("anthropic-beta").and_then(|v| v.to_str().ok()).map(String::from);
     let path = uri.path().to_string();
-    inner.seen.lock().expect("lock").push(Seen { path: path.clone(), api_key, body: body.clone(), main });
+    inner.seen.lock().expect("lock").push(Seen { path: path.clone(), api_key, beta, body: body.clone(), main });
     inner.notify.notify_waiters();
     if path.ends_with("/count_tokens") {
         return json_response(200, json!({"input_tokens": 10}));
@@ -154,9 +168,16 @@ async fn handle(State(inner): State<Arc<Inner>>, uri: Uri, headers: HeaderMap, b
             sse(futures::stream::iter(events).boxed())
         }
         Step::Hang => {
-            let start = reply_events(&inner, &model, &[Block::Text("thinking…".into())], [100, 1, 0, 0]);
-            let first: Vec<String> = start.into_iter().take(3).collect();
-            sse(futures::stream::iter(first).chain(futures::stream::pending()).boxed())
+            let mut events = reply_events(&inner, &model, &[Block::Text("thinking…".into())], [100, 1, 0, 0]);
+            let rest = events.split_off(3);
+            let mut ended = inner.hangs_end.subscribe();
+            let finish = async move {
+                if ended.wait_for(|end| *end).await.is_err() {
+                    futures::future::pending::<()>().await;
+                }
+                futures::stream::iter(rest)
+            };
+            sse(futures::stream::iter(events).chain(futures::stream::once(finish).flatten()).boxed())
         }
     }
 }
@@ -191,7 +212,9 @@ fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -
         "message_start",
         json!({"type": "message_start", "message": {"id": format!("msg_{n}"), "type": "message", "role": "assistant",
             "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": usage[0], "output_tokens": 1, "cache_read_input_tokens": usage[2], "cache_creation_input_tokens": usage[3]}}}),
+            "usage": {"input_tokens": usage[0], "output_tokens": 1, "cache_read_input_tokens": usage[2], "cache_creation_input_tokens": usage[3],
+                      "cache_creation": {"ephemeral_5m_input_tokens": usage[3], "ephemeral_1h_input_tokens": 0},
+                      "service_tier": "standard"}}}),
     )];
     let mut tool = false;
     for (i, b) in blocks.iter().enumerate() {
@@ -224,7 +247,8 @@ fn reply_events(inner: &Inner, model: &str, blocks: &[Block], usage: [u64; 4]) -
     out.push(ev(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
-               "usage": {"input_tokens": usage[0], "output_tokens": usage[1], "cache_read_input_tokens": usage[2], "cache_creation_input_tokens": usage[3]}}),
+               "usage": {"input_tokens": usage[0], "output_tokens": usage[1], "cache_read_input_tokens": usage[2], "cache_creation_input_tokens": usage[3],
+                         "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0}}}),
     ));
     out.push(ev("message_stop", json!({"type": "message_stop"})));
     out
