@@ -74,17 +74,16 @@ impl Executor {
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
         // only it knows (result, git, workspace).
         let metered = reports.metered(&ns, &name);
+        // Turns, tools and the model too: what a pod's steps say of them is the agent's word
+        // (its stream, which anything in its container can write into).
         let counted = |mut s: Summary| {
             if let Some(m) = &metered {
                 s.usage = m.usage;
                 s.tokens_used = m.usage.total();
                 s.cost_usd = m.cost_usd;
-                if s.num_turns == 0 {
-                    s.num_turns = m.turns;
-                }
-                if s.tool_calls.total == 0 {
-                    s.tool_calls = m.tool_calls.clone();
-                }
+                s.num_turns = m.turns;
+                s.tool_calls = m.tool_calls.clone();
+                s.model = m.model.clone().or(s.model);
             }
             s
         };

@@ -145,9 +145,9 @@ struct Run<'a> {
     /// A commit exists that did not reach the remote: the workspace must be kept.
     unpushed: bool,
     hook_failure: Option<String>,
-    /// Tokens and cost the model gateway counted (the operator's own figures), when it
-    /// relayed the run.
-    metered: Option<(crate::api::Usage, f64)>,
+    /// What the model gateway counted (the operator's own figures: usage, cost, turns, tools,
+    /// model), when it relayed the run.
+    metered: Option<crate::gateway::Metered>,
     /// Where git goes: `spec.repository.url`, or the controller's relay for it (a pod's steps).
     git_url: String,
     /// When the execution started (for every summary, the hooks' too).
@@ -601,11 +601,21 @@ impl<'a> Run<'a> {
         ));
         self.tally = outcome.tally;
         if let Some(g) = gateway {
-            // The run is over for the model: the agent's token stops working now.
+            // The run is over for the model: the agent's token stops working now. Answers still
+            // streaming from the upstream are metered to their end first (bounded).
             g.close();
+            // Stopped (cancel, timeout, silence): within seconds, with what is metered by then.
+            let exited = matches!(outcome.stop, AgentStop::Exited(_));
+            let wait = if exited { Duration::from_secs(30) } else { Duration::from_secs(2) };
+            if !g.settled(wait).await {
+                self.say(&format!(
+                    "  warning: an answer was still streaming after {} s; the figures are those metered until then",
+                    wait.as_secs()
+                ));
+            }
             let m = g.metered();
             self.say(&format!("  gateway: {} responses, {} tokens counted", m.responses, m.usage.total()));
-            self.metered = Some((m.usage, m.cost_usd));
+            self.metered = Some(m);
         }
         self.rec.progress(progress_of(&self.tally));
         self.judge_agent(&outcome.stop, &outcome.stderr_tail).or_else(|| self.judge_output())
@@ -920,10 +930,12 @@ impl<'a> Run<'a> {
     fn summary(&self, o: &Outcome) -> Summary {
         let (start_time, started) = (self.start_time.as_str(), self.started);
         let t = &self.tally;
-        // Counted by the operator when the gateway relayed the run; else as the agent reports.
-        let metered = self.metered.filter(|(u, _)| u.total() > 0);
-        let usage = metered.map_or_else(|| t.usage(), |(u, _)| u);
-        let cost_usd = metered.map_or_else(|| t.cost_usd(), |(_, c)| c);
+        // Counted by the operator when the gateway relayed the run: usage, cost, turns, tools and
+        // the model are the gateway's, never the agent's stream (which anything in the sandbox
+        // can write into). Without a gateway (none relayed anything), as the agent reports.
+        let metered = self.metered.as_ref().filter(|m| m.responses > 0);
+        let usage = metered.map_or_else(|| t.usage(), |m| m.usage);
+        let cost_usd = metered.map_or_else(|| t.cost_usd(), |m| m.cost_usd);
         // Only output that follows the schema is ever reported (the run failed otherwise).
         let output = self.r.output_schema.as_ref().and_then(|schema| {
             crate::api::output::judge_output(schema, t.result.as_ref().and_then(|r| r.structured_output.as_ref())).ok()
@@ -942,13 +954,17 @@ impl<'a> Run<'a> {
             tokens_used: usage.total(),
             usage,
             cost_usd,
-            num_turns: t.num_turns(),
+            num_turns: metered.map_or_else(|| t.num_turns(), |m| m.turns),
             // Names the model made up stay out of terminals and the status: odd ones are `other`.
-            tool_calls: t.tool_calls.bounded(usize::MAX),
+            tool_calls: metered.map_or_else(|| t.tool_calls.clone(), |m| m.tool_calls.clone()).bounded(usize::MAX),
             session_id: t.session_id.clone(),
             result: result.map(|r| clean(&self.redactor.redact(&truncate(&r, RESULT_LIMIT))).into_owned()),
             output,
-            model: t.model.clone().or_else(|| self.r.model.clone()),
+            model: match metered {
+                Some(m) => m.model.clone(),
+                None => t.model.clone(),
+            }
+            .or_else(|| self.r.model.clone()),
             api_retries: t.api_retries,
             git: self.git.clone(),
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
