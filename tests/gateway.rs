@@ -1139,3 +1139,67 @@ async fn the_pinned_clis_requests_pass_the_strict_reading_and_price_by_their_own
     assert_eq!(m.model.as_deref(), Some("claude-opus-5-5"), "the CLI's default model");
     assert!(m.cost_usd > 0.0 && m.by_model.keys().all(|k| table.price(k).known), "{:?}", m.by_model.keys());
 }
+
+/// One execution's agent uploads bodies of 20 MiB at once to an upstream that takes nothing
+/// (each body stays in the gateway's memory until sent): the execution's budget of bytes
+/// (48 MiB) refuses the rest with 429, before it is all read, while another execution's
+/// request is still read and forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bytes_in_memory_are_bounded_per_execution() {
+    use agentops::gateway::Account;
+    use agentops::gateway::bodies::EXECUTION_BYTES;
+    // An upstream that accepts connections and never reads.
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", stall.local_addr().unwrap());
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = stall.accept().await {
+            keep.lock().unwrap().push(sock);
+        }
+    });
+    let (g, base) = controller_gateway(&upstream).await;
+    g.open("ns", "greedy", Account::new(API_KEY, "tok-g", None));
+    g.open("ns", "other", Account::new(API_KEY, "tok-o", None));
+    let big = |n: usize| {
+        let pad = "x".repeat(n);
+        json!({"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": pad}]})
+            .to_string()
+    };
+    let body = big(20 << 20);
+    let client = reqwest::Client::new();
+    let send = |name: &'static str, token: &'static str, body: String| {
+        let (client, base) = (client.clone(), base.clone());
+        tokio::spawn(async move {
+            let r = client
+                .post(format!("{base}/gateway/ns/{name}/v1/messages"))
+                .header("x-api-key", token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send();
+            match tokio::time::timeout(std::time::Duration::from_secs(5), r).await {
+                Ok(Ok(r)) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+                Ok(Err(_)) => Some((0, String::new())),
+                Err(_) => None, // still held upstream: it was read and forwarded
+            }
+        })
+    };
+    let greedy: Vec<_> = (0..4).map(|_| send("greedy", "tok-g", body.clone())).collect();
+    let mut refused = 0;
+    let mut forwarded = 0;
+    for t in greedy {
+        match t.await.unwrap() {
+            Some((429, text)) => {
+                assert!(text.contains("request bytes"), "{text}");
+                refused += 1;
+            }
+            None => forwarded += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(forwarded * (20 << 20) <= EXECUTION_BYTES, "at most the budget forwarded: {forwarded}");
+    assert!(refused >= 2 && forwarded >= 1, "refused {refused}, forwarded {forwarded}");
+    // Another execution is not starved by the greedy one.
+    let other = send("other", "tok-o", big(1 << 20)).await.unwrap();
+    assert_eq!(other, None, "the other execution's request was read and forwarded");
+}

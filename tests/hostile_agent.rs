@@ -689,3 +689,37 @@ async fn lines_forged_into_the_clis_stdout_change_no_figure() {
     let logs = h.store.logs(id).await.unwrap();
     assert!(logs.iter().filter(|l| l.line.contains("claude-forged-9")).count() >= 50, "the forgery arrived");
 }
+
+/// The agent floods its log through the CLI's stdout: 20,000 lines, some of 100 KB. The store
+/// keeps the first 2,000 and the last 3,000 lines of the execution, each at most 16 KiB, and
+/// one line where the others were says how many were cut; the run succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_log_flood_is_kept_to_its_head_and_tail() {
+    use agentops::store::{CUT_SOURCE, LOG_HEAD_LINES, LOG_TAIL_LINES, MAX_LOG_LINE};
+    let h = Harness::new(vec![
+        bash(
+            "{ seq 1 20000 | sed 's/^/flood /'; for i in 1 2 3; do head -c 100000 /dev/zero | tr '\\\\0' w; echo; done; } \
+             > /proc/$PPID/fd/1",
+        ),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let yaml = h.manifest("flood", "");
+    let (code, stdout, stderr) = run_with(&h, "flood", &yaml, true).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    let s: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let logs = h.store.logs(s["id"].as_str().unwrap()).await.unwrap();
+    let cut: Vec<_> = logs.iter().filter(|l| l.source == CUT_SOURCE).collect();
+    assert_eq!(cut.len(), 1, "one line says what was cut");
+    let kept = logs.len() as i64 - 1;
+    assert_eq!(kept, LOG_HEAD_LINES + LOG_TAIL_LINES, "head and tail kept");
+    let n: i64 = cut[0].line.split(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 20_000 - kept, "{}", cut[0].line);
+    assert!(logs.iter().all(|l| l.line.len() <= MAX_LOG_LINE + 32), "each line bounded");
+    // The head is the run's start; the tail its end (the summary lines of the runner).
+    assert!(logs[..100].iter().any(|l| l.line == "flood 1"), "the head is the start");
+    let at = logs.iter().position(|l| l.source == CUT_SOURCE).unwrap();
+    assert_eq!(at as i64, LOG_HEAD_LINES, "the marker sits where the lines were cut");
+    assert!(logs.last().unwrap().source == "runner", "{:?}", logs.last());
+}

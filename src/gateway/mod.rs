@@ -15,6 +15,7 @@
 //! `/gateway/{namespace}/{name}/`), with the key read from the execution's Secret: a runner
 //! pod never holds it.
 
+pub mod bodies;
 pub mod git;
 mod meter;
 pub mod prices;
@@ -32,6 +33,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{ToolCalls, Usage};
+use bodies::{BodyBudget, BodyError};
 use meter::{Meter, Seen};
 use prices::PriceTable;
 use request::Request;
@@ -109,6 +111,8 @@ pub struct Account {
     /// Requests of this execution in flight, bounded (`MAX_IN_FLIGHT`): a runaway or hostile
     /// agent cannot hold more of the controller's memory and connections than this.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Bytes of its request bodies in memory at once (`bodies::EXECUTION_BYTES`).
+    bodies: BodyBudget,
     /// Called when the figures change (the controller wakes the execution's reconcile).
     on_change: Option<Box<dyn Fn() + Send + Sync>>,
     /// What its requests are priced at.
@@ -124,6 +128,7 @@ impl Account {
             metered: Mutex::new(Metered::default()),
             open: AtomicBool::new(true),
             in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            bodies: BodyBudget::new(bodies::EXECUTION_BYTES),
             on_change: None,
             prices: PriceTable::list_shared(),
         }
@@ -369,7 +374,7 @@ async fn relay_local(
     body: Body,
 ) -> Response {
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    relay(&shared.client, &shared.upstream, Some(&shared.account), method, &path, &headers, body).await
+    relay(&shared.client, &shared.upstream, Some(&shared.account), None, method, &path, &headers, body).await
 }
 
 /// Opens the account or route of a running execution this process has not opened (after a
@@ -387,6 +392,8 @@ pub struct Gateways {
     retired: Mutex<std::collections::HashSet<String>>,
     /// The operator's prices for every account opened here (None: each account's own).
     prices: Option<Arc<PriceTable>>,
+    /// Bytes of request bodies in memory at once, all executions together.
+    bodies: BodyBudget,
 }
 
 impl Gateways {
@@ -398,6 +405,7 @@ impl Gateways {
             accounts: Mutex::new(HashMap::new()),
             opener: std::sync::OnceLock::new(),
             retired: Mutex::new(Default::default()),
+            bodies: BodyBudget::new(bodies::GATEWAY_BYTES),
             prices: None,
         })
     }
@@ -492,7 +500,8 @@ async fn relay_controller(
     // Unknown and finished executions look the same: no token works for them (`relay` says so
     // before it reads a byte of the body).
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-    relay(&g.client, &g.upstream, account.as_ref(), method, &format!("{path}{query}"), &headers, body).await
+    let path = format!("{path}{query}");
+    relay(&g.client, &g.upstream, account.as_ref(), Some(&g.bodies), method, &path, &headers, body).await
 }
 
 /// Asks hyper to close the connection after this answer (the request body may be unread).
@@ -576,6 +585,7 @@ async fn relay(
     client: &reqwest::Client,
     upstream: &str,
     account: Option<&Arc<Account>>,
+    process: Option<&BodyBudget>,
     method: Method,
     path: &str,
     headers: &HeaderMap,
@@ -613,13 +623,30 @@ async fn relay(
             "too many requests of this execution in flight at the model gateway; try again",
         );
     };
-    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
+    // Read against the execution's budget of bytes and the process's (`bodies`): what all
+    // agents together can make the controller hold is bounded, and one cannot take it all.
+    let budgets: Vec<&BodyBudget> = std::iter::once(&account.bodies).chain(process).collect();
+    let (body, held) = match bodies::read(body, bodies::declared_length(headers), MAX_REQUEST_BYTES, &budgets).await {
+        Ok(read) => read,
+        Err(BodyError::TooLarge) => {
             return close(refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
                 "the request body is over the gateway's 32 MiB limit",
+            ));
+        }
+        Err(BodyError::Busy) => {
+            return close(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "the model gateway holds as many request bytes as it may; try again",
+            ));
+        }
+        Err(BodyError::Broken(e)) => {
+            return close(refuse(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("the body broke off: {e}"),
             ));
         }
     };
@@ -654,7 +681,7 @@ async fn relay(
     // From here on the agent cannot stop the gateway's work: if it goes away while the upstream
     // works, `forward` still takes the answer, meters it and releases the reservation.
     let (head_tx, head_rx) = tokio::sync::oneshot::channel();
-    let forwarding = Forward { account: account.clone(), req, hold, slot };
+    let forwarding = Forward { account: account.clone(), req, hold, slot, held };
     tokio::spawn(forwarding.run(out_req.header("x-api-key", key), head_tx));
     head_rx.await.unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "the model gateway lost the answer"))
 }
@@ -665,20 +692,25 @@ struct Forward {
     req: Request,
     hold: Option<Hold>,
     slot: tokio::sync::OwnedSemaphorePermit,
+    /// The request body's room in the budgets, until it has been sent.
+    held: bodies::Held,
 }
 
 impl Forward {
     /// Sends the request, hands the answer's head to the client (`head`), and reads the answer
     /// to its end.
     async fn run(self, out: reqwest::RequestBuilder, head: tokio::sync::oneshot::Sender<Response>) {
-        let Forward { account, req, hold, slot } = self;
+        let Forward { account, req, hold, slot, held } = self;
         // What it is billed if its answer cannot be metered: its reservation (or, without a
         // budget, its worst case).
         let worst_usd = hold
             .as_ref()
             .map(|h| h.usd)
             .unwrap_or_else(|| if req.free { 0.0 } else { req.worst_case(&account.prices).usd(req.max_tokens) });
-        let resp = match out.send().await {
+        let sent = out.send().await;
+        // The body is sent (or will never be): its bytes are not held any more.
+        drop(held);
+        let resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "the model gateway cannot reach the upstream API");

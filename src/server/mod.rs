@@ -12,8 +12,9 @@ pub mod auth;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,7 @@ use crate::api::Summary;
 use crate::api::{AgentExecution, Phase};
 use crate::controller::metrics::{Metrics, PhaseLabel};
 use crate::controller::reports::Reports;
+use crate::gateway::bodies::{self, BodyBudget, BodyError};
 use crate::store::{Store, StoreError};
 
 /// Largest runner report accepted (a summary with a 4 KiB result is about 6 KiB).
@@ -49,6 +51,8 @@ pub struct ServerState {
     pub reports: Option<Arc<Reports>>,
     /// Checks readers of the API. None: the read API is closed (every request 401).
     pub auth: Option<Arc<Authorizer>>,
+    /// Bytes of runner request bodies in memory at once, all runners together.
+    pub bodies: BodyBudget,
 }
 
 /// The server's listeners.
@@ -72,6 +76,7 @@ pub fn serve(listeners: Listeners) -> crate::controller::Serve {
             ready: e.ready,
             reports: Some(e.reports),
             auth: Some(Arc::new(Authorizer::new(e.client))),
+            bodies: BodyBudget::new(crate::gateway::bodies::RUNNER_ENDPOINT_BYTES),
         });
         let probes = probes_router(state.clone());
         let api = api_router(state).merge(e.relayed);
@@ -107,12 +112,10 @@ pub fn api_router(state: Arc<ServerState>) -> Router {
         .route("/api/v1/executions", get(list_executions))
         .route("/api/v1/executions/{namespace}/{name}", get(get_execution))
         .route("/api/v1/workspaces", get(list_workspaces))
-        .route(
-            "/api/v1/runner/{namespace}/{name}/report",
-            post(runner_report).layer(DefaultBodyLimit::max(MAX_REPORT_BYTES)),
-        )
-        .route("/api/v1/runner/{namespace}/{name}/logs", post(runner_logs).layer(DefaultBodyLimit::max(MAX_LOGS_BYTES)))
-        .route("/api/v1/runner/{namespace}/{name}/diff", post(runner_diff).layer(DefaultBodyLimit::max(MAX_DIFF_BYTES)))
+        // Bodies are read by the handlers, after the caller's token is checked (`runner_body`).
+        .route("/api/v1/runner/{namespace}/{name}/report", post(runner_report))
+        .route("/api/v1/runner/{namespace}/{name}/logs", post(runner_logs))
+        .route("/api/v1/runner/{namespace}/{name}/diff", post(runner_diff))
         .with_state(state)
 }
 
@@ -358,6 +361,34 @@ async fn runner_caller(
     Ok((reports, uid))
 }
 
+/// A runner request's body, read (at most `limit` bytes) only after its caller was checked, in
+/// the room the runner endpoints have (`RUNNER_ENDPOINT_BYTES`, all runners together).
+async fn runner_body(
+    s: &ServerState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, bodies::Held), Response> {
+    match bodies::read(body, bodies::declared_length(headers), limit, &[&s.bodies]).await {
+        Ok(read) => Ok(read),
+        Err(BodyError::TooLarge) => {
+            Err(close(error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is over this endpoint's {limit} bytes"))))
+        }
+        Err(BodyError::Busy) => {
+            let mut r = close(error(StatusCode::SERVICE_UNAVAILABLE, "the controller is busy; try again"));
+            r.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            Err(r)
+        }
+        Err(BodyError::Broken(e)) => Err(close(error(StatusCode::BAD_REQUEST, format!("the body broke off: {e}")))),
+    }
+}
+
+/// Asks hyper to close the connection after this answer (its body may be unread).
+fn close(mut r: Response) -> Response {
+    r.headers_mut().insert("connection", axum::http::HeaderValue::from_static("close"));
+    r
+}
+
 /// A runner's progress or final report, authenticated by its execution's token. Both path
 /// segments are checked before they are used anywhere; only executions in the watch cache
 /// that have not finished are served; the body is bounded (413 above `MAX_REPORT_BYTES`).
@@ -365,10 +396,15 @@ async fn runner_report(
     State(s): State<Arc<ServerState>>,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let (reports, uid) = match runner_caller(&s, &namespace, &name, &headers).await {
         Ok(caller) => caller,
+        // Answered with its body unread; the connection goes with it.
+        Err(r) => return close(r),
+    };
+    let (body, _held) = match runner_body(&s, &headers, body, MAX_REPORT_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let report: Summary = match serde_json::from_slice(&body) {
@@ -393,10 +429,14 @@ async fn runner_logs(
     State(s): State<Arc<ServerState>>,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let uid = match runner_caller(&s, &namespace, &name, &headers).await {
         Ok((_, uid)) => uid,
+        Err(r) => return close(r),
+    };
+    let (body, _held) = match runner_body(&s, &headers, body, MAX_LOGS_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let lines: Vec<RunnerLogLine> = match serde_json::from_slice(&body) {
@@ -428,10 +468,14 @@ async fn runner_diff(
     State(s): State<Arc<ServerState>>,
     Path((namespace, name)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let uid = match runner_caller(&s, &namespace, &name, &headers).await {
         Ok((_, uid)) => uid,
+        Err(r) => return close(r),
+    };
+    let (body, _held) = match runner_body(&s, &headers, body, MAX_DIFF_BYTES).await {
+        Ok(b) => b,
         Err(r) => return r,
     };
     let d: RunnerDiff = match serde_json::from_slice(&body) {

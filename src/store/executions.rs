@@ -46,6 +46,15 @@ pub struct Progress {
     pub session_id: Option<String>,
 }
 
+/// Lines an execution keeps from its start.
+pub const LOG_HEAD_LINES: i64 = 2000;
+/// Lines an execution keeps from its end.
+pub const LOG_TAIL_LINES: i64 = 3000;
+/// Longest log line kept (longer ones are cut and marked).
+pub const MAX_LOG_LINE: usize = 16 * 1024;
+/// The source of the line that says how many lines were cut.
+pub const CUT_SOURCE: &str = "agentops:cut";
+
 /// One log line.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct LogLine {
@@ -242,7 +251,10 @@ impl Store {
         Ok(())
     }
 
-    /// Appends log lines in one transaction.
+    /// Appends log lines in one transaction, keeping at most `LOG_HEAD_LINES` first and
+    /// `LOG_TAIL_LINES` last lines of an execution (each at most `MAX_LOG_LINE` bytes): lines
+    /// between them are dropped as new ones arrive, and one line where they were says how many.
+    /// Whatever an agent prints, its record stays bounded.
     pub async fn append_logs(&self, id: &str, lines: &[(i64, String, String, String)]) -> Result<(), StoreError> {
         if lines.is_empty() {
             return Ok(());
@@ -256,10 +268,70 @@ impl Store {
             .bind(id)
             .bind(seq)
             .bind(source)
-            .bind(line)
+            .bind(crate::api::report::truncate(line, MAX_LOG_LINE))
             .bind(at)
             .execute(&mut *tx)
             .await?;
+        }
+        let (kept,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM execution_logs WHERE execution_id = ? AND source != ?")
+                .bind(id)
+                .bind(CUT_SOURCE)
+                .fetch_one(&mut *tx)
+                .await?;
+        let excess = kept - (LOG_HEAD_LINES + LOG_TAIL_LINES);
+        if excess > 0 {
+            // The oldest lines after the head go.
+            let gone: Vec<(i64,)> = sqlx::query_as(
+                "SELECT seq FROM execution_logs WHERE execution_id = ? AND source != ? ORDER BY seq LIMIT ? OFFSET ?",
+            )
+            .bind(id)
+            .bind(CUT_SOURCE)
+            .bind(excess)
+            .bind(LOG_HEAD_LINES)
+            .fetch_all(&mut *tx)
+            .await?;
+            for (seq,) in &gone {
+                sqlx::query("DELETE FROM execution_logs WHERE execution_id = ? AND seq = ?")
+                    .bind(id)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let marker: Option<(i64, String)> =
+                sqlx::query_as("SELECT seq, line FROM execution_logs WHERE execution_id = ? AND source = ?")
+                    .bind(id)
+                    .bind(CUT_SOURCE)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let before = marker.as_ref().and_then(|(_, l)| l.split(' ').next()?.parse::<i64>().ok()).unwrap_or(0);
+            let cut = before + gone.len() as i64;
+            let text = format!(
+                "{cut} log lines cut here: an execution keeps its first {LOG_HEAD_LINES} and its last {LOG_TAIL_LINES} lines"
+            );
+            match (marker, gone.first()) {
+                (Some((seq, _)), _) => {
+                    sqlx::query("UPDATE execution_logs SET line = ? WHERE execution_id = ? AND seq = ?")
+                        .bind(text)
+                        .bind(id)
+                        .bind(seq)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                (None, Some((seq,))) => {
+                    sqlx::query(
+                        "INSERT INTO execution_logs (execution_id, seq, source, line, at) VALUES (?, ?, ?, ?, ?)",
+                    )
+                    .bind(id)
+                    .bind(seq)
+                    .bind(CUT_SOURCE)
+                    .bind(text)
+                    .bind(super::now())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                (None, None) => {}
+            }
         }
         tx.commit().await?;
         Ok(())

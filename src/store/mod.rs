@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
-pub use executions::{ExecutionRow, LogLine, NewExecution, Progress};
+pub use executions::{
+    CUT_SOURCE, ExecutionRow, LOG_HEAD_LINES, LOG_TAIL_LINES, LogLine, MAX_LOG_LINE, NewExecution, Progress,
+};
 pub use workspaces::{WorkspaceRow, WorkspaceStatus};
 
 /// A store error, with what was being done.

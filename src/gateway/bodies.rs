@@ -1,0 +1,112 @@
+//! Request bodies held in memory, bounded. Every endpoint a runner pod can reach (the model
+//! gateway, the runners' report, log and diff endpoints) checks the caller's token before it
+//! reads a byte of the body, and then reads it against budgets of bytes: its execution's and
+//! the whole process's. A full budget refuses at once (the caller retries later) rather than
+//! queueing bodies in memory, so what all runner pods together can make the controller hold is
+//! the sum of the process budgets (README, "Security"; BENCHMARKS.md measures it).
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Bytes the model gateway may hold of request bodies, all executions together.
+pub const GATEWAY_BYTES: usize = 160 * 1024 * 1024;
+/// Bytes of request bodies one execution may have in the gateway at once.
+pub const EXECUTION_BYTES: usize = 48 * 1024 * 1024;
+/// Bytes the runners' report, log and diff endpoints may hold at once, all runners together.
+pub const RUNNER_ENDPOINT_BYTES: usize = 24 * 1024 * 1024;
+
+/// A budget of bytes, counted in KiB.
+#[derive(Clone)]
+pub struct BodyBudget {
+    kib: Arc<Semaphore>,
+}
+
+/// Why a body was not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Over the endpoint's limit.
+    TooLarge,
+    /// A budget is spent by bodies in flight: try again later.
+    Busy,
+    /// The body broke off.
+    Broken(String),
+}
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self { kib: Arc::new(Semaphore::new(bytes.div_ceil(1024))) }
+    }
+
+    /// KiB free now.
+    pub fn available_kib(&self) -> usize {
+        self.kib.available_permits()
+    }
+}
+
+/// What a read body holds of its budgets, until dropped.
+pub struct Held(#[allow(dead_code)] Vec<OwnedSemaphorePermit>);
+
+/// Reads `body` (at most `limit` bytes) taking room from every budget as chunks arrive; a
+/// `Content-Length` over the limit is refused before anything is read.
+pub async fn read(
+    body: Body,
+    declared: Option<u64>,
+    limit: usize,
+    budgets: &[&BodyBudget],
+) -> Result<(Bytes, Held), BodyError> {
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut held: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut taken_kib = 0usize;
+    // Grown as chunks arrive (never from the declared length: a claim is not room taken).
+    let mut data: Vec<u8> = Vec::new();
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| BodyError::Broken(e.to_string()))?;
+        if data.len() + chunk.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        data.extend_from_slice(&chunk);
+        let need = data.capacity().max(data.len()).div_ceil(1024);
+        if need > taken_kib {
+            let more = (need - taken_kib) as u32;
+            for b in budgets {
+                let permit = b.kib.clone().try_acquire_many_owned(more).map_err(|_| BodyError::Busy)?;
+                held.push(permit);
+            }
+            taken_kib = need;
+        }
+    }
+    Ok((Bytes::from(data), Held(held)))
+}
+
+/// The `Content-Length` a request declares.
+pub fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers.get(axum::http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_take_room_from_every_budget_and_give_it_back() {
+        let (process, execution) = (BodyBudget::new(1024 * 1024), BodyBudget::new(300 * 1024));
+        let body = || Body::from(vec![7u8; 200 * 1024]);
+        let (first, held) = read(body(), None, 1 << 20, &[&process, &execution]).await.unwrap();
+        assert_eq!(first.len(), 200 * 1024);
+        assert!(execution.available_kib() <= 100, "{}", execution.available_kib());
+        // The execution's budget is spent: refused at once, nothing queued.
+        assert_eq!(read(body(), None, 1 << 20, &[&process, &execution]).await.err(), Some(BodyError::Busy));
+        drop(held);
+        assert_eq!(execution.available_kib(), 300);
+        assert_eq!(process.available_kib(), 1024, "a refused body gave its room back");
+        // Over the limit, declared or not.
+        assert_eq!(read(body(), Some(300 * 1024), 100 * 1024, &[&process]).await.err(), Some(BodyError::TooLarge));
+        assert_eq!(read(body(), None, 100 * 1024, &[&process]).await.err(), Some(BodyError::TooLarge));
+    }
+}
