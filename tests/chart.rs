@@ -255,6 +255,25 @@ fn runner_pods_are_bounded_and_have_no_default_egress() {
         .flat_map(|e| e["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()))
         .collect();
     assert_eq!(ports, [53, 53, 8080], "DNS and the controller's API port, not its metrics port");
+    // Every rule names where it goes: DNS only to the cluster's DNS pods, never to any address
+    // on port 53 (a datagram carrying the repository left a pod that way).
+    assert!(egress.iter().all(|e| e["to"].as_array().is_some_and(|to| !to.is_empty())), "{egress:?}");
+    let dns = &egress[0]["to"][0];
+    assert_eq!(dns["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "kube-system", "{dns}");
+    assert_eq!(dns["podSelector"]["matchLabels"]["k8s-app"], "kube-dns", "{dns}");
+    // A cluster that names its DNS differently, with a node-local cache.
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        "networkPolicy:\n  dns:\n    namespace: dns\n    podLabels: {app: coredns}\n    cidrs: [169.254.20.10/32]\n",
+    )
+    .unwrap();
+    let custom = render(Some(values.path().to_str().unwrap()));
+    let policy = documents(&custom).into_iter().find(|d| d["kind"] == "NetworkPolicy").unwrap();
+    let to = &policy["spec"]["egress"][0]["to"];
+    assert_eq!(to[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"], "dns");
+    assert_eq!(to[0]["podSelector"]["matchLabels"]["app"], "coredns");
+    assert_eq!(to[1]["ipBlock"]["cidr"], "169.254.20.10/32");
     // The policy selects the pods the controller really renders (their labels, not a copy).
     let ax: agentops::api::AgentExecution = serde_json::from_value(serde_json::json!({
         "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
