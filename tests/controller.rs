@@ -1154,9 +1154,19 @@ async fn one_execution_has_one_json_shape_everywhere() {
         assert_eq!(v["git"]["commit"], run["git"]["commit"]);
         assert_eq!(v["tokensUsed"], run["tokensUsed"]);
     }
-    // Logs and diff only when asked for, under their own keys.
+    // Logs and diff only when asked for, under their own keys. The logs are streamed page by
+    // page (500 lines a page): more than two pages arrive whole and in order.
+    let extra: Vec<(i64, String, String, String)> =
+        (0..1200).map(|i| (900_000 + i, "test".into(), format!("line {i}"), "t".into())).collect();
+    h.store.append_logs(&id, &extra).await.unwrap();
+    let stored = h.store.logs(&id).await.unwrap();
     let full = get(format!("{base}/api/v1/executions/default/shape?logs=true&diff=true")).await;
-    assert!(full["logs"].as_array().is_some_and(|l| !l.is_empty()) && full["diff"].as_str().is_some());
+    let logs = full["logs"].as_array().unwrap();
+    assert_eq!(logs.len(), stored.len());
+    let seqs: Vec<i64> = logs.iter().map(|l| l["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, stored.iter().map(|l| l.seq).collect::<Vec<_>>());
+    assert!(full["diff"].as_str().is_some());
+    assert_eq!(keys(&full).len(), want.len() + 2, "the report's keys, logs and diff");
     ctl.stop().await;
 }
 

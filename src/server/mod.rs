@@ -20,6 +20,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use k8s_openapi::api::authentication::v1::UserInfo;
 use kube::runtime::reflector::{ObjectRef, Store as Cache};
 use serde::Deserialize;
@@ -298,17 +299,45 @@ async fn get_execution(
     };
     // The report (the shape of `agentops run -o json`), with logs and diff when asked for.
     let mut v = serde_json::to_value(row.summary()).unwrap_or_default();
-    if q.logs {
-        match store.logs(&row.id).await {
-            Ok(l) => v["logs"] = serde_json::to_value(l).unwrap_or_default(),
-            Err(e) => return store_error(e),
-        }
-    }
     if q.diff {
         v["diff"] = serde_json::to_value(&row.diff).unwrap_or_default();
     }
-    Json(v).into_response()
+    if !q.logs {
+        return Json(v).into_response();
+    }
+    // The logs are streamed a page at a time, as `"logs": [...]` at the end of the object: a
+    // read holds one page in memory, whatever the execution printed.
+    let Ok(mut head) = serde_json::to_vec(&v) else { return StatusCode::INTERNAL_SERVER_ERROR.into_response() };
+    head.pop(); // the closing brace
+    head.extend_from_slice(if head.len() > 1 { b",\"logs\":[" } else { b"\"logs\":[" });
+    let (store, id) = (store.clone(), row.id.clone());
+    let pages = futures::stream::unfold(Some((i64::MIN, true)), move |state| {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            let (after, first) = state?;
+            match store.logs_page(&id, after, LOG_PAGE).await {
+                Ok(lines) if lines.is_empty() => Some((Ok(Bytes::from_static(b"]}")), None)),
+                Ok(lines) => {
+                    let last = lines.last().map_or(after, |l| l.seq);
+                    let mut chunk = Vec::new();
+                    for (i, l) in lines.iter().enumerate() {
+                        if !(first && i == 0) {
+                            chunk.push(b',');
+                        }
+                        let _ = serde_json::to_writer(&mut chunk, l);
+                    }
+                    Some((Ok(Bytes::from(chunk)), Some((last, false))))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        }
+    });
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(Bytes::from(head)) }).chain(pages);
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], Body::from_stream(body)).into_response()
 }
+
+/// Log lines read from the store at a time when a report's logs are streamed.
+const LOG_PAGE: i64 = 500;
 
 async fn list_workspaces(
     State(s): State<Arc<ServerState>>,

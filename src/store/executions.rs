@@ -427,6 +427,18 @@ impl Store {
         }
     }
 
+    /// Up to `limit` log lines of an execution after line `after`, in order (to stream them).
+    pub async fn logs_page(&self, id: &str, after: i64, limit: i64) -> Result<Vec<LogLine>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// All log lines of an execution, in order.
     pub async fn logs(&self, id: &str) -> Result<Vec<LogLine>, StoreError> {
         Ok(sqlx::query_as("SELECT seq, source, line, at FROM execution_logs WHERE execution_id = ? ORDER BY seq")
