@@ -62,8 +62,26 @@ pub async fn read(
     }
     let mut held: Vec<OwnedSemaphorePermit> = Vec::new();
     let mut taken_kib = 0usize;
-    // Grown as chunks arrive (never from the declared length: a claim is not room taken).
-    let mut data: Vec<u8> = Vec::new();
+    let mut take = |held: &mut Vec<OwnedSemaphorePermit>, bytes: usize| -> Result<(), BodyError> {
+        let need = bytes.div_ceil(1024);
+        if need > taken_kib {
+            let more = u32::try_from(need - taken_kib).map_err(|_| BodyError::TooLarge)?;
+            for b in budgets {
+                held.push(b.kib.clone().try_acquire_many_owned(more).map_err(|_| BodyError::Busy)?);
+            }
+            taken_kib = need;
+        }
+        Ok(())
+    };
+    // A declared length is room taken before anything is read (and allocated once, not grown by
+    // doubling); without one, the room grows with what arrives.
+    let mut data: Vec<u8> = match declared {
+        Some(n) => {
+            take(&mut held, n as usize)?;
+            Vec::with_capacity(n as usize)
+        }
+        None => Vec::new(),
+    };
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| BodyError::Broken(e.to_string()))?;
@@ -71,15 +89,7 @@ pub async fn read(
             return Err(BodyError::TooLarge);
         }
         data.extend_from_slice(&chunk);
-        let need = data.capacity().max(data.len()).div_ceil(1024);
-        if need > taken_kib {
-            let more = (need - taken_kib) as u32;
-            for b in budgets {
-                let permit = b.kib.clone().try_acquire_many_owned(more).map_err(|_| BodyError::Busy)?;
-                held.push(permit);
-            }
-            taken_kib = need;
-        }
+        take(&mut held, data.capacity())?;
     }
     Ok((Bytes::from(data), Held(held)))
 }
