@@ -275,3 +275,32 @@ async fn missing_invalid_and_oversize_output_fail() {
     assert_eq!(big.reason.as_deref(), Some("OutputTooLarge"), "{big:#?}");
     assert!(big.message.unwrap().contains("at most 16384"));
 }
+
+/// The fake GitHub refuses what GitHub refuses before anything else (no `User-Agent`: 403 with
+/// GitHub's words; an API version it does not serve: 400; an `Accept` that is not JSON: 415),
+/// so every pull-request test above proves our client sends all three right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fake_github_refuses_what_github_refuses_and_our_client_passes() {
+    let s = Setup::new(Flavor::Github, vec![]).await;
+    let url = format!("{}/repos/{PROJECT}/pulls", s.forge.api_url);
+    let bare = reqwest::Client::builder().build().unwrap(); // reqwest sends no User-Agent by default
+    let auth = format!("Bearer {TOKEN}");
+    let r = bare.get(&url).header("authorization", &auth).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("User-Agent header"));
+    let ua = reqwest::Client::builder().user_agent("t").build().unwrap();
+    let r =
+        ua.get(&url).header("authorization", &auth).header("x-github-api-version", "2020-01-01").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = ua.get(&url).header("authorization", &auth).header("accept", "text/html").send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let r = ua
+        .get(&url)
+        .header("authorization", &auth)
+        .header("accept", "application/vnd.github+json")
+        .header("x-github-api-version", "2022-11-28")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -194,6 +194,11 @@ async fn handle(
         }
         (None, _) => false,
     };
+    if inner.flavor == Flavor::Github
+        && let Some(refused) = github_headers(&header)
+    {
+        return refused;
+    }
     if !token_ok {
         let msg = if inner.flavor == Flavor::Github { "Bad credentials" } else { "401 Unauthorized" };
         return answer(401, json!({"message": msg}), &[]);
@@ -203,6 +208,37 @@ async fn handle(
         Flavor::Gitlab => gitlab(&inner, &method, &path, &query, json_body).await,
     }
 }
+
+/// What GitHub's REST API refuses before anything else (docs.github.com, "Getting started
+/// with the REST API"): a request without `User-Agent` (403, with GitHub's words), an
+/// `X-GitHub-Api-Version` it does not serve (400), an `Accept` that is not JSON (415).
+fn github_headers(header: &dyn Fn(&str) -> Option<String>) -> Option<Response<Body>> {
+    if header("user-agent").is_none_or(|u| u.trim().is_empty()) {
+        return Some(answer(
+            403,
+            json!({"message": "Request forbidden by administrative rules. Please make sure your request has a User-Agent header (https://docs.github.com/en/rest/overview/resources-in-the-rest-api#user-agent-required). Check https://developer.github.com for other possible causes."}),
+            &[],
+        ));
+    }
+    if let Some(v) = header("x-github-api-version")
+        && !GITHUB_API_VERSIONS.contains(&v.as_str())
+    {
+        return Some(answer(
+            400,
+            json!({"message": format!("API version '{v}' is not supported."), "documentation_url": "https://docs.github.com/rest/about-the-rest-api/api-versions"}),
+            &[],
+        ));
+    }
+    if let Some(a) = header("accept")
+        && !(a.contains("json") || a.contains("*/*"))
+    {
+        return Some(answer(415, json!({"message": format!("Unsupported 'Accept' header: '{a}'")}), &[]));
+    }
+    None
+}
+
+/// The REST API versions GitHub serves.
+pub const GITHUB_API_VERSIONS: &[&str] = &["2022-11-28", "2026-03-10"];
 
 /// A scripted answer for this kind of request, if one is waiting.
 fn scripted(inner: &Inner, kind: &str) -> Option<Response<Body>> {
