@@ -152,6 +152,14 @@ async fn workspaces_list_and_clean() {
     c.args(["workspaces", "clean", "--older-than", "1h"]);
     let (_, stdout, _) = output(c).await;
     assert!(stdout.contains("0 workspace(s) removed"), "young workspaces stay: {stdout}");
+    // --dry-run says what it would remove, and removes nothing.
+    let mut c = agentops(&h);
+    c.args(["workspaces", "clean", "--older-than", "0s", "--dry-run"]);
+    let (code, stdout, _) = output(c).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains(&format!("would remove {}", ws[0].path)), "{stdout}");
+    assert!(Path::new(&ws[0].path).exists(), "a dry run removes nothing");
+    assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "completed");
     let mut c = agentops(&h);
     c.args(["workspaces", "clean", "--older-than", "0s"]);
     let (code, stdout, _) = output(c).await;
@@ -228,4 +236,75 @@ async fn secrets_never_reach_the_store_logs_git_config_or_summary() {
     // The remote URL in .git/config is the plain one.
     let config = std::fs::read_to_string(ws.join("repo/.git/config")).unwrap();
     assert!(config.contains(&h.git.url("demo")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_exits_3_and_sigterm_cancels_with_exit_4() {
+    let h = Harness::new(vec![
+        Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})).with_usage([250, 30, 0, 0]),
+        Step::Hang,
+    ])
+    .await;
+    let file = write_manifest(&h, "slow", &h.manifest("slow", "  timeout: 3s\n"));
+    let mut c = agentops(&h);
+    c.args(["run", "-q", "-o", "json", "-f"]).arg(&file);
+    let (code, stdout, stderr) = output(c).await;
+    assert_eq!(code, 3, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!((v["phase"].as_str(), v["reason"].as_str()), (Some("TimedOut"), Some("Timeout")), "{v}");
+    assert!(v["usage"]["inputTokens"].as_u64().unwrap() >= 250, "usage kept: {v}");
+
+    // SIGTERM (what `kubectl delete` and systemd send) cancels like Ctrl-C.
+    h.model.set_script(vec![Step::tool("Write", json!({"file_path": "a.txt", "content": "a\n"})), Step::Hang]);
+    let file = write_manifest(&h, "term", &h.manifest("term", ""));
+    let mut c = agentops(&h);
+    c.args(["run", "-q", "-o", "json", "-f"]).arg(&file).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let before = h.model.main_requests();
+    assert!(h.model.wait_for_main_requests(before + 2, Duration::from_secs(60)).await);
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    let at = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(at.elapsed() < Duration::from_secs(5), "{:?}", at.elapsed());
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["phase"].as_str(), v["reason"].as_str()), (Some("Cancelled"), Some("Cancelled")), "{v}");
+}
+
+/// `--sandbox-read` grants the agent a directory outside its workspace (a toolchain): without
+/// it the agent's read is refused (EACCES from Landlock), with it the file is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_read_grants_a_toolchain_directory() {
+    let toolchain = tempfile::tempdir().unwrap();
+    std::fs::write(toolchain.path().join("VERSION"), "toolchain 1.2.3\n").unwrap();
+    let script = || {
+        vec![
+            Step::tool(
+                "Bash",
+                json!({"command": format!("cat {}/VERSION > seen.txt 2> refused.txt; true", toolchain.path().display())}),
+            ),
+            Step::text("Done."),
+        ]
+    };
+    let mut seen = Vec::new();
+    for grant in [false, true] {
+        let h = Harness::new(script()).await;
+        let file = write_manifest(&h, "tc", &h.manifest("tc", "  workspace: {retain: Retain}\n"));
+        let mut c = agentops(&h);
+        c.args(["run", "-q", "-o", "json", "-f"]).arg(&file);
+        if grant {
+            c.arg("--sandbox-read").arg(toolchain.path());
+        }
+        let (code, stdout, stderr) = output(c).await;
+        assert_eq!(code, 0, "{stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+        let repo = Path::new(v["workspace"].as_str().unwrap()).join("repo");
+        let read = std::fs::read_to_string(repo.join("seen.txt")).unwrap();
+        let refused = std::fs::read_to_string(repo.join("refused.txt")).unwrap();
+        seen.push((read, refused));
+    }
+    assert_eq!(seen[0].0, "", "without --sandbox-read nothing is read");
+    assert!(seen[0].1.contains("Permission denied"), "EACCES: {}", seen[0].1);
+    assert_eq!(seen[1].0, "toolchain 1.2.3\n", "with it, the file is read: {}", seen[1].1);
 }
