@@ -51,7 +51,25 @@ async fn crud_conflicts_finalizers_and_cascade() {
         )
         .await
         .unwrap();
-    assert_eq!(b.data.unwrap().len(), 2);
+    // As the real server: a field the manager applied before and no longer applies is removed.
+    let data = b.data.unwrap();
+    assert_eq!(data.into_iter().collect::<Vec<_>>(), [("y".to_string(), "2".to_string())]);
+    // Another manager's fields stay when this one re-applies without them; a field both applied
+    // stays while either still does.
+    let apply = |manager: &'static str, data: serde_json::Value| {
+        let api = api.clone();
+        async move {
+            let pp = PatchParams::apply(manager).force();
+            let obj = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b"}, "data": data});
+            api.patch("b", &pp, &Patch::Apply(obj)).await.unwrap().data.unwrap_or_default()
+        }
+    };
+    apply("other", json!({"z": "3", "y": "2"})).await;
+    let now = apply("test", json!({"w": "4"})).await;
+    let keys: Vec<&str> = now.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["w", "y", "z"], "y is still other's, z is other's: {now:?}");
+    let now = apply("other", json!({})).await;
+    assert_eq!(now.keys().map(String::as_str).collect::<Vec<_>>(), ["w"], "{now:?}");
 
     // JSON patch adds a finalizer; delete then only marks; removing it deletes, cascading.
     api.patch(

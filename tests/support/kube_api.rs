@@ -3,9 +3,12 @@
 //! merge / JSON / apply patches, the status subresource, finalizers with deletionTimestamp,
 //! ownerReference cascade on delete, and 409 on a stale resourceVersion.
 //!
-//! Every resource behaves the same (generic JSON objects). Server-side apply is approximated
-//! by a merge patch that creates the object when it is missing: field ownership is not
-//! modelled. Tests play the kubelet and the Job controller by patching `/status`.
+//! Every resource behaves the same (generic JSON objects). Server-side apply merges the applied
+//! configuration, creates the object when it is missing, and keeps each field manager's set of
+//! fields (per object, and apart for `/status`): a field a manager applied before and no longer
+//! applies is removed, unless another manager applied it too (as the real one does; lists are
+//! atomic, as in a merge patch). Tests play the kubelet and the Job controller by patching
+//! `/status`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +38,9 @@ struct Store {
     faults: Vec<(String, String, u16, usize)>,
     rv: u64,
     objects: BTreeMap<Key, Value>,
+    /// Server-side apply: the fields (JSON pointers of leaves) each manager applied last, by
+    /// object and whether through `/status`.
+    owned: BTreeMap<(Key, String, bool), std::collections::BTreeSet<String>>,
     history: Vec<Event>,
     requests: Vec<(String, String)>,
     /// What each request needs authorised, as RBAC names it: (API group, resource, verb,
@@ -143,6 +149,36 @@ fn labels_match(obj: &Value, selector: Option<&String>) -> bool {
 }
 
 /// RFC 7386 merge patch.
+/// The JSON pointers of the leaves of an applied configuration (objects are walked, lists and
+/// scalars are leaves), under `at`.
+fn leaves(v: &Value, at: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v.as_object() {
+        Some(o) if !o.is_empty() => {
+            for (k, child) in o {
+                if at.is_empty() && matches!(k.as_str(), "apiVersion" | "kind") {
+                    continue;
+                }
+                if at == "/metadata" && matches!(k.as_str(), "name" | "namespace" | "resourceVersion" | "uid") {
+                    continue;
+                }
+                leaves(child, &format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+            }
+        }
+        _ => {
+            out.insert(at.to_string());
+        }
+    }
+}
+
+/// Removes the field at a JSON pointer, if it is there.
+fn remove_at(doc: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let key = last.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(o)) = doc.pointer_mut(parent) {
+        o.remove(&key);
+    }
+}
+
 fn merge(target: &mut Value, patch: &Value) {
     match (target, patch) {
         (Value::Object(t), Value::Object(p)) => {
@@ -561,6 +597,36 @@ async fn handle(
                     return status_body(422, "Invalid", &format!("JSON patch failed: {e}"));
                 }
                 doc
+            } else if apply {
+                // Field ownership: what this manager applied last time and not now goes, unless
+                // another manager applied it too.
+                let manager = q.get("fieldManager").cloned().unwrap_or_default();
+                let applied = if t.status {
+                    json!({"status": parsed["status"].clone()})
+                } else {
+                    let mut a = parsed.clone();
+                    a.as_object_mut().map(|o| o.remove("status"));
+                    a
+                };
+                let mut now = std::collections::BTreeSet::new();
+                leaves(&applied, "", &mut now);
+                if fresh {
+                    s.owned.retain(|(k, _, _), _| *k != key);
+                }
+                let mine = (key.clone(), manager.clone(), t.status);
+                let before = s.owned.get(&mine).cloned().unwrap_or_default();
+                let others: std::collections::BTreeSet<String> = s
+                    .owned
+                    .iter()
+                    .filter(|((k, m, _), _)| *k == key && *m != manager)
+                    .flat_map(|(_, f)| f.iter().cloned())
+                    .collect();
+                let mut pruned = old.clone();
+                for gone in before.difference(&now).filter(|f| !others.contains(*f)) {
+                    remove_at(&mut pruned, gone);
+                }
+                s.owned.insert(mine, now);
+                update(&pruned, parsed, t.status, merge)
             } else {
                 update(&old, parsed, t.status, merge)
             };
