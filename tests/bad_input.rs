@@ -310,3 +310,111 @@ proptest! {
         prop_assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
     }
 }
+
+/// Every bound of `api::limits` is fed its first bad value and refused by `resolve`, naming the
+/// field (the CLI and the controller both call it); the value just at the bound is accepted.
+#[test]
+fn every_bound_in_limits_refuses_its_first_bad_value() {
+    use agentops::api::limits::*;
+    let base = json!({"prompt": "p", "repository": {"url": "https://git.example.com/r.git"}});
+    let gh = |pr: Value| json!({"repository": {"url": "https://github.com/o/r.git", "provider": "github"}, "git": {"pullRequest": pr}});
+    let schema_of = |bytes: usize| json!({"type": "object", "description": "d".repeat(bytes)});
+    let cases: Vec<(&str, Value, Value, &str)> = vec![
+        (
+            "URL length",
+            json!({"repository": {"url": format!("https://git.example.com/{}.git", "r".repeat(MAX_URL_CHARS))}}),
+            json!({"repository": {"url": format!("https://g.io/{}", "r".repeat(MAX_URL_CHARS - 13))}}),
+            "spec.repository.url",
+        ),
+        (
+            "hook arguments",
+            json!({"hooks": {"pre": [{"command": vec!["a"; MAX_HOOK_ARGS + 1]}]}}),
+            json!({"hooks": {"pre": [{"command": vec!["a"; MAX_HOOK_ARGS]}]}}),
+            "spec.hooks.pre[0].command",
+        ),
+        (
+            "hook argument length",
+            json!({"hooks": {"post": [{"command": ["echo", "a".repeat(MAX_HOOK_ARG_CHARS + 1)]}]}}),
+            json!({"hooks": {"post": [{"command": ["echo", "a".repeat(MAX_HOOK_ARG_CHARS)]}]}}),
+            "spec.hooks.post[0].command",
+        ),
+        (
+            "tool rules",
+            json!({"agent": {"allowedTools": vec!["Read"; MAX_TOOL_RULES + 1]}}),
+            json!({"agent": {"allowedTools": vec!["Read"; MAX_TOOL_RULES]}}),
+            "spec.agent.allowedTools",
+        ),
+        (
+            "tool rule length",
+            json!({"agent": {"disallowedTools": [format!("Bash({})", "x".repeat(MAX_TOOL_RULE_CHARS))]}}),
+            json!({"agent": {"disallowedTools": [format!("Bash({})", "x".repeat(MAX_TOOL_RULE_CHARS - 6))]}}),
+            "spec.agent.disallowedTools",
+        ),
+        (
+            "egress rules",
+            json!({"egress": vec![json!({"cidr": "10.0.0.0/8", "ports": [443]}); MAX_EGRESS_RULES + 1]}),
+            json!({"egress": vec![json!({"cidr": "10.0.0.0/8", "ports": [443]}); MAX_EGRESS_RULES]}),
+            "spec.egress",
+        ),
+        (
+            "egress ports",
+            json!({"egress": [{"cidr": "10.0.0.0/8", "ports": (1..=MAX_EGRESS_PORTS as u16 + 1).collect::<Vec<_>>()}]}),
+            json!({"egress": [{"cidr": "10.0.0.0/8", "ports": (1..=MAX_EGRESS_PORTS as u16).collect::<Vec<_>>()}]}),
+            "spec.egress[0].ports",
+        ),
+        (
+            "output schema size",
+            json!({"agent": {"outputSchema": schema_of(MAX_OUTPUT_SCHEMA_BYTES)}}),
+            json!({"agent": {"outputSchema": schema_of(MAX_OUTPUT_SCHEMA_BYTES - 64)}}),
+            "spec.agent.outputSchema",
+        ),
+        (
+            "pull request title",
+            gh(json!({"title": "t".repeat(MAX_PR_TITLE_CHARS + 1)})),
+            gh(json!({"title": "t".repeat(MAX_PR_TITLE_CHARS)})),
+            "spec.git.pullRequest.title",
+        ),
+        (
+            "pull request body",
+            gh(json!({"body": "b".repeat(MAX_PR_BODY_CHARS + 1)})),
+            gh(json!({"body": "b".repeat(MAX_PR_BODY_CHARS)})),
+            "spec.git.pullRequest.body",
+        ),
+        (
+            "pull request labels",
+            gh(json!({"labels": (0..=MAX_PR_NAMES).map(|i| format!("l{i}")).collect::<Vec<_>>()})),
+            gh(json!({"labels": (0..MAX_PR_NAMES).map(|i| format!("l{i}")).collect::<Vec<_>>()})),
+            "spec.git.pullRequest.labels",
+        ),
+        (
+            "budget",
+            json!({"agent": {"maxBudgetUsd": MAX_BUDGET_USD + 0.01}}),
+            json!({"agent": {"maxBudgetUsd": MAX_BUDGET_USD}}),
+            "spec.agent.maxBudgetUsd",
+        ),
+        (
+            "budget zero",
+            json!({"agent": {"maxBudgetUsd": 0.0}}),
+            json!({"agent": {"maxBudgetUsd": 0.01}}),
+            "spec.agent.maxBudgetUsd",
+        ),
+        (
+            "turns",
+            json!({"agent": {"maxTurns": MAX_TURNS + 1}}),
+            json!({"agent": {"maxTurns": MAX_TURNS}}),
+            "spec.agent.maxTurns",
+        ),
+        (
+            "ttl",
+            json!({"ttlSecondsAfterFinished": MAX_TTL_SECONDS + 1}),
+            json!({"ttlSecondsAfterFinished": MAX_TTL_SECONDS}),
+            "spec.ttlSecondsAfterFinished",
+        ),
+    ];
+    for (what, bad, good, field) in cases {
+        let err = resolve(&execution(&merged(&base, &bad)), &[]).expect_err(&format!("{what}: refused"));
+        assert_eq!(err.field, field, "{what}: {err}");
+        resolve(&execution(&merged(&base, &good)), &[])
+            .unwrap_or_else(|e| panic!("{what}: at the bound accepted: {e}"));
+    }
+}
