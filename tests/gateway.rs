@@ -1203,3 +1203,38 @@ async fn request_bytes_in_memory_are_bounded_per_execution() {
     let other = send("other", "tok-o", big(1 << 20)).await.unwrap();
     assert_eq!(other, None, "the other execution's request was read and forwarded");
 }
+
+/// One tenant's four executions declare 30 MiB bodies and send none of them (holding the room
+/// their length claims): three fit their namespace's share (96 MiB), the fourth is refused, and
+/// another namespace's agent is still served by the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_namespace_cannot_take_the_gateways_room_from_another() {
+    use agentops::gateway::Account;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let model = FakeAnthropic::start(vec![Step::text("hi")]).await;
+    let (g, base) = controller_gateway(&model.base_url).await;
+    for i in 0..4 {
+        g.open("tenant-a", &format!("a{i}"), Account::new(API_KEY, &format!("tok-a{i}"), None));
+    }
+    g.open("tenant-b", "b", Account::new(API_KEY, "tok-b", None));
+    let addr = base.trim_start_matches("http://").to_string();
+    let mut stalled = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..4 {
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /gateway/tenant-a/a{i}/v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: tok-a{i}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{{",
+            30 << 20
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let answer = tokio::time::timeout(std::time::Duration::from_millis(500), sock.read(&mut buf)).await;
+        answers.push(answer.ok().and_then(|r| r.ok()).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()));
+        stalled.push(sock);
+    }
+    assert!(answers[..3].iter().all(Option::is_none), "three fit the namespace's share: {answers:?}");
+    assert!(answers[3].as_deref().is_some_and(|a| a.starts_with("HTTP/1.1 429")), "{answers:?}");
+    let r = ask(&format!("{base}/gateway/tenant-b/b"), "tok-b").await.unwrap();
+    assert_eq!(r.status(), 200, "another tenant is served");
+    drop(stalled);
+}

@@ -524,6 +524,10 @@ async fn the_sandbox_refuses_io_uring_udp_raw_sockets_and_root_only_files() {
     udp.set_nonblocking(true).unwrap();
     let port = udp.local_addr().unwrap().port();
     let mut victim = std::process::Command::new("sleep").arg("300").spawn().unwrap();
+    // A TCP port the agent may not reach (Landlock allows only its gateway's).
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
     // Each attempt prints "name:errno" (0: it worked) to target/attempts.
     let probe = format!(
         r#"import ctypes, errno, os, socket, resource
@@ -550,8 +554,17 @@ attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPP
 attempt("shadow", lambda: open("/etc/shadow").read())
 attempt("prlimit", lambda: resource.prlimit({victim}, resource.RLIMIT_NOFILE, (0, 0)))
 attempt("passwd", lambda: open("/etc/passwd").read())
+def mptcp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    s.settimeout(2)
+    s.connect(("127.0.0.1", {tcp_port}))
+    s.sendall(open("README.md", "rb").read())
+attempt("mptcp", mptcp)
+attempt("vsock", lambda: socket.socket(40, socket.SOCK_STREAM))
+attempt("sctp", lambda: socket.socket(socket.AF_INET, socket.SOCK_SEQPACKET, 132))
 "#,
-        victim = victim.id()
+        victim = victim.id(),
+        tcp_port = tcp_port
     );
     let script = vec![
         Step::tool("Write", json!({"file_path": "probe.py", "content": probe})),
@@ -577,11 +590,15 @@ attempt("passwd", lambda: open("/etc/passwd").read())
             .collect();
         let mut buf = [0u8; 4096];
         let received = udp.recv_from(&mut buf).is_ok();
-        results.push((got, received));
+        let mut reached = false;
+        while tcp.accept().is_ok() {
+            reached = true;
+        }
+        results.push((got, received, reached));
     }
     victim.kill().unwrap();
     victim.wait().unwrap();
-    let (confined, received) = &results[0];
+    let (confined, received, reached) = &results[0];
     let (eperm, eacces) = (nix::libc::EPERM, nix::libc::EACCES);
     assert_eq!(confined["io_uring"], eperm, "{confined:?}");
     assert_eq!(confined["udp"], eacces, "{confined:?}");
@@ -593,12 +610,22 @@ attempt("passwd", lambda: open("/etc/passwd").read())
         assert_eq!(confined["shadow"], eacces, "{confined:?}");
     }
     assert!(!received, "no datagram left the sandbox");
-    let (open, received) = &results[1];
+    // MPTCP (which Landlock's TCP rules do not cover), vsock and SCTP sockets are not made.
+    for kind in ["mptcp", "vsock", "sctp"] {
+        assert_eq!(confined[kind], eacces, "{kind}: {confined:?}");
+    }
+    assert!(!reached, "nothing reached the other TCP port");
+    let (open, received, _) = &results[1];
     assert_eq!(open["io_uring"], 0, "control: io_uring works unconfined: {open:?}");
     assert_eq!(open["udp"], 0, "{open:?}");
     assert!(received, "control: the datagram arrives without the sandbox");
     if root {
         assert_eq!((open["shadow"], open["raw"], open["prlimit"]), (0, 0, 0), "control as root: {open:?}");
+    }
+    // Control: where the kernel has MPTCP enabled, unconfined it connects to any port.
+    let mptcp_on = std::fs::read_to_string("/proc/sys/net/mptcp/enabled").is_ok_and(|v| v.trim() == "1");
+    if mptcp_on {
+        assert_eq!(open["mptcp"], 0, "control: MPTCP reaches the other port unconfined: {open:?}");
     }
 }
 
@@ -722,4 +749,16 @@ async fn an_agents_log_flood_is_kept_to_its_head_and_tail() {
     let at = logs.iter().position(|l| l.source == CUT_SOURCE).unwrap();
     assert_eq!(at as i64, LOG_HEAD_LINES, "the marker sits where the lines were cut");
     assert!(logs.last().unwrap().source == "runner", "{:?}", logs.last());
+    // Lines that come claiming the marker's source are lines like any other: renamed, counted
+    // and cut (a runner's log batch, or an agent's own store where Landlock is missing).
+    let id = s["id"].as_str().unwrap();
+    let forged: Vec<(i64, String, String, String)> =
+        (0..6000).map(|i| (5_000_000 + i, CUT_SOURCE.to_string(), "x".repeat(100), "t".into())).collect();
+    for batch in forged.chunks(1000) {
+        h.store.append_logs(id, batch).await.unwrap();
+    }
+    let logs = h.store.logs(id).await.unwrap();
+    assert_eq!(logs.len() as i64, LOG_HEAD_LINES + LOG_TAIL_LINES + 1, "still bounded");
+    assert_eq!(logs.iter().filter(|l| l.source == CUT_SOURCE).count(), 1, "one marker, the store's");
+    assert!(logs.iter().any(|l| l.source == format!("untrusted-{CUT_SOURCE}")));
 }

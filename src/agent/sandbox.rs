@@ -199,16 +199,22 @@ pub fn restrict(ruleset: RulesetCreated, isolated: bool) -> std::io::Result<()> 
 }
 
 /// The seccomp filter of the agent. Landlock governs neither `connect()` to a pathname unix
-/// socket nor which sockets exist, so without this the agent could talk to the Docker daemon's
-/// socket, the user's ssh-agent or any socket left in `/tmp` or `/run`, or send a datagram
-/// anywhere. Refused, with the errno each gets:
-/// - `socket(AF_UNIX, …)`, `socket(AF_PACKET, …)`, raw IP sockets: EACCES;
-/// - UDP sockets (`SOCK_DGRAM` of `AF_INET`/`AF_INET6`) unless `udp`: EACCES;
-/// - io_uring (`io_uring_setup`, `_enter`, `_register`), which makes sockets and opens files
-///   without the system calls above (`IORING_OP_SOCKET`): EPERM, as container runtimes'
-///   default profiles do;
-/// - `prlimit64` on another process (pid ≠ 0): EPERM (a hook sharing the runner's PID
-///   namespace in a pod cannot take away its descriptors).
+/// socket nor which sockets exist, and its TCP rules cover only `IPPROTO_TCP` sockets (an
+/// MPTCP socket, which falls back to plain TCP with any server, reached every port). So the
+/// sockets the agent may make are an allowlist, everything else failing with EACCES:
+/// - `AF_INET`/`AF_INET6` stream sockets of protocol 0 or TCP (Landlock then limits their
+///   ports); datagram sockets of protocol 0 or UDP only when `udp` (DNS; see `needs_dns`);
+///   no raw, packet, SCTP, DCCP or MPTCP socket;
+/// - `AF_NETLINK` of `NETLINK_ROUTE` only (what `getaddrinfo` and `os.networkInterfaces()` read;
+///   changing routes needs a capability the agent does not have in the host's network);
+/// - no other family: not `AF_UNIX` (the Docker daemon's socket, your ssh-agent, any socket
+///   left in `/tmp` or `/run`), not `AF_PACKET`, not `AF_VSOCK` (a VM's host), not `AF_BLUETOOTH`.
+///
+/// Also refused (EPERM): io_uring (`io_uring_setup`, `_enter`, `_register`), which makes sockets
+/// and opens files without the system calls above (`IORING_OP_SOCKET`), as container runtimes'
+/// default profiles refuse it; `prlimit64` on another process (pid ≠ 0), so a hook sharing the
+/// runner's PID namespace in a pod cannot take away its descriptors; and on x86_64 the x32 ABI's
+/// numbers for all of these, where a kernel enables x32.
 ///
 /// `socketpair` (how runtimes wire their own children) stays allowed: its two ends reach
 /// nothing else. Built in the parent; `apply_seccomp` runs in the child.
@@ -219,19 +225,32 @@ pub fn seccomp_filter(udp: bool) -> std::io::Result<Vec<seccompiler::BpfProgram>
     let err = |e: seccompiler::Error| std::io::Error::other(e.to_string());
     let cond = |arg: u8, op: Op, value: u64| Cond::new(arg, Len::Dword, op, value).map_err(|e| err(e.into()));
     let rule = |conds: Vec<Cond>| SeccompRule::new(conds).map_err(|e| err(e.into()));
+    // Each rule is a socket() that is refused (its conditions all hold).
+    let family = |f: i32| cond(0, Op::Eq, f as u64);
     // The socket's type without SOCK_NONBLOCK / SOCK_CLOEXEC (the low four bits).
-    let of_type = |family: i32, t: i32| -> std::io::Result<SeccompRule> {
-        rule(vec![cond(0, Op::Eq, family as u64)?, cond(1, Op::MaskedEq(0xf), t as u64)?])
-    };
+    let kind = |t: i32| cond(1, Op::MaskedEq(0xf), t as u64);
+    let not_proto = |p: i32| cond(2, Op::Ne, p as u64);
     let mut socket = vec![
-        rule(vec![cond(0, Op::Eq, libc::AF_UNIX as u64)?])?,
-        rule(vec![cond(0, Op::Eq, libc::AF_PACKET as u64)?])?,
-        of_type(libc::AF_INET, libc::SOCK_RAW)?,
-        of_type(libc::AF_INET6, libc::SOCK_RAW)?,
+        // Any family but these three.
+        rule(vec![
+            cond(0, Op::Ne, libc::AF_INET as u64)?,
+            cond(0, Op::Ne, libc::AF_INET6 as u64)?,
+            cond(0, Op::Ne, libc::AF_NETLINK as u64)?,
+        ])?,
+        rule(vec![family(libc::AF_NETLINK)?, not_proto(libc::NETLINK_ROUTE)?])?,
     ];
-    if !udp {
-        socket.push(of_type(libc::AF_INET, libc::SOCK_DGRAM)?);
-        socket.push(of_type(libc::AF_INET6, libc::SOCK_DGRAM)?);
+    for f in [libc::AF_INET, libc::AF_INET6] {
+        // Stream sockets of another protocol than TCP (MPTCP, SCTP).
+        socket.push(rule(vec![family(f)?, kind(libc::SOCK_STREAM)?, not_proto(0)?, not_proto(libc::IPPROTO_TCP)?])?);
+        if udp {
+            socket.push(rule(vec![family(f)?, kind(libc::SOCK_DGRAM)?, not_proto(0)?, not_proto(libc::IPPROTO_UDP)?])?);
+        } else {
+            socket.push(rule(vec![family(f)?, kind(libc::SOCK_DGRAM)?])?);
+        }
+        // Every other type: raw, RDM, seqpacket (SCTP), DCCP (6), packet (10).
+        for t in [libc::SOCK_RAW, libc::SOCK_RDM, libc::SOCK_SEQPACKET, 6, 10] {
+            socket.push(rule(vec![family(f)?, kind(t)?])?);
+        }
     }
     let eacces = |rules: Vec<(i64, Vec<SeccompRule>)>| -> std::io::Result<seccompiler::BpfProgram> {
         let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
@@ -256,12 +275,26 @@ pub fn seccomp_filter(udp: bool) -> std::io::Result<Vec<seccompiler::BpfProgram>
         filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
     };
     let sockets = eacces(vec![(libc::SYS_socket, socket)])?;
-    let others = eperm(vec![
+    let mut refused = vec![
         (libc::SYS_io_uring_setup, vec![]),
         (libc::SYS_io_uring_enter, vec![]),
         (libc::SYS_io_uring_register, vec![]),
         (libc::SYS_prlimit64, vec![rule(vec![cond(0, Op::Ne, 0)?])?]),
-    ])?;
+    ];
+    if cfg!(target_arch = "x86_64") {
+        // The x32 ABI's numbers (bit 30) of what is refused above, refused whole.
+        const X32: i64 = 0x4000_0000;
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+            libc::SYS_prlimit64,
+        ] {
+            refused.push((X32 | nr, vec![]));
+        }
+    }
+    let others = eperm(refused)?;
     // Two filters (one errno each), stacked: the kernel runs both, and a refusal wins.
     Ok(vec![sockets, others])
 }

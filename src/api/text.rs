@@ -9,7 +9,8 @@ use std::borrow::Cow;
 
 /// Whether `c` is removed from shown text.
 fn unsafe_char(c: char) -> bool {
-    (c.is_control() && c != '\n' && c != '\t') || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    (c.is_control() && c != '\n' && c != '\t')
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
 /// `text` without control characters (but newline and tab) and bidirectional overrides.

@@ -15,8 +15,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub const GATEWAY_BYTES: usize = 160 * 1024 * 1024;
 /// Bytes of request bodies one execution may have in the gateway at once.
 pub const EXECUTION_BYTES: usize = 48 * 1024 * 1024;
+/// Bytes of request bodies one namespace's executions may have in the gateway at once: one
+/// tenant cannot take the whole process budget.
+pub const NAMESPACE_BYTES: usize = 96 * 1024 * 1024;
 /// Bytes the runners' report, log and diff endpoints may hold at once, all runners together.
 pub const RUNNER_ENDPOINT_BYTES: usize = 24 * 1024 * 1024;
+/// How long a body may take to arrive whole: a sender that trickles (or stops) gives its room
+/// back after this, rather than holding it for as long as its run lasts.
+pub const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A budget of bytes, counted in KiB.
 #[derive(Clone)]
@@ -33,6 +39,8 @@ pub enum BodyError {
     Busy,
     /// The body broke off.
     Broken(String),
+    /// The body did not arrive whole within `BODY_DEADLINE`.
+    TooSlow,
 }
 
 impl BodyBudget {
@@ -49,9 +57,29 @@ impl BodyBudget {
 /// What a read body holds of its budgets, until dropped.
 pub struct Held(#[allow(dead_code)] Vec<OwnedSemaphorePermit>);
 
-/// Reads `body` (at most `limit` bytes) taking room from every budget as chunks arrive; a
-/// `Content-Length` over the limit is refused before anything is read.
+/// Reads `body` (at most `limit` bytes, whole within `BODY_DEADLINE`) taking room from every
+/// budget as chunks arrive; a `Content-Length` over the limit is refused before anything is read.
 pub async fn read(
+    body: Body,
+    declared: Option<u64>,
+    limit: usize,
+    budgets: &[&BodyBudget],
+) -> Result<(Bytes, Held), BodyError> {
+    read_within(body, declared, limit, budgets, BODY_DEADLINE).await
+}
+
+/// `read`, with the deadline given.
+pub async fn read_within(
+    body: Body,
+    declared: Option<u64>,
+    limit: usize,
+    budgets: &[&BodyBudget],
+    deadline: std::time::Duration,
+) -> Result<(Bytes, Held), BodyError> {
+    tokio::time::timeout(deadline, read_all(body, declared, limit, budgets)).await.unwrap_or(Err(BodyError::TooSlow))
+}
+
+async fn read_all(
     body: Body,
     declared: Option<u64>,
     limit: usize,
@@ -118,5 +146,25 @@ mod tests {
         // Over the limit, declared or not.
         assert_eq!(read(body(), Some(300 * 1024), 100 * 1024, &[&process]).await.err(), Some(BodyError::TooLarge));
         assert_eq!(read(body(), None, 100 * 1024, &[&process]).await.err(), Some(BodyError::TooLarge));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_trickles_gives_its_room_back_at_the_deadline() {
+        let budget = BodyBudget::new(1024 * 1024);
+        // One byte, then nothing: a sender holding its declared room.
+        let stalled = futures::stream::once(async { Ok::<_, std::io::Error>(Bytes::from_static(b"{")) })
+            .chain(futures::stream::pending());
+        let started = std::time::Instant::now();
+        let got = read_within(
+            Body::from_stream(stalled),
+            Some(512 * 1024),
+            1 << 20,
+            &[&budget],
+            std::time::Duration::from_millis(200),
+        )
+        .await;
+        assert_eq!(got.err(), Some(BodyError::TooSlow));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(budget.available_kib(), 1024, "its room is back");
     }
 }

@@ -374,7 +374,7 @@ async fn relay_local(
     body: Body,
 ) -> Response {
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    relay(&shared.client, &shared.upstream, Some(&shared.account), None, method, &path, &headers, body).await
+    relay(&shared.client, &shared.upstream, Some(&shared.account), &[], method, &path, &headers, body).await
 }
 
 /// Opens the account or route of a running execution this process has not opened (after a
@@ -394,6 +394,8 @@ pub struct Gateways {
     prices: Option<Arc<PriceTable>>,
     /// Bytes of request bodies in memory at once, all executions together.
     bodies: BodyBudget,
+    /// The same, per namespace (`bodies::NAMESPACE_BYTES`).
+    namespace_bodies: Mutex<HashMap<String, BodyBudget>>,
 }
 
 impl Gateways {
@@ -406,6 +408,7 @@ impl Gateways {
             opener: std::sync::OnceLock::new(),
             retired: Mutex::new(Default::default()),
             bodies: BodyBudget::new(bodies::GATEWAY_BYTES),
+            namespace_bodies: Mutex::new(HashMap::new()),
             prices: None,
         })
     }
@@ -501,7 +504,15 @@ async fn relay_controller(
     // before it reads a byte of the body).
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     let path = format!("{path}{query}");
-    relay(&g.client, &g.upstream, account.as_ref(), Some(&g.bodies), method, &path, &headers, body).await
+    let namespace = g.namespace_bodies.lock().ok().map(|mut n| {
+        if n.len() > 10_000 {
+            // Namespaces come and go; a budget nobody holds is full again, so none is lost.
+            n.retain(|_, b| b.available_kib() < bodies::NAMESPACE_BYTES / 1024);
+        }
+        n.entry(key.0.clone()).or_insert_with(|| BodyBudget::new(bodies::NAMESPACE_BYTES)).clone()
+    });
+    let process = [Some(&g.bodies), namespace.as_ref()];
+    relay(&g.client, &g.upstream, account.as_ref(), &process, method, &path, &headers, body).await
 }
 
 /// Asks hyper to close the connection after this answer (the request body may be unread).
@@ -585,7 +596,7 @@ async fn relay(
     client: &reqwest::Client,
     upstream: &str,
     account: Option<&Arc<Account>>,
-    process: Option<&BodyBudget>,
+    process: &[Option<&BodyBudget>],
     method: Method,
     path: &str,
     headers: &HeaderMap,
@@ -625,7 +636,7 @@ async fn relay(
     };
     // Read against the execution's budget of bytes and the process's (`bodies`): what all
     // agents together can make the controller hold is bounded, and one cannot take it all.
-    let budgets: Vec<&BodyBudget> = std::iter::once(&account.bodies).chain(process).collect();
+    let budgets: Vec<&BodyBudget> = std::iter::once(&account.bodies).chain(process.iter().flatten().copied()).collect();
     let (body, held) = match bodies::read(body, bodies::declared_length(headers), MAX_REQUEST_BYTES, &budgets).await {
         Ok(read) => read,
         Err(BodyError::TooLarge) => {
@@ -647,6 +658,13 @@ async fn relay(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 &format!("the body broke off: {e}"),
+            ));
+        }
+        Err(BodyError::TooSlow) => {
+            return close(refuse(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive whole within 30 s",
             ));
         }
     };

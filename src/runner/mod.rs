@@ -807,7 +807,11 @@ impl<'a> Run<'a> {
                     return None;
                 }
                 let text = res.text.as_deref().unwrap_or_default();
-                Some(match res.subtype.as_str() {
+                // The agent's word, so bounded and shown clean (it lands in the status and the
+                // publish step's termination message, which a node cuts at 3 KiB).
+                let subtype = clean(&truncate(&res.subtype, 64)).into_owned();
+                let text = &clean(&truncate(text, 300)).into_owned();
+                Some(match subtype.as_str() {
                     s if s.contains("structured_output") => Outcome::failed(
                         Reason::InvalidOutput,
                         format!(

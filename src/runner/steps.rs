@@ -342,7 +342,7 @@ async fn post_verdict(
     let said = Summary {
         output,
         result: result.map(|r| crate::api::report::truncate(&r, super::RESULT_LIMIT)),
-        tool_calls: agent.tool_calls.clone(),
+        tool_calls: agent.tool_calls.bounded(64),
         num_turns: agent.num_turns(),
         session_id: agent.session_id.clone(),
         ..said
@@ -395,6 +395,12 @@ async fn forward_logs(target: &super::ReportTarget, store: &Store, id: &str, age
         add(rows.into_iter().filter(|l| (1_000_000..2_000_000).contains(&l.seq)).collect());
     }
     lines.sort_by_key(|l| l.0);
+    // The controller keeps an execution's first and last lines only (`Store::append_logs`): the
+    // rest is not sent (the agent's own store, where Landlock is missing, may hold a million).
+    let (head, tail) = (crate::store::LOG_HEAD_LINES as usize, crate::store::LOG_TAIL_LINES as usize);
+    if lines.len() > head + tail {
+        lines.drain(head..lines.len() - tail);
+    }
     for batch in lines.chunks(200) {
         if !post_logs(target, batch).await {
             break;

@@ -409,6 +409,7 @@ async fn runner_body(
             Err(r)
         }
         Err(BodyError::Broken(e)) => Err(close(error(StatusCode::BAD_REQUEST, format!("the body broke off: {e}")))),
+        Err(BodyError::TooSlow) => Err(close(error(StatusCode::REQUEST_TIMEOUT, "the body did not arrive in time"))),
     }
 }
 

@@ -261,6 +261,15 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for (seq, source, line, at) in lines {
+            // `agentops:` sources are the store's own (the cut marker): a line that comes with one
+            // is kept under another name, and counts like any other.
+            let renamed;
+            let source = if source.starts_with("agentops:") {
+                renamed = format!("untrusted-{source}");
+                &renamed
+            } else {
+                source
+            };
             // A line sent twice (a runner's retried report) is kept once.
             sqlx::query(
                 "INSERT OR IGNORE INTO execution_logs (execution_id, seq, source, line, at) VALUES (?, ?, ?, ?, ?)",
