@@ -225,3 +225,110 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
     let git_stat = s.check_real_edits("r", &commit, &c.base.to_string(), &pointer);
     assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), git_stat);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stalls_fails_by_the_read_timeout_and_a_stop_ends_the_wait_at_once() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    // Cloned before the host goes quiet, for the push below.
+    let (dir, c) = clone(&url, None, 1, "agentops/stall").await.unwrap();
+    std::fs::write(dir.join("c/b.txt"), "b\n").unwrap();
+
+    // The ref advertisement's headers, then nothing: no deadline, only the read timeout.
+    s.stall_after_headers(Some("git-upload-pack"));
+    let (u, started) = (url.clone(), Instant::now());
+    let err = blocking(move || {
+        let dest = tempfile::tempdir().unwrap().keep().join("c");
+        git::with_read_timeout(Duration::from_secs(2), || {
+            git::clone(&u, &dest, None, 1, None, "work", &AtomicBool::new(false)).map(|_| ())
+        })
+    })
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, GitError::Stalled { secs: 2, .. }), "{err}");
+    assert!(err.to_string().contains("sent nothing for 2 s"), "{err}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
+    assert_eq!(s.stats().stalled.load(Ordering::Relaxed), 1);
+
+    // With the 60 s read timeout, a stop (cancel, the deadline) ends the wait within a second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (u, flag) = (url.clone(), stop.clone());
+    let clone = blocking(move || {
+        let dest = tempfile::tempdir().unwrap().keep().join("c");
+        git::clone(&u, &dest, None, 1, None, "work", &flag).map(|_| ())
+    });
+    let stopper = async {
+        while s.stats().stalled.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        Instant::now()
+    };
+    let (cloned, stopped_at) = tokio::join!(clone, stopper);
+    assert!(cloned.is_err());
+    assert!(stopped_at.elapsed() < Duration::from_secs(2), "ended {:?} after the stop", stopped_at.elapsed());
+
+    // A push whose host stalls the same way.
+    s.stall_after_headers(Some("git-receive-pack"));
+    let (d, cl, u) = (dir.clone(), c.clone(), url.clone());
+    let err = blocking(move || {
+        git::with_read_timeout(Duration::from_secs(2), || {
+            let stop = AtomicBool::new(false);
+            let p =
+                git::Publish::prepare(&d.join("c"), &d.join("publish.git"), cl.base, &u, &cl.source_ref, None, &stop)?;
+            let staged = p.stage()?.expect("a change");
+            p.commit(&staged, "agentops/stall", &git2::Signature::now("a", "a@a")?, "work")?;
+            p.push(&u, "agentops/stall", None, &stop)
+        })
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, GitError::Stalled { secs: 2, .. }), "{err}");
+    // Control: the same push goes through once the host answers.
+    s.stall_after_headers(None);
+    publish(&dir, &c, &url, "agentops/stall").await.unwrap().unwrap();
+    assert!(s.branch_head("r", "agentops/stall").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_own_errors_are_reported_in_its_words_without_control_characters() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    let shown = |m: &str| !m.chars().any(|c| c.is_control());
+    let pushes = || s.stats().receive_pack.load(Ordering::Relaxed);
+
+    // A pre-receive hook's refusal: its words (side band 2) reach the message, once.
+    s.reject_pushes("r", "protected branch: agentops/* needs review\x1b]0;pwned\x07\x1b[2K");
+    let (dir, c) = clone(&url, None, 1, "agentops/hook").await.unwrap();
+    std::fs::write(dir.join("c/b.txt"), "b\n").unwrap();
+    let before = pushes();
+    let Err(err) = publish(&dir, &c, &url, "agentops/hook").await else { panic!("the hook refuses") };
+    let GitError::PushRejected { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains("pre-receive hook declined"), "{message}");
+    assert!(message.contains("the host said: protected branch: agentops/* needs review"), "{message}");
+    assert!(shown(message), "{message:?}");
+    assert_eq!(pushes(), before + 1);
+    std::fs::remove_file(s.repo_path("r").join("hooks/pre-receive")).unwrap();
+
+    // A fatal error on side band 3 during a push: a rejection in the host's words, not "cannot reach".
+    s.fail_fatally("git-receive-pack", "the repository is over its quota\x1b[31m");
+    let before = pushes();
+    let Err(err) = publish(&dir, &c, &url, "agentops/hook").await else { panic!("the host refuses") };
+    let GitError::PushRejected { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains("fatal: the repository is over its quota"), "{message}");
+    assert!(shown(message), "{message:?}");
+    assert_eq!(pushes(), before + 1);
+
+    // And during a clone.
+    s.fail_fatally("git-upload-pack", "upload-pack: not our ref\x07");
+    let Err(err) = clone(&url, None, 1, "agentops/clone").await else { panic!("the host refuses") };
+    assert!(matches!(err, GitError::Host { .. }), "{err}");
+    assert!(err.to_string().contains("answered with an error: fatal: upload-pack: not our ref"), "{err}");
+    assert!(shown(&err.to_string()));
+}

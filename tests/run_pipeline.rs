@@ -572,3 +572,88 @@ async fn a_push_that_fails_for_a_moment_is_tried_again_and_a_rejection_is_not() 
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
     assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_host_that_stalls_ends_the_run_at_its_timeout_or_on_cancel() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new(write_script("stall.txt")).await;
+    let stalled = || h.git.stats().stalled.load(Ordering::Relaxed);
+
+    // The clone: headers, then nothing. The run's timeout ends it, before any agent starts.
+    h.git.stall_after_headers(Some("git-upload-pack"));
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("stall-clone", "  timeout: 4s\n")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::TimedOut, Some("Timeout")), "{s:#?}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert_eq!((stalled(), h.model.main_requests()), (1, 0));
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "TimedOut");
+
+    // Cancel during the stalled clone: within a second or two.
+    let cancel = CancellationToken::new();
+    let yaml = h.manifest("stall-cancel", "");
+    let run = h.try_run(&yaml, cancel.clone());
+    let trigger = async {
+        while stalled() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    let (s, at) = tokio::join!(run, trigger);
+    let s = s.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+
+    // The push: the agent's work is committed, the host stalls, cancel ends the run at once.
+    h.git.stall_after_headers(Some("git-receive-pack"));
+    let cancel = CancellationToken::new();
+    let yaml = h.manifest("stall-push", "  workspace: {retain: Retain}\n");
+    let run = h.try_run(&yaml, cancel.clone());
+    let trigger = async {
+        while stalled() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    let (s, at) = tokio::join!(run, trigger);
+    let s = s.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+    assert!(s.git.commit.is_some() && !s.git.pushed, "{:?}", s.git);
+    assert_eq!(h.git.branch_head("demo", "agentops/stall-push"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_refusal_reaches_the_status_in_its_words_and_is_not_retried() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new(write_script("refused.txt")).await;
+    let pushes = || h.git.stats().receive_pack.load(Ordering::Relaxed);
+    let shown = |m: &str| !m.chars().any(|c| c.is_control());
+
+    // Issue 24: what the pre-receive hook said reaches the status (and the store), cleaned.
+    h.git.reject_pushes("demo", "protected branch: agentops/* needs review\x1b]0;pwned\x07");
+    let s = h.run(&h.manifest("hook", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("protected branch: agentops/* needs review"), "{msg}");
+    assert!(shown(&msg), "{msg:?}");
+    assert_eq!(pushes(), 1, "a refusal is not retried");
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert!(row.message.unwrap().contains("protected branch: agentops/* needs review"));
+    std::fs::remove_file(h.git.repo_path("demo").join("hooks/pre-receive")).unwrap();
+
+    // Issue 23: a fatal error on side band 3 is the host's word, not "cannot reach": once, at once.
+    h.git.fail_fatally("git-receive-pack", "the repository is over its quota\x1b[31m");
+    h.model.set_script(write_script("refused.txt"));
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("fatal", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("fatal: the repository is over its quota") && shown(&msg), "{msg:?}");
+    assert!(!msg.contains("cannot reach"), "{msg}");
+    assert_eq!(pushes(), 2, "one push request, no retry");
+    assert!(started.elapsed() < Duration::from_secs(40), "no minute of retries: {:?}", started.elapsed());
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(!logs.iter().any(|l| l.line.contains("trying again")), "{logs:?}");
+}

@@ -84,11 +84,11 @@ impl Publish {
         if repo.find_commit(base).is_err() {
             // The agent removed or broke its object store: fetch the base again.
             let mut remote = repo.remote_anonymous(url)?;
-            let (fetched, rejected) = super::http::with_credentials(creds, || {
+            let (fetched, seen) = super::http::with_credentials(creds, stop, || {
                 let mut fo = super::fetch_options(stop, 1);
                 remote.fetch(&[format!("+{base_ref}:refs/agentops/base")], Some(&mut fo), None)
             });
-            fetched.map_err(|e| super::classify(e, url, creds, rejected))?;
+            fetched.map_err(|e| super::judge(super::classify(e, url, creds), &seen, url, creds))?;
             repo.find_commit(base).map_err(|_| {
                 GitError::Other(git2::Error::from_str(&format!(
                     "the base commit {base} is no longer in the workspace and {url} no longer has it at {base_ref}"
@@ -208,11 +208,22 @@ impl Publish {
         creds: Option<&GitCredentials>,
         stop: &AtomicBool,
     ) -> Result<(), GitError> {
-        let (result, auth_rejected) = super::http::with_credentials(creds, || {
+        let (result, seen) = super::http::with_credentials(creds, stop, || {
             let continues = self.base_ref == format!("refs/heads/{branch}");
             super::push_to(&self.repo, url, branch, self.base, continues, creds, stop)
         });
-        result.map_err(|e| if auth_rejected { super::classify_auth(url, creds) } else { e })
+        // The host's word is final: its fatal error is a rejection, never retried as a network
+        // failure; and what its hooks said (a protected branch, a policy) is part of the answer.
+        result.map_err(|e| match super::judge(e, &seen, url, creds) {
+            GitError::Host { message, .. } => {
+                GitError::PushRejected { branch: branch.into(), message: format!("the host refused it: {message}") }
+            }
+            GitError::PushRejected { branch, message } => match seen.remote_text() {
+                Some(said) => GitError::PushRejected { branch, message: format!("{message}; the host said: {said}") },
+                None => GitError::PushRejected { branch, message },
+            },
+            other => other,
+        })
     }
 }
 
