@@ -332,3 +332,140 @@ async fn the_hosts_own_errors_are_reported_in_its_words_without_control_characte
     assert!(err.to_string().contains("answered with an error: fatal: upload-pack: not our ref"), "{err}");
     assert!(shown(&err.to_string()));
 }
+
+/// Whether any process has `fifo` open for reading (one blocked opening it counts: a writer's
+/// non-blocking open succeeds only then).
+fn someone_reads(fifo: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    std::fs::OpenOptions::new().write(true).custom_flags(flags).open(fifo).is_ok()
+}
+
+fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+}
+
+/// Runs `f` on a thread of its own and says whether it is still blocked after `wait` (then it
+/// is left to finish once unblocked, its result sent on the receiver).
+fn blocks<T: Send + 'static>(
+    wait: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (bool, std::sync::mpsc::Receiver<T>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let blocked = matches!(rx.recv_timeout(wait), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+    (blocked, rx)
+}
+
+/// Lets a reader blocked opening `fifo` go: it opens, reads nothing, and sees the end.
+fn release(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    drop(std::fs::OpenOptions::new().write(true).custom_flags(flags).open(fifo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_opens_nothing_the_agent_planted_as_a_special_file() {
+    use std::time::Duration;
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    let (dir, c) = clone(&url, None, 1, "agentops/fifo").await.unwrap();
+    let w = dir.join("c");
+    // The attack of issue 23: a FIFO where libgit2 looks for alternates of an object store.
+    let alternates = w.join(".git/objects/info/alternates");
+    mkfifo(&alternates);
+    // Control: adding the checkout's objects as an alternate (what publish did) blocks on it.
+    let objects = w.join(".git/objects");
+    let scratch = tempfile::tempdir().unwrap().keep();
+    let (blocked, rx) = blocks(Duration::from_millis(1500), move || {
+        let repo = git2::Repository::init_bare(&scratch).unwrap();
+        repo.odb().unwrap().add_disk_alternate(&objects.to_string_lossy()).is_ok()
+    });
+    assert!(blocked, "libgit2 opens a FIFO at objects/info/alternates and waits");
+    release(&alternates);
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert!(!someone_reads(&alternates));
+
+    // In the work tree: a FIFO and a socket (git leaves both out of a commit), and a repository
+    // of the agent's own whose config is a FIFO (libgit2 would open it to add it as a gitlink).
+    mkfifo(&w.join("pipe.fifo"));
+    let _socket = std::os::unix::net::UnixListener::bind(w.join("docs/agent.sock")).unwrap();
+    git(&w, &["init", "-q", "tools/vendored"]);
+    std::fs::write(w.join("tools/vendored/lib.c"), "int x;\n").unwrap();
+    let nested_config = w.join("tools/vendored/.git/config");
+    std::fs::remove_file(&nested_config).unwrap();
+    mkfifo(&nested_config);
+    let nested = w.join("tools/vendored");
+    let (blocked, rx) = blocks(Duration::from_millis(1500), move || git2::Repository::open(&nested).is_ok());
+    assert!(blocked, "libgit2 opens a repository's config, and waits on a FIFO there");
+    release(&nested_config);
+    let _ = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    std::fs::write(w.join("legit.txt"), "the real fix\n").unwrap();
+
+    let started = std::time::Instant::now();
+    let published = tokio::time::timeout(Duration::from_secs(30), publish(&dir, &c, &url, "agentops/fifo")).await;
+    let Ok(published) = published else {
+        // Let the blocked reader go, or the test would hang instead of failing.
+        for f in [&alternates, &w.join("pipe.fifo"), &nested_config] {
+            release(f);
+        }
+        panic!("publish blocked on a FIFO");
+    };
+    let (commit, staged) = published.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    for fifo in [&alternates, &w.join("pipe.fifo"), &nested_config] {
+        assert!(!someone_reads(fifo), "{} was not opened", fifo.display());
+    }
+    assert_eq!(
+        staged.left_out,
+        ["docs/agent.sock (a socket)", "pipe.fifo (a FIFO)", "tools/vendored (a repository of its own)"]
+    );
+    assert!(staged.note().contains("left out of the commit, as git leaves them: docs/agent.sock (a socket)"));
+    let tree = s.git("r", &["ls-tree", "-r", "--name-only", &commit]);
+    assert!(tree.lines().any(|l| l == "legit.txt"), "{tree}");
+    assert!(!tree.contains("pipe.fifo") && !tree.contains("agent.sock") && !tree.contains("tools/"), "{tree}");
+    assert_eq!(s.branch_head("r", "agentops/fifo"), Some(commit));
+
+    // Where git itself would read one (a file of its rules, a link to one, a tracked file): refused,
+    // named, within seconds; nothing pushed.
+    let outside = tempfile::tempdir().unwrap();
+    mkfifo(&outside.path().join("fifo"));
+    type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: [(&str, Plant); 3] = [
+        (
+            "a.txt (a FIFO) in place of a tracked file",
+            Box::new(|w: &Path| {
+                std::fs::remove_file(w.join("a.txt")).unwrap();
+                mkfifo(&w.join("a.txt"));
+            }),
+        ),
+        ("docs/.gitignore (a FIFO) where git reads its rules", Box::new(|w: &Path| mkfifo(&w.join("docs/.gitignore")))),
+        (
+            "docs/.gitattributes (a link to a FIFO) where git reads its rules",
+            Box::new(|w: &Path| {
+                std::os::unix::fs::symlink(outside.path().join("fifo"), w.join("docs/.gitattributes")).unwrap()
+            }),
+        ),
+    ];
+    for (i, (said, plant)) in cases.iter().enumerate() {
+        let branch = format!("agentops/refused{i}");
+        let (dir, c) = clone(&url, None, 1, &branch).await.unwrap();
+        plant(&dir.join("c"));
+        std::fs::write(dir.join("c/legit.txt"), "the real fix\n").unwrap();
+        let published = tokio::time::timeout(Duration::from_secs(30), publish(&dir, &c, &url, &branch)).await;
+        let Ok(published) = published else {
+            for f in [dir.join("c/a.txt"), dir.join("c/docs/.gitignore"), outside.path().join("fifo")] {
+                release(&f);
+            }
+            panic!("{said}: publish blocked on it");
+        };
+        let Err(err) = published else { panic!("{said}: must be refused") };
+        assert!(matches!(err, GitError::Refused(_)), "{said}: {err}");
+        assert!(err.to_string().contains(said) && err.to_string().contains("regular files"), "{err}");
+        assert_eq!(s.branch_head("r", &branch), None);
+    }
+    assert!(!someone_reads(&outside.path().join("fifo")));
+}

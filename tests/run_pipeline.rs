@@ -657,3 +657,42 @@ async fn a_hosts_refusal_reaches_the_status_in_its_words_and_is_not_retried() {
     let logs = h.store.logs(&s.id).await.unwrap();
     assert!(!logs.iter().any(|l| l.line.contains("trying again")), "{logs:?}");
 }
+
+fn bash(command: &str) -> Step {
+    Step::tool("Bash", json!({"command": command, "description": "plant"}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_the_agent_plants_in_git_and_the_work_tree_never_hang_the_run() {
+    use std::os::unix::fs::FileTypeExt;
+    let h = Harness::new(vec![
+        // Issue 23: publish opened `.git/objects/info/alternates` and waited forever.
+        bash("mkfifo .git/objects/info/alternates pipe.fifo && ls -l .git/objects/info/alternates pipe.fifo"),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("fifo", "  timeout: 20s\n  workspace: {retain: Retain}\n")).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "ended within its timeout: {:?}", started.elapsed());
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    // The attack was in place, and nobody waits on either FIFO.
+    let repo = std::path::Path::new(s.workspace.as_deref().unwrap()).join("repo");
+    for fifo in [repo.join(".git/objects/info/alternates"), repo.join("pipe.fifo")] {
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "{}", fifo.display());
+        use std::os::unix::fs::OpenOptionsExt;
+        let nobody_reads = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&fifo)
+            .is_err();
+        assert!(nobody_reads, "{} is not open anywhere", fifo.display());
+    }
+    // The FIFO in the work tree is left out of the commit, as git leaves it, and the user is told.
+    let head = h.git.branch_head("demo", "agentops/fifo").expect("pushed");
+    assert_eq!(h.git.show("demo", &head, "legit.txt").as_deref(), Some("the real fix\n"));
+    assert_eq!(h.git.show("demo", &head, "pipe.fifo"), None);
+    let msg = s.message.unwrap();
+    assert!(msg.contains("left out of the commit, as git leaves them: pipe.fifo (a FIFO)"), "{msg}");
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "Succeeded");
+}

@@ -51,6 +51,9 @@ pub enum GitError {
     BranchExists { url: String, branch: String },
     #[error("push of {branch} was rejected: {message}")]
     PushRejected { branch: String, message: String },
+    /// Something in the work tree that publish will not open (a FIFO where git reads).
+    #[error("{0}")]
+    Refused(String),
     #[error("git: {0}")]
     Other(#[from] git2::Error),
 }
@@ -297,6 +300,32 @@ pub struct Staged {
     pub skipped: Vec<String>,
     /// The binary files added or changed (their content is not in `patch`), to be scanned.
     pub binaries: Vec<Oid>,
+    /// What git leaves out of a commit and publish did too: special files (FIFOs, sockets,
+    /// devices) and repositories of their own, as "path (what)".
+    pub left_out: Vec<String>,
+}
+
+impl Staged {
+    /// What the commit leaves out of the work tree, for the user: "; ..." clauses, or nothing.
+    pub fn note(&self) -> String {
+        let mut note = String::new();
+        if !self.skipped.is_empty() {
+            note += &format!(
+                "; files written inside submodule {} were not committed (submodules stay at their recorded commit)",
+                self.skipped.join(", ")
+            );
+        }
+        if !self.left_out.is_empty() {
+            const SHOWN: usize = 10;
+            let more = self.left_out.len().saturating_sub(SHOWN);
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+            note += &format!(
+                "; left out of the commit, as git leaves them: {}{more}",
+                self.left_out[..self.left_out.len().min(SHOWN)].join(", ")
+            );
+        }
+        note
+    }
 }
 
 /// Pushes `refs/heads/<branch>` of `repo`, one commit on top of `base`, to `url` (an anonymous
