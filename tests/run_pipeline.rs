@@ -696,3 +696,37 @@ async fn fifos_the_agent_plants_in_git_and_the_work_tree_never_hang_the_run() {
     assert!(msg.contains("left out of the commit, as git leaves them: pipe.fifo (a FIFO)"), "{msg}");
     assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "Succeeded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_mid_way_is_failed_when_the_store_is_next_opened_and_a_live_one_is_not() {
+    let h = Harness::new(vec![Step::Hang]).await;
+    let bin = env!("CARGO_BIN_EXE_agentops");
+    let file = h.dir.path().join("killed.yaml");
+    std::fs::write(&file, h.manifest("killed", "")).unwrap();
+    let mut run = h.agentops(bin).args(["run", "-q", "-o", "json", "-f"]).arg(&file).spawn().unwrap();
+    assert!(h.model.wait_for_main_requests(1, Duration::from_secs(60)).await, "the agent is at work");
+    let list = || async {
+        let out = h.agentops(bin).args(["executions", "list", "--json"]).output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        rows.into_iter().find(|r| r["name"] == "killed").expect("the row")
+    };
+    // Control: a run whose process is alive is left Running by another process opening the store.
+    let row = list().await;
+    assert_eq!(row["phase"], "Running", "{row}");
+
+    // SIGKILL: no handler runs, nothing is written. The next open of the store ends the row.
+    let pid = nix::unistd::Pid::from_raw(run.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    run.wait().await.unwrap();
+    let row = list().await;
+    assert_eq!((row["phase"].as_str(), row["reason"].as_str()), (Some("Failed"), Some("RunnerLost")), "{row}");
+    let msg = row["message"].as_str().unwrap();
+    assert!(msg.contains("agentops stopped before the execution ended") && msg.contains("is gone"), "{msg}");
+    let id = row["id"].as_str().unwrap();
+    let out = h.agentops(bin).args(["executions", "show", id]).output().await.unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.starts_with("Failed killed (RunnerLost): agentops stopped"), "{shown}");
+    assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "error", "the workspace is kept");
+    h.model.end_hangs();
+}
