@@ -225,3 +225,247 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
     let git_stat = s.check_real_edits("r", &commit, &c.base.to_string(), &pointer);
     assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), git_stat);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_stalls_fails_by_the_read_timeout_and_a_stop_ends_the_wait_at_once() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    // Cloned before the host goes quiet, for the push below.
+    let (dir, c) = clone(&url, None, 1, "agentops/stall").await.unwrap();
+    std::fs::write(dir.join("c/b.txt"), "b\n").unwrap();
+
+    // The ref advertisement's headers, then nothing: no deadline, only the read timeout.
+    s.stall_after_headers(Some("git-upload-pack"));
+    let (u, started) = (url.clone(), Instant::now());
+    let err = blocking(move || {
+        let dest = tempfile::tempdir().unwrap().keep().join("c");
+        git::with_read_timeout(Duration::from_secs(2), || {
+            git::clone(&u, &dest, None, 1, None, "work", &AtomicBool::new(false)).map(|_| ())
+        })
+    })
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, GitError::Stalled { secs: 2, .. }), "{err}");
+    assert!(err.to_string().contains("sent nothing for 2 s"), "{err}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(6), "{took:?}");
+    assert_eq!(s.stats().stalled.load(Ordering::Relaxed), 1);
+
+    // With the 60 s read timeout, a stop (cancel, the deadline) ends the wait within a second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (u, flag) = (url.clone(), stop.clone());
+    let clone = blocking(move || {
+        let dest = tempfile::tempdir().unwrap().keep().join("c");
+        git::clone(&u, &dest, None, 1, None, "work", &flag).map(|_| ())
+    });
+    let stopper = async {
+        while s.stats().stalled.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        Instant::now()
+    };
+    let (cloned, stopped_at) = tokio::join!(clone, stopper);
+    assert!(cloned.is_err());
+    assert!(stopped_at.elapsed() < Duration::from_secs(2), "ended {:?} after the stop", stopped_at.elapsed());
+
+    // A push whose host stalls the same way.
+    s.stall_after_headers(Some("git-receive-pack"));
+    let (d, cl, u) = (dir.clone(), c.clone(), url.clone());
+    let err = blocking(move || {
+        git::with_read_timeout(Duration::from_secs(2), || {
+            let stop = AtomicBool::new(false);
+            let p =
+                git::Publish::prepare(&d.join("c"), &d.join("publish.git"), cl.base, &u, &cl.source_ref, None, &stop)?;
+            let staged = p.stage()?.expect("a change");
+            p.commit(&staged, "agentops/stall", &git2::Signature::now("a", "a@a")?, "work")?;
+            p.push(&u, "agentops/stall", None, &stop)
+        })
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, GitError::Stalled { secs: 2, .. }), "{err}");
+    // Control: the same push goes through once the host answers.
+    s.stall_after_headers(None);
+    publish(&dir, &c, &url, "agentops/stall").await.unwrap().unwrap();
+    assert!(s.branch_head("r", "agentops/stall").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_own_errors_are_reported_in_its_words_without_control_characters() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    let shown = |m: &str| !m.chars().any(|c| c.is_control());
+    let pushes = || s.stats().receive_pack.load(Ordering::Relaxed);
+
+    // A pre-receive hook's refusal: its words (side band 2) reach the message, once.
+    s.reject_pushes("r", "protected branch: agentops/* needs review\x1b]0;pwned\x07\x1b[2K");
+    let (dir, c) = clone(&url, None, 1, "agentops/hook").await.unwrap();
+    std::fs::write(dir.join("c/b.txt"), "b\n").unwrap();
+    let before = pushes();
+    let Err(err) = publish(&dir, &c, &url, "agentops/hook").await else { panic!("the hook refuses") };
+    let GitError::PushRejected { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains("pre-receive hook declined"), "{message}");
+    assert!(message.contains("the host said: protected branch: agentops/* needs review"), "{message}");
+    assert!(shown(message), "{message:?}");
+    assert_eq!(pushes(), before + 1);
+    std::fs::remove_file(s.repo_path("r").join("hooks/pre-receive")).unwrap();
+
+    // A fatal error on side band 3 during a push: a rejection in the host's words, not "cannot reach".
+    s.fail_fatally("git-receive-pack", "the repository is over its quota\x1b[31m");
+    let before = pushes();
+    let Err(err) = publish(&dir, &c, &url, "agentops/hook").await else { panic!("the host refuses") };
+    let GitError::PushRejected { message, .. } = &err else { panic!("{err}") };
+    assert!(message.contains("fatal: the repository is over its quota"), "{message}");
+    assert!(shown(message), "{message:?}");
+    assert_eq!(pushes(), before + 1);
+
+    // And during a clone.
+    s.fail_fatally("git-upload-pack", "upload-pack: not our ref\x07");
+    let Err(err) = clone(&url, None, 1, "agentops/clone").await else { panic!("the host refuses") };
+    assert!(matches!(err, GitError::Host { .. }), "{err}");
+    assert!(err.to_string().contains("answered with an error: fatal: upload-pack: not our ref"), "{err}");
+    assert!(shown(&err.to_string()));
+}
+
+/// Whether any process has `fifo` open for reading (one blocked opening it counts: a writer's
+/// non-blocking open succeeds only then).
+fn someone_reads(fifo: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    std::fs::OpenOptions::new().write(true).custom_flags(flags).open(fifo).is_ok()
+}
+
+fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+}
+
+/// Runs `f` on a thread of its own and says whether it is still blocked after `wait` (then it
+/// is left to finish once unblocked, its result sent on the receiver).
+fn blocks<T: Send + 'static>(
+    wait: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (bool, std::sync::mpsc::Receiver<T>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let blocked = matches!(rx.recv_timeout(wait), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+    (blocked, rx)
+}
+
+/// Lets a reader blocked opening `fifo` go: it opens, reads nothing, and sees the end.
+fn release(fifo: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    drop(std::fs::OpenOptions::new().write(true).custom_flags(flags).open(fifo));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_opens_nothing_the_agent_planted_as_a_special_file() {
+    use std::time::Duration;
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let url = s.url("r");
+    let (dir, c) = clone(&url, None, 1, "agentops/fifo").await.unwrap();
+    let w = dir.join("c");
+    // The attack of issue 23: a FIFO where libgit2 looks for alternates of an object store.
+    let alternates = w.join(".git/objects/info/alternates");
+    mkfifo(&alternates);
+    // Control: adding the checkout's objects as an alternate (what publish did) blocks on it.
+    let objects = w.join(".git/objects");
+    let scratch = tempfile::tempdir().unwrap().keep();
+    let (blocked, rx) = blocks(Duration::from_millis(1500), move || {
+        let repo = git2::Repository::init_bare(&scratch).unwrap();
+        repo.odb().unwrap().add_disk_alternate(&objects.to_string_lossy()).is_ok()
+    });
+    assert!(blocked, "libgit2 opens a FIFO at objects/info/alternates and waits");
+    release(&alternates);
+    assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap());
+    assert!(!someone_reads(&alternates));
+
+    // In the work tree: a FIFO and a socket (git leaves both out of a commit), and a repository
+    // of the agent's own whose config is a FIFO (libgit2 would open it to add it as a gitlink).
+    mkfifo(&w.join("pipe.fifo"));
+    let _socket = std::os::unix::net::UnixListener::bind(w.join("docs/agent.sock")).unwrap();
+    git(&w, &["init", "-q", "tools/vendored"]);
+    std::fs::write(w.join("tools/vendored/lib.c"), "int x;\n").unwrap();
+    let nested_config = w.join("tools/vendored/.git/config");
+    std::fs::remove_file(&nested_config).unwrap();
+    mkfifo(&nested_config);
+    let nested = w.join("tools/vendored");
+    let (blocked, rx) = blocks(Duration::from_millis(1500), move || git2::Repository::open(&nested).is_ok());
+    assert!(blocked, "libgit2 opens a repository's config, and waits on a FIFO there");
+    release(&nested_config);
+    let _ = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    std::fs::write(w.join("legit.txt"), "the real fix\n").unwrap();
+
+    let started = std::time::Instant::now();
+    let published = tokio::time::timeout(Duration::from_secs(30), publish(&dir, &c, &url, "agentops/fifo")).await;
+    let Ok(published) = published else {
+        // Let the blocked reader go, or the test would hang instead of failing.
+        for f in [&alternates, &w.join("pipe.fifo"), &nested_config] {
+            release(f);
+        }
+        panic!("publish blocked on a FIFO");
+    };
+    let (commit, staged) = published.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    for fifo in [&alternates, &w.join("pipe.fifo"), &nested_config] {
+        assert!(!someone_reads(fifo), "{} was not opened", fifo.display());
+    }
+    assert_eq!(
+        staged.left_out,
+        ["docs/agent.sock (a socket)", "pipe.fifo (a FIFO)", "tools/vendored (a repository of its own)"]
+    );
+    assert!(staged.note().contains("left out of the commit, as git leaves them: docs/agent.sock (a socket)"));
+    let tree = s.git("r", &["ls-tree", "-r", "--name-only", &commit]);
+    assert!(tree.lines().any(|l| l == "legit.txt"), "{tree}");
+    assert!(!tree.contains("pipe.fifo") && !tree.contains("agent.sock") && !tree.contains("tools/"), "{tree}");
+    assert_eq!(s.branch_head("r", "agentops/fifo"), Some(commit));
+
+    // Where git itself would read one (a file of its rules, a link to one, a tracked file): refused,
+    // named, within seconds; nothing pushed.
+    let outside = tempfile::tempdir().unwrap();
+    mkfifo(&outside.path().join("fifo"));
+    type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: [(&str, Plant); 3] = [
+        (
+            "a.txt (a FIFO) in place of a tracked file",
+            Box::new(|w: &Path| {
+                std::fs::remove_file(w.join("a.txt")).unwrap();
+                mkfifo(&w.join("a.txt"));
+            }),
+        ),
+        ("docs/.gitignore (a FIFO) where git reads its rules", Box::new(|w: &Path| mkfifo(&w.join("docs/.gitignore")))),
+        (
+            "docs/.gitattributes (a link to a FIFO) where git reads its rules",
+            Box::new(|w: &Path| {
+                std::os::unix::fs::symlink(outside.path().join("fifo"), w.join("docs/.gitattributes")).unwrap()
+            }),
+        ),
+    ];
+    for (i, (said, plant)) in cases.iter().enumerate() {
+        let branch = format!("agentops/refused{i}");
+        let (dir, c) = clone(&url, None, 1, &branch).await.unwrap();
+        plant(&dir.join("c"));
+        std::fs::write(dir.join("c/legit.txt"), "the real fix\n").unwrap();
+        let published = tokio::time::timeout(Duration::from_secs(30), publish(&dir, &c, &url, &branch)).await;
+        let Ok(published) = published else {
+            for f in [dir.join("c/a.txt"), dir.join("c/docs/.gitignore"), outside.path().join("fifo")] {
+                release(&f);
+            }
+            panic!("{said}: publish blocked on it");
+        };
+        let Err(err) = published else { panic!("{said}: must be refused") };
+        assert!(matches!(err, GitError::Refused(_)), "{said}: {err}");
+        assert!(err.to_string().contains(said) && err.to_string().contains("regular files"), "{err}");
+        assert_eq!(s.branch_head("r", &branch), None);
+    }
+    assert!(!someone_reads(&outside.path().join("fifo")));
+}

@@ -572,3 +572,161 @@ async fn a_push_that_fails_for_a_moment_is_tried_again_and_a_rejection_is_not() 
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
     assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_host_that_stalls_ends_the_run_at_its_timeout_or_on_cancel() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new(write_script("stall.txt")).await;
+    let stalled = || h.git.stats().stalled.load(Ordering::Relaxed);
+
+    // The clone: headers, then nothing. The run's timeout ends it, before any agent starts.
+    h.git.stall_after_headers(Some("git-upload-pack"));
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("stall-clone", "  timeout: 4s\n")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::TimedOut, Some("Timeout")), "{s:#?}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    assert_eq!((stalled(), h.model.main_requests()), (1, 0));
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "TimedOut");
+
+    // Cancel during the stalled clone: within a second or two.
+    let cancel = CancellationToken::new();
+    let yaml = h.manifest("stall-cancel", "");
+    let run = h.try_run(&yaml, cancel.clone());
+    let trigger = async {
+        while stalled() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    let (s, at) = tokio::join!(run, trigger);
+    let s = s.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+
+    // The push: the agent's work is committed, the host stalls, cancel ends the run at once.
+    h.git.stall_after_headers(Some("git-receive-pack"));
+    let cancel = CancellationToken::new();
+    let yaml = h.manifest("stall-push", "  workspace: {retain: Retain}\n");
+    let run = h.try_run(&yaml, cancel.clone());
+    let trigger = async {
+        while stalled() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    let (s, at) = tokio::join!(run, trigger);
+    let s = s.unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
+    assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
+    assert!(s.git.commit.is_some() && !s.git.pushed, "{:?}", s.git);
+    assert_eq!(h.git.branch_head("demo", "agentops/stall-push"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_refusal_reaches_the_status_in_its_words_and_is_not_retried() {
+    use std::sync::atomic::Ordering;
+    let h = Harness::new(write_script("refused.txt")).await;
+    let pushes = || h.git.stats().receive_pack.load(Ordering::Relaxed);
+    let shown = |m: &str| !m.chars().any(|c| c.is_control());
+
+    // Issue 24: what the pre-receive hook said reaches the status (and the store), cleaned.
+    h.git.reject_pushes("demo", "protected branch: agentops/* needs review\x1b]0;pwned\x07");
+    let s = h.run(&h.manifest("hook", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("protected branch: agentops/* needs review"), "{msg}");
+    assert!(shown(&msg), "{msg:?}");
+    assert_eq!(pushes(), 1, "a refusal is not retried");
+    let row = h.store.get_execution(&s.id).await.unwrap();
+    assert!(row.message.unwrap().contains("protected branch: agentops/* needs review"));
+    std::fs::remove_file(h.git.repo_path("demo").join("hooks/pre-receive")).unwrap();
+
+    // Issue 23: a fatal error on side band 3 is the host's word, not "cannot reach": once, at once.
+    h.git.fail_fatally("git-receive-pack", "the repository is over its quota\x1b[31m");
+    h.model.set_script(write_script("refused.txt"));
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("fatal", "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PushRejected")), "{s:#?}");
+    let msg = s.message.unwrap();
+    assert!(msg.contains("fatal: the repository is over its quota") && shown(&msg), "{msg:?}");
+    assert!(!msg.contains("cannot reach"), "{msg}");
+    assert_eq!(pushes(), 2, "one push request, no retry");
+    assert!(started.elapsed() < Duration::from_secs(40), "no minute of retries: {:?}", started.elapsed());
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(!logs.iter().any(|l| l.line.contains("trying again")), "{logs:?}");
+}
+
+fn bash(command: &str) -> Step {
+    Step::tool("Bash", json!({"command": command, "description": "plant"}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifos_the_agent_plants_in_git_and_the_work_tree_never_hang_the_run() {
+    use std::os::unix::fs::FileTypeExt;
+    let h = Harness::new(vec![
+        // Issue 23: publish opened `.git/objects/info/alternates` and waited forever.
+        bash("mkfifo .git/objects/info/alternates pipe.fifo && ls -l .git/objects/info/alternates pipe.fifo"),
+        Step::tool("Write", json!({"file_path": "legit.txt", "content": "the real fix\n"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let started = std::time::Instant::now();
+    let s = h.run(&h.manifest("fifo", "  timeout: 20s\n  workspace: {retain: Retain}\n")).await;
+    assert!(started.elapsed() < Duration::from_secs(20), "ended within its timeout: {:?}", started.elapsed());
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
+    // The attack was in place, and nobody waits on either FIFO.
+    let repo = std::path::Path::new(s.workspace.as_deref().unwrap()).join("repo");
+    for fifo in [repo.join(".git/objects/info/alternates"), repo.join("pipe.fifo")] {
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "{}", fifo.display());
+        use std::os::unix::fs::OpenOptionsExt;
+        let nobody_reads = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&fifo)
+            .is_err();
+        assert!(nobody_reads, "{} is not open anywhere", fifo.display());
+    }
+    // The FIFO in the work tree is left out of the commit, as git leaves it, and the user is told.
+    let head = h.git.branch_head("demo", "agentops/fifo").expect("pushed");
+    assert_eq!(h.git.show("demo", &head, "legit.txt").as_deref(), Some("the real fix\n"));
+    assert_eq!(h.git.show("demo", &head, "pipe.fifo"), None);
+    let msg = s.message.unwrap();
+    assert!(msg.contains("left out of the commit, as git leaves them: pipe.fifo (a FIFO)"), "{msg}");
+    assert_eq!(h.store.get_execution(&s.id).await.unwrap().status, "Succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_mid_way_is_failed_when_the_store_is_next_opened_and_a_live_one_is_not() {
+    let h = Harness::new(vec![Step::Hang]).await;
+    let bin = env!("CARGO_BIN_EXE_agentops");
+    let file = h.dir.path().join("killed.yaml");
+    std::fs::write(&file, h.manifest("killed", "")).unwrap();
+    let mut run = h.agentops(bin).args(["run", "-q", "-o", "json", "-f"]).arg(&file).spawn().unwrap();
+    assert!(h.model.wait_for_main_requests(1, Duration::from_secs(60)).await, "the agent is at work");
+    let list = || async {
+        let out = h.agentops(bin).args(["executions", "list", "--json"]).output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        rows.into_iter().find(|r| r["name"] == "killed").expect("the row")
+    };
+    // Control: a run whose process is alive is left Running by another process opening the store.
+    let row = list().await;
+    assert_eq!(row["phase"], "Running", "{row}");
+
+    // SIGKILL: no handler runs, nothing is written. The next open of the store ends the row.
+    let pid = nix::unistd::Pid::from_raw(run.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    run.wait().await.unwrap();
+    let row = list().await;
+    assert_eq!((row["phase"].as_str(), row["reason"].as_str()), (Some("Failed"), Some("RunnerLost")), "{row}");
+    let msg = row["message"].as_str().unwrap();
+    assert!(msg.contains("agentops stopped before the execution ended") && msg.contains("is gone"), "{msg}");
+    let id = row["id"].as_str().unwrap();
+    let out = h.agentops(bin).args(["executions", "show", id]).output().await.unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.starts_with("Failed killed (RunnerLost): agentops stopped"), "{shown}");
+    assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "error", "the workspace is kept");
+    h.model.end_hangs();
+}

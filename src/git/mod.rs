@@ -5,6 +5,7 @@
 mod http;
 mod publish;
 
+pub use http::{READ_TIMEOUT, with_read_timeout};
 pub use publish::{Publish, harden};
 
 use std::path::Path;
@@ -35,6 +36,13 @@ pub enum GitError {
     AuthRequired { url: String },
     #[error("cannot reach {url}: {message}")]
     Unreachable { url: String, message: String },
+    #[error(
+        "{url} sent nothing for {secs} s and the transfer was given up: check the git host and the network, and run again"
+    )]
+    Stalled { url: String, secs: u64 },
+    /// The host's own fatal error (side band 3, an `ERR` line): its word, not a network failure.
+    #[error("{url} answered with an error: {message}")]
+    Host { url: String, message: String },
     #[error("ref {git_ref:?} not found in {url}: check spec.repository.ref")]
     RefNotFound { url: String, git_ref: String },
     #[error(
@@ -43,6 +51,9 @@ pub enum GitError {
     BranchExists { url: String, branch: String },
     #[error("push of {branch} was rejected: {message}")]
     PushRejected { branch: String, message: String },
+    /// Something in the work tree that publish will not open (a FIFO where git reads).
+    #[error("{0}")]
+    Refused(String),
     #[error("git: {0}")]
     Other(#[from] git2::Error),
 }
@@ -100,8 +111,8 @@ fn fetch_options(stop: &AtomicBool, depth: u32) -> FetchOptions<'_> {
     fo
 }
 
-fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, auth_rejected: bool) -> GitError {
-    if auth_rejected || e.code() == git2::ErrorCode::Auth {
+fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>) -> GitError {
+    if e.code() == git2::ErrorCode::Auth {
         return classify_auth(url, creds);
     }
     match e.class() {
@@ -109,6 +120,27 @@ fn classify(e: git2::Error, url: &str, creds: Option<&GitCredentials>, auth_reje
             GitError::Unreachable { url: url.into(), message: e.message().to_string() }
         }
         _ => GitError::Other(e),
+    }
+}
+
+/// A failure as the transport saw it, where libgit2 saw only a network error: credentials
+/// refused, the host's own error, a stall. What the operation itself found (a missing ref, a
+/// branch that exists) stays as it is.
+fn judge(e: GitError, seen: &http::Seen, url: &str, creds: Option<&GitCredentials>) -> GitError {
+    if !matches!(e, GitError::Unreachable { .. } | GitError::Other(_) | GitError::PushRejected { .. }) {
+        return e;
+    }
+    if seen.auth_rejected {
+        return classify_auth(url, creds);
+    }
+    if let Some(message) = &seen.host_error {
+        return GitError::Host { url: url.into(), message: message.clone() };
+    }
+    match seen.stalled {
+        Some(d) if !matches!(e, GitError::PushRejected { .. }) => {
+            GitError::Stalled { url: url.into(), secs: d.as_secs() }
+        }
+        _ => e,
     }
 }
 
@@ -124,9 +156,9 @@ pub fn clone(
     stop: &AtomicBool,
 ) -> Result<(Repository, Cloned), GitError> {
     harden();
-    let (result, rejected) =
-        http::with_credentials(creds, || clone_inner(url, dest, git_ref, depth, creds, work_branch, stop));
-    result.map_err(|e| if rejected { classify_auth(url, creds) } else { e })
+    let (result, seen) =
+        http::with_credentials(creds, stop, || clone_inner(url, dest, git_ref, depth, creds, work_branch, stop));
+    result.map_err(|e| judge(e, &seen, url, creds))
 }
 
 fn classify_auth(url: &str, creds: Option<&GitCredentials>) -> GitError {
@@ -177,7 +209,7 @@ fn clone_inner(
 ) -> Result<(Repository, Cloned), GitError> {
     let t0 = Instant::now();
     let repo = Repository::init(dest)?;
-    let wrap = |e: git2::Error| classify(e, url, creds, false);
+    let wrap = |e: git2::Error| classify(e, url, creds);
     // The remote is created with the plain URL; nothing secret reaches .git/config.
     let mut remote = repo.remote("origin", url)?;
     let wanted = Wanted::parse(git_ref);
@@ -268,13 +300,40 @@ pub struct Staged {
     pub skipped: Vec<String>,
     /// The binary files added or changed (their content is not in `patch`), to be scanned.
     pub binaries: Vec<Oid>,
+    /// What git leaves out of a commit and publish did too: special files (FIFOs, sockets,
+    /// devices) and repositories of their own, as "path (what)".
+    pub left_out: Vec<String>,
+}
+
+impl Staged {
+    /// What the commit leaves out of the work tree, for the user: "; ..." clauses, or nothing.
+    pub fn note(&self) -> String {
+        let mut note = String::new();
+        if !self.skipped.is_empty() {
+            note += &format!(
+                "; files written inside submodule {} were not committed (submodules stay at their recorded commit)",
+                self.skipped.join(", ")
+            );
+        }
+        if !self.left_out.is_empty() {
+            const SHOWN: usize = 10;
+            let more = self.left_out.len().saturating_sub(SHOWN);
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+            note += &format!(
+                "; left out of the commit, as git leaves them: {}{more}",
+                self.left_out[..self.left_out.len().min(SHOWN)].join(", ")
+            );
+        }
+        note
+    }
 }
 
 /// Pushes `refs/heads/<branch>` of `repo`, one commit on top of `base`, to `url` (an anonymous
 /// remote: no configured remote, `pushurl` or `insteadOf` applies), only if the remote branch
 /// is where the clone left it: absent (a new work branch), or at `base` when the work
 /// `continues` that branch. Never a force-push. A rejection (someone pushed in between, protected
-/// branch, hook) is an error carrying the server's message.
+/// branch, hook) is an error carrying the server's message (the host's `remote:` lines are added
+/// by `Publish::push`).
 fn push_to(
     repo: &Repository,
     url: &str,
@@ -332,7 +391,7 @@ fn push_to(
         return Err(err);
     }
     if let Err(e) = pushed {
-        return Err(match classify(e, url, creds, false) {
+        return Err(match classify(e, url, creds) {
             GitError::Other(e) => GitError::PushRejected { branch: branch.into(), message: e.message().to_string() },
             other => other,
         });

@@ -683,13 +683,7 @@ impl<'a> Run<'a> {
         self.git.insertions = staged.stats.insertions;
         self.git.deletions = staged.stats.deletions;
         self.diff = Some(staged.patch.clone());
-        let skipped = match staged.skipped.as_slice() {
-            [] => String::new(),
-            s => format!(
-                "; files written inside submodule {} were not committed (submodules stay at their recorded commit)",
-                s.join(", ")
-            ),
-        };
+        let skipped = staged.note();
         if !skipped.is_empty() {
             self.say(&format!("  note: {}", skipped.trim_start_matches("; ")));
         }

@@ -3,6 +3,7 @@
 use crate::api::Summary;
 use crate::api::{Phase, ToolCalls, Usage};
 
+use super::owner::Owner;
 use super::{Store, StoreError, now};
 
 /// What is known when an execution starts.
@@ -216,14 +217,107 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the execution Running.
+    /// Marks the execution Running, held by this process (see `end_abandoned`).
     pub async fn mark_running(&self, id: &str, started_at: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE agent_executions SET status = 'Running', started_at = ?, updated_at = ? WHERE id = ?")
-            .bind(started_at)
-            .bind(now())
-            .bind(id)
+        let me = Owner::current();
+        sqlx::query(
+            "UPDATE agent_executions SET status = 'Running', started_at = ?, updated_at = ?, owner_boot_id = ?,
+               owner_pid_ns = ?, owner_pid = ?, owner_start = ? WHERE id = ?",
+        )
+        .bind(started_at)
+        .bind(now())
+        .bind(me.as_ref().map(|o| o.boot_id.clone()))
+        .bind(me.as_ref().map(|o| o.pid_ns.clone()))
+        .bind(me.as_ref().map(|o| o.pid))
+        .bind(me.as_ref().map(|o| o.start))
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Ends the executions left Running by a process that is gone (SIGKILL, out of memory, the
+    /// machine restarted): Failed, reason `RunnerLost`, with what was recorded until then (usage,
+    /// logs) and the report built from it; their workspace is kept, marked `error`. A row whose
+    /// process still runs, or runs where this process cannot see (another PID namespace), or that
+    /// no process holds (the controller's records, an execution between a pod's steps), is left
+    /// as it is. Returns how many were ended.
+    pub async fn end_abandoned(&self) -> Result<u64, StoreError> {
+        type Held = (String, String, String, i64, i64, Option<String>);
+        let held: Vec<Held> = sqlx::query_as(
+            "SELECT id, owner_boot_id, owner_pid_ns, owner_pid, owner_start, started_at FROM agent_executions
+             WHERE status = 'Running' AND owner_pid IS NOT NULL AND owner_start IS NOT NULL
+               AND owner_boot_id IS NOT NULL AND owner_pid_ns IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ended = 0;
+        for (id, boot_id, pid_ns, pid, start, started_at) in held {
+            if !(Owner { boot_id, pid_ns, pid, start }).is_gone() {
+                continue;
+            }
+            let message = format!(
+                "agentops stopped before the execution ended: its process ({pid}) is gone (killed, out of memory, or the machine restarted); the usage recorded until then is kept"
+            );
+            let duration_ms = started_at
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds().max(0));
+            let at = now();
+            let done = sqlx::query(
+                "UPDATE agent_executions SET status = 'Failed', reason = 'RunnerLost', message = ?, error_message = ?,
+                   completed_at = ?, duration_ms = COALESCE(?, duration_ms), updated_at = ?, owner_boot_id = NULL,
+                   owner_pid_ns = NULL, owner_pid = NULL, owner_start = NULL
+                 WHERE id = ? AND status = 'Running' AND owner_pid = ? AND owner_start = ?",
+            )
+            .bind(&message)
+            .bind(&message)
+            .bind(&at)
+            .bind(duration_ms)
+            .bind(&at)
+            .bind(&id)
+            .bind(pid)
+            .bind(start)
             .execute(&self.pool)
             .await?;
+            if done.rows_affected() == 0 {
+                // Another process ended it first.
+                continue;
+            }
+            ended += 1;
+            // The report, in the one shape a finished run has (what `executions show` prints).
+            let row: ExecutionRow =
+                sqlx::query_as("SELECT * FROM agent_executions WHERE id = ?").bind(&id).fetch_one(&self.pool).await?;
+            sqlx::query("UPDATE agent_executions SET output_json = ? WHERE id = ? AND output_json IS NULL")
+                .bind(serde_json::to_string(&row.summary()).ok())
+                .bind(&id)
+                .execute(&self.pool)
+                .await?;
+            sqlx::query(
+                "UPDATE workspaces SET status = 'error', completed_at = ? WHERE execution_id = ? AND status = 'active'",
+            )
+            .bind(&at)
+            .bind(&id)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(ended)
+    }
+
+    /// Lets go of the executions this process holds Running: no process holds them from then
+    /// on, and none is ended by `end_abandoned` (a pod's steps hand one execution from process
+    /// to process; the controller watches the pod).
+    pub async fn release(&self) -> Result<(), StoreError> {
+        let Some(me) = Owner::current() else { return Ok(()) };
+        sqlx::query(
+            "UPDATE agent_executions SET owner_boot_id = NULL, owner_pid_ns = NULL, owner_pid = NULL, owner_start = NULL
+             WHERE status = 'Running' AND owner_boot_id = ? AND owner_pid_ns = ? AND owner_pid = ? AND owner_start = ?",
+        )
+        .bind(&me.boot_id)
+        .bind(&me.pid_ns)
+        .bind(me.pid)
+        .bind(me.start)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -539,5 +633,83 @@ impl Store {
         }
         q.push(") ORDER BY created_at DESC LIMIT ").push_bind(limit);
         Ok(q.build_query_as().fetch_all(&self.pool).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        (dir, store)
+    }
+
+    async fn running(store: &Store, id: &str) {
+        let e = NewExecution {
+            id,
+            name: id,
+            namespace: "default",
+            prompt: "p",
+            repo_url: "http://127.0.0.1/r.git",
+            branch: "agentops/x",
+            model: None,
+            worker: None,
+            work_item: None,
+        };
+        store.create_execution(&e).await.unwrap();
+        store.mark_running(id, &now()).await.unwrap();
+    }
+
+    async fn set(store: &Store, id: &str, column: &str, value: &str) {
+        let sql = format!("UPDATE agent_executions SET {column} = ? WHERE id = ?");
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(value).bind(id).execute(store.pool()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_rows_whose_process_is_gone_are_ended() {
+        let (_dir, store) = store().await;
+        for id in ["mine", "pid-reused", "rebooted", "elsewhere", "handed-on"] {
+            running(&store, id).await;
+        }
+        store.create_workspace("ws-rebooted", "rebooted", "/tmp/x").await.unwrap();
+        // The same pid now names a process started at another time; the machine restarted; a
+        // process in another PID namespace (unknowable from here).
+        set(&store, "pid-reused", "owner_start", "1").await;
+        set(&store, "rebooted", "owner_boot_id", "an-earlier-boot").await;
+        set(&store, "elsewhere", "owner_pid_ns", "pid:[1]").await;
+        set(&store, "elsewhere", "owner_start", "1").await;
+        set(&store, "handed-on", "owner_start", "1").await;
+        sqlx::query("UPDATE agent_executions SET owner_pid = NULL WHERE id = 'handed-on'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+
+        assert_eq!(store.end_abandoned().await.unwrap(), 2);
+        for (id, status) in [
+            ("mine", "Running"),
+            ("pid-reused", "Failed"),
+            ("rebooted", "Failed"),
+            ("elsewhere", "Running"),
+            ("handed-on", "Running"),
+        ] {
+            let row = store.get_execution(id).await.unwrap();
+            assert_eq!(row.status, status, "{id}");
+        }
+        let row = store.get_execution("rebooted").await.unwrap();
+        assert_eq!(row.reason.as_deref(), Some("RunnerLost"));
+        assert!(row.message.as_deref().unwrap().contains("is gone"), "{:?}", row.message);
+        let report = row.summary();
+        assert_eq!((report.phase, report.reason.as_deref()), (crate::api::Phase::Failed, Some("RunnerLost")));
+        assert!(row.output_json.is_some() && row.completed_at.is_some() && row.duration_ms.is_some());
+        assert_eq!(store.list_workspaces().await.unwrap()[0].status, "error");
+        assert_eq!(store.end_abandoned().await.unwrap(), 0, "once");
+
+        // Closing hands this process's executions on: no later open ends them.
+        store.release().await.unwrap();
+        set(&store, "mine", "owner_start", "1").await;
+        assert_eq!(store.end_abandoned().await.unwrap(), 0);
+        assert_eq!(store.get_execution("mine").await.unwrap().status, "Running");
     }
 }

@@ -1,6 +1,7 @@
 //! The store: a SQLite file through sqlx. Executions, their workspaces and their logs.
 
 mod executions;
+mod owner;
 mod workspaces;
 
 use std::path::Path;
@@ -36,7 +37,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store file and applies migrations.
+    /// Opens (creating if needed) the store file, applies migrations, and ends the executions
+    /// left Running by a process that is gone (see `end_abandoned`).
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
         let shown = path.display().to_string();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -59,7 +61,14 @@ impl Store {
             .await
             .map_err(|e| StoreError::Open { path: shown.clone(), source: e })?;
         sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| StoreError::Migrate { path: shown, source: e })?;
-        Ok(Self { pool })
+        let store = Self { pool };
+        match store.end_abandoned().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(executions = n, "ended executions whose process is gone"),
+            // Reading still works; the next open tries again.
+            Err(e) => tracing::warn!(error = %e, "cannot end the executions whose process is gone"),
+        }
+        Ok(store)
     }
 
     /// Opens a store another process wrote and closed, only to read it, from a read-only
@@ -79,8 +88,13 @@ impl Store {
         Ok(Self { pool })
     }
 
-    /// Closes every connection (the last one folds the write-ahead log into the file).
+    /// Closes every connection (the last one folds the write-ahead log into the file). The
+    /// executions this process holds Running are handed on: closing is how a pod's step says it
+    /// ended on purpose and the next step takes the execution over (see `release`).
     pub async fn close(&self) {
+        if let Err(e) = self.release().await {
+            tracing::debug!(error = %e, "cannot hand on this process's executions");
+        }
         self.pool.close().await;
     }
 

@@ -20,6 +20,8 @@ pub struct GitStats {
     pub receive_pack: AtomicU64,
     /// Bytes of every push request (commands and pack).
     pub receive_pack_bytes: AtomicU64,
+    /// Requests answered with headers and then nothing (`stall_after_headers`).
+    pub stalled: AtomicU64,
 }
 
 struct Inner {
@@ -29,6 +31,10 @@ struct Inner {
     stats: GitStats,
     /// Pushes (receive-pack POSTs) still to be answered 503 (`fail_pushes`).
     failing_pushes: AtomicU64,
+    /// The service (`git-upload-pack`, `git-receive-pack`) whose ref advertisement stalls.
+    stall: std::sync::Mutex<Option<String>>,
+    /// A fatal error sent on side band 3 to every POST of a service: (service, message).
+    fatal: std::sync::Mutex<Option<(String, String)>>,
 }
 
 /// A running server. Repositories live under `root` as `<name>.git`.
@@ -56,6 +62,8 @@ impl GitServer {
             token: token.map(Into::into),
             stats: GitStats::default(),
             failing_pushes: AtomicU64::new(0),
+            stall: Default::default(),
+            fatal: Default::default(),
         });
         let app = axum::Router::new().fallback(handle).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -245,12 +253,27 @@ impl GitServer {
         self.inner.failing_pushes.store(n, Ordering::SeqCst);
     }
 
-    /// Makes every push to `name` fail with `message` (a real pre-receive hook).
+    /// Makes every push to `name` fail with `message` (a real pre-receive hook that prints it,
+    /// byte for byte, on its stderr: git sends it to the client on side band 2, `remote:`).
     pub fn reject_pushes(&self, name: &str, message: &str) {
         use std::os::unix::fs::PermissionsExt;
         let hook = self.repo_path(name).join("hooks/pre-receive");
-        std::fs::write(&hook, format!("#!/bin/sh\necho '{message}' >&2\nexit 1\n")).expect("hook");
+        std::fs::write(&hook, format!("#!/bin/sh\ncat >&2 <<'HOOK_EOF'\n{message}\nHOOK_EOF\nexit 1\n")).expect("hook");
         std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
+    /// From now on, answers the ref advertisement of `service` (`git-upload-pack`: clones and
+    /// fetches; `git-receive-pack`: pushes) with its headers and then nothing, ever: a host or a
+    /// proxy that hangs mid-answer. None: answer again.
+    pub fn stall_after_headers(&self, service: Option<&str>) {
+        *self.inner.stall.lock().expect("lock") = service.map(String::from);
+    }
+
+    /// From now on, answers every request of `service` after its ref advertisement with a
+    /// fatal error on side band 3, as git's own daemons die (`fatal: ...`) and hosts refuse
+    /// (quota, maintenance, a policy).
+    pub fn fail_fatally(&self, service: &str, message: &str) {
+        *self.inner.fatal.lock().expect("lock") = Some((service.into(), message.into()));
     }
 
     /// The commit a branch points at in the bare repository, if it exists.
@@ -339,8 +362,38 @@ async fn handle(
             .body(Body::from("unauthorized"))
             .expect("response");
     }
+    let query = uri.query().unwrap_or_default();
+    let stall = inner.stall.lock().expect("lock").clone();
+    if let Some(service) = stall.filter(|s| uri.path().ends_with("/info/refs") && query == format!("service={s}")) {
+        inner.stats.stalled.fetch_add(1, Ordering::Relaxed);
+        // The headers go out; the body never comes (the stream stays pending until the server
+        // stops with its runtime).
+        let never = futures::stream::pending::<Result<Bytes, std::io::Error>>();
+        return Response::builder()
+            .header("content-type", format!("application/x-{service}-advertisement"))
+            .header("cache-control", "no-cache")
+            .body(Body::from_stream(never))
+            .expect("response");
+    }
     if uri.path().ends_with("git-receive-pack") {
         inner.stats.receive_pack.fetch_add(1, Ordering::Relaxed);
+    }
+    let fatal = inner.fatal.lock().expect("lock").clone();
+    if let Some((service, message)) = fatal.filter(|(s, _)| method == Method::POST && uri.path().ends_with(s.as_str()))
+    {
+        // As git does it: a NAK where a fetch expects one, then `\x03` + the message on side band 3.
+        let mut body = Vec::new();
+        if service == "git-upload-pack" {
+            body.extend_from_slice(b"0008NAK\n");
+        }
+        let text = format!("\x03fatal: {message}\n");
+        body.extend_from_slice(format!("{:04x}{text}", text.len() + 4).as_bytes());
+        return Response::builder()
+            .header("content-type", format!("application/x-{service}-result"))
+            .body(Body::from(body))
+            .expect("response");
+    }
+    if uri.path().ends_with("git-receive-pack") {
         if inner.failing_pushes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Response::builder().status(503).body(Body::from("try again later")).expect("response");
         }
