@@ -101,8 +101,23 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<T> {
     use std::io::Read;
     let mut text = Vec::new();
-    std::fs::File::open(path)?.take(READ_LIMIT).read_to_end(&mut text)?;
+    open_regular(path)?.take(READ_LIMIT).read_to_end(&mut text)?;
     serde_json::from_slice(&text).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))
+}
+
+/// Opens a hand-over file for reading only if it is a regular file: the `stream` directory is
+/// the agent's, and a FIFO it planted there would block an open forever (opened without
+/// blocking, then checked), a symlink would lead elsewhere.
+fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!("{} is not a regular file", path.display())));
+    }
+    Ok(f)
 }
 
 /// An instant as far in the past as `start_time` (RFC 3339) is.
@@ -119,7 +134,7 @@ fn instant_of(start_time: &str) -> Instant {
 fn tally_of(stream: &Path) -> Tally {
     use std::io::BufRead;
     let mut tally = Tally::default();
-    if let Ok(f) = std::fs::File::open(stream.join(STREAM)) {
+    if let Ok(f) = open_regular(&stream.join(STREAM)) {
         for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
             tally.push_line(&line);
         }
@@ -388,6 +403,7 @@ async fn forward_logs(target: &super::ReportTarget, store: &Store, id: &str, age
         add(rows);
     }
     if agent_db.exists()
+        && std::fs::symlink_metadata(agent_db).is_ok_and(|m| m.is_file())
         && let Ok(agent) = Store::open_read_only(agent_db).await
         && let Ok(rows) = agent.logs(id).await
     {
@@ -413,5 +429,29 @@ impl Workspace {
     pub fn at(root: &Path, id: &str) -> Self {
         let root = root.join(format!("agentops-{id}"));
         Self { id: id.to_string(), repo: root.join("repo"), home: root.join("home"), root }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_planted_where_a_hand_over_is_read_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join(AGENT_END);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = std::time::Instant::now();
+        let err = read_json::<AgentEnd>(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        // The agent's stream as a FIFO: read as empty, at once.
+        std::fs::remove_file(&fifo).unwrap();
+        nix::unistd::mkfifo(&dir.path().join(STREAM), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(tally_of(dir.path()).tool_calls.total, 0);
+        // A symlink to a file elsewhere is not followed.
+        std::fs::write(dir.path().join("elsewhere.json"), r#"{"outcome":null}"#).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere.json"), dir.path().join(BEGIN)).unwrap();
+        assert!(read_json::<Begin>(&dir.path().join(BEGIN)).is_err());
     }
 }
