@@ -469,3 +469,29 @@ async fn publish_opens_nothing_the_agent_planted_as_a_special_file() {
     }
     assert!(!someone_reads(&outside.path().join("fifo")));
 }
+
+/// The transport blocks its caller while it waits: from a worker of a multi-threaded runtime it
+/// gives the thread up for the wait (the git bench calls it so), and from a current-thread
+/// runtime, which cannot, it answers an error instead of panicking.
+#[test]
+fn the_transport_can_be_called_from_inside_a_runtime() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (server, url) = rt.block_on(async {
+        let server = GitServer::start("x-access-token", None).await;
+        server.create_repo("inside", &[("a.txt", "a\n")]);
+        let url = server.url("inside");
+        (server, url)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cloned = rt.block_on(async {
+        git::clone(&url, &dir.path().join("multi"), None, 1, None, "work", &AtomicBool::new(false)).map(|_| ())
+    });
+    assert!(cloned.is_ok(), "{cloned:?}");
+    let single = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let refused = single.block_on(async {
+        git::clone(&url, &dir.path().join("single"), None, 1, None, "work", &AtomicBool::new(false)).map(|_| ())
+    });
+    let err = refused.expect_err("a current-thread runtime cannot give its thread up");
+    assert!(err.to_string().contains("spawn_blocking"), "{err}");
+    drop(server);
+}

@@ -334,13 +334,29 @@ impl Watch {
                 }
             }
         };
-        let out = rt.handle().block_on(async {
-            tokio::select! {
-                biased;
-                out = fut => Ok(out),
-                why = watch => Err(why),
+        let run = || {
+            rt.handle().block_on(async {
+                tokio::select! {
+                    biased;
+                    out = fut => Ok(out),
+                    why = watch => Err(why),
+                }
+            })
+        };
+        // Called from a blocking thread (the runner's `spawn_blocking`), or from a worker of a
+        // multi-threaded runtime, which gives its thread up for the wait; a current-thread
+        // runtime cannot, and is told so rather than panicking.
+        let out = match tokio::runtime::Handle::try_current() {
+            Err(_) => run(),
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
             }
-        });
+            Ok(_) => {
+                return Err(std::io::Error::other(
+                    "the git transport blocks: call it from spawn_blocking, not a current-thread runtime",
+                ));
+            }
+        };
         out.map_err(|why| match why {
             Interrupted::Stopped => {
                 std::io::Error::other("stopped: the execution was cancelled or reached its timeout")
