@@ -197,7 +197,7 @@ async fn publish_reports(kube: &FakeKube, ns: &str, job: &str, report: &Value) {
     let token = String::from_utf8(secret["token"].clone()).unwrap();
     // Best effort, as the step's: a controller that went away misses it (the termination
     // message says the same).
-    if let Ok(r) = reqwest::Client::new().post(url).bearer_auth(token).json(&publish_said(report)).send().await {
+    if let Ok(r) = support::http().post(url).bearer_auth(token).json(&publish_said(report)).send().await {
         assert!(r.status().is_success(), "the publish step's report was refused: {}", r.status());
     }
 }
@@ -522,7 +522,7 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     kube.allow_reader("reader-token", "alice", &["*"]);
     let get = |path: &str| {
         let url = format!("{base}{path}");
-        async move { reqwest::Client::new().get(url).bearer_auth("reader-token").send().await.unwrap() }
+        async move { support::http().get(url).bearer_auth("reader-token").send().await.unwrap() }
     };
     assert_eq!(get("/healthz").await.status(), 200);
     assert_eq!(get("/readyz").await.status(), 200);
@@ -635,7 +635,7 @@ async fn runner_reports_need_the_executions_own_token() {
 
     let progress = json!({"phase": "Running", "usage": {"inputTokens": 42, "outputTokens": 7, "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0},
                           "tokensUsed": 49, "costUsd": 0.01, "numTurns": 1, "toolCalls": {"total": 1, "byTool": {"Bash": 1}}});
-    let http = reqwest::Client::new();
+    let http = support::http();
     let wrong = http.post(&url).bearer_auth("not-the-token").json(&progress).send().await.unwrap();
     assert_eq!(wrong.status(), 401);
     api.create(&PostParams::default(), &execution("other", json!({}))).await.unwrap();
@@ -833,7 +833,7 @@ async fn the_read_api_checks_the_caller_and_shows_only_namespaces_they_may_read(
     .await;
     kube.allow_reader("token-a", "alice", &["team-a"]);
     kube.allow_reader("token-all", "root", &["*"]);
-    let client = reqwest::Client::new();
+    let client = support::http();
     let get = |path: &str, token: Option<&str>| {
         let mut req = client.get(format!("{base}{path}"));
         if let Some(t) = token {
@@ -1135,7 +1135,7 @@ async fn one_execution_has_one_json_shape_everywhere() {
     let (http, base) = listener().await;
     let ctl = spawn(&kube, config(None), Some(store), ExecutorKind::Job, Some(http), None);
     let get = |path: String| async move {
-        reqwest::Client::new().get(path).bearer_auth("reader").send().await.unwrap().json::<Value>().await.unwrap()
+        support::http().get(path).bearer_auth("reader").send().await.unwrap().json::<Value>().await.unwrap()
     };
     let api_list = get(format!("{base}/api/v1/executions")).await;
     let api_one = get(format!("{base}/api/v1/executions/default/shape")).await;
@@ -1394,7 +1394,7 @@ async fn a_job_pod_runs_its_steps_and_the_hostile_agent_reaches_no_credential() 
     // The run is over: its gateway token is refused.
     let model_token =
         String::from_utf8(secret_data(&kube, "ns", "agentops-runner-pod").unwrap()["model"].clone()).unwrap();
-    let late = reqwest::Client::new()
+    let late = support::http()
         .post(format!("{base}/gateway/ns/pod/v1/messages"))
         .header("x-api-key", model_token)
         .json(&json!({"model": "m", "max_tokens": 1, "messages": []}))
@@ -1510,7 +1510,7 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
             let body = json!({"model": "claude-test", "max_tokens": 8, "stream": true,
                               "messages": [{"role": "user", "content": "hi"}],
                               "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
-            reqwest::Client::new().post(url).header("x-api-key", token).json(&body).send().await.unwrap().status()
+            support::http().post(url).header("x-api-key", token).json(&body).send().await.unwrap().status()
         }
     };
     // At once: the first request, whether or not the new watch has listed yet (the API server
@@ -1520,7 +1520,7 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     // The git relay too: the publish step's push is answered without waiting.
     let publish =
         String::from_utf8(secret_data(&kube, "ns", "agentops-runner-again").unwrap()["git-publish"].clone()).unwrap();
-    let refs = reqwest::Client::new()
+    let refs = support::http()
         .get(format!("{base}/git/ns/again/info/refs?service=git-receive-pack"))
         .bearer_auth(&publish)
         .send()
@@ -1646,7 +1646,7 @@ async fn a_refused_gateway_path_is_an_event_on_the_execution() {
     until("Running", || (phase(&kube, "ns", "probe")? == "Running").then_some(())).await;
     let token = String::from_utf8(secret_data(&kube, "ns", "agentops-runner-probe").unwrap()["model"].clone()).unwrap();
     for path in ["/v1/messages/batches", "/v1/..%2F..%2Fadmin"] {
-        let status = reqwest::Client::new()
+        let status = support::http()
             .post(format!("{base}/gateway/ns/probe{path}"))
             .header("x-api-key", &token)
             .body("{}")
@@ -2066,7 +2066,7 @@ async fn runner_endpoints_check_the_caller_before_reading_the_body() {
     let large = head_only("/api/v1/runner/ns/body/diff", &token, 5 << 20).await;
     assert!(large.starts_with("http/1.1 413") && large.contains("connection: close"), "{large}");
     // The right token and a body within the limit are taken.
-    let ok = reqwest::Client::new()
+    let ok = support::http()
         .post(format!("{base}/api/v1/runner/ns/body/diff"))
         .bearer_auth(&token)
         .json(&json!({"diff": "+x\n"}))

@@ -15,7 +15,7 @@ async fn ask(base: &str, token: &str) -> reqwest::Result<reqwest::Response> {
     let body = json!({"model": "claude-opus-4-6", "max_tokens": 64, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
-    reqwest::Client::new().post(format!("{base}/v1/messages")).header("x-api-key", token).json(&body).send().await
+    support::http().post(format!("{base}/v1/messages")).header("x-api-key", token).json(&body).send().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,7 +250,7 @@ async fn the_git_relay_follows_no_redirect_and_takes_refs_byte_for_byte() {
     let server = support::GitServer::start("x-access-token", Some(support::TOKEN)).await;
     server.create_repo("demo", &[("README.md", "hello\n")]);
     let (relays, base) = relay_server().await;
-    let client = reqwest::Client::new();
+    let client = support::http();
 
     relays.open("ns", "redirected", route_to(host));
     let resp = client
@@ -442,7 +442,7 @@ async fn the_budget_is_hard_under_concurrent_requests_and_survives_a_restart() {
     g.open("ns", "spender", Account::new(API_KEY, "tok", Some(1.0)));
     let body = json!({"model": "claude-opus-5-5", "max_tokens": 128000, "stream": true,
                       "messages": [{"role": "user", "content": "x".repeat(20_000)}]});
-    let client = reqwest::Client::new();
+    let client = support::http();
     let requests = (0..10).map(|_| {
         let req = client.post(format!("{base}/gateway/ns/spender/v1/messages")).header("x-api-key", "tok").json(&body);
         async move {
@@ -512,11 +512,7 @@ async fn json_answers_are_metered_and_upstream_errors_pass_through_at_no_cost() 
     let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(10.0)).await.unwrap();
     let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 1000, "messages": []});
     let post = || {
-        reqwest::Client::new()
-            .post(format!("{}/v1/messages", gw.base_url))
-            .header("x-api-key", &gw.token)
-            .json(&body)
-            .send()
+        support::http().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body).send()
     };
     let limited = post().await.unwrap();
     assert_eq!(limited.status(), 429);
@@ -559,7 +555,7 @@ async fn requests_in_flight_are_bounded_per_execution() {
     let body = json!({"model": "claude-haiku-4-5", "max_tokens": 8, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}],
                       "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
-    let client = reqwest::Client::new();
+    let client = support::http();
     let send = |name: &str, token: &str| {
         client.post(format!("{base}/gateway/ns/{name}/v1/messages")).header("x-api-key", token).json(&body).send()
     };
@@ -668,7 +664,7 @@ async fn a_body_the_upstream_could_read_otherwise_is_refused_naming_the_field() 
     for body in bodies {
         let serde_read = serde_json::from_str::<serde_json::Value>(body).unwrap()["max_tokens"].as_u64();
         assert!(serde_read.unwrap_or(0) <= 1, "serde reads {serde_read:?} from {body}");
-        let r = reqwest::Client::new().post(format!("{direct}/v1/messages")).body(body).send().await.unwrap();
+        let r = support::http().post(format!("{direct}/v1/messages")).body(body).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     assert!(control.usd() > 3.0 * 2.56, "the upstream billed ${} for three 'tiny' requests", control.usd());
@@ -677,7 +673,7 @@ async fn a_body_the_upstream_could_read_otherwise_is_refused_naming_the_field() 
     let upstream = lenient_upstream(bill.clone()).await;
     let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(1.0)).await.unwrap();
     let post = |body: &'static str, beta: Option<&'static str>| {
-        let mut r = reqwest::Client::new()
+        let mut r = support::http()
             .post(format!("{}/v1/messages", gw.base_url))
             .header("x-api-key", &gw.token)
             .header("content-type", "application/json");
@@ -772,8 +768,7 @@ async fn opus_4_1_and_fast_mode_are_billed_at_their_own_list_price() {
     g.open("ns", "fix", agentops::gateway::Account::new(API_KEY, "tok", Some(10.0)));
     let ask = |model: &str, fast: bool| {
         let mut body = json!({"model": model, "max_tokens": 10_000, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
-        let mut r =
-            reqwest::Client::new().post(format!("{base}/gateway/ns/fix/v1/messages")).header("x-api-key", "tok");
+        let mut r = support::http().post(format!("{base}/gateway/ns/fix/v1/messages")).header("x-api-key", "tok");
         if fast {
             body["speed"] = json!("fast");
             r = r.header("anthropic-beta", "fast-mode-2026-02-01");
@@ -810,7 +805,7 @@ async fn opus_4_1_and_fast_mode_are_billed_at_their_own_list_price() {
     let base2 = serve(g2.clone().router()).await;
     g2.open("ns", "cheap", agentops::gateway::Account::new(API_KEY, "tok2", None));
     let body = json!({"model": "claude-opus-4-1", "max_tokens": 10_000, "stream": true, "messages": []});
-    let r = reqwest::Client::new().post(format!("{base2}/gateway/ns/cheap/v1/messages")).header("x-api-key", "tok2");
+    let r = support::http().post(format!("{base2}/gateway/ns/cheap/v1/messages")).header("x-api-key", "tok2");
     r.json(&body).send().await.unwrap().text().await.unwrap();
     assert!((g2.metered("ns", "cheap").unwrap().cost_usd - 0.11).abs() < 1e-12, "the operator's price");
 }
@@ -862,10 +857,7 @@ async fn cumulative_usage_and_server_tools_are_metered_as_the_upstream_bills() {
         let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 1000, "stream": stream,
                           "messages": [{"role": "user", "content": "search"}],
                           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]});
-        let r = reqwest::Client::new()
-            .post(format!("{}/v1/messages", gw.base_url))
-            .header("x-api-key", &gw.token)
-            .json(&body);
+        let r = support::http().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body);
         let text = r.send().await.unwrap().text().await.unwrap();
         assert!(text.contains(if stream { "message_stop" } else { "found" }), "the answer relayed: {text}");
         let m = gw.metered();
@@ -926,7 +918,7 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
     };
     let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(5.0)).await.unwrap();
     let body = json!({"model": "claude-haiku-4-5", "max_tokens": 40_000, "stream": true, "messages": [{"role": "user", "content": "long"}]});
-    let mut r = reqwest::Client::new()
+    let mut r = support::http()
         .post(format!("{}/v1/messages", gw.base_url))
         .header("x-api-key", &gw.token)
         .json(&body)
@@ -982,8 +974,7 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
     let gw = agentops::gateway::Gateway::start_with_budget(&upstream, API_KEY, Some(5.0)).await.unwrap();
     let body =
         json!({"model": "claude-haiku-4-5", "max_tokens": 40_000, "messages": [{"role": "user", "content": "long"}]});
-    let r =
-        reqwest::Client::new().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body);
+    let r = support::http().post(format!("{}/v1/messages", gw.base_url)).header("x-api-key", &gw.token).json(&body);
     assert!(
         tokio::time::timeout(std::time::Duration::from_millis(100), r.send()).await.is_err(),
         "the agent left first"
@@ -1033,7 +1024,7 @@ async fn concurrent_documents_by_url_cannot_overshoot_the_budget() {
     use agentops::gateway::{Account, BUDGET_SPENT};
     let body = json!({"model": "claude-haiku-4-5", "max_tokens": 1000, "stream": true,
                       "messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://example.com/big.pdf"}}]}]});
-    let client = reqwest::Client::new();
+    let client = support::http();
     let burst = |url: String, token: &'static str| {
         let reqs = (0..12).map(|_| {
             let r = client.post(url.clone()).header("x-api-key", token).json(&body);
@@ -1167,7 +1158,7 @@ async fn request_bytes_in_memory_are_bounded_per_execution() {
             .to_string()
     };
     let body = big(20 << 20);
-    let client = reqwest::Client::new();
+    let client = support::http();
     let send = |name: &'static str, token: &'static str, body: String| {
         let (client, base) = (client.clone(), base.clone());
         tokio::spawn(async move {

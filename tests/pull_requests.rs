@@ -283,12 +283,12 @@ async fn missing_invalid_and_oversize_output_fail() {
 async fn the_fake_github_refuses_what_github_refuses_and_our_client_passes() {
     let s = Setup::new(Flavor::Github, vec![]).await;
     let url = format!("{}/repos/{PROJECT}/pulls", s.forge.api_url);
-    let bare = reqwest::Client::builder().build().unwrap(); // reqwest sends no User-Agent by default
+    let bare = support::http_builder().build().unwrap(); // reqwest sends no User-Agent by default
     let auth = format!("Bearer {TOKEN}");
     let r = bare.get(&url).header("authorization", &auth).send().await.unwrap();
     assert_eq!(r.status(), 403);
     assert!(r.text().await.unwrap().contains("User-Agent header"));
-    let ua = reqwest::Client::builder().user_agent("t").build().unwrap();
+    let ua = support::http_builder().user_agent("t").build().unwrap();
     let r =
         ua.get(&url).header("authorization", &auth).header("x-github-api-version", "2020-01-01").send().await.unwrap();
     assert_eq!(r.status(), 400);

@@ -18,6 +18,19 @@ use tokio_util::sync::CancellationToken;
 pub use fake_anthropic::{Block, FakeAnthropic, Step};
 pub use git_server::GitServer;
 
+/// An HTTP client for a test. reqwest is built without a default TLS provider (agentops installs
+/// ring when it makes its clients): whichever test builds a client first in its process must
+/// install it too, or reqwest panics.
+pub fn http() -> reqwest::Client {
+    http_builder().build().expect("an HTTP client")
+}
+
+/// `http`, to configure.
+pub fn http_builder() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// The git token of the test server. Tests grep for it to prove it never leaks.
 pub const TOKEN: &str = "ghp_agentopsTestToken5f2b9c";
 /// The Anthropic API key given to the agent. Same.
