@@ -498,10 +498,23 @@ async fn the_base_moving_on_the_remote_during_the_agents_turn_does_not_matter() 
                 &["-c", "user.name=p", "-c", "user.email=p@p", "commit", "-qm", "theirs"],
             );
             support::git_server::git(&w.join("w"), &["push", "-q", "origin", "main"]);
+            // The order of the two pushes: theirs is in, ours is not yet.
+            let ours = std::process::Command::new("git")
+                .args([
+                    "--git-dir",
+                    &bare.to_string_lossy(),
+                    "rev-parse",
+                    "--verify",
+                    "-q",
+                    "refs/heads/agentops/moving",
+                ])
+                .output()
+                .unwrap();
+            !ours.status.success()
         })
     };
     let s = h.run(&h.manifest("moving", "")).await;
-    mover.await.unwrap();
+    assert!(mover.await.unwrap(), "main moved before the work branch was pushed");
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("Completed")), "{s:#?}");
     let main = h.git.branch_head("demo", "main").unwrap();
     assert_ne!(main, base, "main moved during the run");
