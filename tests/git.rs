@@ -495,3 +495,22 @@ fn the_transport_can_be_called_from_inside_a_runtime() {
     assert!(err.to_string().contains("spawn_blocking"), "{err}");
     drop(server);
 }
+
+/// The test git server checks the username with the token, as a host that ties a token to its
+/// user does: the right token under another name is refused (`Auth`), under its own accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_host_checks_the_username_with_the_token() {
+    let server = GitServer::start("x-access-token", Some(support::TOKEN)).await;
+    server.create_repo("named", &[("a.txt", "a\n")]);
+    let url = server.url("named");
+    let attempt = |user: &'static str| {
+        let url = url.clone();
+        blocking(move || {
+            let dir = tempfile::tempdir().unwrap();
+            let creds = git::GitCredentials { username: user.into(), token: support::TOKEN.into() };
+            git::clone(&url, &dir.path().join("c"), None, 1, Some(&creds), "work", &AtomicBool::new(false)).map(|_| ())
+        })
+    };
+    assert!(matches!(attempt("someone-else").await, Err(GitError::Auth { .. })));
+    assert!(attempt("x-access-token").await.is_ok());
+}
