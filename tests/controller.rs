@@ -1216,14 +1216,7 @@ fn secret_data(kube: &FakeKube, ns: &str, name: &str) -> Option<std::collections
 /// Plays the kubelet for a Job's pod: runs it on this machine (see `support::pod`), with the
 /// agent's Landlock sandbox off, so that what holds is the pod's own isolation.
 async fn kubelet(kube: &FakeKube, job: Value, dir: &std::path::Path) -> Vec<support::pod::Ended> {
-    let (kube, dir) = (kube.clone(), dir.to_path_buf());
-    tokio::task::spawn_blocking(move || {
-        let mut image = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
-        image.env.push(("AGENTOPS_NO_SANDBOX".into(), "true".into()));
-        support::pod::run_pod(&job, &|name| secret_data(&kube, "ns", name), &image, &dir)
-    })
-    .await
-    .unwrap()
+    kubelet_sandboxed(kube, job, dir, false).await
 }
 
 /// The Job path for real: the controller renders the Job, and the test's kubelet runs its pod
@@ -1816,7 +1809,8 @@ async fn the_charts_roles_grant_every_request_the_controller_made() {
     assert!(missing.is_empty(), "the chart forbids what the controller does: {missing:?}\ngranted: {granted:?}");
 }
 
-/// The test kubelet, with the agent's sandbox on or off in every step's container.
+/// The test kubelet, with the agent's sandbox on or off in every step's container (`kubelet`:
+/// off, so that a test sees what the pod's other walls hold on their own).
 async fn kubelet_sandboxed(
     kube: &FakeKube,
     job: Value,
@@ -1863,14 +1857,8 @@ async fn a_hook_in_finish_cannot_forge_the_report() {
     ];
     for sandbox in [true, false] {
         let h = support::Harness::new(script.clone()).await;
-        let kube = FakeKube::start().await;
-        api_secrets(&kube, "ns").await;
         let store = Store::open(&h.dir.path().join("controller.db")).await.unwrap();
-        let (http, base) = listener().await;
-        let mut cfg = config(None);
-        cfg.job.report_url = Some(base.clone());
-        cfg.model_upstream = h.model.base_url.clone();
-        let ctl = spawn(&kube, cfg, Some(store.clone()), ExecutorKind::Job, Some(http), None);
+        let (kube, ctl, _) = pod_controller(&h, Some(store.clone())).await;
         let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
         let mut ax = execution(
             "forge",
@@ -1911,6 +1899,19 @@ async fn a_hook_in_finish_cannot_forge_the_report() {
         }
         ctl.stop().await;
     }
+}
+
+/// An API server with the executions' Secrets and a controller running Jobs whose pods reach it
+/// (reports, gateway to `h`'s model, git relay): (API server, controller, its base URL).
+async fn pod_controller(h: &support::Harness, store: Option<Store>) -> (FakeKube, Running, String) {
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base.clone());
+    cfg.model_upstream = h.model.base_url.clone();
+    let ctl = spawn(&kube, cfg, store, ExecutorKind::Job, Some(http), None);
+    (kube, ctl, base)
 }
 
 /// The store's row of an execution, once it has ended.
@@ -1974,13 +1975,7 @@ async fn reports_of_any_size_reach_the_status_whole_from_a_pod() {
         }
         script.push(support::Step::text(&text));
         let h = support::Harness::new(script).await;
-        let kube = FakeKube::start().await;
-        api_secrets(&kube, "ns").await;
-        let (http, base) = listener().await;
-        let mut cfg = config(None);
-        cfg.job.report_url = Some(base.clone());
-        cfg.model_upstream = h.model.base_url.clone();
-        let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
+        let (kube, ctl, _) = pod_controller(&h, None).await;
         let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
         let mut ax = execution(name, spec);
         ax.spec.repository.url = h.git.url("demo");

@@ -586,6 +586,26 @@ async fn a_push_that_fails_for_a_moment_is_tried_again_and_a_rejection_is_not() 
     assert_eq!(h.git.stats().receive_pack.load(std::sync::atomic::Ordering::Relaxed), before + 1);
 }
 
+/// Runs `yaml`, cancelling it once the host has stalled `n` requests; the summary, and when the
+/// cancel was asked for.
+async fn run_cancelled_at(
+    h: &Harness,
+    yaml: &str,
+    cancel: &CancellationToken,
+    stalled: &dyn Fn() -> u64,
+    n: u64,
+) -> (agentops::runner::Summary, std::time::Instant) {
+    let trigger = async {
+        while stalled() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cancel.cancel();
+        std::time::Instant::now()
+    };
+    let (s, at) = tokio::join!(h.try_run(yaml, cancel.clone()), trigger);
+    (s.unwrap(), at)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_git_host_that_stalls_ends_the_run_at_its_timeout_or_on_cancel() {
     use std::sync::atomic::Ordering;
@@ -604,16 +624,7 @@ async fn a_git_host_that_stalls_ends_the_run_at_its_timeout_or_on_cancel() {
     // Cancel during the stalled clone: within a second or two.
     let cancel = CancellationToken::new();
     let yaml = h.manifest("stall-cancel", "");
-    let run = h.try_run(&yaml, cancel.clone());
-    let trigger = async {
-        while stalled() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        cancel.cancel();
-        std::time::Instant::now()
-    };
-    let (s, at) = tokio::join!(run, trigger);
-    let s = s.unwrap();
+    let (s, at) = run_cancelled_at(&h, &yaml, &cancel, &stalled, 2).await;
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
     assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
 
@@ -621,16 +632,7 @@ async fn a_git_host_that_stalls_ends_the_run_at_its_timeout_or_on_cancel() {
     h.git.stall_after_headers(Some("git-receive-pack"));
     let cancel = CancellationToken::new();
     let yaml = h.manifest("stall-push", "  workspace: {retain: Retain}\n");
-    let run = h.try_run(&yaml, cancel.clone());
-    let trigger = async {
-        while stalled() < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        cancel.cancel();
-        std::time::Instant::now()
-    };
-    let (s, at) = tokio::join!(run, trigger);
-    let s = s.unwrap();
+    let (s, at) = run_cancelled_at(&h, &yaml, &cancel, &stalled, 3).await;
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Cancelled, Some("Cancelled")), "{s:#?}");
     assert!(at.elapsed() < Duration::from_secs(3), "{:?}", at.elapsed());
     assert!(s.git.commit.is_some() && !s.git.pushed, "{:?}", s.git);

@@ -252,29 +252,19 @@ pub fn seccomp_filter(udp: bool) -> std::io::Result<Vec<seccompiler::BpfProgram>
             socket.push(rule(vec![family(f)?, kind(t)?])?);
         }
     }
-    let eacces = |rules: Vec<(i64, Vec<SeccompRule>)>| -> std::io::Result<seccompiler::BpfProgram> {
+    // One filter per errno: what its rules match fails with it, everything else is allowed.
+    let filter = |rules: Vec<(i64, Vec<SeccompRule>)>, errno: i32| -> std::io::Result<seccompiler::BpfProgram> {
         let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
         let filter = SeccompFilter::new(
             rules.into_iter().collect(),
             SeccompAction::Allow,
-            SeccompAction::Errno(libc::EACCES as u32),
+            SeccompAction::Errno(errno as u32),
             arch,
         )
         .map_err(|e| err(e.into()))?;
         filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
     };
-    let eperm = |rules: Vec<(i64, Vec<SeccompRule>)>| -> std::io::Result<seccompiler::BpfProgram> {
-        let arch = std::env::consts::ARCH.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))?;
-        let filter = SeccompFilter::new(
-            rules.into_iter().collect(),
-            SeccompAction::Allow,
-            SeccompAction::Errno(libc::EPERM as u32),
-            arch,
-        )
-        .map_err(|e| err(e.into()))?;
-        filter.try_into().map_err(|e: seccompiler::BackendError| err(e.into()))
-    };
-    let sockets = eacces(vec![(libc::SYS_socket, socket)])?;
+    let sockets = filter(vec![(libc::SYS_socket, socket)], libc::EACCES)?;
     let mut refused = vec![
         (libc::SYS_io_uring_setup, vec![]),
         (libc::SYS_io_uring_enter, vec![]),
@@ -294,7 +284,7 @@ pub fn seccomp_filter(udp: bool) -> std::io::Result<Vec<seccompiler::BpfProgram>
             refused.push((X32 | nr, vec![]));
         }
     }
-    let others = eperm(refused)?;
+    let others = filter(refused, libc::EPERM)?;
     // Two filters (one errno each), stacked: the kernel runs both, and a refusal wins.
     Ok(vec![sockets, others])
 }
