@@ -43,12 +43,15 @@ struct Store {
     owned: BTreeMap<(Key, String, bool), std::collections::BTreeSet<String>>,
     history: Vec<Event>,
     requests: Vec<(String, String)>,
-    /// What each request needs authorised, as RBAC names it: (API group, resource, verb,
-    /// namespace or "" for cluster scope). A server-side apply that creates needs `create` too.
-    verbs: Vec<(String, String, String, String)>,
+    /// What each request needs authorised, as RBAC names it (see `Verb`).
+    verbs: Vec<Verb>,
     /// Bearer tokens the cluster accepts: token → (user, namespaces it may read; "*" = all).
     readers: BTreeMap<String, (String, Vec<String>)>,
 }
+
+/// (API group, resource, verb, namespace or "" for cluster scope, object name or "" when the
+/// request names none).
+pub type Verb = (String, String, String, String, String);
 
 struct Shared {
     store: Mutex<Store>,
@@ -257,8 +260,11 @@ impl FakeKube {
     }
 
     /// The RBAC permissions the requests so far needed, in order: (group, resource, verb,
-    /// namespace). `verbs_used()[n..]` are those of the requests after the n-th.
-    pub fn verbs_used(&self) -> Vec<(String, String, String, String)> {
+    /// namespace, name), as the API server's authorizer sees them: the name is empty for list,
+    /// watch and create; a server-side apply that creates the object also needs `create`; the
+    /// reviews are cluster-scoped `create`s. `verbs_used()[n..]` are those of the requests after
+    /// the n-th.
+    pub fn verbs_used(&self) -> Vec<Verb> {
         self.shared.store.lock().expect("lock").verbs.clone()
     }
 
@@ -424,6 +430,9 @@ async fn handle(
         }
     }
     if method == Method::POST && (path.ends_with("/tokenreviews") || path.ends_with("/subjectaccessreviews")) {
+        let (group, resource) = path.trim_start_matches("/apis/").split_once("/v1/").unwrap_or_default();
+        let verb = (group.to_string(), resource.to_string(), "create".into(), String::new(), String::new());
+        shared.store.lock().expect("lock").verbs.push(verb);
         return review(&shared, &path, &body);
     }
     let Some(t) = parse_path(&path) else {
@@ -451,9 +460,12 @@ async fn handle(
         let creates = method == Method::PATCH
             && headers.get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("apply-patch"))
             && !s.objects.contains_key(&(t.prefix.clone(), t.plural.clone(), ns.clone(), name));
-        s.verbs.push((group.clone(), resource.clone(), verb.into(), ns.clone()));
+        // The authorizer sees no name for a create (POST to the collection) nor a list.
+        let named = t.name.clone().filter(|_| method != Method::POST).unwrap_or_default();
+        s.verbs.push((group.clone(), resource.clone(), verb.into(), ns.clone(), named.clone()));
         if creates {
-            s.verbs.push((group, resource, "create".into(), ns.clone()));
+            // The apiserver authorises the create an apply makes with the object's name.
+            s.verbs.push((group, resource, "create".into(), ns.clone(), named));
         }
     }
 
