@@ -226,6 +226,45 @@ async fn real_content_survives_the_round_trip_and_the_stats_match_git() {
     assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), git_stat);
 }
 
+/// An agent that edits a file Git LFS tracks writes real content where the repository keeps a
+/// pointer. Publish runs no filter driver and uploads nothing to an LFS server, so the file keeps
+/// its pointer and the note says so; the rest of the change is committed, and a pointer the
+/// agent wrote itself is committed as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_to_an_lfs_tracked_file_keeps_its_pointer_and_is_named() {
+    let s = GitServer::start("u", None).await;
+    s.create_repo("r", &[("a.txt", "1\n")]);
+    let pointer = s.add_real_content("r");
+    let url = s.url("r");
+    let (dir, c) = clone(&url, None, 1, "agentops/lfs").await.unwrap();
+    let w = dir.join("c");
+    let real: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(w.join("assets/big.psd"), &real).unwrap();
+    std::fs::write(w.join("assets/new.psd"), &real).unwrap();
+    let other = "version https://git-lfs.github.com/spec/v1\noid sha256:0000000000000000000000000000000000000000000000000000000000000001\nsize 9\n";
+    std::fs::write(w.join("assets/other.psd"), other).unwrap();
+    std::fs::write(w.join("a.txt"), "2\n").unwrap();
+    let (commit, staged) = publish(&dir, &c, &url, "agentops/lfs").await.unwrap().unwrap();
+    assert_eq!(staged.lfs, ["assets/big.psd", "assets/new.psd"]);
+    let note = staged.note();
+    assert!(note.contains("assets/big.psd, assets/new.psd tracked by Git LFS kept their pointer"), "{note}");
+    let show = |p: &str| s.git("r", &["show", &format!("{commit}:{p}")]);
+    assert_eq!(show("assets/big.psd"), pointer, "the pointer, not 200 kB of content");
+    assert_eq!(show("assets/other.psd"), other, "a pointer the agent wrote is committed");
+    assert_eq!(show("a.txt"), "2\n");
+    let tree = s.git("r", &["ls-tree", "-r", "--name-only", &commit]);
+    assert!(!tree.lines().any(|l| l == "assets/new.psd"), "{tree}");
+    assert_eq!((staged.stats.changed_files, staged.stats.insertions, staged.stats.deletions), (2, 4, 1));
+
+    // Control: the same edit to a path LFS does not track is committed whole.
+    let (dir, c) = clone(&url, None, 1, "agentops/plain").await.unwrap();
+    std::fs::write(dir.join("c/assets/big.bin"), &real).unwrap();
+    let (commit, staged) = publish(&dir, &c, &url, "agentops/plain").await.unwrap().unwrap();
+    assert!(staged.lfs.is_empty());
+    let size = s.git("r", &["cat-file", "-s", &format!("{commit}:assets/big.bin")]);
+    assert_eq!(size.trim(), "200000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_that_stalls_fails_by_the_read_timeout_and_a_stop_ends_the_wait_at_once() {
     use std::sync::Arc;

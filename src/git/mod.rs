@@ -298,6 +298,9 @@ pub struct Staged {
     pub patch: String,
     /// Submodules the agent wrote files into (not committed: they stay at their commit).
     pub skipped: Vec<String>,
+    /// Files Git LFS tracks that the agent wrote real content into: not committed (they keep
+    /// their base pointer; publish uploads nothing to an LFS server).
+    pub lfs: Vec<String>,
     /// The binary files added or changed (their content is not in `patch`), to be scanned.
     pub binaries: Vec<Oid>,
     /// What git leaves out of a commit and publish did too: special files (FIFOs, sockets,
@@ -313,6 +316,13 @@ impl Staged {
             note += &format!(
                 "; files written inside submodule {} were not committed (submodules stay at their recorded commit)",
                 self.skipped.join(", ")
+            );
+        }
+        if !self.lfs.is_empty() {
+            note += &format!(
+                "; {} tracked by Git LFS kept their pointer (agentops uploads nothing to an LFS server: \
+                 the agent's content for them was not committed)",
+                self.lfs.join(", ")
             );
         }
         if !self.left_out.is_empty() {

@@ -166,6 +166,7 @@ impl Publish {
             .map(|g| String::from_utf8_lossy(g).into_owned())
             .filter(|g| std::fs::read_dir(workdir.join(g)).is_ok_and(|mut d| d.next().is_some()))
             .collect();
+        let lfs = keep_lfs_pointers(repo, &base_tree, &mut index)?;
         let tree_id = index.write_tree_to(repo)?;
         if tree_id == base_tree.id() {
             return Ok(None);
@@ -199,7 +200,7 @@ impl Publish {
             patch.push_str(&String::from_utf8_lossy(line.content()));
             true
         })?;
-        Ok(Some(Staged { tree: tree_id, stats, patch, skipped, binaries, left_out: found.left_out }))
+        Ok(Some(Staged { tree: tree_id, stats, patch, skipped, lfs, binaries, left_out: found.left_out }))
     }
 
     /// Whether `found` says yes of any of the staged binary files (read one at a time).
@@ -459,6 +460,56 @@ fn refused(what: &str, where_: &str) -> GitError {
     GitError::Refused(format!(
         "the agent left {what} {where_}: publish reads only regular files, directories and symlinks; nothing was committed"
     ))
+}
+
+/// Git LFS keeps a file tracked with `filter=lfs` (`.gitattributes`) out of git: the repository
+/// holds a small pointer, the content lives on the LFS server. libgit2 runs no filter driver
+/// and publish uploads nothing to an LFS server, so a tracked file the agent wrote real content
+/// into would be committed whole, for everyone who clones to download, and the pointer lost.
+/// Such a file keeps its base content (a new one stays out) and is named in the result; a file
+/// whose new content is itself an LFS pointer is committed as it is.
+fn keep_lfs_pointers(
+    repo: &Repository,
+    base: &git2::Tree<'_>,
+    index: &mut git2::Index,
+) -> Result<Vec<String>, GitError> {
+    const POINTER: &[u8] = b"version https://git-lfs.github.com/spec/v1\n";
+    let changed: Vec<(PathBuf, Oid)> = {
+        let diff = repo.diff_tree_to_index(Some(base), Some(index), None)?;
+        diff.deltas()
+            .filter(|d| {
+                d.new_file().mode() == git2::FileMode::Blob || d.new_file().mode() == git2::FileMode::BlobExecutable
+            })
+            .filter_map(|d| Some((d.new_file().path()?.to_path_buf(), d.new_file().id())))
+            .collect()
+    };
+    let mut kept = Vec::new();
+    for (path, id) in changed {
+        // The attributes as git reads them at commit time: the work tree's `.gitattributes`
+        // files, then the index's.
+        let tracked =
+            repo.get_attr_bytes(&path, "filter", git2::AttrCheckFlags::FILE_THEN_INDEX)?.is_some_and(|f| f == b"lfs");
+        if !tracked {
+            continue;
+        }
+        let blob = repo.find_blob(id)?;
+        // A pointer is at most a few hundred bytes (the spec's limit is 1024).
+        if blob.size() < 1024 && blob.content().starts_with(POINTER) {
+            continue;
+        }
+        match base.get_path(&path) {
+            Ok(entry) => {
+                let mut e = index.get_path(&path, 0).ok_or_else(|| git2::Error::from_str("staged entry gone"))?;
+                e.id = entry.id();
+                e.file_size = 0;
+                e.mode = entry.filemode() as u32;
+                index.add(&e)?;
+            }
+            Err(_) => index.remove_path(&path)?,
+        }
+        kept.push(path.to_string_lossy().into_owned());
+    }
+    Ok(kept)
 }
 
 /// `path` as a pathspec that matches it literally (wildcards and a leading `!` escaped).
