@@ -27,6 +27,13 @@ impl Setup {
         Self { h, forge }
     }
 
+    /// With a fake that serves at most `page_size` items per page.
+    async fn paged(flavor: Flavor, script: Vec<Step>, page_size: usize) -> Self {
+        let mut s = Self::new(flavor, script).await;
+        s.forge = FakeForge::start_with_page_size(flavor, s.h.git.root.clone(), TOKEN, page_size).await;
+        s
+    }
+
     /// A manifest for `acme/demo` on the fake's provider; `repo` goes under `repository:`
     /// (4-space indent), `extra` under `spec:`.
     fn manifest(&self, name: &str, repo: &str, extra: &str) -> String {
@@ -303,4 +310,94 @@ async fn the_fake_github_refuses_what_github_refuses_and_our_client_passes() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A person opens the pull request for the work branch between the run's look for one and its
+/// create: GitHub answers 422 "already exists", GitLab 409 "Another open merge request already
+/// exists". The run looks again and updates that one: one pull request, no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_opened_in_between_is_updated_not_duplicated() {
+    for flavor in [Flavor::Github, Flavor::Gitlab] {
+        let s = Setup::new(flavor, happy_script()).await;
+        s.forge.open_before_next_create(PROJECT, "agentops/race", "main", "opened by a person");
+        let sum = s.h.run(&s.manifest("race", "", "  git:\n    pullRequest: {}\n")).await;
+        assert_eq!(sum.phase, Phase::Succeeded, "{flavor:?}: {sum:#?}");
+        let p = sum.git.pull_request.clone().expect("pull request");
+        assert_eq!((p.number, p.state.as_str()), (1, "updated"), "{flavor:?}");
+        let prs = s.forge.prs();
+        assert_eq!(prs.len(), 1, "{flavor:?}: never a duplicate");
+        assert!(prs[0].title.contains("race"), "{flavor:?}: ours now: {}", prs[0].title);
+        let calls = s.forge.calls();
+        let creates = calls.iter().filter(|c| c.method == "POST" && !c.path.contains("/labels")).count();
+        let updates = calls.iter().filter(|c| c.method == "PATCH" || c.method == "PUT").count();
+        assert_eq!((creates, updates), (1, 1), "{flavor:?}: {calls:#?}");
+    }
+}
+
+/// GitLab lists the merge requests from forks into the project too, and a fork's branch may be
+/// named like the work branch. Those are someone else's: a first run opens its own (forks on
+/// both pages of the list), and a second run on the branch follows the list to its second page
+/// to find and update its own, never a fork's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forks_merge_requests_are_not_ours_and_the_list_is_followed_to_its_last_page() {
+    let s = Setup::paged(Flavor::Gitlab, happy_script(), 2).await;
+    for fork in ["mallory/demo", "bob/demo", "carol/demo"] {
+        s.forge.add_fork_pr(PROJECT, fork, "agentops/shared", "main", &format!("from {fork}"));
+    }
+    let pr = "  git:\n    branch: agentops/shared\n    pullRequest:\n      title: \"{{name}}\"\n";
+    let first = s.h.run(&s.manifest("first", "", pr)).await;
+    let p = first.git.pull_request.clone().expect("merge request");
+    assert_eq!((p.number, p.state.as_str()), (4, "opened"), "{first:#?}");
+    s.h.model.set_script(vec![
+        Step::tool("Write", json!({"file_path": "second.txt", "content": "two\n"})),
+        Step::text("Second pass."),
+    ]);
+    let second = s.h.run(&s.manifest("second", "    ref: agentops/shared\n", pr)).await;
+    let p = second.git.pull_request.clone().expect("merge request");
+    assert_eq!((p.number, p.state.as_str()), (4, "updated"), "{second:#?}");
+    let prs = s.forge.prs();
+    let titles: Vec<&str> = prs.iter().map(|p| p.title.as_str()).collect();
+    assert_eq!(titles, ["from mallory/demo", "from bob/demo", "from carol/demo", "second"]);
+    let pages: Vec<String> = s
+        .forge
+        .calls()
+        .iter()
+        .filter(|c| c.method == "GET" && c.path.ends_with("/merge_requests"))
+        .map(|c| c.query.split('&').find(|q| q.starts_with("page=")).unwrap_or("page=1").to_string())
+        .collect();
+    assert_eq!(pages, ["page=1", "page=2", "page=1", "page=2"], "each run read both pages");
+}
+
+/// The provider's refusals reach the status in its own words, and the pushed branch is kept: a
+/// token that may read but not write (403, not retried) and an API that has no such project
+/// (404).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_and_an_unknown_project_fail_in_the_providers_words() {
+    for (flavor, words) in
+        [(Flavor::Github, "Resource not accessible by personal access token"), (Flavor::Gitlab, "403 Forbidden")]
+    {
+        let s = Setup::new(flavor, happy_script()).await;
+        let forge = FakeForge::start(flavor, s.h.git.root.clone(), "a-token-that-may-write").await;
+        forge.accept_read_only(TOKEN);
+        let yaml = s.manifest("ro", "", "  git:\n    pullRequest: {}\n").replace(&s.forge.api_url, &forge.api_url);
+        let sum = s.h.run(&yaml).await;
+        assert_eq!(sum.reason.as_deref(), Some("PullRequestFailed"), "{flavor:?}: {sum:#?}");
+        let msg = sum.message.clone().unwrap();
+        assert!(msg.contains("HTTP 403") && msg.contains(words) && msg.contains("the token needs"), "{msg}");
+        assert!(msg.contains("agentops/ro was pushed and is kept"), "{msg}");
+        assert_eq!(s.h.git.branch_head(PROJECT, "agentops/ro"), sum.git.commit);
+        assert_eq!(forge.calls().iter().filter(|c| c.method == "POST").count(), 1, "a 403 is not retried");
+        assert!(forge.prs().is_empty());
+
+        // An API over other repositories: no such project.
+        let empty = tempfile::tempdir().unwrap();
+        let forge = FakeForge::start(flavor, empty.path().to_path_buf(), TOKEN).await;
+        s.h.model.set_script(happy_script());
+        let yaml = s.manifest("nf", "", "  git:\n    pullRequest: {}\n").replace(&s.forge.api_url, &forge.api_url);
+        let sum = s.h.run(&yaml).await;
+        assert_eq!(sum.reason.as_deref(), Some("PullRequestFailed"), "{flavor:?}: {sum:#?}");
+        let msg = sum.message.unwrap();
+        assert!(msg.contains("answered 404") && msg.contains("no such repository"), "{msg}");
+        assert!(msg.contains("spec.repository.apiUrl"), "{msg}");
+    }
 }

@@ -443,7 +443,11 @@ async fn github(api: &Api<'_>, req: &Request<'_>) -> Result<PullRequestResult, F
         .append_pair("state", "open")
         .finish();
     let open = api.list(format!("{repo}/pulls?{query}&per_page=100"), "looking for an open pull request").await?;
-    let existing = open.iter().find(|p| p["head"]["ref"].as_str().is_none_or(|r| r == req.head));
+    // Ours: this branch of this repository (a fork's branch of the same name is someone else's).
+    let existing = open.iter().find(|p| {
+        p["head"]["ref"].as_str().is_none_or(|r| r == req.head)
+            && p["head"]["repo"]["full_name"].as_str().is_none_or(|f| f.eq_ignore_ascii_case(&req.pr.project))
+    });
     let body = fit_body(&req.body, "", GITHUB_BODY_LIMIT);
     let (pr, state) = match existing.and_then(|p| number_of(p, "number")) {
         Some(n) => {
@@ -497,7 +501,12 @@ async fn gitlab(api: &Api<'_>, req: &Request<'_>) -> Result<PullRequestResult, F
         .finish();
     let open =
         api.list(format!("{project}/merge_requests?{query}&per_page=100"), "looking for an open merge request").await?;
-    let existing = open.iter().find(|m| m["source_branch"].as_str().is_none_or(|b| b == req.head));
+    // Ours: this branch of this project. GitLab lists merge requests from forks into the
+    // project too, and a fork's branch may have the same name.
+    let existing = open.iter().find(|m| {
+        m["source_branch"].as_str().is_none_or(|b| b == req.head)
+            && (m["source_project_id"].is_null() || m["source_project_id"] == m["target_project_id"])
+    });
     let mut reviewer_ids = Vec::new();
     for user in &req.pr.reviewers {
         let q: String = url::form_urlencoded::Serializer::new(String::new()).append_pair("username", user).finish();

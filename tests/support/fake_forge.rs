@@ -46,6 +46,8 @@ pub struct Pr {
     pub reviewers: Vec<String>,
     pub team_reviewers: Vec<String>,
     pub open: bool,
+    /// The fork it comes from (`owner/name`), when not from the project itself.
+    pub fork: Option<String>,
 }
 
 /// A scripted answer for the next request of one kind (`list`, `create`, `update`, `labels`,
@@ -70,6 +72,10 @@ struct Inner {
     /// Creates are answered this long after the PR exists (a client that gives up, or a
     /// controller stopped meanwhile, has opened it without learning so).
     create_delay: Mutex<Duration>,
+    /// A token the fake accepts for reads only: writes get the provider's 403.
+    read_only: Mutex<Option<String>>,
+    /// Opened by a person just before the next create is handled (the race a create meets).
+    before_create: Mutex<Option<Pr>>,
 }
 
 /// A running fake.
@@ -98,6 +104,8 @@ impl FakeForge {
             script: Mutex::new(VecDeque::new()),
             page_size,
             create_delay: Mutex::new(Duration::ZERO),
+            read_only: Mutex::new(None),
+            before_create: Mutex::new(None),
         });
         let app = axum::Router::new().fallback(handle).with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -133,6 +141,37 @@ impl FakeForge {
     /// Creates are answered `d` after the pull request exists.
     pub fn delay_creates(&self, d: Duration) {
         *self.inner.create_delay.lock().expect("lock") = d;
+    }
+
+    /// Also accepts `token`, for reads only: a write gets 403 with the provider's words (a
+    /// fine-grained GitHub token without "Pull requests: write", a GitLab Reporter).
+    pub fn accept_read_only(&self, token: &str) {
+        *self.inner.read_only.lock().expect("lock") = Some(token.into());
+    }
+
+    /// A person opens a pull request for `head` just before the next create is handled: the
+    /// create then meets the provider's answer to a duplicate (GitHub 422, GitLab 409).
+    pub fn open_before_next_create(&self, project: &str, head: &str, base: &str, title: &str) {
+        let pr = Pr {
+            project: project.into(),
+            head: head.into(),
+            base: base.into(),
+            title: title.into(),
+            open: true,
+            ..Default::default()
+        };
+        *self.inner.before_create.lock().expect("lock") = Some(pr);
+    }
+
+    /// Adds an open pull request from the fork `fork` (`owner/name`) whose branch has the
+    /// same name as `head`.
+    pub fn add_fork_pr(&self, project: &str, fork: &str, head: &str, base: &str, title: &str) -> u64 {
+        let number = self.add_pr(project, head, base, title);
+        let mut prs = self.inner.prs.lock().expect("lock");
+        if let Some(p) = prs.iter_mut().find(|p| p.number == number) {
+            p.fork = Some(fork.into());
+        }
+        number
     }
 
     /// Adds an open pull request as if a person had opened it.
@@ -199,9 +238,28 @@ async fn handle(
     {
         return refused;
     }
-    if !token_ok {
+    let presented = auth.as_deref().and_then(|a| a.split_once(' ')).map(|(_, t)| t.to_string());
+    let read_only = presented.is_some() && *inner.read_only.lock().expect("lock") == presented;
+    if !token_ok && !read_only {
         let msg = if inner.flavor == Flavor::Github { "Bad credentials" } else { "401 Unauthorized" };
         return answer(401, json!({"message": msg}), &[]);
+    }
+    if read_only && method != Method::GET {
+        // GitHub's words for a fine-grained token without the permission; GitLab's for a role
+        // that may not write.
+        let body = match inner.flavor {
+            Flavor::Github => json!({"message": "Resource not accessible by personal access token",
+                "documentation_url": "https://docs.github.com/rest/pulls/pulls#create-a-pull-request", "status": "403"}),
+            Flavor::Gitlab => json!({"message": "403 Forbidden"}),
+        };
+        return answer(403, body, &[]);
+    }
+    if method == Method::POST
+        && let Some(pr) = inner.before_create.lock().expect("lock").take()
+    {
+        let mut prs = inner.prs.lock().expect("lock");
+        let number = prs.len() as u64 + 1;
+        prs.push(Pr { number, ..pr });
     }
     match inner.flavor {
         Flavor::Github => github(&inner, &method, &path, &query, json_body).await,
@@ -272,11 +330,13 @@ fn page(inner: &Inner, path: &str, query: &str, items: Vec<Value>) -> Response<B
 
 fn gh_json(inner: &Inner, p: &Pr) -> Value {
     let base = inner.base_url.lock().expect("lock").clone();
+    let source = p.fork.as_deref().unwrap_or(&p.project);
     json!({
         "number": p.number, "state": if p.open { "open" } else { "closed" },
         "html_url": format!("{base}/{}/pull/{}", p.project, p.number),
         "title": p.title, "body": p.body, "draft": p.draft,
-        "head": {"ref": p.head, "label": format!("{}:{}", p.project.split('/').next().unwrap_or_default(), p.head)},
+        "head": {"ref": p.head, "label": format!("{}:{}", source.split('/').next().unwrap_or_default(), p.head),
+            "repo": {"full_name": source}},
         "base": {"ref": p.base},
         "labels": p.labels.iter().map(|l| json!({"name": l})).collect::<Vec<_>>(),
         "requested_reviewers": p.reviewers.iter().map(|r| json!({"login": r})).collect::<Vec<_>>(),
@@ -327,7 +387,10 @@ async fn github(inner: &Inner, method: &Method, path: &str, query: &str, body: V
                 .iter()
                 .filter(|p| p.project == project)
                 .filter(|p| q.get("state").is_none_or(|s| s == "all" || (s == "open") == p.open))
-                .filter(|p| q.get("head").is_none_or(|h| *h == format!("{owner}:{}", p.head)))
+                .filter(|p| {
+                    let source_owner = p.fork.as_deref().and_then(|f| f.split('/').next()).unwrap_or(owner);
+                    q.get("head").is_none_or(|h| *h == format!("{source_owner}:{}", p.head))
+                })
                 .map(|p| gh_json(inner, p))
                 .collect();
             page(inner, path, query, items)
@@ -348,7 +411,7 @@ async fn github(inner: &Inner, method: &Method, path: &str, query: &str, body: V
             }
             let pr = {
                 let mut prs = inner.prs.lock().expect("lock");
-                if prs.iter().any(|p| p.project == project && p.head == head && p.open) {
+                if prs.iter().any(|p| p.project == project && p.head == head && p.open && p.fork.is_none()) {
                     let owner = parts[0];
                     return answer(
                         422,
@@ -423,6 +486,11 @@ fn gitlab_user(name: &str) -> Option<u64> {
     (name != "nobody").then(|| 1000 + name.bytes().map(u64::from).sum::<u64>())
 }
 
+/// The numeric id GitLab gives a project in this fake.
+fn project_id(path: &str) -> u64 {
+    100 + path.bytes().map(u64::from).sum::<u64>()
+}
+
 fn gl_json(inner: &Inner, p: &Pr) -> Value {
     let base = inner.base_url.lock().expect("lock").clone();
     json!({
@@ -430,6 +498,7 @@ fn gl_json(inner: &Inner, p: &Pr) -> Value {
         "web_url": format!("{base}/{}/-/merge_requests/{}", p.project, p.number),
         "title": p.title, "description": p.body, "draft": p.title.starts_with("Draft:"),
         "source_branch": p.head, "target_branch": p.base, "labels": p.labels,
+        "source_project_id": project_id(p.fork.as_deref().unwrap_or(&p.project)), "target_project_id": project_id(&p.project),
         "reviewers": p.reviewers.iter().map(|r| json!({"username": r})).collect::<Vec<_>>(),
     })
 }
@@ -494,7 +563,9 @@ async fn gitlab(inner: &Inner, method: &Method, path: &str, query: &str, body: V
             }
             let pr = {
                 let mut prs = inner.prs.lock().expect("lock");
-                if let Some(p) = prs.iter().find(|p| p.project == project && p.head == head && p.open) {
+                if let Some(p) =
+                    prs.iter().find(|p| p.project == project && p.head == head && p.open && p.fork.is_none())
+                {
                     let msg =
                         format!("Another open merge request already exists for this source branch: !{}", p.number);
                     return answer(409, json!({"message": [msg]}), &[]);
