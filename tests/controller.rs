@@ -420,8 +420,9 @@ async fn two_slots_five_executions_run_in_priority_then_age_order() {
         (q == 3).then_some(())
     })
     .await;
+    // Every execution is decided: each Queued status was written by the reconcile that chose
+    // not to start it, so a third Job would exist by now.
     assert_eq!(jobs(&kube), ["agentops-e0", "agentops-e3"], "high priority first, then the oldest");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(jobs(&kube).len(), 2, "never more than --max-concurrent");
 
     finish_job(&kube, "ns", "agentops-e3", true, Some(report("Succeeded", "Completed"))).await;
@@ -712,7 +713,15 @@ async fn only_the_lease_holder_reconciles_and_a_standby_takes_over() {
     let (first, first_url) = start_elected(&kube, "first").await;
     until_async("first ready", || ready(&first_url)).await;
     let (second, second_url) = start_elected(&kube, "second").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Its caches synced, it stands by: /readyz says why it is not ready.
+    until_async("second standing by", || async {
+        let r = reqwest::get(format!("{second_url}/readyz")).await;
+        match r {
+            Ok(r) => r.status() == 503 && r.text().await.unwrap_or_default().starts_with("standby"),
+            Err(_) => false,
+        }
+    })
+    .await;
     assert!(!ready(&second_url).await, "the standby is not ready");
     assert_eq!(reqwest::get(format!("{second_url}/healthz")).await.unwrap().status(), 200, "but alive");
 
@@ -942,7 +951,9 @@ async fn with_namespaces_the_controller_touches_nothing_outside_them() {
         api.create(&PostParams::default(), &execution(&format!("x-{ns}"), json!({}))).await.unwrap();
     }
     until("team-a runs", || kube.get(BATCH, "jobs", "team-a", "agentops-x-team-a")).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Both were created before the controller's status write for team-a's: had it watched
+    // team-b, it would have reconciled x-team-b by then.
+    until("team-a Running", || (phase(&kube, "team-a", "x-team-a")? == "Running").then_some(())).await;
     let other = kube.get(AX, "agentexecutions", "team-b", "x-team-b").unwrap();
     assert!(other.get("status").is_none_or(Value::is_null), "team-b is not served: {other}");
     assert!(other["metadata"]["finalizers"].is_null(), "no finalizer either: {other}");

@@ -55,8 +55,12 @@ async fn relays_with_the_real_key_and_counts_exactly() {
     let other = Gateway::start(&model.base_url, API_KEY).await.unwrap();
     assert_eq!(ask(&gw.base_url, &other.token).await.unwrap().status(), 401);
     gw.close();
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    assert!(ask(&gw.base_url, &gw.token).await.is_err(), "the run is over: nothing listens");
+    // The listener goes with the task close stops: wait for that, not a fixed while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ask(&gw.base_url, &gw.token).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the run is over, yet the gateway still answers");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// The controller's gateway: one account per execution, under its path.
@@ -352,7 +356,8 @@ async fn the_gateway_relays_only_the_messages_api_and_meters_every_byte() {
     let extra = "accept-encoding: gzip, br\r\nx-evil: 1\r\ncookie: s=1\r\nanthropic-version: 2023-06-01\r\nanthropic-beta: claude-code-20250219\r\nx-forwarded-for: 10.0.0.1\r\n";
     assert_eq!(raw(&gw.base_url, "POST", "/v1/messages?beta=true", &gw.token, extra, Some(msg)).await, 200);
     assert_eq!(raw(&cbase, "POST", "/gateway/ns/fix/v1/messages?beta=true", "tok-c", extra, Some(msg)).await, 200);
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // The upstream recorded each request before it answered.
+    assert_eq!(seen.lock().unwrap().len(), 2);
     for (path, h) in seen.lock().unwrap().iter() {
         assert_eq!(path, "/v1/messages?beta=true");
         assert_eq!(h.get("accept-encoding").unwrap(), "identity");

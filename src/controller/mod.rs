@@ -68,6 +68,8 @@ pub struct Exposed {
     pub store: Option<Store>,
     /// True once the watch caches are synced and this instance leads.
     pub ready: Arc<AtomicBool>,
+    /// True while this instance leads (always, without leader election).
+    pub leading: Arc<AtomicBool>,
     /// Where runner reports go.
     pub reports: Arc<reports::Reports>,
     /// The model gateway's and the git relay's routes for runner pods (empty without them).
@@ -297,6 +299,7 @@ pub async fn run(
             metrics: metrics.clone(),
             store: store.clone(),
             ready: ready.clone(),
+            leading: is_leader.clone(),
             reports: reports.clone(),
             relayed,
         }));

@@ -46,8 +46,10 @@ pub struct ServerState {
     pub cache: Cache<AgentExecution>,
     pub metrics: Arc<Metrics>,
     pub store: Option<Store>,
-    /// True once the watch caches are synced.
+    /// True once the watch caches are synced and this instance leads.
     pub ready: Arc<AtomicBool>,
+    /// True while this instance leads (always, without leader election).
+    pub leading: Arc<AtomicBool>,
     /// Where runner reports go (None: reports are refused).
     pub reports: Option<Arc<Reports>>,
     /// Checks readers of the API. None: the read API is closed (every request 401).
@@ -75,6 +77,7 @@ pub fn serve(listeners: Listeners) -> crate::controller::Serve {
             metrics: e.metrics,
             store: e.store,
             ready: e.ready,
+            leading: e.leading,
             reports: Some(e.reports),
             auth: Some(Arc::new(Authorizer::new(e.client))),
             bodies: BodyBudget::new(crate::gateway::bodies::RUNNER_ENDPOINT_BYTES),
@@ -123,6 +126,9 @@ pub fn api_router(state: Arc<ServerState>) -> Router {
 async fn readyz(State(s): State<Arc<ServerState>>) -> Response {
     if s.ready.load(Ordering::Relaxed) {
         "ok".into_response()
+    } else if !s.leading.load(Ordering::Relaxed) {
+        // Leader election: this one takes over when the Lease is free.
+        (StatusCode::SERVICE_UNAVAILABLE, "standby: waiting for the leader lease").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
     }
