@@ -212,7 +212,15 @@ fn the_crd_refuses_what_resolve_refuses() {
         let spec = merged(&base, &patch);
         let err = resolve(&execution(&spec), &[]).expect_err(&format!("resolve refuses {patch}"));
         assert_eq!(err.field, field, "{patch}: {err}");
-        assert!(AgentExecutionSpec::validate_cel(&spec, None).is_err(), "the CRD refuses {patch} too");
+        let cel = AgentExecutionSpec::validate_cel(&spec, None).expect_err(&format!("the CRD refuses {patch} too"));
+        // Its message names the same field, as CEL can name one: `[]` for any index, `*` for
+        // any hook phase. (The rules themselves say `self.…`, never `spec.…`.)
+        let generic = cel_name(field);
+        let said = format!("{cel:?}");
+        assert!(
+            said.contains(&format!("message: \"{generic} ")) || said.contains(&format!(" {generic} ")),
+            "{field}: {said}"
+        );
     }
     let accepted = [
         json!({"timeout": "168h"}),
@@ -237,6 +245,24 @@ fn the_crd_refuses_what_resolve_refuses() {
         resolve(&execution(&spec), &[]).unwrap_or_else(|e| panic!("resolve accepts {patch}: {e}"));
         AgentExecutionSpec::validate_cel(&spec, None).unwrap_or_else(|e| panic!("the CRD accepts {patch}: {e:?}"));
     }
+}
+
+/// `field` as a CEL message can name it: `spec.egress[0].cidr` → `spec.egress[].cidr`,
+/// `spec.hooks.onError[0].timeout` → `spec.hooks.*[].timeout`.
+fn cel_name(field: &str) -> String {
+    let mut out = String::new();
+    let mut rest = field;
+    while let Some(at) = rest.find('[') {
+        out += &rest[..at];
+        let close = rest[at..].find(']').map_or(rest.len(), |c| at + c);
+        out += if rest[at + 1..close].bytes().all(|b| b.is_ascii_digit()) { "[]" } else { &rest[at..=close] };
+        rest = &rest[(close + 1).min(rest.len())..];
+    }
+    out += rest;
+    for phase in ["pre", "post", "onError"] {
+        out = out.replace(&format!("spec.hooks.{phase}[]"), "spec.hooks.*[]");
+    }
+    out
 }
 
 fn merged(base: &Value, patch: &Value) -> Value {
