@@ -1545,6 +1545,67 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     second.stop().await;
 }
 
+/// A budget survives a controller restart, through the controllers themselves: what the
+/// execution spent reaches its status while it runs; the next controller reopens the gateway
+/// account from that status, and a request past `maxBudgetUsd` is refused without reaching the
+/// model. (The first request spent more than the budget: the fake bills 400,000 input tokens for
+/// a few bytes, more than any reservation could foresee.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_keeps_the_budget_the_execution_spent() {
+    let spend = support::Step::text("hi").with_usage([400_000, 1_000, 0, 0]);
+    let model = support::FakeAnthropic::start(vec![spend.clone(), spend]).await;
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let cfg = |base: &str| {
+        let mut c = config(None);
+        c.job.report_url = Some(base.to_string());
+        c.model_upstream = model.base_url.clone();
+        c
+    };
+    let (http, base) = listener().await;
+    let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let spec = json!({"agent": {"model": "claude-sonnet-4-6", "maxBudgetUsd": 1.0}});
+    api.create(&PostParams::default(), &execution("capped", spec)).await.unwrap();
+    until("Running", || (phase(&kube, "ns", "capped")? == "Running").then_some(())).await;
+    let token =
+        String::from_utf8(secret_data(&kube, "ns", "agentops-runner-capped").unwrap()["model"].clone()).unwrap();
+    let ask = |base: String| {
+        let token = token.clone();
+        async move {
+            // With a tool: the scripted model's main conversation, not a side request.
+            let body = json!({"model": "claude-sonnet-4-6", "max_tokens": 8, "stream": true,
+                              "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
+            let r = support::http()
+                .post(format!("{base}/gateway/ns/capped/v1/messages"))
+                .header("x-api-key", token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    assert_eq!(ask(base.clone()).await.0, 200);
+    // $3 per million input tokens, $15 per million output: $1.215, live in the status.
+    let cost = until("the spend in the status", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "capped")?;
+        ax["status"]["costUsd"].as_f64().filter(|c| *c > 1.0)
+    })
+    .await;
+    assert!((cost - 1.215).abs() < 1e-9, "{cost}");
+    first.stop().await;
+
+    let (http, base) = listener().await;
+    let second = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    let (status, text) = ask(base.clone()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(agentops::gateway::BUDGET_SPENT), "{text}");
+    assert_eq!(model.main_requests(), 1, "the refused request never reached the model");
+    second.stop().await;
+}
+
 /// The cluster path of a pull request: the runner pod pushes (it holds no token), the controller
 /// opens the pull request with the repository's credential. The controller dies after GitHub
 /// created it but before the answer came back; the next controller finds it open and updates

@@ -190,12 +190,30 @@ impl Reports {
         };
         let key = self.secret_value(ns, key_ref, "api-key", "spec.agent.apiKeySecretRef").await?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
-        let last = Mutex::new(None::<std::time::Instant>);
+        // At most one wake per WAKE_EVERY, and never a change left without one: a change inside
+        // the window schedules one wake at its end (the last figures of a burst reach the status).
+        let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
         let account = Account::new(&key, token, r.max_budget_usd).with_spent(spent.0, spent.1).on_change(move || {
-            let Ok(mut last) = last.lock() else { return };
-            if last.is_none_or(|t| t.elapsed() >= WAKE_EVERY) {
-                *last = Some(std::time::Instant::now());
-                let _ = wake.send(at.clone());
+            let Ok(mut t) = throttle.lock() else { return };
+            let (last, pending) = &mut *t;
+            match last.map(|l| l.elapsed()) {
+                Some(since) if since < WAKE_EVERY => {
+                    if !*pending && let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        *pending = true;
+                        let (wake, at, throttle) = (wake.clone(), at.clone(), throttle.clone());
+                        rt.spawn(async move {
+                            tokio::time::sleep(WAKE_EVERY - since).await;
+                            if let Ok(mut t) = throttle.lock() {
+                                *t = (Some(std::time::Instant::now()), false);
+                            }
+                            let _ = wake.send(at);
+                        });
+                    }
+                }
+                _ => {
+                    *last = Some(std::time::Instant::now());
+                    let _ = wake.send(at.clone());
+                }
             }
         });
         gateways.open(ns, name, account);
