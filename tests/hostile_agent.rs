@@ -280,8 +280,14 @@ async fn allowed_tools_limit_what_the_agent_may_run() {
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     assert_eq!(h.git.show("demo", "agentops/limited", "written.txt").as_deref(), Some("allowed\n"));
     assert_eq!(h.git.show("demo", "agentops/limited", "bash-ran.txt"), None, "Bash was not allowed, so it did not run");
-    let bodies: Vec<String> = h.model.seen().iter().map(|s| s.body.to_string()).collect();
-    assert!(bodies.iter().any(|b| b.contains("permission")), "the agent was told Bash needs permission");
+    // The CLI's refusal is what the agent got back for its Bash call.
+    let results = h.model.tool_results();
+    let bash_result = results.iter().find(|(name, _, _)| name == "Bash").expect("a result for the Bash call");
+    assert!(bash_result.2, "the Bash call is an error: {bash_result:?}");
+    // (The old check, "some request mentions permission", passed on the system prompt alone.)
+    assert!(bash_result.1.contains("needs approval"), "the agent was told Bash needs approval: {bash_result:?}");
+    let write_result = results.iter().find(|(name, _, _)| name == "Write").expect("a result for the Write call");
+    assert!(!write_result.2, "the allowed Write ran: {write_result:?}");
 }
 
 /// The agent on one machine tries to reach out of its sandbox through the kernel: a signal to a

@@ -103,6 +103,41 @@ impl FakeAnthropic {
         self.inner.seen.lock().expect("lock").clone()
     }
 
+    /// The tool results the agent sent back, in order, from the last main request (which
+    /// carries the whole conversation): (the tool's name, its text, `is_error`).
+    #[allow(dead_code)]
+    pub fn tool_results(&self) -> Vec<(String, String, bool)> {
+        let Some(last) = self.seen().into_iter().rev().find(|s| s.main) else { return Vec::new() };
+        let mut names = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for m in last.body["messages"].as_array().into_iter().flatten() {
+            for b in m["content"].as_array().into_iter().flatten() {
+                match b["type"].as_str() {
+                    Some("tool_use") => {
+                        names.insert(
+                            b["id"].as_str().unwrap_or_default().to_string(),
+                            b["name"].as_str().unwrap_or_default().to_string(),
+                        );
+                    }
+                    Some("tool_result") => {
+                        let text = match &b["content"] {
+                            Value::String(t) => t.clone(),
+                            Value::Array(parts) => {
+                                parts.iter().filter_map(|p| p["text"].as_str()).collect::<Vec<_>>().join("\n")
+                            }
+                            _ => String::new(),
+                        };
+                        let name =
+                            names.get(b["tool_use_id"].as_str().unwrap_or_default()).cloned().unwrap_or_default();
+                        out.push((name, text, b["is_error"].as_bool().unwrap_or(false)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
     /// Main (tool-offering) requests so far.
     pub fn main_requests(&self) -> usize {
         self.seen().iter().filter(|s| s.main).count()
