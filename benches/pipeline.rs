@@ -210,6 +210,7 @@ async fn main() {
         panic!("run scripts/setup first: {} is missing", claude_bin().display());
     }
     println!("runs per figure: {runs} (medians; one warm-up run each not counted)\n");
+    let mut missed = Vec::new();
     if only.is_empty() || only == "pipeline" {
         let (ours, base, rss) = pipeline(runs).await;
         println!(
@@ -219,6 +220,12 @@ async fn main() {
             ours / base
         );
         println!("(c) peak RSS of agentops run (agent excluded): {:.1} MiB", rss as f64 / 1024.0);
+        if ours / base > PIPELINE_RATIO {
+            missed.push(format!("(a) ratio {:.3} > {PIPELINE_RATIO}", ours / base));
+        }
+        if rss as f64 / 1024.0 >= RSS_MIB {
+            missed.push(format!("(c) {:.1} MiB >= {RSS_MIB} MiB", rss as f64 / 1024.0));
+        }
     }
     if only.is_empty() || only == "clone" {
         let c = clone(runs).await;
@@ -233,5 +240,20 @@ async fn main() {
             c.git_checkout,
             c.git2_total / c.git_total
         );
+        if c.git2_total / c.git_total > CLONE_RATIO {
+            missed.push(format!("(b) ratio {:.2} > {CLONE_RATIO}", c.git2_total / c.git_total));
+        }
+    }
+    // Run outside .ci/run (timings need a quiet machine): a missed target fails the command.
+    if !missed.is_empty() {
+        eprintln!("targets missed: {}", missed.join("; "));
+        std::process::exit(1);
     }
 }
+
+/// (a) `agentops run` against the same work as a shell script.
+const PIPELINE_RATIO: f64 = 1.05;
+/// (b) git2's clone against `git clone --depth 1` of the same 5,000 files.
+const CLONE_RATIO: f64 = 1.10;
+/// (c) peak RSS of `agentops run`, the agent process excluded.
+const RSS_MIB: f64 = 30.0;
