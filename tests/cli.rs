@@ -308,3 +308,49 @@ async fn sandbox_read_grants_a_toolchain_directory() {
     assert!(seen[0].1.contains("Permission denied"), "EACCES: {}", seen[0].1);
     assert_eq!(seen[1].0, "toolchain 1.2.3\n", "with it, the file is read: {}", seen[1].1);
 }
+
+/// A kernel without Landlock, played for real: a seccomp filter makes `landlock_create_ruleset`
+/// fail with ENOSYS (what a kernel older than 5.13 answers) for agentops and all it starts.
+/// `--sandbox-require` then refuses before anything starts (exit 2, naming what is missing, no
+/// request to the model, nothing pushed); without it the run goes on, saying the agent runs
+/// less confined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_require_refuses_a_kernel_without_landlock() {
+    // struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}: load the syscall number; if it is
+    // landlock_create_ruleset (444 on x86_64 and aarch64), return ERRNO(ENOSYS); else allow.
+    const OLD_KERNEL: &str = r#"
+import ctypes, os, struct, sys
+f = [(0x20, 0, 0, 0), (0x15, 0, 1, 444), (0x06, 0, 0, 0x00050000 | 38), (0x06, 0, 0, 0x7fff0000)]
+prog = b"".join(struct.pack("HBBI", *i) for i in f)
+buf = ctypes.create_string_buffer(prog)
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fp = Fprog(len(f), ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fp), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+    if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        return;
+    }
+    let h = Harness::new(happy_script()).await;
+    let old_kernel = |args: &[&str], file: &std::path::Path| {
+        let mut c = h.agentops("/usr/bin/python3");
+        c.args(["-c", OLD_KERNEL, env!("CARGO_BIN_EXE_agentops")]).args(args).arg(file);
+        c
+    };
+    let file = write_manifest(&h, "old", &h.manifest("old", ""));
+    let (code, stdout, stderr) = output(old_kernel(&["run", "--sandbox-require", "-f"], &file)).await;
+    assert_eq!(code, 2, "{stdout}\n{stderr}");
+    assert!(stderr.contains("--sandbox-require: this machine has no Landlock, which lacks:"), "{stderr}");
+    assert!(stderr.contains("nothing was started"), "{stderr}");
+    assert_eq!(h.model.seen().len(), 0, "no request reached the model");
+    assert_eq!(h.git.branch_head("demo", "agentops/old"), None, "nothing pushed");
+
+    // Control: the same kernel without --sandbox-require runs, and says what it lacks.
+    let (code, stdout, stderr) = output(old_kernel(&["run", "-f"], &file)).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(stderr.contains("this kernel has no Landlock"), "{stderr}");
+    assert!(h.git.branch_head("demo", "agentops/old").is_some());
+}

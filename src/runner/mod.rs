@@ -538,7 +538,13 @@ impl<'a> Run<'a> {
                 .with_udp(agent::sandbox::needs_dns(model_url.as_deref(), &ports)),
             );
             match agent::sandbox::kernel_abi() {
-                None => self.say("  warning: this kernel has no Landlock; the agent runs unconfined"),
+                None => {
+                    let own = if agent::sandbox::isolation_supported() { " and namespaces of its own" } else { "" };
+                    self.say(&format!(
+                        "  warning: this kernel has no Landlock: the agent's files, ports and signals are not \
+                         confined (its seccomp filter{own} still are; --sandbox-require refuses such a kernel)"
+                    ))
+                }
                 Some(abi) => {
                     let isolated = agent::sandbox::isolation_supported();
                     let (_, missing) = agent::sandbox::protections(Some(abi), isolated);
