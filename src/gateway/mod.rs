@@ -16,6 +16,7 @@
 //! pod never holds it.
 
 pub mod bodies;
+pub mod egress;
 pub mod git;
 mod meter;
 pub mod prices;

@@ -1,0 +1,617 @@
+//! The egress proxy: where an agent's tools (curl, npm, pip, go) reach the hosts its execution
+//! allows by name (`egress.hosts`), and nothing else. The agent's `HTTPS_PROXY`/`HTTP_PROXY`
+//! point here with its execution's own token as the proxy password; the runner can reach
+//! nothing else (a pod's default-deny NetworkPolicy, the sandbox's TCP port rules on one
+//! machine), so unsetting the variables gains nothing.
+//!
+//! HTTP `CONNECT host:port` (TLS and anything else tunnelled) and plain HTTP requests in
+//! absolute form (`GET http://host/path`, one request per connection) are served. The proxy
+//! resolves the name itself and connects to the address it resolved (a second lookup by the
+//! agent cannot rebind it), and refuses loopback, private, link-local (cloud metadata
+//! included), CGNAT, multicast and reserved addresses unless one of the execution's CIDR rules
+//! allows the address and port. Bounded: connections at once per execution, the request head's
+//! size and the time to send it, idle time per connection. Every connection is counted (host,
+//! port, bytes each way, refused or not, and why).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use futures::future::BoxFuture;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Connections one execution may hold open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Largest request head (request line and headers) read from the agent.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Time the agent has to send its request head.
+const HEAD_DEADLINE: Duration = Duration::from_secs(30);
+/// Time a connection to the upstream may take.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Connections recorded one by one per execution (the counts cover all of them).
+const RECORDED: usize = 100;
+
+/// One `egress.hosts` entry: a host name (or `*.` and a domain: any name under it, not the
+/// domain itself) and a port (443 when none is given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRule {
+    /// Lower case, without the trailing dot; `*.example.com` for a wildcard.
+    pub host: String,
+    pub port: u16,
+}
+
+impl HostRule {
+    /// Parses `pypi.org`, `pypi.org:443`, `*.githubusercontent.com`, `10.0.0.7:8080`,
+    /// `[2001:db8::1]:443`.
+    pub fn parse(text: &str) -> Result<HostRule, String> {
+        let bad = |why: &str| {
+            format!("{text:?} is not a host rule ({why}); write e.g. pypi.org, pypi.org:443 or *.githubusercontent.com")
+        };
+        let (host, port) = match text.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+                (h, p.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| bad("the port is not 1 to 65535"))?)
+            }
+            _ => (text, 443),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+        let name = host.strip_prefix("*.").unwrap_or(&host);
+        let is_ip = name.parse::<IpAddr>().is_ok();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if !is_ip && (name.len() > 253 || !name.split('.').all(label_ok)) {
+            return Err(bad("not a DNS name"));
+        }
+        if is_ip && host.starts_with("*.") {
+            return Err(bad("a wildcard over an address"));
+        }
+        if host.starts_with("*.") && !name.contains('.') {
+            return Err(bad("a wildcard over a top-level domain"));
+        }
+        Ok(HostRule { host, port })
+    }
+
+    fn matches(&self, host: &str, port: u16) -> bool {
+        port == self.port
+            && match self.host.strip_prefix("*.") {
+                Some(domain) => {
+                    host.len() > domain.len() + 1
+                        && host.ends_with(domain)
+                        && host[..host.len() - domain.len()].ends_with('.')
+                }
+                None => host == self.host,
+            }
+    }
+}
+
+/// A CIDR rule that lets the proxy connect to addresses it otherwise refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrRule {
+    pub net: IpAddr,
+    pub prefix: u8,
+    /// Ports it allows (none: every port).
+    pub ports: Vec<u16>,
+}
+
+impl CidrRule {
+    /// Parses `10.0.0.0/8` or `fd00::/8`.
+    pub fn parse(text: &str, ports: Vec<u16>) -> Result<CidrRule, String> {
+        let bad = || format!("{text:?} is not an IP block; write e.g. 10.0.0.0/8 or fd00::/8");
+        let (ip, bits) = text.split_once('/').ok_or_else(bad)?;
+        let net: IpAddr = ip.parse().map_err(|_| bad())?;
+        let prefix: u8 = bits.parse().map_err(|_| bad())?;
+        if prefix > if net.is_ipv4() { 32 } else { 128 } {
+            return Err(bad());
+        }
+        Ok(CidrRule { net, prefix, ports })
+    }
+
+    fn allows(&self, addr: SocketAddr) -> bool {
+        let ip = canonical(addr.ip());
+        let in_net = match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        };
+        in_net && (self.ports.is_empty() || self.ports.contains(&addr.port()))
+    }
+}
+
+/// Where an execution may connect through the proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub hosts: Vec<HostRule>,
+    /// Addresses the proxy may connect to although they are not public.
+    pub cidrs: Vec<CidrRule>,
+}
+
+/// One connection the agent asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub host: String,
+    pub port: u16,
+    /// Bytes from the agent to the host, and back.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// Why it was refused; None when it was made.
+    pub refused: Option<String>,
+}
+
+/// What the proxy counted for one execution.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EgressTally {
+    pub connections: u64,
+    pub refused: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// The latest connections (at most 100), oldest first.
+    pub recent: VecDeque<Connection>,
+}
+
+impl EgressTally {
+    fn record(&mut self, c: Connection) {
+        if c.refused.is_some() {
+            self.refused += 1;
+        } else {
+            self.connections += 1;
+        }
+        self.bytes_out += c.bytes_out;
+        self.bytes_in += c.bytes_in;
+        if self.recent.len() == RECORDED {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(c);
+    }
+}
+
+/// Resolves a host name to its addresses (tests give names of their own).
+pub type Resolver = Arc<dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// The system's resolver.
+pub fn system_resolver() -> Resolver {
+    Arc::new(|host, port| Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) }))
+}
+
+struct Account {
+    policy: EgressPolicy,
+    open: AtomicUsize,
+    tally: Mutex<EgressTally>,
+    closed: CancellationToken,
+}
+
+struct Shared {
+    accounts: Mutex<HashMap<String, Arc<Account>>>,
+    resolver: Resolver,
+    idle: Duration,
+}
+
+/// A running egress proxy; stops when dropped.
+pub struct EgressProxy {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+}
+
+impl Drop for EgressProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl EgressProxy {
+    /// Listens on `bind`; connections idle for `idle` are closed.
+    pub async fn start(bind: SocketAddr, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared { accounts: Mutex::new(HashMap::new()), resolver, idle });
+        let stop = CancellationToken::new();
+        let (s, st) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = st.cancelled() => return,
+                };
+                let Ok((conn, _)) = accepted else { continue };
+                let _ = conn.set_nodelay(true);
+                let (s, st) = (s.clone(), st.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = serve(&s, conn) => {}
+                        _ = st.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(EgressProxy { addr, shared, stop })
+    }
+
+    /// Lets the holder of `token` connect where `policy` allows.
+    pub fn open(&self, token: &str, policy: EgressPolicy) {
+        let account = Arc::new(Account {
+            policy,
+            open: AtomicUsize::new(0),
+            tally: Mutex::new(EgressTally::default()),
+            closed: CancellationToken::new(),
+        });
+        if let Ok(mut a) = self.shared.accounts.lock()
+            && let Some(old) = a.insert(token.to_string(), account)
+        {
+            old.closed.cancel();
+        }
+    }
+
+    /// What was counted for `token` so far.
+    pub fn tally(&self, token: &str) -> Option<EgressTally> {
+        let a = self.shared.accounts.lock().ok()?.get(token)?.clone();
+        a.tally.lock().ok().map(|t| t.clone())
+    }
+
+    /// Ends `token`'s access: its open connections are cut. Returns what was counted.
+    pub fn close(&self, token: &str) -> Option<EgressTally> {
+        let a = self.shared.accounts.lock().ok()?.remove(token)?;
+        a.closed.cancel();
+        a.tally.lock().ok().map(|t| t.clone())
+    }
+}
+
+/// The request head the agent sent: method, target, and the raw head.
+struct Head {
+    method: String,
+    target: String,
+    /// Header lines (without the request line), as sent.
+    headers: Vec<(String, String)>,
+    /// Bytes read after the head (the start of a body or of a TLS handshake).
+    rest: Vec<u8>,
+}
+
+async fn read_head(conn: &mut TcpStream) -> Option<Head> {
+    let mut buf = Vec::with_capacity(1024);
+    let end = tokio::time::timeout(HEAD_DEADLINE, async {
+        let mut chunk = [0u8; 2048];
+        loop {
+            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(at);
+            }
+            if buf.len() > MAX_HEAD_BYTES {
+                return None;
+            }
+            let n = conn.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .ok()??;
+    if end > MAX_HEAD_BYTES {
+        return None;
+    }
+    let text = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let (method, target, version) = (first.next()?, first.next()?, first.next()?);
+    if !version.starts_with("HTTP/1.") || first.next().is_some() {
+        return None;
+    }
+    let headers = lines
+        .map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())))
+        .collect::<Option<Vec<_>>>()?;
+    Some(Head { method: method.to_string(), target: target.to_string(), headers, rest: buf[end + 4..].to_vec() })
+}
+
+async fn answer(conn: &mut TcpStream, status: &str, extra: &str, body: &str) {
+    let text = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(text.as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+/// The token in `Proxy-Authorization: Basic base64(user:token)` (the user is not checked).
+fn proxy_token(head: &Head) -> Option<String> {
+    let value = head.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("proxy-authorization"))?.1.as_str();
+    let (scheme, b64) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
+    let (_, token) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(token.to_string())
+}
+
+/// `host:port` of a CONNECT target, or of an absolute `http://` URL with its origin-form path.
+fn destination(head: &Head) -> Option<(String, u16, Option<String>)> {
+    if head.method == "CONNECT" {
+        let (host, port) = head.target.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        return Some((host.to_ascii_lowercase(), port.parse().ok()?, None));
+    }
+    let url = url::Url::parse(&head.target).ok()?;
+    if url.scheme() != "http" || !url.username().is_empty() || url.password().is_some() {
+        return None;
+    }
+    let host = match url.host()? {
+        url::Host::Domain(d) => d.to_ascii_lowercase(),
+        url::Host::Ipv4(a) => a.to_string(),
+        url::Host::Ipv6(a) => a.to_string(),
+    };
+    let path = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    Some((host.trim_end_matches('.').to_string(), url.port().unwrap_or(80), Some(path)))
+}
+
+async fn serve(shared: &Shared, mut conn: TcpStream) {
+    let Some(head) = read_head(&mut conn).await else {
+        return answer(&mut conn, "400 Bad Request", "", "agentops egress: not an HTTP proxy request\n").await;
+    };
+    let account = proxy_token(&head).and_then(|t| shared.accounts.lock().ok()?.get(&t).cloned());
+    let Some(account) = account else {
+        // Unknown, missing or retired token: the same answer, nothing counted anywhere.
+        return answer(
+            &mut conn,
+            "407 Proxy Authentication Required",
+            "proxy-authenticate: Basic realm=\"agentops\"\r\n",
+            "agentops egress: this proxy serves running executions only (their HTTPS_PROXY carries the token)\n",
+        )
+        .await;
+    };
+    let Some((host, port, path)) = destination(&head) else {
+        return answer(
+            &mut conn,
+            "400 Bad Request",
+            "",
+            "agentops egress: CONNECT host:port or an absolute http:// URL\n",
+        )
+        .await;
+    };
+    let refuse = |why: String| Connection { host: host.clone(), port, bytes_out: 0, bytes_in: 0, refused: Some(why) };
+    let record = |c: Connection| {
+        if let Ok(mut t) = account.tally.lock() {
+            t.record(c);
+        }
+    };
+    if !account.policy.hosts.iter().any(|r| r.matches(&host, port)) {
+        let why = format!("{host}:{port} is not in the execution's egress.hosts");
+        record(refuse(why.clone()));
+        return answer(&mut conn, "403 Forbidden", "", &format!("agentops egress: {why}\n")).await;
+    }
+    if account.open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        account.open.fetch_sub(1, Ordering::SeqCst);
+        let why = format!("more than {MAX_CONNECTIONS} connections at once");
+        record(refuse(why.clone()));
+        return answer(&mut conn, "429 Too Many Requests", "", &format!("agentops egress: {why}\n")).await;
+    }
+    let _open = OpenGuard(&account.open);
+    let upstream = match connect(shared, &account.policy, &host, port).await {
+        Ok(u) => u,
+        Err(why) => {
+            record(refuse(why.clone()));
+            return answer(&mut conn, "403 Forbidden", "", &format!("agentops egress: {why}\n")).await;
+        }
+    };
+    let mut upstream = upstream;
+    let mut first = Vec::new();
+    match path {
+        None => {
+            if conn.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
+                return;
+            }
+            first.extend_from_slice(&head.rest);
+        }
+        Some(path) => {
+            // Origin form, our `Connection: close`, no proxy headers: one request per connection.
+            let mut text = format!("{} {path} HTTP/1.1\r\n", head.method);
+            for (k, v) in &head.headers {
+                let k_l = k.to_ascii_lowercase();
+                if !matches!(k_l.as_str(), "proxy-authorization" | "proxy-connection" | "connection" | "keep-alive") {
+                    text.push_str(&format!("{k}: {v}\r\n"));
+                }
+            }
+            text.push_str("Connection: close\r\n\r\n");
+            first.extend_from_slice(text.as_bytes());
+            first.extend_from_slice(&head.rest);
+        }
+    }
+    let (out, inn) = pipe(&mut conn, &mut upstream, &first, shared.idle, &account.closed).await;
+    record(Connection { host, port, bytes_out: out, bytes_in: inn, refused: None });
+}
+
+struct OpenGuard<'a>(&'a AtomicUsize);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves `host` and connects to the first address the policy allows: a public one, or one a
+/// CIDR rule names. Never a second lookup.
+async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) -> Result<TcpStream, String> {
+    let addrs = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![SocketAddr::new(ip, port)],
+        Err(_) => tokio::time::timeout(CONNECT_DEADLINE, (shared.resolver)(host.to_string(), port))
+            .await
+            .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
+            .map_err(|e| format!("{host} does not resolve: {e}"))?,
+    };
+    let allowed: Vec<SocketAddr> =
+        addrs.iter().copied().filter(|a| is_public(a.ip()) || policy.cidrs.iter().any(|c| c.allows(*a))).collect();
+    let Some(_) = allowed.first() else {
+        let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+        return Err(format!(
+            "{host} resolves to {} (not a public address); an egress CIDR rule must allow it",
+            if shown.is_empty() { "nothing".to_string() } else { shown.join(", ") }
+        ));
+    };
+    let mut last = String::new();
+    for a in allowed {
+        match tokio::time::timeout(CONNECT_DEADLINE, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = format!("{host}:{port} ({a}) refused the connection: {e}"),
+            Err(_) => last = format!("{host}:{port} ({a}) did not answer within {} s", CONNECT_DEADLINE.as_secs()),
+        }
+    }
+    Err(last)
+}
+
+/// Copies both ways until either side ends, the connection is idle for `idle`, or the account
+/// closes. Returns the bytes sent each way (agent → host, host → agent).
+async fn pipe(
+    agent: &mut TcpStream,
+    host: &mut TcpStream,
+    first: &[u8],
+    idle: Duration,
+    closed: &CancellationToken,
+) -> (u64, u64) {
+    let (mut out, mut inn) = (0u64, 0u64);
+    if !first.is_empty() {
+        if host.write_all(first).await.is_err() {
+            return (0, 0);
+        }
+        out += first.len() as u64;
+    }
+    let (mut ar, mut aw) = agent.split();
+    let (mut hr, mut hw) = host.split();
+    let (mut abuf, mut hbuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut agent_open, mut host_open) = (true, true);
+    while agent_open || host_open {
+        tokio::select! {
+            r = ar.read(&mut abuf), if agent_open => match r {
+                Ok(0) | Err(_) => { agent_open = false; let _ = hw.shutdown().await; }
+                Ok(n) => { if hw.write_all(&abuf[..n]).await.is_err() { break } out += n as u64; }
+            },
+            r = hr.read(&mut hbuf), if host_open => match r {
+                Ok(0) | Err(_) => { host_open = false; let _ = aw.shutdown().await; }
+                Ok(n) => { if aw.write_all(&hbuf[..n]).await.is_err() { break } inn += n as u64; }
+            },
+            _ = tokio::time::sleep(idle) => break,
+            _ = closed.cancelled() => break,
+        }
+    }
+    (out, inn)
+}
+
+/// The address an IPv4-mapped or NAT64 IPv6 address stands for, else the address itself.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            // 64:ff9b::/96, the NAT64 well-known prefix.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return IpAddr::V4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+            }
+            IpAddr::V6(v6)
+        }
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is an address of the public internet: not loopback, private, link-local (cloud
+/// metadata at 169.254.169.254 and fd00:ec2::254 included), CGNAT, multicast, documentation,
+/// benchmarking or reserved.
+pub fn is_public(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_broadcast()
+                || a.is_multicast()
+                || a.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || a == Ipv6Addr::UNSPECIFIED)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_rules_parse_and_match_as_written() {
+        let r = HostRule::parse("PyPI.org.").unwrap();
+        assert_eq!((r.host.as_str(), r.port), ("pypi.org", 443));
+        assert!(r.matches("pypi.org", 443) && !r.matches("pypi.org", 80) && !r.matches("evilpypi.org", 443));
+        let w = HostRule::parse("*.githubusercontent.com:443").unwrap();
+        assert!(w.matches("raw.githubusercontent.com", 443));
+        assert!(!w.matches("githubusercontent.com", 443), "the domain itself is not under it");
+        assert!(!w.matches("evilgithubusercontent.com", 443));
+        assert_eq!(HostRule::parse("10.0.0.7:8080").unwrap().port, 8080);
+        assert_eq!(HostRule::parse("[2001:db8::1]:8443").unwrap().host, "2001:db8::1");
+        for bad in ["*.com", "a b", "x:0", "x:70000", "*.10.0.0.1", "", "-a.com", "a..b"] {
+            assert!(HostRule::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_public_addresses_pass_without_a_cidr_rule() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["151.101.1.1", "2a04:4e42::1", "::ffff:151.101.1.1"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
+        let c = CidrRule::parse("10.0.0.0/8", vec![5432]).unwrap();
+        assert!(c.allows("10.9.9.9:5432".parse().unwrap()));
+        assert!(!c.allows("10.9.9.9:22".parse().unwrap()));
+        assert!(c.allows("[::ffff:10.0.0.1]:5432".parse().unwrap()), "a mapped address is its IPv4 one");
+        assert!(CidrRule::parse("10.0.0.0/33", vec![]).is_err());
+    }
+}
