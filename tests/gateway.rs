@@ -580,7 +580,7 @@ async fn requests_in_flight_are_bounded_per_execution() {
     assert_eq!(send("other", "tok-o").await.unwrap().status(), 200, "another execution has its own places");
     // The agent hangs up on one answer: the upstream is still producing it, so its place is kept.
     drop(open.pop());
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    wait_for("the gateway to see the hang-up", || g.metered("ns", "greedy").is_some_and(|m| m.agent_left == 1)).await;
     assert_eq!(send("greedy", "tok-g").await.unwrap().status(), 429, "hanging up frees nothing");
     // The upstream ends its answers: every place is free again.
     model.end_hangs();
@@ -947,7 +947,7 @@ async fn an_agent_that_hangs_up_half_way_still_pays_for_the_whole_answer() {
     }
     drop(r);
     assert_eq!(client_count, 16_500, "the client left having seen half");
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    wait_for("the gateway to see the hang-up", || gw.metered().agent_left == 1).await;
     assert!(gw.metered().reserved_usd > 0.0, "the reservation is held while the upstream still produces");
     assert!(gw.metered().usage.output_tokens <= 16_500);
     hung_up.send_replace(true);
@@ -1236,4 +1236,13 @@ async fn one_namespace_cannot_take_the_gateways_room_from_another() {
     let r = ask(&format!("{base}/gateway/tenant-b/b"), "tok-b").await.unwrap();
     assert_eq!(r.status(), 200, "another tenant is served");
     drop(stalled);
+}
+
+/// Waits (at most 10 s) until `done` says yes: the event a negative assertion follows.
+async fn wait_for(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }

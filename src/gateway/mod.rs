@@ -83,6 +83,9 @@ pub struct Metered {
     /// Answers cut before their end (the upstream failed or went silent): billed at their
     /// worst case, since what the upstream billed is not known.
     pub settled_at_worst_case: u64,
+    /// Answers the agent hung up on before their end (each still read and metered to its end,
+    /// its reservation and place held until then).
+    pub agent_left: u64,
 }
 
 /// What one model was metered.
@@ -231,6 +234,12 @@ impl Account {
     }
 
     /// Bills `usd` for an answer that could not be metered to its end (cut, silent, compressed).
+    fn note_agent_left(&self) {
+        if let Ok(mut m) = self.metered.lock() {
+            m.agent_left += 1;
+        }
+    }
+
     fn settle_unmetered(&self, model: &str, usd: f64) {
         if let Ok(mut m) = self.metered.lock() {
             m.cost_usd += usd;
@@ -817,7 +826,17 @@ impl Drain {
         let mut cut = false;
         let mut billed = 0.0;
         loop {
-            match tokio::time::timeout(UPSTREAM_SILENCE, upstream.next()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout(UPSTREAM_SILENCE, upstream.next()) => next,
+                // The client went away while the upstream was quiet: noticed now, not with the
+                // next chunk.
+                _ = tx.closed(), if listening => {
+                    listening = false;
+                    self.account.note_agent_left();
+                    continue;
+                }
+            };
+            match next {
                 Ok(Some(Ok(bytes))) => {
                     let seen = self.meter.feed(&bytes);
                     billed += seen.cost_usd;
@@ -825,6 +844,7 @@ impl Drain {
                     if listening && tx.send(Ok(bytes)).await.is_err() {
                         // The client went away: keep reading and metering to the end.
                         listening = false;
+                        self.account.note_agent_left();
                     }
                 }
                 Ok(Some(Err(e))) => {
