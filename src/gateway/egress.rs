@@ -495,7 +495,7 @@ async fn pipe(
     }
     let (mut ar, mut aw) = agent.split();
     let (mut hr, mut hw) = host.split();
-    let (mut abuf, mut hbuf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut abuf, mut hbuf) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
     let (mut agent_open, mut host_open) = (true, true);
     while agent_open || host_open {
         tokio::select! {
