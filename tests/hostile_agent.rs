@@ -568,6 +568,13 @@ def mptcp():
 attempt("mptcp", mptcp)
 attempt("vsock", lambda: socket.socket(40, socket.SOCK_STREAM))
 attempt("sctp", lambda: socket.socket(socket.AF_INET, socket.SOCK_SEQPACKET, 132))
+def listen():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+attempt("bind", listen)
+attempt("socketpair", lambda: socket.socketpair())
+attempt("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).bind((0, 0)))
 "#,
         victim = victim.id(),
         tcp_port = tcp_port
@@ -621,7 +628,13 @@ attempt("sctp", lambda: socket.socket(socket.AF_INET, socket.SOCK_SEQPACKET, 132
         assert_eq!(confined[kind], eacces, "{kind}: {confined:?}");
     }
     assert!(!reached, "nothing reached the other TCP port");
+    // Landlock ABI 4: no TCP port to listen on (a server the agent starts is nobody's to reach).
+    assert_eq!(confined["bind"], eacces, "{confined:?}");
+    // What tools need stays: socket pairs (IPC between the CLI's processes) and route netlink
+    // (which interfaces exist).
+    assert_eq!((confined["socketpair"], confined["netlink"]), (0, 0), "{confined:?}");
     let (open, received, _) = &results[1];
+    assert_eq!(open["bind"], 0, "control: unconfined it listens: {open:?}");
     assert_eq!(open["io_uring"], 0, "control: io_uring works unconfined: {open:?}");
     assert_eq!(open["udp"], 0, "{open:?}");
     assert!(received, "control: the datagram arrives without the sandbox");
