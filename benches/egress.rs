@@ -43,7 +43,9 @@ async fn origin() -> SocketAddr {
                     head.extend_from_slice(&buf[..n]);
                 }
                 if head.starts_with(b"GET /bulk ") {
-                    let _ = s.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {BULK_BYTES}\r\n\r\n").as_bytes()).await;
+                    let _ = s
+                        .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {BULK_BYTES}\r\n\r\n").as_bytes())
+                        .await;
                     let chunk = vec![7u8; 1024 * 1024];
                     for _ in 0..BULK_BYTES / chunk.len() {
                         if s.write_all(&chunk).await.is_err() {

@@ -224,13 +224,24 @@ async fn missing_secret_file_is_invalid_input_and_creates_nothing() {
 async fn agent_crash_without_result_is_a_failure() {
     let mut h = Harness::new(happy_script()).await;
     let fake = h.dir.path().join("crashing-claude");
-    std::fs::write(&fake, "#!/bin/sh\necho 'Error: segfault in the agent' >&2\nexit 7\n").unwrap();
+    // 2 MiB of noise on stderr first: only its last 4 KiB are kept (and logged).
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nhead -c 2097152 /dev/zero | tr '\\0' 'n' | fold -w 100 >&2\necho >&2\necho 'Error: segfault in the agent' >&2\nexit 7\n",
+    )
+    .unwrap();
     std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&fake).unwrap().permissions(), 0o755);
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     h.opts.claude_bin = fake;
     let s = h.run(&h.manifest("crash", "")).await;
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("AgentCrashed")), "{s:#?}");
-    assert!(s.message.unwrap().contains("status 7"));
+    let msg = s.message.clone().unwrap();
+    assert!(msg.contains("status 7") && msg.contains("Error: segfault in the agent"), "{msg}");
+    let logs = h.store.logs(&s.id).await.unwrap();
+    let stderr: Vec<&str> = logs.iter().filter(|l| l.source == "agent-stderr").map(|l| l.line.as_str()).collect();
+    assert_eq!(stderr.last(), Some(&"Error: segfault in the agent"));
+    let kept: usize = stderr.iter().map(|l| l.len() + 1).sum();
+    assert!(kept <= 4096 + 1, "the last 4 KiB of 2 MiB: {kept} bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
