@@ -912,6 +912,29 @@ async fn the_read_api_checks_the_caller_and_shows_only_namespaces_they_may_read(
     ctl.stop().await;
 }
 
+/// `--executor job` without `--report-url` (where runner pods reach the gateway and report) is
+/// refused before anything is reconciled, saying what to pass.
+#[test]
+fn the_job_executor_needs_the_report_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kube = rt.block_on(FakeKube::start());
+    let kubeconfig = kube.kubeconfig(dir.path(), "x");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentops"))
+        .env_clear()
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path())
+        .args(["controller", "--executor", "job", "--leader-election=false", "--http-addr", "127.0.0.1:0"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--db"])
+        .arg(dir.path().join("c.db"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--report-url is required with --executor job"), "{err}");
+    assert!(kube.requests().is_empty(), "nothing was asked of the API server: {:?}", kube.requests());
+}
+
 #[test]
 fn the_local_executor_refuses_to_run_inside_a_cluster() {
     let dir = tempfile::tempdir().unwrap();
