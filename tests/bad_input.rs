@@ -198,6 +198,13 @@ fn the_crd_refuses_what_resolve_refuses() {
         ),
         (json!({"prompt": "é".repeat(262_145)}), "spec.prompt"),
         (json!({"agent": {"appendSystemPrompt": "s".repeat(65_537)}}), "spec.agent.appendSystemPrompt"),
+        (json!({"agent": {"instructions": "i".repeat(65_537)}}), "spec.agent.instructions"),
+        (json!({"agent": {"settingSources": ["project", "local"]}}), "spec.agent.settingSources"),
+        (
+            json!({"agent": {"mcpServers": [{"name": "t", "command": "x", "url": "https://h/mcp"}]}}),
+            "spec.agent.mcpServers[0]",
+        ),
+        (json!({"agent": {"mcpServers": [{"name": "t"}]}}), "spec.agent.mcpServers[0]"),
         (json!({"egress": [{"cidr": "10.0.0.0/33", "ports": [443]}]}), "spec.egress[0].cidr"),
         (json!({"egress": [{"cidr": "2a04:4e42::/129", "ports": [443]}]}), "spec.egress[0].cidr"),
         (
@@ -234,6 +241,8 @@ fn the_crd_refuses_what_resolve_refuses() {
         json!({"repository": {"url": "http://git.example.com/r.git", "insecure": true, "credentialsSecretRef": {"name": "c"}}}),
         // ASCII: the cel crate's size() counts bytes where the apiserver counts characters.
         json!({"prompt": "x".repeat(262_144)}),
+        json!({"agent": {"instructions": "i".repeat(65_536), "settingSources": ["user", "project"],
+                         "mcpServers": [{"name": "t", "command": "x"}, {"name": "r", "url": "https://h.example.com/mcp"}]}}),
         json!({"egress": [{"cidr": "10.0.0.0/8", "ports": [443]}, {"cidr": "2a04:4e42::/32", "ports": [443]}]}),
         json!({"egress": [{"cidr": "151.101.1.1/32", "ports": [443]}, {"cidr": "::1/128", "ports": [80]}]}),
         json!({"repository": {"url": "https://git.example.com/r.git", "ref": "release/1.x"}}),
@@ -375,6 +384,24 @@ fn every_bound_in_limits_refuses_its_first_bad_value() {
             json!({"agent": {"disallowedTools": [format!("Bash({})", "x".repeat(MAX_TOOL_RULE_CHARS))]}}),
             json!({"agent": {"disallowedTools": [format!("Bash({})", "x".repeat(MAX_TOOL_RULE_CHARS - 6))]}}),
             "spec.agent.disallowedTools",
+        ),
+        (
+            "instructions",
+            json!({"agent": {"instructions": "i".repeat(MAX_INSTRUCTIONS_CHARS + 1)}}),
+            json!({"agent": {"instructions": "i".repeat(MAX_INSTRUCTIONS_CHARS)}}),
+            "spec.agent.instructions",
+        ),
+        (
+            "MCP servers",
+            json!({"agent": {"mcpServers": (0..=MAX_MCP_SERVERS).map(|i| json!({"name": format!("s{i}"), "command": "x"})).collect::<Vec<_>>()}}),
+            json!({"agent": {"mcpServers": (0..MAX_MCP_SERVERS).map(|i| json!({"name": format!("s{i}"), "command": "x"})).collect::<Vec<_>>()}}),
+            "spec.agent.mcpServers",
+        ),
+        (
+            "skills and subagents' files",
+            json!({"agent": {"skills": [{"name": "s", "files": {"SKILL.md": "s".repeat(MAX_AGENT_FILES_BYTES + 1)}}]}}),
+            json!({"agent": {"skills": [{"name": "s", "files": {"SKILL.md": "s".repeat(MAX_AGENT_FILES_BYTES)}}]}}),
+            "spec.agent.skills",
         ),
         (
             "egress rules",

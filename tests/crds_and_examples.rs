@@ -40,6 +40,11 @@ fn every_example_manifest_parses_and_resolves() {
         let spec = serde_json::to_value(&m.execution.spec).unwrap();
         agentops::api::AgentExecutionSpec::validate_cel(&spec, None)
             .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+        for t in &m.templates {
+            let spec = serde_json::to_value(&t.spec).unwrap();
+            agentops::api::AgentTemplateSpec::validate_cel(&spec, None)
+                .unwrap_or_else(|e| panic!("{}: the template: {e:?}", path.display()));
+        }
         n += 1;
     }
     assert!(n >= 3, "found {n} examples");

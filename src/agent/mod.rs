@@ -1,5 +1,6 @@
 //! The Claude Code CLI: how it is started, and how its stream is read.
 
+pub mod config;
 mod process;
 pub mod sandbox;
 pub mod stream;

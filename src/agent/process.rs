@@ -57,12 +57,8 @@ pub fn build_command(
     parent_env: impl Fn(&str) -> Option<String>,
 ) -> AgentCommand {
     let mut args: Vec<String> = ["-p", "--output-format", "stream-json", "--verbose"].map(String::from).into();
-    // Tool lists mean something only without bypassPermissions: with a list, every tool not
-    // allowed by it is refused (headless, nobody answers a permission prompt). Without one,
-    // the agent may use every tool, inside its sandbox.
-    if r.allowed_tools.is_empty() && r.disallowed_tools.is_empty() {
-        args.extend(["--permission-mode".into(), "bypassPermissions".into()]);
-    }
+    // Permission mode, tools, setting sources and MCP config (`agent::config`).
+    args.extend(super::config::flags(&r.agent_config, &r.allowed_tools, &r.disallowed_tools, home));
     // Sessions are not resumed; keep nothing in the private HOME beyond the run.
     args.push("--no-session-persistence".into());
     if let Some(m) = &r.model {
@@ -73,12 +69,6 @@ pub fn build_command(
     }
     if let Some(b) = r.max_budget_usd {
         args.extend(["--max-budget-usd".into(), b.to_string()]);
-    }
-    if !r.allowed_tools.is_empty() {
-        args.extend(["--allowedTools".into(), r.allowed_tools.join(",")]);
-    }
-    if !r.disallowed_tools.is_empty() {
-        args.extend(["--disallowedTools".into(), r.disallowed_tools.join(",")]);
     }
     if let Some(s) = &r.append_system_prompt {
         args.extend(["--append-system-prompt".into(), s.clone()]);
@@ -92,7 +82,7 @@ pub fn build_command(
     let home_s = home.to_string_lossy().into_owned();
     env.extend([
         ("HOME".into(), home_s.clone()),
-        ("CLAUDE_CONFIG_DIR".into(), home.join(".claude").to_string_lossy().into_owned()),
+        ("CLAUDE_CONFIG_DIR".into(), super::config::claude_dir(home).to_string_lossy().into_owned()),
         // Claude Code needs a writable TMPDIR; with a read-only /tmp it exits silently.
         ("TMPDIR".into(), home.join("tmp").to_string_lossy().into_owned()),
         // The workspace is the sandbox: lets bypassPermissions run as root in containers.

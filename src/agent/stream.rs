@@ -46,6 +46,8 @@ pub struct AgentResult {
     pub session_id: Option<String>,
     /// What `--json-schema` asked for, as the CLI validated it (`structured_output`).
     pub structured_output: Option<Value>,
+    /// Calls the CLI refused by its permission rules (`permission_denials`).
+    pub permission_denials: u64,
 }
 
 /// Why a line could not be used.
@@ -128,6 +130,7 @@ pub fn parse_line(line: &str) -> Result<Event, ParseError> {
             api_error_status: u64_of(&v, "api_error_status"),
             session_id: str_of(&v, "session_id"),
             structured_output: v.get("structured_output").filter(|o| !o.is_null()).cloned(),
+            permission_denials: v.get("permission_denials").and_then(Value::as_array).map_or(0, |d| d.len() as u64),
         }),
         _ => Event::Other,
     })

@@ -26,6 +26,13 @@ pub const IMMUTABLE_EXCEPT_CANCEL: &str = "self.repository == oldSelf.repository
 /// apply`, and by `validate_cel` in tests that compare them with `resolve`).
 pub const BOUNDED_TEXT: &str = "(!has(self.prompt) || size(self.prompt) <= 262144) \
     && (!has(self.agent) || !has(self.agent.appendSystemPrompt) || size(self.agent.appendSystemPrompt) <= 65536)";
+/// `spec.agent`'s configuration: instructions within their bound, `user` among the setting
+/// sources, and each MCP server either stdio (`command`) or remote (`url`).
+pub const AGENT_CONFIG: &str = "!has(self.agent) || ((!has(self.agent.instructions) || size(self.agent.instructions) <= 65536) \
+    && (!has(self.agent.settingSources) || self.agent.settingSources.exists(s, s == 'user')) \
+    && (!has(self.agent.mcpServers) || self.agent.mcpServers.all(m, has(m.command) != has(m.url))))";
+/// What `AGENT_CONFIG` asks for.
+pub const AGENT_CONFIG_MESSAGE: &str = "spec.agent.instructions is limited to 65536 characters, spec.agent.settingSources must include user, and each spec.agent.mcpServers[] needs either command (stdio) or url (remote)";
 /// `spec.timeout`: a plain duration (integers with units) from 1ns to 168h.
 pub const BOUNDED_TIMEOUT: &str = "!has(self.timeout) || (self.timeout.matches('^([0-9]{1,9}(ns|us|ms|s|m|h))+$') \
     && duration(self.timeout) > duration('0s') && duration(self.timeout) <= duration('168h'))";
@@ -85,6 +92,7 @@ pub const NO_PLAIN_HTTP_CREDENTIALS: &str = "!self.repository.url.startsWith('ht
     validation = Rule::new(BOUNDED_TIMEOUT).message("spec.timeout must be a duration like 30m or 1h30m, at most 168h"),
     validation = Rule::new(BOUNDED_IDLE_TIMEOUT).message("spec.agent.idleTimeout must be a duration like 5m, at most 24h"),
     validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
+    validation = Rule::new(AGENT_CONFIG).message(AGENT_CONFIG_MESSAGE),
     validation = Rule::new(URL_WITHOUT_CREDENTIALS).message("spec.repository.url must not contain credentials, a query string or a fragment; use spec.repository.credentialsSecretRef"),
     validation = Rule::new(NO_PLAIN_HTTP_CREDENTIALS).message("spec.repository.url sends credentials over plain http:// to a host other than loopback: use https://, or set spec.repository.insecure: true"),
     validation = Rule::new(EGRESS_CIDRS).message("each spec.egress[].cidr must be an IP block: an IPv4 address with a prefix of at most /32, or an IPv6 one with at most /128"),
@@ -339,6 +347,32 @@ pub struct AgentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "any_object")]
     pub output_schema: Option<serde_json::Value>,
+    /// The team's coding instructions: the agent's user memory (`~/.claude/CLAUDE.md` in its
+    /// private HOME), never written into the repository. At most 65536 characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 65536))]
+    pub instructions: Option<String>,
+    /// The agent's user settings (`~/.claude/settings.json`): permission rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<super::AgentSettings>,
+    /// Which settings the CLI reads: `[user]` (default: only what the operator writes), or with
+    /// `project`/`local` also the repository's `.claude/settings.json` (its hooks run), `.mcp.json`
+    /// and CLAUDE.md. A repository is input: honour it only when you trust it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 3))]
+    pub setting_sources: Option<Vec<super::SettingSource>>,
+    /// MCP servers: stdio (`command`) or remote (`url`, through the operator's gateway). At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub mcp_servers: Vec<super::McpServer>,
+    /// Skills (`~/.claude/skills/<name>/`), inline or from a ConfigMap. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub skills: Vec<super::Skill>,
+    /// Subagents (`~/.claude/agents/<name>.md`), inline or from a ConfigMap key. At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub subagents: Vec<super::Subagent>,
 }
 
 /// Any JSON object, kept as written (a JSON Schema, the agent's output).
@@ -630,4 +664,16 @@ pub struct AgentExecutionStatus {
     /// Human-readable explanation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// SHA-256 of the agent's configuration this execution runs with (instructions, permission
+    /// rules, setting sources, MCP servers, skills, subagents: the template's and its own, fixed
+    /// when it started). Equal hashes: the same configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_config_hash: Option<String>,
+    /// Calls the agent's CLI refused by its permission rules.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub permission_denials: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -24,6 +24,15 @@ pub const MAX_HOOK_ARG_CHARS: usize = 4096;
 pub const MAX_TOOL_RULES: usize = 128;
 /// One entry of `allowedTools` / `disallowedTools`.
 pub const MAX_TOOL_RULE_CHARS: usize = 1024;
+/// `spec.agent.instructions` (the agent's CLAUDE.md).
+pub const MAX_INSTRUCTIONS_CHARS: usize = 64 * 1024;
+/// `spec.agent.mcpServers` (template and execution together), and variables of one server.
+pub const MAX_MCP_SERVERS: usize = 16;
+pub const MAX_MCP_ENV: usize = 64;
+/// `spec.agent.skills` and `spec.agent.subagents`, each (template and execution together).
+pub const MAX_SKILLS: usize = 32;
+/// The files of every skill and subagent together, in bytes.
+pub const MAX_AGENT_FILES_BYTES: usize = 512 * 1024;
 /// `spec.egress` entries (template and execution together), and ports of one entry.
 pub const MAX_EGRESS_RULES: usize = 32;
 pub const MAX_EGRESS_PORTS: usize = 16;

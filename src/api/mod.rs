@@ -1,5 +1,6 @@
 //! The resources users apply: `AgentExecution` and `AgentTemplate` (`agentops.dev/v1alpha1`).
 
+pub mod agent_config;
 pub mod contract;
 mod execution;
 pub mod limits;
@@ -12,6 +13,10 @@ mod resolve;
 mod template;
 pub mod text;
 
+pub use agent_config::{
+    AgentConfig, AgentConfigRecord, AgentSettings, ConfigMapKeyRef, ConfigMapRef, McpHeader, McpServer, McpTransport,
+    PermissionMode, Permissions, SettingSource, Skill, Subagent,
+};
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
 pub use pull_request::ResolvedPullRequest;

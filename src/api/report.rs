@@ -45,6 +45,10 @@ pub struct Summary {
     pub api_retries: u64,
     pub git: GitResult,
     pub workspace: Option<String>,
+    /// The agent's configuration that ran: names, counts and its hash (never a Secret's value).
+    pub agent_config: Option<super::AgentConfigRecord>,
+    /// Calls the CLI refused by its permission rules, as the agent reported them.
+    pub permission_denials: u64,
 }
 
 impl Summary {
@@ -94,6 +98,12 @@ impl Summary {
         if let Some(p) = &self.git.pull_request {
             s += &format!("  pull req  #{} {} ({}, {})\n", p.number, p.url, p.provider, p.state);
         }
+        if let Some(c) = &self.agent_config {
+            s += &format!("  config    {}{}\n", &c.hash[..c.hash.len().min(12)], config_line(c));
+        }
+        if self.permission_denials > 0 {
+            s += &format!("  refused   {} calls (permission rules)\n", self.permission_denials);
+        }
         if let Some(o) = &self.output {
             s += &format!("  output    {}\n", truncate(&o.to_string(), 200));
         }
@@ -105,6 +115,25 @@ impl Summary {
         // Names, messages, tool names and the output come from the agent, a git host or a forge.
         super::text::clean(&s).into_owned()
     }
+}
+
+/// What an agent configuration holds, in a few words.
+fn config_line(c: &super::AgentConfigRecord) -> String {
+    let mut parts = Vec::new();
+    if c.instructions_chars > 0 {
+        parts.push(format!("instructions ({} chars)", c.instructions_chars));
+    }
+    if let Some(p) = &c.permissions {
+        let mode = p.default_mode.as_deref().map(|m| format!(", mode {m}")).unwrap_or_default();
+        parts.push(format!("rules {} allow / {} deny / {} ask{mode}", p.allow, p.deny, p.ask));
+    }
+    parts.push(format!("sources {}", c.setting_sources.join(",")));
+    for (what, names) in [("mcp", &c.mcp_servers), ("skills", &c.skills), ("subagents", &c.subagents)] {
+        if !names.is_empty() {
+            parts.push(format!("{what} {}", names.join(",")));
+        }
+    }
+    format!(" · {}", parts.join(" · "))
 }
 
 /// Truncates text to at most `max` bytes on a character boundary, marking the cut.

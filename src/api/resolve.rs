@@ -52,6 +52,8 @@ pub struct Resolved {
     pub pull_request: Option<super::ResolvedPullRequest>,
     /// The JSON Schema the agent's final answer follows (`--json-schema`), checked.
     pub output_schema: Option<serde_json::Value>,
+    /// Instructions, permission rules, setting sources, MCP servers, skills, subagents.
+    pub agent_config: super::AgentConfig,
 }
 
 /// A hook with its name and limit decided.
@@ -261,7 +263,13 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         ));
     }
 
+    let agent_config = super::agent_config::resolve_agent_config(
+        t_agent.map(super::agent_config::Parts::of),
+        super::agent_config::Parts::of(&spec.agent),
+    )?;
+
     Ok(Resolved {
+        agent_config,
         pull_request,
         output_schema,
         prompt,
@@ -366,7 +374,7 @@ fn egress(
     Ok(all)
 }
 
-fn check_secret_ref(r: &SecretKeyRef, field: &str) -> Result<(), ManifestError> {
+pub(crate) fn check_secret_ref(r: &SecretKeyRef, field: &str) -> Result<(), ManifestError> {
     let ok = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
     if !ok(&r.name) {
         return Err(ManifestError::new(format!("{field}.name"), format!("{:?} is not a Secret name", r.name)));

@@ -4,7 +4,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::execution::{
-    AgentSpec, BOUNDED_HOOK_TIMEOUTS, BOUNDED_IDLE_TIMEOUT, BOUNDED_TEXT, BOUNDED_TIMEOUT, GitAuthor, Hooks,
+    AGENT_CONFIG, AGENT_CONFIG_MESSAGE, AgentSpec, BOUNDED_HOOK_TIMEOUTS, BOUNDED_IDLE_TIMEOUT, BOUNDED_TEXT,
+    BOUNDED_TIMEOUT, GitAuthor, Hooks,
 };
 
 /// Settings shared by many executions. An execution's own fields win over these.
@@ -26,6 +27,7 @@ use super::execution::{
     validation = Rule::new(BOUNDED_TIMEOUT).message("spec.timeout must be a duration like 30m or 1h30m, at most 168h"),
     validation = Rule::new(BOUNDED_IDLE_TIMEOUT).message("spec.agent.idleTimeout must be a duration like 5m, at most 24h"),
     validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
+    validation = Rule::new(AGENT_CONFIG).message(AGENT_CONFIG_MESSAGE),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentTemplateSpec {

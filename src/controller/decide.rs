@@ -161,6 +161,8 @@ pub fn decide(f: Facts<'_>) -> Decision {
                 let mut st = old.clone();
                 st.job_name = Some(f.runner.clone());
                 st.git.branch = Some(r.branch.clone());
+                // Fixed here, with the runner's manifest: a template edited later changes neither.
+                st.agent_config_hash = Some(r.agent_config.hash());
                 let (event, next) = match &f.kueue_queue {
                     Some(queue) => {
                         st.phase = Phase::Queued;
@@ -273,6 +275,7 @@ pub fn with_report(st: &mut AgentExecutionStatus, s: &Summary) {
     st.num_turns = s.num_turns;
     // What a runner reported is shown by kubectl: no control characters in it.
     st.tool_calls = s.tool_calls.bounded(usize::MAX);
+    st.permission_denials = st.permission_denials.max(s.permission_denials);
     st.session_id = s.session_id.as_deref().map(|t| clean_line(t).into_owned()).or(st.session_id.take());
     if let Some(r) = &s.result {
         st.result = Some(clean(r).into_owned());

@@ -98,6 +98,9 @@ pub fn record(
         api_retries: api_retries.unwrap_or_default(),
         git: st.git.clone(),
         workspace: st.workspace.clone(),
+        // The store keeps what ran (written when the execution was recorded).
+        agent_config: None,
+        permission_denials: st.permission_denials,
     }
 }
 

@@ -511,6 +511,13 @@ impl<'a> Run<'a> {
             (Some(g), "ANTHROPIC_BASE_URL") => Some(g.base_url.clone()),
             _ => env(k),
         };
+        // The team's configuration: files in the agent's private HOME, never in the checkout.
+        if let Err(e) = agent::config::write_files(&self.r.agent_config, &ws.home, None) {
+            return Some(Outcome::failed(
+                Reason::AgentStartFailed,
+                format!("cannot write the agent's configuration into its HOME: {e}"),
+            ));
+        }
         let cmd = agent::build_command(
             self.r,
             &self.opts.claude_bin,
@@ -972,6 +979,8 @@ impl<'a> Run<'a> {
             api_retries: t.api_retries,
             git: self.git.clone(),
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
+            agent_config: Some(self.r.agent_config.record()),
+            permission_denials: t.result.as_ref().map_or(0, |r| r.permission_denials),
         }
     }
 }

@@ -18,6 +18,8 @@ pub struct NewExecution<'a> {
     pub model: Option<&'a str>,
     pub worker: Option<&'a str>,
     pub work_item: Option<&'a str>,
+    /// The agent's configuration it runs with (names, counts, hash).
+    pub agent_config: Option<crate::api::AgentConfigRecord>,
 }
 
 impl<'a> NewExecution<'a> {
@@ -33,6 +35,7 @@ impl<'a> NewExecution<'a> {
             model: r.model.as_deref(),
             worker: r.worker.as_deref(),
             work_item: r.work_item.as_deref(),
+            agent_config: Some(r.agent_config.record()),
         }
     }
 }
@@ -110,12 +113,23 @@ pub struct ExecutionRow {
     pub pull_request_provider: Option<String>,
     pub pull_request_state: Option<String>,
     pub structured_output: Option<String>,
+    pub agent_config_hash: Option<String>,
+    pub agent_config: Option<String>,
 }
 
 impl ExecutionRow {
     /// The run report of this row, in the one JSON shape: the report written when the run
     /// finished, else one built from the live columns (a run still going, or interrupted).
     pub fn summary(&self) -> Summary {
+        let mut s = self.report();
+        // The record of a cluster execution is built from its status, which keeps only the hash.
+        if s.agent_config.is_none() {
+            s.agent_config = self.agent_config.as_deref().and_then(|c| serde_json::from_str(c).ok());
+        }
+        s
+    }
+
+    fn report(&self) -> Summary {
         if let Some(s) = self.output_json.as_deref().and_then(|j| serde_json::from_str::<Summary>(j).ok()) {
             return s;
         }
@@ -168,6 +182,8 @@ impl ExecutionRow {
                 ..Default::default()
             },
             workspace: None,
+            agent_config: None,
+            permission_denials: 0,
         }
     }
 }
@@ -195,8 +211,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let at = now();
         let sql = format!(
-            "{verb} INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at, cluster)
-             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "{verb} INTO agent_executions (id, name, namespace, status, prompt, repo_url, branch, model, worker, work_item, created_at, updated_at, cluster, agent_config_hash, agent_config)
+             VALUES (?, ?, ?, 'Pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         );
         // `verb` is one of two literals above, never input.
         sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -212,6 +228,8 @@ impl Store {
             .bind(&at)
             .bind(&at)
             .bind(cluster)
+            .bind(e.agent_config.as_ref().map(|c| c.hash.clone()))
+            .bind(e.agent_config.as_ref().and_then(|c| serde_json::to_string(c).ok()))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -657,6 +675,7 @@ mod tests {
             model: None,
             worker: None,
             work_item: None,
+            agent_config: None,
         };
         store.create_execution(&e).await.unwrap();
         store.mark_running(id, &now()).await.unwrap();
