@@ -196,6 +196,7 @@ fn runner_grants(kind: &str, ns: &str) -> Vec<Grant> {
         expect(kind, ns, "", "persistentvolumeclaims", &["get", "create", "patch", "delete"]),
         expect(kind, ns, "", "pods", &["list"]),
         expect(kind, ns, "", "secrets", &["get", "create"]),
+        expect(kind, ns, "", "configmaps", &["get"]),
         // An execution's egress policy is made with a server-side apply, which the API server
         // authorises as `create` when the object does not exist yet (as for Jobs and PVCs).
         expect(kind, ns, "networking.k8s.io", "networkpolicies", &["create", "patch"]),

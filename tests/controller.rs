@@ -2271,3 +2271,100 @@ async fn runner_endpoints_check_the_caller_before_reading_the_body() {
     assert_eq!(ok.status(), 202);
     ctl.stop().await;
 }
+
+/// The agent's configuration in a cluster: the skills and subagents a template names by ConfigMap
+/// are read when the execution starts and frozen, inline, into the runner's manifest; the status
+/// says which configuration ran (`agentConfigHash`). A template or ConfigMap edited later changes
+/// neither; a missing ConfigMap stalls the execution naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_configuration_is_read_once_frozen_in_the_manifest_and_hashed_in_the_status() {
+    use agentops::api::{AgentTemplate, parse_manifest, resolve};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let templates: Api<AgentTemplate> = Api::namespaced(kube.client(), "ns");
+    let template = |instructions: &str| -> AgentTemplate {
+        serde_json::from_value(json!({
+            "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentTemplate", "metadata": {"name": "team"},
+            "spec": {"agent": {
+                "instructions": instructions,
+                "settings": {"permissions": {"deny": ["Bash(curl:*)"]}},
+                "skills": [{"name": "release-notes", "configMapRef": {"name": "team-skills"}}],
+                "subagents": [{"name": "reviewer", "configMapKeyRef": {"name": "team-agents", "key": "reviewer.md"}}],
+            }}
+        }))
+        .unwrap()
+    };
+    templates.create(&PostParams::default(), &template("use tabs")).await.unwrap();
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("cfg", json!({"templateRef": {"name": "team"}}))).await.unwrap();
+
+    // No ConfigMap yet: stalled, naming the field; nothing started.
+    let ax = until("Stalled", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "cfg")?;
+        (ax["status"]["reason"] == "ConfigMapNotFound").then_some(ax)
+    })
+    .await;
+    let message = ax["status"]["message"].as_str().unwrap();
+    assert!(message.contains("the AgentTemplate's spec.agent.skills[0].configMapRef"), "{message}");
+    assert!(kube.get(BATCH, "jobs", "ns", "agentops-cfg").is_none());
+
+    let configmaps: Api<ConfigMap> = Api::namespaced(kube.client(), "ns");
+    let cm = |name: &str, data: Value| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}, "data": data})).unwrap()
+    };
+    let skill = "---\nname: release-notes\ndescription: Writes release notes\n---\nRead the log.\n";
+    configmaps
+        .create(&PostParams::default(), &cm("team-skills", json!({"SKILL.md": skill, "template.md": "## v\n"})))
+        .await
+        .unwrap();
+    configmaps
+        .create(
+            &PostParams::default(),
+            &cm("team-agents", json!({"reviewer.md": "---\nname: reviewer\n---\nReview.\n"})),
+        )
+        .await
+        .unwrap();
+    until("job after the ConfigMaps appear", || kube.get(BATCH, "jobs", "ns", "agentops-cfg")).await;
+    until("Running", || (phase(&kube, "ns", "cfg")? == "Running").then_some(())).await;
+
+    // The runner's manifest carries the files inline (it reads no ConfigMap), and its hash is the
+    // one in the status.
+    let manifest = secret_data(&kube, "ns", "agentops-runner-cfg").unwrap()["manifest.yaml"].clone();
+    let manifest = String::from_utf8(manifest).unwrap();
+    assert!(!manifest.contains("configMapRef") && !manifest.contains("configMapKeyRef"), "{manifest}");
+    let m = parse_manifest(&manifest).unwrap();
+    let r = resolve(&m.execution, &m.templates).expect("the runner resolves its manifest alone");
+    assert_eq!(r.agent_config.skills["release-notes"]["SKILL.md"], skill);
+    assert_eq!(r.agent_config.skills["release-notes"]["template.md"], "## v\n");
+    assert_eq!(r.agent_config.subagents["reviewer"], "---\nname: reviewer\n---\nReview.\n");
+    let hash = kube.get(AX, "agentexecutions", "ns", "cfg").unwrap()["status"]["agentConfigHash"].clone();
+    assert_eq!(hash.as_str(), Some(r.agent_config.hash().as_str()));
+
+    // The template and a ConfigMap change mid-run: the running execution keeps its configuration.
+    let mut edited = templates.get("team").await.unwrap();
+    edited.spec.agent.instructions = Some("use spaces".into());
+    templates.replace("team", &PostParams::default(), &edited).await.unwrap();
+    configmaps.delete("team-agents", &DeleteParams::default()).await.unwrap();
+    finish_job(&kube, "ns", "agentops-cfg", true, Some(report("Succeeded", "Completed"))).await;
+    until("Succeeded", || (phase(&kube, "ns", "cfg")? == "Succeeded").then_some(())).await;
+    assert_eq!(kube.get(AX, "agentexecutions", "ns", "cfg").unwrap()["status"]["agentConfigHash"], hash);
+
+    // A new execution of the edited template runs with another configuration.
+    configmaps
+        .create(
+            &PostParams::default(),
+            &cm("team-agents", json!({"reviewer.md": "---\nname: reviewer\n---\nReview.\n"})),
+        )
+        .await
+        .unwrap();
+    api.create(&PostParams::default(), &execution("cfg2", json!({"templateRef": {"name": "team"}}))).await.unwrap();
+    let other = until("the second one's hash", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", "cfg2")?;
+        ax["status"]["agentConfigHash"].as_str().map(String::from)
+    })
+    .await;
+    assert_ne!(Some(other.as_str()), hash.as_str(), "the instructions changed, so did the hash");
+    ctl.stop().await;
+}

@@ -83,6 +83,8 @@ reasons! {
     ReportInvalid,
     TemplateNotFound,
     SecretNotFound,
+    /// A ConfigMap the agent's configuration names (skills, subagents) does not exist (yet).
+    ConfigMapNotFound,
     InvalidSpec,
     ApiKeyMissing,
     Deleted,

@@ -242,13 +242,17 @@ pub async fn run(
                 if ax.status.as_ref().map(|s| s.phase) != Some(crate::api::Phase::Running) {
                     return false;
                 }
-                let template = match &ax.spec.template_ref {
+                let mut template = match &ax.spec.template_ref {
                     None => None,
                     Some(t) => match Api::<crate::api::AgentTemplate>::namespaced(client.clone(), &ns).get_opt(&t.name).await {
                         Ok(Some(t)) => Some(t),
                         _ => return false,
                     },
                 };
+                let mut ax = (*ax).clone();
+                if !matches!(read::inline_config_maps(&client, &ns, &mut ax, template.as_mut()).await, Ok(Ok(()))) {
+                    return false;
+                }
                 let Ok(r) = crate::api::resolve(&ax, template.as_slice()) else { return false };
                 match executor::reopen(&client, &ax, &r, &reports).await {
                     Ok(opened) => opened,

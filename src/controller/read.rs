@@ -30,7 +30,7 @@ pub struct Spec {
 /// Validates: template, spec values, secrets. Any failure is a Stall naming what to fix.
 pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec, Stall>, Error> {
     let ns = key(ax).0;
-    let template = match &ax.spec.template_ref {
+    let mut template = match &ax.spec.template_ref {
         None => None,
         Some(r) => match Api::<AgentTemplate>::namespaced(ctx.client.clone(), &ns).get_opt(&r.name).await? {
             Some(t) => Some(t),
@@ -46,6 +46,9 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
     // The cluster's default timeout applies when neither the execution nor its template sets one;
     // the runner gets the same value in its manifest.
     let mut effective = ax.clone();
+    if let Err(stall) = inline_config_maps(&ctx.client, &ns, &mut effective, template.as_mut()).await? {
+        return Ok(Err(stall));
+    }
     if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
         effective.spec.timeout = ctx.config.default_timeout.clone();
     }
@@ -62,6 +65,66 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
     }
     Ok(Ok(Spec { resolved, effective, template }))
+}
+
+/// Reads the ConfigMaps the agent's configuration names (skills: one key a file; subagents: one
+/// key) and puts their contents inline, in the execution and its template as the runner's
+/// manifest carries them: fixed when the execution starts, so a ConfigMap edited later changes
+/// no started execution. A missing ConfigMap or key is a Stall naming the field, until the
+/// execution started: then its runner has the files already, and the piece is left out here.
+pub async fn inline_config_maps(
+    client: &kube::Client,
+    ns: &str,
+    ax: &mut AgentExecution,
+    template: Option<&mut AgentTemplate>,
+) -> Result<Result<(), Stall>, Error> {
+    let started = ax.status.as_ref().is_some_and(|s| s.agent_config_hash.is_some());
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut specs: Vec<(&str, &mut crate::api::AgentSpec)> = vec![("spec.agent", &mut ax.spec.agent)];
+    if let Some(t) = template {
+        specs.insert(0, ("the AgentTemplate's spec.agent", &mut t.spec.agent));
+    }
+    let missing = |field: String, what: String| Stall {
+        reason: Reason::ConfigMapNotFound,
+        message: format!("{what} in namespace {ns} ({field}); create it and the execution starts by itself"),
+        recheck: true,
+    };
+    for (at, agent) in specs {
+        let mut gone = Vec::new();
+        for (i, skill) in agent.skills.iter_mut().enumerate() {
+            let Some(r) = skill.config_map_ref.take() else { continue };
+            let field = format!("{at}.skills[{i}].configMapRef");
+            let Some(cm) = api.get_opt(&r.name).await? else {
+                if started {
+                    gone.push(skill.name.clone());
+                    continue;
+                }
+                return Ok(Err(missing(field, format!("ConfigMap {:?} not found", r.name))));
+            };
+            // Text keys only: a skill's files are text (binaryData would not survive the manifest).
+            for (key, value) in cm.data.unwrap_or_default() {
+                skill.files.entry(key).or_insert(value);
+            }
+        }
+        agent.skills.retain(|s| !gone.contains(&s.name));
+        let mut gone = Vec::new();
+        for (i, sub) in agent.subagents.iter_mut().enumerate() {
+            let Some(r) = sub.config_map_key_ref.take() else { continue };
+            let field = format!("{at}.subagents[{i}].configMapKeyRef");
+            let text = api.get_opt(&r.name).await?.and_then(|cm| cm.data.unwrap_or_default().remove(&r.key));
+            match text {
+                Some(text) => sub.content = Some(text),
+                None if started => gone.push(sub.name.clone()),
+                None => {
+                    let what = format!("ConfigMap {:?} with a key {:?} not found", r.name, r.key);
+                    return Ok(Err(missing(field, what)));
+                }
+            }
+        }
+        agent.subagents.retain(|s| !gone.contains(&s.name));
+    }
+    Ok(Ok(()))
 }
 
 /// The queue's answer for this execution (under the admit lock).
