@@ -291,3 +291,64 @@ async fn the_configuration_hash_changes_with_the_template_and_not_otherwise() {
     };
     assert_eq!(s.agent_config.unwrap().hash, base);
 }
+
+/// The header value a remote MCP server needs (a Secret's). Tests grep for it.
+const MCP_SECRET: &str = "mcp-hdr-3f9c1e7a5b2d4c6e";
+
+/// What a prompt-injected agent does to find a credential: its environment, its HOME (the MCP
+/// config file among it), its own and its parent's command line and environment.
+const HUNT: &str = "{ echo ENV; env; echo CMDLINE; tr '\\0' ' ' < /proc/self/cmdline; echo PARENT; tr '\\0' ' ' < /proc/$PPID/cmdline; tr '\\0' '\\n' < /proc/$PPID/environ; echo CONFIG; cat \"$CLAUDE_CONFIG_DIR/agentops-mcp.json\"; echo HOME; grep -rIa -m 3 -i 'token\\|authorization' \"$HOME\" | cut -c1-300 | head -40; } 2>&1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_mcp_server_gets_the_secret_header_and_the_agent_finds_it_nowhere() {
+    let script = || {
+        vec![
+            Step::tool("mcp__tracker__lookup", json!({"q": "refund rounding"})),
+            Step::tool("Bash", json!({"command": HUNT, "description": "look around"})),
+            Step::text("Done."),
+        ]
+    };
+    let mcp = support::fake_mcp::FakeMcp::start().await;
+
+    // Control: the header value given to the agent's process (a stdio server's env, as an
+    // operator without a gateway would): the same hunt finds it.
+    let mut h = Harness::new(script()).await;
+    let server = harness_with_mcp(&mut h);
+    let agent = format!(
+        "    mcpServers:\n    - name: tracker\n      command: {PYTHON}\n      args: [{server:?}, tracker]\n      env: {{TRACKER_TOKEN: {MCP_SECRET}}}"
+    );
+    let s = h.run(&with_template(&h, "naive", &agent, "")).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    assert!(main_bodies(&h).iter().any(|b| b.contains(MCP_SECRET)), "the control's hunt finds the value");
+
+    // Through the gateway: the server gets the header, the agent has none of it.
+    let h = Harness::new(script()).await;
+    write_secret(&h.opts.secrets_dir, "tracker-token", "value", MCP_SECRET);
+    let agent = format!(
+        "    mcpServers:\n    - name: tracker\n      url: {}\n      headersFrom: [{{name: X-Tracker-Token, secretKeyRef: {{name: tracker-token}}}}]",
+        mcp.url
+    );
+    let s = h.run(&with_template(&h, "gated", &agent, "")).await;
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("NoChanges")), "{s:#?}");
+
+    // The server saw every request with the header, and none with the agent's token.
+    let seen = mcp.seen();
+    assert!(seen.iter().any(|r| r.body["method"] == "tools/call"), "the call reached the server: {seen:?}");
+    for r in &seen {
+        assert_eq!(r.header("x-tracker-token"), Some(MCP_SECRET), "{} {}", r.method, r.body);
+        assert_eq!(r.header("authorization"), None, "the agent's gateway token stays at the gateway");
+    }
+    let results = tool_results(&h);
+    assert!(results[0].0.contains("tracker says: refund rounding is PAY-311, open"), "{results:?}");
+
+    // The hunt ran (it read the MCP config: the gateway's URL and the agent's own token) and
+    // found no header value: not in what the model received, nor in the store's logs.
+    let hunt = &results[1].0;
+    assert!(hunt.contains("/mcp/tracker") && hunt.contains("Bearer agentops-"), "{hunt}");
+    assert!(hunt.contains("CMDLINE") && hunt.contains("PARENT") && hunt.contains("ENV"), "{hunt}");
+    assert!(!main_bodies(&h).iter().any(|b| b.contains(MCP_SECRET)), "no request of the agent carries it");
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(!logs.iter().any(|l| l.line.contains(MCP_SECRET)), "nor the logs");
+    // Counted by server.
+    assert!(s.mcp_requests.get("tracker").copied().unwrap_or_default() >= 3, "{:?}", s.mcp_requests);
+}

@@ -672,6 +672,9 @@ pub struct AgentExecutionStatus {
     /// Calls the agent's CLI refused by its permission rules.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub permission_denials: u64,
+    /// Requests the gateway relayed to each remote MCP server, by server name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mcp_requests: BTreeMap<String, u64>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -49,6 +49,8 @@ pub struct Summary {
     pub agent_config: Option<super::AgentConfigRecord>,
     /// Calls the CLI refused by its permission rules, as the agent reported them.
     pub permission_denials: u64,
+    /// Requests the gateway relayed to each remote MCP server (the operator's count).
+    pub mcp_requests: std::collections::BTreeMap<String, u64>,
 }
 
 impl Summary {

@@ -276,6 +276,10 @@ pub fn with_report(st: &mut AgentExecutionStatus, s: &Summary) {
     // What a runner reported is shown by kubectl: no control characters in it.
     st.tool_calls = s.tool_calls.bounded(usize::MAX);
     st.permission_denials = st.permission_denials.max(s.permission_denials);
+    if !s.mcp_requests.is_empty() {
+        // Server names are the spec's (checked names), bounded by its 16 servers.
+        st.mcp_requests = s.mcp_requests.clone();
+    }
     st.session_id = s.session_id.as_deref().map(|t| clean_line(t).into_owned()).or(st.session_id.take());
     if let Some(r) = &s.result {
         st.result = Some(clean(r).into_owned());

@@ -84,6 +84,7 @@ impl Executor {
                 s.num_turns = m.turns;
                 s.tool_calls = m.tool_calls.clone();
                 s.model = m.model.clone().or(s.model);
+                s.mcp_requests = m.mcp_requests.clone();
             }
             s
         };

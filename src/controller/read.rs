@@ -154,11 +154,23 @@ pub fn queue_slot(ax: &AgentExecution, ctx: &Context) -> Slot {
 
 async fn missing_secret(ctx: &Context, ns: &str, r: &Resolved) -> Result<Option<String>, Error> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let headers: Vec<(&crate::api::SecretKeyRef, String, &str)> = r
+        .agent_config
+        .mcp_servers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| {
+            s.headers_from.iter().enumerate().map(move |(j, h)| {
+                (&h.secret_key_ref, format!("spec.agent.mcpServers[{i}].headersFrom[{j}].secretKeyRef"), "value")
+            })
+        })
+        .collect();
     let refs = r
         .credentials
         .iter()
-        .map(|s| (s, "spec.repository.credentialsSecretRef", "token"))
-        .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef", "api-key")));
+        .map(|s| (s, "spec.repository.credentialsSecretRef".to_string(), "token"))
+        .chain(r.api_key.iter().map(|s| (s, "spec.agent.apiKeySecretRef".to_string(), "api-key")))
+        .chain(headers);
     for (s, field, default_key) in refs {
         let key = s.key.clone().unwrap_or_else(|| default_key.into());
         let seen = (ns.to_string(), s.name.clone(), key.clone());

@@ -189,33 +189,49 @@ impl Reports {
             return Err(super::context::Error::Executor("no Anthropic API key: set spec.agent.apiKeySecretRef".into()));
         };
         let key = self.secret_value(ns, key_ref, "api-key", "spec.agent.apiKeySecretRef").await?;
+        // Remote MCP servers' headers: read here, added by the gateway, never in a pod.
+        let mut values = std::collections::BTreeMap::new();
+        for (i, server) in r.agent_config.mcp_servers.iter().enumerate() {
+            for (j, h) in server.headers_from.iter().enumerate() {
+                let field = format!("spec.agent.mcpServers[{i}].headersFrom[{j}].secretKeyRef");
+                let value = self.secret_value(ns, &h.secret_key_ref, "value", &field).await?;
+                values.insert((server.name.clone(), h.name.clone()), value);
+            }
+        }
+        let routes = crate::gateway::mcp::routes(&r.agent_config.mcp_servers, |s, h| {
+            values.get(&(s.name.clone(), h.name.clone())).cloned().ok_or_else(|| format!("no value for {}", h.name))
+        })
+        .map_err(super::context::Error::Executor)?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
         // At most one wake per WAKE_EVERY, and never a change left without one: a change inside
         // the window schedules one wake at its end (the last figures of a burst reach the status).
         let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
-        let account = Account::new(&key, token, r.max_budget_usd).with_spent(spent.0, spent.1).on_change(move || {
-            let Ok(mut t) = throttle.lock() else { return };
-            let (last, pending) = &mut *t;
-            match last.map(|l| l.elapsed()) {
-                Some(since) if since < WAKE_EVERY => {
-                    if !*pending && let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        *pending = true;
-                        let (wake, at, throttle) = (wake.clone(), at.clone(), throttle.clone());
-                        rt.spawn(async move {
-                            tokio::time::sleep(WAKE_EVERY - since).await;
-                            if let Ok(mut t) = throttle.lock() {
-                                *t = (Some(std::time::Instant::now()), false);
-                            }
-                            let _ = wake.send(at);
-                        });
+        let account = Account::new(&key, token, r.max_budget_usd)
+            .with_spent(spent.0, spent.1)
+            .with_mcp(routes)
+            .on_change(move || {
+                let Ok(mut t) = throttle.lock() else { return };
+                let (last, pending) = &mut *t;
+                match last.map(|l| l.elapsed()) {
+                    Some(since) if since < WAKE_EVERY => {
+                        if !*pending && let Ok(rt) = tokio::runtime::Handle::try_current() {
+                            *pending = true;
+                            let (wake, at, throttle) = (wake.clone(), at.clone(), throttle.clone());
+                            rt.spawn(async move {
+                                tokio::time::sleep(WAKE_EVERY - since).await;
+                                if let Ok(mut t) = throttle.lock() {
+                                    *t = (Some(std::time::Instant::now()), false);
+                                }
+                                let _ = wake.send(at);
+                            });
+                        }
+                    }
+                    _ => {
+                        *last = Some(std::time::Instant::now());
+                        let _ = wake.send(at.clone());
                     }
                 }
-                _ => {
-                    *last = Some(std::time::Instant::now());
-                    let _ = wake.send(at.clone());
-                }
-            }
-        });
+            });
         gateways.open(ns, name, account);
         Ok(())
     }

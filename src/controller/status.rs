@@ -101,6 +101,7 @@ pub fn record(
         // The store keeps what ran (written when the execution was recorded).
         agent_config: None,
         permission_denials: st.permission_denials,
+        mcp_requests: st.mcp_requests.clone(),
     }
 }
 

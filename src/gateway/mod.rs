@@ -18,6 +18,7 @@
 pub mod bodies;
 pub mod egress;
 pub mod git;
+pub mod mcp;
 mod meter;
 pub mod prices;
 pub mod request;
@@ -76,6 +77,8 @@ pub struct Metered {
     pub refused_invalid: u64,
     /// The last of those refusals, as `METHOD path` (at most 200 bytes).
     pub last_refused: Option<String>,
+    /// Requests relayed to each remote MCP server, by server name.
+    pub mcp_requests: BTreeMap<String, u64>,
     /// The worst case of the requests in flight, held against the budget until they end.
     pub reserved_usd: f64,
     /// Requests whose `max_tokens` was lowered to what the budget left could pay for.
@@ -121,6 +124,10 @@ pub struct Account {
     on_change: Option<Box<dyn Fn() + Send + Sync>>,
     /// What its requests are priced at.
     prices: Arc<PriceTable>,
+    /// Its remote MCP servers, with their Secret-backed headers (`mcp`).
+    mcp: mcp::McpRoutes,
+    /// MCP requests (and event streams) of this execution in flight, bounded.
+    mcp_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Account {
@@ -135,7 +142,15 @@ impl Account {
             bodies: BodyBudget::new(bodies::EXECUTION_BYTES),
             on_change: None,
             prices: PriceTable::list_shared(),
+            mcp: mcp::McpRoutes::new(),
+            mcp_in_flight: Arc::new(tokio::sync::Semaphore::new(mcp::MAX_MCP_IN_FLIGHT)),
         }
+    }
+
+    /// Relays to these remote MCP servers too (`/mcp/{server}`), adding their headers.
+    pub fn with_mcp(mut self, routes: mcp::McpRoutes) -> Self {
+        self.mcp = routes;
+        self
     }
 
     /// Prices its requests at `prices` instead of the list prices.
@@ -298,6 +313,7 @@ pub fn new_token() -> String {
 struct Shared {
     upstream: String,
     client: reqwest::Client,
+    mcp_client: reqwest::Client,
     account: Arc<Account>,
 }
 
@@ -330,11 +346,23 @@ impl Gateway {
         budget_usd: Option<f64>,
         prices: Arc<PriceTable>,
     ) -> std::io::Result<Self> {
+        Self::start_with_mcp(upstream, api_key, budget_usd, prices, mcp::McpRoutes::new()).await
+    }
+
+    /// The same, relaying to the execution's remote MCP servers too (`<base_url>/mcp/{server}`).
+    pub async fn start_with_mcp(
+        upstream: &str,
+        api_key: &str,
+        budget_usd: Option<f64>,
+        prices: Arc<PriceTable>,
+        mcp_routes: mcp::McpRoutes,
+    ) -> std::io::Result<Self> {
         let token = new_token();
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
-            account: Arc::new(Account::new(api_key, &token, budget_usd).with_prices(prices)),
+            mcp_client: mcp::client()?,
+            account: Arc::new(Account::new(api_key, &token, budget_usd).with_prices(prices).with_mcp(mcp_routes)),
         });
         let app = axum::Router::new().fallback(relay_local).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -383,8 +411,19 @@ async fn relay_local(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    if let Some((server, rest)) = mcp_path(uri.path()) {
+        let account = Some(&shared.account);
+        return mcp::relay(&shared.mcp_client, account, &[], server, rest, uri.query(), method, &headers, body).await;
+    }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     relay(&shared.client, &shared.upstream, Some(&shared.account), &[], method, &path, &headers, body).await
+}
+
+/// `/mcp/{server}[rest]`, matched on the raw path: the server's name and what follows it.
+fn mcp_path(path: &str) -> Option<(&str, &str)> {
+    let tail = path.strip_prefix("/mcp/")?;
+    let end = tail.find('/').unwrap_or(tail.len());
+    Some((&tail[..end], &tail[end..]))
 }
 
 /// Opens the account or route of a running execution this process has not opened (after a
@@ -396,6 +435,7 @@ pub type Opener = Arc<dyn Fn(String, String) -> futures::future::BoxFuture<'stat
 pub struct Gateways {
     upstream: String,
     client: reqwest::Client,
+    mcp_client: reqwest::Client,
     accounts: Mutex<HashMap<(String, String), Arc<Account>>>,
     opener: std::sync::OnceLock<Opener>,
     /// Tokens of closed accounts: never opened again.
@@ -414,6 +454,7 @@ impl Gateways {
         Ok(Self {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
+            mcp_client: mcp::client()?,
             accounts: Mutex::new(HashMap::new()),
             opener: std::sync::OnceLock::new(),
             retired: Mutex::new(Default::default()),
@@ -513,6 +554,8 @@ async fn relay_controller(
     // Unknown and finished executions look the same: no token works for them (`relay` says so
     // before it reads a byte of the body).
     let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let raw_path = path.clone();
+    let raw_path = raw_path.as_str();
     let path = format!("{path}{query}");
     let namespace = g.namespace_bodies.lock().ok().map(|mut n| {
         if n.len() > 10_000 {
@@ -522,6 +565,20 @@ async fn relay_controller(
         n.entry(key.0.clone()).or_insert_with(|| BodyBudget::new(bodies::NAMESPACE_BYTES)).clone()
     });
     let process = [Some(&g.bodies), namespace.as_ref()];
+    if let Some((server, rest)) = mcp_path(raw_path) {
+        return mcp::relay(
+            &g.mcp_client,
+            account.as_ref(),
+            &process,
+            server,
+            rest,
+            uri.query(),
+            method,
+            &headers,
+            body,
+        )
+        .await;
+    }
     relay(&g.client, &g.upstream, account.as_ref(), &process, method, &path, &headers, body).await
 }
 

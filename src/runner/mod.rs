@@ -490,7 +490,22 @@ impl<'a> Run<'a> {
             _ if self.opts.gateway.is_some() => None,
             Some(key) => {
                 let upstream = env("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
-                match crate::gateway::Gateway::start_with_budget(&upstream, key, self.r.max_budget_usd).await {
+                // Remote MCP servers go through it too: it adds their Secret-backed headers.
+                let headers = &self.secrets.mcp_headers;
+                let routes = crate::gateway::mcp::routes(&self.r.agent_config.mcp_servers, |s, h| {
+                    headers
+                        .get(&(s.name.clone(), h.name.clone()))
+                        .cloned()
+                        .ok_or_else(|| format!("no value for header {} of MCP server {:?}", h.name, s.name))
+                });
+                let routes = match routes {
+                    Ok(r) => r,
+                    Err(e) => return Some(Outcome::failed(Reason::AgentStartFailed, e)),
+                };
+                let prices = crate::gateway::prices::PriceTable::list_shared();
+                match crate::gateway::Gateway::start_with_mcp(&upstream, key, self.r.max_budget_usd, prices, routes)
+                    .await
+                {
                     Ok(g) => Some(g),
                     Err(e) => {
                         return Some(Outcome::failed(
@@ -512,7 +527,12 @@ impl<'a> Run<'a> {
             _ => env(k),
         };
         // The team's configuration: files in the agent's private HOME, never in the checkout.
-        if let Err(e) = agent::config::write_files(&self.r.agent_config, &ws.home, None) {
+        // Remote MCP servers: the gateway's route for them, with the agent's own token.
+        let mcp_route = route.as_ref().map(|g| agent::config::McpRoute {
+            base_url: format!("{}/mcp", g.base_url.trim_end_matches('/')),
+            token: g.token.clone(),
+        });
+        if let Err(e) = agent::config::write_files(&self.r.agent_config, &ws.home, mcp_route.as_ref()) {
             return Some(Outcome::failed(
                 Reason::AgentStartFailed,
                 format!("cannot write the agent's configuration into its HOME: {e}"),
@@ -980,6 +1000,7 @@ impl<'a> Run<'a> {
             git: self.git.clone(),
             workspace: self.ws.as_ref().map(|w| w.root.to_string_lossy().into_owned()),
             agent_config: Some(self.r.agent_config.record()),
+            mcp_requests: self.metered.as_ref().map(|m| m.mcp_requests.clone()).unwrap_or_default(),
             permission_denials: t.result.as_ref().map_or(0, |r| r.permission_denials),
         }
     }

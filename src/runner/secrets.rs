@@ -11,6 +11,8 @@ use crate::git::GitCredentials;
 pub struct Secrets {
     pub git: Option<GitCredentials>,
     pub api_key: Option<String>,
+    /// Header values of remote MCP servers: (server, header) → value. Only the gateway adds them.
+    pub mcp_headers: std::collections::BTreeMap<(String, String), String>,
 }
 
 /// A secret that cannot be read, naming the field that refers to it and the file.
@@ -59,7 +61,14 @@ pub fn load(r: &Resolved, dir: &Path, env: impl Fn(&str) -> Option<String>) -> R
         Some(s) => Some(read(dir, s, "api-key", "spec.agent.apiKeySecretRef")?),
         None => env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty()),
     };
-    Ok(Secrets { git, api_key })
+    let mut mcp_headers = std::collections::BTreeMap::new();
+    for (i, server) in r.agent_config.mcp_servers.iter().enumerate() {
+        for (j, h) in server.headers_from.iter().enumerate() {
+            let field = format!("spec.agent.mcpServers[{i}].headersFrom[{j}].secretKeyRef");
+            mcp_headers.insert((server.name.clone(), h.name.clone()), read(dir, &h.secret_key_ref, "value", &field)?);
+        }
+    }
+    Ok(Secrets { git, api_key, mcp_headers })
 }
 
 /// Replaces every known secret value in text with `***` before it is logged or stored, and
@@ -108,7 +117,9 @@ pub fn encodings(secret: &str) -> Vec<String> {
 impl Redactor {
     /// A redactor for these secrets (values shorter than 4 characters are ignored: too common).
     pub fn new(s: &Secrets) -> Self {
-        Self::from_values(s.git.iter().map(|g| g.token.clone()).chain(s.api_key.clone()))
+        Self::from_values(
+            s.git.iter().map(|g| g.token.clone()).chain(s.api_key.clone()).chain(s.mcp_headers.values().cloned()),
+        )
     }
 
     /// A redactor for these values, and their encodings.

@@ -184,6 +184,7 @@ impl ExecutionRow {
             workspace: None,
             agent_config: None,
             permission_denials: 0,
+            mcp_requests: Default::default(),
         }
     }
 }

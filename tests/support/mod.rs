@@ -4,6 +4,7 @@
 
 pub mod fake_anthropic;
 pub mod fake_forge;
+pub mod fake_mcp;
 pub mod git_server;
 pub mod kube_api;
 pub mod pod;

@@ -1,0 +1,279 @@
+//! Remote MCP servers behind the gateway. The agent's MCP config points at
+//! `<gateway>/mcp/{server}` (in a cluster `/gateway/{ns}/{name}/mcp/{server}`) with its own
+//! execution token; the gateway checks the token, adds the server's Secret-backed headers and
+//! forwards to the configured URL only: streamable HTTP (POST, GET, DELETE at the URL itself) and
+//! SSE (a GET of the URL for the event stream, whose `endpoint` event is rewritten to come back
+//! here; POSTs to that endpoint, on the URL's own origin only). No redirect is followed (a
+//! redirect would carry the headers elsewhere); request bodies are read against the same byte
+//! budgets as the model's (`bodies`); requests are counted by server. The header values never
+//! leave this process except towards the configured server.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use futures::StreamExt;
+
+use super::bodies::{self, BodyBudget, BodyError};
+use super::{Account, close, refuse};
+use crate::api::McpTransport;
+
+/// Largest MCP request body relayed (JSON-RPC messages are small).
+pub const MAX_MCP_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+/// MCP requests (and open event streams) of one execution at once.
+pub const MAX_MCP_IN_FLIGHT: usize = 8;
+/// Longest an upstream MCP answer may go without a byte before it is given up.
+const MCP_SILENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Request headers passed to the server (besides the configured ones).
+const REQUEST_HEADERS: &[&str] = &["content-type", "accept", "mcp-session-id", "mcp-protocol-version", "last-event-id"];
+/// Response headers passed back to the agent.
+const RESPONSE_HEADERS: &[&str] = &["content-type", "mcp-session-id", "cache-control"];
+
+/// One remote server as the gateway reaches it.
+#[derive(Clone)]
+pub struct McpUpstream {
+    pub url: url::Url,
+    pub transport: McpTransport,
+    /// Added to every request; values from Secrets.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl std::fmt::Debug for McpUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("McpUpstream").field("url", &self.url.as_str()).field("headers", &names).finish()
+    }
+}
+
+/// The remote servers of one execution, by name.
+pub type McpRoutes = BTreeMap<String, McpUpstream>;
+
+/// Builds the routes of `servers` (the resolved remote ones) with their header values, which
+/// `value` looks up (server name, header name). Errors name the server and header.
+pub fn routes(
+    servers: &[crate::api::McpServer],
+    mut value: impl FnMut(&crate::api::McpServer, &crate::api::McpHeader) -> Result<String, String>,
+) -> Result<McpRoutes, String> {
+    let mut out = McpRoutes::new();
+    for s in servers {
+        let Some(url) = &s.url else { continue };
+        let url = url::Url::parse(url).map_err(|e| format!("MCP server {:?}: {e}", s.name))?;
+        let mut headers = Vec::new();
+        for h in &s.headers_from {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("MCP server {:?}: {:?} is not a header name", s.name, h.name))?;
+            let v = value(s, h)?;
+            let mut v = HeaderValue::from_str(&v).map_err(|_| {
+                format!("MCP server {:?}: the Secret value for header {} is not a valid header value", s.name, h.name)
+            })?;
+            v.set_sensitive(true);
+            headers.push((name, v));
+        }
+        out.insert(s.name.clone(), McpUpstream { url, transport: s.transport.unwrap_or_default(), headers });
+    }
+    Ok(out)
+}
+
+/// An HTTP client that follows no redirect: the server's headers go to its URL and nowhere else.
+pub fn client() -> std::io::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("agentops-gateway/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(std::io::Error::other)
+}
+
+/// Relays one request of the agent to the remote server `server`; `rest` is the path after
+/// `/mcp/{server}` (empty), `query` the raw query.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay(
+    client: &reqwest::Client,
+    account: Option<&Arc<Account>>,
+    process: &[Option<&BodyBudget>],
+    server: &str,
+    rest: &str,
+    query: Option<&str>,
+    method: Method,
+    headers: &HeaderMap,
+    body: Body,
+) -> Response {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .unwrap_or_default();
+    let Some(account) = account.filter(|a| a.accepts(presented)) else {
+        return close(refuse(StatusCode::UNAUTHORIZED, "authentication_error", "this gateway token is not valid"));
+    };
+    let Some(upstream) = account.mcp.get(server).cloned() else {
+        count_refused(account, &method, server);
+        return close(refuse(StatusCode::NOT_FOUND, "not_found_error", "no such MCP server for this execution"));
+    };
+    // Where it goes: the configured URL itself; with SSE also the endpoint the server named, on
+    // the URL's own origin.
+    let target = match (upstream.transport, rest, query, &method) {
+        (_, "", None, m) if *m == Method::POST || *m == Method::GET || *m == Method::DELETE => {
+            Some(upstream.url.clone())
+        }
+        (McpTransport::Sse, "", Some(q), m) if *m == Method::POST => {
+            endpoint_of(q).and_then(|e| upstream.url.join(&e).ok()).filter(|u| u.origin() == upstream.url.origin())
+        }
+        _ => None,
+    };
+    let Some(target) = target else {
+        count_refused(account, &method, server);
+        return close(refuse(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            "the gateway relays the configured MCP URL only",
+        ));
+    };
+    let Ok(slot) = account.mcp_in_flight.clone().try_acquire_owned() else {
+        return refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many MCP requests in flight; try again");
+    };
+    let budgets: Vec<&BodyBudget> = std::iter::once(&account.bodies).chain(process.iter().flatten().copied()).collect();
+    let (bytes, held) = match bodies::read(body, bodies::declared_length(headers), MAX_MCP_REQUEST_BYTES, &budgets)
+        .await
+    {
+        Ok(read) => read,
+        Err(BodyError::TooLarge) => {
+            return close(refuse(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", "over the 4 MiB MCP limit"));
+        }
+        Err(BodyError::Busy) => {
+            return close(refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "the gateway is full; try again"));
+        }
+        Err(BodyError::Broken(_)) | Err(BodyError::TooSlow) => {
+            return close(refuse(StatusCode::BAD_REQUEST, "invalid_request_error", "the body did not arrive whole"));
+        }
+    };
+    if let Ok(mut m) = account.metered.lock() {
+        *m.mcp_requests.entry(server.to_string()).or_default() += 1;
+    }
+    if let Some(f) = &account.on_change {
+        f();
+    }
+    let mut out = client.request(method, target.as_str());
+    for name in REQUEST_HEADERS {
+        for value in headers.get_all(*name) {
+            out = out.header(*name, value);
+        }
+    }
+    for (name, value) in &upstream.headers {
+        out = out.header(name, value);
+    }
+    let sent = if bytes.is_empty() { out.send().await } else { out.body(bytes).send().await };
+    drop(held);
+    let resp = match sent {
+        Ok(r) => r,
+        Err(_) => {
+            // The error may name the URL; never the headers (reqwest does not print them).
+            tracing::warn!(server, "the gateway cannot reach a remote MCP server");
+            return refuse(StatusCode::BAD_GATEWAY, "api_error", "the gateway cannot reach the MCP server");
+        }
+    };
+    if resp.status().is_redirection() {
+        return refuse(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            &format!("the MCP server answered a redirect ({}); the gateway follows none", resp.status()),
+        );
+    }
+    let mut answer = Response::builder().status(resp.status().as_u16());
+    for name in RESPONSE_HEADERS {
+        for value in resp.headers().get_all(*name) {
+            answer = answer.header(*name, value);
+        }
+    }
+    let sse_stream = upstream.transport == McpTransport::Sse
+        && resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/event-stream"))
+        && query.is_none();
+    let upstream_bytes = resp.bytes_stream();
+    let stream = futures::stream::unfold(
+        (upstream_bytes, slot, Vec::<u8>::new(), sse_stream),
+        |(mut up, slot, mut pending, rewrite)| async move {
+            loop {
+                let next = tokio::time::timeout(MCP_SILENCE, up.next()).await.ok().flatten();
+                match next {
+                    Some(Ok(chunk)) if rewrite => {
+                        pending.extend_from_slice(&chunk);
+                        // Whole lines only: an `endpoint` event's data is rewritten to come back here.
+                        let Some(end) = pending.iter().rposition(|b| *b == b'\n') else { continue };
+                        let rest = pending.split_off(end + 1);
+                        let lines = std::mem::replace(&mut pending, rest);
+                        return Some((
+                            Ok::<Bytes, std::io::Error>(rewrite_endpoint(&lines)),
+                            (up, slot, pending, rewrite),
+                        ));
+                    }
+                    Some(Ok(chunk)) => return Some((Ok(chunk), (up, slot, pending, rewrite))),
+                    Some(Err(e)) => return Some((Err(std::io::Error::other(e)), (up, slot, Vec::new(), false))),
+                    None => return None,
+                }
+            }
+        },
+    );
+    answer.body(Body::from_stream(stream)).unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"))
+}
+
+fn count_refused(account: &Account, method: &Method, server: &str) {
+    if let Ok(mut m) = account.metered.lock() {
+        m.refused_not_allowed += 1;
+        m.last_refused = Some(format!("{method} MCP {}", crate::api::report::truncate(server, 64)));
+    }
+}
+
+/// The server's endpoint from the query the rewritten `endpoint` event gave the agent.
+fn endpoint_of(query: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "endpoint").map(|(_, v)| v.into_owned())
+}
+
+/// Rewrites the data of `event: endpoint` (SSE transport: where the client POSTs) into a query
+/// on the gateway's own URL for the server, which the client resolves against the stream's URL.
+fn rewrite_endpoint(lines: &[u8]) -> Bytes {
+    let text = String::from_utf8_lossy(lines);
+    let mut out = String::with_capacity(text.len() + 32);
+    let mut in_endpoint = false;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\r', '\n']);
+        if bare.is_empty() {
+            in_endpoint = false;
+        } else if bare.strip_prefix("event:").is_some_and(|e| e.trim() == "endpoint") {
+            in_endpoint = true;
+        } else if in_endpoint && let Some(data) = bare.strip_prefix("data:") {
+            let encoded: String = url::form_urlencoded::byte_serialize(data.trim().as_bytes()).collect();
+            out.push_str(&format!("data: ?endpoint={encoded}\n"));
+            continue;
+        }
+        out.push_str(line);
+    }
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_event_comes_back_to_the_gateway_and_nothing_else_changes() {
+        let stream = b"event: endpoint\ndata: /messages?sessionId=abc\n\nevent: message\ndata: {\"x\":1}\n\n";
+        let out = rewrite_endpoint(stream);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "event: endpoint\ndata: ?endpoint=%2Fmessages%3FsessionId%3Dabc\n\nevent: message\ndata: {\"x\":1}\n\n"
+        );
+        assert_eq!(endpoint_of("endpoint=%2Fmessages%3FsessionId%3Dabc").as_deref(), Some("/messages?sessionId=abc"));
+        let base = url::Url::parse("https://mcp.example.com/sse").unwrap();
+        let elsewhere = base.join("https://attacker.example.net/steal").unwrap();
+        assert_ne!(elsewhere.origin(), base.origin(), "another origin is refused");
+    }
+}
