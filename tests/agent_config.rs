@@ -352,3 +352,28 @@ async fn a_remote_mcp_server_gets_the_secret_header_and_the_agent_finds_it_nowhe
     // Counted by server.
     assert!(s.mcp_requests.get("tracker").copied().unwrap_or_default() >= 3, "{:?}", s.mcp_requests);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_mcp_server_over_sse_is_reached_through_the_gateway_too() {
+    let h = Harness::new(vec![
+        Step::tool("mcp__tracker__lookup", json!({"q": "chargebacks"})),
+        Step::text("Asked the tracker."),
+    ])
+    .await;
+    let mcp = support::fake_mcp::FakeMcp::start().await;
+    write_secret(&h.opts.secrets_dir, "tracker-token", "value", MCP_SECRET);
+    let agent = format!(
+        "    mcpServers:\n    - name: tracker\n      url: {}\n      transport: sse\n      headersFrom: [{{name: X-Tracker-Token, secretKeyRef: {{name: tracker-token}}}}]",
+        mcp.sse_url
+    );
+    let s = h.run(&with_template(&h, "sse", &agent, "")).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    let results = tool_results(&h);
+    assert!(results[0].0.contains("tracker says: chargebacks is PAY-311, open"), "{results:?}");
+    // The stream and the POSTs to the endpoint it named, all with the header.
+    let seen = mcp.seen();
+    assert!(seen.iter().any(|r| r.method == "GET" && r.path == "/sse"), "{seen:?}");
+    assert!(seen.iter().any(|r| r.method == "POST" && r.path == "/messages" && r.body["method"] == "tools/call"));
+    assert!(seen.iter().all(|r| r.header("x-tracker-token") == Some(MCP_SECRET)), "{seen:?}");
+    assert!(!main_bodies(&h).iter().any(|b| b.contains(MCP_SECRET)));
+}

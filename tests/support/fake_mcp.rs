@@ -1,8 +1,11 @@
-//! A remote MCP server over real HTTP on 127.0.0.1 (streamable HTTP, as the MCP specification
-//! describes it): `POST` carries one JSON-RPC message and is answered with JSON (a request) or
-//! 202 (a notification); the first answer gives an `Mcp-Session-Id`, which later requests must
-//! send; `GET` (no server-initiated stream here) is 405; `DELETE` ends the session. It offers
-//! one tool, `lookup`, and records every request's headers.
+//! A remote MCP server over real HTTP on 127.0.0.1, in both transports of the MCP
+//! specification. Streamable HTTP at `/mcp`: `POST` carries one JSON-RPC message and is answered
+//! with JSON (a request) or 202 (a notification); the first answer gives an `Mcp-Session-Id`,
+//! which later requests must send; `GET` (no server-initiated stream here) is 405; `DELETE` ends
+//! the session. HTTP+SSE at `/sse`: a `GET` opens the event stream, whose first event
+//! (`endpoint`) names where to POST (`/messages?sessionId=...`); each POST is answered 202 and
+//! its answer arrives as a `message` event on the stream. It offers one tool, `lookup`, and
+//! records every request's headers.
 
 use std::sync::{Arc, Mutex};
 
@@ -31,13 +34,17 @@ impl McpSeen {
 #[derive(Default)]
 struct Inner {
     seen: Mutex<Vec<McpSeen>>,
+    /// The open SSE stream's sender (one session at a time).
+    sse: Mutex<Option<tokio::sync::mpsc::UnboundedSender<String>>>,
 }
 
 /// A running fake remote MCP server.
 #[derive(Clone)]
 pub struct FakeMcp {
-    /// Its URL (`http://127.0.0.1:PORT/mcp`).
+    /// Its streamable HTTP URL (`http://127.0.0.1:PORT/mcp`).
     pub url: String,
+    /// Its HTTP+SSE URL (`http://127.0.0.1:PORT/sse`).
+    pub sse_url: String,
     inner: Arc<Inner>,
 }
 
@@ -52,7 +59,7 @@ impl FakeMcp {
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url: format!("http://{addr}/mcp"), inner }
+        Self { url: format!("http://{addr}/mcp"), sse_url: format!("http://{addr}/sse"), inner }
     }
 
     /// Every request so far.
@@ -79,8 +86,34 @@ async fn handle(
         headers: pairs,
         body: body.clone(),
     });
-    if uri.path() != "/mcp" {
-        return StatusCode::NOT_FOUND.into_response();
+    match (uri.path(), &method) {
+        ("/sse", &Method::GET) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let _ = tx.send(format!("event: endpoint\ndata: /messages?sessionId={SESSION}\n\n"));
+            *inner.sse.lock().expect("lock") = Some(tx);
+            let events = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|e| (Ok::<_, std::convert::Infallible>(Bytes::from(e)), rx))
+            });
+            return Response::builder()
+                .header("content-type", "text/event-stream")
+                .header("cache-control", "no-cache")
+                .body(axum::body::Body::from_stream(events))
+                .expect("response");
+        }
+        ("/messages", &Method::POST) => {
+            if uri.query() != Some(&format!("sessionId={SESSION}")) {
+                return (StatusCode::BAD_REQUEST, "unknown session").into_response();
+            }
+            if let Some(answer) = answer(&body) {
+                let sender = inner.sse.lock().expect("lock").clone();
+                if let Some(tx) = sender {
+                    let _ = tx.send(format!("event: message\ndata: {answer}\n\n"));
+                }
+            }
+            return StatusCode::ACCEPTED.into_response();
+        }
+        ("/mcp", _) => {}
+        _ => return StatusCode::NOT_FOUND.into_response(),
     }
     match method {
         Method::GET => return StatusCode::METHOD_NOT_ALLOWED.into_response(),
@@ -93,9 +126,16 @@ async fn handle(
     if method_name != "initialize" && session != Some(SESSION) {
         return (StatusCode::BAD_REQUEST, "missing or unknown Mcp-Session-Id").into_response();
     }
-    let Some(id) = body.get("id").cloned() else {
-        return StatusCode::ACCEPTED.into_response();
-    };
+    match answer(&body) {
+        None => StatusCode::ACCEPTED.into_response(),
+        Some(a) => ([("content-type", "application/json"), ("mcp-session-id", SESSION)], a.to_string()).into_response(),
+    }
+}
+
+/// The JSON-RPC answer to one message (None: a notification).
+fn answer(body: &Value) -> Option<Value> {
+    let method_name = body["method"].as_str().unwrap_or_default();
+    let id = body.get("id").cloned()?;
     let result = match method_name {
         "initialize" => json!({
             "protocolVersion": body["params"]["protocolVersion"].as_str().unwrap_or("2025-06-18"),
@@ -113,12 +153,10 @@ async fn handle(
         }
         "ping" => json!({}),
         other => {
-            let error =
-                json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("no {other}")}});
-            return ([("content-type", "application/json"), ("mcp-session-id", SESSION)], error.to_string())
-                .into_response();
+            return Some(
+                json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": format!("no {other}")}}),
+            );
         }
     };
-    let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
-    ([("content-type", "application/json"), ("mcp-session-id", SESSION)], answer.to_string()).into_response()
+    Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
 }
