@@ -1246,3 +1246,79 @@ async fn wait_for(what: &str, done: impl Fn() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// The controller's gateway relays an execution's remote MCP server at
+/// `/gateway/{ns}/{name}/mcp/{server}`: only with the execution's token (checked before the
+/// body is read), only to the configured URL (no other path, no query, no other server, no
+/// redirect followed: a redirect would carry the header elsewhere), adding the Secret-backed
+/// header and never the agent's token; relayed requests are counted by server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
+    use agentops::api::{McpHeader, McpServer, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const VALUE: &str = "hdr-value-5e8d2a91";
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    // Where a hostile (or compromised) server would send the header by redirecting.
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let elsewhere = serve(axum::Router::new().fallback(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { "got it" }
+    }))
+    .await;
+    let target = format!("{elsewhere}/steal");
+    let redirecting =
+        serve(axum::Router::new().fallback(move || async move { axum::response::Redirect::temporary(&target) })).await;
+    let server = |name: &str, url: String| McpServer {
+        name: name.into(),
+        url: Some(url),
+        headers_from: vec![McpHeader {
+            name: "X-Tracker-Token".into(),
+            secret_key_ref: SecretKeyRef { name: "tracker-token".into(), key: None },
+        }],
+        ..Default::default()
+    };
+    let servers = [server("tracker", tracker.url.clone()), server("moved", format!("{redirecting}/mcp"))];
+    let routes = mcp::routes(&servers, |_, _| Ok(VALUE.to_string())).unwrap();
+    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}});
+    let post = |path: &str, token: Option<&str>| {
+        let mut req = support::http()
+            .post(format!("{base}/gateway/ns/ax/mcp/{path}"))
+            .header("accept", "application/json, text/event-stream")
+            .json(&init);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+
+    assert_eq!(post("tracker", None).await.unwrap().status(), 401);
+    assert_eq!(post("tracker", Some(API_KEY)).await.unwrap().status(), 401, "not even the API key");
+    assert!(tracker.seen().is_empty(), "nothing reached the server");
+
+    let ok = post("tracker", Some("token-of-ax")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["mcp-session-id"], "session-7d2a", "the session header comes back");
+    assert!(ok.text().await.unwrap().contains("\"serverInfo\""));
+    let seen = tracker.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-tracker-token"), Some(VALUE));
+    assert_eq!(seen[0].header("authorization"), None, "the agent's token stays at the gateway");
+
+    for path in ["tracker/other", "tracker?endpoint=%2Fsteal", "tracker%2F..%2Fx", "unknown", "tracker/"] {
+        let status = post(path, Some("token-of-ax")).await.unwrap().status();
+        assert_eq!(status, 404, "{path}");
+    }
+    assert_eq!(tracker.seen().len(), 1, "none of those reached the server");
+    assert_eq!(post("moved", Some("token-of-ax")).await.unwrap().status(), 502, "a redirect is not followed");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect's target got nothing");
+    let m = g.metered("ns", "ax").unwrap();
+    assert_eq!(m.mcp_requests.get("tracker"), Some(&1));
+    assert_eq!(m.refused_not_allowed, 5, "{:?}", m.last_refused);
+
+    g.close("ns", "ax");
+    assert_eq!(post("tracker", Some("token-of-ax")).await.unwrap().status(), 401, "the run is over");
+}
