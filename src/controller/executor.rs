@@ -476,7 +476,15 @@ async fn materialize_secrets(client: &Client, ns: &str, r: &Resolved, dir: &std:
         .iter()
         .map(|s| (s, s.key.clone().unwrap_or_else(|| "token".into()), true))
         .chain(r.credentials.iter().map(|s| (s, "username".to_string(), false)))
-        .chain(r.api_key.iter().map(|s| (s, s.key.clone().unwrap_or_else(|| "api-key".into()), true)));
+        .chain(r.api_key.iter().map(|s| (s, s.key.clone().unwrap_or_else(|| "api-key".into()), true)))
+        // Remote MCP servers' headers: the runner's loopback gateway adds them.
+        .chain(
+            r.agent_config
+                .mcp_servers
+                .iter()
+                .flat_map(|m| &m.headers_from)
+                .map(|h| (&h.secret_key_ref, h.secret_key_ref.key.clone().unwrap_or_else(|| "value".into()), true)),
+        );
     for (secret, key, required) in wanted {
         let value = api.get_opt(&secret.name).await?.and_then(|s| {
             let from_data = s.data.as_ref().and_then(|d| d.get(&key)).map(|b| b.0.clone());
