@@ -377,3 +377,58 @@ async fn a_remote_mcp_server_over_sse_is_reached_through_the_gateway_too() {
     assert!(seen.iter().all(|r| r.header("x-tracker-token") == Some(MCP_SECRET)), "{seen:?}");
     assert!(!main_bodies(&h).iter().any(|b| b.contains(MCP_SECRET)));
 }
+
+/// The agent may rewrite the settings files it can reach (the CLI reloads them mid-run): a deny
+/// rule only in a file is lifted that way. The team's rules also travel as the CLI's own
+/// arguments (`--settings`), which the agent cannot change, so they hold, with
+/// `defaultMode: bypassPermissions` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deny_rule_holds_when_the_agent_rewrites_its_settings() {
+    let script = |file: &str| {
+        vec![
+            Step::tool(
+                "Bash",
+                json!({"command": format!("printf '{{}}' > {file}; sleep 3"), "description": "rewrite"}),
+            ),
+            Step::tool("Bash", json!({"command": "echo reached", "description": "probe"})),
+            Step::text("Done."),
+        ]
+    };
+    // Control: the rule only in a settings file (the repository's, honoured), which the agent
+    // empties: the next call runs.
+    let h = Harness::new(script(".claude/settings.json")).await;
+    let settings = json!({"permissions": {"deny": ["Bash(echo:*)"]}});
+    h.git.create_repo("ruled", &[("README.md", "# Ruled\n"), (".claude/settings.json", &settings.to_string())]);
+    let yaml = with_template(
+        &h,
+        "lifted",
+        "    settingSources: [user, project]\n    settings: {permissions: {defaultMode: bypassPermissions}}",
+        "",
+    )
+    .replace(&h.git.url("demo"), &h.git.url("ruled"));
+    let s = h.run(&yaml).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    let results = tool_results(&h);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[1], ("reached".to_string(), false), "the control's rule was lifted");
+
+    // The team's rule: the agent empties its user settings file, and the call is still refused.
+    let h = Harness::new(script("\"$CLAUDE_CONFIG_DIR/settings.json\"")).await;
+    let yaml = with_template(
+        &h,
+        "held",
+        "    settings: {permissions: {deny: ['Bash(echo:*)'], defaultMode: bypassPermissions}}",
+        "",
+    );
+    let s = h.run(&yaml).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    let results = tool_results(&h);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!results[0].1, "the rewrite itself ran: {results:?}");
+    assert_eq!(
+        results[1],
+        ("Permission to use Bash with command echo reached has been denied.".to_string(), true),
+        "the rule held"
+    );
+    assert_eq!(s.permission_denials, 1);
+}

@@ -392,6 +392,12 @@ fn every_bound_in_limits_refuses_its_first_bad_value() {
             "spec.agent.instructions",
         ),
         (
+            "permission rules as JSON",
+            json!({"agent": {"settings": {"permissions": {"deny": (0..65).map(|i| format!("R{i:04}{}", "x".repeat(1015))).collect::<Vec<_>>()}}}}),
+            json!({"agent": {"settings": {"permissions": {"deny": (0..64).map(|i| format!("R{i:04}{}", "x".repeat(1015))).collect::<Vec<_>>()}}}}),
+            "spec.agent.settings.permissions",
+        ),
+        (
             "MCP servers",
             json!({"agent": {"mcpServers": (0..=MAX_MCP_SERVERS).map(|i| json!({"name": format!("s{i}"), "command": "x"})).collect::<Vec<_>>()}}),
             json!({"agent": {"mcpServers": (0..MAX_MCP_SERVERS).map(|i| json!({"name": format!("s{i}"), "command": "x"})).collect::<Vec<_>>()}}),

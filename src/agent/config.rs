@@ -51,16 +51,7 @@ pub fn write_files(c: &AgentConfig, home: &Path, remote: Option<&McpRoute>) -> s
         write(&dir.join("CLAUDE.md"), text.as_bytes())?;
     }
     if let Some(p) = &c.permissions {
-        let mut permissions = Map::new();
-        for (key, rules) in [("allow", &p.allow), ("deny", &p.deny), ("ask", &p.ask)] {
-            if !rules.is_empty() {
-                permissions.insert(key.into(), json!(rules));
-            }
-        }
-        if let Some(mode) = p.default_mode {
-            permissions.insert("defaultMode".into(), json!(mode.as_str()));
-        }
-        write(&dir.join("settings.json"), json!({ "permissions": permissions }).to_string().as_bytes())?;
+        write(&dir.join("settings.json"), settings_json(p).as_bytes())?;
     }
     if !c.mcp_servers.is_empty() {
         let mut servers = Map::new();
@@ -86,6 +77,20 @@ pub fn write_files(c: &AgentConfig, home: &Path, remote: Option<&McpRoute>) -> s
         }
     }
     Ok(())
+}
+
+/// The user settings' JSON for these rules: `{"permissions": {...}}`.
+pub fn settings_json(p: &crate::api::Permissions) -> String {
+    let mut permissions = Map::new();
+    for (key, rules) in [("allow", &p.allow), ("deny", &p.deny), ("ask", &p.ask)] {
+        if !rules.is_empty() {
+            permissions.insert(key.into(), json!(rules));
+        }
+    }
+    if let Some(mode) = p.default_mode {
+        permissions.insert("defaultMode".into(), json!(mode.as_str()));
+    }
+    json!({ "permissions": permissions }).to_string()
 }
 
 /// One server of the MCP config: a stdio process as configured, or a remote server at the
@@ -117,6 +122,10 @@ pub fn flags(c: &AgentConfig, allowed_tools: &[String], disallowed_tools: &[Stri
     let mut args = Vec::new();
     match c.permissions.as_ref().and_then(|p| p.default_mode) {
         Some(mode) => args.extend(["--permission-mode".into(), mode.as_str().to_string()]),
+        // Explicit: a mode the agent might write into its own settings changes nothing.
+        None if c.has_rules() => {
+            args.extend(["--permission-mode".into(), PermissionMode::Default.as_str().to_string()])
+        }
         // Rules or tool lists mean something only without bypassPermissions: what they do not
         // allow is refused (headless, nobody answers a prompt). Without any, the agent may use
         // every tool, inside its sandbox.
@@ -124,6 +133,12 @@ pub fn flags(c: &AgentConfig, allowed_tools: &[String], disallowed_tools: &[Stri
             args.extend(["--permission-mode".into(), PermissionMode::BypassPermissions.as_str().to_string()])
         }
         None => {}
+    }
+    if let Some(p) = &c.permissions {
+        // The same rules as flag settings too: the agent can rewrite the settings file in its own
+        // HOME (the CLI reloads it mid-run), never its own arguments; a deny rule here holds even
+        // with `defaultMode: bypassPermissions`. Bounded by `resolve` to fit one argument.
+        args.extend(["--settings".into(), settings_json(p)]);
     }
     if !allowed_tools.is_empty() {
         // The CLI approves "read-only" commands (echo, id, ls, cat) and tools by itself whatever
@@ -201,6 +216,8 @@ mod tests {
         c.permissions = Some(Permissions { deny: vec!["Bash(curl:*)".into()], ..Default::default() });
         let f = flags(&c, &[], &[], Path::new("/h"));
         assert!(!f.iter().any(|a| a == "bypassPermissions"), "{f:?}");
+        assert_eq!(&f[..2], ["--permission-mode", "default"]);
+        assert!(f.windows(2).any(|w| w == ["--settings", r#"{"permissions":{"deny":["Bash(curl:*)"]}}"#]), "{f:?}");
         let allowed = ["Read".to_string(), "Bash(cargo test:*)".into(), "Bash(git diff:*)".into(), "mcp__t__s".into()];
         let f = flags(&config(), &allowed, &[], Path::new("/h"));
         let tools = f.iter().position(|a| a == "--tools").map(|i| f[i + 1].clone());

@@ -363,6 +363,16 @@ pub fn resolve_agent_config(template: Option<Parts<'_>>, own: Parts<'_>) -> Resu
         }
     }
     if let Some(p) = &permissions {
+        let size = serde_json::to_string(p).map_or(0, |j| j.len());
+        if size > limits::MAX_PERMISSIONS_JSON_BYTES {
+            return Err(ManifestError::new(
+                "spec.agent.settings.permissions",
+                format!(
+                    "is {size} bytes as JSON with the template's; at most {} (use wider rules)",
+                    limits::MAX_PERMISSIONS_JSON_BYTES
+                ),
+            ));
+        }
         for (kind, rules) in [("allow", &p.allow), ("deny", &p.deny), ("ask", &p.ask)] {
             if rules.len() > limits::MAX_TOOL_RULES {
                 return Err(ManifestError::new(

@@ -26,6 +26,9 @@ pub const MAX_TOOL_RULES: usize = 128;
 pub const MAX_TOOL_RULE_CHARS: usize = 1024;
 /// `spec.agent.instructions` (the agent's CLAUDE.md).
 pub const MAX_INSTRUCTIONS_CHARS: usize = 64 * 1024;
+/// `spec.agent.settings.permissions` (template and execution together) as JSON: it is also one
+/// argument of the CLI (`--settings`), and an argument holds at most 128 KiB.
+pub const MAX_PERMISSIONS_JSON_BYTES: usize = 64 * 1024;
 /// `spec.agent.mcpServers` (template and execution together), and variables of one server.
 pub const MAX_MCP_SERVERS: usize = 16;
 pub const MAX_MCP_ENV: usize = 64;
