@@ -2368,3 +2368,91 @@ async fn the_agent_configuration_is_read_once_frozen_in_the_manifest_and_hashed_
     assert_ne!(Some(other.as_str()), hash.as_str(), "the instructions changed, so did the hash");
     ctl.stop().await;
 }
+
+/// A remote MCP server in a cluster: the pod's agent reaches it at
+/// `/gateway/{ns}/{name}/mcp/{server}` with its model token; the controller adds the header from
+/// the execution's Secret (no pod mounts it) and counts the requests in `status.mcpRequests`.
+/// After a restart, the route opens from the runner Secret's frozen manifest: a template edited
+/// meanwhile to point elsewhere changes nothing for the running execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_executions_remote_mcp_server_keeps_its_frozen_route_across_a_restart() {
+    use agentops::api::AgentTemplate;
+    let model = support::FakeAnthropic::start(vec![support::Step::text("hi")]).await;
+    let (tracker, elsewhere) = (support::fake_mcp::FakeMcp::start().await, support::fake_mcp::FakeMcp::start().await);
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let secrets: Api<Secret> = Api::namespaced(kube.client(), "ns");
+    let header: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "tracker-token"}, "stringData": {"value": "hdr-in-cluster-91"}}),
+    )
+    .unwrap();
+    secrets.create(&PostParams::default(), &header).await.unwrap();
+    let templates: Api<AgentTemplate> = Api::namespaced(kube.client(), "ns");
+    let template = |url: &str| -> AgentTemplate {
+        serde_json::from_value(json!({
+            "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentTemplate", "metadata": {"name": "team"},
+            "spec": {"agent": {"mcpServers": [{"name": "tracker", "url": url,
+                "headersFrom": [{"name": "X-Tracker-Token", "secretKeyRef": {"name": "tracker-token"}}]}]}}
+        }))
+        .unwrap()
+    };
+    templates.create(&PostParams::default(), &template(&tracker.url)).await.unwrap();
+    let cfg = |base: &str| {
+        let mut c = config(None);
+        c.job.report_url = Some(base.to_string());
+        c.model_upstream = model.base_url.clone();
+        c
+    };
+    let (http, base) = listener().await;
+    let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    api.create(&PostParams::default(), &execution("mcp", json!({"templateRef": {"name": "team"}}))).await.unwrap();
+    until("Running", || (phase(&kube, "ns", "mcp")? == "Running").then_some(())).await;
+    let token = String::from_utf8(secret_data(&kube, "ns", "agentops-runner-mcp").unwrap()["model"].clone()).unwrap();
+    let initialize = |base: String, token: String| async move {
+        let body =
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}});
+        support::http()
+            .post(format!("{base}/gateway/ns/mcp/mcp/tracker"))
+            .bearer_auth(token)
+            .header("accept", "application/json, text/event-stream")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(initialize(base.clone(), token.clone()).await, 200);
+    assert_eq!(tracker.seen()[0].header("x-tracker-token"), Some("hdr-in-cluster-91"));
+    assert_eq!(initialize(base.clone(), "agentops-guess".into()).await, 401);
+    first.stop().await;
+
+    // The template now names another server; the running execution's route is unchanged.
+    let mut edited = templates.get("team").await.unwrap();
+    edited.spec = template(&elsewhere.url).spec;
+    templates.replace("team", &PostParams::default(), &edited).await.unwrap();
+    let (http, base) = listener().await;
+    let second = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
+    assert_eq!(initialize(base.clone(), token.clone()).await, 200, "the first request after the restart");
+    assert_eq!(tracker.seen().len(), 2, "to the server it started with");
+    assert!(elsewhere.seen().is_empty(), "not the template's new one");
+    // A model request, so the gateway's figures (with the MCP count) reach the status.
+    let body = json!({"model": "claude-test", "max_tokens": 8, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"name": "Write", "input_schema": {"type": "object"}}]});
+    let asked = support::http()
+        .post(format!("{base}/gateway/ns/mcp/v1/messages"))
+        .header("x-api-key", &token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), 200);
+    asked.text().await.unwrap();
+    let counted = until("status.mcpRequests", || {
+        kube.get(AX, "agentexecutions", "ns", "mcp")?["status"]["mcpRequests"]["tracker"].as_u64()
+    })
+    .await;
+    assert_eq!(counted, 1, "what this controller relayed");
+    second.stop().await;
+}

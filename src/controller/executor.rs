@@ -208,6 +208,9 @@ struct RunnerTokens {
     model: Option<String>,
     /// The git relay's tokens (clone: fetch; publish: push the work branch).
     git: Option<(String, String)>,
+    /// The agent's configuration in the Secret's manifest, as the runner runs it (None: the
+    /// manifest just written, the same as the resolved spec).
+    frozen: Option<crate::api::AgentConfig>,
 }
 
 impl RunnerTokens {
@@ -219,7 +222,9 @@ impl RunnerTokens {
             // What the status already records was spent (a restart, or a new leader, never
             // resets a budget); a fresh execution's status records nothing.
             let st = ax.status.clone().unwrap_or_default();
-            reports.open_model(&ns, &name, r, model, (st.usage, st.cost_usd)).await?;
+            // Its remote MCP servers are those its runner was given, not the template's today.
+            let frozen = self.frozen.as_ref().map(|c| Resolved { agent_config: c.clone(), ..r.clone() });
+            reports.open_model(&ns, &name, frozen.as_ref().unwrap_or(r), model, (st.usage, st.cost_usd)).await?;
         }
         if let Some((clone, publish)) = &self.git {
             reports.open_git(&ns, &name, r, clone, publish).await?;
@@ -233,10 +238,15 @@ fn tokens_in(secret: Secret) -> Option<RunnerTokens> {
     use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
     let data = secret.data.unwrap_or_default();
     let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+    let frozen = get(desired::MANIFEST_KEY)
+        .and_then(|m| crate::api::parse_manifest(&m).ok())
+        .and_then(|m| crate::api::resolve(&m.execution, &m.templates).ok())
+        .map(|r| r.agent_config);
     get(REPORT_TOKEN_KEY).map(|report| RunnerTokens {
         report,
         model: get(MODEL_TOKEN_KEY),
         git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
+        frozen,
     })
 }
 
@@ -265,6 +275,7 @@ async fn create_runner_secret(
         report: new_token(),
         model: Some(crate::gateway::new_token()),
         git: Some((new_token(), new_token())),
+        frozen: None,
     });
     let mut data = serde_json::json!({desired::MANIFEST_KEY: manifest});
     if let Some(t) = &fresh {
