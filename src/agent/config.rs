@@ -152,7 +152,7 @@ pub fn flags(c: &AgentConfig, allowed_tools: &[String], disallowed_tools: &[Stri
     }
     let sources: Vec<&str> = c.setting_sources.iter().map(|s| s.as_str()).collect();
     args.extend(["--setting-sources".into(), sources.join(",")]);
-    if !c.honours_repository() {
+    if !c.setting_sources.contains(&crate::api::SettingSource::Project) {
         // The repository's `.mcp.json` starts processes; honoured only with `project`.
         args.push("--strict-mcp-config".into());
     }
@@ -234,6 +234,8 @@ mod tests {
         c.mcp_servers = vec![McpServer { name: "t".into(), command: Some("x".into()), ..Default::default() }];
         let f = flags(&c, &[], &[], Path::new("/h"));
         assert!(f.windows(2).any(|w| w == ["--setting-sources", "user,project,local"]), "{f:?}");
+        let local_only = AgentConfig { setting_sources: vec![SettingSource::User, SettingSource::Local], ..c.clone() };
+        assert!(flags(&local_only, &[], &[], Path::new("/h")).iter().any(|a| a == "--strict-mcp-config"));
         assert!(!f.iter().any(|a| a == "--strict-mcp-config"));
         assert!(f.windows(2).any(|w| w == ["--mcp-config", "/h/.claude/agentops-mcp.json"]), "{f:?}");
     }

@@ -255,11 +255,6 @@ impl AgentConfig {
         self.permissions.as_ref().is_some_and(|p| !(p.allow.is_empty() && p.deny.is_empty() && p.ask.is_empty()))
     }
 
-    /// Whether the repository's own settings, `.mcp.json` and CLAUDE.md are honoured.
-    pub fn honours_repository(&self) -> bool {
-        self.setting_sources.iter().any(|s| *s != SettingSource::User)
-    }
-
     /// The record of what ran.
     pub fn record(&self) -> AgentConfigRecord {
         AgentConfigRecord {
