@@ -918,3 +918,20 @@ async fn workspaces(store: &Store, cmd: WorkspacesCmd) -> anyhow::Result<i32> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The controller's defaults are the README's (its flag table).
+    #[test]
+    fn the_controllers_defaults_are_the_readmes() {
+        let cli = Cli::try_parse_from(["agentops", "controller"]).expect("no flag is required");
+        let Command::Controller(a) = cli.command else { panic!("not the controller") };
+        assert_eq!(a.http_addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(a.metrics_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(a.max_concurrent, 10);
+        assert!(a.git_relay && a.leader_election);
+        assert_eq!(a.anthropic_base_url, None, "then $ANTHROPIC_BASE_URL, else api.anthropic.com");
+    }
+}
