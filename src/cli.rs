@@ -37,6 +37,10 @@ pub enum Command {
     Runner(RunnerArgs),
     /// Run one step of an execution in a runner pod's container (clone, agent, publish, finish).
     Step(StepArgs),
+    /// Copy agentops, the Claude Code CLI, their libraries and loader into DIR (the init
+    /// container of a runner pod whose agent runs in a team's image).
+    #[command(hide = true)]
+    Bundle(BundleArgs),
     /// Run the Kubernetes operator (kubeconfig from $KUBECONFIG, ~/.kube/config or in-cluster).
     Controller(Box<ControllerArgs>),
     /// Print the CustomResourceDefinitions as YAML.
@@ -79,7 +83,7 @@ pub struct MachineArgs {
     #[arg(long, env = api::contract::WORKSPACE_ROOT)]
     pub workspace_root: Option<PathBuf>,
     /// The Claude Code CLI.
-    #[arg(long, env = "AGENTOPS_CLAUDE_BIN", default_value = "claude")]
+    #[arg(long, env = api::contract::CLAUDE_BIN, default_value = "claude")]
     pub claude_bin: PathBuf,
     /// Secrets as files `<dir>/<secret-name>/<key>` [default: $XDG_CONFIG_HOME/agentops/secrets].
     #[arg(long, env = api::contract::SECRETS_DIR)]
@@ -96,6 +100,10 @@ pub struct MachineArgs {
     /// its own).
     #[arg(long, env = "AGENTOPS_SANDBOX_REQUIRE", conflicts_with = "no_sandbox")]
     pub sandbox_require: bool,
+    /// Start the Claude Code CLI through the loader and libraries of this bundle (`agentops
+    /// bundle`: a runner pod's agent container in a team's image).
+    #[arg(long, env = api::contract::BUNDLE_DIR)]
+    pub bundle_dir: Option<PathBuf>,
 }
 
 impl MachineArgs {
@@ -133,6 +141,7 @@ impl MachineArgs {
             gateway: None,
             git_relay: None,
             open_pull_request: false,
+            bundle: self.bundle_dir,
         }
     }
 }
@@ -194,6 +203,26 @@ pub struct StepArgs {
     /// File holding this step's relay token (clone, publish).
     #[arg(long, env = api::contract::GIT_TOKEN_FILE)]
     pub git_token_file: Option<PathBuf>,
+    /// Where Kubernetes reads the container's final message.
+    #[arg(long, env = api::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+    /// Containers and init containers of this pod: a node keeps 12 KiB ÷ that of each
+    /// termination message.
+    #[arg(long, env = api::contract::POD_CONTAINERS, default_value_t = api::report::RUNNER_CONTAINERS)]
+    pub pod_containers: usize,
+    /// Names of the team's env variables (`spec.pod.env`) passed on to the agent (agent).
+    #[arg(long, env = api::contract::AGENT_ENV, value_delimiter = ',')]
+    pub agent_env: Vec<String>,
+}
+
+/// Options of `agentops bundle`.
+#[derive(clap::Args, Debug)]
+pub struct BundleArgs {
+    /// Where to put agentops, the Claude Code CLI, their libraries and the loader.
+    pub dir: PathBuf,
+    /// The Claude Code CLI to bundle.
+    #[arg(long, env = api::contract::CLAUDE_BIN, default_value = "claude")]
+    pub claude_bin: PathBuf,
     /// Where Kubernetes reads the container's final message.
     #[arg(long, env = api::contract::TERMINATION_LOG, default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
@@ -275,6 +304,13 @@ pub struct ControllerArgs {
     /// ephemeral-storage 1Gi; limits memory 4Gi, ephemeral-storage 20Gi].
     #[arg(long, env = "AGENTOPS_RUNNER_RESOURCES")]
     pub runner_resources: Option<String>,
+    /// The cluster's default pod settings of runner pods, as JSON (the `spec.pod` of a template:
+    /// resources per step, nodeSelector, tolerations, affinity, priorityClassName,
+    /// runtimeClassName, imagePullSecrets, labels, annotations, env, agentImage); templates and
+    /// executions override it field by field. `--runner-resources` is its `resources.default`
+    /// when it gives none.
+    #[arg(long, env = "AGENTOPS_RUNNER_POD")]
+    pub runner_pod: Option<String>,
     /// Let `--executor local` run inside a cluster. Its runners (the agent, hooks) then run in
     /// the controller's own container, next to its service-account token: accept that only
     /// for a throwaway single-user cluster.
@@ -391,6 +427,18 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             result
         }
+        Command::Bundle(args) => match runner::bundle::bundle(&args.dir, &args.claude_bin) {
+            Ok(files) => {
+                eprintln!("bundled {} files into {}", files.len(), args.dir.display());
+                Ok(0)
+            }
+            Err(e) => {
+                let message = format!("error: bundle: {e}");
+                eprintln!("{message}");
+                let _ = std::fs::write(&args.termination_log, runner::truncate(&message, 2000));
+                Ok(1)
+            }
+        },
         Command::Controller(args) => controller(&db, *args).await,
         Command::Executions(cmd) => match cmd.remote().server.clone() {
             Some(server) => remote_executions(&server, cmd).await,
@@ -492,6 +540,8 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
         .map(|(base_url, token)| runner::ModelRoute { base_url, token });
     let git_relay = endpoint(&args.git_url, &args.git_token_file, "git relay token")?
         .map(|(base_url, token)| runner::ModelRoute { base_url, token });
+    let limit = api::report::termination_message_limit(args.pod_containers);
+    let agent_env = args.agent_env.clone();
     let mut opts = args.machine.options(true, report);
     opts.gateway = gateway;
     opts.git_relay = git_relay;
@@ -507,19 +557,23 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
     let store = Store::open(db).await?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
-    let env = |k: &str| std::env::var(k).ok();
+    // The team's env reaches the agent by the names the Job lists (the cluster default's too).
+    let env = |k: &str| match k {
+        api::contract::AGENT_ENV => Some(agent_env.join(",")),
+        _ => std::env::var(k).ok(),
+    };
     let end = run_step(args.step, &store, &opts, &resolved, &dirs, &env, cancel).await;
     // Closed, the store is one file: the next step may read it from a read-only mount.
     store.close().await;
     match end? {
         StepEnd::Next => Ok(0),
         StepEnd::Published(said) => {
-            let _ = std::fs::write(&args.termination_log, runner::termination_message(&said));
+            let _ = std::fs::write(&args.termination_log, runner::termination_message_within(&said, limit));
             Ok(0)
         }
         StepEnd::Done(summary) => {
             println!("{}", serde_json::to_string(&summary)?);
-            let _ = std::fs::write(&args.termination_log, runner::termination_message(&summary));
+            let _ = std::fs::write(&args.termination_log, runner::termination_message_within(&summary, limit));
             Ok(0)
         }
     }
@@ -556,8 +610,37 @@ async fn execute(
     }
 }
 
+/// The cluster's default pod settings from `--runner-pod` and `--runner-resources`, checked as a
+/// template's would be.
+pub fn runner_pod_settings(pod: Option<&str>, resources: Option<&str>) -> anyhow::Result<crate::api::PodSettings> {
+    let mut settings: crate::api::PodSettings = match pod.map(str::trim).filter(|p| !p.is_empty()) {
+        None => Default::default(),
+        Some(json) => {
+            let mut de = serde_json::Deserializer::from_str(json);
+            serde_path_to_error::deserialize(&mut de)
+                .map_err(|e| anyhow::anyhow!("--runner-pod (the chart's runner.pod): {}: {}", e.path(), e.inner()))?
+        }
+    };
+    let resources = match resources.map(str::trim).filter(|r| !r.is_empty()) {
+        None => crate::controller::desired::default_runner_resources(),
+        Some(json) => serde_json::from_str(json).with_context(|| {
+            format!("--runner-resources {json:?} is not a ResourceRequirements in JSON (e.g. {{\"limits\": {{\"memory\": \"4Gi\"}}}})")
+        })?,
+    };
+    let steps = settings.resources.get_or_insert_with(Default::default);
+    if steps.default.is_none() {
+        steps.default = resources;
+    }
+    settings
+        .check("--runner-pod (the chart's runner.pod)")
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+    Ok(settings)
+}
+
 async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Result<i32> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Checked before anything else: a default that overrides a security setting never starts.
+    let pod = runner_pod_settings(args.runner_pod.as_deref(), args.runner_resources.as_deref())?;
     let client = kube::Client::try_default()
         .await
         .context("cannot reach the Kubernetes API: check KUBECONFIG or run in a cluster")?;
@@ -570,12 +653,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             report_url: args.report_url.filter(|u| !u.is_empty()),
             default_model: args.default_model.filter(|m| !m.is_empty()),
             git_relay: args.git_relay,
-            resources: match args.runner_resources.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-                None => crate::controller::desired::default_runner_resources(),
-                Some(json) => serde_json::from_str(json).with_context(|| {
-                    format!("--runner-resources {json:?} is not a ResourceRequirements in JSON (e.g. {{\"limits\": {{\"memory\": \"4Gi\"}}}})")
-                })?,
-            },
+            pod,
             ..Default::default()
         },
         limits: crate::controller::queue::Limits {

@@ -156,6 +156,104 @@ async fn each_bad_input_is_refused_naming_its_field_and_nothing_is_created() {
     assert!(!branches.contains("agentops/"), "nothing pushed: {branches}");
 }
 
+/// Every way `spec.pod` could override a security setting of the operator's, in an execution
+/// and in its template: `agentops run` exits 2 naming the field path, nothing created. The
+/// same settings without the override run (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_security_override_in_pod_settings_is_refused_with_its_field_path() {
+    let h = Harness::new(happy_script()).await;
+    let fields = "cannot be set";
+    let ours = "the runner's own";
+    let table: Vec<(&str, &str, &str)> = vec![
+        ("securityContext: {privileged: true}", "spec.pod.securityContext", fields),
+        ("privileged: true", "spec.pod.privileged", fields),
+        ("capabilities: {add: [SYS_ADMIN]}", "spec.pod.capabilities", fields),
+        ("allowPrivilegeEscalation: true", "spec.pod.allowPrivilegeEscalation", fields),
+        ("readOnlyRootFilesystem: false", "spec.pod.readOnlyRootFilesystem", fields),
+        ("runAsUser: 0", "spec.pod.runAsUser", fields),
+        ("runAsGroup: 0", "spec.pod.runAsGroup", fields),
+        ("runAsNonRoot: false", "spec.pod.runAsNonRoot", fields),
+        ("seccompProfile: {type: Unconfined}", "spec.pod.seccompProfile", fields),
+        ("appArmorProfile: {type: Unconfined}", "spec.pod.appArmorProfile", fields),
+        ("hostNetwork: true", "spec.pod.hostNetwork", fields),
+        ("hostPID: true", "spec.pod.hostPID", fields),
+        ("hostIPC: true", "spec.pod.hostIPC", fields),
+        ("hostUsers: true", "spec.pod.hostUsers", fields),
+        ("volumes: [{name: root, hostPath: {path: /}}]", "spec.pod.volumes", fields),
+        ("volumeMounts: [{name: root, mountPath: /host}]", "spec.pod.volumeMounts", fields),
+        ("serviceAccountName: default", "spec.pod.serviceAccountName", fields),
+        ("automountServiceAccountToken: true", "spec.pod.automountServiceAccountToken", fields),
+        ("shareProcessNamespace: true", "spec.pod.shareProcessNamespace", fields),
+        ("initContainers: [{name: x, image: busybox}]", "spec.pod.initContainers", fields),
+        ("command: [sh]", "spec.pod.command", fields),
+        ("envFrom: [{secretRef: {name: anthropic}}]", "spec.pod.envFrom", fields),
+        (
+            "env: [{name: OK, value: '1'}, {name: KEY, valueFrom: {secretKeyRef: {name: anthropic, key: api-key}}}]",
+            "spec.pod.env[1].valueFrom",
+            "plain value",
+        ),
+        ("env: [{name: HOME, value: /tmp}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: TMPDIR, value: /x}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: IS_SANDBOX, value: '0'}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: AGENTOPS_MODEL_URL, value: 'http://evil'}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: ANTHROPIC_BASE_URL, value: 'http://evil'}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: ANTHROPIC_API_KEY, value: sk}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: CLAUDE_CONFIG_DIR, value: /x}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: LD_PRELOAD, value: /x.so}]", "spec.pod.env[0].name", ours),
+        ("env: [{name: KUBERNETES_SERVICE_HOST, value: x}]", "spec.pod.env[0].name", ours),
+        (
+            "labels: {app.kubernetes.io/component: web}",
+            "spec.pod.labels[\"app.kubernetes.io/component\"]",
+            "NetworkPolicy",
+        ),
+        ("labels: {agentops.dev/execution: other}", "spec.pod.labels[\"agentops.dev/execution\"]", "NetworkPolicy"),
+        ("labels: {agentops.dev/anything: x}", "spec.pod.labels[\"agentops.dev/anything\"]", "NetworkPolicy"),
+        ("labels: {job-name: x}", "spec.pod.labels[\"job-name\"]", "NetworkPolicy"),
+        (
+            "annotations: {container.apparmor.security.beta.kubernetes.io/agent: unconfined}",
+            "spec.pod.annotations[\"container.apparmor.security.beta.kubernetes.io/agent\"]",
+            "AppArmor",
+        ),
+        (
+            "annotations: {seccomp.security.alpha.kubernetes.io/pod: unconfined}",
+            "spec.pod.annotations[\"seccomp.security.alpha.kubernetes.io/pod\"]",
+            "seccomp",
+        ),
+        ("resources: {agent: {claims: [{name: gpu}]}}", "spec.pod.resources.agent.claims", "claim"),
+        ("agentImage: 'golang:1.23 --privileged'", "spec.pod.agentImage", "image reference"),
+    ];
+    assert!(table.len() >= 40, "{}", table.len());
+    let template = |pod: &str| {
+        format!(
+            "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {{name: team}}\nspec:\n  pod: {{{pod}}}\n---\n"
+        )
+    };
+    for (pod, field, word) in &table {
+        // In the execution.
+        let (code, stderr) = run(&h, &h.manifest("bad", &format!("  pod: {{{pod}}}\n"))).await;
+        assert_eq!(code, 2, "{pod}: exit 2, stderr: {stderr}");
+        assert!(stderr.contains(field) && stderr.contains(word), "{pod}: names {field} and says {word:?}: {stderr}");
+        // In its template (a field the types do not have fails the template's document).
+        let yaml = template(pod) + &h.manifest("bad", "  templateRef: {name: team}\n");
+        let (code, stderr) = run(&h, &yaml).await;
+        assert_eq!(code, 2, "template {pod}: exit 2, stderr: {stderr}");
+        let in_template = if *word == fields {
+            format!("document 1: {field}")
+        } else {
+            field.replace("spec.pod", "the AgentTemplate's spec.pod")
+        };
+        assert!(stderr.contains(&in_template), "template {pod}: names {in_template}: {stderr}");
+    }
+    assert!(h.store.list_executions(100).await.unwrap().is_empty(), "nothing ran");
+    // The control: the same kinds of settings, without the override, resolve.
+    let ok = h.manifest(
+        "ok",
+        "  pod: {env: [{name: GOFLAGS, value: -mod=mod}], labels: {team: a}, annotations: {example.com/x: y}, nodeSelector: {pool: a}, resources: {agent: {limits: {memory: 8Gi}}}, agentImage: 'golang:1.23'}\n",
+    );
+    let r = h.resolved(&ok);
+    assert_eq!(r.pod.agent_image.as_deref(), Some("golang:1.23"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insecure_true_accepts_plain_http_credentials_and_loopback_needs_nothing() {
     let h = Harness::new(happy_script()).await;
@@ -214,6 +312,36 @@ fn the_crd_refuses_what_resolve_refuses() {
         (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "a b"}}), "spec.repository.ref"),
         (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "a..b"}}), "spec.repository.ref"),
         (json!({"repository": {"url": "https://git.example.com/r.git", "ref": "feature/"}}), "spec.repository.ref"),
+        (
+            json!({"pod": {"env": [{"name": "X", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}}),
+            "spec.pod.env[0].valueFrom",
+        ),
+        (
+            json!({"pod": {"env": [{"name": "A", "value": "1"}, {"name": "HOME", "value": "/"}]}}),
+            "spec.pod.env[1].name",
+        ),
+        (json!({"pod": {"env": [{"name": "AGENTOPS_STREAM_DIR", "value": "/"}]}}), "spec.pod.env[0].name"),
+        (json!({"pod": {"env": [{"name": "ANTHROPIC_BASE_URL", "value": "http://x"}]}}), "spec.pod.env[0].name"),
+        (json!({"pod": {"env": [{"name": "CLAUDE_CODE_USE_BEDROCK", "value": "1"}]}}), "spec.pod.env[0].name"),
+        (json!({"pod": {"env": [{"name": "LD_PRELOAD", "value": "/x.so"}]}}), "spec.pod.env[0].name"),
+        (
+            json!({"pod": {"labels": {"app.kubernetes.io/component": "web"}}}),
+            "spec.pod.labels[\"app.kubernetes.io/component\"]",
+        ),
+        (json!({"pod": {"labels": {"agentops.dev/execution": "x"}}}), "spec.pod.labels[\"agentops.dev/execution\"]"),
+        (
+            json!({"pod": {"annotations": {"container.apparmor.security.beta.kubernetes.io/agent": "unconfined"}}}),
+            "spec.pod.annotations[\"container.apparmor.security.beta.kubernetes.io/agent\"]",
+        ),
+        (
+            json!({"pod": {"annotations": {"seccomp.security.alpha.kubernetes.io/pod": "unconfined"}}}),
+            "spec.pod.annotations[\"seccomp.security.alpha.kubernetes.io/pod\"]",
+        ),
+        (
+            json!({"pod": {"resources": {"default": {"claims": [{"name": "gpu"}]}}}}),
+            "spec.pod.resources.default.claims",
+        ),
+        (json!({"pod": {"agentImage": "golang:1.23 x"}}), "spec.pod.agentImage"),
     ];
     for (patch, field) in refused {
         let spec = merged(&base, &patch);
@@ -248,6 +376,12 @@ fn the_crd_refuses_what_resolve_refuses() {
         json!({"repository": {"url": "https://git.example.com/r.git", "ref": "release/1.x"}}),
         json!({"repository": {"url": "https://git.example.com/r.git", "ref": "refs/pull/7/head"}}),
         json!({"repository": {"url": "https://git.example.com/r.git", "ref": "0123456789abcdef0123456789abcdef01234567"}}),
+        json!({"pod": {"env": [{"name": "GOFLAGS", "value": "-mod=mod"}, {"name": "PATH", "value": "/usr/local/go/bin:/usr/bin"}],
+                       "labels": {"team": "payments", "app.kubernetes.io/part-of": "payments"},
+                       "annotations": {"example.com/owner": "payments"},
+                       "resources": {"agent": {"limits": {"memory": "8Gi"}}},
+                       "nodeSelector": {"pool": "build"}, "runtimeClassName": "gvisor",
+                       "tolerations": [{"key": "build", "operator": "Exists"}], "agentImage": "golang:1.23"}}),
     ];
     for patch in accepted {
         let spec = merged(&base, &patch);

@@ -292,9 +292,101 @@ fn runner_pods_are_bounded_and_have_no_default_egress() {
     }
     assert!(
         default.contains(
-            r#"AGENTOPS_RUNNER_RESOURCES, value: "{\"limits\":{\"ephemeral-storage\":\"20Gi\",\"memory\":\"4Gi\"}"#
+            r#"AGENTOPS_RUNNER_POD, value: "{\"resources\":{\"default\":{\"limits\":{\"ephemeral-storage\":\"20Gi\",\"memory\":\"4Gi\"}"#
         ),
         "{default}"
+    );
+    assert!(!default.contains("AGENTOPS_RUNNER_RESOURCES"), "the deprecated value is set only when given");
+}
+
+/// The value of one env variable of the controller's Deployment in a render.
+fn deployment_env(rendered: &str, name: &str) -> Option<String> {
+    let docs = documents(rendered);
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment")?;
+    let env = deployment["spec"]["template"]["spec"]["containers"][0]["env"].as_array()?;
+    env.iter().find(|e| e["name"] == name).and_then(|e| e["value"].as_str()).map(String::from)
+}
+
+/// The chart's `runner.pod` reaches every runner pod's Job as the cluster's default, under the
+/// template's and the execution's; a default that overrides a security setting is refused by
+/// the values schema (a field the operator keeps) or by the controller at start (an env name).
+#[test]
+fn the_charts_runner_pod_is_the_default_of_every_job() {
+    use agentops::controller::desired::{JobConfig, desired_job};
+    let values = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        values.path(),
+        "runner:\n  pod:\n    resources:\n      default: {requests: {cpu: 250m, memory: 512Mi}, limits: {memory: 2Gi}}\n      agent: {limits: {memory: 6Gi}}\n    nodeSelector: {pool: agents}\n    tolerations: [{key: agents, operator: Exists, effect: NoSchedule}]\n    runtimeClassName: gvisor\n    priorityClassName: batch\n    imagePullSecrets: [{name: mirror}]\n    labels: {platform: agents}\n    annotations: {example.com/owner: platform}\n    env: [{name: GOPROXY, value: 'https://proxy.example.com'}]\n",
+    )
+    .unwrap();
+    let rendered = render(Some(values.path().to_str().unwrap()));
+    validate(&rendered, "runner-pod");
+    let json = deployment_env(&rendered, "AGENTOPS_RUNNER_POD").expect("AGENTOPS_RUNNER_POD");
+    let pod = agentops::cli::runner_pod_settings(
+        Some(&json),
+        deployment_env(&rendered, "AGENTOPS_RUNNER_RESOURCES").as_deref(),
+    )
+    .unwrap();
+    // A template sets the node pool; the execution adds nothing: the chart's rest reaches the Job.
+    let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec: {pod: {nodeSelector: {pool: team-a}}}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a, namespace: team-a, uid: u}\nspec: {prompt: p, templateRef: {name: t}, repository: {url: 'https://git.example.com/r.git'}}\n";
+    let m = agentops::api::parse_manifest(text).unwrap();
+    let r = agentops::api::resolve(&m.execution, &m.templates).unwrap();
+    let job = serde_json::to_value(desired_job(&m.execution, &r, &JobConfig { pod, ..Default::default() })).unwrap();
+    let spec = &job["spec"]["template"]["spec"];
+    assert_eq!(spec["nodeSelector"], serde_json::json!({"pool": "team-a"}), "the template's key wins");
+    assert_eq!(spec["tolerations"][0]["key"], "agents");
+    assert_eq!(spec["runtimeClassName"], "gvisor");
+    assert_eq!(spec["priorityClassName"], "batch");
+    assert_eq!(spec["imagePullSecrets"][0]["name"], "mirror");
+    assert_eq!(job["spec"]["template"]["metadata"]["labels"]["platform"], "agents");
+    assert_eq!(job["spec"]["template"]["metadata"]["annotations"]["example.com/owner"], "platform");
+    for c in spec["initContainers"].as_array().unwrap().iter().chain(spec["containers"].as_array().unwrap()) {
+        let memory = if c["name"] == "agent" { "6Gi" } else { "2Gi" };
+        assert_eq!(c["resources"]["limits"]["memory"], memory, "{}", c["name"]);
+        assert_eq!(c["resources"]["requests"]["cpu"], "250m", "{}", c["name"]);
+        let has_env = c["env"].as_array().unwrap().iter().any(|e| e["name"] == "GOPROXY");
+        assert_eq!(has_env, c["name"] == "agent", "{}: only the agent gets the team's env", c["name"]);
+    }
+    // The deprecated runner.resources still feeds the default when runner.pod gives none.
+    std::fs::write(
+        values.path(),
+        "runner:\n  resources: {limits: {memory: 3Gi}}\n  pod: {resources: {default: null}}\n",
+    )
+    .unwrap();
+    let old = render(Some(values.path().to_str().unwrap()));
+    let pod = agentops::cli::runner_pod_settings(
+        deployment_env(&old, "AGENTOPS_RUNNER_POD").as_deref(),
+        deployment_env(&old, "AGENTOPS_RUNNER_RESOURCES").as_deref(),
+    )
+    .unwrap();
+    let limits = pod.resources.unwrap().default.unwrap().limits.unwrap();
+    assert_eq!(limits["memory"].0, "3Gi");
+    // Security settings are not values: the schema refuses them, naming the field.
+    for (set, word) in [
+        ("runner.pod.securityContext.privileged=true", "securityContext"),
+        ("runner.pod.hostNetwork=true", "hostNetwork"),
+        ("runner.pod.volumes[0].name=host", "volumes"),
+        ("runner.pod.env[0].name=X,runner.pod.env[0].valueFrom.secretKeyRef.name=s", "valueFrom"),
+    ] {
+        let out = Command::new(helm()).args(["template", "x"]).arg(chart()).args(["--set", set]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(word), "{set}: {err}");
+    }
+    // What the schema cannot say, the controller says before it starts, naming the field.
+    let out = Command::new(env!("CARGO_BIN_EXE_agentops"))
+        .args(["controller", "--executor", "job", "--report-url", "http://127.0.0.1:9"])
+        .env(
+            "AGENTOPS_RUNNER_POD",
+            r#"{"env": [{"name": "GOPATH", "value": "/go"}, {"name": "ANTHROPIC_BASE_URL", "value": "http://x"}]}"#,
+        )
+        .env("KUBECONFIG", "/nonexistent")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--runner-pod (the chart's runner.pod).env[1].name") && err.contains("ANTHROPIC_BASE_URL"),
+        "{err}"
     );
 }
 

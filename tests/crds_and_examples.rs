@@ -50,6 +50,45 @@ fn every_example_manifest_parses_and_resolves() {
     assert!(n >= 3, "found {n} examples");
 }
 
+/// The platform team's example uses every pod setting, and they reach its Job.
+#[test]
+fn the_platform_example_sets_every_pod_setting() {
+    use agentops::controller::desired::{JobConfig, desired_job};
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/platform-team.yaml")).unwrap();
+    let m = parse_manifest(&text).unwrap();
+    let t = serde_json::to_value(&m.templates[0].spec.pod).unwrap();
+    for field in [
+        "agentImage",
+        "imagePullSecrets",
+        "nodeSelector",
+        "tolerations",
+        "runtimeClassName",
+        "priorityClassName",
+        "topologySpreadConstraints",
+        "labels",
+        "annotations",
+        "resources",
+        "env",
+    ] {
+        assert!(t.get(field).is_some(), "the example's template sets spec.pod.{field}");
+    }
+    let mut ax = m.execution.clone();
+    ax.metadata.uid = Some("u".into());
+    let r = resolve(&ax, &m.templates).unwrap();
+    let job = serde_json::to_value(desired_job(&ax, &r, &JobConfig::default())).unwrap();
+    let agent = job["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .unwrap()
+        .clone();
+    assert_eq!(agent["image"], "golang:1.23");
+    assert_eq!(agent["resources"]["limits"]["memory"], "12Gi", "the execution's");
+    assert_eq!(agent["resources"]["limits"]["ephemeral-storage"], "30Gi", "the template's");
+    assert_eq!(agent["resources"]["requests"]["cpu"], "2");
+}
+
 mod cel {
     use agentops::api::AgentExecutionSpec;
     use serde_json::{Value, json};
@@ -115,6 +154,7 @@ mod cel {
             json!({"agent": {"model": "m"}}),
             json!({"timeout": "5m"}),
             json!({"priority": 3}),
+            json!({"pod": {"nodeSelector": {"pool": "other"}}}),
         ] {
             let e = errors(&with(old.clone(), change.clone()), Some(&old));
             assert!(e.contains("immutable"), "{change}: {e}");

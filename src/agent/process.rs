@@ -95,6 +95,30 @@ pub fn build_command(
         ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
         ("GIT_TERMINAL_PROMPT".into(), "0".into()),
     ]);
+    // The team's plain env (`spec.pod.env`, checked: no name of ours): the cluster default's by
+    // the names the Job lists, then the template's and the execution's from the manifest.
+    let reserved = |name: &str| {
+        crate::api::pod::RESERVED_ENV_NAMES.contains(&name)
+            || crate::api::pod::RESERVED_ENV_PREFIXES.iter().any(|p| name.starts_with(p))
+    };
+    let mut own: Vec<(String, String)> = parent_env(crate::api::contract::AGENT_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter(|n| !n.is_empty() && !reserved(n))
+        .filter_map(|n| parent_env(n).map(|v| (n.to_string(), v)))
+        .collect();
+    own.extend(
+        r.pod
+            .env
+            .iter()
+            .flatten()
+            .filter(|e| !reserved(&e.name))
+            .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())),
+    );
+    for (k, v) in own {
+        env.retain(|(name, _)| *name != k);
+        env.push((k, v));
+    }
     if let Some(k) = api_key {
         env.push(("ANTHROPIC_API_KEY".into(), k.to_string()));
     }

@@ -29,6 +29,17 @@ pub const PRIVATE_DIR: &str = "AGENTOPS_PRIVATE_DIR";
 pub const STREAM_DIR: &str = "AGENTOPS_STREAM_DIR";
 /// Where the final message goes (Kubernetes' termination log).
 pub const TERMINATION_LOG: &str = "AGENTOPS_TERMINATION_LOG";
+/// Containers (and init containers) of this runner pod: a node keeps 12 KiB ÷ that of each
+/// termination message.
+pub const POD_CONTAINERS: &str = "AGENTOPS_POD_CONTAINERS";
+/// The Claude Code CLI the agent step starts.
+pub const CLAUDE_BIN: &str = "AGENTOPS_CLAUDE_BIN";
+/// The operator's binaries brought into a team's agent image (`agentops bundle`): the agent
+/// step starts the CLI through the bundle's loader and libraries.
+pub const BUNDLE_DIR: &str = "AGENTOPS_BUNDLE_DIR";
+/// Names of the team's plain env variables (`spec.pod.env`, and the cluster default's) that the
+/// agent step passes on to the agent, comma-separated.
+pub const AGENT_ENV: &str = "AGENTOPS_AGENT_ENV";
 
 /// Paths in a runner pod.
 pub mod paths {
@@ -49,6 +60,8 @@ pub mod paths {
     pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
     /// The clone and publish steps' git relay token.
     pub const GIT_TOKEN_DIR: &str = "/var/run/secrets/agentops-git";
+    /// The bundle (`agentops bundle`) in a pod whose agent container runs a team's image.
+    pub const BUNDLE_DIR: &str = "/agentops-bin";
     /// HOME and TMPDIR of the agent and finish steps.
     pub const HOME_DIR: &str = "/home/agentops";
     pub const TMP_DIR: &str = "/tmp";

@@ -20,7 +20,8 @@ pub const IMMUTABLE_EXCEPT_CANCEL: &str = "self.repository == oldSelf.repository
     && has(self.ttlSecondsAfterFinished) == has(oldSelf.ttlSecondsAfterFinished) && (!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished == oldSelf.ttlSecondsAfterFinished) \
     && has(self.priority) == has(oldSelf.priority) && (!has(self.priority) || self.priority == oldSelf.priority) \
     && has(self.worker) == has(oldSelf.worker) && (!has(self.worker) || self.worker == oldSelf.worker) \
-    && has(self.workItem) == has(oldSelf.workItem) && (!has(self.workItem) || self.workItem == oldSelf.workItem)";
+    && has(self.workItem) == has(oldSelf.workItem) && (!has(self.workItem) || self.workItem == oldSelf.workItem) \
+    && has(self.pod) == has(oldSelf.pod) && (!has(self.pod) || self.pod == oldSelf.pod)";
 
 /// Bounds of `api::limits`, as CEL rules on the spec (checked by the apiserver at `kubectl
 /// apply`, and by `validate_cel` in tests that compare them with `resolve`).
@@ -147,6 +148,11 @@ pub struct AgentExecutionSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub egress: Vec<EgressRule>,
+    /// Pod settings of this execution's runner pod (cluster only): each field set here wins over
+    /// the template's, which wins over the controller's default. The agent's `env` applies on
+    /// one machine too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<super::pod::PodSettings>,
 }
 
 /// A destination runner pods may reach: an IP block and TCP ports.

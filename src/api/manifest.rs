@@ -191,6 +191,15 @@ fn field<T: DeserializeOwned + Default>(
     let mut unknown = Vec::new();
     let _: Result<T, _> = serde_ignored::deserialize(value, |p| unknown.push(p.to_string()));
     if let Some(p) = unknown.into_iter().next() {
+        // serde_ignored marks the inside of an Option with `?`: not part of the field's path.
+        let p = p.split('.').filter(|s| *s != "?").collect::<Vec<_>>().join(".");
+        // A pod or container field that is the operator's: say why it cannot be set.
+        if let Some(why) = p.strip_prefix("pod.").and_then(super::pod::operator_field) {
+            return Err(ManifestError::new(
+                format!("{name}.{p}"),
+                format!("cannot be set: {why} (the operator's security settings are not pod settings)"),
+            ));
+        }
         return Err(ManifestError::new(
             format!("{name}.{p}"),
             "unknown field; check its spelling against `agentops crd`",

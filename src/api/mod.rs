@@ -6,6 +6,7 @@ mod execution;
 pub mod limits;
 mod manifest;
 pub mod output;
+pub mod pod;
 pub mod pull_request;
 mod reason;
 pub mod report;
@@ -19,6 +20,7 @@ pub use agent_config::{
 };
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest};
+pub use pod::PodSettings;
 pub use pull_request::ResolvedPullRequest;
 pub use reason::Reason;
 pub use report::Summary;

@@ -157,23 +157,35 @@ pub fn truncate(text: &str, max: usize) -> String {
 /// controller with the publish step's report; this is what survives without it.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 12 * 1024 / RUNNER_CONTAINERS;
 
-/// Containers of a runner pod (clone, agent, publish, finish).
+/// Containers of a runner pod (clone, agent, publish, finish); one more (the bundle's init
+/// container) when the agent runs in a team's image: the Job tells each step the count
+/// (`AGENTOPS_POD_CONTAINERS`).
 pub const RUNNER_CONTAINERS: usize = 4;
 
-/// The summary as JSON that fits a termination message: the final text is shortened first,
-/// then dropped, so the usage and git figures always arrive.
+/// What a node keeps of a termination message in a pod of `containers` (init ones included).
+pub fn termination_message_limit(containers: usize) -> usize {
+    12 * 1024 / containers.max(1)
+}
+
+/// The summary as JSON that fits a termination message of the runner pod of four.
 pub fn termination_message(s: &Summary) -> String {
+    termination_message_within(s, TERMINATION_MESSAGE_LIMIT)
+}
+
+/// The summary as JSON in at most `limit` bytes: the final text is shortened first, then
+/// dropped, so the usage and git figures always arrive.
+pub fn termination_message_within(s: &Summary, limit: usize) -> String {
     let mut s = s.clone();
     // Bounded whatever the agent did: 16 names of at most 64 bytes (the full counts go to the
     // report endpoint).
     s.tool_calls = s.tool_calls.bounded(16);
     // The structured output (up to 16 KiB) reaches the controller with the publish step's report.
-    if serde_json::to_string(&s).map_or(0, |t| t.len()) > TERMINATION_MESSAGE_LIMIT {
+    if serde_json::to_string(&s).map_or(0, |t| t.len()) > limit {
         s.output = None;
     }
     for keep in [1024usize, 256, 0] {
         let text = serde_json::to_string(&s).unwrap_or_default();
-        if text.len() <= TERMINATION_MESSAGE_LIMIT {
+        if text.len() <= limit {
             return text;
         }
         s.result = s.result.as_deref().filter(|_| keep > 0).map(|r| truncate(r, keep));

@@ -43,8 +43,9 @@ pub struct Resolved {
     pub retain: RetainPolicy,
     pub worker: Option<String>,
     pub work_item: Option<String>,
-    /// The runner image the template names (cluster only; None: the controller's).
-    pub image: Option<String>,
+    /// Pod settings: the template's with the execution's on top, checked (the controller puts
+    /// them over its own default).
+    pub pod: super::PodSettings,
     /// Where runner pods may connect besides DNS and the controller (template's, then the
     /// execution's; cluster only).
     pub egress: Vec<super::execution::EgressRule>,
@@ -297,11 +298,34 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         retain: spec.workspace.retain.unwrap_or_default(),
         worker: spec.worker.clone(),
         work_item: spec.work_item.clone(),
-        image: template.and_then(|t| t.image.clone()).filter(|i| !i.trim().is_empty()),
+        pod: pod_settings(template, spec.pod.as_ref())?,
         egress: egress(template.map(|t| t.egress.as_slice()).unwrap_or_default(), &spec.egress)?,
         name,
         namespace,
     })
+}
+
+/// The template's pod settings (with its deprecated `spec.image` as `agentImage`) and the
+/// execution's on top, each checked under its own field path.
+fn pod_settings(
+    template: Option<&super::AgentTemplateSpec>,
+    own: Option<&super::PodSettings>,
+) -> Result<super::PodSettings, ManifestError> {
+    const TEMPLATE: &str = "the AgentTemplate's spec";
+    let mut below = template.and_then(|t| t.pod.clone()).unwrap_or_default();
+    if let Some(image) = template.and_then(|t| t.image.clone()) {
+        if below.agent_image.is_some() {
+            return Err(ManifestError::new(
+                format!("{TEMPLATE}.image"),
+                "is the deprecated name of spec.pod.agentImage, which is set too: keep only spec.pod.agentImage",
+            ));
+        }
+        below.agent_image = Some(image);
+    }
+    below.check(&format!("{TEMPLATE}.pod"))?;
+    let own = own.cloned().unwrap_or_default();
+    own.check("spec.pod")?;
+    Ok(below.merged(&own))
 }
 
 /// `spec.agent.outputSchema`: an object, at most 16 KiB, that compiles as a JSON Schema (no

@@ -28,6 +28,7 @@ use super::execution::{
     validation = Rule::new(BOUNDED_IDLE_TIMEOUT).message("spec.agent.idleTimeout must be a duration like 5m, at most 24h"),
     validation = Rule::new(BOUNDED_HOOK_TIMEOUTS).message("each spec.hooks.*[].timeout must be a duration like 30s, at most 1h"),
     validation = Rule::new(AGENT_CONFIG).message(AGENT_CONFIG_MESSAGE),
+    validation = Rule::new("!has(self.image) || !has(self.pod) || !has(self.pod.agentImage)").message("spec.image is the deprecated name of spec.pod.agentImage: set only spec.pod.agentImage"),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentTemplateSpec {
@@ -51,9 +52,15 @@ pub struct AgentTemplateSpec {
     /// Default commit author.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<GitAuthor>,
-    /// Container image for the runner pod (cluster only).
+    /// Deprecated: the same as `pod.agentImage` (the image of the agent's container only; the
+    /// other steps run the operator's image). Setting both is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
     pub image: Option<String>,
+    /// Pod settings of the runner pods of executions that use this template (cluster only; the
+    /// agent's `env` applies on one machine too); the execution's own win field by field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<super::pod::PodSettings>,
     /// Where runner pods may connect besides DNS and the controller (cluster only). At most 32.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]

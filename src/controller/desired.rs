@@ -13,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{AgentExecution, Resolved};
+use crate::api::pod::StepResources;
+use crate::api::{AgentExecution, PodSettings, Resolved};
 
 use crate::api::contract as var;
 pub use crate::api::contract::paths::{
@@ -80,7 +81,9 @@ pub struct JobConfig {
     pub default_workspace_size: String,
     /// UID/GID the runner runs as.
     pub runner_uid: i64,
-    pub resources: Option<ResourceRequirements>,
+    /// The cluster's default pod settings (the chart's `runner.pod`), under the template's and
+    /// the execution's; checked when the controller starts.
+    pub pod: PodSettings,
     /// Base URL of the controller's HTTP endpoint, where runners report progress.
     pub report_url: Option<String>,
     /// Model for executions that name none (Claude Code reads `ANTHROPIC_MODEL`).
@@ -98,7 +101,7 @@ impl Default for JobConfig {
             default_storage_class: None,
             default_workspace_size: "10Gi".into(),
             runner_uid: 10001,
-            resources: default_runner_resources(),
+            pod: default_pod_settings(),
             report_url: None,
             default_model: None,
             git_relay: true,
@@ -121,6 +124,35 @@ pub fn default_runner_resources() -> Option<ResourceRequirements> {
         ..Default::default()
     })
 }
+
+/// The cluster's default pod settings when the controller is given none: the default
+/// resources for every step.
+pub fn default_pod_settings() -> PodSettings {
+    PodSettings {
+        resources: Some(StepResources { default: default_runner_resources(), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// Every container's security settings: not a pod setting, never overridden.
+fn locked_down() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        privileged: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+/// The init container that brings the operator's binaries into a team's agent image, its
+/// volume, and where the agent's container mounts it (read-only).
+pub const BUNDLE_CONTAINER: &str = "agentops-bin";
+pub const BUNDLE_VOLUME: &str = "agentops-bin";
+pub use crate::api::contract::paths::BUNDLE_DIR;
+/// The bundle's size limit: the Claude Code CLI (about 230 MB), agentops and their libraries.
+pub const BUNDLE_SIZE: &str = "1Gi";
 
 /// Size of the runner's private HOME and TMPDIR volumes.
 pub const SCRATCH_SIZE: &str = "1Gi";
@@ -267,6 +299,9 @@ pub fn desired_network_policy(ax: &AgentExecution, r: &Resolved) -> Option<serde
 /// service-account token.
 pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
     use crate::api::contract::Step;
+    // The cluster's default, then the template's and the execution's (already in `r.pod`).
+    let settings = cfg.pod.merged(&r.pod);
+    let agent_image = settings.agent_image.clone().filter(|i| !i.trim().is_empty());
     let env = |k: &str, v: &str| EnvVar { name: k.into(), value: Some(v.into()), ..Default::default() };
     let scratch = |name: &str| Volume {
         name: name.into(),
@@ -293,6 +328,16 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
         ..Default::default()
     };
     let mut volumes = vec![scratch("home"), scratch("tmp"), scratch("private"), scratch("stream")];
+    if agent_image.is_some() {
+        volumes.push(Volume {
+            name: BUNDLE_VOLUME.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(BUNDLE_SIZE.into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     volumes.push(match desired_pvc(ax, cfg) {
         Some(_) => Volume {
             name: "workspace".into(),
@@ -346,6 +391,9 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
         read_only: read_only.then_some(true),
         ..Default::default()
     };
+    // A node keeps 12 KiB ÷ (containers + init containers) of each termination message: each
+    // step is told the count of this pod.
+    let containers = 4 + usize::from(agent_image.is_some());
     let container = |step: Step| {
         let db = match step {
             Step::Agent => format!("{STREAM_DIR}/{}", crate::api::contract::AGENT_DB),
@@ -396,6 +444,20 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                 if let Some(m) = &cfg.default_model {
                     envs.push(env("ANTHROPIC_MODEL", m));
                 }
+                if agent_image.is_some() {
+                    // The operator's binaries, brought into the team's image by the bundle step.
+                    envs.push(env(var::CLAUDE_BIN, &format!("{BUNDLE_DIR}/{}", crate::runner::bundle::CLAUDE)));
+                    envs.push(env(var::BUNDLE_DIR, BUNDLE_DIR));
+                    mounts.push(mount(BUNDLE_VOLUME, BUNDLE_DIR, true));
+                }
+                // The team's plain env for the agent (checked: no name of ours, no valueFrom);
+                // the step passes exactly these names on to Claude Code.
+                let own: Vec<&EnvVar> = settings.env.iter().flatten().collect();
+                if !own.is_empty() {
+                    envs.extend(own.iter().map(|e| env(&e.name, e.value.as_deref().unwrap_or_default())));
+                    let names: Vec<&str> = own.iter().map(|e| e.name.as_str()).collect();
+                    envs.push(env(var::AGENT_ENV, &names.join(",")));
+                }
             }
             Step::Finish => {
                 envs.extend([env("HOME", HOME_DIR), env("TMPDIR", TMP_DIR)]);
@@ -405,27 +467,66 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                 mounts.push(mount("stream", STREAM_DIR, true));
             }
         }
+        envs.push(env(var::POD_CONTAINERS, &containers.to_string()));
+        // The agent's step runs in the team's image when it names one, started through the
+        // bundle's own loader (whatever libc the image has); every other step, which holds a
+        // token or runs hooks, runs the operator's image.
+        let (image, pull, command) = match (&agent_image, step) {
+            (Some(image), Step::Agent) => (
+                image.clone(),
+                None,
+                vec![
+                    format!("{BUNDLE_DIR}/{}", crate::runner::bundle::LOADER),
+                    "--library-path".into(),
+                    format!("{BUNDLE_DIR}/{}", crate::runner::bundle::LIB_DIR),
+                    format!("{BUNDLE_DIR}/{}", crate::runner::bundle::AGENTOPS),
+                    "step".into(),
+                    step.name().into(),
+                ],
+            ),
+            _ => (
+                cfg.image.clone(),
+                cfg.image_pull_policy.clone(),
+                vec!["agentops".into(), "step".into(), step.name().into()],
+            ),
+        };
         Container {
             name: step.name().into(),
-            // The template's image when it names one (AgentTemplate.spec.image), else the controller's.
-            image: Some(r.image.clone().unwrap_or_else(|| cfg.image.clone())),
-            image_pull_policy: cfg.image_pull_policy.clone(),
-            command: Some(vec!["agentops".into(), "step".into(), step.name().into()]),
+            image: Some(image),
+            image_pull_policy: pull,
+            command: Some(command),
             env: Some(envs),
             volume_mounts: Some(mounts),
-            resources: cfg.resources.clone(),
+            resources: settings.resources_for(step),
             termination_message_policy: Some("File".into()),
-            security_context: Some(SecurityContext {
-                allow_privilege_escalation: Some(false),
-                read_only_root_filesystem: Some(true),
-                run_as_non_root: Some(true),
-                capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
-                ..Default::default()
-            }),
+            security_context: Some(locked_down()),
             ..Default::default()
         }
     };
+    let mut init_containers = Vec::new();
+    if agent_image.is_some() {
+        // Copies agentops, the pinned Claude Code CLI, their libraries and the dynamic loader
+        // from the operator's image into the volume the agent's container mounts read-only (as
+        // Tekton injects its entrypoint).
+        init_containers.push(Container {
+            name: BUNDLE_CONTAINER.into(),
+            image: Some(cfg.image.clone()),
+            image_pull_policy: cfg.image_pull_policy.clone(),
+            command: Some(vec!["agentops".into(), "bundle".into(), BUNDLE_DIR.into()]),
+            volume_mounts: Some(vec![mount(BUNDLE_VOLUME, BUNDLE_DIR, false)]),
+            resources: settings.resources.as_ref().and_then(|r| r.default.clone()),
+            termination_message_policy: Some("File".into()),
+            security_context: Some(locked_down()),
+            ..Default::default()
+        });
+    }
+    init_containers.extend([container(Step::Clone), container(Step::Agent), container(Step::Publish)]);
+    debug_assert_eq!(init_containers.len() + 1, containers);
+    // Ours last: a label of the team's never replaces one our NetworkPolicy selects on (and
+    // `resolve` refuses them anyway).
+    let mut pod_labels = settings.labels.clone().unwrap_or_default();
     let labels = labels(ax);
+    pod_labels.extend(labels.clone());
     let suspend = labels.contains_key(KUEUE_QUEUE_LABEL).then_some(true);
     Job {
         metadata: meta(ax, job_name(ax)),
@@ -435,7 +536,11 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             // Kueue admits a suspended Job by unsuspending it.
             suspend,
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: settings.annotations.clone().filter(|a| !a.is_empty()),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".into()),
                     automount_service_account_token: Some(false),
@@ -450,13 +555,16 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                         seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
                         ..Default::default()
                     }),
-                    init_containers: Some(vec![
-                        container(Step::Clone),
-                        container(Step::Agent),
-                        container(Step::Publish),
-                    ]),
+                    init_containers: Some(init_containers),
                     containers: vec![container(Step::Finish)],
                     volumes: Some(volumes),
+                    node_selector: settings.node_selector.clone().filter(|m| !m.is_empty()),
+                    tolerations: settings.tolerations.clone().filter(|l| !l.is_empty()),
+                    affinity: settings.affinity.clone(),
+                    topology_spread_constraints: settings.topology_spread_constraints.clone().filter(|l| !l.is_empty()),
+                    priority_class_name: settings.priority_class_name.clone(),
+                    runtime_class_name: settings.runtime_class_name.clone(),
+                    image_pull_secrets: settings.image_pull_secrets.clone().filter(|l| !l.is_empty()),
                     ..Default::default()
                 }),
             },
@@ -590,8 +698,10 @@ mod tests {
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect();
         read.extend(["HOME", "TMPDIR", "ANTHROPIC_MODEL"].map(String::from));
-        let (ax, r) = ax("");
-        for relay in [true, false] {
+        // The team's own variables are the agent's: the step passes them on by name.
+        let team = "  pod: {agentImage: 'golang:1.23', env: [{name: GOFLAGS, value: -mod=mod}]}\n";
+        for (spec, relay) in [("", true), ("", false), (team, true)] {
+            let (ax, r) = ax(spec);
             let cfg = JobConfig {
                 report_url: Some("http://ctl:8080".into()),
                 git_relay: relay,
@@ -601,7 +711,13 @@ mod tests {
             let pod = desired_job(&ax, &r, &cfg).spec.unwrap().template.spec.unwrap();
             for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
                 for e in c.env.iter().flatten() {
-                    assert!(read.contains(&e.name), "{} sets {} which `agentops step` does not read", c.name, e.name);
+                    let teams = c.name == "agent" && e.name == "GOFLAGS";
+                    assert!(
+                        read.contains(&e.name) || teams,
+                        "{} sets {} which `agentops step` does not read",
+                        c.name,
+                        e.name
+                    );
                 }
             }
         }
@@ -621,19 +737,167 @@ mod tests {
         assert_eq!(keys, ["token", "username"], "only the credential's keys, not the whole Secret");
     }
 
+    fn env_of(c: &Container, name: &str) -> Option<String> {
+        c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.clone())
+    }
+
+    fn all_containers(job: &Job) -> Vec<Container> {
+        let pod = job.spec.clone().unwrap().template.spec.unwrap();
+        pod.init_containers.unwrap_or_default().into_iter().chain(pod.containers).collect()
+    }
+
     #[test]
-    fn the_templates_image_runs_the_job() {
-        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec: {image: registry.example.com/runner-with-rust:1}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a, namespace: n, uid: u}\nspec: {prompt: p, templateRef: {name: t}, repository: {url: 'https://h/r.git'}}\n";
+    fn a_teams_agent_image_runs_only_the_agent_step_with_the_operators_binaries() {
+        // The deprecated spec.image of a template means the same as spec.pod.agentImage.
+        for template in ["image: golang:1.23", "pod: {agentImage: 'golang:1.23'}"] {
+            let text = format!(
+                "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {{name: t}}\nspec: {{{template}}}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {{name: a, namespace: n, uid: u}}\nspec: {{prompt: p, templateRef: {{name: t}}, repository: {{url: 'https://h/r.git'}}}}\n"
+            );
+            let m = parse_manifest(&text).unwrap();
+            let r = resolve(&m.execution, &m.templates).unwrap();
+            let cfg = JobConfig { report_url: Some("http://ctl:8080".into()), ..Default::default() };
+            let job = desired_job(&m.execution, &r, &cfg);
+            let all = all_containers(&job);
+            let names: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            assert_eq!(names, [BUNDLE_CONTAINER, "clone", "agent", "publish", "finish"], "the bundle comes first");
+            let ours = Some(cfg.image.clone());
+            for c in &all {
+                let expected = if c.name == "agent" { Some("golang:1.23".to_string()) } else { ours.clone() };
+                assert_eq!(c.image, expected, "{}", c.name);
+                assert_eq!(c.security_context, Some(locked_down()), "{}", c.name);
+                if c.name != BUNDLE_CONTAINER {
+                    // Each step is told the pod's count: a node keeps 12 KiB ÷ 5 of its message.
+                    assert_eq!(env_of(c, var::POD_CONTAINERS).as_deref(), Some("5"), "{}", c.name);
+                }
+            }
+            let by = |n: &str| all.iter().find(|c| c.name == n).unwrap();
+            assert_eq!(by(BUNDLE_CONTAINER).command.clone().unwrap(), ["agentops", "bundle", BUNDLE_DIR]);
+            assert!(mounts(by(BUNDLE_CONTAINER)).contains(&(BUNDLE_VOLUME.into(), BUNDLE_DIR.into(), false)));
+            assert_eq!(mounts(by(BUNDLE_CONTAINER)).len(), 1, "the bundle step sees nothing but its volume");
+            // The agent starts our binary through the bundle's loader, whatever libc the image has.
+            assert_eq!(
+                by("agent").command.clone().unwrap(),
+                [
+                    "/agentops-bin/ld.so",
+                    "--library-path",
+                    "/agentops-bin/lib",
+                    "/agentops-bin/agentops",
+                    "step",
+                    "agent"
+                ]
+            );
+            assert!(mounts(by("agent")).contains(&(BUNDLE_VOLUME.into(), BUNDLE_DIR.into(), true)), "read-only");
+            assert_eq!(env_of(by("agent"), var::CLAUDE_BIN).as_deref(), Some("/agentops-bin/claude"));
+            assert_eq!(env_of(by("agent"), var::BUNDLE_DIR).as_deref(), Some(BUNDLE_DIR));
+            for n in ["clone", "publish", "finish"] {
+                assert!(!mounts(by(n)).iter().any(|m| m.0 == BUNDLE_VOLUME), "{n} runs its own image's agentops");
+                assert_eq!(by(n).command.clone().unwrap(), ["agentops", "step", n]);
+            }
+        }
+        // Without one, the pod is the four steps of the operator's image.
+        let (ax, r) = ax("");
+        let all = all_containers(&desired_job(&ax, &r, &JobConfig::default()));
+        assert_eq!(all.len(), 4);
+        assert!(all.iter().all(|c| c.image == Some(JobConfig::default().image)));
+        assert!(all.iter().all(|c| env_of(c, var::POD_CONTAINERS).as_deref() == Some("4")));
+    }
+
+    /// The chart's default, the template and the execution, as the Job carries them: the
+    /// execution wins field by field, maps merge, lists replace.
+    #[test]
+    fn pod_settings_reach_the_job_field_by_field() {
+        let q = |v: &str| Quantity(v.into());
+        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: t}\nspec:\n  pod:\n    nodeSelector: {pool: build, disk: ssd}\n    runtimeClassName: gvisor\n    tolerations: [{key: build, operator: Exists, effect: NoSchedule}]\n    env: [{name: GOFLAGS, value: -mod=mod}]\n    labels: {team: payments}\n    resources: {agent: {requests: {cpu: '2'}, limits: {memory: 8Gi}}}\n---\napiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a, namespace: n, uid: u}\nspec:\n  prompt: p\n  templateRef: {name: t}\n  repository: {url: 'https://h/r.git'}\n  pod:\n    tolerations: [{key: gpu, operator: Equal, value: 'true', effect: NoSchedule}]\n    labels: {cost-center: '42'}\n    annotations: {example.com/ticket: ENG-1}\n    imagePullSecrets: [{name: mirror}]\n    env: [{name: CI, value: 'true'}]\n    priorityClassName: batch-high\n    affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: arch, operator: In, values: [amd64]}]}]}}}\n    topologySpreadConstraints: [{maxSkew: 1, topologyKey: zone, whenUnsatisfiable: ScheduleAnyway}]\n";
         let m = parse_manifest(text).unwrap();
         let r = resolve(&m.execution, &m.templates).unwrap();
-        let job = desired_job(&m.execution, &r, &JobConfig::default());
-        let pod = job.spec.unwrap().template.spec.unwrap();
-        for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
-            assert_eq!(c.image.as_deref(), Some("registry.example.com/runner-with-rust:1"));
+        // The chart's runner.pod.
+        let default: PodSettings = serde_json::from_value(serde_json::json!({
+            "nodeSelector": {"pool": "general", "kubernetes.io/os": "linux"},
+            "priorityClassName": "batch-low",
+            "labels": {"team": "unknown", "tier": "agents"},
+            "resources": {"default": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+                          "finish": {"limits": {"memory": "1Gi"}}},
+        }))
+        .unwrap();
+        let cfg = JobConfig { pod: default, ..Default::default() };
+        let job = desired_job(&m.execution, &r, &cfg);
+        let template = job.spec.clone().unwrap().template;
+        let pod = template.spec.clone().unwrap();
+        let ns = pod.node_selector.clone().unwrap();
+        assert_eq!(
+            ns,
+            BTreeMap::from([
+                ("disk".to_string(), "ssd".to_string()),
+                ("kubernetes.io/os".into(), "linux".into()),
+                ("pool".into(), "build".into())
+            ]),
+            "maps merge, the upper layer's keys win"
+        );
+        let tolerations = pod.tolerations.clone().unwrap();
+        assert_eq!(tolerations.len(), 1, "a list replaces the one below");
+        assert_eq!((tolerations[0].key.as_deref(), tolerations[0].value.as_deref()), (Some("gpu"), Some("true")));
+        assert_eq!(pod.runtime_class_name.as_deref(), Some("gvisor"), "the template's, kept");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("batch-high"), "the execution's over the chart's");
+        assert_eq!(pod.image_pull_secrets.clone().unwrap()[0].name, "mirror");
+        let terms = &pod
+            .affinity
+            .clone()
+            .unwrap()
+            .node_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap()
+            .node_selector_terms;
+        assert_eq!(terms[0].match_expressions.clone().unwrap()[0].values, Some(vec!["amd64".to_string()]));
+        assert_eq!(pod.topology_spread_constraints.clone().unwrap()[0].topology_key, "zone");
+        let meta = template.metadata.unwrap();
+        let labels = meta.labels.unwrap();
+        assert_eq!(
+            (labels["team"].as_str(), labels["tier"].as_str(), labels["cost-center"].as_str()),
+            ("payments", "agents", "42")
+        );
+        assert_eq!(labels["app.kubernetes.io/component"], "runner", "ours stay");
+        assert_eq!(labels[EXECUTION_LABEL], "a");
+        assert_eq!(meta.annotations.unwrap()["example.com/ticket"], "ENG-1");
+        // Resources per step: the chart's default, each step's own keys on top.
+        let all = all_containers(&job);
+        let res = |n: &str| all.iter().find(|c| c.name == n).unwrap().resources.clone().unwrap();
+        let agent = res("agent");
+        assert_eq!(agent.requests.clone().unwrap()["cpu"], q("2"));
+        assert_eq!(agent.requests.unwrap()["memory"], q("1Gi"));
+        assert_eq!(agent.limits.unwrap()["memory"], q("8Gi"));
+        assert_eq!(res("clone").requests.unwrap()["cpu"], q("500m"));
+        assert_eq!(res("clone").limits.unwrap()["memory"], q("4Gi"));
+        assert_eq!(res("finish").limits.unwrap()["memory"], q("1Gi"));
+        // The agent's env: the execution's list replaced the template's; the step passes it on.
+        let agent_c = all.iter().find(|c| c.name == "agent").unwrap();
+        assert_eq!(env_of(agent_c, "CI").as_deref(), Some("true"));
+        assert_eq!(env_of(agent_c, "GOFLAGS"), None);
+        assert_eq!(env_of(agent_c, var::AGENT_ENV).as_deref(), Some("CI"));
+        for c in all.iter().filter(|c| c.name != "agent") {
+            assert_eq!(env_of(c, "CI"), None, "{} gets no team env", c.name);
         }
+        // The security settings are the same as without any pod settings.
+        let plain_r = Resolved { pod: PodSettings::default(), ..r.clone() };
+        let plain = desired_job(&m.execution, &plain_r, &JobConfig::default()).spec.unwrap().template.spec.unwrap();
+        assert_eq!(pod.security_context, plain.security_context);
+        assert_eq!(
+            (pod.automount_service_account_token, pod.share_process_namespace, pod.host_network, pod.host_pid),
+            (Some(false), Some(false), None, None)
+        );
+        assert_eq!(pod.volumes, plain.volumes);
+        for c in &all {
+            assert_eq!(c.security_context, Some(locked_down()), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn the_default_resources_reach_every_step() {
         let (ax, r) = ax("");
-        let job = desired_job(&ax, &r, &JobConfig::default());
-        assert_eq!(job.spec.unwrap().template.spec.unwrap().containers[0].image, Some(JobConfig::default().image));
+        let all = all_containers(&desired_job(&ax, &r, &JobConfig::default()));
+        for c in &all {
+            assert_eq!(c.resources, default_runner_resources(), "{}", c.name);
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! commit/push → post-hooks (or error hooks) → report. Runs the same on one machine
 //! (`agentops run`) and inside a Job's pod (`agentops runner`).
 
+pub mod bundle;
 mod hooks;
 mod recorder;
 pub mod secrets;
@@ -54,6 +55,9 @@ pub struct RunOptions {
     /// Open the pull request `spec.git.pullRequest` asks for after the push (`agentops run`,
     /// which holds the credential). False in a runner pod: the controller opens it.
     pub open_pull_request: bool,
+    /// The operator's binaries in a team's agent image (`agentops bundle`): the CLI is started
+    /// through the bundle's loader and libraries. None: the CLI runs as it is.
+    pub bundle: Option<PathBuf>,
 }
 
 /// Where the agent reaches the model, and with what token (never the API key).
@@ -547,6 +551,9 @@ impl<'a> Run<'a> {
             agent_env,
         );
         let mut cmd = cmd;
+        if let Some(dir) = &self.opts.bundle {
+            cmd = bundle::through_loader(cmd, dir);
+        }
         if let Some(policy) = &self.opts.sandbox {
             let mut protected = policy.protected.clone();
             protected.push(self.opts.secrets_dir.clone());

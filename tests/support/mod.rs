@@ -82,6 +82,7 @@ impl Harness {
             gateway: None,
             git_relay: None,
             open_pull_request: true,
+            bundle: None,
         };
         Self { git, model, dir, store, opts, db_path, max_retries: 1 }
     }

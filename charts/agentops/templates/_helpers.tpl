@@ -30,3 +30,10 @@ app.kubernetes.io/component: controller
 {{- range .Values.rbac.watchNamespaces }}{{ $all = append $all . }}{{ end -}}
 {{- $all | uniq | join "," -}}
 {{- end -}}
+
+{{/* runner.pod without its empty entries, as JSON: the controller's --runner-pod. */}}
+{{- define "agentops.runnerPod" -}}
+{{- $pod := dict -}}
+{{- range $k, $v := .Values.runner.pod }}{{ if $v }}{{ $_ := set $pod $k $v }}{{ end }}{{ end -}}
+{{- $pod | toJson -}}
+{{- end -}}
