@@ -2455,4 +2455,139 @@ async fn a_running_executions_remote_mcp_server_keeps_its_frozen_route_across_a_
     .await;
     assert_eq!(counted, 1, "what this controller relayed");
     second.stop().await;
+
+/// A root filesystem `scripts/setup` builds to stand for a team's image (`.tools/rootfs/NAME`).
+fn team_image_rootfs(name: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/rootfs").join(name);
+    assert!(root.join("bin/sh").exists(), "{} is missing: run scripts/setup", root.display());
+    root
+}
+
+/// Runs an execution whose `spec.pod.agentImage` is `rootfs` (by the name `image`) through the
+/// controller and the test kubelet; returns the containers as they ended and the status.
+async fn run_in_team_image(
+    h: &support::Harness,
+    name: &str,
+    rootfs: std::path::PathBuf,
+    env: Vec<(String, String)>,
+) -> (Vec<support::pod::Ended>, Value) {
+    let (kube, ctl, _) = pod_controller(h, None).await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    let image = format!("registry.example.com/payments/{name}:1");
+    let mut ax = execution(
+        name,
+        json!({"pod": {"agentImage": image, "env": [{"name": "TEAM_TOOLCHAIN", "value": "payments-1"}]}}),
+    );
+    ax.spec.repository.url = h.git.url("demo");
+    api.create(&PostParams::default(), &ax).await.unwrap();
+    let job_name = format!("agentops-{name}");
+    let job = until("the Job", || kube.get(BATCH, "jobs", "ns", &job_name)).await;
+    let (kube2, dir) = (kube.clone(), h.dir.path().join("node"));
+    let started = std::time::Instant::now();
+    let ended = tokio::task::spawn_blocking(move || {
+        let mut ours = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
+        ours.foreign.insert(image, support::pod::Foreign { rootfs, env });
+        support::pod::run_pod(&job, &|name| secret_data(&kube2, "ns", name), &ours, &dir)
+    })
+    .await
+    .unwrap();
+    eprintln!("{name}: the pod ran in {:?}", started.elapsed());
+    support::pod::report(&kube, "ns", &job_name, &ended);
+    let done = until("the end", || {
+        let ax = kube.get(AX, "agentexecutions", "ns", name)?;
+        ax["status"]["phase"].as_str().filter(|p| ["Succeeded", "Failed"].contains(p))?;
+        Some(ax)
+    })
+    .await;
+    ctl.stop().await;
+    (ended, done["status"].clone())
+}
+
+/// The steps ran in a pod of five (the bundle's init container first), each exited 0 and its
+/// termination message fits 12 KiB ÷ 5 as the kubelet cuts it; the work is on the branch.
+fn assert_pushed_from_a_pod_of_five(h: &support::Harness, name: &str, ended: &[support::pod::Ended], st: &Value) {
+    let names: Vec<&str> = ended.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["agentops-bin", "clone", "agent", "publish", "finish"], "{ended:#?}");
+    for e in ended {
+        assert_eq!(e.exit_code, 0, "step {}: {}\n{}", e.name, e.message, e.stderr);
+        assert!(e.message.len() <= 12 * 1024 / 5, "{}: {} bytes", e.name, e.message.len());
+    }
+    let finish = ended.iter().find(|e| e.name == "finish").unwrap();
+    let said: agentops::api::Summary = serde_json::from_str(&finish.message).expect("finish's message is whole");
+    assert_eq!(said.phase, agentops::api::Phase::Succeeded);
+    assert_eq!((st["phase"].as_str(), st["reason"].as_str()), (Some("Succeeded"), Some("Completed")), "{st}");
+    assert_eq!(st["git"]["pushed"], json!(true), "{st}");
+    let commit = st["git"]["commit"].as_str().unwrap();
+    assert_eq!(h.git.branch_head("demo", &format!("agentops/{name}")).as_deref(), Some(commit));
+    assert_eq!(h.git.show("demo", commit, "fix.txt").as_deref(), Some("fixed in the team's image\n"));
+}
+
+/// A team's own agent image (`spec.pod.agentImage`), end to end with the real CLI: the Job's
+/// `agentops-bin` init container copies agentops, the pinned Claude Code CLI, their libraries
+/// and loader from the operator's image; the agent's container runs on another root, Debian's
+/// minimal base (`debootstrap --variant=minbase`: no OpenSSL, no git; agentops alone does not
+/// start there) and starts both through the bundle's loader, under its Landlock sandbox; clone,
+/// publish and finish run the operator's image. The agent's Bash tool runs the image's shell
+/// and sees the team's env; the work is pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_own_agent_image_runs_the_real_cli_end_to_end() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let rootfs = team_image_rootfs("debian-minbase");
+    let bash = |c: &str| support::Step::tool("Bash", json!({"command": c, "description": "look around"}));
+    let h = support::Harness::new(vec![
+        bash(
+            "echo \"os=$(. /etc/os-release; echo $ID-$VERSION_CODENAME) git=$(command -v git || echo none) \
+             ssl=$(ls /usr/lib/x86_64-linux-gnu/libssl.so.3 2>/dev/null || echo none) team=$TEAM_TOOLCHAIN\"; \
+             /agentops-bin/agentops --version 2>&1 | head -1",
+        ),
+        support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed in the team's image\n"})),
+        support::Step::text("Done."),
+    ])
+    .await;
+    // A Debian image's own PATH (what its `ENV` says): nothing of the operator's on it.
+    let env = vec![("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+    let h_rootfs = rootfs.clone();
+    let (ended, st) = run_in_team_image(&h, "team-image", rootfs, env).await;
+    assert_pushed_from_a_pod_of_five(&h, "team-image", &ended, &st);
+    // What the agent's Bash saw, as the model got it back: the image's root, the team's env,
+    // and agentops itself unable to start there without the bundle's libraries (the control).
+    let seen: String = h.model.seen().iter().map(|s| s.body.to_string()).collect();
+    let release = std::fs::read_to_string(h_rootfs.join("etc/os-release")).unwrap();
+    let codename = release.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).unwrap();
+    assert!(seen.contains(&format!("os=debian-{codename} git=none ssl=none team=payments-1")), "{seen}");
+    assert!(seen.contains("libssl.so.3: cannot open shared object file"), "{seen}");
+    // The figures are the gateway's, as for any pod.
+    assert_eq!(st["numTurns"], json!(3), "{st}");
+}
+
+/// An image without glibc at all, as Alpine is: musl's loader and libc and a static busybox
+/// (Debian's `musl` and `busybox-static`), no `/lib64/ld-linux-x86-64.so.2` (a glibc program
+/// cannot start there by itself). The bundle brings its own loader, so the real CLI runs, its
+/// Write tool works and the work is pushed; its Bash tool wants bash, which this image lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_without_glibc_runs_the_agent_too() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    let rootfs = team_image_rootfs("musl-busybox");
+    assert!(rootfs.join("lib/ld-musl-x86_64.so.1").exists());
+    assert!(!rootfs.join("lib64/ld-linux-x86-64.so.2").exists() && !rootfs.join("usr/lib64").exists(), "no glibc");
+    let h = support::Harness::new(vec![
+        support::Step::tool(
+            "Bash",
+            json!({"command": "echo shell=$(readlink /bin/sh) team=$TEAM_TOOLCHAIN", "description": "look"}),
+        ),
+        support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed in the team's image\n"})),
+        support::Step::text("Done."),
+    ])
+    .await;
+    let env = vec![("PATH".to_string(), "/bin".to_string())];
+    let (ended, st) = run_in_team_image(&h, "musl-image", rootfs, env).await;
+    assert_pushed_from_a_pod_of_five(&h, "musl-image", &ended, &st);
+    // The CLI's Bash tool needs bash or zsh (busybox's ash is not enough): an Alpine image
+    // needs `apk add bash` for it, as the README says. The CLI says so to the model itself.
+    let seen: String = h.model.seen().iter().map(|s| s.body.to_string()).collect();
+    assert!(seen.contains("No suitable shell found. Claude CLI requires a Posix shell"), "{seen}");
 }

@@ -559,13 +559,17 @@ impl<'a> Run<'a> {
             protected.push(self.opts.secrets_dir.clone());
             let model_url = agent_env("ANTHROPIC_BASE_URL");
             let ports = agent_ports(model_url.as_deref(), &self.r.egress);
+            // The bundle's loader and libraries start the CLI: the agent may read (and run)
+            // them; they are the operator's binaries, nothing secret.
+            let mut extra_read = policy.extra_read.clone();
+            extra_read.extend(self.opts.bundle.iter().cloned());
             cmd.sandbox = Some(
                 agent::Sandbox::for_agent(
                     &ws.repo,
                     &ws.home,
                     &self.opts.claude_bin,
                     env("PATH").as_deref(),
-                    &policy.extra_read,
+                    &extra_read,
                     &protected,
                     &ports,
                 )

@@ -7,7 +7,9 @@
 //! them. It runs as the pod's uid/gid, with only the container's env (plus the image's), its
 //! command, in order: init containers one by one (stopping at the first failure, as with
 //! `restartPolicy: Never`), then the main container. `/dev/termination-log` is a file per
-//! container, read back as the kubelet does.
+//! container, read back as the kubelet does. A container whose image is not ours (a team's
+//! agent image, [`Image::foreign`]) runs on an overlay of that image's root filesystem instead:
+//! nothing of the host's is in it but the pod's volumes, `/proc` and the harmless devices.
 //!
 //! Needs root (mount namespaces); [`available`] says whether this machine can.
 
@@ -24,6 +26,47 @@ pub struct Image {
     /// (host directory, path in the container)
     pub dirs: Vec<(PathBuf, String)>,
     pub env: Vec<(String, String)>,
+    /// Images that are not ours, by the name a container gives: a root filesystem of another
+    /// distribution (nothing of the host's) and the image's env. A container of one runs on an
+    /// overlay of that root, as a container runtime runs an unpacked image.
+    pub foreign: BTreeMap<String, Foreign>,
+}
+
+/// An image that is not ours: its unpacked root filesystem and its `ENV`.
+pub struct Foreign {
+    pub rootfs: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// `path` (absolute, in a container) resolved inside `root` as a runtime resolves a mount
+/// target (runc's securejoin): a symlink in the image, absolute or not, stays inside it.
+fn resolve_in_root(root: &Path, path: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut todo: Vec<String> = path.split('/').filter(|p| !p.is_empty()).rev().map(String::from).collect();
+    let mut hops = 0;
+    while let Some(part) = todo.pop() {
+        match part.as_str() {
+            "." => continue,
+            ".." => {
+                parts.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let here = root.join(parts.join("/")).join(&part);
+        match std::fs::read_link(&here) {
+            Ok(target) if hops < 40 => {
+                hops += 1;
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with('/') {
+                    parts.clear();
+                }
+                todo.extend(target.split('/').filter(|p| !p.is_empty()).rev().map(String::from));
+            }
+            _ => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 impl Image {
@@ -39,6 +82,7 @@ impl Image {
                 ("AGENTOPS_CLAUDE_BIN".into(), "/opt/image/node_modules/.bin/claude".into()),
                 ("DISABLE_AUTOUPDATER".into(), "1".into()),
             ],
+            foreign: BTreeMap::new(),
         }
     }
 }
@@ -168,17 +212,40 @@ fn run_container(
     let term = dir.join(format!("{name}.termination-log"));
     std::fs::write(&term, "").expect("termination log");
     std::os::unix::fs::chown(&term, Some(uid as u32), Some(gid as u32)).expect("chown");
-    let mut script = String::from(
-        "set -eu\nmount --make-rprivate /\nR=\"$1\"; shift\nmount -t tmpfs -o mode=755 tmpfs \"$R\"\n\
-         for d in usr etc; do mkdir \"$R/$d\"; mount --rbind \"/$d\" \"$R/$d\"; mount -o remount,bind,ro \"$R/$d\"; done\n\
-         ln -s usr/bin \"$R/bin\"; ln -s usr/lib \"$R/lib\"; ln -s usr/sbin \"$R/sbin\"\n\
-         if [ -e /usr/lib64 ]; then ln -s usr/lib64 \"$R/lib64\"; fi\n\
-         mkdir \"$R/proc\"; mount -t proc proc \"$R/proc\"\n\
-         mkdir \"$R/dev\"; mount -t tmpfs -o mode=755 tmpfs \"$R/dev\"\n\
+    let foreign = c["image"].as_str().and_then(|i| image.foreign.get(i));
+    let mut script = String::from("set -eu\nmount --make-rprivate /\nR=\"$1\"; shift\n");
+    match foreign {
+        // Another distribution's root, as a runtime unpacks an image: an overlay whose upper
+        // layer takes the mount points (and nothing else: the root is read-only below).
+        Some(f) => {
+            let (upper, work) = (dir.join("roots").join(format!("{name}.upper")), dir.join("roots").join(format!("{name}.work")));
+            std::fs::create_dir_all(&upper).expect("upper");
+            std::fs::create_dir_all(&work).expect("work");
+            script.push_str(&format!(
+                "mount -t overlay overlay -o lowerdir={},upperdir={},workdir={} \"$R\"\n",
+                f.rootfs.display(),
+                upper.display(),
+                work.display()
+            ));
+        }
+        None => script.push_str(
+            "mount -t tmpfs -o mode=755 tmpfs \"$R\"\n\
+             for d in usr etc; do mkdir \"$R/$d\"; mount --rbind \"/$d\" \"$R/$d\"; mount -o remount,bind,ro \"$R/$d\"; done\n\
+             ln -s usr/bin \"$R/bin\"; ln -s usr/lib \"$R/lib\"; ln -s usr/sbin \"$R/sbin\"\n\
+             if [ -e /usr/lib64 ]; then ln -s usr/lib64 \"$R/lib64\"; fi\n",
+        ),
+    }
+    script.push_str(
+        "mkdir -p \"$R/proc\"; mount -t proc proc \"$R/proc\"\n\
+         mkdir -p \"$R/dev\"; mount -t tmpfs -o mode=755 tmpfs \"$R/dev\"\n\
          for n in null zero random urandom full tty; do touch \"$R/dev/$n\"; mount --bind \"/dev/$n\" \"$R/dev/$n\"; done\n",
     );
     let bind = |script: &mut String, host: &Path, at: &str, read_only: bool, file: bool| {
-        let target = format!("\"$R\"{}", quote(at));
+        let at = match foreign {
+            Some(f) => resolve_in_root(&f.rootfs, at),
+            None => at.to_string(),
+        };
+        let target = format!("\"$R\"{}", quote(&at));
         if file {
             script.push_str(&format!("[ -e {target} ] || {{ mkdir -p \"$(dirname {target})\"; touch {target}; }}\n"));
         } else {
@@ -189,10 +256,12 @@ fn run_container(
             script.push_str(&format!("mount -o remount,bind,ro {target}\n"));
         }
     };
-    for (host, at) in &image.dirs {
-        bind(&mut script, host, at, true, false);
+    if foreign.is_none() {
+        for (host, at) in &image.dirs {
+            bind(&mut script, host, at, true, false);
+        }
+        bind(&mut script, passwd, "/etc/passwd", true, true);
     }
-    bind(&mut script, passwd, "/etc/passwd", true, true);
     bind(&mut script, &term, c["terminationMessagePath"].as_str().unwrap_or("/dev/termination-log"), false, true);
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
         let vol = m["name"].as_str().expect("mount name");
@@ -202,10 +271,14 @@ fn run_container(
     if c["securityContext"]["readOnlyRootFilesystem"] == json!(true) {
         script.push_str("mount -o remount,ro \"$R\"\n");
     }
-    script.push_str(&format!(
-        "exec unshare --root=\"$R\" --wd=/ --setgid {gid} --setuid {uid} -- /usr/bin/env -i \"$@\"\n"
-    ));
-    let mut env: BTreeMap<String, String> = image.env.iter().cloned().collect();
+    // Only the container's env, set by the host's `env` before entering the root: the image
+    // need not have one.
+    script.push_str("exec /usr/bin/env -i \"$@\"\n");
+    let image_env = match foreign {
+        Some(f) => &f.env,
+        None => &image.env,
+    };
+    let mut env: BTreeMap<String, String> = image_env.iter().cloned().collect();
     for e in c["env"].as_array().into_iter().flatten() {
         assert!(e.get("valueFrom").is_none(), "env from a reference: {e}");
         env.insert(e["name"].as_str().unwrap().into(), e["value"].as_str().unwrap_or_default().into());
@@ -215,6 +288,8 @@ fn run_container(
     for (k, v) in &env {
         cmd.arg(format!("{k}={v}"));
     }
+    cmd.arg("/usr/bin/unshare").arg(format!("--root={}", root.display()));
+    cmd.args(["--wd=/", "--setgid", &gid.to_string(), "--setuid", &uid.to_string(), "--"]);
     for a in c["command"].as_array().into_iter().flatten().chain(c["args"].as_array().into_iter().flatten()) {
         cmd.arg(a.as_str().unwrap());
     }
