@@ -198,6 +198,21 @@ pub fn termination_message_within(s: &Summary, limit: usize) -> String {
 mod tests {
     use super::*;
 
+    /// What the kubelet's status manager keeps: 12 KiB ÷ (containers + init containers).
+    #[test]
+    fn the_limit_follows_the_pods_container_count() {
+        assert_eq!(termination_message_limit(RUNNER_CONTAINERS), 3072);
+        assert_eq!(termination_message_limit(5), 2457);
+        let s = Summary { result: Some("r".repeat(100_000)), message: Some("m".repeat(10_000)), ..Default::default() };
+        for containers in [4usize, 5] {
+            let limit = termination_message_limit(containers);
+            let text = termination_message_within(&s, limit);
+            assert!(text.len() <= limit, "{containers}: {} bytes", text.len());
+            let back: Summary = serde_json::from_str(&text).unwrap();
+            assert!(back.result.is_some_and(|r| r.starts_with("rrr")), "the text shortened, not lost");
+        }
+    }
+
     #[test]
     fn a_termination_message_fits_whatever_the_agent_named_its_tools() {
         for name_len in [20usize, 60, 200] {
