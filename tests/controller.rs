@@ -2471,7 +2471,19 @@ async fn run_in_team_image(
     rootfs: std::path::PathBuf,
     env: Vec<(String, String)>,
 ) -> (Vec<support::pod::Ended>, Value) {
-    let (kube, ctl, _) = pod_controller(h, None).await;
+    // The chart's runner.pod gives every agent a variable of the platform's.
+    let kube = FakeKube::start().await;
+    api_secrets(&kube, "ns").await;
+    let (http, base) = listener().await;
+    let mut cfg = config(None);
+    cfg.job.report_url = Some(base);
+    cfg.model_upstream = h.model.base_url.clone();
+    cfg.job.pod = agentops::cli::runner_pod_settings(
+        Some(r#"{"env": [{"name": "PLATFORM_PROXY", "value": "http://proxy.platform:3128"}]}"#),
+        None,
+    )
+    .unwrap();
+    let ctl = spawn(&kube, cfg, None, ExecutorKind::Job, Some(http), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
     let image = format!("registry.example.com/payments/{name}:1");
     let mut ax = execution(
@@ -2539,7 +2551,8 @@ async fn a_teams_own_agent_image_runs_the_real_cli_end_to_end() {
     let h = support::Harness::new(vec![
         bash(
             "echo \"os=$(. /etc/os-release; echo $ID-$VERSION_CODENAME) git=$(command -v git || echo none) \
-             ssl=$(ls /usr/lib/x86_64-linux-gnu/libssl.so.3 2>/dev/null || echo none) team=$TEAM_TOOLCHAIN\"; \
+             ssl=$(ls /usr/lib/x86_64-linux-gnu/libssl.so.3 2>/dev/null || echo none) team=$TEAM_TOOLCHAIN \
+             proxy=${PLATFORM_PROXY:-unset}\"; \
              /agentops-bin/agentops --version 2>&1 | head -1",
         ),
         support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed in the team's image\n"})),
@@ -2556,7 +2569,9 @@ async fn a_teams_own_agent_image_runs_the_real_cli_end_to_end() {
     let seen: String = h.model.seen().iter().map(|s| s.body.to_string()).collect();
     let release = std::fs::read_to_string(h_rootfs.join("etc/os-release")).unwrap();
     let codename = release.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).unwrap();
-    assert!(seen.contains(&format!("os=debian-{codename} git=none ssl=none team=payments-1")), "{seen}");
+    // The execution's env list replaced the chart's default list (lists replace).
+    let expected = format!("os=debian-{codename} git=none ssl=none team=payments-1 proxy=unset");
+    assert!(seen.contains(&expected), "{seen}");
     assert!(seen.contains("libssl.so.3: cannot open shared object file"), "{seen}");
     // The figures are the gateway's, as for any pod.
     assert_eq!(st["numTurns"], json!(3), "{st}");

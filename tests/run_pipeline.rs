@@ -756,3 +756,23 @@ async fn a_run_killed_mid_way_is_failed_when_the_store_is_next_opened_and_a_live
     assert_eq!(h.store.list_workspaces().await.unwrap()[0].status, "error", "the workspace is kept");
     h.model.end_hangs();
 }
+
+/// `spec.pod.env` reaches the agent on one machine too: the execution's list replaces the
+/// template's (lists replace), and the agent's Bash sees exactly it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pod_env_reaches_the_agent_and_the_executions_list_replaces_the_templates() {
+    let h = Harness::new(vec![
+        Step::tool("Bash", json!({"command": "echo \"team=$TEAM b=${B:-unset}\"", "description": "env"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let template = "apiVersion: agentops.dev/v1alpha1\nkind: AgentTemplate\nmetadata: {name: team}\nspec:\n  pod: {env: [{name: TEAM, value: from-template}, {name: B, value: b}]}\n---\n";
+    let yaml = format!(
+        "{template}{}",
+        h.manifest("env", "  templateRef: {name: team}\n  pod: {env: [{name: TEAM, value: from-execution}]}\n")
+    );
+    let s = h.run(&yaml).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    let seen: String = h.model.seen().iter().map(|r| r.body.to_string()).collect();
+    assert!(seen.contains("team=from-execution b=unset"), "{seen}");
+}

@@ -296,3 +296,39 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>) {
         let _ = child.kill().await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// The Job lists the team's names (the chart default's among them): those pass, then the
+    /// manifest's values; a name of ours never does, even when listed.
+    #[test]
+    fn the_teams_env_reaches_the_agent_but_never_a_name_of_ours() {
+        let text = "apiVersion: agentops.dev/v1alpha1\nkind: AgentExecution\nmetadata: {name: a}\nspec: {prompt: p, repository: {url: 'http://127.0.0.1/r.git'}, pod: {env: [{name: TEAM, value: t}]}}\n";
+        let m = crate::api::parse_manifest(text).unwrap();
+        let r = crate::api::resolve(&m.execution, &[]).unwrap();
+        let parent = |k: &str| {
+            let v = match k {
+                crate::api::contract::AGENT_ENV => "PLATFORM,HOME,CLAUDE_CONFIG_DIR,LD_PRELOAD,TEAM",
+                "PLATFORM" => "p",
+                "HOME" => "/evil",
+                "CLAUDE_CONFIG_DIR" => "/evil",
+                "LD_PRELOAD" => "/evil.so",
+                "TEAM" => "from-the-container",
+                "SECRET_OF_THE_SHELL" => "s",
+                _ => return None,
+            };
+            Some(v.to_string())
+        };
+        let cmd = build_command(&r, Path::new("claude"), Path::new("/w"), Path::new("/h"), Some("tok"), parent);
+        let env: BTreeMap<String, String> = cmd.env.iter().cloned().collect();
+        assert_eq!(env.len(), cmd.env.len(), "each name once: {:?}", cmd.env);
+        assert_eq!(env.get("PLATFORM").map(String::as_str), Some("p"));
+        assert_eq!(env.get("TEAM").map(String::as_str), Some("t"), "the manifest's value");
+        assert_eq!(env.get("HOME").map(String::as_str), Some("/h"));
+        assert_eq!(env.get("CLAUDE_CONFIG_DIR").map(String::as_str), Some("/h/.claude"));
+        assert!(!env.contains_key("LD_PRELOAD") && !env.contains_key("SECRET_OF_THE_SHELL"), "{env:?}");
+    }
+}
