@@ -121,9 +121,13 @@ pub const OPERATOR_FIELDS: &[(&str, &str)] = &[
     cel,
     validation = Rule::new(env_values_rule()).message("spec.pod.env[].valueFrom is refused: give plain values (credentials reach runner pods through the operator, never the agent's env)"),
     validation = Rule::new(env_names_rule()).message(kube::core::Message::Message(env_names_message())),
-    validation = Rule::new(labels_rule()).message("spec.pod.labels must not set a label the operator sets (app.kubernetes.io/name, component, managed-by, agentops.dev/*, the Job controller's and Kueue's)"),
-    validation = Rule::new(annotations_rule()).message("spec.pod.annotations must not set AppArmor or seccomp annotations (the operator's confinement) or agentops.dev/*"),
-    validation = Rule::new(CLAIMS_RULE).message("spec.pod.resources.*.claims is refused: runner pods claim no dynamic resources"),
+    validation = Rule::new(labels_rule()).message(kube::core::Message::Expression(labels_message())),
+    validation = Rule::new(annotations_rule()).message(kube::core::Message::Expression(annotations_message())),
+    validation = Rule::new(claims_rule("default")).message("spec.pod.resources.default.claims is refused: runner pods claim no dynamic resources"),
+    validation = Rule::new(claims_rule("clone")).message("spec.pod.resources.clone.claims is refused: runner pods claim no dynamic resources"),
+    validation = Rule::new(claims_rule("agent")).message("spec.pod.resources.agent.claims is refused: runner pods claim no dynamic resources"),
+    validation = Rule::new(claims_rule("publish")).message("spec.pod.resources.publish.claims is refused: runner pods claim no dynamic resources"),
+    validation = Rule::new(claims_rule("finish")).message("spec.pod.resources.finish.claims is refused: runner pods claim no dynamic resources"),
     validation = Rule::new("!has(self.agentImage) || self.agentImage.matches('^[^\\\\s]+$')").message("spec.pod.agentImage must be an image reference without spaces, e.g. golang:1.23"),
 )]
 #[serde(rename_all = "camelCase")]
@@ -215,11 +219,9 @@ fn bounded_env(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schema
 }
 
-const CLAIMS_RULE: &str = "!has(self.resources) || ((!has(self.resources.default) || !has(self.resources.default.claims)) \
-    && (!has(self.resources.clone) || !has(self.resources.clone.claims)) \
-    && (!has(self.resources.agent) || !has(self.resources.agent.claims)) \
-    && (!has(self.resources.publish) || !has(self.resources.publish.claims)) \
-    && (!has(self.resources.finish) || !has(self.resources.finish.claims)))";
+fn claims_rule(step: &str) -> String {
+    format!("!has(self.resources) || !has(self.resources.{step}) || !has(self.resources.{step}.claims)")
+}
 
 fn cel_list(items: &[&str]) -> String {
     let quoted: Vec<String> = items.iter().map(|i| format!("'{i}'")).collect();
@@ -241,7 +243,7 @@ fn env_names_rule() -> String {
 
 fn env_names_message() -> String {
     format!(
-        "spec.pod.env must not set a variable the runner uses: {} or a name starting with {}",
+        "spec.pod.env[].name is the runner's own; pick another name (refused: {} and names starting with {})",
         RESERVED_ENV_NAMES.join(", "),
         RESERVED_ENV_PREFIXES.join(", ")
     )
@@ -255,6 +257,21 @@ fn labels_rule() -> String {
 
 fn annotations_rule() -> String {
     format!("!has(self.annotations) || !{}.exists(k, k in self.annotations)", cel_list(RESERVED_ANNOTATIONS))
+}
+
+// The message names the key, as `check` does.
+fn labels_message() -> String {
+    format!(
+        "'spec.pod.labels[' + {}.filter(k, k in self.labels)[0] + '] is a label the operator sets (its NetworkPolicy selects runner pods by them); use another key'",
+        cel_list(RESERVED_LABELS)
+    )
+}
+
+fn annotations_message() -> String {
+    format!(
+        "'spec.pod.annotations[' + {}.filter(k, k in self.annotations)[0] + '] is refused: AppArmor and seccomp annotations would change how the operator confines the steps'",
+        cel_list(RESERVED_ANNOTATIONS)
+    )
 }
 
 fn merge_map(
@@ -440,7 +457,7 @@ impl PodSettings {
             }
         }
         for (k, v) in self.labels.iter().flatten() {
-            let field = format!("{at}.labels[{k:?}]");
+            let field = format!("{at}.labels[{k}]");
             if RESERVED_LABELS.contains(&k.as_str()) || RESERVED_LABEL_PREFIXES.iter().any(|p| k.starts_with(p)) {
                 return err(
                     field,
@@ -460,7 +477,7 @@ impl PodSettings {
         }
         let mut bytes = 0;
         for (k, v) in self.annotations.iter().flatten() {
-            let field = format!("{at}.annotations[{k:?}]");
+            let field = format!("{at}.annotations[{k}]");
             if RESERVED_ANNOTATIONS.contains(&k.as_str())
                 || RESERVED_ANNOTATION_PREFIXES.iter().any(|p| k.starts_with(p))
             {
