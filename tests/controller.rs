@@ -2606,3 +2606,41 @@ async fn an_image_without_glibc_runs_the_agent_too() {
     let seen: String = h.model.seen().iter().map(|s| s.body.to_string()).collect();
     assert!(seen.contains("No suitable shell found. Claude CLI requires a Posix shell"), "{seen}");
 }
+
+/// A pod setting that overrides the operator's (here what the CRD's CEL cannot say: a label
+/// under our `agentops.dev/` prefix, and in the template an env name of the runner's) stalls
+/// the execution as `InvalidSpec` naming the field path, and no Job is created; the same
+/// execution without the override runs (the control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_field() {
+    let kube = FakeKube::start().await;
+    secrets(&kube, "ns").await;
+    let ctl = start(&kube, config(None), None);
+    let templates: Api<agentops::api::AgentTemplate> = Api::namespaced(kube.client(), "ns");
+    let t: agentops::api::AgentTemplate = serde_json::from_value(json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentTemplate", "metadata": {"name": "team"},
+        "spec": {"pod": {"env": [{"name": "GOFLAGS", "value": "-mod=mod"}, {"name": "TMPDIR", "value": "/"}]}}
+    }))
+    .unwrap();
+    templates.create(&PostParams::default(), &t).await.unwrap();
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
+    for (name, spec, field) in [
+        ("label", json!({"pod": {"labels": {"agentops.dev/anything": "x"}}}), "spec.pod.labels[agentops.dev/anything]"),
+        ("tmpl", json!({"templateRef": {"name": "team"}}), "the AgentTemplate's spec.pod.env[1].name"),
+    ] {
+        api.create(&PostParams::default(), &execution(name, spec)).await.unwrap();
+        let st = until("Stalled", || {
+            let ax = kube.get(AX, "agentexecutions", "ns", name)?;
+            (ax["status"]["reason"] == "InvalidSpec").then_some(ax["status"].clone())
+        })
+        .await;
+        assert!(st["message"].as_str().unwrap().contains(field), "{name}: {st}");
+        let stalled = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap().clone();
+        assert_eq!(stalled["status"], "True", "{name}");
+        assert!(kube.get(BATCH, "jobs", "ns", &format!("agentops-{name}")).is_none(), "{name}: no Job");
+    }
+    api.create(&PostParams::default(), &execution("ok", json!({"pod": {"labels": {"team": "a"}}}))).await.unwrap();
+    let job = until("the control's Job", || kube.get(BATCH, "jobs", "ns", "agentops-ok")).await;
+    assert_eq!(job["spec"]["template"]["metadata"]["labels"]["team"], "a");
+    ctl.stop().await;
+}
