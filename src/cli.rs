@@ -90,15 +90,15 @@ pub struct MachineArgs {
     pub secrets_dir: Option<PathBuf>,
     /// Run the agent unconfined. By default it runs under Landlock: it writes only its
     /// workspace and private HOME, and reads only system and toolchain directories.
-    #[arg(long, env = "AGENTOPS_NO_SANDBOX")]
+    #[arg(long, env = api::contract::NO_SANDBOX)]
     pub no_sandbox: bool,
     /// More directories the sandboxed agent may read (toolchains, e.g. ~/.rustup; comma-separated).
-    #[arg(long, env = "AGENTOPS_SANDBOX_READ", value_delimiter = ',')]
+    #[arg(long, env = api::contract::SANDBOX_READ, value_delimiter = ',')]
     pub sandbox_read: Vec<PathBuf>,
     /// Refuse to run unless every protection of the sandbox is in force (Landlock ABI 6 or
     /// later: files, TCP ports, device ioctls, signals, abstract sockets; and namespaces of
     /// its own).
-    #[arg(long, env = "AGENTOPS_SANDBOX_REQUIRE", conflicts_with = "no_sandbox")]
+    #[arg(long, env = api::contract::SANDBOX_REQUIRE, conflicts_with = "no_sandbox")]
     pub sandbox_require: bool,
     /// Start the Claude Code CLI through the loader and libraries of this bundle (`agentops
     /// bundle`: a runner pod's agent container in a team's image).

@@ -2470,6 +2470,7 @@ async fn run_in_team_image(
     name: &str,
     rootfs: std::path::PathBuf,
     env: Vec<(String, String)>,
+    strip: &[&str],
 ) -> (Vec<support::pod::Ended>, Value) {
     // The chart's runner.pod gives every agent a variable of the platform's.
     let kube = FakeKube::start().await;
@@ -2493,7 +2494,13 @@ async fn run_in_team_image(
     ax.spec.repository.url = h.git.url("demo");
     api.create(&PostParams::default(), &ax).await.unwrap();
     let job_name = format!("agentops-{name}");
-    let job = until("the Job", || kube.get(BATCH, "jobs", "ns", &job_name)).await;
+    let mut job = until("the Job", || kube.get(BATCH, "jobs", "ns", &job_name)).await;
+    // A control takes variables out of the agent's container, as a Job without them would be.
+    for c in job["spec"]["template"]["spec"]["initContainers"].as_array_mut().unwrap() {
+        if c["name"] == "agent" {
+            c["env"].as_array_mut().unwrap().retain(|e| !strip.contains(&e["name"].as_str().unwrap_or_default()));
+        }
+    }
     let (kube2, dir) = (kube.clone(), h.dir.path().join("node"));
     let started = std::time::Instant::now();
     let ended = tokio::task::spawn_blocking(move || {
@@ -2534,6 +2541,59 @@ fn assert_pushed_from_a_pod_of_five(h: &support::Harness, name: &str, ended: &[s
     assert_eq!(h.git.show("demo", commit, "fix.txt").as_deref(), Some("fixed in the team's image\n"));
 }
 
+/// What the agent's tools answered, as the model got it back (the last request's tool results).
+fn tool_results(h: &support::Harness) -> String {
+    let seen = h.model.seen();
+    let last = seen.iter().rev().find(|s| s.main).map(|s| s.body.clone()).unwrap_or_default();
+    let mut out = String::new();
+    for m in last["messages"].as_array().into_iter().flatten() {
+        for block in m["content"].as_array().into_iter().flatten().filter(|b| b["type"] == "tool_result") {
+            out.push_str(&block["content"].to_string());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// What a Debian image's `ENV` sets PATH to.
+const DEBIAN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A team's image whose `ENV` turns the agent's sandbox off and widens what it may read
+/// (`AGENTOPS_NO_SANDBOX`, `AGENTOPS_SANDBOX_READ`: an image's env reaches the step's process)
+/// changes nothing: the agent container's own env, which wins over an image's, sets both, and
+/// the agent is refused the manifest its container mounts (EACCES). The control, the same Job
+/// without those two variables: the image's ENV wins and the agent reads the manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teams_image_cannot_turn_the_agents_sandbox_off() {
+    if let Some(why) = support::pod::available() {
+        panic!("this test runs the Job's pod in mount and PID namespaces and needs root: {why}");
+    }
+    for control in [false, true] {
+        let h = support::Harness::new(vec![
+            support::Step::tool(
+                "Bash",
+                json!({"command": "head -c 40 /var/run/agentops/manifest/manifest.yaml 2>&1 | head -1", "description": "read"}),
+            ),
+            support::Step::tool("Write", json!({"file_path": "fix.txt", "content": "fixed in the team's image\n"})),
+            support::Step::text("Done."),
+        ])
+        .await;
+        let env =
+            [("PATH", DEBIAN_PATH), ("AGENTOPS_NO_SANDBOX", "true"), ("AGENTOPS_SANDBOX_READ", "/var/run/agentops")];
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let strip: &[&str] = if control { &["AGENTOPS_NO_SANDBOX", "AGENTOPS_SANDBOX_READ"] } else { &[] };
+        let (ended, st) = run_in_team_image(&h, "sandbox", team_image_rootfs("debian-minbase"), env, strip).await;
+        assert_pushed_from_a_pod_of_five(&h, "sandbox", &ended, &st);
+        let said = tool_results(&h);
+        if control {
+            assert!(said.contains("apiVersion: agentops.dev"), "control: the image's ENV won: {said}");
+        } else {
+            assert!(said.contains("manifest.yaml' for reading: Permission denied"), "{said}");
+            assert!(!said.contains("apiVersion: agentops.dev"), "{said}");
+        }
+    }
+}
+
 /// A team's own agent image (`spec.pod.agentImage`), end to end with the real CLI: the Job's
 /// `agentops-bin` init container copies agentops, the pinned Claude Code CLI, their libraries
 /// and loader from the operator's image; the agent's container runs on another root, Debian's
@@ -2560,9 +2620,9 @@ async fn a_teams_own_agent_image_runs_the_real_cli_end_to_end() {
     ])
     .await;
     // A Debian image's own PATH (what its `ENV` says): nothing of the operator's on it.
-    let env = vec![("PATH".to_string(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string())];
+    let env = vec![("PATH".to_string(), DEBIAN_PATH.to_string())];
     let h_rootfs = rootfs.clone();
-    let (ended, st) = run_in_team_image(&h, "team-image", rootfs, env).await;
+    let (ended, st) = run_in_team_image(&h, "team-image", rootfs, env, &[]).await;
     assert_pushed_from_a_pod_of_five(&h, "team-image", &ended, &st);
     // What the agent's Bash saw, as the model got it back: the image's root, the team's env,
     // and agentops itself unable to start there without the bundle's libraries (the control).
@@ -2599,7 +2659,7 @@ async fn an_image_without_glibc_runs_the_agent_too() {
     ])
     .await;
     let env = vec![("PATH".to_string(), "/bin".to_string())];
-    let (ended, st) = run_in_team_image(&h, "musl-image", rootfs, env).await;
+    let (ended, st) = run_in_team_image(&h, "musl-image", rootfs, env, &[]).await;
     assert_pushed_from_a_pod_of_five(&h, "musl-image", &ended, &st);
     // The CLI's Bash tool needs bash or zsh (busybox's ash is not enough): an Alpine image
     // needs `apk add bash` for it, as the README says. The CLI says so to the model itself.

@@ -37,6 +37,12 @@ pub const CLAUDE_BIN: &str = "AGENTOPS_CLAUDE_BIN";
 /// The operator's binaries brought into a team's agent image (`agentops bundle`): the agent
 /// step starts the CLI through the bundle's loader and libraries.
 pub const BUNDLE_DIR: &str = "AGENTOPS_BUNDLE_DIR";
+/// The agent's sandbox switches (`--no-sandbox`, `--sandbox-read`; `--sandbox-require` only
+/// makes it stricter): a container of a team's image sets the first two itself, so that the
+/// image's `ENV` cannot.
+pub const NO_SANDBOX: &str = "AGENTOPS_NO_SANDBOX";
+pub const SANDBOX_READ: &str = "AGENTOPS_SANDBOX_READ";
+pub const SANDBOX_REQUIRE: &str = "AGENTOPS_SANDBOX_REQUIRE";
 /// Names of the team's plain env variables (`spec.pod.env`, and the cluster default's) that the
 /// agent step passes on to the agent, comma-separated.
 pub const AGENT_ENV: &str = "AGENTOPS_AGENT_ENV";

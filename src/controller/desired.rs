@@ -445,6 +445,14 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                     envs.push(env("ANTHROPIC_MODEL", m));
                 }
                 if agent_image.is_some() {
+                    // The image's `ENV` reaches the step's process too: what decides its
+                    // sandbox and its last words is set here, where a container's env wins.
+                    envs.extend([
+                        env(var::NO_SANDBOX, "false"),
+                        // (clap takes no empty list: the bundle, which the agent reads anyway.)
+                        env(var::SANDBOX_READ, BUNDLE_DIR),
+                        env(var::TERMINATION_LOG, "/dev/termination-log"),
+                    ]);
                     // The operator's binaries, brought into the team's image by the bundle step.
                     envs.push(env(var::CLAUDE_BIN, &format!("{BUNDLE_DIR}/{}", crate::runner::bundle::CLAUDE)));
                     envs.push(env(var::BUNDLE_DIR, BUNDLE_DIR));
@@ -789,6 +797,10 @@ mod tests {
             assert!(mounts(by("agent")).contains(&(BUNDLE_VOLUME.into(), BUNDLE_DIR.into(), true)), "read-only");
             assert_eq!(env_of(by("agent"), var::CLAUDE_BIN).as_deref(), Some("/agentops-bin/claude"));
             assert_eq!(env_of(by("agent"), var::BUNDLE_DIR).as_deref(), Some(BUNDLE_DIR));
+            // The image's ENV cannot turn the agent's sandbox off or widen it: the container's
+            // env, which wins over an image's, says so.
+            assert_eq!(env_of(by("agent"), var::NO_SANDBOX).as_deref(), Some("false"));
+            assert_eq!(env_of(by("agent"), var::SANDBOX_READ).as_deref(), Some(BUNDLE_DIR));
             for n in ["clone", "publish", "finish"] {
                 assert!(!mounts(by(n)).iter().any(|m| m.0 == BUNDLE_VOLUME), "{n} runs its own image's agentops");
                 assert_eq!(by(n).command.clone().unwrap(), ["agentops", "step", n]);
