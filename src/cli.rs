@@ -631,8 +631,10 @@ pub fn runner_pod_settings(pod: Option<&str>, resources: Option<&str>) -> anyhow
     if steps.default.is_none() {
         steps.default = resources;
     }
+    let at = "--runner-pod (the chart's runner.pod)";
     settings
-        .check("--runner-pod (the chart's runner.pod)")
+        .check(at)
+        .and_then(|()| settings.check_requests_within_limits(at))
         .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
     Ok(settings)
 }

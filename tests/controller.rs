@@ -2668,9 +2668,9 @@ async fn an_image_without_glibc_runs_the_agent_too() {
 }
 
 /// A pod setting that overrides the operator's (here what the CRD's CEL cannot say: a label
-/// under our `agentops.dev/` prefix, and in the template an env name of the runner's) stalls
-/// the execution as `InvalidSpec` naming the field path, and no Job is created; the same
-/// execution without the override runs (the control).
+/// under our `agentops.dev/` prefix, and in the template an env name of the runner's), or a
+/// limit under the cluster default's request, stalls the execution as `InvalidSpec` naming the
+/// field path, and no Job is created; the same execution without it runs (the control).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_field() {
     let kube = FakeKube::start().await;
@@ -2687,6 +2687,8 @@ async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_fie
     for (name, spec, field) in [
         ("label", json!({"pod": {"labels": {"agentops.dev/anything": "x"}}}), "spec.pod.labels[agentops.dev/anything]"),
         ("tmpl", json!({"templateRef": {"name": "team"}}), "the AgentTemplate's spec.pod.env[1].name"),
+        // Fine alone, but under the cluster's default request (memory 1Gi) the Job would be invalid.
+        ("limit", json!({"pod": {"resources": {"agent": {"limits": {"memory": "512Mi"}}}}}), "spec.pod.resources.agent"),
     ] {
         api.create(&PostParams::default(), &execution(name, spec)).await.unwrap();
         let st = until("Stalled", || {

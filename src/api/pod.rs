@@ -510,6 +510,68 @@ impl PodSettings {
     }
 }
 
+impl PodSettings {
+    /// Every step's requests within its limits once the layers are merged (a limit set in one
+    /// layer under a request of another would make the Job invalid). `at` names the field.
+    pub fn check_requests_within_limits(&self, at: &str) -> Result<(), ManifestError> {
+        use super::contract::Step;
+        for step in [Step::Clone, Step::Agent, Step::Publish, Step::Finish] {
+            let Some(r) = self.resources_for(step) else { continue };
+            let (Some(requests), Some(limits)) = (&r.requests, &r.limits) else { continue };
+            for (resource, request) in requests {
+                let Some(limit) = limits.get(resource) else { continue };
+                match (quantity(&request.0), quantity(&limit.0)) {
+                    (Some(q), Some(l)) if q > l => {
+                        return Err(ManifestError::new(
+                            format!("{at}.resources.{}", step.name()),
+                            format!(
+                                "requests {resource} {} over its limit {} (with the layers below merged in); raise the limit or lower the request",
+                                request.0, limit.0
+                            ),
+                        ));
+                    }
+                    (None, _) | (_, None) => {
+                        let bad = if quantity(&request.0).is_none() { &request.0 } else { &limit.0 };
+                        return Err(ManifestError::new(
+                            format!("{at}.resources.{}", step.name()),
+                            format!("{resource} {bad:?} is not a quantity (e.g. 500m, 2, 4Gi)"),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Kubernetes quantity (`500m`, `1.5`, `4Gi`, `1e3`, `2k`) as a number; None if it is not one.
+pub fn quantity(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        s if s.len() > 1 && (s.starts_with('e') || s.starts_with('E')) => 10f64.powi(s[1..].parse().ok()?),
+        _ => return None,
+    };
+    Some(number * factor).filter(|q| q.is_finite() && *q >= 0.0)
+}
+
 /// The message for a field under `spec.pod` that the types do not have because it is the
 /// operator's (None: a plain unknown field). `path` is relative to `spec.pod`.
 pub fn operator_field(path: &str) -> Option<&'static str> {
@@ -580,6 +642,40 @@ mod tests {
         // An empty list clears the one below.
         let cleared = m.merged(&pod("tolerations: []\n"));
         assert_eq!(cleared.tolerations, Some(vec![]));
+    }
+
+    #[test]
+    fn quantities_read_as_kubernetes_reads_them() {
+        for (text, value) in [
+            ("500m", 0.5),
+            ("2", 2.0),
+            ("1.5", 1.5),
+            ("4Gi", 4.0 * 1024f64.powi(3)),
+            ("2k", 2000.0),
+            ("1e3", 1000.0),
+            ("1E3", 1000.0),
+            ("1E", 1e18),
+        ] {
+            assert_eq!(quantity(text), Some(value), "{text}");
+        }
+        for bad in ["", "Gi", "4GB", "-1", "1.2.3", "e3"] {
+            assert_eq!(quantity(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_limit_of_one_layer_under_a_request_of_another_is_refused() {
+        let chart = pod("resources: {default: {requests: {memory: 1Gi, cpu: 500m}}}\n");
+        let template = pod("resources: {agent: {limits: {memory: 512Mi}}}\n");
+        let err = chart.merged(&template).check_requests_within_limits("spec.pod").unwrap_err();
+        assert_eq!(err.field, "spec.pod.resources.agent");
+        assert!(err.message.contains("memory 1Gi over its limit 512Mi"), "{err}");
+        // Raised, it is fine; and a layer alone says nothing it does not know.
+        let raised = template.merged(&pod("resources: {agent: {limits: {memory: 2Gi}}}\n"));
+        chart.merged(&raised).check_requests_within_limits("spec.pod").unwrap();
+        template.check_requests_within_limits("spec.pod").unwrap();
+        let bad = pod("resources: {default: {requests: {memory: lots}, limits: {memory: 1Gi}}}\n");
+        assert!(bad.check_requests_within_limits("spec.pod").unwrap_err().message.contains("not a quantity"));
     }
 
     #[test]

@@ -325,7 +325,9 @@ fn pod_settings(
     below.check(&format!("{TEMPLATE}.pod"))?;
     let own = own.cloned().unwrap_or_default();
     own.check("spec.pod")?;
-    Ok(below.merged(&own))
+    let merged = below.merged(&own);
+    merged.check_requests_within_limits("spec.pod")?;
+    Ok(merged)
 }
 
 /// `spec.agent.outputSchema`: an object, at most 16 KiB, that compiles as a JSON Schema (no

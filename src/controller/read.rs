@@ -56,6 +56,10 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         Ok(r) => r,
         Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
     };
+    // With the cluster's default under them, every step's requests stay within its limits.
+    if let Err(e) = ctx.config.job.pod.merged(&resolved.pod).check_requests_within_limits("spec.pod") {
+        return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false }));
+    }
     if let Some(message) = missing_secret(ctx, &ns, &resolved).await? {
         return Ok(Err(Stall { reason: Reason::SecretNotFound, message, recheck: true }));
     }
