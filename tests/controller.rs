@@ -2455,6 +2455,7 @@ async fn a_running_executions_remote_mcp_server_keeps_its_frozen_route_across_a_
     .await;
     assert_eq!(counted, 1, "what this controller relayed");
     second.stop().await;
+}
 
 /// A root filesystem `scripts/setup` builds to stand for a team's image (`.tools/rootfs/NAME`).
 fn team_image_rootfs(name: &str) -> std::path::PathBuf {
@@ -2688,7 +2689,11 @@ async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_fie
         ("label", json!({"pod": {"labels": {"agentops.dev/anything": "x"}}}), "spec.pod.labels[agentops.dev/anything]"),
         ("tmpl", json!({"templateRef": {"name": "team"}}), "the AgentTemplate's spec.pod.env[1].name"),
         // Fine alone, but under the cluster's default request (memory 1Gi) the Job would be invalid.
-        ("limit", json!({"pod": {"resources": {"agent": {"limits": {"memory": "512Mi"}}}}}), "spec.pod.resources.agent"),
+        (
+            "limit",
+            json!({"pod": {"resources": {"agent": {"limits": {"memory": "512Mi"}}}}}),
+            "spec.pod.resources.agent",
+        ),
     ] {
         api.create(&PostParams::default(), &execution(name, spec)).await.unwrap();
         let st = until("Stalled", || {
