@@ -2694,6 +2694,12 @@ async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_fie
             json!({"pod": {"resources": {"agent": {"limits": {"memory": "512Mi"}}}}}),
             "spec.pod.resources.agent",
         ),
+        // Host-name egress needs the egress proxy, not served in a cluster yet: said, not ignored.
+        (
+            "hosts",
+            json!({"egressHosts": ["pypi.org"]}),
+            "spec.egressHosts: egress by host name is served by `agentops run` only",
+        ),
     ] {
         api.create(&PostParams::default(), &execution(name, spec)).await.unwrap();
         let st = until("Stalled", || {

@@ -786,3 +786,54 @@ async fn an_agents_log_flood_is_kept_to_its_head_and_tail() {
     assert_eq!(logs.iter().filter(|l| l.source == CUT_SOURCE).count(), 1, "one marker, the store's");
     assert!(logs.iter().any(|l| l.source == format!("untrusted-{CUT_SOURCE}")));
 }
+
+/// Egress by host name on one machine (`spec.egressHosts`): the agent's `curl` reaches the
+/// named host through the run's egress proxy (its `http_proxy`), is refused another host by the
+/// proxy (its words in the answer, the refusal in the store), and cannot go around the proxy:
+/// the sandbox lets it connect to the proxy's and the gateway's ports only. Control without the
+/// sandbox: the direct connection works, which is what the sandbox takes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_hosts_go_through_the_proxy_and_nothing_goes_around_it() {
+    let app = axum::Router::new().fallback(|uri: axum::http::Uri| async move { format!("hello from {}", uri.path()) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let probe = format!(
+        "curl -sS -m 5 http://127.0.0.1:{port}/via > via.txt 2>&1; \
+         curl -sS -m 5 --noproxy '*' http://127.0.0.1:{port}/direct > direct.txt 2>&1; \
+         curl -sS -m 5 http://example.invalid/ > other.txt 2>&1; \
+         printf '%s' \"$http_proxy\" | sed 's/:[^:@]*@/:TOKEN@/' > proxy.txt; true"
+    );
+    for sandbox in [true, false] {
+        let h = Harness::new(vec![bash(&probe), Step::text("Done.")]).await;
+        let name = if sandbox { "egress" } else { "egress-open" };
+        let yaml = h.manifest(name, &format!("  egressHosts: [\"127.0.0.1:{port}\"]\n"));
+        let (code, stdout, stderr) = run_with(&h, name, &yaml, sandbox).await;
+        assert_eq!(code, 0, "{stdout}\n{stderr}");
+        let branch = format!("agentops/{name}");
+        let file = |f: &str| h.git.show("demo", &branch, f).unwrap_or_default();
+        assert_eq!(file("via.txt"), format!("hello from /via"), "through the proxy");
+        assert!(file("proxy.txt").starts_with("http://agent:TOKEN@127.0.0.1:"), "{}", file("proxy.txt"));
+        let other = file("other.txt");
+        assert!(
+            other.contains("agentops egress: example.invalid:80 is not in the execution's egress.hosts"),
+            "{other}"
+        );
+        let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let logs = h.store.logs(summary["id"].as_str().unwrap()).await.unwrap();
+        assert!(
+            logs.iter().any(|l| l.source == "egress" && l.line.starts_with("refused example.invalid:80")),
+            "the refusal is recorded: {:?}",
+            logs.iter().filter(|l| l.source == "egress").collect::<Vec<_>>()
+        );
+        let direct = file("direct.txt");
+        if sandbox {
+            assert!(!direct.contains("hello"), "around the proxy: {direct}");
+            assert!(direct.contains("Couldn't connect") || direct.contains("Permission denied"), "{direct}");
+        } else {
+            assert_eq!(direct, "hello from /direct", "control: unconfined, the direct connection works");
+        }
+    }
+}

@@ -30,6 +30,11 @@ const PASSTHROUGH_ENV: &[&str] = &[
     "HTTPS_PROXY",
     "HTTP_PROXY",
     "NO_PROXY",
+    // curl reads only the lower-case `http_proxy` (an upper-case one could come from a CGI
+    // request's `Proxy:` header); most tools read both.
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
     "SSL_CERT_FILE",
     "NODE_EXTRA_CA_CERTS",
 ];

@@ -148,6 +148,13 @@ pub struct AgentExecutionSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub egress: Vec<EgressRule>,
+    /// Hosts the agent's tools may reach by name through the operator's egress proxy, e.g.
+    /// `registry.npmjs.org`, `pypi.org:443`, `*.githubusercontent.com` (port 443 unless given).
+    /// The agent's `HTTPS_PROXY`/`HTTP_PROXY` point at the proxy; nothing else is reachable.
+    /// Added to the template's. At most 32. `agentops run` only in this version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 261), regex(pattern = r"^(\*\.)?[A-Za-z0-9.:\[\]-]+$")))]
+    pub egress_hosts: Vec<String>,
     /// Pod settings of this execution's runner pod (cluster only): each field set here wins over
     /// the template's, which wins over the controller's default. The agent's `env` applies on
     /// one machine too.

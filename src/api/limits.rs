@@ -38,6 +38,8 @@ pub const MAX_SKILLS: usize = 32;
 pub const MAX_AGENT_FILES_BYTES: usize = 512 * 1024;
 /// `spec.egress` entries (template and execution together), and ports of one entry.
 pub const MAX_EGRESS_RULES: usize = 32;
+/// `egressHosts` entries, the template's and the execution's together.
+pub const MAX_EGRESS_HOSTS: usize = 32;
 pub const MAX_EGRESS_PORTS: usize = 16;
 /// `spec.agent.outputSchema` and the output it asks for, as JSON.
 pub const MAX_OUTPUT_SCHEMA_BYTES: usize = 16 * 1024;

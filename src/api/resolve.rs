@@ -49,6 +49,9 @@ pub struct Resolved {
     /// Where runner pods may connect besides DNS and the controller (template's, then the
     /// execution's; cluster only).
     pub egress: Vec<super::execution::EgressRule>,
+    /// Hosts the agent may reach by name through the egress proxy (template's, then the
+    /// execution's).
+    pub egress_hosts: Vec<crate::gateway::egress::HostRule>,
     /// The pull request to open after the push (None: none asked for, or disabled).
     pub pull_request: Option<super::ResolvedPullRequest>,
     /// The JSON Schema the agent's final answer follows (`--json-schema`), checked.
@@ -300,6 +303,10 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         work_item: spec.work_item.clone(),
         pod: pod_settings(template, spec.pod.as_ref())?,
         egress: egress(template.map(|t| t.egress.as_slice()).unwrap_or_default(), &spec.egress)?,
+        egress_hosts: egress_hosts(
+            template.map(|t| t.egress_hosts.as_slice()).unwrap_or_default(),
+            &spec.egress_hosts,
+        )?,
         name,
         namespace,
     })
@@ -347,6 +354,33 @@ fn check_output_schema(schema: &serde_json::Value) -> Result<(), ManifestError> 
     jsonschema::validator_for(schema)
         .map(|_| ())
         .map_err(|e| ManifestError::new(field, format!("is not a valid JSON Schema: {e}")))
+}
+
+/// The template's `egressHosts` and the execution's, parsed (duplicates dropped).
+fn egress_hosts(template: &[String], own: &[String]) -> Result<Vec<crate::gateway::egress::HostRule>, ManifestError> {
+    if template.len() + own.len() > limits::MAX_EGRESS_HOSTS {
+        return Err(ManifestError::new(
+            "spec.egressHosts",
+            format!(
+                "has {} entries with the template's; at most {} (use a wildcard such as *.example.com)",
+                template.len() + own.len(),
+                limits::MAX_EGRESS_HOSTS
+            ),
+        ));
+    }
+    let fields = template
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (format!("the AgentTemplate's spec.egressHosts[{i}]"), h))
+        .chain(own.iter().enumerate().map(|(i, h)| (format!("spec.egressHosts[{i}]"), h)));
+    let mut all: Vec<crate::gateway::egress::HostRule> = Vec::new();
+    for (field, text) in fields {
+        let rule = crate::gateway::egress::HostRule::parse(text).map_err(|e| ManifestError::new(field, e))?;
+        if !all.contains(&rule) {
+            all.push(rule);
+        }
+    }
+    Ok(all)
 }
 
 /// The template's egress rules and the execution's, checked: each CIDR a real IP block.

@@ -65,6 +65,11 @@ pub struct AgentTemplateSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub egress: Vec<super::execution::EgressRule>,
+    /// Hosts the agent's tools may reach by name through the egress proxy (see the
+    /// execution's `egressHosts`). At most 32.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 261), regex(pattern = r"^(\*\.)?[A-Za-z0-9.:\[\]-]+$")))]
+    pub egress_hosts: Vec<String>,
 }
 
 /// Git settings a template gives its executions.

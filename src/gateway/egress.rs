@@ -447,6 +447,9 @@ impl Drop for OpenGuard<'_> {
 /// Resolves `host` and connects to the first address the policy allows: a public one, or one a
 /// CIDR rule names. Never a second lookup.
 async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) -> Result<TcpStream, String> {
+    // An address named in a host rule is the user's explicit choice (e.g. `127.0.0.1:5432` on
+    // one machine), except link-local ones (cloud metadata): those need a CIDR rule.
+    let named = host.parse::<IpAddr>().ok().filter(|ip| !is_link_local(*ip));
     let addrs = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::time::timeout(CONNECT_DEADLINE, (shared.resolver)(host.to_string(), port))
@@ -454,8 +457,11 @@ async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) 
             .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
             .map_err(|e| format!("{host} does not resolve: {e}"))?,
     };
-    let allowed: Vec<SocketAddr> =
-        addrs.iter().copied().filter(|a| is_public(a.ip()) || policy.cidrs.iter().any(|c| c.allows(*a))).collect();
+    let allowed: Vec<SocketAddr> = addrs
+        .iter()
+        .copied()
+        .filter(|a| named.is_some() || is_public(a.ip()) || policy.cidrs.iter().any(|c| c.allows(*a)))
+        .collect();
     let Some(_) = allowed.first() else {
         let shown: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
         return Err(format!(
@@ -529,6 +535,16 @@ fn canonical(ip: IpAddr) -> IpAddr {
             IpAddr::V6(v6)
         }
         v4 => v4,
+    }
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => a.is_link_local(),
+        // fe80::/10, and AWS's metadata address over IPv6.
+        IpAddr::V6(a) => {
+            (a.segments()[0] & 0xffc0) == 0xfe80 || a == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
     }
 }
 

@@ -162,6 +162,22 @@ struct Run<'a> {
     private: Option<PathBuf>,
 }
 
+/// What the egress proxy counted, for the run's output.
+fn egress_line(t: &crate::gateway::egress::EgressTally) -> String {
+    let mut refused: Vec<String> = t
+        .recent
+        .iter()
+        .filter(|c| c.refused.is_some())
+        .map(|c| crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned())
+        .collect();
+    refused.dedup();
+    let refused = if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join(", ")) };
+    format!(
+        "  egress: {} connections, {} refused{refused}; {} bytes out, {} in",
+        t.connections, t.refused, t.bytes_out, t.bytes_in
+    )
+}
+
 /// The TCP ports the agent's sandbox lets it connect to: its model endpoint's (the gateway's)
 /// and those of `spec.egress`.
 fn agent_ports(model_url: Option<&str>, egress: &[crate::api::EgressRule]) -> Vec<u16> {
@@ -332,6 +348,35 @@ impl<'a> Run<'a> {
             let _ = self.hooks("onError", &outcome).await;
         }
         self.summary(&outcome)
+    }
+
+    /// The egress proxy of this run (one machine): the `egressHosts`, the `spec.egress` CIDR
+    /// rules (addresses it may connect to although not public) and the model gateway on
+    /// loopback. Returns it with the agent's token.
+    async fn start_egress_proxy(
+        &self,
+        gateway: &str,
+    ) -> std::io::Result<(crate::gateway::egress::EgressProxy, String)> {
+        use crate::gateway::egress::{CidrRule, EgressPolicy, EgressProxy, HostRule};
+        let mut hosts = self.r.egress_hosts.clone();
+        if let Ok(u) = url::Url::parse(gateway)
+            && let (Some(h), Some(port)) = (u.host_str(), u.port_or_known_default())
+            && let Ok(rule) = HostRule::parse(&format!("{h}:{port}"))
+        {
+            hosts.push(rule);
+        }
+        let cidrs = self.r.egress.iter().filter_map(|e| CidrRule::parse(&e.cidr, e.ports.clone()).ok()).collect();
+        let proxy = EgressProxy::start(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            crate::gateway::egress::system_resolver(),
+            std::time::Duration::from_secs(300),
+        )
+        .await?;
+        let token = crate::gateway::new_token();
+        proxy.open(&token, EgressPolicy { hosts, cidrs });
+        let names: Vec<String> = self.r.egress_hosts.iter().map(|h| format!("{}:{}", h.host, h.port)).collect();
+        self.say(&format!("  egress proxy on {} for {}", proxy.addr, names.join(", ")));
+        Ok((proxy, token))
     }
 
     fn say(&self, line: &str) {
@@ -526,8 +571,28 @@ impl<'a> Run<'a> {
             Some(g) => Some(ModelRoute { base_url: g.base_url.clone(), token: g.token.clone() }),
             None => self.opts.gateway.clone(),
         };
+        // Egress by host name (`egressHosts`), on one machine: a proxy of this run on loopback
+        // that connects only to those hosts (and the model gateway, which the CLI may send
+        // through it), with a token of this run. The sandbox lets the agent reach its port.
+        let egress = match (&gateway, self.r.egress_hosts.is_empty()) {
+            (Some(g), false) => match self.start_egress_proxy(&g.base_url).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    return Some(Outcome::failed(
+                        Reason::AgentStartFailed,
+                        format!("cannot start the egress proxy: {e}"),
+                    ));
+                }
+            },
+            _ => None,
+        };
+        let proxy_url = egress.as_ref().map(|(p, token)| format!("http://agent:{token}@{}", p.addr));
         let agent_env = |k: &str| match (&route, k) {
             (Some(g), "ANTHROPIC_BASE_URL") => Some(g.base_url.clone()),
+            (_, "HTTPS_PROXY" | "HTTP_PROXY" | "https_proxy" | "http_proxy") if proxy_url.is_some() => {
+                proxy_url.clone()
+            }
+            (_, "NO_PROXY" | "no_proxy") if proxy_url.is_some() => None,
             _ => env(k),
         };
         // The team's configuration: files in the agent's private HOME, never in the checkout.
@@ -558,7 +623,8 @@ impl<'a> Run<'a> {
             let mut protected = policy.protected.clone();
             protected.push(self.opts.secrets_dir.clone());
             let model_url = agent_env("ANTHROPIC_BASE_URL");
-            let ports = agent_ports(model_url.as_deref(), &self.r.egress);
+            let mut ports = agent_ports(model_url.as_deref(), &self.r.egress);
+            ports.extend(egress.as_ref().map(|(p, _)| p.addr.port()));
             // The bundle's loader and libraries start the CLI: the agent may read (and run)
             // them; they are the operator's binaries, nothing secret.
             let mut extra_read = policy.extra_read.clone();
@@ -632,6 +698,13 @@ impl<'a> Run<'a> {
         if !outcome.stderr_tail.trim().is_empty() {
             for line in outcome.stderr_tail.lines() {
                 self.rec.log("agent-stderr", line);
+            }
+        }
+        if let Some(t) = egress.as_ref().and_then(|(p, token)| p.close(token)) {
+            self.say(&egress_line(&t));
+            for c in t.recent.iter().filter(|c| c.refused.is_some()) {
+                self.rec
+                    .log("egress", &format!("refused {}:{}: {}", c.host, c.port, c.refused.as_deref().unwrap_or("")));
             }
         }
         self.say(&format!(
