@@ -822,6 +822,10 @@ async fn egress_hosts_go_through_the_proxy_and_nothing_goes_around_it() {
             "{other}"
         );
         let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let egress = &summary["egress"];
+        assert_eq!(egress["refused"], 1, "{egress}");
+        assert_eq!(egress["refusedHosts"], json!(["example.invalid:80"]), "{egress}");
+        assert!(egress["connections"].as_u64().unwrap() >= 1 && egress["bytesIn"].as_u64().unwrap() > 0, "{egress}");
         let logs = h.store.logs(summary["id"].as_str().unwrap()).await.unwrap();
         assert!(
             logs.iter().any(|l| l.source == "egress" && l.line.starts_with("refused example.invalid:80")),

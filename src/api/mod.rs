@@ -23,7 +23,7 @@ pub use manifest::{Manifest, ManifestError, parse_manifest};
 pub use pod::PodSettings;
 pub use pull_request::ResolvedPullRequest;
 pub use reason::Reason;
-pub use report::Summary;
+pub use report::{EgressSummary, Summary};
 pub use resolve::{
     DEFAULT_IDLE_TIMEOUT, DEFAULT_TIMEOUT, HookAction, Resolved, ResolvedHook, is_plain_duration, resolve,
 };

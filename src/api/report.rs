@@ -51,6 +51,21 @@ pub struct Summary {
     pub permission_denials: u64,
     /// Requests the gateway relayed to each remote MCP server (the operator's count).
     pub mcp_requests: std::collections::BTreeMap<String, u64>,
+    /// What the egress proxy counted (`spec.egressHosts`; None without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressSummary>,
+}
+
+/// The connections the agent's tools made through the egress proxy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EgressSummary {
+    pub connections: u64,
+    pub refused: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// `host:port` of the latest refusals (at most 20, each once).
+    pub refused_hosts: Vec<String>,
 }
 
 impl Summary {

@@ -152,6 +152,8 @@ struct Run<'a> {
     /// What the model gateway counted (the operator's own figures: usage, cost, turns, tools,
     /// model), when it relayed the run.
     metered: Option<crate::gateway::Metered>,
+    /// What the egress proxy counted (`egressHosts`).
+    egress: Option<crate::api::EgressSummary>,
     /// Where git goes: `spec.repository.url`, or the controller's relay for it (a pod's steps).
     git_url: String,
     /// When the execution started (for every summary, the hooks' too).
@@ -328,6 +330,7 @@ impl<'a> Run<'a> {
             unpushed: false,
             hook_failure: None,
             metered: None,
+            egress: None,
             git_url: opts.git_relay.as_ref().map_or_else(|| r.repo_url.clone(), |g| g.base_url.clone()),
             started,
             start_time,
@@ -702,6 +705,20 @@ impl<'a> Run<'a> {
         }
         if let Some(t) = egress.as_ref().and_then(|(p, token)| p.close(token)) {
             self.say(&egress_line(&t));
+            let mut refused_hosts: Vec<String> = Vec::new();
+            for c in t.recent.iter().rev().filter(|c| c.refused.is_some()) {
+                let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
+                if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
+                    refused_hosts.push(hp);
+                }
+            }
+            self.egress = Some(crate::api::EgressSummary {
+                connections: t.connections,
+                refused: t.refused,
+                bytes_out: t.bytes_out,
+                bytes_in: t.bytes_in,
+                refused_hosts,
+            });
             for c in t.recent.iter().filter(|c| c.refused.is_some()) {
                 self.rec
                     .log("egress", &format!("refused {}:{}: {}", c.host, c.port, c.refused.as_deref().unwrap_or("")));
@@ -1086,6 +1103,7 @@ impl<'a> Run<'a> {
             agent_config: Some(self.r.agent_config.record()),
             mcp_requests: self.metered.as_ref().map(|m| m.mcp_requests.clone()).unwrap_or_default(),
             permission_denials: t.result.as_ref().map_or(0, |r| r.permission_denials),
+            egress: self.egress.clone(),
         }
     }
 }

@@ -185,6 +185,7 @@ impl ExecutionRow {
             agent_config: None,
             permission_denials: 0,
             mcp_requests: Default::default(),
+            egress: None,
         }
     }
 }
