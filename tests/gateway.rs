@@ -1280,7 +1280,7 @@ async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
         ..Default::default()
     };
     let servers = [server("tracker", tracker.url.clone()), server("moved", format!("{redirecting}/mcp"))];
-    let routes = mcp::routes(&servers, |_, _| Ok(VALUE.to_string())).unwrap();
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(VALUE.to_string())).unwrap();
     let (g, base) = controller_gateway("http://127.0.0.1:9").await;
     g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}});
@@ -1321,4 +1321,100 @@ async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
 
     g.close("ns", "ax");
     assert_eq!(post("tracker", Some("token-of-ax")).await.unwrap().status(), 401, "the run is over");
+}
+
+/// The gateway enforces the MCP part of the agent's permission rules itself: the agent has a
+/// shell, reads its route and token from its MCP config and can POST any JSON-RPC to it without
+/// the CLI. A `tools/call` of a tool the rules deny (or an allow list does not name) is answered
+/// with a JSON-RPC error and never reaches the server; `tools/list` answers offer only the
+/// allowed tools; what is not JSON-RPC is refused. The control: the same call without the rules
+/// reaches the server with its header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_mcp_tool_calls_the_rules_do_not_allow() {
+    use agentops::api::{AgentConfig, McpHeader, McpServer, Permissions, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let servers = [McpServer {
+        name: "tracker".into(),
+        url: Some(tracker.url.clone()),
+        headers_from: vec![McpHeader {
+            name: "X-Tracker-Token".into(),
+            secret_key_ref: SecretKeyRef { name: "tracker-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let config = |allow: &[&str], deny: &[&str]| AgentConfig {
+        permissions: Some(Permissions {
+            allow: allow.iter().map(|r| r.to_string()).collect(),
+            deny: deny.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    let open = |name: &str, rules: mcp::McpRules| {
+        let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-2b7c".to_string())).unwrap();
+        g.open("ns", name, Account::new(API_KEY, &format!("token-of-{name}"), None).with_mcp(routes));
+    };
+    open("control", mcp::McpRules::default());
+    open("denied", mcp::McpRules::of(&config(&[], &["mcp__tracker__delete_all"]), &[], &[]));
+    open("listed", mcp::McpRules::of(&AgentConfig::default(), &["mcp__tracker__lookup".into(), "Bash".into()], &[]));
+    open("whole", mcp::McpRules::of(&config(&["mcp__tracker"], &[]), &[], &[]));
+    open("starred", mcp::McpRules::of(&AgentConfig::default(), &[], &["mcp__tracker__*".into()]));
+    let post = |name: &str, body: String| {
+        support::http()
+            .post(format!("{base}/gateway/ns/{name}/mcp/tracker"))
+            .bearer_auth(format!("token-of-{name}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", "session-7d2a")
+            .body(body)
+            .send()
+    };
+    let call =
+        |tool: &str| json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": tool}}).to_string();
+    let calls = || tracker.seen().iter().filter(|s| s.body["method"] == "tools/call").count();
+
+    // The control: without rules the agent's own POST reaches the server, header added.
+    let ok = post("control", call("delete_all")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(calls(), 1);
+    assert_eq!(tracker.seen()[0].header("x-tracker-token"), Some("hdr-value-2b7c"));
+
+    let refused = post("denied", call("delete_all")).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert!(
+        answer["error"]["message"].as_str().unwrap().contains("do not allow the MCP tool mcp__tracker__delete_all"),
+        "{answer}"
+    );
+    // A batch hiding it, and a name the CLI would write the same way, are refused too.
+    let batch = format!("[{},{}]", call("lookup"), call("delete_all"));
+    assert_eq!(post("denied", batch).await.unwrap().status(), 403);
+    assert_eq!(post("denied", call("delete.all")).await.unwrap().status(), 403);
+    assert_eq!(calls(), 1, "none of those reached the server");
+    assert_eq!(post("denied", call("lookup")).await.unwrap().status(), 200, "what is not denied runs");
+    assert_eq!(calls(), 2);
+    for not_jsonrpc in ["delete_all", "{\"method\":\"tools/call\",\"params\":{\"name\":\"delete_all\"}}", "[]", "7"] {
+        assert_eq!(post("denied", not_jsonrpc.into()).await.unwrap().status(), 400, "{not_jsonrpc}");
+    }
+    let m = g.metered("ns", "denied").unwrap();
+    assert_eq!(m.refused_not_allowed, 7, "{:?}", m.last_refused);
+    assert_eq!(m.mcp_requests.get("tracker"), Some(&1), "only the allowed call was relayed");
+
+    // An allow list naming MCP tools: only those; `mcp__server` allows all; `mcp__server__*` denies all.
+    assert_eq!(post("listed", call("delete_all")).await.unwrap().status(), 403);
+    assert_eq!(post("listed", call("lookup")).await.unwrap().status(), 200);
+    assert_eq!(post("whole", call("delete_all")).await.unwrap().status(), 200);
+    assert_eq!(post("starred", call("lookup")).await.unwrap().status(), 403);
+
+    // The tool list offers only what may be called.
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}).to_string();
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names(post("control", list.clone()).await.unwrap().json().await.unwrap()), ["lookup", "delete_all"]);
+    assert_eq!(names(post("denied", list.clone()).await.unwrap().json().await.unwrap()), ["lookup"]);
+    assert_eq!(names(post("starred", list).await.unwrap().json().await.unwrap()), Vec::<String>::new());
 }

@@ -24,6 +24,8 @@ use crate::api::McpTransport;
 pub const MAX_MCP_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// MCP requests (and open event streams) of one execution at once.
 pub const MAX_MCP_IN_FLIGHT: usize = 8;
+/// Largest tool list read whole to be filtered.
+const MAX_MCP_ANSWER_BYTES: usize = 8 * 1024 * 1024;
 /// Longest an upstream MCP answer may go without a byte before it is given up.
 const MCP_SILENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
@@ -39,6 +41,43 @@ pub struct McpUpstream {
     pub transport: McpTransport,
     /// Added to every request; values from Secrets.
     pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The MCP part of the agent's permission rules, frozen when the execution started.
+    pub rules: Arc<McpRules>,
+}
+
+/// The MCP part of the agent's permission rules (`permissions` and `allowedTools` /
+/// `disallowedTools`), which the gateway enforces on `tools/call` itself: the agent has a shell
+/// and can POST to its route without the CLI. Claude Code's forms: `mcp__server` (every tool of
+/// the server), `mcp__server__*`, `mcp__server__tool`. A deny (or ask: nobody answers) rule wins;
+/// with allow rules naming MCP tools, only those run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct McpRules {
+    deny: Vec<String>,
+    /// None: no allow rule names an MCP tool (every tool not denied runs).
+    allow: Option<Vec<String>>,
+}
+
+impl McpRules {
+    /// The rules of a resolved configuration and its tool lists.
+    pub fn of(c: &crate::api::AgentConfig, allowed_tools: &[String], disallowed_tools: &[String]) -> Self {
+        let p = c.permissions.clone().unwrap_or_default();
+        let mcp = |r: &&String| r.trim().starts_with("mcp__");
+        let own = |r: &String| r.trim().to_string();
+        let deny = p.deny.iter().chain(&p.ask).chain(disallowed_tools).filter(mcp).map(own).collect();
+        let allow: Vec<String> = p.allow.iter().chain(allowed_tools).filter(mcp).map(own).collect();
+        Self { deny, allow: (!allow.is_empty()).then_some(allow) }
+    }
+
+    /// Whether the tool `tool` (as the server names it) of `server` may be called.
+    pub fn allows(&self, server: &str, tool: &str) -> bool {
+        // The CLI's own name for the tool: anything but [A-Za-z0-9_-] becomes '_'.
+        let tool: String =
+            tool.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+        let (whole, any, exact) =
+            (format!("mcp__{server}"), format!("mcp__{server}__*"), format!("mcp__{server}__{tool}"));
+        let names = |r: &String| *r == whole || *r == any || *r == exact;
+        !self.deny.iter().any(names) && self.allow.as_ref().is_none_or(|a| a.iter().any(names))
+    }
 }
 
 impl std::fmt::Debug for McpUpstream {
@@ -52,12 +91,15 @@ impl std::fmt::Debug for McpUpstream {
 pub type McpRoutes = BTreeMap<String, McpUpstream>;
 
 /// Builds the routes of `servers` (the resolved remote ones) with their header values, which
-/// `value` looks up (server name, header name). Errors name the server and header.
+/// `value` looks up (server name, header name), and the rules their tool calls obey. Errors name
+/// the server and header.
 pub fn routes(
     servers: &[crate::api::McpServer],
+    rules: &McpRules,
     mut value: impl FnMut(&crate::api::McpServer, &crate::api::McpHeader) -> Result<String, String>,
 ) -> Result<McpRoutes, String> {
     let mut out = McpRoutes::new();
+    let rules = Arc::new(rules.clone());
     for s in servers {
         let Some(url) = &s.url else { continue };
         let url = url::Url::parse(url).map_err(|e| format!("MCP server {:?}: {e}", s.name))?;
@@ -72,7 +114,10 @@ pub fn routes(
             v.set_sensitive(true);
             headers.push((name, v));
         }
-        out.insert(s.name.clone(), McpUpstream { url, transport: s.transport.unwrap_or_default(), headers });
+        out.insert(
+            s.name.clone(),
+            McpUpstream { url, transport: s.transport.unwrap_or_default(), headers, rules: rules.clone() },
+        );
     }
     Ok(out)
 }
@@ -152,6 +197,22 @@ pub async fn relay(
             return close(refuse(StatusCode::BAD_REQUEST, "invalid_request_error", "the body did not arrive whole"));
         }
     };
+    // What goes is what was checked: the body re-serialized from the parsed message (no
+    // duplicate key or other parser difference between the gateway and the server).
+    let (bytes, lists_tools) = if method == Method::POST {
+        match check_body(&bytes, server, &upstream.rules) {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                count_refused(account, &method, server);
+                if let Some(f) = &account.on_change {
+                    f();
+                }
+                return refusal;
+            }
+        }
+    } else {
+        (bytes, false)
+    };
     if let Ok(mut m) = account.metered.lock() {
         *m.mcp_requests.entry(server.to_string()).or_default() += 1;
     }
@@ -189,6 +250,43 @@ pub async fn relay(
         for value in resp.headers().get_all(*name) {
             answer = answer.header(*name, value);
         }
+    }
+    let json_answer = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if lists_tools && json_answer {
+        // The tool list, filtered to what the rules allow: the model is not offered a tool whose
+        // call would be refused.
+        let mut resp = resp;
+        let mut whole = Vec::new();
+        loop {
+            match tokio::time::timeout(MCP_SILENCE, resp.chunk()).await {
+                Ok(Ok(Some(chunk))) if whole.len() + chunk.len() <= MAX_MCP_ANSWER_BYTES => {
+                    whole.extend_from_slice(&chunk)
+                }
+                Ok(Ok(None)) => break,
+                _ => {
+                    return refuse(
+                        StatusCode::BAD_GATEWAY,
+                        "api_error",
+                        "the MCP server's tool list did not arrive whole",
+                    );
+                }
+            }
+        }
+        drop(slot);
+        let body = match serde_json::from_slice::<serde_json::Value>(&whole) {
+            Ok(mut v) => {
+                filter_tools(&mut v, server, &upstream.rules);
+                Bytes::from(v.to_string())
+            }
+            Err(_) => Bytes::from(whole),
+        };
+        return answer
+            .body(Body::from(body))
+            .unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"));
     }
     let sse_stream = upstream.transport == McpTransport::Sse
         && resp
@@ -229,6 +327,74 @@ fn count_refused(account: &Account, method: &Method, server: &str) {
     if let Ok(mut m) = account.metered.lock() {
         m.refused_not_allowed += 1;
         m.last_refused = Some(format!("{method} MCP {}", crate::api::report::truncate(server, 64)));
+    }
+}
+
+/// Checks a POSTed body: one JSON-RPC message or a batch of them, each `jsonrpc: "2.0"`; a
+/// `tools/call` must name a tool the rules allow. Gives the body to forward (re-serialized) and
+/// whether it asks for `tools/list`, or the refusal to answer.
+fn check_body(bytes: &[u8], server: &str, rules: &McpRules) -> Result<(Bytes, bool), Response> {
+    let not_jsonrpc = || {
+        close(refuse(StatusCode::BAD_REQUEST, "invalid_request_error", "the gateway relays JSON-RPC 2.0 messages only"))
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| not_jsonrpc())?;
+    let messages: Vec<&serde_json::Value> = match &value {
+        serde_json::Value::Array(a) if !a.is_empty() => a.iter().collect(),
+        serde_json::Value::Object(_) => vec![&value],
+        _ => return Err(not_jsonrpc()),
+    };
+    let mut refused = None;
+    let mut lists_tools = false;
+    for m in &messages {
+        if !m.is_object() || m.get("jsonrpc").and_then(|v| v.as_str()) != Some("2.0") {
+            return Err(not_jsonrpc());
+        }
+        match m.get("method") {
+            None => {}
+            Some(serde_json::Value::String(name)) if name == "tools/call" => {
+                let tool = m.get("params").and_then(|p| p.get("name")).and_then(|n| n.as_str());
+                match tool {
+                    Some(tool) if rules.allows(server, tool) => {}
+                    Some(tool) => refused = Some(crate::api::report::truncate(tool, 128)),
+                    None => return Err(not_jsonrpc()),
+                }
+            }
+            Some(serde_json::Value::String(name)) => lists_tools |= name == "tools/list",
+            Some(_) => return Err(not_jsonrpc()),
+        }
+    }
+    if let Some(tool) = refused {
+        let message = format!("the agent's permission rules do not allow the MCP tool mcp__{server}__{tool}");
+        let errors: Vec<serde_json::Value> = messages
+            .iter()
+            .filter_map(|m| m.get("id"))
+            .map(|id| serde_json::json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32600, "message": message}}))
+            .collect();
+        let body = match (&value, errors.as_slice()) {
+            (serde_json::Value::Object(_), [one]) => one.to_string(),
+            _ => serde_json::Value::Array(errors).to_string(),
+        };
+        return Err(close(
+            Response::builder()
+                .status(StatusCode::FORBIDDEN)
+                .header("content-type", "application/json")
+                .body(Body::from(body))
+                .unwrap_or_else(|_| refuse(StatusCode::FORBIDDEN, "permission_error", "not allowed")),
+        ));
+    }
+    Ok((Bytes::from(value.to_string()), lists_tools))
+}
+
+/// Keeps, in a JSON-RPC answer (or batch), only the tools the rules allow in `result.tools`.
+fn filter_tools(value: &mut serde_json::Value, server: &str, rules: &McpRules) {
+    match value {
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|v| filter_tools(v, server, rules)),
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::Array(tools)) = o.get_mut("result").and_then(|r| r.get_mut("tools")) {
+                tools.retain(|t| t.get("name").and_then(|n| n.as_str()).is_some_and(|n| rules.allows(server, n)));
+            }
+        }
+        _ => {}
     }
 }
 
