@@ -1418,3 +1418,70 @@ async fn the_gateway_refuses_mcp_tool_calls_the_rules_do_not_allow() {
     assert_eq!(names(post("denied", list.clone()).await.unwrap().json().await.unwrap()), ["lookup"]);
     assert_eq!(names(post("starred", list).await.unwrap().json().await.unwrap()), Vec::<String>::new());
 }
+
+/// SSE transport: the agent POSTs only to an endpoint the server announced on its stream, named
+/// by the opaque id the gateway gave it; a path of its own choosing on the server's origin
+/// (`?endpoint=/admin/...`, the old form) is refused and never gets the header. Tool lists on the
+/// stream are filtered like JSON ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_relays_sse_posts_only_to_announced_endpoints() {
+    use agentops::api::{AgentConfig, McpHeader, McpServer, McpTransport, Permissions, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let servers = [McpServer {
+        name: "tracker".into(),
+        url: Some(tracker.sse_url.clone()),
+        transport: Some(McpTransport::Sse),
+        headers_from: vec![McpHeader {
+            name: "X-Tracker-Token".into(),
+            secret_key_ref: SecretKeyRef { name: "tracker-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let config = AgentConfig {
+        permissions: Some(Permissions { deny: vec!["mcp__tracker__delete_all".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let rules = mcp::McpRules::of(&config, &[], &[]);
+    let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-91c3".to_string())).unwrap();
+    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    let route = format!("{base}/gateway/ns/ax/mcp/tracker");
+    let mut stream = support::http().get(&route).bearer_auth("token-of-ax").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut seen = String::new();
+    let mut read_until = async |what: &str, seen: &mut String| {
+        while !seen.contains(what) {
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk()).await;
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap().unwrap()));
+        }
+    };
+    read_until("\n\n", &mut seen).await;
+    assert!(
+        !seen.contains("messages") && !seen.contains("session-7d2a"),
+        "the server's endpoint stays at the gateway: {seen}"
+    );
+    let id = seen.split("data: ?endpoint=").nth(1).unwrap().trim().to_string();
+    let post = |query: String, body: serde_json::Value| {
+        support::http().post(format!("{route}?{query}")).bearer_auth("token-of-ax").json(&body).send()
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+    for query in ["endpoint=%2Fadmin%2Frotate-keys%3Fall%3D1", "endpoint=%2Fmessages%3FsessionId%3Dsession-7d2a"] {
+        assert_eq!(post(query.into(), init.clone()).await.unwrap().status(), 404, "{query}");
+    }
+    assert_eq!(tracker.seen().len(), 1, "only the stream's GET reached the server");
+    assert_eq!(post(format!("endpoint={id}"), init).await.unwrap().status(), 202);
+    let posted = tracker.seen();
+    assert_eq!((posted[1].path.as_str(), posted[1].header("x-tracker-token")), ("/messages", Some("hdr-value-91c3")));
+    read_until("serverInfo", &mut seen).await;
+
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    assert_eq!(post(format!("endpoint={id}"), list).await.unwrap().status(), 202);
+    // The gateway passes whole events: the answer is all there once its id is.
+    read_until("\"id\":2", &mut seen).await;
+    let listed = seen.split("data: ").last().unwrap();
+    assert!(listed.contains("lookup") && !listed.contains("delete_all"), "{listed}");
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "delete_all"}});
+    assert_eq!(post(format!("endpoint={id}"), call).await.unwrap().status(), 403);
+    assert_eq!(tracker.seen().len(), 3, "the refused call did not reach the server");
+}

@@ -43,6 +43,35 @@ pub struct McpUpstream {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The MCP part of the agent's permission rules, frozen when the execution started.
     pub rules: Arc<McpRules>,
+    /// SSE transport: the endpoints the server announced (`endpoint` events), by the opaque id
+    /// the agent was given instead; POSTs go to these exact URLs only. Shared by the clones.
+    pub endpoints: Arc<std::sync::Mutex<Vec<(String, url::Url)>>>,
+}
+
+/// Announced endpoints remembered per server (the oldest is forgotten first).
+const MAX_ENDPOINTS: usize = 16;
+/// Largest SSE event the gateway parses (an event is held whole until its end).
+const MAX_SSE_EVENT_BYTES: usize = 8 * 1024 * 1024;
+
+impl McpUpstream {
+    /// Remembers an endpoint the server announced; gives the agent's id for it.
+    fn announce(&self, target: url::Url) -> Option<String> {
+        let mut known = self.endpoints.lock().ok()?;
+        if let Some((id, _)) = known.iter().find(|(_, u)| *u == target) {
+            return Some(id.clone());
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if known.len() >= MAX_ENDPOINTS {
+            known.remove(0);
+        }
+        known.push((id.clone(), target));
+        Some(id)
+    }
+
+    /// The announced endpoint of an id the agent presents.
+    fn endpoint(&self, id: &str) -> Option<url::Url> {
+        self.endpoints.lock().ok()?.iter().find(|(i, _)| i == id).map(|(_, u)| u.clone())
+    }
 }
 
 /// The MCP part of the agent's permission rules (`permissions` and `allowedTools` /
@@ -116,7 +145,13 @@ pub fn routes(
         }
         out.insert(
             s.name.clone(),
-            McpUpstream { url, transport: s.transport.unwrap_or_default(), headers, rules: rules.clone() },
+            McpUpstream {
+                url,
+                transport: s.transport.unwrap_or_default(),
+                headers,
+                rules: rules.clone(),
+                endpoints: Default::default(),
+            },
         );
     }
     Ok(out)
@@ -160,14 +195,14 @@ pub async fn relay(
         count_refused(account, &method, server);
         return close(refuse(StatusCode::NOT_FOUND, "not_found_error", "no such MCP server for this execution"));
     };
-    // Where it goes: the configured URL itself; with SSE also the endpoint the server named, on
-    // the URL's own origin.
+    // Where it goes: the configured URL itself; with SSE also an endpoint the server announced
+    // on the stream (the agent names it by the id it was given; never a URL of its own).
     let target = match (upstream.transport, rest, query, &method) {
         (_, "", None, m) if *m == Method::POST || *m == Method::GET || *m == Method::DELETE => {
             Some(upstream.url.clone())
         }
         (McpTransport::Sse, "", Some(q), m) if *m == Method::POST => {
-            endpoint_of(q).and_then(|e| upstream.url.join(&e).ok()).filter(|u| u.origin() == upstream.url.origin())
+            q.strip_prefix("endpoint=").and_then(|id| upstream.endpoint(id))
         }
         _ => None,
     };
@@ -207,7 +242,7 @@ pub async fn relay(
                 if let Some(f) = &account.on_change {
                     f();
                 }
-                return refusal;
+                return *refusal;
             }
         }
     } else {
@@ -288,38 +323,32 @@ pub async fn relay(
             .body(Body::from(body))
             .unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"));
     }
-    let sse_stream = upstream.transport == McpTransport::Sse
-        && resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|c| c.starts_with("text/event-stream"))
-        && query.is_none();
+    let event_stream = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    // An event stream is parsed event by event across chunks: `endpoint` events are rewritten
+    // (or dropped), tool lists filtered; anything else passes as it came.
+    let events = event_stream.then(|| SseRelay::new(upstream.clone(), server.to_string()));
     let upstream_bytes = resp.bytes_stream();
-    let stream = futures::stream::unfold(
-        (upstream_bytes, slot, Vec::<u8>::new(), sse_stream),
-        |(mut up, slot, mut pending, rewrite)| async move {
-            loop {
-                let next = tokio::time::timeout(MCP_SILENCE, up.next()).await.ok().flatten();
-                match next {
-                    Some(Ok(chunk)) if rewrite => {
-                        pending.extend_from_slice(&chunk);
-                        // Whole lines only: an `endpoint` event's data is rewritten to come back here.
-                        let Some(end) = pending.iter().rposition(|b| *b == b'\n') else { continue };
-                        let rest = pending.split_off(end + 1);
-                        let lines = std::mem::replace(&mut pending, rest);
-                        return Some((
-                            Ok::<Bytes, std::io::Error>(rewrite_endpoint(&lines)),
-                            (up, slot, pending, rewrite),
-                        ));
-                    }
-                    Some(Ok(chunk)) => return Some((Ok(chunk), (up, slot, pending, rewrite))),
-                    Some(Err(e)) => return Some((Err(std::io::Error::other(e)), (up, slot, Vec::new(), false))),
-                    None => return None,
-                }
-            }
-        },
-    );
+    let stream = futures::stream::unfold(Some((upstream_bytes, slot, events)), |state| async move {
+        let (mut up, slot, mut events) = state?;
+        loop {
+            let next = tokio::time::timeout(MCP_SILENCE, up.next()).await.ok().flatten();
+            let item = match (next, events.as_mut()) {
+                (Some(Ok(chunk)), Some(ev)) => match ev.feed(&chunk) {
+                    Ok(out) if out.is_empty() => continue,
+                    Ok(out) => Ok(out),
+                    Err(e) => return Some((Err(std::io::Error::other(e)), None)),
+                },
+                (Some(Ok(chunk)), None) => Ok(chunk),
+                (Some(Err(e)), _) => return Some((Err(std::io::Error::other(e)), None)),
+                (None, _) => return None,
+            };
+            return Some((item, Some((up, slot, events))));
+        }
+    });
     answer.body(Body::from_stream(stream)).unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"))
 }
 
@@ -333,9 +362,13 @@ fn count_refused(account: &Account, method: &Method, server: &str) {
 /// Checks a POSTed body: one JSON-RPC message or a batch of them, each `jsonrpc: "2.0"`; a
 /// `tools/call` must name a tool the rules allow. Gives the body to forward (re-serialized) and
 /// whether it asks for `tools/list`, or the refusal to answer.
-fn check_body(bytes: &[u8], server: &str, rules: &McpRules) -> Result<(Bytes, bool), Response> {
+fn check_body(bytes: &[u8], server: &str, rules: &McpRules) -> Result<(Bytes, bool), Box<Response>> {
     let not_jsonrpc = || {
-        close(refuse(StatusCode::BAD_REQUEST, "invalid_request_error", "the gateway relays JSON-RPC 2.0 messages only"))
+        Box::new(close(refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "the gateway relays JSON-RPC 2.0 messages only",
+        )))
     };
     let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|_| not_jsonrpc())?;
     let messages: Vec<&serde_json::Value> = match &value {
@@ -374,13 +407,13 @@ fn check_body(bytes: &[u8], server: &str, rules: &McpRules) -> Result<(Bytes, bo
             (serde_json::Value::Object(_), [one]) => one.to_string(),
             _ => serde_json::Value::Array(errors).to_string(),
         };
-        return Err(close(
+        return Err(Box::new(close(
             Response::builder()
                 .status(StatusCode::FORBIDDEN)
                 .header("content-type", "application/json")
                 .body(Body::from(body))
                 .unwrap_or_else(|_| refuse(StatusCode::FORBIDDEN, "permission_error", "not allowed")),
-        ));
+        )));
     }
     Ok((Bytes::from(value.to_string()), lists_tools))
 }
@@ -398,48 +431,210 @@ fn filter_tools(value: &mut serde_json::Value, server: &str, rules: &McpRules) {
     }
 }
 
-/// The server's endpoint from the query the rewritten `endpoint` event gave the agent.
-fn endpoint_of(query: &str) -> Option<String> {
-    url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "endpoint").map(|(_, v)| v.into_owned())
+/// An event stream relayed event by event. Lines end with CRLF, LF or CR (the SSE
+/// specification's three), possibly split across chunks; an event ends at an empty line and is
+/// held whole until then (at most `MAX_SSE_EVENT_BYTES`). An `endpoint` event is replaced by one
+/// naming an opaque id (the server's endpoint is remembered, `McpUpstream::announce`), or dropped
+/// when its endpoint is not on the server's origin; a JSON-RPC answer carrying `result.tools` is
+/// filtered to the tools the rules allow; any other event passes byte for byte.
+struct SseRelay {
+    upstream: McpUpstream,
+    server: String,
+    /// The current line so far.
+    line: Vec<u8>,
+    /// The last line ended with CR: an LF right after it belongs to that line end.
+    after_cr: bool,
+    /// The current event's bytes as received.
+    raw: Vec<u8>,
+    /// Its `event` and `data` fields so far.
+    kind: Option<String>,
+    data: Option<String>,
+    /// Its other lines (`id`, `retry`, comments), to write back with a changed event.
+    other: Vec<String>,
 }
 
-/// Rewrites the data of `event: endpoint` (SSE transport: where the client POSTs) into a query
-/// on the gateway's own URL for the server, which the client resolves against the stream's URL.
-fn rewrite_endpoint(lines: &[u8]) -> Bytes {
-    let text = String::from_utf8_lossy(lines);
-    let mut out = String::with_capacity(text.len() + 32);
-    let mut in_endpoint = false;
-    for line in text.split_inclusive('\n') {
-        let bare = line.trim_end_matches(['\r', '\n']);
-        if bare.is_empty() {
-            in_endpoint = false;
-        } else if bare.strip_prefix("event:").is_some_and(|e| e.trim() == "endpoint") {
-            in_endpoint = true;
-        } else if in_endpoint && let Some(data) = bare.strip_prefix("data:") {
-            let encoded: String = url::form_urlencoded::byte_serialize(data.trim().as_bytes()).collect();
-            out.push_str(&format!("data: ?endpoint={encoded}\n"));
-            continue;
+impl SseRelay {
+    fn new(upstream: McpUpstream, server: String) -> Self {
+        Self {
+            upstream,
+            server,
+            line: Vec::new(),
+            after_cr: false,
+            raw: Vec::new(),
+            kind: None,
+            data: None,
+            other: Vec::new(),
         }
-        out.push_str(line);
     }
-    Bytes::from(out)
+
+    /// Takes a chunk of the stream; gives the bytes to pass on (whole events only).
+    fn feed(&mut self, chunk: &[u8]) -> Result<Bytes, &'static str> {
+        let mut out = Vec::new();
+        for &b in chunk {
+            if self.after_cr {
+                self.after_cr = false;
+                if b == b'\n' {
+                    self.raw.push(b);
+                    continue;
+                }
+            }
+            self.raw.push(b);
+            if self.raw.len() > MAX_SSE_EVENT_BYTES {
+                return Err("an MCP server's event is larger than the gateway relays");
+            }
+            match b {
+                b'\r' | b'\n' => {
+                    self.after_cr = b == b'\r';
+                    let line = std::mem::take(&mut self.line);
+                    if line.is_empty() {
+                        self.end_event(&mut out);
+                    } else {
+                        self.field(&line);
+                    }
+                }
+                _ => self.line.push(b),
+            }
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// One line of an event (the SSE specification's field parsing).
+    fn field(&mut self, line: &[u8]) {
+        let line = String::from_utf8_lossy(line);
+        let (name, value) = match line.split_once(':') {
+            Some((n, v)) => (n, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line.as_ref(), ""),
+        };
+        match name {
+            "event" => self.kind = Some(value.to_string()),
+            "data" => match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => self.data = Some(value.to_string()),
+            },
+            _ => self.other.push(line.into_owned()),
+        }
+    }
+
+    /// The current event is complete: pass it, change it or drop it.
+    fn end_event(&mut self, out: &mut Vec<u8>) {
+        let raw = std::mem::take(&mut self.raw);
+        let (kind, data, other) = (self.kind.take(), self.data.take(), std::mem::take(&mut self.other));
+        let kind = kind.unwrap_or_default();
+        let rewritten = |data: &str| {
+            let mut e: String = other.iter().map(|l| format!("{l}\n")).collect();
+            if !kind.is_empty() {
+                e.push_str(&format!("event: {kind}\n"));
+            }
+            for l in data.split('\n') {
+                e.push_str(&format!("data: {l}\n"));
+            }
+            e.push('\n');
+            e
+        };
+        if kind.trim() == "endpoint" {
+            // Where the client POSTs: only an endpoint on the server's origin, named by an id.
+            let target = data.as_deref().and_then(|d| self.upstream.url.join(d.trim()).ok());
+            let id =
+                target.filter(|u| u.origin() == self.upstream.url.origin()).and_then(|u| self.upstream.announce(u));
+            match id {
+                Some(id) => out.extend_from_slice(rewritten(&format!("?endpoint={id}")).as_bytes()),
+                None => tracing::warn!(server = self.server, "dropped an MCP endpoint event the gateway cannot relay"),
+            }
+            return;
+        }
+        if let Some(d) = &data
+            && d.contains("\"tools\"")
+            && let Ok(mut v) = serde_json::from_str::<serde_json::Value>(d)
+        {
+            filter_tools(&mut v, &self.server, &self.upstream.rules);
+            out.extend_from_slice(rewritten(&v.to_string()).as_bytes());
+            return;
+        }
+        out.extend_from_slice(&raw);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn upstream(url: &str) -> McpUpstream {
+        McpUpstream {
+            url: url::Url::parse(url).unwrap(),
+            transport: McpTransport::Sse,
+            headers: Vec::new(),
+            rules: Default::default(),
+            endpoints: Default::default(),
+        }
+    }
+
+    /// Feeds the chunks; gives what the agent receives.
+    fn relayed(up: &McpUpstream, chunks: &[&[u8]]) -> String {
+        let mut relay = SseRelay::new(up.clone(), "tracker".into());
+        let out: Vec<u8> = chunks.iter().flat_map(|c| relay.feed(c).unwrap().to_vec()).collect();
+        String::from_utf8(out).unwrap()
+    }
+
     #[test]
-    fn the_endpoint_event_comes_back_to_the_gateway_and_nothing_else_changes() {
-        let stream = b"event: endpoint\ndata: /messages?sessionId=abc\n\nevent: message\ndata: {\"x\":1}\n\n";
-        let out = rewrite_endpoint(stream);
-        assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
-            "event: endpoint\ndata: ?endpoint=%2Fmessages%3FsessionId%3Dabc\n\nevent: message\ndata: {\"x\":1}\n\n"
+    fn the_endpoint_event_becomes_an_id_and_nothing_else_changes() {
+        let up = upstream("https://mcp.example.com/sse");
+        let out =
+            relayed(&up, &[b"event: endpoint\ndata: /messages?sessionId=abc\n\nevent: message\ndata: {\"x\":1}\n\n"]);
+        let id = up.endpoints.lock().unwrap()[0].0.clone();
+        assert_eq!(out, format!("event: endpoint\ndata: ?endpoint={id}\n\nevent: message\ndata: {{\"x\":1}}\n\n"));
+        assert_eq!(up.endpoint(&id).unwrap().as_str(), "https://mcp.example.com/messages?sessionId=abc");
+        assert!(up.endpoint("/admin/rotate-keys?all=1").is_none(), "only an id the server's event made");
+    }
+
+    #[test]
+    fn an_endpoint_event_split_across_chunks_or_ended_by_cr_is_still_rewritten() {
+        for chunks in [
+            &[&b"event: endpoint\n"[..], b"data: /messages?sessionId=abc\n\n"][..],
+            &[b"event: endpoint\r", b"data: /messages?sessionId=abc\r\r"],
+            &[b"event: endpoint\r", b"\ndata: /messages?session", b"Id=abc\r\n", b"\r", b"\n"],
+            &[b"event:endpoint\ndata:/messages?sessionId=abc\n", b"\n"],
+        ] {
+            let up = upstream("https://mcp.example.com/sse");
+            let out = relayed(&up, chunks);
+            assert!(!out.contains("messages"), "{chunks:?}: {out:?}");
+            assert!(out.starts_with("event: endpoint\ndata: ?endpoint="), "{chunks:?}: {out:?}");
+            assert_eq!(up.endpoints.lock().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_event_that_cannot_be_rewritten_is_dropped() {
+        let up = upstream("https://mcp.example.com/sse");
+        let out = relayed(
+            &up,
+            &[b"event: endpoint\ndata: https://attacker.example.net/steal\n\nevent: message\ndata: 1\n\n"],
         );
-        assert_eq!(endpoint_of("endpoint=%2Fmessages%3FsessionId%3Dabc").as_deref(), Some("/messages?sessionId=abc"));
-        let base = url::Url::parse("https://mcp.example.com/sse").unwrap();
-        let elsewhere = base.join("https://attacker.example.net/steal").unwrap();
-        assert_ne!(elsewhere.origin(), base.origin(), "another origin is refused");
+        assert_eq!(out, "event: message\ndata: 1\n\n");
+        assert!(up.endpoints.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn tool_rules_match_the_clis_forms() {
+        let c = |allow: &[&str], deny: &[&str]| crate::api::AgentConfig {
+            permissions: Some(crate::api::Permissions {
+                allow: allow.iter().map(|r| r.to_string()).collect(),
+                deny: deny.iter().map(|r| r.to_string()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let rules = McpRules::of(&c(&["mcp__t__lookup", "Bash"], &["mcp__t__drop"]), &[], &[]);
+        assert!(rules.allows("t", "lookup"));
+        assert!(!rules.allows("t", "drop") && !rules.allows("t", "other") && !rules.allows("u", "lookup"));
+        let rules = McpRules::of(&c(&["mcp__t"], &["mcp__u__*"]), &[], &[]);
+        assert!(rules.allows("t", "anything") && !rules.allows("u", "x"));
+        assert!(McpRules::of(&c(&["Bash"], &[]), &[], &[]).allows("t", "x"), "no MCP allow rule: not restricted");
+        let rules = McpRules::of(&crate::api::AgentConfig::default(), &[], &["mcp__t__a.b".into()]);
+        assert!(rules.allows("t", "a.b"), "a rule names the CLI's form of the tool (a_b), not the server's");
+        let rules = McpRules::of(&crate::api::AgentConfig::default(), &[], &["mcp__t__a_b".into()]);
+        assert!(!rules.allows("t", "a.b"));
     }
 }
