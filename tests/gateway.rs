@@ -65,7 +65,16 @@ async fn relays_with_the_real_key_and_counts_exactly() {
 
 /// The controller's gateway: one account per execution, under its path.
 async fn controller_gateway(upstream: &str) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
-    let g = std::sync::Arc::new(agentops::gateway::Gateways::new(upstream).unwrap());
+    serve_gateways(agentops::gateway::Gateways::new(upstream).unwrap()).await
+}
+
+/// The same, with remote MCP servers allowed on loopback (the fake ones are on 127.0.0.1).
+async fn local_mcp_gateway(upstream: &str) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
+    serve_gateways(agentops::gateway::Gateways::new(upstream).unwrap().allowing_local_mcp().unwrap()).await
+}
+
+async fn serve_gateways(g: agentops::gateway::Gateways) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
+    let g = std::sync::Arc::new(g);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = g.clone().router();
@@ -1281,7 +1290,7 @@ async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
     };
     let servers = [server("tracker", tracker.url.clone()), server("moved", format!("{redirecting}/mcp"))];
     let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(VALUE.to_string())).unwrap();
-    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
     g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}});
     let post = |path: &str, token: Option<&str>| {
@@ -1351,7 +1360,7 @@ async fn the_gateway_refuses_mcp_tool_calls_the_rules_do_not_allow() {
         }),
         ..Default::default()
     };
-    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
     let open = |name: &str, rules: mcp::McpRules| {
         let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-2b7c".to_string())).unwrap();
         g.open("ns", name, Account::new(API_KEY, &format!("token-of-{name}"), None).with_mcp(routes));
@@ -1444,7 +1453,7 @@ async fn the_gateway_relays_sse_posts_only_to_announced_endpoints() {
     };
     let rules = mcp::McpRules::of(&config, &[], &[]);
     let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-91c3".to_string())).unwrap();
-    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
     g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
     let route = format!("{base}/gateway/ns/ax/mcp/tracker");
     let mut stream = support::http().get(&route).bearer_auth("token-of-ax").send().await.unwrap();
@@ -1484,4 +1493,56 @@ async fn the_gateway_relays_sse_posts_only_to_announced_endpoints() {
     let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "delete_all"}});
     assert_eq!(post(format!("endpoint={id}"), call).await.unwrap().status(), 403);
     assert_eq!(tracker.seen().len(), 3, "the refused call did not reach the server");
+}
+
+/// In a cluster the relay runs in the controller, whose loopback holds its own unauthenticated
+/// ports (metrics) and whose link-local range holds the cloud metadata service: a remote MCP
+/// server there is refused, on the address connected to (a name resolving to 127.0.0.1 too),
+/// with the field named. The control: the same server reached by a gateway that allows loopback
+/// (as `agentops run` on one machine does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_gateway_refuses_mcp_servers_on_its_own_loopback() {
+    use agentops::api::McpServer;
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let port = url::Url::parse(&tracker.url).unwrap().port().unwrap();
+    let servers: Vec<McpServer> = [
+        ("ip", format!("http://127.0.0.1:{port}/mcp")),
+        ("name", format!("http://localhost:{port}/mcp")),
+        ("mapped", format!("http://[::ffff:127.0.0.1]:{port}/mcp")),
+        ("metadata", "http://169.254.169.254/latest/meta-data/".to_string()),
+        ("zero", format!("http://0.0.0.0:{port}/mcp")),
+    ]
+    .into_iter()
+    .map(|(name, url)| McpServer { name: name.into(), url: Some(url), ..Default::default() })
+    .collect();
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(String::new())).unwrap();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+    let post = |base: &str, name: &str| {
+        support::http()
+            .post(format!("{base}/gateway/ns/ax/mcp/{name}"))
+            .bearer_auth("token-of-ax")
+            .header("accept", "application/json, text/event-stream")
+            .json(&init)
+            .send()
+    };
+    let (local, local_base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    local.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes.clone()));
+    assert_eq!(post(&local_base, "ip").await.unwrap().status(), 200, "the control: loopback reached");
+    assert_eq!(post(&local_base, "name").await.unwrap().status(), 200);
+    assert_eq!(tracker.seen().len(), 2);
+
+    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    for name in ["ip", "mapped", "metadata", "zero"] {
+        let refused = post(&base, name).await.unwrap();
+        assert_eq!(refused.status(), 403, "{name}");
+        let text = refused.text().await.unwrap();
+        assert!(text.contains(&format!("spec.agent.mcpServers[{name}].url")) && text.contains("loopback"), "{text}");
+    }
+    let by_name = post(&base, "name").await.unwrap();
+    assert_eq!(by_name.status(), 502);
+    let text = by_name.text().await.unwrap();
+    assert!(text.contains("spec.agent.mcpServers[name].url resolves only to loopback"), "{text}");
+    assert_eq!(tracker.seen().len(), 2, "nothing more reached the server");
 }

@@ -157,15 +157,60 @@ pub fn routes(
     Ok(out)
 }
 
+/// Whether an MCP server's address is one the controller refuses to connect to: loopback (its
+/// own unauthenticated ports), link-local (169.254.0.0/16 with the cloud metadata service,
+/// fe80::/10), unspecified (0.0.0.0/8, `::`: this host) and the IPv6 metadata address. Private
+/// ranges stay allowed: an in-cluster MCP server is a Service.
+pub fn is_controller_local(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(a) => a.is_loopback() || a.is_link_local() || a.octets()[0] == 0,
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            a.is_loopback()
+                || a.is_unspecified()
+                || (s[0] & 0xffc0) == 0xfe80
+                || a == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || (s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] && (s[6] >> 8 == 127 || s[6] == 0xa9fe || s[6] >> 8 == 0))
+        }
+    }
+}
+
+/// Resolves names and keeps only the addresses the controller may connect to
+/// (`is_controller_local`): a name that resolves to 127.0.0.1 reaches nothing.
+struct NoLocalAddresses;
+
+impl reqwest::dns::Resolve for NoLocalAddresses {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let kept: Vec<std::net::SocketAddr> = found.into_iter().filter(|a| !is_controller_local(a.ip())).collect();
+            if kept.is_empty() {
+                return Err(format!("{host} resolves only to loopback, link-local or unspecified addresses").into());
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// An HTTP client that follows no redirect: the server's headers go to its URL and nowhere else.
-pub fn client() -> std::io::Result<reqwest::Client> {
+/// Without `local`, it connects to no loopback, link-local or unspecified address (the
+/// controller's: see `is_controller_local`); on one machine (`agentops run`) `local` is true.
+pub fn client(local: bool) -> std::io::Result<reqwest::Client> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .user_agent(concat!("agentops-gateway/", env!("CARGO_PKG_VERSION")))
         .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(std::io::Error::other)
+        .connect_timeout(std::time::Duration::from_secs(30));
+    if !local {
+        builder = builder.dns_resolver(Arc::new(NoLocalAddresses)).no_proxy();
+    }
+    builder.build().map_err(std::io::Error::other)
 }
 
 /// Relays one request of the agent to the remote server `server`; `rest` is the path after
@@ -173,6 +218,7 @@ pub fn client() -> std::io::Result<reqwest::Client> {
 #[allow(clippy::too_many_arguments)]
 pub async fn relay(
     client: &reqwest::Client,
+    local: bool,
     account: Option<&Arc<Account>>,
     process: &[Option<&BodyBudget>],
     server: &str,
@@ -214,6 +260,23 @@ pub async fn relay(
             "the gateway relays the configured MCP URL only",
         ));
     };
+    // An address given as such is not resolved: checked here (names: by `client`'s resolver).
+    let literal = match target.host() {
+        Some(url::Host::Ipv4(ip)) => Some(std::net::IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    };
+    if !local && literal.is_some_and(is_controller_local) {
+        count_refused(account, &method, server);
+        return close(refuse(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            &format!(
+                "spec.agent.mcpServers[{server}].url: the controller does not connect to loopback, link-local or \
+                 unspecified addresses; give the server's Service or public name"
+            ),
+        ));
+    }
     let Ok(slot) = account.mcp_in_flight.clone().try_acquire_owned() else {
         return refuse(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too many MCP requests in flight; try again");
     };
@@ -267,10 +330,18 @@ pub async fn relay(
     drop(held);
     let resp = match sent {
         Ok(r) => r,
-        Err(_) => {
+        Err(e) => {
             // The error may name the URL; never the headers (reqwest does not print them).
             tracing::warn!(server, "the gateway cannot reach a remote MCP server");
-            return refuse(StatusCode::BAD_GATEWAY, "api_error", "the gateway cannot reach the MCP server");
+            let why = if !local && format!("{e:?}").contains("resolves only to loopback") {
+                format!(
+                    "spec.agent.mcpServers[{server}].url resolves only to loopback, link-local or unspecified \
+                     addresses, which the controller does not connect to"
+                )
+            } else {
+                "the gateway cannot reach the MCP server".to_string()
+            };
+            return refuse(StatusCode::BAD_GATEWAY, "api_error", &why);
         }
     };
     if resp.status().is_redirection() {
