@@ -1546,3 +1546,48 @@ async fn the_controllers_gateway_refuses_mcp_servers_on_its_own_loopback() {
     assert!(text.contains("spec.agent.mcpServers[name].url resolves only to loopback"), "{text}");
     assert_eq!(tracker.seen().len(), 2, "nothing more reached the server");
 }
+
+/// A server that reflects its request headers into its answer (a debug endpoint, or a hostile
+/// server) does not hand the Secret's value to the agent: the gateway redacts the values it
+/// added, also when one is split across chunks. The control: the server's own answer has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_redacts_its_header_values_from_mcp_answers() {
+    use agentops::api::{McpHeader, McpServer, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    const VALUE: &str = "Bearer tracker-secret-77c1e0";
+    // Answers with the header it got, cut in two chunks in the middle of the value.
+    let reflecting = serve(axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let got = headers.get("authorization").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let text = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{\"echo\":\"{got}\"}}}}");
+        let (a, b) = text.split_at(text.find("secret").unwrap());
+        let chunks = vec![Ok::<_, std::convert::Infallible>(a.to_string()), Ok(b.to_string())];
+        ([("content-type", "application/json")], axum::body::Body::from_stream(futures::stream::iter(chunks)))
+    }))
+    .await;
+    let control = support::http().post(&reflecting).header("authorization", VALUE).send().await.unwrap();
+    assert!(control.text().await.unwrap().contains(VALUE), "the control: the server reflects it");
+
+    let servers = [McpServer {
+        name: "mirror".into(),
+        url: Some(format!("{reflecting}/mcp")),
+        headers_from: vec![McpHeader {
+            name: "Authorization".into(),
+            secret_key_ref: SecretKeyRef { name: "mirror-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(VALUE.to_string())).unwrap();
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    let answer = support::http()
+        .post(format!("{base}/gateway/ns/ax/mcp/mirror"))
+        .bearer_auth("token-of-ax")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let text = answer.text().await.unwrap();
+    assert!(!text.contains("tracker-secret-77c1e0"), "{text}");
+    assert_eq!(text, r#"{"jsonrpc":"2.0","id":1,"result":{"echo":"[redacted]"}}"#);
+}

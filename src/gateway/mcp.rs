@@ -390,6 +390,8 @@ pub async fn relay(
             }
             Err(_) => Bytes::from(whole),
         };
+        let mut redactor = Redactor::new(&upstream.headers);
+        let body = [redactor.feed(&body), redactor.finish()].concat();
         return answer
             .body(Body::from(body))
             .unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"));
@@ -402,22 +404,29 @@ pub async fn relay(
     // An event stream is parsed event by event across chunks: `endpoint` events are rewritten
     // (or dropped), tool lists filtered; anything else passes as it came.
     let events = event_stream.then(|| SseRelay::new(upstream.clone(), server.to_string()));
+    let redactor = Redactor::new(&upstream.headers);
     let upstream_bytes = resp.bytes_stream();
-    let stream = futures::stream::unfold(Some((upstream_bytes, slot, events)), |state| async move {
-        let (mut up, slot, mut events) = state?;
+    let stream = futures::stream::unfold(Some((upstream_bytes, slot, events, redactor)), |state| async move {
+        let (mut up, slot, mut events, mut redactor) = state?;
         loop {
             let next = tokio::time::timeout(MCP_SILENCE, up.next()).await.ok().flatten();
             let item = match (next, events.as_mut()) {
                 (Some(Ok(chunk)), Some(ev)) => match ev.feed(&chunk) {
-                    Ok(out) if out.is_empty() => continue,
-                    Ok(out) => Ok(out),
+                    Ok(out) => redactor.feed(&out),
                     Err(e) => return Some((Err(std::io::Error::other(e)), None)),
                 },
-                (Some(Ok(chunk)), None) => Ok(chunk),
+                (Some(Ok(chunk)), None) => redactor.feed(&chunk),
                 (Some(Err(e)), _) => return Some((Err(std::io::Error::other(e)), None)),
-                (None, _) => return None,
+                // The end: what the redactor held back (a value's start that never went on).
+                (None, _) => {
+                    let rest = redactor.finish();
+                    return (!rest.is_empty()).then_some((Ok(rest), None));
+                }
             };
-            return Some((item, Some((up, slot, events))));
+            if item.is_empty() {
+                continue;
+            }
+            return Some((Ok(item), Some((up, slot, events, redactor))));
         }
     });
     answer.body(Body::from_stream(stream)).unwrap_or_else(|_| refuse(StatusCode::BAD_GATEWAY, "api_error", "no answer"))
@@ -499,6 +508,70 @@ fn filter_tools(value: &mut serde_json::Value, server: &str, rules: &McpRules) {
             }
         }
         _ => {}
+    }
+}
+
+/// Takes the header values the gateway adds out of the server's answers: a server that
+/// reflects its request headers into its body must not hand them to the agent. A value split
+/// across chunks is caught by holding back the end of a chunk while it could begin one (only
+/// then: a whole event is not delayed); each value, and a `Scheme token` value's token alone, is
+/// replaced by `[redacted]`. Values shorter than 8 bytes are left alone (they would match
+/// anything).
+struct Redactor {
+    values: Vec<Vec<u8>>,
+    held: Vec<u8>,
+}
+
+const REDACTED: &[u8] = b"[redacted]";
+
+impl Redactor {
+    fn new(headers: &[(HeaderName, HeaderValue)]) -> Self {
+        let mut values: Vec<Vec<u8>> = Vec::new();
+        for (_, v) in headers {
+            let v = v.as_bytes();
+            values.push(v.to_vec());
+            if let Some(at) = v.iter().position(|b| *b == b' ') {
+                values.push(v[at + 1..].to_vec());
+            }
+        }
+        values.retain(|v| v.len() >= 8);
+        // The longest first: a value containing another is replaced whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        Self { values, held: Vec::new() }
+    }
+
+    /// The bytes of `chunk` (after what was held) that can go, redacted.
+    fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        if self.values.is_empty() {
+            return Bytes::copy_from_slice(chunk);
+        }
+        let mut buf = std::mem::take(&mut self.held);
+        buf.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        'scan: while i < buf.len() {
+            for v in &self.values {
+                if buf[i..].starts_with(v) {
+                    out.extend_from_slice(REDACTED);
+                    i += v.len();
+                    continue 'scan;
+                }
+            }
+            // Could a value begin here and go on in the next chunk?
+            if self.values.iter().any(|v| v.len() > buf.len() - i && v.starts_with(&buf[i..])) {
+                self.held = buf[i..].to_vec();
+                break;
+            }
+            out.push(buf[i]);
+            i += 1;
+        }
+        Bytes::from(out)
+    }
+
+    /// What was held at the end of the stream (no value: it ended).
+    fn finish(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.held))
     }
 }
 
@@ -707,5 +780,21 @@ mod tests {
         assert!(rules.allows("t", "a.b"), "a rule names the CLI's form of the tool (a_b), not the server's");
         let rules = McpRules::of(&crate::api::AgentConfig::default(), &[], &["mcp__t__a_b".into()]);
         assert!(!rules.allows("t", "a.b"));
+    }
+
+    #[test]
+    fn header_values_are_redacted_even_split_across_chunks() {
+        let mut v = HeaderValue::from_static("Bearer tok-5e8d2a91c3");
+        v.set_sensitive(true);
+        let headers = [(HeaderName::from_static("authorization"), v)];
+        let mut r = Redactor::new(&headers);
+        let out: Vec<u8> =
+            [r.feed(b"you sent Bearer tok-5e8"), r.feed(b"d2a91c3 and tok-5e8d2a91c3!\n\n"), r.finish()].concat();
+        assert_eq!(String::from_utf8(out).unwrap(), "you sent [redacted] and [redacted]!\n\n");
+        // An event's end is not held back: only a possible start of a value is.
+        let mut r = Redactor::new(&headers);
+        assert_eq!(&r.feed(b"event: message\ndata: 1\n\n")[..], b"event: message\ndata: 1\n\n");
+        assert_eq!(&r.feed(b"tok-5e")[..], b"");
+        assert_eq!(&r.finish()[..], b"tok-5e", "a start that never went on is passed at the end");
     }
 }
