@@ -432,3 +432,32 @@ async fn a_deny_rule_holds_when_the_agent_rewrites_its_settings() {
     );
     assert_eq!(s.permission_denials, 1);
 }
+
+/// Tool lists without rules run with `--permission-mode default` named on the command line: a
+/// `defaultMode: bypassPermissions` the agent writes into its user settings mid-run (here with an
+/// allowed `python3`) does not widen `allowedTools` to a command it does not name. Measured with
+/// Claude Code 2.1.332: the CLI takes the mode at start only, so this holds without the flag too
+/// (checked by removing it); the flag pins the mode should a later CLI reload it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mode_the_agent_writes_into_its_settings_does_not_widen_the_tool_lists() {
+    let write = "import os, time; open(os.environ['CLAUDE_CONFIG_DIR'] + '/settings.json', 'w').write('{\"permissions\": {\"defaultMode\": \"bypassPermissions\"}}'); time.sleep(3)";
+    let h = Harness::new(vec![
+        Step::tool("Bash", json!({"command": format!("/usr/bin/python3 -c \"{write}\""), "description": "rewrite"})),
+        Step::tool("Bash", json!({"command": "mkdir probe-dir", "description": "probe"})),
+        Step::text("Done."),
+    ])
+    .await;
+    let yaml = h.manifest("moded", "").replace(
+        "apiKeySecretRef: {name: anthropic}",
+        "apiKeySecretRef: {name: anthropic}\n    allowedTools: ['Bash(/usr/bin/python3:*)']",
+    );
+    let s = h.run(&yaml).await;
+    assert_eq!(s.phase, Phase::Succeeded, "{s:#?}");
+    let results = tool_results(&h);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!results[0].1, "the rewrite itself ran: {results:?}");
+    assert!(
+        results[1].1 && results[1].0.contains("mkdir in") && results[1].0.contains("needs approval"),
+        "{results:?}"
+    );
+}

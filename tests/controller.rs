@@ -2401,6 +2401,8 @@ async fn a_running_executions_remote_mcp_server_keeps_its_frozen_route_across_a_
         let mut c = config(None);
         c.job.report_url = Some(base.to_string());
         c.model_upstream = model.base_url.clone();
+        // The fake server is on 127.0.0.1, which a controller otherwise refuses.
+        c.mcp_allow_local = true;
         c
     };
     let (http, base) = listener().await;

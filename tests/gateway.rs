@@ -65,7 +65,16 @@ async fn relays_with_the_real_key_and_counts_exactly() {
 
 /// The controller's gateway: one account per execution, under its path.
 async fn controller_gateway(upstream: &str) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
-    let g = std::sync::Arc::new(agentops::gateway::Gateways::new(upstream).unwrap());
+    serve_gateways(agentops::gateway::Gateways::new(upstream).unwrap()).await
+}
+
+/// The same, with remote MCP servers allowed on loopback (the fake ones are on 127.0.0.1).
+async fn local_mcp_gateway(upstream: &str) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
+    serve_gateways(agentops::gateway::Gateways::new(upstream).unwrap().allowing_local_mcp().unwrap()).await
+}
+
+async fn serve_gateways(g: agentops::gateway::Gateways) -> (std::sync::Arc<agentops::gateway::Gateways>, String) {
+    let g = std::sync::Arc::new(g);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let app = g.clone().router();
@@ -1280,8 +1289,8 @@ async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
         ..Default::default()
     };
     let servers = [server("tracker", tracker.url.clone()), server("moved", format!("{redirecting}/mcp"))];
-    let routes = mcp::routes(&servers, |_, _| Ok(VALUE.to_string())).unwrap();
-    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(VALUE.to_string())).unwrap();
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
     g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18"}});
     let post = |path: &str, token: Option<&str>| {
@@ -1321,4 +1330,264 @@ async fn the_gateway_relays_mcp_only_to_the_configured_url_with_its_header() {
 
     g.close("ns", "ax");
     assert_eq!(post("tracker", Some("token-of-ax")).await.unwrap().status(), 401, "the run is over");
+}
+
+/// The gateway enforces the MCP part of the agent's permission rules itself: the agent has a
+/// shell, reads its route and token from its MCP config and can POST any JSON-RPC to it without
+/// the CLI. A `tools/call` of a tool the rules deny (or an allow list does not name) is answered
+/// with a JSON-RPC error and never reaches the server; `tools/list` answers offer only the
+/// allowed tools; what is not JSON-RPC is refused. The control: the same call without the rules
+/// reaches the server with its header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_refuses_mcp_tool_calls_the_rules_do_not_allow() {
+    use agentops::api::{AgentConfig, McpHeader, McpServer, Permissions, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let servers = [McpServer {
+        name: "tracker".into(),
+        url: Some(tracker.url.clone()),
+        headers_from: vec![McpHeader {
+            name: "X-Tracker-Token".into(),
+            secret_key_ref: SecretKeyRef { name: "tracker-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let config = |allow: &[&str], deny: &[&str]| AgentConfig {
+        permissions: Some(Permissions {
+            allow: allow.iter().map(|r| r.to_string()).collect(),
+            deny: deny.iter().map(|r| r.to_string()).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    let open = |name: &str, rules: mcp::McpRules| {
+        let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-2b7c".to_string())).unwrap();
+        g.open("ns", name, Account::new(API_KEY, &format!("token-of-{name}"), None).with_mcp(routes));
+    };
+    open("control", mcp::McpRules::default());
+    open("denied", mcp::McpRules::of(&config(&[], &["mcp__tracker__delete_all"]), &[], &[]));
+    open("listed", mcp::McpRules::of(&AgentConfig::default(), &["mcp__tracker__lookup".into(), "Bash".into()], &[]));
+    open("whole", mcp::McpRules::of(&config(&["mcp__tracker"], &[]), &[], &[]));
+    open("starred", mcp::McpRules::of(&AgentConfig::default(), &[], &["mcp__tracker__*".into()]));
+    let post = |name: &str, body: String| {
+        support::http()
+            .post(format!("{base}/gateway/ns/{name}/mcp/tracker"))
+            .bearer_auth(format!("token-of-{name}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-session-id", "session-7d2a")
+            .body(body)
+            .send()
+    };
+    let call =
+        |tool: &str| json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": tool}}).to_string();
+    let calls = || tracker.seen().iter().filter(|s| s.body["method"] == "tools/call").count();
+
+    // The control: without rules the agent's own POST reaches the server, header added.
+    let ok = post("control", call("delete_all")).await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(calls(), 1);
+    assert_eq!(tracker.seen()[0].header("x-tracker-token"), Some("hdr-value-2b7c"));
+
+    let refused = post("denied", call("delete_all")).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(answer["id"], 7, "{answer}");
+    assert!(
+        answer["error"]["message"].as_str().unwrap().contains("do not allow the MCP tool mcp__tracker__delete_all"),
+        "{answer}"
+    );
+    // A batch hiding it, and a name the CLI would write the same way, are refused too.
+    let batch = format!("[{},{}]", call("lookup"), call("delete_all"));
+    assert_eq!(post("denied", batch).await.unwrap().status(), 403);
+    assert_eq!(post("denied", call("delete.all")).await.unwrap().status(), 403);
+    assert_eq!(calls(), 1, "none of those reached the server");
+    assert_eq!(post("denied", call("lookup")).await.unwrap().status(), 200, "what is not denied runs");
+    assert_eq!(calls(), 2);
+    for not_jsonrpc in ["delete_all", "{\"method\":\"tools/call\",\"params\":{\"name\":\"delete_all\"}}", "[]", "7"] {
+        assert_eq!(post("denied", not_jsonrpc.into()).await.unwrap().status(), 400, "{not_jsonrpc}");
+    }
+    let m = g.metered("ns", "denied").unwrap();
+    assert_eq!(m.refused_not_allowed, 7, "{:?}", m.last_refused);
+    assert_eq!(m.mcp_requests.get("tracker"), Some(&1), "only the allowed call was relayed");
+
+    // An allow list naming MCP tools: only those; `mcp__server` allows all; `mcp__server__*` denies all.
+    assert_eq!(post("listed", call("delete_all")).await.unwrap().status(), 403);
+    assert_eq!(post("listed", call("lookup")).await.unwrap().status(), 200);
+    assert_eq!(post("whole", call("delete_all")).await.unwrap().status(), 200);
+    assert_eq!(post("starred", call("lookup")).await.unwrap().status(), 403);
+
+    // The tool list offers only what may be called.
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"}).to_string();
+    let names = |v: serde_json::Value| -> Vec<String> {
+        v["result"]["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names(post("control", list.clone()).await.unwrap().json().await.unwrap()), ["lookup", "delete_all"]);
+    assert_eq!(names(post("denied", list.clone()).await.unwrap().json().await.unwrap()), ["lookup"]);
+    assert_eq!(names(post("starred", list).await.unwrap().json().await.unwrap()), Vec::<String>::new());
+}
+
+/// SSE transport: the agent POSTs only to an endpoint the server announced on its stream, named
+/// by the opaque id the gateway gave it; a path of its own choosing on the server's origin
+/// (`?endpoint=/admin/...`, the old form) is refused and never gets the header. Tool lists on the
+/// stream are filtered like JSON ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_relays_sse_posts_only_to_announced_endpoints() {
+    use agentops::api::{AgentConfig, McpHeader, McpServer, McpTransport, Permissions, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let servers = [McpServer {
+        name: "tracker".into(),
+        url: Some(tracker.sse_url.clone()),
+        transport: Some(McpTransport::Sse),
+        headers_from: vec![McpHeader {
+            name: "X-Tracker-Token".into(),
+            secret_key_ref: SecretKeyRef { name: "tracker-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let config = AgentConfig {
+        permissions: Some(Permissions { deny: vec!["mcp__tracker__delete_all".into()], ..Default::default() }),
+        ..Default::default()
+    };
+    let rules = mcp::McpRules::of(&config, &[], &[]);
+    let routes = mcp::routes(&servers, &rules, |_, _| Ok("hdr-value-91c3".to_string())).unwrap();
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    let route = format!("{base}/gateway/ns/ax/mcp/tracker");
+    let mut stream = support::http().get(&route).bearer_auth("token-of-ax").send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut seen = String::new();
+    let mut read_until = async |what: &str, seen: &mut String| {
+        while !seen.contains(what) {
+            let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), stream.chunk()).await;
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap().unwrap().unwrap()));
+        }
+    };
+    read_until("\n\n", &mut seen).await;
+    assert!(
+        !seen.contains("messages") && !seen.contains("session-7d2a"),
+        "the server's endpoint stays at the gateway: {seen}"
+    );
+    let id = seen.split("data: ?endpoint=").nth(1).unwrap().trim().to_string();
+    let post = |query: String, body: serde_json::Value| {
+        support::http().post(format!("{route}?{query}")).bearer_auth("token-of-ax").json(&body).send()
+    };
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+    for query in ["endpoint=%2Fadmin%2Frotate-keys%3Fall%3D1", "endpoint=%2Fmessages%3FsessionId%3Dsession-7d2a"] {
+        assert_eq!(post(query.into(), init.clone()).await.unwrap().status(), 404, "{query}");
+    }
+    assert_eq!(tracker.seen().len(), 1, "only the stream's GET reached the server");
+    assert_eq!(post(format!("endpoint={id}"), init).await.unwrap().status(), 202);
+    let posted = tracker.seen();
+    assert_eq!((posted[1].path.as_str(), posted[1].header("x-tracker-token")), ("/messages", Some("hdr-value-91c3")));
+    read_until("serverInfo", &mut seen).await;
+
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"});
+    assert_eq!(post(format!("endpoint={id}"), list).await.unwrap().status(), 202);
+    // The gateway passes whole events: the answer is all there once its id is.
+    read_until("\"id\":2", &mut seen).await;
+    let listed = seen.split("data: ").last().unwrap();
+    assert!(listed.contains("lookup") && !listed.contains("delete_all"), "{listed}");
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "delete_all"}});
+    assert_eq!(post(format!("endpoint={id}"), call).await.unwrap().status(), 403);
+    assert_eq!(tracker.seen().len(), 3, "the refused call did not reach the server");
+}
+
+/// In a cluster the relay runs in the controller, whose loopback holds its own unauthenticated
+/// ports (metrics) and whose link-local range holds the cloud metadata service: a remote MCP
+/// server there is refused, on the address connected to (a name resolving to 127.0.0.1 too),
+/// with the field named. The control: the same server reached by a gateway that allows loopback
+/// (as `agentops run` on one machine does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_gateway_refuses_mcp_servers_on_its_own_loopback() {
+    use agentops::api::McpServer;
+    use agentops::gateway::{Account, mcp};
+    let tracker = support::fake_mcp::FakeMcp::start().await;
+    let port = url::Url::parse(&tracker.url).unwrap().port().unwrap();
+    let servers: Vec<McpServer> = [
+        ("ip", format!("http://127.0.0.1:{port}/mcp")),
+        ("name", format!("http://localhost:{port}/mcp")),
+        ("mapped", format!("http://[::ffff:127.0.0.1]:{port}/mcp")),
+        ("metadata", "http://169.254.169.254/latest/meta-data/".to_string()),
+        ("zero", format!("http://0.0.0.0:{port}/mcp")),
+    ]
+    .into_iter()
+    .map(|(name, url)| McpServer { name: name.into(), url: Some(url), ..Default::default() })
+    .collect();
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(String::new())).unwrap();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}});
+    let post = |base: &str, name: &str| {
+        support::http()
+            .post(format!("{base}/gateway/ns/ax/mcp/{name}"))
+            .bearer_auth("token-of-ax")
+            .header("accept", "application/json, text/event-stream")
+            .json(&init)
+            .send()
+    };
+    let (local, local_base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    local.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes.clone()));
+    assert_eq!(post(&local_base, "ip").await.unwrap().status(), 200, "the control: loopback reached");
+    assert_eq!(post(&local_base, "name").await.unwrap().status(), 200);
+    assert_eq!(tracker.seen().len(), 2);
+
+    let (g, base) = controller_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    for name in ["ip", "mapped", "metadata", "zero"] {
+        let refused = post(&base, name).await.unwrap();
+        assert_eq!(refused.status(), 403, "{name}");
+        let text = refused.text().await.unwrap();
+        assert!(text.contains(&format!("spec.agent.mcpServers[{name}].url")) && text.contains("loopback"), "{text}");
+    }
+    let by_name = post(&base, "name").await.unwrap();
+    assert_eq!(by_name.status(), 502);
+    let text = by_name.text().await.unwrap();
+    assert!(text.contains("spec.agent.mcpServers[name].url resolves only to loopback"), "{text}");
+    assert_eq!(tracker.seen().len(), 2, "nothing more reached the server");
+}
+
+/// A server that reflects its request headers into its answer (a debug endpoint, or a hostile
+/// server) does not hand the Secret's value to the agent: the gateway redacts the values it
+/// added, also when one is split across chunks. The control: the server's own answer has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_redacts_its_header_values_from_mcp_answers() {
+    use agentops::api::{McpHeader, McpServer, SecretKeyRef};
+    use agentops::gateway::{Account, mcp};
+    const VALUE: &str = "Bearer tracker-secret-77c1e0";
+    // Answers with the header it got, cut in two chunks in the middle of the value.
+    let reflecting = serve(axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let got = headers.get("authorization").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        let text = format!("{{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{{\"echo\":\"{got}\"}}}}");
+        let (a, b) = text.split_at(text.find("secret").unwrap());
+        let chunks = vec![Ok::<_, std::convert::Infallible>(a.to_string()), Ok(b.to_string())];
+        ([("content-type", "application/json")], axum::body::Body::from_stream(futures::stream::iter(chunks)))
+    }))
+    .await;
+    let control = support::http().post(&reflecting).header("authorization", VALUE).send().await.unwrap();
+    assert!(control.text().await.unwrap().contains(VALUE), "the control: the server reflects it");
+
+    let servers = [McpServer {
+        name: "mirror".into(),
+        url: Some(format!("{reflecting}/mcp")),
+        headers_from: vec![McpHeader {
+            name: "Authorization".into(),
+            secret_key_ref: SecretKeyRef { name: "mirror-token".into(), key: None },
+        }],
+        ..Default::default()
+    }];
+    let routes = mcp::routes(&servers, &mcp::McpRules::default(), |_, _| Ok(VALUE.to_string())).unwrap();
+    let (g, base) = local_mcp_gateway("http://127.0.0.1:9").await;
+    g.open("ns", "ax", Account::new(API_KEY, "token-of-ax", None).with_mcp(routes));
+    let answer = support::http()
+        .post(format!("{base}/gateway/ns/ax/mcp/mirror"))
+        .bearer_auth("token-of-ax")
+        .json(&json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let text = answer.text().await.unwrap();
+    assert!(!text.contains("tracker-secret-77c1e0"), "{text}");
+    assert_eq!(text, r#"{"jsonrpc":"2.0","id":1,"result":{"echo":"[redacted]"}}"#);
 }

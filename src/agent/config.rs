@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
-use crate::api::{AgentConfig, McpServer, McpTransport, PermissionMode};
+use crate::api::{AgentConfig, McpServer, McpTransport};
 
 /// The MCP config file, in `$CLAUDE_CONFIG_DIR`.
 pub const MCP_CONFIG_FILE: &str = "agentops-mcp.json";
@@ -119,21 +119,10 @@ fn mcp_entry(s: &McpServer, remote: Option<&McpRoute>) -> std::io::Result<Value>
 /// The CLI flags for the configuration: permission mode, tools, setting sources, MCP config.
 /// `allowed_tools` and `disallowed_tools` are `spec.agent.allowedTools` / `disallowedTools`.
 pub fn flags(c: &AgentConfig, allowed_tools: &[String], disallowed_tools: &[String], home: &Path) -> Vec<String> {
-    let mut args = Vec::new();
-    match c.permissions.as_ref().and_then(|p| p.default_mode) {
-        Some(mode) => args.extend(["--permission-mode".into(), mode.as_str().to_string()]),
-        // Explicit: a mode the agent might write into its own settings changes nothing.
-        None if c.has_rules() => {
-            args.extend(["--permission-mode".into(), PermissionMode::Default.as_str().to_string()])
-        }
-        // Rules or tool lists mean something only without bypassPermissions: what they do not
-        // allow is refused (headless, nobody answers a prompt). Without any, the agent may use
-        // every tool, inside its sandbox.
-        None if allowed_tools.is_empty() && disallowed_tools.is_empty() && !c.has_rules() => {
-            args.extend(["--permission-mode".into(), PermissionMode::BypassPermissions.as_str().to_string()])
-        }
-        None => {}
-    }
+    // Always explicit: a `defaultMode` the agent writes into its own settings file (which the
+    // CLI reloads mid-run) cannot widen what the rules or tool lists allow.
+    let mode = crate::api::agent_config::permission_mode(c, allowed_tools, disallowed_tools);
+    let mut args = vec!["--permission-mode".to_string(), mode.as_str().to_string()];
     if let Some(p) = &c.permissions {
         // The same rules as flag settings too: the agent can rewrite the settings file in its own
         // HOME (the CLI reloads it mid-run), never its own arguments; a deny rule here holds even
@@ -198,7 +187,7 @@ fn write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Permissions, SettingSource};
+    use crate::api::{PermissionMode, Permissions, SettingSource};
 
     fn config() -> AgentConfig {
         AgentConfig { setting_sources: vec![SettingSource::User], ..Default::default() }
@@ -225,6 +214,11 @@ mod tests {
         c.permissions = Some(Permissions { default_mode: Some(PermissionMode::AcceptEdits), ..Default::default() });
         let f = flags(&c, &[], &[], Path::new("/h"));
         assert_eq!(&f[..2], ["--permission-mode", "acceptEdits"]);
+        // Tool lists without rules: `default`, named, not left to a settings file the agent can write.
+        let f = flags(&config(), &allowed, &[], Path::new("/h"));
+        assert_eq!(&f[..2], ["--permission-mode", "default"]);
+        let f = flags(&config(), &[], &["Bash".into()], Path::new("/h"));
+        assert_eq!(&f[..2], ["--permission-mode", "default"]);
     }
 
     #[test]

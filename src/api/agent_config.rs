@@ -211,6 +211,12 @@ pub struct AgentConfig {
     pub skills: BTreeMap<String, BTreeMap<String, String>>,
     /// Subagent name → file content.
     pub subagents: BTreeMap<String, String>,
+    /// `spec.agent.allowedTools` / `disallowedTools` (the execution's, else the template's):
+    /// part of what the agent may do, so of the hash.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allowed_tools: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disallowed_tools: Vec<String>,
 }
 
 /// What ran, as the summary, the store and `executions show` list it: names, counts and the
@@ -226,8 +232,22 @@ pub struct AgentConfigRecord {
     /// Rules: allow, deny, ask; and the default mode, if set.
     pub permissions: Option<PermissionCounts>,
     pub mcp_servers: Vec<String>,
+    /// `allowedTools` and `disallowedTools` as given (tool names and patterns, no values).
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    /// The permission mode the CLI ran with (empty in records from before it was kept).
+    pub permission_mode: String,
     pub skills: Vec<String>,
     pub subagents: Vec<String>,
+}
+
+/// The permission mode for `c` with these tool lists (`AgentConfig::permission_mode`).
+pub fn permission_mode(c: &AgentConfig, allowed_tools: &[String], disallowed_tools: &[String]) -> PermissionMode {
+    match c.permissions.as_ref().and_then(|p| p.default_mode) {
+        Some(mode) => mode,
+        None if c.has_rules() || !allowed_tools.is_empty() || !disallowed_tools.is_empty() => PermissionMode::Default,
+        None => PermissionMode::BypassPermissions,
+    }
 }
 
 /// How many permission rules of each kind ran.
@@ -241,10 +261,12 @@ pub struct PermissionCounts {
 }
 
 impl AgentConfig {
-    /// SHA-256 (hex) of the configuration's canonical JSON. Secrets enter by reference only.
+    /// SHA-256 (hex) of the configuration's canonical JSON, with the permission mode it runs
+    /// with. Secrets enter by reference only.
     pub fn hash(&self) -> String {
         use sha2::Digest;
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let json = serde_json::to_vec(&serde_json::json!({"config": self, "permissionMode": self.permission_mode()}))
+            .unwrap_or_default();
         let digest = sha2::Sha256::digest(&json);
         digest.iter().map(|b| format!("{b:02x}")).collect()
     }
@@ -253,6 +275,13 @@ impl AgentConfig {
     /// `bypassPermissions`, unless the rules' default mode is that).
     pub fn has_rules(&self) -> bool {
         self.permissions.as_ref().is_some_and(|p| !(p.allow.is_empty() && p.deny.is_empty() && p.ask.is_empty()))
+    }
+
+    /// The mode the CLI runs with (`--permission-mode`): the rules' default mode; else
+    /// `default` when rules or tool lists decide (what they do not allow is refused: nobody
+    /// answers a prompt headless); else `bypassPermissions` (every tool, inside the sandbox).
+    pub fn permission_mode(&self) -> PermissionMode {
+        permission_mode(self, &self.allowed_tools, &self.disallowed_tools)
     }
 
     /// The record of what ran.
@@ -268,6 +297,9 @@ impl AgentConfig {
                 default_mode: p.default_mode.map(|m| m.as_str().to_string()),
             }),
             mcp_servers: self.mcp_servers.iter().map(|s| s.name.clone()).collect(),
+            allowed_tools: self.allowed_tools.clone(),
+            disallowed_tools: self.disallowed_tools.clone(),
+            permission_mode: self.permission_mode().as_str().to_string(),
             skills: self.skills.keys().cloned().collect(),
             subagents: self.subagents.keys().cloned().collect(),
         }
@@ -487,6 +519,9 @@ pub fn resolve_agent_config(template: Option<Parts<'_>>, own: Parts<'_>) -> Resu
         mcp_servers,
         skills,
         subagents,
+        // Set by `resolve` (they are resolved with the rest of `spec.agent`).
+        allowed_tools: Vec::new(),
+        disallowed_tools: Vec::new(),
     })
 }
 
@@ -668,6 +703,18 @@ mod tests {
         assert_ne!(
             base.hash(),
             resolved("{instructions: team, settingSources: [user, project]}", "{}").unwrap().hash()
+        );
+        // The tool lists are part of it (they decide what the agent may do).
+        let listed = resolved("{instructions: team}", "{allowedTools: [Read]}").unwrap();
+        assert_ne!(base.hash(), listed.hash());
+        let denied = resolved("{instructions: team}", "{disallowedTools: [Bash, Write, Edit]}").unwrap();
+        assert_ne!(base.hash(), denied.hash());
+        assert_ne!(listed.hash(), denied.hash());
+        assert_eq!(listed.record().allowed_tools, ["Read"]);
+        assert_eq!(denied.record().disallowed_tools, ["Bash", "Write", "Edit"]);
+        assert_eq!(
+            (base.record().permission_mode.as_str(), listed.record().permission_mode.as_str()),
+            ("bypassPermissions", "default")
         );
         // Only the configuration counts: the model is not part of it.
         assert_eq!(base.hash(), resolved("{instructions: team, model: m}", "{}").unwrap().hash());

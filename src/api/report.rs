@@ -144,6 +144,14 @@ fn config_line(c: &super::AgentConfigRecord) -> String {
         let mode = p.default_mode.as_deref().map(|m| format!(", mode {m}")).unwrap_or_default();
         parts.push(format!("rules {} allow / {} deny / {} ask{mode}", p.allow, p.deny, p.ask));
     }
+    for (what, tools) in [("allowedTools", &c.allowed_tools), ("disallowedTools", &c.disallowed_tools)] {
+        if !tools.is_empty() {
+            parts.push(format!("{what} {}", tools.join(",")));
+        }
+    }
+    if !c.permission_mode.is_empty() {
+        parts.push(format!("permission mode {}", c.permission_mode));
+    }
     parts.push(format!("sources {}", c.setting_sources.join(",")));
     for (what, names) in [("mcp", &c.mcp_servers), ("skills", &c.skills), ("subagents", &c.subagents)] {
         if !names.is_empty() {

@@ -267,10 +267,12 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
         ));
     }
 
-    let agent_config = super::agent_config::resolve_agent_config(
+    let mut agent_config = super::agent_config::resolve_agent_config(
         t_agent.map(super::agent_config::Parts::of),
         super::agent_config::Parts::of(&spec.agent),
     )?;
+    agent_config.allowed_tools = allowed_tools.clone();
+    agent_config.disallowed_tools = disallowed_tools.clone();
 
     Ok(Resolved {
         agent_config,

@@ -64,6 +64,9 @@ pub struct ControllerConfig {
     pub model_upstream: String,
     /// How a pull request's transient failures (429, 5xx) are retried.
     pub pull_request_retry: crate::forge::Retry,
+    /// Whether remote MCP servers may be on loopback or link-local addresses (tests with servers
+    /// on 127.0.0.1; never a cluster, where loopback is the controller's own ports).
+    pub mcp_allow_local: bool,
 }
 
 impl Default for ControllerConfig {
@@ -81,6 +84,7 @@ impl Default for ControllerConfig {
                 .filter(|u| !u.is_empty())
                 .unwrap_or_else(|| "https://api.anthropic.com".into()),
             pull_request_retry: crate::forge::Retry::default(),
+            mcp_allow_local: false,
         }
     }
 }

@@ -183,7 +183,9 @@ pub async fn run(
     };
     // Runner pods reach the model through this controller: the key stays here.
     let gateways = match (&executor, &config.job.report_url) {
-        (Executor::Job { .. }, Some(_)) => match crate::gateway::Gateways::new(&config.model_upstream) {
+        (Executor::Job { .. }, Some(_)) => match crate::gateway::Gateways::new(&config.model_upstream)
+            .and_then(|g| if config.mcp_allow_local { g.allowing_local_mcp() } else { Ok(g) })
+        {
             Ok(g) => Some(Arc::new(g)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot prepare the model gateway");

@@ -198,9 +198,13 @@ impl Reports {
                 values.insert((server.name.clone(), h.name.clone()), value);
             }
         }
-        let routes = crate::gateway::mcp::routes(&r.agent_config.mcp_servers, |s, h| {
-            values.get(&(s.name.clone(), h.name.clone())).cloned().ok_or_else(|| format!("no value for {}", h.name))
-        })
+        let routes = crate::gateway::mcp::routes(
+            &r.agent_config.mcp_servers,
+            &crate::gateway::mcp::McpRules::of(&r.agent_config, &r.allowed_tools, &r.disallowed_tools),
+            |s, h| {
+                values.get(&(s.name.clone(), h.name.clone())).cloned().ok_or_else(|| format!("no value for {}", h.name))
+            },
+        )
         .map_err(super::context::Error::Executor)?;
         let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
         // At most one wake per WAKE_EVERY, and never a change left without one: a change inside

@@ -361,7 +361,7 @@ impl Gateway {
         let shared = Arc::new(Shared {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
-            mcp_client: mcp::client()?,
+            mcp_client: mcp::client(true)?,
             account: Arc::new(Account::new(api_key, &token, budget_usd).with_prices(prices).with_mcp(mcp_routes)),
         });
         let app = axum::Router::new().fallback(relay_local).with_state(shared.clone());
@@ -413,7 +413,8 @@ async fn relay_local(
 ) -> Response {
     if let Some((server, rest)) = mcp_path(uri.path()) {
         let account = Some(&shared.account);
-        return mcp::relay(&shared.mcp_client, account, &[], server, rest, uri.query(), method, &headers, body).await;
+        return mcp::relay(&shared.mcp_client, true, account, &[], server, rest, uri.query(), method, &headers, body)
+            .await;
     }
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     relay(&shared.client, &shared.upstream, Some(&shared.account), &[], method, &path, &headers, body).await
@@ -436,6 +437,8 @@ pub struct Gateways {
     upstream: String,
     client: reqwest::Client,
     mcp_client: reqwest::Client,
+    /// Whether remote MCP servers may be on loopback or link-local addresses (`allowing_local_mcp`).
+    local_mcp: bool,
     accounts: Mutex<HashMap<(String, String), Arc<Account>>>,
     opener: std::sync::OnceLock<Opener>,
     /// Tokens of closed accounts: never opened again.
@@ -454,7 +457,8 @@ impl Gateways {
         Ok(Self {
             upstream: upstream.trim_end_matches('/').to_string(),
             client: client()?,
-            mcp_client: mcp::client()?,
+            mcp_client: mcp::client(false)?,
+            local_mcp: false,
             accounts: Mutex::new(HashMap::new()),
             opener: std::sync::OnceLock::new(),
             retired: Mutex::new(Default::default()),
@@ -462,6 +466,15 @@ impl Gateways {
             namespace_bodies: Mutex::new(HashMap::new()),
             prices: None,
         })
+    }
+
+    /// Lets remote MCP servers be on loopback and link-local addresses, which a controller
+    /// otherwise refuses (its own ports, the metadata service): for tests with servers on
+    /// 127.0.0.1, never a cluster.
+    pub fn allowing_local_mcp(mut self) -> std::io::Result<Self> {
+        self.mcp_client = mcp::client(true)?;
+        self.local_mcp = true;
+        Ok(self)
     }
 
     /// Prices every account opened from now on at `prices` (an operator's table).
@@ -568,6 +581,7 @@ async fn relay_controller(
     if let Some((server, rest)) = mcp_path(raw_path) {
         return mcp::relay(
             &g.mcp_client,
+            g.local_mcp,
             account.as_ref(),
             &process,
             server,

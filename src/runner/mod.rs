@@ -544,12 +544,20 @@ impl<'a> Run<'a> {
                 let upstream = env("ANTHROPIC_BASE_URL").unwrap_or_else(|| "https://api.anthropic.com".into());
                 // Remote MCP servers go through it too: it adds their Secret-backed headers.
                 let headers = &self.secrets.mcp_headers;
-                let routes = crate::gateway::mcp::routes(&self.r.agent_config.mcp_servers, |s, h| {
-                    headers
-                        .get(&(s.name.clone(), h.name.clone()))
-                        .cloned()
-                        .ok_or_else(|| format!("no value for header {} of MCP server {:?}", h.name, s.name))
-                });
+                let routes = crate::gateway::mcp::routes(
+                    &self.r.agent_config.mcp_servers,
+                    &crate::gateway::mcp::McpRules::of(
+                        &self.r.agent_config,
+                        &self.r.allowed_tools,
+                        &self.r.disallowed_tools,
+                    ),
+                    |s, h| {
+                        headers
+                            .get(&(s.name.clone(), h.name.clone()))
+                            .cloned()
+                            .ok_or_else(|| format!("no value for header {} of MCP server {:?}", h.name, s.name))
+                    },
+                );
                 let routes = match routes {
                     Ok(r) => r,
                     Err(e) => return Some(Outcome::failed(Reason::AgentStartFailed, e)),

@@ -4,8 +4,9 @@
 //! which later requests must send; `GET` (no server-initiated stream here) is 405; `DELETE` ends
 //! the session. HTTP+SSE at `/sse`: a `GET` opens the event stream, whose first event
 //! (`endpoint`) names where to POST (`/messages?sessionId=...`); each POST is answered 202 and
-//! its answer arrives as a `message` event on the stream. It offers one tool, `lookup`, and
+//! its answer arrives as a `message` event on the stream. It offers the tool `lookup` and
 //! records every request's headers.
+//! It also offers `delete_all`, which no team should let an agent call (the rules' target).
 
 use std::sync::{Arc, Mutex};
 
@@ -146,6 +147,10 @@ fn answer(body: &Value) -> Option<Value> {
             "name": "lookup",
             "description": "Looks up an issue in the team's tracker",
             "inputSchema": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]},
+        }, {
+            "name": "delete_all",
+            "description": "Deletes every issue in the tracker",
+            "inputSchema": {"type": "object", "properties": {}},
         }]}),
         "tools/call" => {
             let q = body["params"]["arguments"]["q"].as_str().unwrap_or_default();
