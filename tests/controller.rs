@@ -536,6 +536,17 @@ async fn end_to_end_with_the_local_executor_pushes_and_reports() {
     assert!(metrics.contains("agentops_executions_finished_total{phase=\"Succeeded\"} 1"), "{metrics}");
     assert!(metrics.contains("agentops_tool_calls_total{tool=\"Write\"} 1"), "{metrics}");
     assert!(metrics.contains("agentops_tokens_total{namespace=\"ns\",model=\"default\",kind=\"input\"}"), "{metrics}");
+    // Every metric the README lists is exported, with its labels.
+    for family in [
+        "agentops_queue_depth ",
+        "agentops_queue_wait_seconds_bucket{",
+        "agentops_execution_duration_seconds_bucket{",
+        "agentops_cost_usd_total{namespace=\"ns\",model=\"default\"}",
+        "agentops_reconciles_total ",
+    ] {
+        assert!(metrics.contains(family), "{family}: {metrics}");
+    }
+    // (`agentops_reconcile_errors_total{kind}` has a series only once a reconcile failed.)
     let list: Value = get("/api/v1/executions").await.json().await.unwrap();
     assert_eq!(list[0]["name"], "e2e");
     let one: Value = get("/api/v1/executions/ns/e2e").await.json().await.unwrap();
