@@ -336,8 +336,13 @@ async fn a_failing_post_webhook_fails_the_execution() {
     let (url, got) = webhook_sink(503).await;
     let s = h.run(&h.manifest("posthookfail", &format!("  hooks:\n    post:\n      - url: {url}\n"))).await;
     assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("PostHookFailed")), "{s:#?}");
-    assert!(s.message.unwrap().contains("503"));
+    assert!(s.message.clone().unwrap().contains("503"));
     assert_eq!(got.lock().unwrap().len(), 1);
+    // The branch was pushed before the hook ran, and the summary says so.
+    assert!(s.git.pushed, "{s:#?}");
+    assert_eq!(h.git.branch_head("demo", "agentops/posthookfail"), s.git.commit);
+    // The hook got the pushed commit.
+    assert_eq!(got.lock().unwrap()[0]["summary"]["git"]["commit"].as_str(), s.git.commit.as_deref());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
