@@ -113,3 +113,75 @@ async fn curl_reaches_only_what_the_execution_allows_and_every_attempt_is_counte
     let (code, _, _) = curl(&with("tok-a"), &[], &format!("http://allowed.test:{port}/")).await;
     assert_eq!(code, "407");
 }
+
+/// A tunnel to a host that never reads: the bytes the agent pushed are counted as they move
+/// (not only when the connection ends), the connection counts while open, and closing the
+/// execution's access cuts it. A refusal stays in the record however many connections follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tunnel_is_counted_live_and_cut_at_close_and_refusals_stay_recorded() {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stall = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stall.accept().await {
+            held.push(s);
+        }
+    });
+    let port = origin().await;
+    let proxy = EgressProxy::start("127.0.0.1:0".parse().unwrap(), resolver(), Duration::from_secs(60)).await.unwrap();
+    let hosts = [format!("127.0.0.1:{stall_port}"), format!("127.0.0.1:{port}")];
+    proxy.open(
+        "tok",
+        EgressPolicy { hosts: hosts.iter().map(|h| HostRule::parse(h).unwrap()).collect(), cidrs: vec![] },
+    );
+    let auth = base64::engine::general_purpose::STANDARD.encode("agent:tok");
+
+    // One refusal, then 150 connections: the refusal is still there.
+    let (code, _, _) = curl(&format!("http://agent:tok@{}", proxy.addr), &[], "http://refused.test/").await;
+    assert_eq!(code, "403");
+    for _ in 0..150 {
+        let (code, _, _) =
+            curl(&format!("http://agent:tok@{}", proxy.addr), &[], &format!("http://127.0.0.1:{port}/")).await;
+        assert_eq!(code, "200");
+    }
+    let t = proxy.tally("tok").unwrap();
+    assert_eq!((t.connections, t.refused, t.refusals.len(), t.recent.len()), (150, 1, 1, 100));
+    assert_eq!(t.refusals[0].host, "refused.test");
+
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        format!("CONNECT 127.0.0.1:{stall_port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head).await.unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let before = proxy.tally("tok").unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 1024 * 1024];
+        for _ in 0..64 {
+            if s.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+    // Live: the bytes count while the host reads nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = proxy.tally("tok").unwrap();
+        if t.bytes_out > before.bytes_out + 65_536 {
+            assert_eq!(t.connections, 151, "the open tunnel counts");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no bytes counted while the tunnel is stuck: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ended = proxy.close("tok").unwrap();
+    assert!(ended.bytes_out > before.bytes_out);
+    let cut = tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the tunnel was cut").unwrap();
+    assert!(cut, "the agent's writes fail once the access is closed");
+}

@@ -222,6 +222,16 @@ spec:
 "#;
 
     #[test]
+    fn flow_nesting_is_bounded_at_exactly_its_limit() {
+        let at = |n: usize| format!("spec:\n  workItem: {}{}\n", "[".repeat(n), "]".repeat(n));
+        assert_eq!(too_deep(&at(MAX_YAML_DEPTH)), None, "64 levels pass");
+        assert_eq!(too_deep(&at(MAX_YAML_DEPTH + 1)), Some(2), "65 do not, on the line they open");
+        // Brackets in quotes and comments are text, not nesting.
+        let quoted = format!("spec:\n  prompt: \"{}\" # {}\n", "[".repeat(100), "{".repeat(100));
+        assert_eq!(too_deep(&quoted), None);
+    }
+
+    #[test]
     fn reads_an_execution() {
         let m = parse_manifest(OK).unwrap();
         assert_eq!(m.execution.metadata.name.as_deref(), Some("hello"));

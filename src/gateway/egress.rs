@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Connections one execution may hold open at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections the proxy holds before they have shown a known token (all executions).
+const MAX_UNPROVEN: usize = 128;
 /// Largest request head (request line and headers) read from the agent.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Time the agent has to send its request head.
@@ -77,12 +79,17 @@ impl HostRule {
         if host.starts_with("*.") && !name.contains('.') {
             return Err(bad("a wildcard over a top-level domain"));
         }
+        if host.starts_with("*.") && name.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(bad("a wildcard over numbers, which names no host"));
+        }
         Ok(HostRule { host, port })
     }
 
     fn matches(&self, host: &str, port: u16) -> bool {
         port == self.port
             && match self.host.strip_prefix("*.") {
+                // A wildcard is over names: never an address (`*.0.1` would match 10.0.0.1).
+                Some(_) if host.parse::<IpAddr>().is_ok() => false,
                 Some(domain) => {
                     host.len() > domain.len() + 1
                         && host.ends_with(domain)
@@ -157,25 +164,38 @@ pub struct Connection {
 pub struct EgressTally {
     pub connections: u64,
     pub refused: u64,
+    /// Bytes each way, counted as they move (connections still open included).
     pub bytes_out: u64,
     pub bytes_in: u64,
-    /// The latest connections (at most 100), oldest first.
+    /// The latest connections made and ended (at most 100), oldest first.
     pub recent: VecDeque<Connection>,
+    /// The latest refusals (at most 100), oldest first: kept apart, so that many connections
+    /// cannot push a refusal out of sight.
+    pub refusals: VecDeque<Connection>,
 }
 
 impl EgressTally {
     fn record(&mut self, c: Connection) {
-        if c.refused.is_some() {
+        let list = if c.refused.is_some() {
             self.refused += 1;
+            &mut self.refusals
         } else {
-            self.connections += 1;
+            // Counted when made (`opened`); its bytes as they moved (`moved`).
+            &mut self.recent
+        };
+        if list.len() == RECORDED {
+            list.pop_front();
         }
-        self.bytes_out += c.bytes_out;
-        self.bytes_in += c.bytes_in;
-        if self.recent.len() == RECORDED {
-            self.recent.pop_front();
-        }
-        self.recent.push_back(c);
+        list.push_back(c);
+    }
+
+    fn opened(&mut self) {
+        self.connections += 1;
+    }
+
+    fn moved(&mut self, out: u64, inn: u64) {
+        self.bytes_out += out;
+        self.bytes_in += inn;
     }
 }
 
@@ -196,6 +216,8 @@ struct Account {
 
 struct Shared {
     accounts: Mutex<HashMap<String, Arc<Account>>>,
+    /// Places for connections that have not yet sent a head with a known token.
+    unproven: Arc<tokio::sync::Semaphore>,
     resolver: Resolver,
     idle: Duration,
 }
@@ -218,7 +240,12 @@ impl EgressProxy {
     pub async fn start(bind: SocketAddr, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let shared = Arc::new(Shared { accounts: Mutex::new(HashMap::new()), resolver, idle });
+        let shared = Arc::new(Shared {
+            accounts: Mutex::new(HashMap::new()),
+            unproven: Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN)),
+            resolver,
+            idle,
+        });
         let stop = CancellationToken::new();
         let (s, st) = (shared.clone(), stop.clone());
         tokio::spawn(async move {
@@ -227,12 +254,18 @@ impl EgressProxy {
                     a = listener.accept() => a,
                     _ = st.cancelled() => return,
                 };
-                let Ok((conn, _)) = accepted else { continue };
+                let Ok((conn, _)) = accepted else {
+                    // Out of file descriptors (EMFILE) and the like: wait, do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                // Connections that have not shown a token yet are bounded too.
+                let Ok(unproven) = s.unproven.clone().try_acquire_owned() else { continue };
                 let _ = conn.set_nodelay(true);
                 let (s, st) = (s.clone(), st.clone());
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = serve(&s, conn) => {}
+                        _ = serve(&s, conn, unproven) => {}
                         _ = st.cancelled() => {}
                     }
                 });
@@ -360,8 +393,10 @@ fn destination(head: &Head) -> Option<(String, u16, Option<String>)> {
     Some((host.trim_end_matches('.').to_string(), url.port().unwrap_or(80), Some(path)))
 }
 
-async fn serve(shared: &Shared, mut conn: TcpStream) {
-    let Some(head) = read_head(&mut conn).await else {
+async fn serve(shared: &Shared, mut conn: TcpStream, unproven: tokio::sync::OwnedSemaphorePermit) {
+    let head = read_head(&mut conn).await;
+    drop(unproven);
+    let Some(head) = head else {
         return answer(&mut conn, "400 Bad Request", "", "agentops egress: not an HTTP proxy request\n").await;
     };
     let account = proxy_token(&head).and_then(|t| shared.accounts.lock().ok()?.get(&t).cloned());
@@ -432,7 +467,10 @@ async fn serve(shared: &Shared, mut conn: TcpStream) {
             first.extend_from_slice(&head.rest);
         }
     }
-    let (out, inn) = pipe(&mut conn, &mut upstream, &first, shared.idle, &account.closed).await;
+    if let Ok(mut t) = account.tally.lock() {
+        t.opened();
+    }
+    let (out, inn) = pipe(&mut conn, &mut upstream, &first, shared.idle, &account).await;
     record(Connection { host, port, bytes_out: out, bytes_in: inn, refused: None });
 }
 
@@ -449,7 +487,11 @@ impl Drop for OpenGuard<'_> {
 async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) -> Result<TcpStream, String> {
     // An address named in a host rule is the user's explicit choice (e.g. `127.0.0.1:5432` on
     // one machine), except link-local ones (cloud metadata): those need a CIDR rule.
-    let named = host.parse::<IpAddr>().ok().filter(|ip| !is_link_local(*ip));
+    let named = host
+        .parse::<IpAddr>()
+        .ok()
+        .filter(|ip| !is_link_local(*ip))
+        .filter(|_| policy.hosts.iter().any(|r| r.host == host && r.port == port));
     let addrs = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
         Err(_) => tokio::time::timeout(CONNECT_DEADLINE, (shared.resolver)(host.to_string(), port))
@@ -490,14 +532,31 @@ async fn pipe(
     host: &mut TcpStream,
     first: &[u8],
     idle: Duration,
-    closed: &CancellationToken,
+    account: &Account,
 ) -> (u64, u64) {
+    let closed = &account.closed;
+    let moved = |o: usize, i: usize| {
+        if let Ok(mut t) = account.tally.lock() {
+            t.moved(o as u64, i as u64);
+        }
+    };
+    // Every write is bounded like a read: a peer that stops reading holds nothing forever.
+    macro_rules! write_bounded {
+        ($w:expr, $buf:expr) => {
+            tokio::select! {
+                r = $w.write_all($buf) => r.is_ok(),
+                _ = tokio::time::sleep(idle) => false,
+                _ = closed.cancelled() => false,
+            }
+        };
+    }
     let (mut out, mut inn) = (0u64, 0u64);
     if !first.is_empty() {
-        if host.write_all(first).await.is_err() {
+        if !write_bounded!(host, first) {
             return (0, 0);
         }
         out += first.len() as u64;
+        moved(first.len(), 0);
     }
     let (mut ar, mut aw) = agent.split();
     let (mut hr, mut hw) = host.split();
@@ -507,11 +566,11 @@ async fn pipe(
         tokio::select! {
             r = ar.read(&mut abuf), if agent_open => match r {
                 Ok(0) | Err(_) => { agent_open = false; let _ = hw.shutdown().await; }
-                Ok(n) => { if hw.write_all(&abuf[..n]).await.is_err() { break } out += n as u64; }
+                Ok(n) => { if !write_bounded!(hw, &abuf[..n]) { break } out += n as u64; moved(n, 0); }
             },
             r = hr.read(&mut hbuf), if host_open => match r {
                 Ok(0) | Err(_) => { host_open = false; let _ = aw.shutdown().await; }
-                Ok(n) => { if aw.write_all(&hbuf[..n]).await.is_err() { break } inn += n as u64; }
+                Ok(n) => { if !write_bounded!(aw, &hbuf[..n]) { break } inn += n as u64; moved(0, n); }
             },
             _ = tokio::time::sleep(idle) => break,
             _ = closed.cancelled() => break,
@@ -596,7 +655,9 @@ mod tests {
         assert!(!w.matches("evilgithubusercontent.com", 443));
         assert_eq!(HostRule::parse("10.0.0.7:8080").unwrap().port, 8080);
         assert_eq!(HostRule::parse("[2001:db8::1]:8443").unwrap().host, "2001:db8::1");
-        for bad in ["*.com", "a b", "x:0", "x:70000", "*.10.0.0.1", "", "-a.com", "a..b"] {
+        // A wildcard never matches an address: `*.example.com` does not cover 10.0.0.1.
+        assert!(!HostRule::parse("*.example.com").unwrap().matches("10.0.0.1", 443));
+        for bad in ["*.com", "a b", "x:0", "x:70000", "*.10.0.0.1", "", "-a.com", "a..b", "*.0.1:80", "*.example.1"] {
             assert!(HostRule::parse(bad).is_err(), "{bad}");
         }
     }

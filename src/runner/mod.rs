@@ -167,9 +167,8 @@ struct Run<'a> {
 /// What the egress proxy counted, for the run's output.
 fn egress_line(t: &crate::gateway::egress::EgressTally) -> String {
     let mut refused: Vec<String> = t
-        .recent
+        .refusals
         .iter()
-        .filter(|c| c.refused.is_some())
         .map(|c| crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned())
         .collect();
     refused.dedup();
@@ -714,7 +713,7 @@ impl<'a> Run<'a> {
         if let Some(t) = egress.as_ref().and_then(|(p, token)| p.close(token)) {
             self.say(&egress_line(&t));
             let mut refused_hosts: Vec<String> = Vec::new();
-            for c in t.recent.iter().rev().filter(|c| c.refused.is_some()) {
+            for c in t.refusals.iter().rev() {
                 let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
                 if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
                     refused_hosts.push(hp);
@@ -727,7 +726,7 @@ impl<'a> Run<'a> {
                 bytes_in: t.bytes_in,
                 refused_hosts,
             });
-            for c in t.recent.iter().filter(|c| c.refused.is_some()) {
+            for c in t.refusals.iter() {
                 self.rec
                     .log("egress", &format!("refused {}:{}: {}", c.host, c.port, c.refused.as_deref().unwrap_or("")));
             }
