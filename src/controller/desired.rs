@@ -620,6 +620,12 @@ mod tests {
         assert_eq!(pod.automount_service_account_token, Some(false));
         assert_eq!(pod.share_process_namespace, Some(false));
         assert_eq!(pod.security_context.as_ref().unwrap().seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        // HOME and TMPDIR (and the steps' scratch) are emptyDirs of 1Gi at most.
+        for name in ["home", "tmp", "private", "stream"] {
+            let v = pod.volumes.iter().flatten().find(|v| v.name == name).unwrap_or_else(|| panic!("{name}"));
+            let size = v.empty_dir.as_ref().and_then(|e| e.size_limit.clone()).map(|q| q.0);
+            assert_eq!(size.as_deref(), Some("1Gi"), "{name}");
+        }
         let init = pod.init_containers.clone().unwrap();
         let names: Vec<&str> = init.iter().chain(&pod.containers).map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["clone", "agent", "publish", "finish"], "steps in order; finish is the main container");
