@@ -244,6 +244,27 @@ async fn agent_crash_without_result_is_a_failure() {
     assert!(kept <= 4096 + 1, "the last 4 KiB of 2 MiB: {kept} bytes");
 }
 
+/// One stdout line of 17 MiB (over the 16 MiB bound) is skipped to its newline, not held in
+/// memory or stored, and the lines after it are read: the run ends on the CLI's result line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_stdout_line_is_skipped_and_the_result_after_it_is_read() {
+    let mut h = Harness::new(happy_script()).await;
+    let fake = h.dir.path().join("long-line-claude");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\nhead -c 17825792 /dev/zero | tr '\\0' 'x'\necho\n\
+         echo '{\"type\":\"result\",\"subtype\":\"success\",\"is_error\":false,\"result\":\"read past the long line\",\"num_turns\":1}'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    h.opts.claude_bin = fake;
+    let s = h.run(&h.manifest("longline", "")).await;
+    assert_eq!(s.result.as_deref(), Some("read past the long line"), "{s:#?}");
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Succeeded, Some("NoChanges")), "{s:#?}");
+    let logs = h.store.logs(&s.id).await.unwrap();
+    assert!(logs.iter().all(|l| l.line.len() <= 16 * 1024), "no 17 MiB line reached the store");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_exit_zero_is_a_failure_not_no_changes() {
     let mut h = Harness::new(happy_script()).await;

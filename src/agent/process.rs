@@ -228,7 +228,7 @@ pub async fn run_agent(
     // Lines are bounded: one endless line must not take the runner's memory with it. Bytes, not
     // UTF-8: a byte that is not UTF-8 (anything can write into the CLI's stdout) must not end
     // the reading; it is read as U+FFFD.
-    let codec = || AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_STDOUT_LINE);
+    let codec = || SkipLong(AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), Vec::new(), MAX_STDOUT_LINE));
     let mut lines = child.stdout.take().map(|out| {
         FramedRead::new(out, codec()).map(|chunk| {
             chunk.map(|b| {
@@ -247,8 +247,6 @@ pub async fn run_agent(
                         let changed = tally.push_line(&l);
                         on_line(&l, &tally, changed);
                     }
-                    // Skipped up to the next newline by the codec.
-                    Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => idle_at = Instant::now() + idle,
                     Some(Err(_)) | None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => { stop = Some(AgentStop::TimedOut); break; }
@@ -299,6 +297,35 @@ async fn terminate(child: &mut tokio::process::Child, pgid: Option<Pid>) {
             let _ = killpg(pg, Signal::SIGKILL);
         }
         let _ = child.kill().await;
+    }
+}
+
+/// Lines over the bound are skipped to their newline, and reading goes on: `FramedRead` ends its
+/// stream after the first error, so the error never reaches it (the agent, left writing into a
+/// pipe nobody reads, would block until the timeout).
+struct SkipLong(AnyDelimiterCodec);
+
+impl tokio_util::codec::Decoder for SkipLong {
+    type Item = tokio_util::bytes::Bytes;
+    type Error = AnyDelimiterCodecError;
+
+    fn decode(&mut self, buf: &mut tokio_util::bytes::BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        loop {
+            match self.0.decode(buf) {
+                // The codec now discards up to the next newline: decode again.
+                Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, buf: &mut tokio_util::bytes::BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        loop {
+            match self.0.decode_eof(buf) {
+                Err(AnyDelimiterCodecError::MaxChunkLengthExceeded) => continue,
+                other => return other,
+            }
+        }
     }
 }
 
