@@ -69,6 +69,15 @@ fn spawn(
     Running { stop: Some(tx), task }
 }
 
+/// A controller configuration whose runner pods report to `base` and whose gateway relays to
+/// the model at `upstream`.
+fn gateway_config(base: &str, upstream: &str) -> ControllerConfig {
+    let mut c = config(None);
+    c.job.report_url = Some(base.to_string());
+    c.model_upstream = upstream.to_string();
+    c
+}
+
 /// A listener on a free loopback port and its base URL.
 async fn listener() -> (tokio::net::TcpListener, String) {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1526,12 +1535,7 @@ async fn a_restarted_controller_opens_a_running_executions_gateway_on_first_use(
     let model = support::FakeAnthropic::start(vec![support::Step::text("hi")]).await;
     let kube = FakeKube::start().await;
     api_secrets(&kube, "ns").await;
-    let cfg = |base: &str| {
-        let mut c = config(None);
-        c.job.report_url = Some(base.to_string());
-        c.model_upstream = model.base_url.clone();
-        c
-    };
+    let cfg = |base: &str| gateway_config(base, &model.base_url);
     let (http, base) = listener().await;
     let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
@@ -1590,12 +1594,7 @@ async fn a_restarted_controller_keeps_the_budget_the_execution_spent() {
     let model = support::FakeAnthropic::start(vec![spend.clone(), spend]).await;
     let kube = FakeKube::start().await;
     api_secrets(&kube, "ns").await;
-    let cfg = |base: &str| {
-        let mut c = config(None);
-        c.job.report_url = Some(base.to_string());
-        c.model_upstream = model.base_url.clone();
-        c
-    };
+    let cfg = |base: &str| gateway_config(base, &model.base_url);
     let (http, base) = listener().await;
     let first = spawn(&kube, cfg(&base), None, ExecutorKind::Job, Some(http), None);
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "ns");
@@ -2409,9 +2408,7 @@ async fn a_running_executions_remote_mcp_server_keeps_its_frozen_route_across_a_
     };
     templates.create(&PostParams::default(), &template(&tracker.url)).await.unwrap();
     let cfg = |base: &str| {
-        let mut c = config(None);
-        c.job.report_url = Some(base.to_string());
-        c.model_upstream = model.base_url.clone();
+        let mut c = gateway_config(base, &model.base_url);
         // The fake server is on 127.0.0.1, which a controller otherwise refuses.
         c.mcp_allow_local = true;
         c
