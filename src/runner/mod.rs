@@ -164,19 +164,23 @@ struct Run<'a> {
     private: Option<PathBuf>,
 }
 
-/// What the egress proxy counted, for the run's output.
-fn egress_line(t: &crate::gateway::egress::EgressTally) -> String {
-    let mut refused: Vec<String> = t
-        .refusals
-        .iter()
-        .map(|c| crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned())
-        .collect();
-    refused.dedup();
-    let refused = if refused.is_empty() { String::new() } else { format!(" (refused: {})", refused.join(", ")) };
-    format!(
-        "  egress: {} connections, {} refused{refused}; {} bytes out, {} in",
-        t.connections, t.refused, t.bytes_out, t.bytes_in
-    )
+/// What the egress proxy counted: the latest 20 refused `host:port`, each once, cleaned for
+/// terminals.
+fn egress_summary(t: &crate::gateway::egress::EgressTally) -> crate::api::EgressSummary {
+    let mut refused_hosts: Vec<String> = Vec::new();
+    for c in t.refusals.iter().rev() {
+        let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
+        if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
+            refused_hosts.push(hp);
+        }
+    }
+    crate::api::EgressSummary {
+        connections: t.connections,
+        refused: t.refused,
+        bytes_out: t.bytes_out,
+        bytes_in: t.bytes_in,
+        refused_hosts,
+    }
 }
 
 /// The TCP ports the agent's sandbox lets it connect to: its model endpoint's (the gateway's)
@@ -711,21 +715,17 @@ impl<'a> Run<'a> {
             }
         }
         if let Some(t) = egress.as_ref().and_then(|(p, token)| p.close(token)) {
-            self.say(&egress_line(&t));
-            let mut refused_hosts: Vec<String> = Vec::new();
-            for c in t.refusals.iter().rev() {
-                let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
-                if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
-                    refused_hosts.push(hp);
-                }
-            }
-            self.egress = Some(crate::api::EgressSummary {
-                connections: t.connections,
-                refused: t.refused,
-                bytes_out: t.bytes_out,
-                bytes_in: t.bytes_in,
-                refused_hosts,
-            });
+            let e = egress_summary(&t);
+            let refused = if e.refused_hosts.is_empty() {
+                String::new()
+            } else {
+                format!(" (refused: {})", e.refused_hosts.join(", "))
+            };
+            self.say(&format!(
+                "  egress: {} connections, {} refused{refused}; {} bytes out, {} in",
+                e.connections, e.refused, e.bytes_out, e.bytes_in
+            ));
+            self.egress = Some(e);
             for c in t.refusals.iter() {
                 self.rec
                     .log("egress", &format!("refused {}:{}: {}", c.host, c.port, c.refused.as_deref().unwrap_or("")));
