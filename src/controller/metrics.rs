@@ -36,6 +36,11 @@ pub struct ErrorLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -51,6 +56,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     /// Reconciles run (of live executions and finished ones).
     pub reconciles: Counter,
+    /// Executions an AgentPolicy refused, by policy.
+    pub policy_refusals: Family<PolicyLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +74,7 @@ impl Default for Metrics {
             tool_calls: Family::default(),
             reconcile_errors: Family::default(),
             reconciles: Counter::default(),
+            policy_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
@@ -79,6 +87,7 @@ impl Default for Metrics {
         registry.register("tool_calls", "Agent tool calls, by tool", m.tool_calls.clone());
         registry.register("reconcile_errors", "Reconcile failures, by kind", m.reconcile_errors.clone());
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
+        registry.register("policy_refusals", "Executions refused by an AgentPolicy", m.policy_refusals.clone());
         Self { registry, ..m }
     }
 }

@@ -211,6 +211,7 @@ impl Reports {
         // the window schedules one wake at its end (the last figures of a burst reach the status).
         let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
         let account = Account::new(&key, token, r.max_budget_usd)
+            .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
             .on_change(move || {
