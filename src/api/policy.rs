@@ -225,19 +225,35 @@ pub fn apply_defaults(ax: &mut AgentExecution, template: Option<&AgentTemplate>,
     };
     if spec.agent.max_budget_usd.is_none() && t.is_none_or(|t| t.agent.max_budget_usd.is_none()) {
         // A maximum with no default is the default: an execution that sets nothing is bounded.
-        spec.agent.max_budget_usd =
-            smallest_f(&|p| p.spec.defaults.max_budget_usd).or_else(|| smallest_f(&|p| p.spec.maximums.max_budget_usd));
+        // Under several policies, never above the smallest maximum.
+        let default = smallest_f(&|p| p.spec.defaults.max_budget_usd);
+        let max = smallest_f(&|p| p.spec.maximums.max_budget_usd);
+        spec.agent.max_budget_usd = match (default, max) {
+            (Some(d), Some(m)) => Some(d.min(m)),
+            (d, m) => d.or(m),
+        };
     }
     if spec.agent.max_turns.is_none() && t.is_none_or(|t| t.agent.max_turns.is_none()) {
         let smallest = |f: &dyn Fn(&AgentPolicy) -> Option<i32>| policies.iter().filter_map(|p| f(p)).min();
-        spec.agent.max_turns =
-            smallest(&|p| p.spec.defaults.max_turns).or_else(|| smallest(&|p| p.spec.maximums.max_turns));
+        let (default, max) = (smallest(&|p| p.spec.defaults.max_turns), smallest(&|p| p.spec.maximums.max_turns));
+        spec.agent.max_turns = match (default, max) {
+            (Some(d), Some(m)) => Some(d.min(m)),
+            (d, m) => d.or(m),
+        };
     }
     if spec.timeout.is_none() && t.is_none_or(|t| t.timeout.is_none()) {
-        spec.timeout = policies
-            .iter()
-            .filter_map(|p| p.spec.defaults.timeout.clone())
-            .min_by_key(|d| parse(d).unwrap_or(Duration::MAX));
+        // The shortest default, never above a maximum (a maximum alone is the default only when
+        // it is below the built-in 1h; otherwise the cluster's default applies, checked against it).
+        let shortest = |f: &dyn Fn(&AgentPolicy) -> Option<String>| {
+            policies.iter().filter_map(|p| f(p)).min_by_key(|d| parse(d).unwrap_or(Duration::MAX))
+        };
+        let default = shortest(&|p| p.spec.defaults.timeout.clone());
+        let max = shortest(&|p| p.spec.maximums.timeout.clone());
+        spec.timeout = match (default, max) {
+            (Some(d), Some(m)) if parse(&m) < parse(&d) => Some(m),
+            (None, Some(m)) if parse(&m).is_some_and(|m| m < super::DEFAULT_TIMEOUT) => Some(m),
+            (d, _) => d,
+        };
     }
     // Pod settings: the policies' under the template's and the execution's (the first policy by
     // name winning field by field), folded into the execution's own so that the runner's manifest
