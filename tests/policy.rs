@@ -83,8 +83,16 @@ fn every_maximum_and_allowlist_refuses_naming_the_policy_and_the_field() {
             "spec.pod.agentImage",
             "  pod: {agentImage: 'registry.example.com/go@sha256:00'}\n",
         ),
-        ("  egress: [{cidr: 0.0.0.0/0, ports: [443]}]\n", "spec.egress[0]", "  egress: [{cidr: 10.1.0.0/16, ports: [443]}]\n"),
-        ("  egress: [{cidr: 10.1.0.0/16, ports: [22]}]\n", "spec.egress[0]", "  egress: [{cidr: 10.1.0.0/16, ports: [443]}]\n"),
+        (
+            "  egress: [{cidr: 0.0.0.0/0, ports: [443]}]\n",
+            "spec.egress[0]",
+            "  egress: [{cidr: 10.1.0.0/16, ports: [443]}]\n",
+        ),
+        (
+            "  egress: [{cidr: 10.1.0.0/16, ports: [22]}]\n",
+            "spec.egress[0]",
+            "  egress: [{cidr: 10.1.0.0/16, ports: [443]}]\n",
+        ),
         ("  egressHosts: [evil.example.com]\n", "spec.egressHosts[0]", "  egressHosts: [registry.npmjs.org]\n"),
         ("  egressHosts: ['pypi.org:80']\n", "spec.egressHosts[0]", "  egressHosts: ['pypi.org:443']\n"),
         ("  egressHosts: ['*.example.org']\n", "spec.egressHosts[0]", "  egressHosts: ['*.a.npmjs.org']\n"),
@@ -96,9 +104,12 @@ fn every_maximum_and_allowlist_refuses_naming_the_policy_and_the_field() {
         apply(&execution_yaml(within), &all, &[]).unwrap_or_else(|e| panic!("{within:?} is allowed: {e}"));
     }
     // insecure repositories: plain HTTP to another machine.
-    let insecure = execution_yaml("").replace("https://git.example.com/r.git", "http://git.example.com/r.git")
-        + "  # plain\n";
-    let insecure = insecure.replace("repository: {url: 'http://git.example.com/r.git'}", "repository: {url: 'http://git.example.com/r.git', insecure: true}");
+    let insecure =
+        execution_yaml("").replace("https://git.example.com/r.git", "http://git.example.com/r.git") + "  # plain\n";
+    let insecure = insecure.replace(
+        "repository: {url: 'http://git.example.com/r.git'}",
+        "repository: {url: 'http://git.example.com/r.git', insecure: true}",
+    );
     let err = apply(&insecure, &all, &[]).unwrap_err();
     assert!(err.starts_with("spec.repository.insecure: ") && err.contains("\"company\""), "{err}");
     let mut relaxed = all.clone();
@@ -338,7 +349,10 @@ spec:
     })
     .await;
     let message = st["message"].as_str().unwrap();
-    assert!(message.starts_with("spec.agent.maxBudgetUsd: is $20") && message.contains("AgentPolicy \"payments\""), "{message}");
+    assert!(
+        message.starts_with("spec.agent.maxBudgetUsd: is $20") && message.contains("AgentPolicy \"payments\""),
+        "{message}"
+    );
     let stalled = st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Stalled" && c["status"] == "True");
     assert!(stalled, "{st}");
     assert!(kube.get(BATCH, "jobs", "pay", "agentops-greedy").is_none());
@@ -357,7 +371,9 @@ spec:
     // The policy's status: the namespaces it selects, the one refusal (counted once, although
     // the refused execution is looked at again every recheck).
     let pstatus = until("payments' status", || {
-        let p = kube.get(AX, "agentpolicies", "", "payments").or_else(|| kube.get(AX, "agentpolicies", "default", "payments"))?;
+        let p = kube
+            .get(AX, "agentpolicies", "", "payments")
+            .or_else(|| kube.get(AX, "agentpolicies", "default", "payments"))?;
         (p["status"]["refused"] == 1).then(|| p["status"].clone())
     })
     .await;
@@ -365,7 +381,9 @@ spec:
     assert_eq!(pstatus["namespaceCount"], 1);
     tokio::time::sleep(Duration::from_millis(600)).await; // three rechecks of the refused execution
     let company = until("company's status", || {
-        let p = kube.get(AX, "agentpolicies", "", "company").or_else(|| kube.get(AX, "agentpolicies", "default", "company"))?;
+        let p = kube
+            .get(AX, "agentpolicies", "", "company")
+            .or_else(|| kube.get(AX, "agentpolicies", "default", "company"))?;
         p["status"]["namespaceCount"].as_u64().filter(|n| *n >= 2).map(|_| p["status"].clone())
     })
     .await;
@@ -377,7 +395,10 @@ spec:
     let patch = json!({"spec": {"maximums": {"maxBudgetUsd": 25.0}}});
     policies_api.patch("payments", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     until("greedy's Job once allowed", || kube.get(BATCH, "jobs", "pay", "agentops-greedy")).await;
-    let p = kube.get(AX, "agentpolicies", "", "payments").or_else(|| kube.get(AX, "agentpolicies", "default", "payments")).unwrap();
+    let p = kube
+        .get(AX, "agentpolicies", "", "payments")
+        .or_else(|| kube.get(AX, "agentpolicies", "default", "payments"))
+        .unwrap();
     assert_eq!(p["status"]["refused"], 1, "still one refusal: {}", p["status"]);
     ctl.stop().await;
 }

@@ -37,6 +37,8 @@ pub struct Reports {
     /// Secrets read for the gateway and the relay, for a few seconds: many executions share one
     /// Secret, and each start would read it again. (The accounts hold the values anyway.)
     secret_data: Mutex<HashMap<Key, (std::time::Instant, Arc<SecretData>)>>,
+    /// The team budgets each account is held against.
+    budgets: Option<super::budgets::Budgets>,
 }
 
 type SecretData = std::collections::BTreeMap<String, String>;
@@ -71,7 +73,7 @@ impl Reports {
         wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { client, ledger, wake, gateways: None, git: None, secret_data: Default::default() }
+        Self { client, ledger, wake, gateways: None, git: None, secret_data: Default::default(), budgets: None }
     }
 
     /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
@@ -168,6 +170,12 @@ impl Reports {
     }
 
     /// Runner pods reach the model through `gateways`.
+    /// Holds every account against the team budgets of its namespace.
+    pub fn with_budgets(mut self, budgets: super::budgets::Budgets) -> Self {
+        self.budgets = Some(budgets);
+        self
+    }
+
     pub fn with_gateways(mut self, gateways: Arc<Gateways>) -> Self {
         self.gateways = Some(gateways);
         self
@@ -212,6 +220,7 @@ impl Reports {
         let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
         let account = Account::new(&key, token, r.max_budget_usd)
             .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
+            .with_pools(self.budgets.as_ref().map(|b| b.pools_for(ns)).unwrap_or_default())
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
             .on_change(move || {
