@@ -5,6 +5,8 @@ CREATE TABLE team_budget_spend (
     budget TEXT NOT NULL,
     period_start TEXT NOT NULL,
     spent_usd REAL NOT NULL,
+    -- 1 once a request could not be paid even alone: new executions wait for the reset.
+    exhausted INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
     PRIMARY KEY (budget, period_start)
 );

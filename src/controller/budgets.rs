@@ -82,6 +82,18 @@ impl Budgets {
         self.synced.load(Ordering::Relaxed)
     }
 
+    /// Waits (at most `limit`) until the budgets were read. False: they were not.
+    pub async fn wait_synced(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.synced() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     fn labels(&self, ns: &str) -> BTreeMap<String, String> {
         let mut labels = self.namespaces.get(&ObjectRef::new(ns)).map(|n| n.labels().clone()).unwrap_or_default();
         labels.insert(NAME_LABEL.into(), ns.into());
@@ -218,8 +230,8 @@ pub fn start(client: Client, deps: Deps) -> (Budgets, Vec<tokio::task::JoinHandl
 struct Books {
     /// The period whose spend was read from the store.
     loaded: HashMap<String, String>,
-    /// The spend last written to the store.
-    saved: HashMap<String, f64>,
+    /// The spend (and exhaustion) last written to the store.
+    saved: HashMap<String, (f64, bool)>,
     /// The status last written.
     written: HashMap<String, AgentBudgetStatus>,
     /// Whether this instance leads (only the leader writes statuses, the store and Events).
@@ -271,15 +283,16 @@ impl Books {
                 self.saved.remove(&name);
             }
             let was_exhausted = pool.exhausted();
-            pool.set(b.spec.limit_usd, &key, stored.unwrap_or(0.0));
+            let (spent, exhausted) = stored.unwrap_or((0.0, false));
+            pool.set(b.spec.limit_usd, &key, spent, exhausted);
             let books = pool.books();
             if let Some(store) = &deps.store
                 && self.leading
-                && self.saved.get(&name) != Some(&books.spent_usd)
+                && self.saved.get(&name) != Some(&(books.spent_usd, books.exhausted))
             {
-                match store.set_budget_spent(&name, &key, books.spent_usd).await {
+                match store.set_budget_spent(&name, &key, books.spent_usd, books.exhausted).await {
                     Ok(()) => {
-                        self.saved.insert(name.clone(), books.spent_usd);
+                        self.saved.insert(name.clone(), (books.spent_usd, books.exhausted));
                     }
                     Err(e) => tracing::warn!(budget = %name, error = %e, "cannot record the budget's spend"),
                 }

@@ -218,9 +218,21 @@ impl Reports {
         // At most one wake per WAKE_EVERY, and never a change left without one: a change inside
         // the window schedules one wake at its end (the last figures of a burst reach the status).
         let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
+        // Right after a restart the budgets may not be read yet: an account opened without its
+        // team budgets would spend past them.
+        let pools = match &self.budgets {
+            None => Vec::new(),
+            Some(b) if b.wait_synced(std::time::Duration::from_secs(20)).await => b.pools_for(ns),
+            Some(_) => {
+                return Err(super::context::Error::Executor(
+                    "the team budgets (AgentBudgets) are not read yet; the gateway opens no account without them"
+                        .into(),
+                ));
+            }
+        };
         let account = Account::new(&key, token, r.max_budget_usd)
             .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
-            .with_pools(self.budgets.as_ref().map(|b| b.pools_for(ns)).unwrap_or_default())
+            .with_pools(pools)
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
             .on_change(move || {

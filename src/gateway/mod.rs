@@ -71,8 +71,8 @@ pub struct PoolBooks {
     pub refused: u64,
     /// The period's key (`budget::Window::key`): a new period starts at zero.
     pub period: String,
-    /// Set when a request was refused for want of money; new executions then wait for the
-    /// reset (cleared by a new period or a higher limit).
+    /// Set when a request was refused that the pool could not pay even with nothing else in
+    /// flight; new executions then wait for the reset (cleared by a new period or a higher limit).
     pub exhausted: bool,
 }
 
@@ -94,9 +94,9 @@ impl Pool {
         self.books.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
-    /// A new limit, or a new period (which starts at `spent_usd`, normally zero). Requests in
-    /// flight keep their hold.
-    pub fn set(&self, limit_usd: f64, period: &str, spent_usd: f64) {
+    /// A new limit, or a new period (which starts at `spent_usd`, normally zero; `exhausted` as
+    /// recorded for it). Requests in flight keep their hold.
+    pub fn set(&self, limit_usd: f64, period: &str, spent_usd: f64, exhausted: bool) {
         if let Ok(mut b) = self.books.lock() {
             if b.period != period {
                 b.period = period.to_string();
@@ -104,6 +104,7 @@ impl Pool {
                 b.refused = 0;
                 b.exhausted = false;
             }
+            b.exhausted |= exhausted;
             if limit_usd > b.limit_usd {
                 b.exhausted = false;
             }
@@ -308,6 +309,8 @@ impl Account {
         }
         let spent_out = self.budget_usd.is_some_and(|b| m.cost_usd >= b);
         let pool_out = pools.iter().position(|(_, b)| b.spent_usd >= b.limit_usd);
+        // The least a request may cost: a pool that cannot pay it even alone is exhausted.
+        let least = worst.usd(wanted.min(MIN_OUTPUT_TOKENS));
         let refuse = |m: &mut Metered,
                       pools: &mut Vec<(&Arc<Pool>, std::sync::MutexGuard<'_, PoolBooks>)>,
                       which: Option<Tightest>,
@@ -317,7 +320,9 @@ impl Account {
                 Some(Tightest::Pool(i)) => {
                     let (p, b) = &mut pools[i];
                     b.refused += 1;
-                    b.exhausted = true;
+                    if b.limit_usd - b.spent_usd < least {
+                        b.exhausted = true;
+                    }
                     Err(format!(
                         "{TEAM_BUDGET_SPENT} {:?} is spent for this period ({why}; ${:.4} spent of ${})",
                         p.name, b.spent_usd, b.limit_usd
