@@ -344,3 +344,47 @@ async fn a_pool_never_overshoots_under_concurrency() {
     assert_eq!(books.reserved_usd, 0.0, "every hold released");
     assert!(books.refused > 0 && books.exhausted);
 }
+
+/// A budget created while an execution runs holds that execution's next request; deleted, it
+/// lets it go again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_created_mid_run_holds_the_running_execution() {
+    let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
+    let model = support::FakeAnthropic::start(vec![answer; 8]).await;
+    let kube = FakeKube::start().await;
+    namespace(&kube, "late").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
+    let (ctl, base) = start(&kube, &model.base_url, store, Clock::default()).await;
+    let api: Api<AgentExecution> = Api::namespaced(kube.client(), "late");
+    api.create(&PostParams::default(), &execution("r")).await.unwrap();
+    until("Running", || (kube.get(AX, "agentexecutions", "late", "r")?["status"]["phase"] == "Running").then_some(()))
+        .await;
+    let token = token(&kube, "late", "r");
+    assert_eq!(ask(&base, "late", "r", &token).await.0, 200, "no budget yet");
+    // $0.50: less than one request's worst case (~$0.66).
+    let budget: AgentBudget = serde_json::from_value(json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentBudget", "metadata": {"name": "late-budget"},
+        "spec": {"namespaces": ["late"], "limitUsd": 0.5, "period": "week"}
+    }))
+    .unwrap();
+    let budgets: Api<AgentBudget> = Api::all(kube.client());
+    budgets.create(&PostParams::default(), &budget).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (status, text) = ask(&base, "late", "r", &token).await;
+        if status == 400 {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new budget never held the running execution");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(text.contains(TEAM_BUDGET_SPENT) && text.contains("late-budget"), "{text}");
+    budgets.delete("late-budget", &Default::default()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ask(&base, "late", "r", &token).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "the deleted budget still held it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctl.stop().await;
+}

@@ -182,6 +182,9 @@ pub struct Deps {
     pub events: Events,
     /// Wakes an execution (a reset lets the queued ones start at once).
     pub wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
+    /// The model gateway, whose open accounts follow budgets created, deleted or re-aimed while
+    /// their executions run.
+    pub gateways: Option<Arc<crate::gateway::Gateways>>,
 }
 
 /// Starts the budgets' watch and the task that keeps pools, store, statuses and gauges true.
@@ -247,6 +250,19 @@ impl Books {
         let live: std::collections::HashSet<String> = budgets.iter().map(|b| b.name_any()).collect();
         if let Ok(mut pools) = me.pools.lock() {
             pools.retain(|name, _| live.contains(name));
+        }
+        // Every open account held against the budgets of its namespace now: a budget created
+        // while executions run holds their next request; a deleted one lets them go.
+        if let Some(g) = &deps.gateways {
+            let mut by_ns: HashMap<String, Vec<Arc<Pool>>> = HashMap::new();
+            for ((ns, _), account) in g.accounts() {
+                let pools = by_ns.entry(ns.clone()).or_insert_with(|| me.pools_for(&ns));
+                let mut want: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
+                want.sort();
+                if account.pool_names() != want {
+                    account.set_pools(pools.clone());
+                }
+            }
         }
         for b in budgets {
             let name = b.name_any();

@@ -233,6 +233,7 @@ pub async fn run(
             metrics: metrics.clone(),
             events: events::Events::new(client.clone(), reporter.clone()),
             wake: wake_tx.clone(),
+            gateways: gateways.clone(),
         },
     );
     background.extend(budget_tasks);

@@ -63,6 +63,14 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
             ));
         };
         crate::api::policy::apply_defaults(&mut effective, template.as_ref(), &policies.iter().collect::<Vec<_>>());
+        // Under a policy the cluster's default model (the chart's `runner.defaultModel`) is named
+        // in the spec, so that a model list can check it (and the gateway hold the agent to it).
+        if !policies.is_empty()
+            && effective.spec.agent.model.is_none()
+            && template.as_ref().is_none_or(|t| t.spec.agent.model.is_none())
+        {
+            effective.spec.agent.model = ctx.config.job.default_model.clone();
+        }
         policies
     };
     if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {

@@ -213,8 +213,9 @@ pub struct Account {
     /// The models the cluster's policies let it name (tagged patterns, `policy::models_allow`);
     /// unset: any.
     models: std::sync::OnceLock<Vec<String>>,
-    /// The team budgets it is held against with the other executions of its namespace.
-    pools: Vec<Arc<Pool>>,
+    /// The team budgets it is held against with the other executions of its namespace (sorted
+    /// by name: the lock order). Replaced when budgets come, go or change their namespaces.
+    pools: Mutex<Vec<Arc<Pool>>>,
 }
 
 impl Account {
@@ -232,16 +233,32 @@ impl Account {
             mcp: mcp::McpRoutes::new(),
             mcp_in_flight: Arc::new(tokio::sync::Semaphore::new(mcp::MAX_MCP_IN_FLIGHT)),
             models: std::sync::OnceLock::new(),
-            pools: Vec::new(),
+            pools: Mutex::new(Vec::new()),
         }
     }
 
     /// Holds its requests against these team budgets too (with every other account of theirs).
-    pub fn with_pools(mut self, mut pools: Vec<Arc<Pool>>) -> Self {
+    pub fn with_pools(self, pools: Vec<Arc<Pool>>) -> Self {
+        self.set_pools(pools);
+        self
+    }
+
+    /// Holds its next requests against these team budgets (those in flight keep their holds).
+    pub fn set_pools(&self, mut pools: Vec<Arc<Pool>>) {
         // One lock order for every account: by name.
         pools.sort_by(|a, b| a.name.cmp(&b.name));
-        self.pools = pools;
-        self
+        if let Ok(mut p) = self.pools.lock() {
+            *p = pools;
+        }
+    }
+
+    /// The names of the team budgets it is held against.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.lock().map(|p| p.iter().map(|p| p.name.clone()).collect()).unwrap_or_default()
+    }
+
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
     /// Refuses requests naming a model the policies do not allow (`PolicyRecord::models`).
@@ -276,7 +293,8 @@ impl Account {
     /// Holds a request's worst case against the budget, lowering its `max_tokens` to what the
     /// budget left can pay for when needed. Err: the budget cannot pay for the request.
     fn reserve(self: &Arc<Self>, req: &Request, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
-        if self.budget_usd.is_none() && self.pools.is_empty() {
+        let held_pools = self.pools();
+        if self.budget_usd.is_none() && held_pools.is_empty() {
             return Ok((None, body));
         }
         let worst = req.worst_case(&self.prices);
@@ -284,8 +302,8 @@ impl Account {
         let unreadable = || "the gateway's books are unreadable".to_string();
         // Locks: the account, then its pools by name (every path takes them in this order).
         let Ok(mut m) = self.metered.lock() else { return Err(unreadable()) };
-        let mut pools = Vec::with_capacity(self.pools.len());
-        for p in &self.pools {
+        let mut pools = Vec::with_capacity(held_pools.len());
+        for p in &held_pools {
             let Ok(b) = p.books.lock() else { return Err(unreadable()) };
             pools.push((p, b));
         }
@@ -374,7 +392,7 @@ impl Account {
         } else {
             body
         };
-        Ok((Some(Hold { account: self.clone(), usd }), body))
+        Ok((Some(Hold { account: self.clone(), pools: held_pools, usd }), body))
     }
 
     /// Adds what a response added (`model`: the request's).
@@ -408,7 +426,7 @@ impl Account {
                 *m.tool_calls.by_tool.entry(tool).or_default() += 1;
             }
         }
-        for p in &self.pools {
+        for p in self.pools() {
             p.add(seen.cost_usd);
         }
         if let Some(f) = &self.on_change {
@@ -430,7 +448,7 @@ impl Account {
             let key = model_key(&m.by_model, model);
             m.by_model.entry(key).or_default().cost_usd += usd;
         }
-        for p in &self.pools {
+        for p in self.pools() {
             p.add(usd);
         }
         if let Some(f) = &self.on_change {
@@ -698,6 +716,11 @@ impl Gateways {
         Some(a.metered())
     }
 
+    /// The open accounts, by namespace and name (for the team budgets to hold them).
+    pub fn accounts(&self) -> Vec<((String, String), Arc<Account>)> {
+        self.accounts.lock().map(|a| a.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    }
+
     /// Closes an execution's account: its token is refused from now on. Returns what it counted.
     pub fn close(&self, ns: &str, name: &str) -> Option<Metered> {
         let a = self.accounts.lock().ok()?.remove(&(ns.to_string(), name.to_string()))?;
@@ -821,9 +844,11 @@ fn hop(name: &str) -> bool {
 /// A clamped request still gets room for a useful answer; below this, the budget is spent.
 const MIN_OUTPUT_TOKENS: u64 = 2048;
 
-/// A request's worst case held against its account's budget while it is in flight.
+/// A request's worst case held against its account's budget (and the team budgets it was
+/// reserved in) while it is in flight.
 struct Hold {
     account: Arc<Account>,
+    pools: Vec<Arc<Pool>>,
     usd: f64,
 }
 
@@ -832,7 +857,7 @@ impl Drop for Hold {
         if let Ok(mut m) = self.account.metered.lock() {
             m.reserved_usd = (m.reserved_usd - self.usd).max(0.0);
         }
-        for p in &self.account.pools {
+        for p in &self.pools {
             if let Ok(mut b) = p.books.lock() {
                 b.reserved_usd = (b.reserved_usd - self.usd).max(0.0);
             }
