@@ -58,7 +58,7 @@ fn spawn(
             config,
             store,
             exec,
-            agentops::server::serve(agentops::server::Listeners { api: http, probes: None }),
+            agentops::server::serve(agentops::server::Listeners { api: http, probes: None, egress: None }),
             leader,
             async move {
                 let _ = rx.await;

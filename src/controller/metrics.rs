@@ -32,6 +32,13 @@ pub struct ToolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub namespace: String,
+    /// `allowed` or `refused` (connections); `out` or `in` (bytes).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub kind: String,
 }
@@ -51,6 +58,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     /// Reconciles run (of live executions and finished ones).
     pub reconciles: Counter,
+    /// Connections through the egress proxy, by namespace and `allowed`/`refused`.
+    pub egress_connections: Family<EgressLabels, Counter>,
+    /// Bytes through the egress proxy, by namespace and direction (`result`: `out`, `in`).
+    pub egress_bytes: Family<EgressLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +78,8 @@ impl Default for Metrics {
             tool_calls: Family::default(),
             reconcile_errors: Family::default(),
             reconciles: Counter::default(),
+            egress_connections: Family::default(),
+            egress_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
@@ -79,6 +92,16 @@ impl Default for Metrics {
         registry.register("tool_calls", "Agent tool calls, by tool", m.tool_calls.clone());
         registry.register("reconcile_errors", "Reconcile failures, by kind", m.reconcile_errors.clone());
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
+        registry.register(
+            "egress_connections",
+            "Connections of agents through the egress proxy, by namespace and result (allowed, refused)",
+            m.egress_connections.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Bytes through the egress proxy, by namespace and direction (result: out, in)",
+            m.egress_bytes.clone(),
+        );
         Self { registry, ..m }
     }
 }
@@ -136,6 +159,13 @@ pub fn record_finished(
         m.tokens
             .get_or_create(&TokenLabels { namespace: ns.clone(), model: model.clone(), kind: kind.into() })
             .inc_by(n);
+    }
+    if let Some(e) = &st.egress {
+        let label = |result: &str| EgressLabels { namespace: ns.clone(), result: result.into() };
+        m.egress_connections.get_or_create(&label("allowed")).inc_by(e.connections);
+        m.egress_connections.get_or_create(&label("refused")).inc_by(e.refused);
+        m.egress_bytes.get_or_create(&label("out")).inc_by(e.bytes_out);
+        m.egress_bytes.get_or_create(&label("in")).inc_by(e.bytes_in);
     }
     m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
     // Label values from a fixed set: Claude Code's own tools by name, anything else `other`
