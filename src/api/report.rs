@@ -64,8 +64,9 @@ pub struct EgressSummary {
     pub connections: u64,
     /// Connections refused (a host or port not allowed, a private address, too many at once).
     pub refused: u64,
-    /// Bytes from the agent to the hosts, and back.
+    /// Bytes from the agent to the hosts.
     pub bytes_out: u64,
+    /// Bytes from the hosts to the agent.
     pub bytes_in: u64,
     /// `host:port` of the latest refusals (at most 20, each once).
     pub refused_hosts: Vec<String>,
