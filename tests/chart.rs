@@ -263,7 +263,10 @@ fn runner_pods_are_bounded_and_have_no_default_egress() {
     // The proxy's port is the controller's, on the Service runner pods are told about.
     let service = docs.iter().find(|d| d["kind"] == "Service").expect("Service");
     let egress_port = service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "egress").cloned();
-    assert_eq!(egress_port.map(|p| (p["port"].clone(), p["targetPort"].clone())), Some((serde_json::json!(8082), serde_json::json!("egress"))));
+    assert_eq!(
+        egress_port.map(|p| (p["port"].clone(), p["targetPort"].clone())),
+        Some((serde_json::json!(8082), serde_json::json!("egress")))
+    );
     assert!(default.contains("name: AGENTOPS_EGRESS_ADDR, value: \"0.0.0.0:8082\""), "the controller listens there");
     assert!(default.contains(":8082\"}"), "runner pods are told the Service's proxy port");
     // Every rule names where it goes: DNS only to the cluster's DNS pods, never to any address

@@ -96,8 +96,25 @@ impl Executor {
         let latest = || reports.latest(&uid);
         Ok(match observed {
             Observation::Running { progress } => {
-                let running =
-                    || metered.as_ref().map(|_| Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                let running = || {
+                    if metered.is_some() {
+                        return Some(Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                    }
+                    // Egress counted before the gateway metered anything (or after a restart, with
+                    // its figures not yet counted again): the status's own figures stand.
+                    egress.as_ref()?;
+                    let st = ax.status.clone().unwrap_or_default();
+                    Some(Summary {
+                        phase: crate::api::Phase::Running,
+                        usage: st.usage,
+                        tokens_used: st.tokens_used,
+                        cost_usd: st.cost_usd,
+                        num_turns: st.num_turns,
+                        tool_calls: st.tool_calls,
+                        session_id: st.session_id,
+                        ..Default::default()
+                    })
+                };
                 Observation::Running { progress: progress.or_else(latest).or_else(running).map(counted) }
             }
             Observation::Finished { summary, failed, deadline_exceeded, cause } if pod => {
