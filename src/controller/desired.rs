@@ -733,15 +733,20 @@ mod tests {
         read.extend(["HOME", "TMPDIR", "ANTHROPIC_MODEL"].map(String::from));
         // The team's own variables are the agent's: the step passes them on by name.
         let team = "  pod: {agentImage: 'golang:1.23', env: [{name: GOFLAGS, value: -mod=mod}]}\n";
-        for (spec, relay) in [("", true), ("", false), (team, true)] {
+        let hosts = "  egressHosts: [pypi.org]\n";
+        for (spec, relay) in [("", true), ("", false), (team, true), (hosts, true)] {
             let (ax, r) = ax(spec);
             let cfg = JobConfig {
                 report_url: Some("http://ctl:8080".into()),
                 git_relay: relay,
                 default_model: Some("m".into()),
+                egress_proxy: Some("http://ctl:8082".into()),
                 ..Default::default()
             };
             let pod = desired_job(&ax, &r, &cfg).spec.unwrap().template.spec.unwrap();
+            let agent = pod.init_containers.iter().flatten().find(|c| c.name == "agent").unwrap();
+            let proxied = agent.env.iter().flatten().any(|e| e.name == crate::api::contract::EGRESS_PROXY);
+            assert_eq!(proxied, spec == hosts, "only an execution with egressHosts is told the proxy");
             for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
                 for e in c.env.iter().flatten() {
                     let teams = c.name == "agent" && e.name == "GOFLAGS";

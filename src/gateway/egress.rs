@@ -827,6 +827,24 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_user_names_one_execution_and_a_tally_continues_from_its_summary() {
+        // A namespace has no dot; a name may have several.
+        assert_eq!(parse_proxy_user(&proxy_user("team-a", "fix.bug.1")), Some(("team-a".into(), "fix.bug.1".into())));
+        assert_eq!(parse_proxy_user("nodot"), None);
+        assert_eq!(parse_proxy_user(".x"), None);
+        let mut t = EgressTally::default();
+        t.opened();
+        t.moved(10, 20);
+        for (host, port) in [("a.test", 443), ("b.test", 80), ("a.test", 443)] {
+            t.record(Connection { host: host.into(), port, bytes_out: 0, bytes_in: 0, refused: Some("no".into()) });
+        }
+        let s = t.summary();
+        assert_eq!((s.connections, s.refused, s.bytes_out, s.bytes_in), (1, 3, 10, 20));
+        assert_eq!(s.refused_hosts, ["a.test:443", "b.test:80"], "latest first, each once");
+        assert_eq!(EgressTally::continuing(&s).summary(), s, "a restarted controller counts on from the status");
+    }
+
+    #[test]
     fn only_public_addresses_pass_without_a_cidr_rule() {
         for private in [
             "127.0.0.1",
