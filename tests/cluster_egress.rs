@@ -120,7 +120,8 @@ async fn controller(kube: &FakeKube, upstream: &str, store: Option<Store>) -> Ru
     config.model_upstream = upstream.to_string();
     let mut serve =
         agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None });
-    serve.egress = Some(EgressListener { listener: egress, resolver: resolver() });
+    // The origin is on loopback, which a controller's proxy otherwise never connects to.
+    serve.egress = Some(EgressListener { listener: egress, resolver: resolver(), allow_local: true });
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let client = kube.client();
     let task = tokio::spawn(async move {

@@ -223,7 +223,7 @@ pub async fn run(
     let egress = match (&executor, &config.job.report_url, serve.egress.take()) {
         (Executor::Job { .. }, Some(report_url), Some(l)) => {
             let port = l.listener.local_addr().map(|a| a.port()).unwrap_or_default();
-            match crate::gateway::egress::EgressProxy::serve(l.listener, l.resolver, EGRESS_IDLE) {
+            match crate::gateway::egress::EgressProxy::serve_controllers(l, EGRESS_IDLE) {
                 Ok(p) => {
                     if config.job.egress_proxy.is_none() {
                         config.job.egress_proxy = egress_url(report_url, port);

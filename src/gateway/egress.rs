@@ -259,6 +259,10 @@ pub fn system_resolver() -> Resolver {
 pub struct EgressListener {
     pub listener: TcpListener,
     pub resolver: Resolver,
+    /// Lets rules reach loopback and link-local addresses, which the controller's proxy
+    /// otherwise never connects to (they are its own ports and its node's metadata service):
+    /// for tests with origins on 127.0.0.1, never a cluster.
+    pub allow_local: bool,
 }
 
 struct Account {
@@ -317,6 +321,8 @@ struct Shared {
     unproven: Arc<tokio::sync::Semaphore>,
     resolver: Resolver,
     idle: Duration,
+    /// Loopback, unspecified and link-local addresses are refused whatever the rules say.
+    refuse_local: bool,
 }
 
 /// A running egress proxy; stops when dropped.
@@ -340,6 +346,23 @@ impl EgressProxy {
 
     /// Serves on `listener` (bound by the caller: the controller's `--egress-addr`).
     pub fn serve(listener: TcpListener, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
+        Self::serve_as(listener, resolver, idle, false)
+    }
+
+    /// The controller's proxy: its connections leave from the controller's pod, so, unless
+    /// `l.allow_local` (tests), no rule reaches a loopback address (the controller's own ports:
+    /// its unauthenticated metrics among them) or a link-local one (the node's metadata service
+    /// and the credentials of the controller's service account there).
+    pub fn serve_controllers(l: EgressListener, idle: Duration) -> std::io::Result<Self> {
+        Self::serve_as(l.listener, l.resolver, idle, !l.allow_local)
+    }
+
+    fn serve_as(
+        listener: TcpListener,
+        resolver: Resolver,
+        idle: Duration,
+        refuse_local: bool,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             accounts: Mutex::new(HashMap::new()),
@@ -348,6 +371,7 @@ impl EgressProxy {
             unproven: Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN)),
             resolver,
             idle,
+            refuse_local,
         });
         let stop = CancellationToken::new();
         let (s, st) = (shared.clone(), stop.clone());
@@ -663,6 +687,14 @@ async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) 
             .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
             .map_err(|e| format!("{host} does not resolve: {e}"))?,
     };
+    if shared.refuse_local
+        && let Some(a) = addrs.iter().find(|a| is_local(a.ip()))
+    {
+        return Err(format!(
+            "{host} resolves to {} (loopback or link-local): the controller's egress proxy never connects there",
+            a.ip()
+        ));
+    }
     let allowed: Vec<SocketAddr> = addrs
         .iter()
         .copied()
@@ -759,6 +791,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
         }
         v4 => v4,
     }
+}
+
+/// Loopback, unspecified or link-local: this machine's own, or its metadata service.
+fn is_local(ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    ip.is_loopback() || ip.is_unspecified() || is_link_local(ip)
 }
 
 fn is_link_local(ip: IpAddr) -> bool {

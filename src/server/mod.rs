@@ -103,6 +103,7 @@ pub fn serve(listeners: Listeners) -> crate::controller::Serve {
     let egress = listeners.egress.map(|listener| crate::gateway::egress::EgressListener {
         listener,
         resolver: crate::gateway::egress::system_resolver(),
+        allow_local: false,
     });
     crate::controller::Serve { api_addr, start, egress }
 }
