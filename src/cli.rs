@@ -36,7 +36,7 @@ pub enum Command {
     /// pod and by the local executor): the JSON summary goes to stdout and to the termination log.
     Runner(RunnerArgs),
     /// Run one step of an execution in a runner pod's container (clone, agent, publish, finish).
-    Step(StepArgs),
+    Step(Box<StepArgs>),
     /// Copy agentops, the Claude Code CLI, their libraries and loader into DIR (the init
     /// container of a runner pod whose agent runs in a team's image).
     #[command(hide = true)]
@@ -436,7 +436,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Step(args) => {
             let (log, step) = (args.termination_log.clone(), args.step);
-            let result = step_main(&db, args).await;
+            let result = step_main(&db, *args).await;
             if let Err(e) = &result {
                 let _ = std::fs::write(&log, runner::truncate(&format!("error: step {}: {e:#}", step.name()), 3900));
             }

@@ -113,11 +113,13 @@ async fn controller(kube: &FakeKube, upstream: &str, store: Option<Store>) -> Ru
     let base = format!("http://{}", http.local_addr().unwrap());
     let egress = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy = egress.local_addr().unwrap();
-    let mut config = ControllerConfig::default();
-    config.recheck_stalled = Duration::from_millis(200);
-    config.retry_after = Duration::from_millis(200);
+    let mut config = ControllerConfig {
+        recheck_stalled: Duration::from_millis(200),
+        retry_after: Duration::from_millis(200),
+        model_upstream: upstream.to_string(),
+        ..Default::default()
+    };
     config.job.report_url = Some(base.clone());
-    config.model_upstream = upstream.to_string();
     let mut serve =
         agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None });
     // The origin is on loopback, which a controller's proxy otherwise never connects to.
