@@ -74,6 +74,10 @@ pub struct RunArgs {
     /// No progress lines on stderr.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+    /// AgentPolicy documents (YAML) applied as a cluster applies them: defaults under the
+    /// template, maximums and allowlists over the result; one that asks for more exits 2.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
 }
 
 /// Where things are on this machine (shared by `run`, `runner` and the local executor).
@@ -475,12 +479,25 @@ async fn run(db: &std::path::Path, args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("error: {why}");
         return Ok(EXIT_INVALID);
     }
+    let policies = match &args.policy {
+        None => Vec::new(),
+        Some(file) => match std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| api::parse_policies(&t).map_err(|e| e.to_string()))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: --policy {}: {e}", file.display());
+                return Ok(EXIT_INVALID);
+            }
+        },
+    };
     let mut opts = args.machine.options(!args.quiet, None);
     // On one machine this process holds the repository's credential: it opens the pull request.
     // (In a cluster the controller does, after the runner pod reported the push.)
     opts.open_pull_request = true;
     let source = args.file.display().to_string();
-    let Ok(summary) = execute(db, &text, &source, &opts).await? else {
+    let Ok(summary) = execute(db, &text, &source, &opts, &policies).await? else {
         return Ok(EXIT_INVALID);
     };
     let mut out = std::io::stdout().lock();
@@ -509,7 +526,8 @@ async fn runner(db: &std::path::Path, args: RunnerArgs) -> anyhow::Result<i32> {
         ),
         (None, None) => anyhow::bail!("no manifest: set AGENTOPS_MANIFEST_FILE or AGENTOPS_MANIFEST"),
     };
-    let summary = match execute(db, &text, &source, &opts).await? {
+    // The controller applied the cluster's policies to the manifest it wrote.
+    let summary = match execute(db, &text, &source, &opts, &[]).await? {
         Ok(s) => s,
         Err(invalid) => {
             let _ = std::fs::write(&args.termination_log, runner::truncate(&format!("error: {invalid}"), 3900));
@@ -606,8 +624,9 @@ async fn execute(
     text: &str,
     source: &str,
     opts: &RunOptions,
+    policies: &[api::AgentPolicy],
 ) -> anyhow::Result<Result<runner::Summary, String>> {
-    let resolved = match parse_manifest(text).and_then(|m| resolve(&m.execution, &m.templates)) {
+    let resolved = match parse_manifest(text).and_then(|m| with_policies(m, policies)) {
         Ok(r) => r,
         Err(e) => {
             let message = format!("{source}: {e}");
@@ -626,6 +645,27 @@ async fn execute(
             if e.exit_code() == EXIT_INVALID { Ok(Err(e.to_string())) } else { Err(e.into()) }
         }
     }
+}
+
+/// Resolves a manifest under the policies that select its namespace (on one machine a namespace
+/// has only its name label), as a controller does.
+fn with_policies(mut m: api::Manifest, policies: &[api::AgentPolicy]) -> Result<api::Resolved, api::ManifestError> {
+    use api::policy;
+    let ns = m.execution.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let labels = std::collections::BTreeMap::from([(policy::NAME_LABEL.to_string(), ns)]);
+    let selected = policy::selecting(policies, &labels);
+    let template = m
+        .execution
+        .spec
+        .template_ref
+        .as_ref()
+        .and_then(|r| m.templates.iter().find(|t| t.metadata.name.as_deref() == Some(r.name.as_str())).cloned());
+    policy::apply_defaults(&mut m.execution, template.as_ref(), &selected);
+    let mut r = resolve(&m.execution, &m.templates)?;
+    if !selected.is_empty() {
+        r.policy = Some(policy::check(&r, &selected, false)?);
+    }
+    Ok(r)
 }
 
 /// The cluster's default pod settings from `--runner-pod` and `--runner-resources`, checked as a

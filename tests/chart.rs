@@ -50,10 +50,11 @@ fn documents(rendered: &str) -> Vec<serde_json::Value> {
 
 fn validate(rendered: &str, name: &str) {
     // ServiceMonitor is a CRD of the Prometheus operator: there is no built-in schema to check it
-    // by, so it is left out; every other document must pass, and any non-zero exit fails.
+    // by, so it is left out; AgentPolicy is ours, checked by our own parser (`policies_from_values`);
+    // every other document must pass, and any non-zero exit fails.
     let kept: Vec<String> = documents(rendered)
         .into_iter()
-        .filter(|d| d["kind"] != "ServiceMonitor")
+        .filter(|d| d["kind"] != "ServiceMonitor" && d["kind"] != "AgentPolicy")
         .map(|d| serde_norway::to_string(&d).unwrap())
         .collect();
     let dir = tempfile::tempdir().unwrap();
@@ -176,6 +177,9 @@ fn base_grants() -> Vec<Grant> {
         ),
         expect("ClusterRole", "*", "agentops.dev", "agentexecutions/status", &["get", "patch", "update"]),
         expect("ClusterRole", "*", "agentops.dev", "agenttemplates", &["get", "list", "watch"]),
+        expect("ClusterRole", "*", "agentops.dev", "agentpolicies", &["get", "list", "watch"]),
+        expect("ClusterRole", "*", "agentops.dev", "agentpolicies/status", &["get", "patch"]),
+        expect("ClusterRole", "*", "", "namespaces", &["get", "list", "watch"]),
         expect("ClusterRole", "*", "authentication.k8s.io", "tokenreviews", &["create"]),
         expect("ClusterRole", "*", "authorization.k8s.io", "subjectaccessreviews", &["create"]),
         expect(
@@ -565,4 +569,44 @@ fn flux_reports_a_stalled_execution_as_failed_not_in_progress() {
     for (status, want) in cases {
         assert_eq!(flux_health(&obj(status.clone())), want, "{status}");
     }
+}
+
+/// The chart installs the policies of its values, each one our parser and checks accept (the
+/// default bounds every run: a budget and a timeout with maximums over them); other values
+/// replace them, and an empty list installs none.
+#[test]
+fn policies_from_values_are_installed_and_valid() {
+    let policies_of = |rendered: &str| -> Vec<serde_json::Value> {
+        documents(rendered).into_iter().filter(|d| d["kind"] == "AgentPolicy").collect()
+    };
+    let rendered = render(None);
+    let found = policies_of(&rendered);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let text: Vec<String> = found.iter().map(|d| serde_norway::to_string(d).unwrap()).collect();
+    let parsed = agentops::api::parse_policies(&text.join("---\n")).expect("the chart's policy is valid");
+    let p = &parsed[0];
+    assert_eq!(p.metadata.name.as_deref(), Some("default"));
+    assert_eq!(p.spec.defaults.max_budget_usd, Some(10.0));
+    assert_eq!(p.spec.maximums.max_budget_usd, Some(50.0));
+    assert_eq!(p.spec.maximums.timeout.as_deref(), Some("8h"));
+    assert_eq!(p.spec.allowed.insecure_repositories, Some(false));
+    assert!(p.spec.namespace_selector.is_none(), "the default policy selects every namespace");
+
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("v.yaml");
+    std::fs::write(
+        &values,
+        "policies:\n  - name: payments\n    spec:\n      namespaceSelector: {matchLabels: {team: payments}}\n      maximums: {maxBudgetUsd: 5}\n      allowed: {models: [claude-sonnet-4-6]}\n",
+    )
+    .unwrap();
+    let out = Command::new(helm()).args(["template", "x"]).arg(chart()).arg("--values").arg(&values).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found = policies_of(&String::from_utf8_lossy(&out.stdout));
+    let text: Vec<String> = found.iter().map(|d| serde_norway::to_string(d).unwrap()).collect();
+    let parsed = agentops::api::parse_policies(&text.join("---\n")).unwrap();
+    assert_eq!(parsed.len(), 1);
+    assert_eq!(parsed[0].spec.allowed.models.as_deref(), Some(&["claude-sonnet-4-6".to_string()][..]));
+    let out =
+        Command::new(helm()).args(["template", "x"]).arg(chart()).args(["--set-json", "policies=[]"]).output().unwrap();
+    assert!(policies_of(&String::from_utf8_lossy(&out.stdout)).is_empty());
 }

@@ -35,6 +35,7 @@ fn context(client: kube::Client) -> Arc<Context> {
             tokio::sync::mpsc::unbounded_channel().0,
             ledger,
         )),
+        policies: agentops::controller::policies::Policies::none(),
     })
 }
 

@@ -25,6 +25,9 @@ const PASSTHROUGH_ENV: &[&str] = &[
     "TZ",
     "ANTHROPIC_BASE_URL",
     "ANTHROPIC_MODEL",
+    // Set by the controller under a policy's model list (the CLI's background requests).
+    "ANTHROPIC_SMALL_FAST_MODEL",
+    "ANTHROPIC_DEFAULT_HAIKU_MODEL",
     "CLAUDE_CODE_MAX_RETRIES",
     "API_TIMEOUT_MS",
     "HTTPS_PROXY",
@@ -84,6 +87,14 @@ pub fn build_command(
     }
     let mut env: Vec<(String, String)> =
         PASSTHROUGH_ENV.iter().filter_map(|k| parent_env(k).map(|v| (k.to_string(), v))).collect();
+    // Under a policy's model list, the CLI's background requests use the run's model too (the
+    // gateway refuses any other).
+    if let (Some(m), Some(_)) = (&r.model, r.policy.as_ref().and_then(|p| p.models.as_ref())) {
+        env.retain(|(k, _)| k != "ANTHROPIC_MODEL");
+        for k in ["ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL"] {
+            env.push((k.into(), m.clone()));
+        }
+    }
     let home_s = home.to_string_lossy().into_owned();
     env.extend([
         ("HOME".into(), home_s.clone()),

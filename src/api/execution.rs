@@ -691,6 +691,10 @@ pub struct AgentExecutionStatus {
     /// What the operator's egress proxy counted for `egressHosts` (live while running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<super::EgressSummary>,
+    /// The cluster policies that applied and the limits this execution runs with (fixed when
+    /// it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<super::PolicyRecord>,
 }
 
 fn is_zero(n: &u64) -> bool {

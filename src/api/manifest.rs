@@ -37,6 +37,43 @@ impl ManifestError {
 /// Parses the text of a manifest file. Size and nesting are bounded (`api::limits`) before any
 /// value is built, and numbers JSON cannot carry (`.nan`, `.inf`) are refused, not dropped.
 pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
+    let (executions, templates, policies) = parse_all(text)?;
+    if !policies.is_empty() {
+        return Err(ManifestError::new(
+            "kind",
+            "AgentPolicy is the platform team's: give it with `agentops run --policy FILE`, not in the execution's file",
+        ));
+    }
+    let mut executions = executions.into_iter();
+    let execution =
+        executions.next().ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
+    if executions.next().is_some() {
+        return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
+    }
+    Ok(Manifest { execution, templates })
+}
+
+/// Parses a file of `AgentPolicy` documents (`agentops run --policy FILE`), bounded and
+/// checked as a manifest is, each policy's values checked too.
+pub fn parse_policies(text: &str) -> Result<Vec<super::AgentPolicy>, ManifestError> {
+    let (executions, templates, policies) = parse_all(text)?;
+    if !executions.is_empty() || !templates.is_empty() {
+        return Err(ManifestError::new("kind", "a policy file holds AgentPolicy documents only"));
+    }
+    for (i, p) in policies.iter().enumerate() {
+        super::policy::validate(p).map_err(|mut e| {
+            if policies.len() > 1 {
+                e.document = Some(i + 1);
+            }
+            e
+        })?;
+    }
+    Ok(policies)
+}
+
+type Parsed = (Vec<AgentExecution>, Vec<AgentTemplate>, Vec<super::AgentPolicy>);
+
+fn parse_all(text: &str) -> Result<Parsed, ManifestError> {
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(ManifestError::new(
             "(file)",
@@ -70,6 +107,7 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
     let multi = docs.len() > 1;
     let mut executions = Vec::new();
     let mut templates = Vec::new();
+    let mut policies = Vec::new();
     for (index, value) in docs {
         let at = |mut e: ManifestError| {
             if multi {
@@ -110,6 +148,12 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
                 t.metadata = metadata;
                 templates.push(t);
             }
+            "AgentPolicy" => {
+                let spec: super::AgentPolicySpec = field(obj.get("spec"), "spec", true).map_err(at)?;
+                let mut p = super::AgentPolicy::new(metadata.name.as_deref().unwrap_or_default(), spec);
+                p.metadata = metadata;
+                policies.push(p);
+            }
             other => {
                 return Err(at(ManifestError::new(
                     "kind",
@@ -118,13 +162,7 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, ManifestError> {
             }
         }
     }
-    let mut executions = executions.into_iter();
-    let execution =
-        executions.next().ok_or_else(|| ManifestError::new("kind", "the file has no AgentExecution; add one"))?;
-    if executions.next().is_some() {
-        return Err(ManifestError::new("kind", "the file has more than one AgentExecution; run one per file"));
-    }
-    Ok(Manifest { execution, templates })
+    Ok((executions, templates, policies))
 }
 
 /// The first line where flow collections (`[`, `{`) nest deeper than the limit. The YAML parser

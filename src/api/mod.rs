@@ -7,6 +7,7 @@ pub mod limits;
 mod manifest;
 pub mod output;
 pub mod pod;
+pub mod policy;
 pub mod pull_request;
 mod reason;
 pub mod report;
@@ -19,8 +20,9 @@ pub use agent_config::{
     PermissionMode, Permissions, SettingSource, Skill, Subagent,
 };
 pub use execution::*;
-pub use manifest::{Manifest, ManifestError, parse_manifest};
+pub use manifest::{Manifest, ManifestError, parse_manifest, parse_policies};
 pub use pod::PodSettings;
+pub use policy::{AgentPolicy, AgentPolicySpec, AgentPolicyStatus, PolicyRecord};
 pub use pull_request::ResolvedPullRequest;
 pub use reason::Reason;
 pub use report::{EgressSummary, Summary};

@@ -58,6 +58,10 @@ pub struct Resolved {
     pub output_schema: Option<serde_json::Value>,
     /// Instructions, permission rules, setting sources, MCP servers, skills, subagents.
     pub agent_config: super::AgentConfig,
+    /// `spec.repository.insecure` (plain HTTP to another machine allowed).
+    pub repo_insecure: bool,
+    /// What the cluster's policies decided (set by whoever applied them; None: no policy).
+    pub policy: Option<super::PolicyRecord>,
 }
 
 /// A hook with its name and limit decided.
@@ -309,6 +313,8 @@ pub fn resolve(ax: &AgentExecution, templates: &[AgentTemplate]) -> Result<Resol
             template.map(|t| t.egress_hosts.as_slice()).unwrap_or_default(),
             &spec.egress_hosts,
         )?,
+        repo_insecure: repo.insecure.unwrap_or(false),
+        policy: None,
         name,
         namespace,
     })

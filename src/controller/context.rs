@@ -111,6 +111,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Live progress and final reports from runners.
     pub reports: Arc<Reports>,
+    /// The cluster's AgentPolicies and the namespaces' labels.
+    pub policies: super::policies::Policies,
 }
 
 /// An execution's namespace and name (the namespace `default` when it has none).

@@ -163,6 +163,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
                 st.git.branch = Some(r.branch.clone());
                 // Fixed here, with the runner's manifest: a template edited later changes neither.
                 st.agent_config_hash = Some(r.agent_config.hash());
+                st.policy = r.policy.clone();
                 let (event, next) = match &f.kueue_queue {
                     Some(queue) => {
                         st.phase = Phase::Queued;

@@ -463,6 +463,11 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                 if let Some(m) = &cfg.default_model {
                     envs.push(env("ANTHROPIC_MODEL", m));
                 }
+                // Under a policy's model list the CLI's background requests use the run's model
+                // (the gateway refuses any other model).
+                if let (Some(m), Some(_)) = (&r.model, r.policy.as_ref().and_then(|p| p.models.as_ref())) {
+                    envs.extend([env("ANTHROPIC_SMALL_FAST_MODEL", m), env("ANTHROPIC_DEFAULT_HAIKU_MODEL", m)]);
+                }
                 if agent_image.is_some() {
                     // The image's `ENV` reaches the step's process too: what decides its
                     // sandbox and its last words is set here, where a container's env wins.
@@ -730,7 +735,10 @@ mod tests {
             .chain(cli.get_arguments())
             .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
             .collect();
-        read.extend(["HOME", "TMPDIR", "ANTHROPIC_MODEL"].map(String::from));
+        read.extend(
+            ["HOME", "TMPDIR", "ANTHROPIC_MODEL", "ANTHROPIC_SMALL_FAST_MODEL", "ANTHROPIC_DEFAULT_HAIKU_MODEL"]
+                .map(String::from),
+        );
         // The team's own variables are the agent's: the step passes them on by name.
         let team = "  pod: {agentImage: 'golang:1.23', env: [{name: GOFLAGS, value: -mod=mod}]}\n";
         let hosts = "  egressHosts: [pypi.org]\n";

@@ -43,6 +43,11 @@ pub struct ErrorLabel {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    pub policy: String,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -62,6 +67,8 @@ pub struct Metrics {
     pub egress_connections: Family<EgressLabels, Counter>,
     /// Bytes through the egress proxy, by namespace and direction (`result`: `out`, `in`).
     pub egress_bytes: Family<EgressLabels, Counter>,
+    /// Executions an AgentPolicy refused, by policy.
+    pub policy_refusals: Family<PolicyLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -80,6 +87,7 @@ impl Default for Metrics {
             reconciles: Counter::default(),
             egress_connections: Family::default(),
             egress_bytes: Family::default(),
+            policy_refusals: Family::default(),
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
@@ -102,6 +110,7 @@ impl Default for Metrics {
             "Bytes through the egress proxy, by namespace and direction (result: out, in)",
             m.egress_bytes.clone(),
         );
+        registry.register("policy_refusals", "Executions refused by an AgentPolicy", m.policy_refusals.clone());
         Self { registry, ..m }
     }
 }

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod jobstate;
 pub mod ledger;
 pub mod metrics;
+pub mod policies;
 pub mod queue;
 pub mod read;
 pub mod reconcile;
@@ -295,6 +296,8 @@ pub async fn run(
                 if !matches!(read::inline_config_maps(&client, &ns, &mut ax, template.as_mut()).await, Ok(Ok(()))) {
                     return false;
                 }
+                // The limits the cluster's policies set when it started (its budget among them).
+                crate::api::policy::freeze(&mut ax);
                 let Ok(r) = crate::api::resolve(&ax, template.as_slice()) else { return false };
                 match executor::reopen(&client, &ax, &r, &reports).await {
                     Ok(opened) => opened,
@@ -361,7 +364,10 @@ pub async fn run(
             relayed,
         }));
     }
+    let (policies, policy_tasks) = policies::start(client.clone(), is_leader.clone());
+    background.extend(policy_tasks);
     let ctx = Arc::new(Context {
+        policies,
         events: events::Events::new(client.clone(), reporter),
         client,
         config,

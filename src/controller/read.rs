@@ -49,13 +49,33 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
     if let Err(stall) = inline_config_maps(&ctx.client, &ns, &mut effective, template.as_mut()).await? {
         return Ok(Err(stall));
     }
+    // The cluster's policies: their defaults under the template's, their maximums and
+    // allowlists over the result. Decided once, when the execution starts: a started execution
+    // keeps the limits its status records (a policy edited later changes no running agent).
+    let started = ax.status.as_ref().is_some_and(|s| s.agent_config_hash.is_some());
+    let policies = if started {
+        crate::api::policy::freeze(&mut effective);
+        Vec::new()
+    } else {
+        let Ok(policies) = ctx.policies.selecting(&ns) else {
+            return Err(Error::Executor("waiting for the watches of AgentPolicies and Namespaces to list".into()));
+        };
+        crate::api::policy::apply_defaults(&mut effective, template.as_ref(), &policies.iter().collect::<Vec<_>>());
+        policies
+    };
     if effective.spec.timeout.is_none() && template.as_ref().is_none_or(|t| t.spec.timeout.is_none()) {
         effective.spec.timeout = ctx.config.default_timeout.clone();
     }
-    let resolved = match resolve(&effective, template.as_slice()) {
+    let mut resolved = match resolve(&effective, template.as_slice()) {
         Ok(r) => r,
         Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
     };
+    if !policies.is_empty() {
+        match check_policies(ax, ctx, &resolved, &policies) {
+            Ok(record) => resolved.policy = Some(record),
+            Err(stall) => return Ok(Err(stall)),
+        }
+    }
     // Host-name egress goes through the controller's egress proxy: without one (a controller
     // started with no `--egress-addr`), the agent would run without what it was promised.
     if !resolved.egress_hosts.is_empty() && matches!(ctx.executor, Executor::Job { .. }) && !ctx.reports.serves_egress()
@@ -77,6 +97,41 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
     }
     Ok(Ok(Spec { resolved, effective, template }))
+}
+
+/// The policies' maximums and allowlists over a resolved execution. A refusal names the policy
+/// and the field; it is looked at again (a policy relaxed later lets the execution start), and
+/// counted on the policy's status once (when the execution's status did not say so yet).
+fn check_policies(
+    ax: &AgentExecution,
+    ctx: &Context,
+    r: &Resolved,
+    policies: &[crate::api::AgentPolicy],
+) -> Result<crate::api::PolicyRecord, Stall> {
+    use crate::api::policy;
+    let refs: Vec<&crate::api::AgentPolicy> = policies.iter().collect();
+    let invalid = refs.iter().find_map(|p| {
+        policy::validate(p).err().map(|e| {
+            format!(
+                "AgentPolicy {:?} cannot be applied ({e}); it refuses every execution it selects until the platform team fixes it",
+                p.name_any()
+            )
+        })
+    });
+    let local = matches!(ctx.executor, Executor::Local(_));
+    let message = match invalid {
+        Some(m) => m,
+        None => match policy::check(r, &refs, local) {
+            Ok(record) => return Ok(record),
+            Err(e) => e.to_string(),
+        },
+    };
+    let told = ax.status.as_ref().and_then(|s| s.message.as_deref()) == Some(message.as_str());
+    if !told && let Some(name) = policy::refused_by(&message) {
+        ctx.policies.refused(name);
+        ctx.metrics.policy_refusals.get_or_create(&super::metrics::PolicyLabel { policy: name.to_string() }).inc();
+    }
+    Err(Stall { reason: Reason::InvalidSpec, message, recheck: true })
 }
 
 /// Reads the ConfigMaps the agent's configuration names (skills: one key a file; subagents: one

@@ -212,6 +212,7 @@ impl Reports {
         )
         .map_err(super::context::Error::Executor)?;
         let account = Account::new(&key, token, r.max_budget_usd)
+            .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
             .on_change(self.throttled_wake(ns, name));

@@ -85,6 +85,23 @@ impl HostRule {
         Ok(HostRule { host, port })
     }
 
+    /// Whether every host and port `other` allows, this allows too (a policy's allowlist
+    /// covering an execution's rule): equal, or a wildcard over `other`'s name or wildcard.
+    pub fn covers(&self, other: &HostRule) -> bool {
+        match other.host.strip_prefix("*.") {
+            Some(domain) => {
+                other.port == self.port
+                    && (self.host == other.host
+                        || self.host.strip_prefix("*.").is_some_and(|d| {
+                            domain.len() > d.len() + 1
+                                && domain.ends_with(d)
+                                && domain[..domain.len() - d.len()].ends_with('.')
+                        }))
+            }
+            None => self.matches(&other.host, other.port),
+        }
+    }
+
     fn matches(&self, host: &str, port: u16) -> bool {
         port == self.port
             && match self.host.strip_prefix("*.") {
@@ -122,9 +139,21 @@ impl CidrRule {
         Ok(CidrRule { net, prefix, ports })
     }
 
+    /// Whether every address and port `other` allows, this allows too.
+    pub fn covers(&self, other: &CidrRule) -> bool {
+        other.prefix >= self.prefix
+            && self.allows_ip(other.net)
+            && (self.ports.is_empty()
+                || (!other.ports.is_empty() && other.ports.iter().all(|p| self.ports.contains(p))))
+    }
+
     fn allows(&self, addr: SocketAddr) -> bool {
-        let ip = canonical(addr.ip());
-        let in_net = match (self.net, ip) {
+        self.allows_ip(addr.ip()) && (self.ports.is_empty() || self.ports.contains(&addr.port()))
+    }
+
+    fn allows_ip(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.net, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
@@ -134,8 +163,7 @@ impl CidrRule {
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
-        };
-        in_net && (self.ports.is_empty() || self.ports.contains(&addr.port()))
+        }
     }
 }
 

@@ -128,6 +128,9 @@ pub struct Account {
     mcp: mcp::McpRoutes,
     /// MCP requests (and event streams) of this execution in flight, bounded.
     mcp_in_flight: Arc<tokio::sync::Semaphore>,
+    /// The models the cluster's policies let it name (tagged patterns, `policy::models_allow`);
+    /// unset: any.
+    models: std::sync::OnceLock<Vec<String>>,
 }
 
 impl Account {
@@ -144,7 +147,16 @@ impl Account {
             prices: PriceTable::list_shared(),
             mcp: mcp::McpRoutes::new(),
             mcp_in_flight: Arc::new(tokio::sync::Semaphore::new(mcp::MAX_MCP_IN_FLIGHT)),
+            models: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Refuses requests naming a model the policies do not allow (`PolicyRecord::models`).
+    pub fn with_models(self, models: Option<Vec<String>>) -> Self {
+        if let Some(m) = models {
+            let _ = self.models.set(m);
+        }
+        self
     }
 
     /// Relays to these remote MCP servers too (`/mcp/{server}`), adding their headers.
@@ -378,6 +390,13 @@ impl Gateway {
             let _ = axum::serve(listener, app).with_graceful_shutdown(until).await;
         });
         Ok(Self { base_url, token, shared, stop })
+    }
+
+    /// Refuses requests naming a model the policies do not allow (see `Account::with_models`).
+    pub fn restrict_models(&self, models: Option<Vec<String>>) {
+        if let Some(m) = models {
+            let _ = self.shared.account.models.set(m);
+        }
     }
 
     /// What was counted so far.
@@ -760,6 +779,22 @@ async fn relay(
             return refuse(StatusCode::BAD_REQUEST, "invalid_request_error", &why.to_string());
         }
     };
+    // The model is the policies' to allow, not the agent's: a request naming another is refused
+    // before it costs anything (the CLI's own model and small-model choice are set to an allowed one).
+    if let Some(models) = account.models.get()
+        && !crate::api::policy::models_allow(models, &req.model)
+    {
+        let shown = crate::api::policy::models_shown(models).join(", ");
+        let why = format!(
+            "the model {:?} is not allowed by the cluster's AgentPolicy (allowed: {shown})",
+            crate::api::report::truncate(&req.model, 100)
+        );
+        if let Ok(mut m) = account.metered.lock() {
+            m.refused_not_allowed += 1;
+            m.last_refused = Some(format!("model {}", crate::api::report::truncate(&req.model, 100)));
+        }
+        return refuse(StatusCode::FORBIDDEN, "permission_error", &why);
+    }
     // The budget is hard, also under concurrency: the worst case of every request in flight is
     // held against it until the upstream's answer ends (`Hold`), and settled to the metered figure.
     let (hold, body) = match account.reserve(&req, body) {

@@ -559,7 +559,10 @@ impl<'a> Run<'a> {
                 match crate::gateway::Gateway::start_with_mcp(&upstream, key, self.r.max_budget_usd, prices, routes)
                     .await
                 {
-                    Ok(g) => Some(g),
+                    Ok(g) => {
+                        g.restrict_models(self.r.policy.as_ref().and_then(|p| p.models.clone()));
+                        Some(g)
+                    }
                     Err(e) => {
                         return Some(Outcome::failed(
                             Reason::AgentStartFailed,
