@@ -221,9 +221,11 @@ impl Running {
 }
 
 fn start(kube: &FakeKube) -> Running {
-    let mut config = ControllerConfig::default();
-    config.recheck_stalled = Duration::from_millis(200);
-    config.retry_after = Duration::from_millis(200);
+    let mut config = ControllerConfig {
+        recheck_stalled: Duration::from_millis(200),
+        retry_after: Duration::from_millis(200),
+        ..Default::default()
+    };
     let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std.set_nonblocking(true).unwrap();
     config.job.report_url = Some(format!("http://{}", std.local_addr().unwrap()));
