@@ -214,8 +214,9 @@ fn events(kube: &FakeKube, reason: &str) -> Vec<Value> {
 }
 
 /// The Job path for real: the controller renders the Job with the proxy's address and a token
-/// only the agent's container mounts; the test's kubelet runs the pod; the real CLI's Bash tool
-/// runs `curl` with the `http_proxy` the agent step set. The allowed host answers (as a plain
+/// only the agent's container mounts; the test's kubelet runs the pod, with the agent's sandbox
+/// on (its TCP port rules must let it reach the proxy); the real CLI's Bash tool runs `curl`
+/// with the `http_proxy` the agent step set. The allowed host answers (as a plain
 /// request and through a CONNECT tunnel), another host is refused by the proxy and never reached.
 /// The status counts exactly what the origin saw: 2 connections, 1 refusal, its bytes each way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +276,7 @@ async fn an_agents_curl_in_a_pod_reaches_the_allowed_host_only_and_the_status_co
         let (kube, job) = (kube.clone(), job.clone());
         tokio::task::spawn_blocking(move || {
             let mut image = support::pod::Image::local(std::path::Path::new(env!("CARGO_BIN_EXE_agentops")));
-            image.env.push(("AGENTOPS_NO_SANDBOX".into(), "true".into()));
+            image.env.push(("AGENTOPS_NO_SANDBOX".into(), "false".into()));
             support::pod::run_pod(&job, &|name| secret_data(&kube, "ns", name), &image, &dir)
         })
         .await
