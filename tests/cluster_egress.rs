@@ -328,6 +328,14 @@ async fn an_agents_curl_in_a_pod_reaches_the_allowed_host_only_and_the_status_co
     let lines: Vec<&str> = logs.iter().filter(|l| l.source == "egress").map(|l| l.line.as_str()).collect();
     assert!(lines.iter().any(|l| l.starts_with("egress: 2 connections, 1 refused")), "{lines:?}");
     assert!(lines.contains(&format!("refused denied.test:{port}").as_str()), "{lines:?}");
+    let said =
+        format!("egress through the controller's proxy http://127.0.0.1:{} for allowed.test:{port}", ctl.proxy.port());
+    assert!(logs.iter().any(|l| l.line.contains(&said)), "the agent step says where its egress goes");
+    // No log line, output or termination message of any step carries the token.
+    assert!(logs.iter().all(|l| !l.line.contains(&token)), "a log line holds the token");
+    for e in &ended {
+        assert!(![&e.message, &e.stdout, &e.stderr].iter().any(|t| t.contains(&token)), "step {}", e.name);
+    }
     let metrics = support::http().get(format!("{}/metrics", ctl.base)).send().await.unwrap().text().await.unwrap();
     for line in [
         "agentops_egress_connections_total{namespace=\"ns\",result=\"allowed\"} 2",

@@ -601,10 +601,18 @@ impl<'a> Run<'a> {
             let mut u = url::Url::parse(&e.base_url).ok()?;
             u.set_username(&crate::gateway::egress::proxy_user(&self.r.namespace, &self.r.name)).ok()?;
             u.set_password(Some(&e.token)).ok()?;
-            Some(u.to_string())
+            // `http://user:token@host:port`, as tools expect a proxy (no path).
+            Some(u.to_string().trim_end_matches('/').to_string())
         });
-        if controllers.is_some() && pod_proxy.is_none() {
-            return Some(Outcome::failed(Reason::AgentStartFailed, "the egress proxy's address is not a URL"));
+        if let Some(e) = controllers {
+            if pod_proxy.is_none() {
+                return Some(Outcome::failed(
+                    Reason::AgentStartFailed,
+                    format!("the egress proxy's address {:?} is not a URL (AGENTOPS_EGRESS_PROXY)", e.base_url),
+                ));
+            }
+            let names: Vec<String> = self.r.egress_hosts.iter().map(|h| format!("{}:{}", h.host, h.port)).collect();
+            self.say(&format!("  egress through the controller's proxy {} for {}", e.base_url, names.join(", ")));
         }
         let proxy_url = egress.as_ref().map(|(p, token)| format!("http://agent:{token}@{}", p.addr)).or(pod_proxy);
         let no_proxy = match (&egress, &route) {
