@@ -226,12 +226,16 @@ async fn an_agents_curl_in_a_pod_reaches_the_allowed_host_only_and_the_status_co
     }
     let o = origin().await;
     let port = o.port;
+    // A host the agent tries to reach around the proxy (its variables ignored).
+    let around = origin().await;
     let h = support::Harness::new(vec![]).await;
     let bash = |c: &str| support::Step::tool("Bash", json!({"command": c, "description": "fetch"}));
     h.model.set_script(vec![
         bash(&format!(
             "curl -sS -m 10 http://allowed.test:{port}/plain; curl -sS -m 10 -p http://allowed.test:{port}/tunnel; \
-             curl -sS -m 10 http://denied.test:{port}/; echo; echo \"proxy=$http_proxy\" | sed 's/:[^:@]*@/:***@/'; true"
+             curl -sS -m 10 http://denied.test:{port}/; echo; echo \"proxy=$http_proxy\" | sed 's/:[^:@]*@/:***@/'; \
+             curl -sS -m 5 --noproxy '*' http://127.0.0.1:{}/around; true",
+            around.port
         )),
         support::Step::text("Done."),
     ]);
@@ -307,6 +311,10 @@ async fn an_agents_curl_in_a_pod_reaches_the_allowed_host_only_and_the_status_co
     assert!(!out.contains(&token), "curl printed no token");
     // The origin saw the two allowed connections only: the refused one never left the proxy.
     assert_eq!(o.connections.load(Ordering::SeqCst), 2);
+    // Around the proxy: nothing (here the agent's sandbox refuses the port; in a cluster the
+    // runner NetworkPolicy does too).
+    assert!(out.contains(&format!("Failed to connect to 127.0.0.1 port {}", around.port)), "{out}");
+    assert_eq!(around.connections.load(Ordering::SeqCst), 0, "the agent went around the proxy");
 
     // The status counts exactly that: bytes as the origin read and wrote them.
     let egress = &st["egress"];
