@@ -180,6 +180,9 @@ fn base_grants() -> Vec<Grant> {
         expect("ClusterRole", "*", "agentops.dev", "agentpolicies", &["get", "list", "watch"]),
         expect("ClusterRole", "*", "agentops.dev", "agentpolicies/status", &["get", "patch"]),
         expect("ClusterRole", "*", "", "namespaces", &["get", "list", "watch"]),
+        expect("ClusterRole", "*", "agentops.dev", "agentbudgets", &["get", "list", "watch"]),
+        expect("ClusterRole", "*", "agentops.dev", "agentbudgets/status", &["get", "patch"]),
+        expect("Role", "default", "events.k8s.io", "events", &["create", "patch"]),
         expect("ClusterRole", "*", "authentication.k8s.io", "tokenreviews", &["create"]),
         expect("ClusterRole", "*", "authorization.k8s.io", "subjectaccessreviews", &["create"]),
         expect(

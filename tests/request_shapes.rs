@@ -36,6 +36,7 @@ fn context(client: kube::Client) -> Arc<Context> {
             ledger,
         )),
         policies: agentops::controller::policies::Policies::none(),
+        budgets: agentops::controller::budgets::Budgets::none(),
     })
 }
 

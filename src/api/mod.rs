@@ -1,6 +1,7 @@
 //! The resources users apply: `AgentExecution` and `AgentTemplate` (`agentops.dev/v1alpha1`).
 
 pub mod agent_config;
+pub mod budget;
 pub mod contract;
 mod execution;
 pub mod limits;
@@ -19,6 +20,7 @@ pub use agent_config::{
     AgentConfig, AgentConfigRecord, AgentSettings, ConfigMapKeyRef, ConfigMapRef, McpHeader, McpServer, McpTransport,
     PermissionMode, Permissions, SettingSource, Skill, Subagent,
 };
+pub use budget::{AgentBudget, AgentBudgetSpec, AgentBudgetStatus};
 pub use execution::*;
 pub use manifest::{Manifest, ManifestError, parse_manifest, parse_policies};
 pub use pod::PodSettings;

@@ -57,6 +57,9 @@ reasons! {
     ApiError,
     MaxTurns,
     BudgetExceeded,
+    /// The namespace's team budget (an AgentBudget) is spent for this period: Queued until it
+    /// resets, or Failed when a running execution's next request was refused.
+    BudgetExhausted,
     SecretInChanges,
     CommitFailed,
     PushRejected,

@@ -67,6 +67,8 @@ pub struct ControllerConfig {
     /// Whether remote MCP servers may be on loopback or link-local addresses (tests with servers
     /// on 127.0.0.1; never a cluster, where loopback is the controller's own ports).
     pub mcp_allow_local: bool,
+    /// The time team budget periods are read from (tests move it).
+    pub clock: super::budgets::Clock,
 }
 
 impl Default for ControllerConfig {
@@ -85,6 +87,7 @@ impl Default for ControllerConfig {
                 .unwrap_or_else(|| "https://api.anthropic.com".into()),
             pull_request_retry: crate::forge::Retry::default(),
             mcp_allow_local: false,
+            clock: Default::default(),
         }
     }
 }
@@ -113,6 +116,8 @@ pub struct Context {
     pub reports: Arc<Reports>,
     /// The cluster's AgentPolicies and the namespaces' labels.
     pub policies: super::policies::Policies,
+    /// Team budgets (AgentBudget) and their gateway pools.
+    pub budgets: super::budgets::Budgets,
 }
 
 /// An execution's namespace and name (the namespace `default` when it has none).

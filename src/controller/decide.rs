@@ -22,12 +22,14 @@ pub struct Stall {
 }
 
 /// The queue's answer for an execution that has no runner yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Slot {
     /// Start it now.
     Start,
     /// Wait: position `0` of `1` in the queue.
     Wait(usize, usize),
+    /// Wait: the namespace's team budget is spent (why, and when it resets).
+    Budget(String),
 }
 
 /// Everything `decide` looks at.
@@ -143,7 +145,7 @@ pub fn decide(f: Facts<'_>) -> Decision {
             "the runner disappeared before reporting a result".into(),
             None,
         ),
-        Observation::NotStarted => match f.slot.unwrap_or(Slot::Start) {
+        Observation::NotStarted => match f.slot.clone().unwrap_or(Slot::Start) {
             Slot::Wait(position, total) => {
                 let mut st = old.clone();
                 st.phase = Phase::Queued;
@@ -155,6 +157,19 @@ pub fn decide(f: Facts<'_>) -> Decision {
                     warning: false,
                 });
                 // A freed slot wakes the queue; the recheck is the net under a missed wake.
+                done(&f, st, None, event, vec![Effect::Remember], Next::Recheck)
+            }
+            Slot::Budget(why) => {
+                let mut st = old.clone();
+                st.phase = Phase::Queued;
+                st.reason = Some(Reason::BudgetExhausted);
+                st.message = Some(why.clone());
+                let event = (old.reason != Some(Reason::BudgetExhausted)).then(|| Note {
+                    reason: Reason::BudgetExhausted.to_string(),
+                    message: why,
+                    warning: true,
+                });
+                // The reset wakes it; the recheck is the net under a missed wake.
                 done(&f, st, None, event, vec![Effect::Remember], Next::Recheck)
             }
             Slot::Start => {

@@ -48,6 +48,11 @@ pub struct PolicyLabel {
     pub policy: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabel {
+    pub budget: String,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -69,6 +74,10 @@ pub struct Metrics {
     pub egress_bytes: Family<EgressLabels, Counter>,
     /// Executions an AgentPolicy refused, by policy.
     pub policy_refusals: Family<PolicyLabel, Counter>,
+    /// Team budgets: spent this period, the limit, and when the period resets (Unix seconds).
+    pub budget_spent_usd: Family<BudgetLabel, Gauge<f64, AtomicU64>>,
+    pub budget_limit_usd: Family<BudgetLabel, Gauge<f64, AtomicU64>>,
+    pub budget_resets_at: Family<BudgetLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -88,6 +97,9 @@ impl Default for Metrics {
             egress_connections: Family::default(),
             egress_bytes: Family::default(),
             policy_refusals: Family::default(),
+            budget_spent_usd: Family::default(),
+            budget_limit_usd: Family::default(),
+            budget_resets_at: Family::default(),
             registry: Registry::default(),
         };
         registry.register("executions", "Executions by phase", m.executions.clone());
@@ -111,6 +123,17 @@ impl Default for Metrics {
             m.egress_bytes.clone(),
         );
         registry.register("policy_refusals", "Executions refused by an AgentPolicy", m.policy_refusals.clone());
+        registry.register(
+            "team_budget_spent_usd",
+            "Team budget spent this period, by AgentBudget",
+            m.budget_spent_usd.clone(),
+        );
+        registry.register("team_budget_limit_usd", "Team budget limit, by AgentBudget", m.budget_limit_usd.clone());
+        registry.register(
+            "team_budget_resets_at_seconds",
+            "When the team budget's period resets (Unix time), by AgentBudget",
+            m.budget_resets_at.clone(),
+        );
         Self { registry, ..m }
     }
 }

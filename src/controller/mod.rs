@@ -1,5 +1,6 @@
 //! The Kubernetes operator: reconciles `AgentExecution`s into workspaces and Jobs.
 
+pub mod budgets;
 pub mod context;
 pub mod decide;
 pub mod desired;
@@ -252,7 +253,6 @@ pub async fn run(
     if let Some(g) = &relays {
         reports = reports.with_git_relays(g.clone());
     }
-    let reports = Arc::new(reports);
     let reporter =
         events::Reporter { controller: "agentops-controller".into(), instance: std::env::var("POD_NAME").ok() };
     let metrics = Arc::new(metrics::Metrics::default());
@@ -260,6 +260,23 @@ pub async fn run(
     let synced = Arc::new(AtomicBool::new(false));
     let is_leader = Arc::new(AtomicBool::new(leader.is_none()));
     let cache = controller.store();
+    // The cluster layer: policies (and the namespaces' labels), team budgets with their pools.
+    let (policies, mut background) = policies::start(client.clone(), is_leader.clone());
+    let (budgets, budget_tasks) = budgets::start(
+        client.clone(),
+        budgets::Deps {
+            namespaces: policies.namespaces(),
+            executions: cache.clone(),
+            store: store.clone(),
+            clock: config.clock.clone(),
+            leading: is_leader.clone(),
+            metrics: metrics.clone(),
+            events: events::Events::new(client.clone(), reporter.clone()),
+            wake: wake_tx.clone(),
+        },
+    );
+    background.extend(budget_tasks);
+    let reports = Arc::new(reports.with_budgets(budgets.clone()));
     // After a restart, a running pod's first request to the gateway or the relay opens its
     // execution's account (reading its Secrets then, not for every running execution at once).
     let opener: crate::gateway::Opener = {
@@ -327,7 +344,6 @@ pub async fn run(
             .boxed()
         }));
     }
-    let mut background = Vec::new();
     {
         let (cache, ready, synced, is_leader) = (cache.clone(), ready.clone(), synced.clone(), is_leader.clone());
         background.push(tokio::spawn(async move {
@@ -364,10 +380,9 @@ pub async fn run(
             relayed,
         }));
     }
-    let (policies, policy_tasks) = policies::start(client.clone(), is_leader.clone());
-    background.extend(policy_tasks);
     let ctx = Arc::new(Context {
         policies,
+        budgets,
         events: events::Events::new(client.clone(), reporter),
         client,
         config,

@@ -57,6 +57,11 @@ impl Policies {
         Ok(policy::selecting(&all, &labels).into_iter().cloned().collect())
     }
 
+    /// The Namespaces' labels, as cached (shared with the team budgets).
+    pub fn namespaces(&self) -> Store<Namespace> {
+        self.namespaces.clone()
+    }
+
     /// An execution was refused by `policy` (counted once per refusal: the caller tells only
     /// when the execution's status did not say so already).
     pub fn refused(&self, policy: &str) {

@@ -57,8 +57,10 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         crate::api::policy::freeze(&mut effective);
         Vec::new()
     } else {
-        let Ok(policies) = ctx.policies.selecting(&ns) else {
-            return Err(Error::Executor("waiting for the watches of AgentPolicies and Namespaces to list".into()));
+        let (Ok(policies), true) = (ctx.policies.selecting(&ns), ctx.budgets.synced()) else {
+            return Err(Error::Executor(
+                "waiting for the watches of AgentPolicies, AgentBudgets and Namespaces to list".into(),
+            ));
         };
         crate::api::policy::apply_defaults(&mut effective, template.as_ref(), &policies.iter().collect::<Vec<_>>());
         policies

@@ -115,7 +115,14 @@ async fn apply(ax: Arc<AgentExecution>, ctx: &Context) -> Result<Action, Error> 
         && matches!(observed, Observation::NotStarted)
         && old.phase != Phase::Running;
     let _admit = if wants_slot { Some(ctx.admit.lock().await) } else { None };
-    let slot = if wants_slot { Some(queue_slot(&ax, ctx)) } else { None };
+    // A spent team budget holds every new execution of its namespaces until it resets.
+    let slot = if !wants_slot {
+        None
+    } else if let Some(why) = ctx.budgets.exhausted(&key(&ax).0) {
+        Some(decide::Slot::Budget(why))
+    } else {
+        Some(queue_slot(&ax, ctx))
+    };
     let placeholder = Stall { reason: Reason::Completed, message: String::new(), recheck: false };
     let decision = decide(Facts {
         old: &old,

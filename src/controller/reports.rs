@@ -40,6 +40,8 @@ pub struct Reports {
     /// Secrets read for the gateway and the relay, for a few seconds: many executions share one
     /// Secret, and each start would read it again. (The accounts hold the values anyway.)
     secret_data: Mutex<HashMap<Key, (std::time::Instant, Arc<SecretData>)>>,
+    /// The team budgets each account is held against.
+    budgets: Option<super::budgets::Budgets>,
 }
 
 type SecretData = std::collections::BTreeMap<String, String>;
@@ -76,7 +78,16 @@ impl Reports {
         wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { client, ledger, wake, gateways: None, git: None, egress: None, secret_data: Default::default() }
+        Self {
+            client,
+            ledger,
+            wake,
+            gateways: None,
+            git: None,
+            egress: None,
+            secret_data: Default::default(),
+            budgets: None,
+        }
     }
 
     /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
@@ -173,6 +184,12 @@ impl Reports {
     }
 
     /// Runner pods reach the model through `gateways`.
+    /// Holds every account against the team budgets of its namespace.
+    pub fn with_budgets(mut self, budgets: super::budgets::Budgets) -> Self {
+        self.budgets = Some(budgets);
+        self
+    }
+
     pub fn with_gateways(mut self, gateways: Arc<Gateways>) -> Self {
         self.gateways = Some(gateways);
         self
@@ -211,8 +228,21 @@ impl Reports {
             },
         )
         .map_err(super::context::Error::Executor)?;
+        // Right after a restart the budgets may not be read yet: an account opened without its
+        // team budgets would spend past them.
+        let pools = match &self.budgets {
+            None => Vec::new(),
+            Some(b) if b.wait_synced(std::time::Duration::from_secs(20)).await => b.pools_for(ns),
+            Some(_) => {
+                return Err(super::context::Error::Executor(
+                    "the team budgets (AgentBudgets) are not read yet; the gateway opens no account without them"
+                        .into(),
+                ));
+            }
+        };
         let account = Account::new(&key, token, r.max_budget_usd)
             .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
+            .with_pools(pools)
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
             .on_change(self.throttled_wake(ns, name));

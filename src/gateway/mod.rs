@@ -46,6 +46,88 @@ const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 /// Words of the refusal once the budget is spent (the runner maps them to `BudgetExceeded`).
 pub const BUDGET_SPENT: &str = "agentops: spec.agent.maxBudgetUsd is spent";
 
+/// Words of the refusal once a team budget (AgentBudget) is spent (the runner maps them to
+/// `BudgetExhausted`).
+pub const TEAM_BUDGET_SPENT: &str = "agentops: the team budget";
+
+/// A team budget as the gateway holds it: what every execution of its namespaces spent this
+/// period, and the worst case of their requests in flight, together. A request starts only if
+/// the budget can pay its worst case with all the others' in flight held too, so the spend never
+/// passes the limit under any concurrency.
+pub struct Pool {
+    pub name: String,
+    books: Mutex<PoolBooks>,
+}
+
+/// A pool's figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolBooks {
+    pub limit_usd: f64,
+    /// Spent this period (metered), US dollars.
+    pub spent_usd: f64,
+    /// The worst case of the requests in flight.
+    pub reserved_usd: f64,
+    /// Requests refused because the pool could not pay their worst case, this period.
+    pub refused: u64,
+    /// The period's key (`budget::Window::key`): a new period starts at zero.
+    pub period: String,
+    /// Set when a request was refused that the pool could not pay even with nothing else in
+    /// flight; new executions then wait for the reset (cleared by a new period or a higher limit).
+    pub exhausted: bool,
+}
+
+impl Pool {
+    pub fn new(name: &str, limit_usd: f64, period: &str, spent_usd: f64) -> Self {
+        Self {
+            name: name.to_string(),
+            books: Mutex::new(PoolBooks {
+                limit_usd,
+                spent_usd,
+                period: period.to_string(),
+                exhausted: spent_usd >= limit_usd,
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn books(&self) -> PoolBooks {
+        self.books.lock().map(|b| b.clone()).unwrap_or_default()
+    }
+
+    /// A new limit, or a new period (which starts at `spent_usd`, normally zero; `exhausted` as
+    /// recorded for it). Requests in flight keep their hold.
+    pub fn set(&self, limit_usd: f64, period: &str, spent_usd: f64, exhausted: bool) {
+        if let Ok(mut b) = self.books.lock() {
+            if b.period != period {
+                b.period = period.to_string();
+                b.spent_usd = spent_usd;
+                b.refused = 0;
+                b.exhausted = false;
+            }
+            b.exhausted |= exhausted;
+            if limit_usd > b.limit_usd {
+                b.exhausted = false;
+            }
+            b.limit_usd = limit_usd;
+            b.spent_usd = b.spent_usd.max(spent_usd);
+            if b.spent_usd >= b.limit_usd {
+                b.exhausted = true;
+            }
+        }
+    }
+
+    /// Whether new executions should wait: spent, or a request was refused for want of money.
+    pub fn exhausted(&self) -> bool {
+        self.books.lock().is_ok_and(|b| b.exhausted || b.spent_usd >= b.limit_usd)
+    }
+
+    fn add(&self, usd: f64) {
+        if let Ok(mut b) = self.books.lock() {
+            b.spent_usd += usd;
+        }
+    }
+}
+
 /// What the gateway counted.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metered {
@@ -131,6 +213,8 @@ pub struct Account {
     /// The models the cluster's policies let it name (tagged patterns, `policy::models_allow`);
     /// unset: any.
     models: std::sync::OnceLock<Vec<String>>,
+    /// The team budgets it is held against with the other executions of its namespace.
+    pools: Vec<Arc<Pool>>,
 }
 
 impl Account {
@@ -148,7 +232,16 @@ impl Account {
             mcp: mcp::McpRoutes::new(),
             mcp_in_flight: Arc::new(tokio::sync::Semaphore::new(mcp::MAX_MCP_IN_FLIGHT)),
             models: std::sync::OnceLock::new(),
+            pools: Vec::new(),
         }
+    }
+
+    /// Holds its requests against these team budgets too (with every other account of theirs).
+    pub fn with_pools(mut self, mut pools: Vec<Arc<Pool>>) -> Self {
+        // One lock order for every account: by name.
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        self.pools = pools;
+        self
     }
 
     /// Refuses requests naming a model the policies do not allow (`PolicyRecord::models`).
@@ -183,17 +276,70 @@ impl Account {
     /// Holds a request's worst case against the budget, lowering its `max_tokens` to what the
     /// budget left can pay for when needed. Err: the budget cannot pay for the request.
     fn reserve(self: &Arc<Self>, req: &Request, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
-        let Some(budget) = self.budget_usd else { return Ok((None, body)) };
+        if self.budget_usd.is_none() && self.pools.is_empty() {
+            return Ok((None, body));
+        }
         let worst = req.worst_case(&self.prices);
         let wanted = if req.free { 0 } else { req.max_tokens };
-        let Ok(mut m) = self.metered.lock() else { return Err("the gateway's books are unreadable".into()) };
-        let left = budget - m.cost_usd - m.reserved_usd;
-        let refuse = |m: &mut Metered, why: String| {
+        let unreadable = || "the gateway's books are unreadable".to_string();
+        // Locks: the account, then its pools by name (every path takes them in this order).
+        let Ok(mut m) = self.metered.lock() else { return Err(unreadable()) };
+        let mut pools = Vec::with_capacity(self.pools.len());
+        for p in &self.pools {
+            let Ok(b) = p.books.lock() else { return Err(unreadable()) };
+            pools.push((p, b));
+        }
+        // The tightest of the execution's own budget and each team budget decides.
+        enum Tightest {
+            Own,
+            Pool(usize),
+        }
+        let mut left = f64::INFINITY;
+        let mut tightest = None;
+        if let Some(budget) = self.budget_usd {
+            left = budget - m.cost_usd - m.reserved_usd;
+            tightest = Some(Tightest::Own);
+        }
+        for (i, (_, b)) in pools.iter().enumerate() {
+            let l = b.limit_usd - b.spent_usd - b.reserved_usd;
+            if l < left {
+                left = l;
+                tightest = Some(Tightest::Pool(i));
+            }
+        }
+        let spent_out = self.budget_usd.is_some_and(|b| m.cost_usd >= b);
+        let pool_out = pools.iter().position(|(_, b)| b.spent_usd >= b.limit_usd);
+        // The least a request may cost: a pool that cannot pay it even alone is exhausted.
+        let least = worst.usd(wanted.min(MIN_OUTPUT_TOKENS));
+        let refuse = |m: &mut Metered,
+                      pools: &mut Vec<(&Arc<Pool>, std::sync::MutexGuard<'_, PoolBooks>)>,
+                      which: Option<Tightest>,
+                      why: String| {
             m.refused_over_budget += 1;
-            Err(format!("{BUDGET_SPENT} ({why}; ${:.4} spent of ${budget})", m.cost_usd))
+            match which {
+                Some(Tightest::Pool(i)) => {
+                    let (p, b) = &mut pools[i];
+                    b.refused += 1;
+                    if b.limit_usd - b.spent_usd < least {
+                        b.exhausted = true;
+                    }
+                    Err(format!(
+                        "{TEAM_BUDGET_SPENT} {:?} is spent for this period ({why}; ${:.4} spent of ${})",
+                        p.name, b.spent_usd, b.limit_usd
+                    ))
+                }
+                _ => Err(format!(
+                    "{BUDGET_SPENT} ({why}; ${:.4} spent of ${})",
+                    m.cost_usd,
+                    self.budget_usd.unwrap_or_default()
+                )),
+            }
         };
-        if m.cost_usd >= budget {
-            return refuse(&mut m, "nothing left".into());
+        if spent_out {
+            return refuse(&mut m, &mut pools, Some(Tightest::Own), "nothing left".into());
+        }
+        if let Some(i) = pool_out {
+            return refuse(&mut m, &mut pools, Some(Tightest::Pool(i)), "nothing left".into());
         }
         if req.free {
             return Ok((None, body));
@@ -201,19 +347,26 @@ impl Account {
         let affordable = ((left - worst.fixed_usd) / worst.per_output_usd).floor().max(0.0) as u64;
         let granted = wanted.min(affordable);
         if granted < wanted.min(MIN_OUTPUT_TOKENS) || left < worst.fixed_usd {
+            let held = match tightest {
+                Some(Tightest::Pool(i)) => pools[i].1.reserved_usd,
+                _ => m.reserved_usd,
+            };
             let mut why = format!(
-                "${left:.4} left, ${:.4} held by requests in flight; this one could cost ${:.4}",
-                m.reserved_usd,
+                "${left:.4} left, ${held:.4} held by requests in flight; this one could cost ${:.4}",
                 worst.usd(wanted)
             );
             if let Some(what) = &req.unbounded_input {
                 why +=
                     &format!(" ({what} is held at the model's whole context window, {} tokens)", worst.prompt_tokens);
             }
-            return refuse(&mut m, why);
+            return refuse(&mut m, &mut pools, tightest, why);
         }
         let usd = worst.usd(granted);
         m.reserved_usd += usd;
+        for (_, b) in pools.iter_mut() {
+            b.reserved_usd += usd;
+        }
+        drop(pools);
         let body = if granted < wanted {
             m.clamped += 1;
             drop(m);
@@ -255,6 +408,9 @@ impl Account {
                 *m.tool_calls.by_tool.entry(tool).or_default() += 1;
             }
         }
+        for p in &self.pools {
+            p.add(seen.cost_usd);
+        }
         if let Some(f) = &self.on_change {
             f();
         }
@@ -273,6 +429,9 @@ impl Account {
             m.settled_at_worst_case += 1;
             let key = model_key(&m.by_model, model);
             m.by_model.entry(key).or_default().cost_usd += usd;
+        }
+        for p in &self.pools {
+            p.add(usd);
         }
         if let Some(f) = &self.on_change {
             f();
@@ -672,6 +831,11 @@ impl Drop for Hold {
     fn drop(&mut self) {
         if let Ok(mut m) = self.account.metered.lock() {
             m.reserved_usd = (m.reserved_usd - self.usd).max(0.0);
+        }
+        for p in &self.account.pools {
+            if let Ok(mut b) = p.books.lock() {
+                b.reserved_usd = (b.reserved_usd - self.usd).max(0.0);
+            }
         }
     }
 }

@@ -991,6 +991,13 @@ impl<'a> Run<'a> {
                             self.r.max_budget_usd.unwrap_or_default()
                         ),
                     ),
+                    _ if text.contains(crate::gateway::TEAM_BUDGET_SPENT) => Outcome::failed(
+                        Reason::BudgetExhausted,
+                        format!(
+                            "the namespace's team budget is spent for this period and the operator's gateway refused the next request; nothing was pushed: {}",
+                            self.redactor.redact(&truncate(text, 300))
+                        ),
+                    ),
                     _ if text.contains(crate::gateway::BUDGET_SPENT) => Outcome::failed(
                         Reason::BudgetExceeded,
                         format!(

@@ -1,5 +1,6 @@
 //! The store: a SQLite file through sqlx. Executions, their workspaces and their logs.
 
+mod budgets;
 mod executions;
 mod owner;
 mod workspaces;

@@ -1,0 +1,346 @@
+//! Team budgets (`AgentBudget`) held live by the controller's gateway: three executions of one
+//! namespace spend concurrently against the scripted model and their sum never passes the
+//! budget; a fourth waits `Queued`/`BudgetExhausted` until the period resets (an injectable
+//! clock, no sleeps for time to pass); a restarted controller keeps the spend (the store); the
+//! status, the gauges and the 80 % Event say so.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use agentops::api::{AgentBudget, AgentExecution};
+use agentops::controller::budgets::Clock;
+use agentops::controller::{self, ControllerConfig, ExecutorKind};
+use agentops::gateway::{Account, Pool, TEAM_BUDGET_SPENT};
+use agentops::store::Store;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use support::kube_api::FakeKube;
+
+const AX: &str = "apis/agentops.dev/v1alpha1";
+const BATCH: &str = "apis/batch/v1";
+const CORE: &str = "api/v1";
+
+struct Running {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<controller::Stopped>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// A controller whose gateway relays to `upstream`, with its runner listener; returns its URL.
+async fn start(kube: &FakeKube, upstream: &str, store: Store, clock: Clock) -> (Running, String) {
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", http.local_addr().unwrap());
+    let mut config = ControllerConfig {
+        recheck_stalled: Duration::from_millis(200),
+        retry_after: Duration::from_millis(200),
+        ..Default::default()
+    };
+    config.job.report_url = Some(base.clone());
+    config.job.git_relay = false;
+    config.model_upstream = upstream.to_string();
+    config.clock = clock;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let client = kube.client();
+    let task = tokio::spawn(async move {
+        controller::run(
+            client,
+            config,
+            Some(store),
+            ExecutorKind::Job,
+            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
+            None,
+            async move {
+                let _ = rx.await;
+            },
+        )
+        .await
+    });
+    (Running { stop: Some(tx), task }, base)
+}
+
+async fn namespace(kube: &FakeKube, name: &str) {
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(kube.client()).create(&PostParams::default(), &ns).await.unwrap();
+    let api: Api<Secret> = Api::namespaced(kube.client(), name);
+    for (secret, key, value) in [("git-cred", "token", support::TOKEN), ("anthropic", "api-key", support::API_KEY)] {
+        let s: Secret =
+            serde_json::from_value(json!({"metadata": {"name": secret}, "stringData": {key: value}})).unwrap();
+        api.create(&PostParams::default(), &s).await.unwrap();
+    }
+}
+
+fn execution(name: &str) -> AgentExecution {
+    serde_json::from_value(json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
+        "metadata": {"name": name},
+        "spec": {"prompt": "do it", "timeout": "1h",
+                 "repository": {"url": "https://git.example.com/r.git", "credentialsSecretRef": {"name": "git-cred"}},
+                 "agent": {"model": "claude-sonnet-4-6", "apiKeySecretRef": {"name": "anthropic"}}}
+    }))
+    .unwrap()
+}
+
+async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn token(kube: &FakeKube, ns: &str, name: &str) -> String {
+    use base64::Engine;
+    let s = kube.get(CORE, "secrets", ns, &format!("agentops-runner-{name}")).expect("runner Secret");
+    let b64 = s["data"]["model"].as_str().expect("model token");
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+}
+
+/// ~90,000 tokens of prompt: the gateway holds ~$0.60 for it (1 token per byte at the dearest
+/// input rate, plus 4,096 output tokens), and the scripted model bills $0.285 (90,000 input and
+/// 1,000 output tokens of claude-sonnet-4-6): every answer costs less than its hold, as a real
+/// one does.
+fn big_request() -> Value {
+    json!({"model": "claude-sonnet-4-6", "max_tokens": 4096, "stream": true,
+           "messages": [{"role": "user", "content": "x".repeat(90_000)}],
+           "tools": [{"name": "Write", "input_schema": {"type": "object"}}]})
+}
+
+const PER_ANSWER: f64 = 90_000.0 * 3.0 / 1e6 + 1_000.0 * 15.0 / 1e6;
+
+async fn ask(base: &str, ns: &str, name: &str, token: &str) -> (u16, String) {
+    let r = support::http()
+        .post(format!("{base}/gateway/{ns}/{name}/v1/messages"))
+        .header("x-api-key", token)
+        .json(&big_request())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn budget_status(kube: &FakeKube) -> Option<Value> {
+    let b = kube
+        .get(AX, "agentbudgets", "", "pay-daily")
+        .or_else(|| kube.get(AX, "agentbudgets", "default", "pay-daily"))?;
+    Some(b["status"].clone())
+}
+
+/// The whole story against the real controller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restart_and_resets() {
+    let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
+    let model = support::FakeAnthropic::start(vec![answer; 64]).await;
+    let kube = FakeKube::start().await;
+    namespace(&kube, "pay").await;
+    namespace(&kube, "web").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
+    // 2026-12-06T12:00:00Z, moved by the test.
+    let now = Arc::new(AtomicI64::new(1_796_558_400));
+    let clock = {
+        let now = now.clone();
+        Clock::new(move || jiff::Timestamp::from_second(now.load(Ordering::Relaxed)).unwrap())
+    };
+    let limit = 2.0;
+    let budget: AgentBudget = serde_json::from_value(json!({
+        "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentBudget", "metadata": {"name": "pay-daily"},
+        "spec": {"namespaces": ["pay"], "limitUsd": limit, "period": "day", "timeZone": "UTC"}
+    }))
+    .unwrap();
+    Api::<AgentBudget>::all(kube.client()).create(&PostParams::default(), &budget).await.unwrap();
+    let (ctl, base) = start(&kube, &model.base_url, store.clone(), clock.clone()).await;
+    let pay: Api<AgentExecution> = Api::namespaced(kube.client(), "pay");
+    let names = ["a", "b", "c"];
+    for n in names {
+        pay.create(&PostParams::default(), &execution(n)).await.unwrap();
+    }
+    for n in names {
+        until("Running", || (kube.get(AX, "agentexecutions", "pay", n)?["status"]["phase"] == "Running").then_some(()))
+            .await;
+    }
+    let tokens: Vec<String> = names.iter().map(|n| token(&kube, "pay", n)).collect();
+
+    // Three executions, four requests each, all at once.
+    let mut tasks = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        for _ in 0..4 {
+            let (base, n, t) = (base.clone(), n.to_string(), tokens[i].clone());
+            tasks.push(tokio::spawn(async move { ask(&base, "pay", &n, &t).await }));
+        }
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            400 => {
+                assert!(text.contains(TEAM_BUDGET_SPENT) && text.contains("pay-daily"), "{text}");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}: {text}"),
+        }
+    }
+    assert!(refused > 0 && ok > 0, "{ok} answered, {refused} refused");
+    // Refused for the holds of the others in flight, not for want of money: one at a time, the
+    // executions spend on until the budget cannot pay a request even alone.
+    loop {
+        let (status, text) = ask(&base, "pay", "b", &tokens[1]).await;
+        if status != 200 {
+            assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
+            break;
+        }
+        ok += 1;
+    }
+    assert_eq!(model.main_requests(), ok, "refused requests never reached the model");
+    let spent = ok as f64 * PER_ANSWER;
+    assert!(spent <= limit, "the sum spent ({spent}) never passes the budget ({limit})");
+    // The budget's status and each execution's status agree with the model's bill.
+    let st = until("the budget's spend in its status", || {
+        let st = budget_status(&kube)?;
+        ((st["spentUsd"].as_f64()? - spent).abs() < 1e-6).then_some(st)
+    })
+    .await;
+    assert_eq!(st["limitUsd"], limit);
+    assert_eq!(st["resetsAt"], "2026-12-07T00:00:00+00:00");
+    assert_eq!(st["running"], 3);
+    let sum = until("the executions' costs", || {
+        let sum: f64 = names
+            .iter()
+            .map(|n| {
+                kube.get(AX, "agentexecutions", "pay", n).and_then(|a| a["status"]["costUsd"].as_f64()).unwrap_or(0.0)
+            })
+            .sum();
+        ((sum - spent).abs() < 1e-6).then_some(sum)
+    })
+    .await;
+    assert!(sum <= limit);
+    // 80 %: one warning Event about the budget.
+    if spent >= 0.8 * limit {
+        let events = until("the 80 % Event", || {
+            let e: Vec<Value> = kube
+                .list("apis/events.k8s.io/v1", "events", "default")
+                .into_iter()
+                .filter(|e| e["reason"] == "BudgetAlmostSpent")
+                .collect();
+            (!e.is_empty()).then_some(e)
+        })
+        .await;
+        assert_eq!(events[0]["type"], "Warning");
+        assert_eq!(events[0]["regarding"]["kind"], "AgentBudget");
+    }
+
+    // A fourth execution waits, saying when the budget resets; another namespace is not held.
+    pay.create(&PostParams::default(), &execution("d")).await.unwrap();
+    let st = until("d Queued", || {
+        let ax = kube.get(AX, "agentexecutions", "pay", "d")?;
+        (ax["status"]["reason"] == "BudgetExhausted").then(|| ax["status"].clone())
+    })
+    .await;
+    assert_eq!(st["phase"], "Queued");
+    let message = st["message"].as_str().unwrap();
+    assert!(message.contains("pay-daily") && message.contains("resets at 2026-12-07T00:00:00+00:00"), "{message}");
+    assert!(kube.get(BATCH, "jobs", "pay", "agentops-d").is_none());
+    Api::<AgentExecution>::namespaced(kube.client(), "web")
+        .create(&PostParams::default(), &execution("w"))
+        .await
+        .unwrap();
+    until("web's Job", || kube.get(BATCH, "jobs", "web", "agentops-w")).await;
+
+    // A restart keeps the spend: the new controller refuses the next request and keeps d waiting.
+    ctl.stop().await;
+    let (kept, exhausted) = store.budget_spent("pay-daily", "2026-12-06T00:00:00Z").await.unwrap().unwrap();
+    assert!((kept - spent).abs() < 1e-9 && exhausted, "{kept} {exhausted}");
+    let (ctl, base) = start(&kube, &model.base_url, store.clone(), clock.clone()).await;
+    let (status, text) = ask(&base, "pay", "a", &tokens[0]).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
+    assert_eq!(model.main_requests(), ok);
+    tokio::time::sleep(Duration::from_millis(500)).await; // two rechecks of d
+    assert!(kube.get(BATCH, "jobs", "pay", "agentops-d").is_none(), "d still waits after the restart");
+
+    // The next day: the period resets, d starts by itself, and a running execution may spend again.
+    now.store(1_796_601_600 + 60, Ordering::Relaxed); // 2026-12-07T00:01:00Z
+    until("d's Job after the reset", || kube.get(BATCH, "jobs", "pay", "agentops-d")).await;
+    let st = until("the new period in the status", || {
+        let st = budget_status(&kube)?;
+        (st["resetsAt"] == "2026-12-08T00:00:00+00:00").then_some(st)
+    })
+    .await;
+    assert_eq!(st["spentUsd"], 0.0);
+    let (status, text) = ask(&base, "pay", "a", &tokens[0]).await;
+    assert_eq!(status, 200, "{text}");
+    ctl.stop().await;
+}
+
+/// The gateway alone: accounts of one pool, many concurrent requests each, against a budget
+/// several times smaller than what they ask for. The pool's spend never passes its limit, and
+/// it counts exactly what the accounts counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_never_overshoots_under_concurrency() {
+    let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
+    let model = support::FakeAnthropic::start(vec![answer; 200]).await;
+    let gateways = Arc::new(agentops::gateway::Gateways::new(&model.base_url).unwrap());
+    let pool = Arc::new(Pool::new("team", 3.0, "p", 0.0));
+    let names: Vec<String> = (0..5).map(|i| format!("x{i}")).collect();
+    for n in &names {
+        gateways.open(
+            "ns",
+            n,
+            Account::new(support::API_KEY, &format!("tok-{n}"), None).with_pools(vec![pool.clone()]),
+        );
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = gateways.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut tasks = Vec::new();
+    for n in &names {
+        for _ in 0..8 {
+            let (base, n) = (base.clone(), n.clone());
+            tasks.push(tokio::spawn(async move { ask(&base, "ns", &n, &format!("tok-{n}")).await }));
+        }
+    }
+    let mut ok = 0usize;
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        if status == 200 {
+            ok += 1;
+        } else {
+            assert!(text.contains(TEAM_BUDGET_SPENT), "{status} {text}");
+        }
+    }
+    // Then one at a time until a request cannot be paid even alone: the pool is exhausted.
+    assert!(!pool.books().exhausted || pool.books().limit_usd - pool.books().spent_usd < 0.7);
+    loop {
+        let (status, text) = ask(&base, "ns", "x0", "tok-x0").await;
+        if status != 200 {
+            assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
+            break;
+        }
+        ok += 1;
+    }
+    let books = pool.books();
+    let counted: f64 = names.iter().map(|n| gateways.metered("ns", n).unwrap().cost_usd).sum();
+    assert!((books.spent_usd - counted).abs() < 1e-9, "{books:?} vs {counted}");
+    assert!((books.spent_usd - ok as f64 * PER_ANSWER).abs() < 1e-9);
+    assert!(books.spent_usd <= 3.0, "{books:?}");
+    assert!(ok >= 4, "the budget was used, not refused early: {ok} answered, {books:?}");
+    assert_eq!(books.reserved_usd, 0.0, "every hold released");
+    assert!(books.refused > 0 && books.exhausted);
+}
