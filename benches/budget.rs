@@ -27,9 +27,7 @@ async fn upstream() -> String {
         "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":5}}\n\n",
         "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
     );
-    let app = axum::Router::new().fallback(move || async move {
-        ([("content-type", "text/event-stream")], answer)
-    });
+    let app = axum::Router::new().fallback(move || async move { ([("content-type", "text/event-stream")], answer) });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, app).await });
