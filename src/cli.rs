@@ -36,7 +36,7 @@ pub enum Command {
     /// pod and by the local executor): the JSON summary goes to stdout and to the termination log.
     Runner(RunnerArgs),
     /// Run one step of an execution in a runner pod's container (clone, agent, publish, finish).
-    Step(StepArgs),
+    Step(Box<StepArgs>),
     /// Copy agentops, the Claude Code CLI, their libraries and loader into DIR (the init
     /// container of a runner pod whose agent runs in a team's image).
     #[command(hide = true)]
@@ -144,6 +144,7 @@ impl MachineArgs {
             sandbox: (!self.no_sandbox).then_some(runner::SandboxPolicy { extra_read: self.sandbox_read, protected }),
             gateway: None,
             git_relay: None,
+            egress: None,
             open_pull_request: false,
             bundle: self.bundle_dir,
         }
@@ -201,6 +202,12 @@ pub struct StepArgs {
     /// File holding this execution's gateway token (agent).
     #[arg(long, env = api::contract::MODEL_TOKEN_FILE)]
     pub model_token_file: Option<PathBuf>,
+    /// The controller's egress proxy, `http://host:port` (agent, with `egressHosts`).
+    #[arg(long, env = api::contract::EGRESS_PROXY)]
+    pub egress_proxy: Option<String>,
+    /// File holding this execution's egress proxy token (agent).
+    #[arg(long, env = api::contract::EGRESS_TOKEN_FILE)]
+    pub egress_token_file: Option<PathBuf>,
     /// The controller's git relay for this execution (clone, publish).
     #[arg(long, env = api::contract::GIT_URL)]
     pub git_url: Option<String>,
@@ -296,6 +303,14 @@ pub struct ControllerArgs {
     /// Address of the authenticated JSON API and the runners' report endpoint.
     #[arg(long, env = "AGENTOPS_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: std::net::SocketAddr,
+    /// Address of the egress proxy runner pods' agents use for `egressHosts` (HTTP CONNECT and
+    /// plain HTTP, each execution's own token as the proxy password).
+    #[arg(long, env = "AGENTOPS_EGRESS_ADDR", default_value = "0.0.0.0:8082")]
+    pub egress_addr: std::net::SocketAddr,
+    /// Where runner pods reach the egress proxy, `http://host:port` [default: the host of
+    /// --report-url at the port of --egress-addr].
+    #[arg(long, env = "AGENTOPS_EGRESS_URL")]
+    pub egress_url: Option<String>,
     /// Address of /healthz, /readyz and /metrics (unauthenticated; keep it off the runners' path).
     #[arg(long, env = "AGENTOPS_METRICS_ADDR", default_value = "0.0.0.0:8081")]
     pub metrics_addr: std::net::SocketAddr,
@@ -425,7 +440,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Step(args) => {
             let (log, step) = (args.termination_log.clone(), args.step);
-            let result = step_main(&db, args).await;
+            let result = step_main(&db, *args).await;
             if let Err(e) = &result {
                 let _ = std::fs::write(&log, runner::truncate(&format!("error: step {}: {e:#}", step.name()), 3900));
             }
@@ -558,11 +573,14 @@ async fn step_main(db: &std::path::Path, args: StepArgs) -> anyhow::Result<i32> 
         .map(|(base_url, token)| runner::ModelRoute { base_url, token });
     let git_relay = endpoint(&args.git_url, &args.git_token_file, "git relay token")?
         .map(|(base_url, token)| runner::ModelRoute { base_url, token });
+    let egress = endpoint(&args.egress_proxy, &args.egress_token_file, "egress proxy token")?
+        .map(|(base_url, token)| runner::ModelRoute { base_url, token });
     let limit = api::report::termination_message_limit(args.pod_containers);
     let agent_env = args.agent_env.clone();
     let mut opts = args.machine.options(true, report);
     opts.gateway = gateway;
     opts.git_relay = git_relay;
+    opts.egress = egress;
     let text = std::fs::read_to_string(&args.manifest_file)
         .with_context(|| format!("cannot read the manifest {}", args.manifest_file.display()))?;
     let resolved = parse_manifest(&text)
@@ -695,6 +713,7 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
             report_url: args.report_url.filter(|u| !u.is_empty()),
             default_model: args.default_model.filter(|m| !m.is_empty()),
             git_relay: args.git_relay,
+            egress_proxy: args.egress_url.filter(|u| !u.is_empty()),
             pod,
             ..Default::default()
         },
@@ -774,7 +793,20 @@ async fn controller(db: &std::path::Path, args: ControllerArgs) -> anyhow::Resul
     let probes = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen on {} (--metrics-addr)", args.metrics_addr))?;
-    let listeners = crate::server::serve(crate::server::Listeners { api: Some(http), probes: Some(probes) });
+    if let Some(u) = &config.job.egress_proxy {
+        let ok = url::Url::parse(u).is_ok_and(|p| p.scheme() == "http" && p.host().is_some() && p.port().is_some());
+        anyhow::ensure!(ok, "--egress-url {u:?} is not http://host:port (where runner pods reach the egress proxy)");
+    }
+    // Only runner pods use it (a local runner starts a proxy of its own).
+    let egress = match args.executor {
+        ExecutorArg::Job => Some(
+            tokio::net::TcpListener::bind(args.egress_addr)
+                .await
+                .with_context(|| format!("cannot listen on {} (--egress-addr)", args.egress_addr))?,
+        ),
+        ExecutorArg::Local => None,
+    };
+    let listeners = crate::server::serve(crate::server::Listeners { api: Some(http), probes: Some(probes), egress });
     let leader = if args.leader_election {
         let identity = std::env::var("POD_NAME").unwrap_or_else(|_| format!("agentops-{}", std::process::id()));
         let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)

@@ -59,7 +59,7 @@ async fn start(kube: &FakeKube, upstream: &str, store: Store, clock: Clock) -> (
             config,
             Some(store),
             ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None }),
+            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
             None,
             async move {
                 let _ = rx.await;

@@ -262,7 +262,20 @@ fn runner_pods_are_bounded_and_have_no_default_egress() {
         .iter()
         .flat_map(|e| e["ports"].as_array().unwrap().iter().map(|p| p["port"].as_i64().unwrap()))
         .collect();
-    assert_eq!(ports, [53, 53, 8080], "DNS and the controller's API port, not its metrics port");
+    assert_eq!(
+        ports,
+        [53, 53, 8080, 8082],
+        "DNS, the controller's API port and its egress proxy's port, not its metrics port"
+    );
+    // The proxy's port is the controller's, on the Service runner pods are told about.
+    let service = docs.iter().find(|d| d["kind"] == "Service").expect("Service");
+    let egress_port = service["spec"]["ports"].as_array().unwrap().iter().find(|p| p["name"] == "egress").cloned();
+    assert_eq!(
+        egress_port.map(|p| (p["port"].clone(), p["targetPort"].clone())),
+        Some((serde_json::json!(8082), serde_json::json!("egress")))
+    );
+    assert!(default.contains("name: AGENTOPS_EGRESS_ADDR, value: \"0.0.0.0:8082\""), "the controller listens there");
+    assert!(default.contains(":8082\"}"), "runner pods are told the Service's proxy port");
     // Every rule names where it goes: DNS only to the cluster's DNS pods, never to any address
     // on port 53 (a datagram carrying the repository left a pod that way).
     assert!(egress.iter().all(|e| e["to"].as_array().is_some_and(|to| !to.is_empty())), "{egress:?}");

@@ -58,7 +58,7 @@ fn spawn(
             config,
             store,
             exec,
-            agentops::server::serve(agentops::server::Listeners { api: http, probes: None }),
+            agentops::server::serve(agentops::server::Listeners { api: http, probes: None, egress: None }),
             leader,
             async move {
                 let _ = rx.await;
@@ -2704,11 +2704,13 @@ async fn a_pod_setting_that_overrides_ours_stalls_as_invalid_spec_naming_the_fie
             json!({"pod": {"resources": {"agent": {"limits": {"memory": "512Mi"}}}}}),
             "spec.pod.resources.agent",
         ),
-        // Host-name egress needs the egress proxy, not served in a cluster yet: said, not ignored.
+        // Host-name egress needs the controller's egress proxy: a controller that serves none
+        // (no `--egress-addr` listener) says so rather than run the agent without it.
+        // (`tests/cluster_egress.rs` runs it with the proxy.)
         (
             "hosts",
             json!({"egressHosts": ["pypi.org"]}),
-            "spec.egressHosts: egress by host name is served by `agentops run` only",
+            "spec.egressHosts: this controller serves no egress proxy; start it with --egress-addr",
         ),
     ] {
         api.create(&PostParams::default(), &execution(name, spec)).await.unwrap();

@@ -185,3 +185,50 @@ async fn a_stalled_tunnel_is_counted_live_and_cut_at_close_and_refusals_stay_rec
     let cut = tokio::time::timeout(Duration::from_secs(10), writer).await.expect("the tunnel was cut").unwrap();
     assert!(cut, "the agent's writes fail once the access is closed");
 }
+
+/// The controller's proxy connects from the controller's own pod: no rule may reach its
+/// loopback (its unauthenticated metrics port, its other listeners) or a link-local address (the
+/// node's metadata service, with the controller's cloud credentials), neither an address written
+/// as the host nor a name that resolves there, not even with a CIDR rule naming it. Control: the
+/// same rules on one machine's proxy (the user's own machine) reach the loopback origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_proxy_never_reaches_its_own_loopback_or_the_metadata_service() {
+    use agentops::gateway::egress::EgressListener;
+    let port = origin().await;
+    let policy = || EgressPolicy {
+        hosts: [format!("127.0.0.1:{port}"), format!("allowed.test:{port}"), "169.254.169.254:80".into()]
+            .iter()
+            .map(|h| HostRule::parse(h).unwrap())
+            .collect(),
+        cidrs: vec![
+            CidrRule::parse("127.0.0.0/8", vec![]).unwrap(),
+            CidrRule::parse("169.254.0.0/16", vec![]).unwrap(),
+        ],
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let controllers = EgressProxy::serve_controllers(
+        EgressListener { listener, resolver: resolver(), allow_local: false },
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let machines =
+        EgressProxy::start("127.0.0.1:0".parse().unwrap(), resolver(), Duration::from_secs(30)).await.unwrap();
+    controllers.open("tok", policy());
+    machines.open("tok", policy());
+    for url in [format!("http://127.0.0.1:{port}/"), format!("http://allowed.test:{port}/")] {
+        let (code, body, err) = curl(&format!("http://agent:tok@{}", machines.addr), &[], &url).await;
+        assert_eq!((code.as_str(), body.as_str()), ("200", "hello from /"), "control, one machine: {url} {err}");
+        let (code, body, _) = curl(&format!("http://agent:tok@{}", controllers.addr), &[], &url).await;
+        assert_eq!(code, "403", "{url}: {body}");
+        assert!(
+            body.contains("(loopback or link-local): the controller's egress proxy never connects there"),
+            "{body}"
+        );
+    }
+    let (code, body, _) =
+        curl(&format!("http://agent:tok@{}", controllers.addr), &[], "http://169.254.169.254/latest/meta-data/").await;
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("169.254.169.254 (loopback or link-local)"), "{body}");
+    let t = controllers.tally("tok").unwrap();
+    assert_eq!((t.connections, t.refused), (0, 3), "{t:#?}");
+}

@@ -239,7 +239,7 @@ fn start(kube: &FakeKube) -> Running {
             config,
             None,
             ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None }),
+            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
             None,
             async move {
                 let _ = rx.await;

@@ -21,6 +21,10 @@ pub const REPORT_TOKEN_FILE: &str = "AGENTOPS_REPORT_TOKEN_FILE";
 /// The controller's model gateway for this execution, and the file with the agent's token.
 pub const MODEL_URL: &str = "AGENTOPS_MODEL_URL";
 pub const MODEL_TOKEN_FILE: &str = "AGENTOPS_MODEL_TOKEN_FILE";
+/// The controller's egress proxy (`http://host:port`, an execution with `egressHosts`), and
+/// the file with the agent's token for it (the proxy password; never in the environment).
+pub const EGRESS_PROXY: &str = "AGENTOPS_EGRESS_PROXY";
+pub const EGRESS_TOKEN_FILE: &str = "AGENTOPS_EGRESS_TOKEN_FILE";
 /// The controller's git relay for this execution, and the file with this step's token.
 pub const GIT_URL: &str = "AGENTOPS_GIT_URL";
 pub const GIT_TOKEN_FILE: &str = "AGENTOPS_GIT_TOKEN_FILE";
@@ -64,6 +68,8 @@ pub mod paths {
     pub const STREAM_DIR: &str = "/var/run/agentops/stream";
     /// The agent's model gateway token.
     pub const MODEL_TOKEN_DIR: &str = "/var/run/secrets/agentops-model";
+    /// The agent's egress proxy token.
+    pub const EGRESS_TOKEN_DIR: &str = "/var/run/secrets/agentops-egress";
     /// The clone and publish steps' git relay token.
     pub const GIT_TOKEN_DIR: &str = "/var/run/secrets/agentops-git";
     /// The bundle (`agentops bundle`) in a pod whose agent container runs a team's image.

@@ -688,6 +688,9 @@ pub struct AgentExecutionStatus {
     /// Requests the gateway relayed to each remote MCP server, by server name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub mcp_requests: BTreeMap<String, u64>,
+    /// What the operator's egress proxy counted for `egressHosts` (live while running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<super::EgressSummary>,
     /// The cluster policies that applied and the limits this execution runs with (fixed when
     /// it started).
     #[serde(default, skip_serializing_if = "Option::is_none")]

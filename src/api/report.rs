@@ -57,12 +57,16 @@ pub struct Summary {
 }
 
 /// The connections the agent's tools made through the egress proxy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct EgressSummary {
+    /// Connections made to allowed hosts.
     pub connections: u64,
+    /// Connections refused (a host or port not allowed, a private address, too many at once).
     pub refused: u64,
+    /// Bytes from the agent to the hosts.
     pub bytes_out: u64,
+    /// Bytes from the hosts to the agent.
     pub bytes_in: u64,
     /// `host:port` of the latest refusals (at most 20, each once).
     pub refused_hosts: Vec<String>,

@@ -296,6 +296,10 @@ pub fn with_report(st: &mut AgentExecutionStatus, s: &Summary) {
         // Server names are the spec's (checked names), bounded by its 16 servers.
         st.mcp_requests = s.mcp_requests.clone();
     }
+    if s.egress.is_some() {
+        // The controller's own proxy's count (`Executor::observe`), never a runner's word.
+        st.egress = s.egress.clone();
+    }
     st.session_id = s.session_id.as_deref().map(|t| clean_line(t).into_owned()).or(st.session_id.take());
     if let Some(r) = &s.result {
         st.result = Some(clean(r).into_owned());

@@ -18,8 +18,8 @@ use crate::api::{AgentExecution, PodSettings, Resolved};
 
 use crate::api::contract as var;
 pub use crate::api::contract::paths::{
-    GIT_TOKEN_DIR, HOME_DIR, MANIFEST_DIR, MANIFEST_KEY, MODEL_TOKEN_DIR, PRIVATE_DIR, REPORT_TOKEN_DIR, SECRETS_DIR,
-    STREAM_DIR, TMP_DIR, WORKSPACE_DIR,
+    EGRESS_TOKEN_DIR, GIT_TOKEN_DIR, HOME_DIR, MANIFEST_DIR, MANIFEST_KEY, MODEL_TOKEN_DIR, PRIVATE_DIR,
+    REPORT_TOKEN_DIR, SECRETS_DIR, STREAM_DIR, TMP_DIR, WORKSPACE_DIR,
 };
 
 /// Name of the Secret holding what an execution's pod is given: its manifest and its runner's
@@ -91,6 +91,9 @@ pub struct JobConfig {
     /// Clone and publish reach git through the controller's relay (with `report_url`): no git
     /// credential in the pod. Off: those two containers mount it and talk to the git host.
     pub git_relay: bool,
+    /// The controller's egress proxy as runner pods reach it (`http://host:port`): the agent
+    /// of an execution with `egressHosts` gets it as its `HTTPS_PROXY`/`HTTP_PROXY`.
+    pub egress_proxy: Option<String>,
 }
 
 impl Default for JobConfig {
@@ -105,6 +108,7 @@ impl Default for JobConfig {
             report_url: None,
             default_model: None,
             git_relay: true,
+            egress_proxy: None,
         }
     }
 }
@@ -370,6 +374,8 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
         c.name.clone()
     });
     let report = cfg.report_url.as_ref().map(|base| report_url(base, ax));
+    // Egress by host name: the controller's proxy, with a token only the agent's container mounts.
+    let egress = cfg.egress_proxy.as_ref().filter(|_| report.is_some() && !r.egress_hosts.is_empty());
     if report.is_some() {
         let tokens = runner_secret;
         volumes.push(secret_items(
@@ -379,6 +385,14 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
             false,
         ));
         volumes.push(secret_items("model-token", tokens.clone(), &[(super::reports::MODEL_TOKEN_KEY, "token")], false));
+        if egress.is_some() {
+            volumes.push(secret_items(
+                "egress-token",
+                tokens.clone(),
+                &[(super::reports::EGRESS_TOKEN_KEY, "token")],
+                false,
+            ));
+        }
         if relay.is_some() {
             use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY};
             volumes.push(secret_items("git-clone-token", tokens.clone(), &[(GIT_CLONE_TOKEN_KEY, "token")], false));
@@ -440,6 +454,11 @@ pub fn desired_job(ax: &AgentExecution, r: &Resolved, cfg: &JobConfig) -> Job {
                     envs.push(env(var::MODEL_URL, &model_url(base, ax)));
                     envs.push(env(var::MODEL_TOKEN_FILE, &format!("{MODEL_TOKEN_DIR}/token")));
                     mounts.push(mount("model-token", MODEL_TOKEN_DIR, true));
+                }
+                if let Some(proxy) = egress {
+                    envs.push(env(var::EGRESS_PROXY, proxy));
+                    envs.push(env(var::EGRESS_TOKEN_FILE, &format!("{EGRESS_TOKEN_DIR}/token")));
+                    mounts.push(mount("egress-token", EGRESS_TOKEN_DIR, true));
                 }
                 if let Some(m) = &cfg.default_model {
                     envs.push(env("ANTHROPIC_MODEL", m));
@@ -722,15 +741,20 @@ mod tests {
         );
         // The team's own variables are the agent's: the step passes them on by name.
         let team = "  pod: {agentImage: 'golang:1.23', env: [{name: GOFLAGS, value: -mod=mod}]}\n";
-        for (spec, relay) in [("", true), ("", false), (team, true)] {
+        let hosts = "  egressHosts: [pypi.org]\n";
+        for (spec, relay) in [("", true), ("", false), (team, true), (hosts, true)] {
             let (ax, r) = ax(spec);
             let cfg = JobConfig {
                 report_url: Some("http://ctl:8080".into()),
                 git_relay: relay,
                 default_model: Some("m".into()),
+                egress_proxy: Some("http://ctl:8082".into()),
                 ..Default::default()
             };
             let pod = desired_job(&ax, &r, &cfg).spec.unwrap().template.spec.unwrap();
+            let agent = pod.init_containers.iter().flatten().find(|c| c.name == "agent").unwrap();
+            let proxied = agent.env.iter().flatten().any(|e| e.name == crate::api::contract::EGRESS_PROXY);
+            assert_eq!(proxied, spec == hosts, "only an execution with egressHosts is told the proxy");
             for c in pod.init_containers.unwrap().iter().chain(&pod.containers) {
                 for e in c.env.iter().flatten() {
                     let teams = c.name == "agent" && e.name == "GOFLAGS";

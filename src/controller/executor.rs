@@ -74,6 +74,8 @@ impl Executor {
         // The operator's own count (the gateway's) is the usage; the runner's report adds what
         // only it knows (result, git, workspace).
         let metered = reports.metered(&ns, &name);
+        // What the egress proxy counted, likewise the operator's own figure.
+        let egress = reports.egress(&ns, &name);
         // Turns, tools and the model too: what a pod's steps say of them is the agent's word
         // (its stream, which anything in its container can write into).
         let counted = |mut s: Summary| {
@@ -86,13 +88,33 @@ impl Executor {
                 s.model = m.model.clone().or(s.model);
                 s.mcp_requests = m.mcp_requests.clone();
             }
+            if egress.is_some() {
+                s.egress = egress.clone();
+            }
             s
         };
         let latest = || reports.latest(&uid);
         Ok(match observed {
             Observation::Running { progress } => {
-                let running =
-                    || metered.as_ref().map(|_| Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                let running = || {
+                    if metered.is_some() {
+                        return Some(Summary { phase: crate::api::Phase::Running, ..Default::default() });
+                    }
+                    // Egress counted before the gateway metered anything (or after a restart, with
+                    // its figures not yet counted again): the status's own figures stand.
+                    egress.as_ref()?;
+                    let st = ax.status.clone().unwrap_or_default();
+                    Some(Summary {
+                        phase: crate::api::Phase::Running,
+                        usage: st.usage,
+                        tokens_used: st.tokens_used,
+                        cost_usd: st.cost_usd,
+                        num_turns: st.num_turns,
+                        tool_calls: st.tool_calls,
+                        session_id: st.session_id,
+                        ..Default::default()
+                    })
+                };
                 Observation::Running { progress: progress.or_else(latest).or_else(running).map(counted) }
             }
             Observation::Finished { summary, failed, deadline_exceeded, cause } if pod => {
@@ -153,7 +175,8 @@ impl Executor {
                 // One Secret owned by the execution holds what the pod is given: the manifest
                 // (the prompt may be private) and the runner's tokens (reports, the model
                 // gateway, the git relay); each container mounts only its own keys.
-                let tokens = create_runner_secret(client, ax, &ns, manifest, cfg.report_url.is_some()).await?;
+                let egress = reports.serves_egress() && !r.egress_hosts.is_empty();
+                let tokens = create_runner_secret(client, ax, &ns, manifest, cfg.report_url.is_some(), egress).await?;
                 if let Some(tokens) = tokens {
                     tokens.open(reports, ax, r).await?;
                 }
@@ -208,6 +231,8 @@ struct RunnerTokens {
     model: Option<String>,
     /// The git relay's tokens (clone: fetch; publish: push the work branch).
     git: Option<(String, String)>,
+    /// The egress proxy's token (an execution with `egressHosts`).
+    egress: Option<String>,
     /// The agent's configuration in the Secret's manifest, as the runner runs it (None: the
     /// manifest just written, the same as the resolved spec).
     frozen: Option<crate::api::AgentConfig>,
@@ -229,13 +254,20 @@ impl RunnerTokens {
         if let Some((clone, publish)) = &self.git {
             reports.open_git(&ns, &name, r, clone, publish).await?;
         }
+        if let Some(egress) = &self.egress {
+            // What the status already records was counted (a restart keeps the figures).
+            let counted = ax.status.as_ref().and_then(|s| s.egress.as_ref());
+            reports.open_egress(&ns, &name, r, egress, counted);
+        }
         Ok(())
     }
 }
 
 /// The runner tokens a runner Secret holds (None: it holds none, only the manifest).
 fn tokens_in(secret: Secret) -> Option<RunnerTokens> {
-    use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
+    use super::reports::{
+        EGRESS_TOKEN_KEY, GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY,
+    };
     let data = secret.data.unwrap_or_default();
     let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
     let frozen = get(desired::MANIFEST_KEY)
@@ -246,6 +278,7 @@ fn tokens_in(secret: Secret) -> Option<RunnerTokens> {
         report,
         model: get(MODEL_TOKEN_KEY),
         git: get(GIT_CLONE_TOKEN_KEY).zip(get(GIT_PUBLISH_TOKEN_KEY)),
+        egress: get(EGRESS_TOKEN_KEY),
         frozen,
     })
 }
@@ -267,14 +300,18 @@ async fn create_runner_secret(
     ns: &str,
     manifest: &str,
     tokens: bool,
+    egress: bool,
 ) -> Result<Option<RunnerTokens>, Error> {
-    use super::reports::{GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY};
+    use super::reports::{
+        EGRESS_TOKEN_KEY, GIT_CLONE_TOKEN_KEY, GIT_PUBLISH_TOKEN_KEY, MODEL_TOKEN_KEY, REPORT_TOKEN_KEY,
+    };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let name = desired::runner_secret_name(ax);
     let fresh = tokens.then(|| RunnerTokens {
         report: new_token(),
         model: Some(crate::gateway::new_token()),
         git: Some((new_token(), new_token())),
+        egress: egress.then(crate::gateway::new_token),
         frozen: None,
     });
     let mut data = serde_json::json!({desired::MANIFEST_KEY: manifest});
@@ -284,6 +321,9 @@ async fn create_runner_secret(
         if let Some((clone, publish)) = &t.git {
             data[GIT_CLONE_TOKEN_KEY] = clone.clone().into();
             data[GIT_PUBLISH_TOKEN_KEY] = publish.clone().into();
+        }
+        if let Some(egress) = &t.egress {
+            data[EGRESS_TOKEN_KEY] = egress.clone().into();
         }
     }
     let secret = serde_json::json!({"apiVersion": "v1", "kind": "Secret",

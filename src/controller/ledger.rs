@@ -38,6 +38,8 @@ pub struct Entry {
     pub pull_request: Option<Box<crate::api::PullRequestResult>>,
     /// Gateway refusals already told in an Event.
     pub refusals_told: u64,
+    /// Egress proxy refusals already told in an Event.
+    pub egress_refusals_told: u64,
 }
 
 impl Entry {
@@ -49,6 +51,7 @@ impl Entry {
             && self.local.is_none()
             && self.pull_request.is_none()
             && self.refusals_told == 0
+            && self.egress_refusals_told == 0
     }
 }
 

@@ -32,6 +32,13 @@ pub struct ToolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub namespace: String,
+    /// `allowed` or `refused` (connections); `out` or `in` (bytes).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub kind: String,
 }
@@ -61,6 +68,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     /// Reconciles run (of live executions and finished ones).
     pub reconciles: Counter,
+    /// Connections through the egress proxy, by namespace and `allowed`/`refused`.
+    pub egress_connections: Family<EgressLabels, Counter>,
+    /// Bytes through the egress proxy, by namespace and direction (`result`: `out`, `in`).
+    pub egress_bytes: Family<EgressLabels, Counter>,
     /// Executions an AgentPolicy refused, by policy.
     pub policy_refusals: Family<PolicyLabel, Counter>,
     /// Team budgets: spent this period, the limit, and when the period resets (Unix seconds).
@@ -83,6 +94,8 @@ impl Default for Metrics {
             tool_calls: Family::default(),
             reconcile_errors: Family::default(),
             reconciles: Counter::default(),
+            egress_connections: Family::default(),
+            egress_bytes: Family::default(),
             policy_refusals: Family::default(),
             budget_spent_usd: Family::default(),
             budget_limit_usd: Family::default(),
@@ -99,6 +112,16 @@ impl Default for Metrics {
         registry.register("tool_calls", "Agent tool calls, by tool", m.tool_calls.clone());
         registry.register("reconcile_errors", "Reconcile failures, by kind", m.reconcile_errors.clone());
         registry.register("reconciles", "Reconciles run", m.reconciles.clone());
+        registry.register(
+            "egress_connections",
+            "Connections of agents through the egress proxy, by namespace and result (allowed, refused)",
+            m.egress_connections.clone(),
+        );
+        registry.register(
+            "egress_bytes",
+            "Bytes through the egress proxy, by namespace and direction (result: out, in)",
+            m.egress_bytes.clone(),
+        );
         registry.register("policy_refusals", "Executions refused by an AgentPolicy", m.policy_refusals.clone());
         registry.register(
             "team_budget_spent_usd",
@@ -168,6 +191,13 @@ pub fn record_finished(
         m.tokens
             .get_or_create(&TokenLabels { namespace: ns.clone(), model: model.clone(), kind: kind.into() })
             .inc_by(n);
+    }
+    if let Some(e) = &st.egress {
+        let label = |result: &str| EgressLabels { namespace: ns.clone(), result: result.into() };
+        m.egress_connections.get_or_create(&label("allowed")).inc_by(e.connections);
+        m.egress_connections.get_or_create(&label("refused")).inc_by(e.refused);
+        m.egress_bytes.get_or_create(&label("out")).inc_by(e.bytes_out);
+        m.egress_bytes.get_or_create(&label("in")).inc_by(e.bytes_in);
     }
     m.cost_usd.get_or_create(&UsageLabels { namespace: ns, model }).inc_by(st.cost_usd);
     // Label values from a fixed set: Claude Code's own tools by name, anything else `other`

@@ -83,13 +83,27 @@ pub struct Exposed {
 pub struct Serve {
     pub api_addr: Option<std::net::SocketAddr>,
     pub start: Box<dyn FnOnce(Exposed) -> Vec<tokio::task::JoinHandle<()>> + Send>,
+    /// The egress proxy's listener (runner pods' `HTTPS_PROXY` for `egressHosts`): the
+    /// controller serves it itself, with its accounts (a proxy is not an HTTP route).
+    pub egress: Option<crate::gateway::egress::EgressListener>,
 }
 
 impl Default for Serve {
     /// Nothing served (tests that need no endpoint).
     fn default() -> Self {
-        Self { api_addr: None, start: Box::new(|_| Vec::new()) }
+        Self { api_addr: None, start: Box::new(|_| Vec::new()), egress: None }
     }
+}
+
+/// How long an egress connection may be idle before the proxy closes it.
+const EGRESS_IDLE: Duration = Duration::from_secs(300);
+
+/// Where runner pods reach the egress proxy: the host of the URL they report to, at the
+/// proxy's port.
+fn egress_url(report_url: &str, port: u16) -> Option<String> {
+    let u = url::Url::parse(report_url).ok()?;
+    let host = u.host()?;
+    Some(format!("http://{host}:{port}"))
 }
 
 /// Runs the controller until `shutdown` resolves. Reconciles every namespace. Hands what it
@@ -206,9 +220,35 @@ pub async fn run(
         },
         _ => None,
     };
+    // Egress by host name: the proxy runner pods' agents use, served here on its own listener.
+    let mut serve = serve;
+    let egress = match (&executor, &config.job.report_url, serve.egress.take()) {
+        (Executor::Job { .. }, Some(report_url), Some(l)) => {
+            let port = l.listener.local_addr().map(|a| a.port()).unwrap_or_default();
+            match crate::gateway::egress::EgressProxy::serve_controllers(l, EGRESS_IDLE) {
+                Ok(p) => {
+                    if config.job.egress_proxy.is_none() {
+                        config.job.egress_proxy = egress_url(report_url, port);
+                    }
+                    Some(Arc::new(p))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serve the egress proxy");
+                    return Stopped::Shutdown;
+                }
+            }
+        }
+        _ => None,
+    };
+    if egress.is_none() {
+        config.job.egress_proxy = None;
+    }
     let mut reports = reports::Reports::new(client.clone(), wake_tx.clone(), ledger.clone());
     if let Some(g) = &gateways {
         reports = reports.with_gateways(g.clone());
+    }
+    if let Some(p) = &egress {
+        reports = reports.with_egress(p.clone());
     }
     if let Some(g) = &relays {
         reports = reports.with_git_relays(g.clone());
@@ -292,7 +332,18 @@ pub async fn run(
         g.set_opener(opener.clone());
     }
     if let Some(g) = &relays {
-        g.set_opener(opener);
+        g.set_opener(opener.clone());
+    }
+    if let Some(p) = &egress {
+        // The proxy's user names the execution (`namespace.name`).
+        p.set_opener(Arc::new(move |user: String| {
+            let opener = opener.clone();
+            async move {
+                let Some((ns, name)) = crate::gateway::egress::parse_proxy_user(&user) else { return false };
+                opener(ns, name).await
+            }
+            .boxed()
+        }));
     }
     {
         let (cache, ready, synced, is_leader) = (cache.clone(), ready.clone(), synced.clone(), is_leader.clone());

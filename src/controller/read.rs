@@ -86,12 +86,13 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
             Err(stall) => return Ok(Err(stall)),
         }
     }
-    // Host-name egress needs the egress proxy in the controller, which is not served yet: a
-    // cluster refuses it rather than run the agent without what it was promised.
-    if !resolved.egress_hosts.is_empty() {
-        let message = "spec.egressHosts: egress by host name is served by `agentops run` only in this version; \
-                       in a cluster use spec.egress with the hosts' IP blocks";
-        return Ok(Err(Stall { reason: Reason::InvalidSpec, message: message.into(), recheck: false }));
+    // Host-name egress goes through the controller's egress proxy: without one (a controller
+    // started with no `--egress-addr`), the agent would run without what it was promised.
+    if !resolved.egress_hosts.is_empty() && matches!(ctx.executor, Executor::Job { .. }) && !ctx.reports.serves_egress()
+    {
+        let message = "spec.egressHosts: this controller serves no egress proxy; start it with --egress-addr \
+                       (the chart does), or use spec.egress with the hosts' IP blocks";
+        return Ok(Err(Stall { reason: Reason::InvalidSpec, message: message.into(), recheck: true }));
     }
     // With the cluster's default under them, every step's requests stay within its limits.
     if let Err(e) = ctx.config.job.pod.merged(&resolved.pod).check_requests_within_limits("spec.pod") {

@@ -200,6 +200,7 @@ async fn pull_request(ax: &AgentExecution, ctx: &Context, r: &Resolved, s: &mut 
 /// endpoint, `..`, encoded slashes): a warning Event for the execution's owner, once per new
 /// batch of refusals (the gateway wakes the execution at most once a second).
 async fn tell_refusals(ax: &AgentExecution, ctx: &Context) {
+    tell_egress_refusals(ax, ctx).await;
     let (ns, name) = key(ax);
     let Some((n, last)) = ctx.reports.refusals(&ns, &name) else { return };
     let uid = ledger::uid(ax);
@@ -218,6 +219,53 @@ async fn tell_refusals(ax: &AgentExecution, ctx: &Context) {
     };
     if let Err(e) = ctx.events.publish(&note, "RelayModel", &ax.object_ref(&())).await {
         tracing::warn!(error = %e, "cannot publish event");
+    }
+}
+
+/// Where the controller's own log lines of an execution are numbered (after the steps').
+const CONTROLLER_LOG_SEQ: i64 = 4_000_000;
+
+/// The store's record of what the egress proxy counted (source `egress`, as on one machine):
+/// the counts, then each refused `host:port`.
+fn egress_log(e: &crate::api::EgressSummary) -> Vec<(i64, String, String, String)> {
+    let at = jiff::Timestamp::now().to_string();
+    let refused =
+        if e.refused_hosts.is_empty() { String::new() } else { format!(" (refused: {})", e.refused_hosts.join(", ")) };
+    let head = format!(
+        "egress: {} connections, {} refused{refused}; {} bytes out, {} in",
+        e.connections, e.refused, e.bytes_out, e.bytes_in
+    );
+    std::iter::once(head)
+        .chain(e.refused_hosts.iter().map(|h| format!("refused {h}")))
+        .enumerate()
+        .map(|(i, line)| (CONTROLLER_LOG_SEQ + i as i64, "egress".to_string(), line, at.clone()))
+        .collect()
+}
+
+/// The egress proxy refused connections of this execution's agent (a host or port outside
+/// `egressHosts`, a private address): a warning Event, once per new batch of refusals. (After
+/// a restart, refusals the status already counted are not told again.)
+async fn tell_egress_refusals(ax: &AgentExecution, ctx: &Context) {
+    let (ns, name) = key(ax);
+    let Some(e) = ctx.reports.egress(&ns, &name).filter(|e| e.refused > 0) else { return };
+    let uid = ledger::uid(ax);
+    let recorded = ax.status.as_ref().and_then(|s| s.egress.as_ref()).map_or(0, |e| e.refused);
+    let told = ctx.ledger.with(&uid, |e| e.egress_refusals_told).unwrap_or(0).max(recorded);
+    if e.refused <= told {
+        return;
+    }
+    ctx.ledger.update(&uid, |l| l.egress_refusals_told = e.refused);
+    let note = Note {
+        reason: "EgressRefused".into(),
+        message: format!(
+            "the egress proxy refused {} connection(s) of the agent (latest: {}); it connects only to spec.egressHosts, at public addresses unless spec.egress allows a private one",
+            e.refused - told,
+            e.refused_hosts.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ),
+        warning: true,
+    };
+    if let Err(err) = ctx.events.publish(&note, "ProxyEgress", &ax.object_ref(&())).await {
+        tracing::warn!(error = %err, "cannot publish event");
     }
 }
 
@@ -276,6 +324,9 @@ async fn act(
             let summary = status::record(ax, &status, ctx.reports.latest(&uid).map(|s| s.api_retries));
             let error = (status.phase != Phase::Succeeded).then(|| status.reason.as_deref().unwrap_or_default());
             store.finish_execution(&summary, error, None).await?;
+            if let Some(e) = &status.egress {
+                store.append_logs(&uid, &egress_log(e)).await?;
+            }
         }
         if let Some(spec) = spec {
             super::metrics::record_finished(&ctx.metrics, &spec.resolved, status.phase, &status);

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::api::Summary;
 use crate::api::{AgentExecution, Resolved};
+use crate::gateway::egress::{CidrRule, EgressPolicy, EgressProxy, EgressTally, Opening, proxy_user};
 use crate::gateway::git::{GitRelays, Route};
 use crate::gateway::{Account, Gateways, Metered};
 
@@ -34,6 +35,8 @@ pub struct Reports {
     gateways: Option<Arc<Gateways>>,
     /// The git relay runner pods use (None: they talk to the git host themselves).
     git: Option<Arc<GitRelays>>,
+    /// The egress proxy runner pods' agents use for `egressHosts` (None: not served).
+    egress: Option<Arc<EgressProxy>>,
     /// Secrets read for the gateway and the relay, for a few seconds: many executions share one
     /// Secret, and each start would read it again. (The accounts hold the values anyway.)
     secret_data: Mutex<HashMap<Key, (std::time::Instant, Arc<SecretData>)>>,
@@ -48,6 +51,8 @@ const SECRET_DATA_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Key of the runner Secret holding the model gateway token (mounted in the agent's container only).
 pub const MODEL_TOKEN_KEY: &str = "model";
+/// Key of the runner Secret holding the egress proxy token (mounted in the agent's container only).
+pub const EGRESS_TOKEN_KEY: &str = "egress";
 /// Key of the runner Secret holding the report token (mounted in the publish container only).
 pub const REPORT_TOKEN_KEY: &str = "token";
 /// Keys of the git relay tokens: fetch only (clone), push of the work branch (publish).
@@ -73,7 +78,16 @@ impl Reports {
         wake: mpsc::UnboundedSender<ObjectRef<AgentExecution>>,
         ledger: Arc<Ledger>,
     ) -> Self {
-        Self { client, ledger, wake, gateways: None, git: None, secret_data: Default::default(), budgets: None }
+        Self {
+            client,
+            ledger,
+            wake,
+            gateways: None,
+            git: None,
+            egress: None,
+            secret_data: Default::default(),
+            budgets: None,
+        }
     }
 
     /// A Secret's data (trimmed text), read at most once per `SECRET_DATA_FOR`.
@@ -214,10 +228,6 @@ impl Reports {
             },
         )
         .map_err(super::context::Error::Executor)?;
-        let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
-        // At most one wake per WAKE_EVERY, and never a change left without one: a change inside
-        // the window schedules one wake at its end (the last figures of a burst reach the status).
-        let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
         // Right after a restart the budgets may not be read yet: an account opened without its
         // team budgets would spend past them.
         let pools = match &self.budgets {
@@ -235,31 +245,81 @@ impl Reports {
             .with_pools(pools)
             .with_spent(spent.0, spent.1)
             .with_mcp(routes)
-            .on_change(move || {
-                let Ok(mut t) = throttle.lock() else { return };
-                let (last, pending) = &mut *t;
-                match last.map(|l| l.elapsed()) {
-                    Some(since) if since < WAKE_EVERY => {
-                        if !*pending && let Ok(rt) = tokio::runtime::Handle::try_current() {
-                            *pending = true;
-                            let (wake, at, throttle) = (wake.clone(), at.clone(), throttle.clone());
-                            rt.spawn(async move {
-                                tokio::time::sleep(WAKE_EVERY - since).await;
-                                if let Ok(mut t) = throttle.lock() {
-                                    *t = (Some(std::time::Instant::now()), false);
-                                }
-                                let _ = wake.send(at);
-                            });
-                        }
-                    }
-                    _ => {
-                        *last = Some(std::time::Instant::now());
-                        let _ = wake.send(at.clone());
-                    }
-                }
-            });
+            .on_change(self.throttled_wake(ns, name));
         gateways.open(ns, name, account);
         Ok(())
+    }
+
+    /// Wakes the execution's reconcile at most once per WAKE_EVERY, and never leaves a change
+    /// without one: a change inside the window schedules one wake at its end (the last figures
+    /// of a burst reach the status).
+    fn throttled_wake(&self, ns: &str, name: &str) -> impl Fn() + Send + Sync + 'static {
+        let (wake, at) = (self.wake.clone(), ObjectRef::new(name).within(ns));
+        let throttle = Arc::new(Mutex::new((None::<std::time::Instant>, false)));
+        move || {
+            let Ok(mut t) = throttle.lock() else { return };
+            let (last, pending) = &mut *t;
+            match last.map(|l| l.elapsed()) {
+                Some(since) if since < WAKE_EVERY => {
+                    if !*pending && let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        *pending = true;
+                        let (wake, at, throttle) = (wake.clone(), at.clone(), throttle.clone());
+                        rt.spawn(async move {
+                            tokio::time::sleep(WAKE_EVERY - since).await;
+                            if let Ok(mut t) = throttle.lock() {
+                                *t = (Some(std::time::Instant::now()), false);
+                            }
+                            let _ = wake.send(at);
+                        });
+                    }
+                }
+                _ => {
+                    *last = Some(std::time::Instant::now());
+                    let _ = wake.send(at.clone());
+                }
+            }
+        }
+    }
+
+    /// Runner pods' agents reach `egressHosts` through `proxy`.
+    pub fn with_egress(mut self, proxy: Arc<EgressProxy>) -> Self {
+        self.egress = Some(proxy);
+        self
+    }
+
+    /// Whether this controller serves an egress proxy.
+    pub fn serves_egress(&self) -> bool {
+        self.egress.is_some()
+    }
+
+    /// Opens the execution's egress account: `token` is what its agent presents as the proxy
+    /// password, its `egressHosts` where it may connect, its `spec.egress` CIDR rules the
+    /// addresses that may be private; `counted` what its status already records.
+    pub fn open_egress(
+        &self,
+        ns: &str,
+        name: &str,
+        r: &Resolved,
+        token: &str,
+        counted: Option<&crate::api::EgressSummary>,
+    ) {
+        let Some(proxy) = &self.egress else { return };
+        if r.egress_hosts.is_empty() {
+            return;
+        }
+        let cidrs = r.egress.iter().filter_map(|e| CidrRule::parse(&e.cidr, e.ports.clone()).ok()).collect();
+        proxy.open_account(Opening {
+            user: Some(proxy_user(ns, name)),
+            token: token.to_string(),
+            policy: EgressPolicy { hosts: r.egress_hosts.clone(), cidrs },
+            counted: counted.map(EgressTally::continuing).unwrap_or_default(),
+            on_change: Some(Box::new(self.throttled_wake(ns, name))),
+        });
+    }
+
+    /// What the egress proxy counted for an execution, while its account is open.
+    pub fn egress(&self, ns: &str, name: &str) -> Option<crate::api::EgressSummary> {
+        Some(self.egress.as_ref()?.tally_of(&proxy_user(ns, name))?.summary())
     }
 
     /// Requests the gateway refused for an execution (outside its allowlist), and the last one.
@@ -327,6 +387,9 @@ impl Reports {
         }
         if let Some(g) = &self.git {
             g.close(ns, name);
+        }
+        if let Some(p) = &self.egress {
+            p.close_user(&proxy_user(ns, name));
         }
         self.ledger.end_run(uid);
     }

@@ -102,7 +102,7 @@ pub fn record(
         agent_config: None,
         permission_denials: st.permission_denials,
         mcp_requests: st.mcp_requests.clone(),
-        egress: None,
+        egress: st.egress.clone(),
     }
 }
 

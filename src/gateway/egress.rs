@@ -217,6 +217,53 @@ impl EgressTally {
         list.push_back(c);
     }
 
+    /// The figures a report carries: the latest 20 refused `host:port`, each once, cleaned for
+    /// terminals.
+    pub fn summary(&self) -> crate::api::EgressSummary {
+        let mut refused_hosts: Vec<String> = Vec::new();
+        for c in self.refusals.iter().rev() {
+            let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
+            if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
+                refused_hosts.push(hp);
+            }
+        }
+        crate::api::EgressSummary {
+            connections: self.connections,
+            refused: self.refused,
+            bytes_out: self.bytes_out,
+            bytes_in: self.bytes_in,
+            refused_hosts,
+        }
+    }
+
+    /// A tally that starts where `s` ended (a restarted controller reopens a running
+    /// execution's account with the figures its status records).
+    pub fn continuing(s: &crate::api::EgressSummary) -> Self {
+        let refusals = s
+            .refused_hosts
+            .iter()
+            .rev()
+            .filter_map(|hp| {
+                let (host, port) = hp.rsplit_once(':')?;
+                Some(Connection {
+                    host: host.to_string(),
+                    port: port.parse().ok()?,
+                    bytes_out: 0,
+                    bytes_in: 0,
+                    refused: Some("refused before the controller restarted".into()),
+                })
+            })
+            .collect();
+        EgressTally {
+            connections: s.connections,
+            refused: s.refused,
+            bytes_out: s.bytes_out,
+            bytes_in: s.bytes_in,
+            recent: VecDeque::new(),
+            refusals,
+        }
+    }
+
     fn opened(&mut self) {
         self.connections += 1;
     }
@@ -235,19 +282,75 @@ pub fn system_resolver() -> Resolver {
     Arc::new(|host, port| Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) }))
 }
 
+/// Where the controller's egress proxy listens, and how it resolves names (tests give names of
+/// their own).
+pub struct EgressListener {
+    pub listener: TcpListener,
+    pub resolver: Resolver,
+    /// Lets rules reach loopback and link-local addresses, which the controller's proxy
+    /// otherwise never connects to (they are its own ports and its node's metadata service):
+    /// for tests with origins on 127.0.0.1, never a cluster.
+    pub allow_local: bool,
+}
+
 struct Account {
+    /// The user name the agent presents with its token (the controller's `namespace.name`).
+    user: Option<String>,
     policy: EgressPolicy,
     open: AtomicUsize,
     tally: Mutex<EgressTally>,
     closed: CancellationToken,
+    /// Called after a refusal and after a connection ends (the controller wakes the execution).
+    on_change: Option<OnChange>,
+}
+
+impl Account {
+    fn changed(&self) {
+        if let Some(f) = &self.on_change {
+            f();
+        }
+    }
+}
+
+/// What the controller is told when an account's figures change.
+pub type OnChange = Box<dyn Fn() + Send + Sync>;
+
+/// Opens the account of a user this process has not opened (after a controller restart), from
+/// what the user name says (`namespace.name`). Returns whether it did.
+pub type EgressOpener = Arc<dyn Fn(String) -> BoxFuture<'static, bool> + Send + Sync>;
+
+/// The proxy user name of the execution `name` in namespace `ns` (a namespace has no dot).
+pub fn proxy_user(ns: &str, name: &str) -> String {
+    format!("{ns}.{name}")
+}
+
+/// The namespace and name a proxy user name stands for.
+pub fn parse_proxy_user(user: &str) -> Option<(String, String)> {
+    let (ns, name) = user.split_once('.')?;
+    (!ns.is_empty() && !name.is_empty()).then(|| (ns.to_string(), name.to_string()))
+}
+
+/// One account to open: who, with what token, where it may connect, and what was counted
+/// before (a restarted controller's account starts from the status's figures).
+pub struct Opening {
+    pub user: Option<String>,
+    pub token: String,
+    pub policy: EgressPolicy,
+    pub counted: EgressTally,
+    pub on_change: Option<OnChange>,
 }
 
 struct Shared {
     accounts: Mutex<HashMap<String, Arc<Account>>>,
+    /// The token of each user's open account.
+    users: Mutex<HashMap<String, String>>,
+    opener: std::sync::OnceLock<EgressOpener>,
     /// Places for connections that have not yet sent a head with a known token.
     unproven: Arc<tokio::sync::Semaphore>,
     resolver: Resolver,
     idle: Duration,
+    /// Loopback, unspecified and link-local addresses are refused whatever the rules say.
+    refuse_local: bool,
 }
 
 /// A running egress proxy; stops when dropped.
@@ -266,13 +369,37 @@ impl Drop for EgressProxy {
 impl EgressProxy {
     /// Listens on `bind`; connections idle for `idle` are closed.
     pub async fn start(bind: SocketAddr, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(bind).await?;
+        Self::serve(TcpListener::bind(bind).await?, resolver, idle)
+    }
+
+    /// Serves on `listener` (bound by the caller: the controller's `--egress-addr`).
+    pub fn serve(listener: TcpListener, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
+        Self::serve_as(listener, resolver, idle, false)
+    }
+
+    /// The controller's proxy: its connections leave from the controller's pod, so, unless
+    /// `l.allow_local` (tests), no rule reaches a loopback address (the controller's own ports:
+    /// its unauthenticated metrics among them) or a link-local one (the node's metadata service
+    /// and the credentials of the controller's service account there).
+    pub fn serve_controllers(l: EgressListener, idle: Duration) -> std::io::Result<Self> {
+        Self::serve_as(l.listener, l.resolver, idle, !l.allow_local)
+    }
+
+    fn serve_as(
+        listener: TcpListener,
+        resolver: Resolver,
+        idle: Duration,
+        refuse_local: bool,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             accounts: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
+            opener: std::sync::OnceLock::new(),
             unproven: Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN)),
             resolver,
             idle,
+            refuse_local,
         });
         let stop = CancellationToken::new();
         let (s, st) = (shared.clone(), stop.clone());
@@ -304,17 +431,58 @@ impl EgressProxy {
 
     /// Lets the holder of `token` connect where `policy` allows.
     pub fn open(&self, token: &str, policy: EgressPolicy) {
-        let account = Arc::new(Account {
+        self.open_account(Opening {
+            user: None,
+            token: token.to_string(),
             policy,
-            open: AtomicUsize::new(0),
-            tally: Mutex::new(EgressTally::default()),
-            closed: CancellationToken::new(),
+            counted: EgressTally::default(),
+            on_change: None,
         });
-        if let Ok(mut a) = self.shared.accounts.lock()
-            && let Some(old) = a.insert(token.to_string(), account)
-        {
-            old.closed.cancel();
+    }
+
+    /// Opens (or replaces) an account; a user's earlier account is closed.
+    pub fn open_account(&self, o: Opening) {
+        let account = Arc::new(Account {
+            user: o.user.clone(),
+            policy: o.policy,
+            open: AtomicUsize::new(0),
+            tally: Mutex::new(o.counted),
+            closed: CancellationToken::new(),
+            on_change: o.on_change,
+        });
+        let earlier = match (&o.user, self.shared.users.lock()) {
+            (Some(user), Ok(mut users)) => users.insert(user.clone(), o.token.clone()).filter(|t| *t != o.token),
+            _ => None,
+        };
+        if let Ok(mut a) = self.shared.accounts.lock() {
+            if let Some(old) = earlier.and_then(|t| a.remove(&t)) {
+                old.closed.cancel();
+            }
+            if let Some(old) = a.insert(o.token, account) {
+                old.closed.cancel();
+            }
         }
+    }
+
+    /// How accounts this process has not opened get opened, on their first connection.
+    pub fn set_opener(&self, opener: EgressOpener) {
+        let _ = self.shared.opener.set(opener);
+    }
+
+    /// The token of `user`'s open account.
+    fn token_of(&self, user: &str) -> Option<String> {
+        self.shared.users.lock().ok()?.get(user).cloned()
+    }
+
+    /// What was counted for `user` so far, while its account is open.
+    pub fn tally_of(&self, user: &str) -> Option<EgressTally> {
+        self.tally(&self.token_of(user)?)
+    }
+
+    /// Ends `user`'s access (see `close`).
+    pub fn close_user(&self, user: &str) -> Option<EgressTally> {
+        let token = self.shared.users.lock().ok()?.remove(user)?;
+        self.close(&token)
     }
 
     /// What was counted for `token` so far.
@@ -326,6 +494,11 @@ impl EgressProxy {
     /// Ends `token`'s access: its open connections are cut. Returns what was counted.
     pub fn close(&self, token: &str) -> Option<EgressTally> {
         let a = self.shared.accounts.lock().ok()?.remove(token)?;
+        if let (Some(user), Ok(mut users)) = (&a.user, self.shared.users.lock())
+            && users.get(user).is_some_and(|t| t == token)
+        {
+            users.remove(user);
+        }
         a.closed.cancel();
         a.tally.lock().ok().map(|t| t.clone())
     }
@@ -386,16 +559,17 @@ async fn answer(conn: &mut TcpStream, status: &str, extra: &str, body: &str) {
     let _ = conn.shutdown().await;
 }
 
-/// The token in `Proxy-Authorization: Basic base64(user:token)` (the user is not checked).
-fn proxy_token(head: &Head) -> Option<String> {
+/// The user and token in `Proxy-Authorization: Basic base64(user:token)` (the user only names
+/// the account to reopen after a restart; the token alone proves who the caller is).
+fn proxy_credentials(head: &Head) -> Option<(String, String)> {
     let value = head.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("proxy-authorization"))?.1.as_str();
     let (scheme, b64) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
     let decoded = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
-    let (_, token) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
-    Some(token.to_string())
+    let (user, token) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((user.to_string(), token.to_string()))
 }
 
 /// `host:port` of a CONNECT target, or of an absolute `http://` URL with its origin-form path.
@@ -423,11 +597,24 @@ fn destination(head: &Head) -> Option<(String, u16, Option<String>)> {
 
 async fn serve(shared: &Shared, mut conn: TcpStream, unproven: tokio::sync::OwnedSemaphorePermit) {
     let head = read_head(&mut conn).await;
-    drop(unproven);
     let Some(head) = head else {
         return answer(&mut conn, "400 Bad Request", "", "agentops egress: not an HTTP proxy request\n").await;
     };
-    let account = proxy_token(&head).and_then(|t| shared.accounts.lock().ok()?.get(&t).cloned());
+    let credentials = proxy_credentials(&head);
+    let find = |token: &str| shared.accounts.lock().ok()?.get(token).cloned();
+    let mut account = credentials.as_ref().and_then(|(_, t)| find(t));
+    // After a restart: the user's account is opened once (its token read from where the
+    // controller keeps it), while this connection still holds its unproven place.
+    if account.is_none()
+        && let Some((user, token)) = &credentials
+        && !user.is_empty()
+        && shared.users.lock().is_ok_and(|u| !u.contains_key(user))
+        && let Some(open) = shared.opener.get()
+        && open(user.clone()).await
+    {
+        account = find(token);
+    }
+    drop(unproven);
     let Some(account) = account else {
         // Unknown, missing or retired token: the same answer, nothing counted anywhere.
         return answer(
@@ -452,6 +639,7 @@ async fn serve(shared: &Shared, mut conn: TcpStream, unproven: tokio::sync::Owne
         if let Ok(mut t) = account.tally.lock() {
             t.record(c);
         }
+        account.changed();
     };
     if !account.policy.hosts.iter().any(|r| r.matches(&host, port)) {
         let why = format!("{host}:{port} is not in the execution's egress.hosts");
@@ -527,6 +715,14 @@ async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) 
             .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
             .map_err(|e| format!("{host} does not resolve: {e}"))?,
     };
+    if shared.refuse_local
+        && let Some(a) = addrs.iter().find(|a| is_local(a.ip()))
+    {
+        return Err(format!(
+            "{host} resolves to {} (loopback or link-local): the controller's egress proxy never connects there",
+            a.ip()
+        ));
+    }
     let allowed: Vec<SocketAddr> = addrs
         .iter()
         .copied()
@@ -625,6 +821,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Loopback, unspecified or link-local: this machine's own, or its metadata service.
+fn is_local(ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    ip.is_loopback() || ip.is_unspecified() || is_link_local(ip)
+}
+
 fn is_link_local(ip: IpAddr) -> bool {
     match canonical(ip) {
         IpAddr::V4(a) => a.is_link_local(),
@@ -688,6 +890,24 @@ mod tests {
         for bad in ["*.com", "a b", "x:0", "x:70000", "*.10.0.0.1", "", "-a.com", "a..b", "*.0.1:80", "*.example.1"] {
             assert!(HostRule::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_proxy_user_names_one_execution_and_a_tally_continues_from_its_summary() {
+        // A namespace has no dot; a name may have several.
+        assert_eq!(parse_proxy_user(&proxy_user("team-a", "fix.bug.1")), Some(("team-a".into(), "fix.bug.1".into())));
+        assert_eq!(parse_proxy_user("nodot"), None);
+        assert_eq!(parse_proxy_user(".x"), None);
+        let mut t = EgressTally::default();
+        t.opened();
+        t.moved(10, 20);
+        for (host, port) in [("a.test", 443), ("b.test", 80), ("a.test", 443)] {
+            t.record(Connection { host: host.into(), port, bytes_out: 0, bytes_in: 0, refused: Some("no".into()) });
+        }
+        let s = t.summary();
+        assert_eq!((s.connections, s.refused, s.bytes_out, s.bytes_in), (1, 3, 10, 20));
+        assert_eq!(s.refused_hosts, ["a.test:443", "b.test:80"], "latest first, each once");
+        assert_eq!(EgressTally::continuing(&s).summary(), s, "a restarted controller counts on from the status");
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct RunOptions {
     /// clone and publish steps): its URL stands for `spec.repository.url`, its token for the
     /// git credential.
     pub git_relay: Option<ModelRoute>,
+    /// The controller's egress proxy (`base_url`: `http://host:port`) and this execution's
+    /// token for it, when the execution has `egressHosts` (a runner pod's agent step). None on
+    /// one machine: the run starts a proxy of its own.
+    pub egress: Option<ModelRoute>,
     /// Open the pull request `spec.git.pullRequest` asks for after the push (`agentops run`,
     /// which holds the credential). False in a runner pod: the controller opens it.
     pub open_pull_request: bool,
@@ -164,23 +168,9 @@ struct Run<'a> {
     private: Option<PathBuf>,
 }
 
-/// What the egress proxy counted: the latest 20 refused `host:port`, each once, cleaned for
-/// terminals.
+/// What the egress proxy counted (see `EgressTally::summary`).
 fn egress_summary(t: &crate::gateway::egress::EgressTally) -> crate::api::EgressSummary {
-    let mut refused_hosts: Vec<String> = Vec::new();
-    for c in t.refusals.iter().rev() {
-        let hp = crate::api::text::clean_line(&format!("{}:{}", c.host, c.port)).into_owned();
-        if refused_hosts.len() < 20 && !refused_hosts.contains(&hp) {
-            refused_hosts.push(hp);
-        }
-    }
-    crate::api::EgressSummary {
-        connections: t.connections,
-        refused: t.refused,
-        bytes_out: t.bytes_out,
-        bytes_in: t.bytes_in,
-        refused_hosts,
-    }
+    t.summary()
 }
 
 /// The TCP ports the agent's sandbox lets it connect to: its model endpoint's (the gateway's)
@@ -603,13 +593,40 @@ impl<'a> Run<'a> {
             },
             _ => None,
         };
-        let proxy_url = egress.as_ref().map(|(p, token)| format!("http://agent:{token}@{}", p.addr));
+        // In a runner pod: the controller's proxy, with this execution's token and its name as
+        // the user (which names the account a restarted controller reopens). The gateway is
+        // not behind it: the pod reaches the controller directly (`NO_PROXY`).
+        let controllers = self.opts.egress.as_ref().filter(|_| gateway.is_none() && !self.r.egress_hosts.is_empty());
+        let pod_proxy = controllers.and_then(|e| {
+            let mut u = url::Url::parse(&e.base_url).ok()?;
+            u.set_username(&crate::gateway::egress::proxy_user(&self.r.namespace, &self.r.name)).ok()?;
+            u.set_password(Some(&e.token)).ok()?;
+            // `http://user:token@host:port`, as tools expect a proxy (no path).
+            Some(u.to_string().trim_end_matches('/').to_string())
+        });
+        if let Some(e) = controllers {
+            if pod_proxy.is_none() {
+                return Some(Outcome::failed(
+                    Reason::AgentStartFailed,
+                    format!("the egress proxy's address {:?} is not a URL (AGENTOPS_EGRESS_PROXY)", e.base_url),
+                ));
+            }
+            let names: Vec<String> = self.r.egress_hosts.iter().map(|h| format!("{}:{}", h.host, h.port)).collect();
+            self.say(&format!("  egress through the controller's proxy {} for {}", e.base_url, names.join(", ")));
+        }
+        let proxy_url = egress.as_ref().map(|(p, token)| format!("http://agent:{token}@{}", p.addr)).or(pod_proxy);
+        let no_proxy = match (&egress, &route) {
+            (None, Some(g)) if controllers.is_some() => {
+                url::Url::parse(&g.base_url).ok().and_then(|u| u.host_str().map(String::from))
+            }
+            _ => None,
+        };
         let agent_env = |k: &str| match (&route, k) {
             (Some(g), "ANTHROPIC_BASE_URL") => Some(g.base_url.clone()),
             (_, "HTTPS_PROXY" | "HTTP_PROXY" | "https_proxy" | "http_proxy") if proxy_url.is_some() => {
                 proxy_url.clone()
             }
-            (_, "NO_PROXY" | "no_proxy") if proxy_url.is_some() => None,
+            (_, "NO_PROXY" | "no_proxy") if proxy_url.is_some() => no_proxy.clone(),
             _ => env(k),
         };
         // The team's configuration: files in the agent's private HOME, never in the checkout.
@@ -642,6 +659,9 @@ impl<'a> Run<'a> {
             let model_url = agent_env("ANTHROPIC_BASE_URL");
             let mut ports = agent_ports(model_url.as_deref(), &self.r.egress);
             ports.extend(egress.as_ref().map(|(p, _)| p.addr.port()));
+            ports.extend(
+                controllers.and_then(|e| url::Url::parse(&e.base_url).ok()).and_then(|u| u.port_or_known_default()),
+            );
             // The bundle's loader and libraries start the CLI: the agent may read (and run)
             // them; they are the operator's binaries, nothing secret.
             let mut extra_read = policy.extra_read.clone();

@@ -218,7 +218,8 @@ pub async fn run_step(
             }
             let mut redactor = super::Redactor::new(&Default::default());
             if let Some(g) = &opts.gateway {
-                redactor = super::Redactor::from_values([g.token.clone()]);
+                let egress = opts.egress.iter().map(|e| e.token.clone());
+                redactor = super::Redactor::from_values(std::iter::once(g.token.clone()).chain(egress));
             }
             store.ensure_execution(&NewExecution::new(&begin.id, r)).await.map_err(RunError::from)?;
             let (mut run, watcher) = resume(

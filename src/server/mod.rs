@@ -65,6 +65,8 @@ pub struct Listeners {
     pub api: Option<tokio::net::TcpListener>,
     /// `/healthz`, `/readyz`, `/metrics`. None: served on `api` as well (tests).
     pub probes: Option<tokio::net::TcpListener>,
+    /// The egress proxy's (runner pods' `HTTPS_PROXY` for `egressHosts`). None: not served.
+    pub egress: Option<tokio::net::TcpListener>,
 }
 
 /// Serves what the controller exposes on `listeners`: this module owns the routes and who may
@@ -98,7 +100,12 @@ pub fn serve(listeners: Listeners) -> crate::controller::Serve {
             (None, None) => vec![],
         }
     });
-    crate::controller::Serve { api_addr, start }
+    let egress = listeners.egress.map(|listener| crate::gateway::egress::EgressListener {
+        listener,
+        resolver: crate::gateway::egress::system_resolver(),
+        allow_local: false,
+    });
+    crate::controller::Serve { api_addr, start, egress }
 }
 
 /// Probes and metrics.

@@ -81,6 +81,7 @@ impl Harness {
             sandbox: Some(agentops::runner::SandboxPolicy { extra_read: vec![], protected: vec![db_path.clone()] }),
             gateway: None,
             git_relay: None,
+            egress: None,
             open_pull_request: true,
             bundle: None,
         };
