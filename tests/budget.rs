@@ -122,11 +122,28 @@ fn big_request() -> Value {
 
 const PER_ANSWER: f64 = 90_000.0 * 3.0 / 1e6 + 1_000.0 * 15.0 / 1e6;
 
+/// ~4,000 tokens of prompt, billed 4,000 input and 100 output tokens.
+fn small_request() -> Value {
+    json!({"model": "claude-sonnet-4-6", "max_tokens": 4096, "stream": true,
+           "messages": [{"role": "user", "content": "x".repeat(4_000)}],
+           "tools": [{"name": "Write", "input_schema": {"type": "object"}}]})
+}
+
+fn small_answer() -> support::Step {
+    support::Step::text("ok").with_usage([4_000, 100, 0, 0])
+}
+
+const PER_SMALL: f64 = 4_000.0 * 3.0 / 1e6 + 100.0 * 15.0 / 1e6;
+
 async fn ask(base: &str, ns: &str, name: &str, token: &str) -> (u16, String) {
+    ask_with(base, ns, name, token, &big_request()).await
+}
+
+async fn ask_with(base: &str, ns: &str, name: &str, token: &str, body: &Value) -> (u16, String) {
     let r = support::http()
         .post(format!("{base}/gateway/{ns}/{name}/v1/messages"))
         .header("x-api-key", token)
-        .json(&big_request())
+        .json(body)
         .send()
         .await
         .unwrap();
@@ -198,7 +215,8 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     }
     assert!(refused > 0 && ok > 0, "{ok} answered, {refused} refused");
     // Refused for the holds of the others in flight, not for want of money: one at a time, the
-    // executions spend on until the budget cannot pay a request even alone.
+    // executions spend on until a big request cannot be paid; that leaves room for small ones,
+    // so the budget is not exhausted yet.
     loop {
         let (status, text) = ask(&base, "pay", "b", &tokens[1]).await;
         if status != 200 {
@@ -207,8 +225,26 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
         }
         ok += 1;
     }
+    let mut spent = ok as f64 * PER_ANSWER;
+    pay.create(&PostParams::default(), &execution("early")).await.unwrap();
+    until("early's Job: the budget has room for small requests", || kube.get(BATCH, "jobs", "pay", "agentops-early"))
+        .await;
+    // Small requests until not even one fits: now it is exhausted.
+    model.set_script(vec![small_answer(); 200]);
+    let mut small = 0;
+    loop {
+        let (status, text) = ask_with(&base, "pay", "c", &tokens[2], &small_request()).await;
+        if status != 200 {
+            assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
+            break;
+        }
+        small += 1;
+        assert!(small < 200, "the budget never ran out");
+    }
+    assert!(small > 0);
+    spent += small as f64 * PER_SMALL;
+    let ok = ok + small;
     assert_eq!(model.main_requests(), ok, "refused requests never reached the model");
-    let spent = ok as f64 * PER_ANSWER;
     assert!(spent <= limit, "the sum spent ({spent}) never passes the budget ({limit})");
     // The budget's status and each execution's status agree with the model's bill.
     let st = until("the budget's spend in its status", || {
@@ -218,7 +254,7 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     .await;
     assert_eq!(st["limitUsd"], limit);
     assert_eq!(st["resetsAt"], "2026-12-07T00:00:00+00:00");
-    assert_eq!(st["running"], 3);
+    assert_eq!(st["running"], 4, "a, b, c and early");
     let sum = until("the executions' costs", || {
         let sum: f64 = names
             .iter()
@@ -325,20 +361,23 @@ async fn a_pool_never_overshoots_under_concurrency() {
             assert!(text.contains(TEAM_BUDGET_SPENT), "{status} {text}");
         }
     }
-    // Then one at a time until a request cannot be paid even alone: the pool is exhausted.
-    assert!(!pool.books().exhausted || pool.books().limit_usd - pool.books().spent_usd < 0.7);
+    // Refused under the holds of the others, or for a big request: not exhausted, as long as a
+    // small request still fits.
+    assert!(!pool.books().exhausted, "{:?}", pool.books());
+    let mut small = 0usize;
+    model.set_script(vec![small_answer(); 400]);
     loop {
-        let (status, text) = ask(&base, "ns", "x0", "tok-x0").await;
+        let (status, text) = ask_with(&base, "ns", "x0", "tok-x0", &small_request()).await;
         if status != 200 {
             assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
             break;
         }
-        ok += 1;
+        small += 1;
     }
     let books = pool.books();
     let counted: f64 = names.iter().map(|n| gateways.metered("ns", n).unwrap().cost_usd).sum();
     assert!((books.spent_usd - counted).abs() < 1e-9, "{books:?} vs {counted}");
-    assert!((books.spent_usd - ok as f64 * PER_ANSWER).abs() < 1e-9);
+    assert!((books.spent_usd - (ok as f64 * PER_ANSWER + small as f64 * PER_SMALL)).abs() < 1e-9);
     assert!(books.spent_usd <= 3.0, "{books:?}");
     assert!(ok >= 4, "the budget was used, not refused early: {ok} answered, {books:?}");
     assert_eq!(books.reserved_usd, 0.0, "every hold released");

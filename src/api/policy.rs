@@ -299,10 +299,11 @@ pub fn apply_defaults(ax: &mut AgentExecution, template: Option<&AgentTemplate>,
     }
 }
 
-/// A started execution runs with the limits its status recorded (`status.policy`): they are
-/// put back into its spec before it is resolved again (after a restart, for its gateway).
-pub fn freeze(ax: &mut AgentExecution) {
-    let Some(record) = ax.status.as_ref().and_then(|s| s.policy.clone()) else { return };
+/// A started execution runs with the limits recorded when it started (the controller's store,
+/// or `status.policy` without one): they are put back into its spec before it is resolved
+/// again (after a restart, for its gateway); the caller sets `Resolved::policy` to the record.
+pub fn freeze(ax: &mut AgentExecution, record: Option<&PolicyRecord>) {
+    let Some(record) = record.cloned() else { return };
     let spec = &mut ax.spec;
     if record.model.is_some() {
         spec.agent.model = record.model;
@@ -482,14 +483,37 @@ fn model_allowed(pattern: &str, model: &str) -> bool {
     }
 }
 
-/// `registry.example.com` allows `registry.example.com/...`; `registry.example.com/team/tool`
-/// allows that repository with any tag or digest; an exact reference allows itself.
+/// Whether `image` is one `allowed` names:
+/// - a registry (`registry.example.com`, `registry.example.com:5000`, `localhost`): any image
+///   under it (`registry.example.com/...`, never `registry.example.com:tag`, which runtimes
+///   read as a Docker Hub name);
+/// - a repository (`registry.example.com/team/tool`, `golang`): any tag or digest of it;
+/// - a reference with a tag or digest (`registry.example.com/team/tool:1.0`, `golang:1.23`):
+///   only itself (a digest added to a tag would replace it).
 fn image_allowed(allowed: &str, image: &str) -> bool {
+    // A trailing `/` says "everything under this" (`myregistry:5000/`).
+    let under = allowed.ends_with('/');
     let allowed = allowed.trim_end_matches('/');
+    let registry = !allowed.contains('/') && (under || looks_like_registry(allowed));
+    if registry || (under && !allowed.contains('@')) {
+        return image.strip_prefix(allowed).is_some_and(|r| r.starts_with('/') && r.len() > 1);
+    }
+    let last = allowed.rsplit('/').next().unwrap_or(allowed);
+    if allowed.contains('@') || last.contains(':') {
+        return image == allowed;
+    }
+    // A repository: itself, with a tag, a digest, or both.
     image == allowed
-        || image.strip_prefix(allowed).is_some_and(|rest| {
-            rest.starts_with('/') || ((rest.starts_with(':') || rest.starts_with('@')) && !rest[1..].contains('/'))
-        })
+        || image
+            .strip_prefix(allowed)
+            .is_some_and(|r| (r.starts_with(':') || r.starts_with('@')) && !r.contains('/') && r.len() > 1)
+}
+
+/// An entry without `/` that names a registry (a host with a dot, with or without a port, or
+/// `localhost`), not a Docker Hub image (`golang`, `golang:1.23`).
+fn looks_like_registry(entry: &str) -> bool {
+    let host = entry.split(':').next().unwrap_or(entry);
+    host.contains('.') || host == "localhost"
 }
 
 /// Checks a policy's own values (the controller reports a bad one on the policy's status, and
@@ -557,6 +581,17 @@ mod tests {
         assert!(!image_allowed("golang", "golang:1.23/../x"));
         assert!(image_allowed("golang:1.23", "golang:1.23"));
         assert!(!image_allowed("golang:1.23", "golang:1.24"));
+        assert!(!image_allowed("golang:1.23", "golang:1.23@sha256:ab"), "a digest replaces the tag");
+        assert!(image_allowed("golang", "golang:1.24"));
+        assert!(!image_allowed("golang", "golangx:1"));
+        assert!(!image_allowed("registry.example.com", "registry.example.com:latest"), "a Docker Hub name");
+        assert!(!image_allowed("registry.example.com", "registry.example.com@sha256:ab"));
+        assert!(image_allowed("registry.example.com:5000", "registry.example.com:5000/team/go:1"));
+        assert!(!image_allowed("registry.example.com:5000", "registry.example.com:50001/go:1"));
+        assert!(!image_allowed("registry.example.com/team/tool:1.0", "registry.example.com/team/tool:1.0@sha256:aa"));
+        assert!(image_allowed("localhost", "localhost/x:1"));
+        assert!(image_allowed("myregistry:5000/", "myregistry:5000/x:1"));
+        assert!(!image_allowed("myregistry:5000/", "myregistry:5000"));
     }
 
     #[test]
@@ -591,6 +626,8 @@ mod tests {
         let c = |s: &str, p: &[u16]| CidrRule::parse(s, p.to_vec()).expect("cidr");
         assert!(c("10.0.0.0/8", &[]).covers(&c("10.1.0.0/16", &[443])));
         assert!(!c("10.0.0.0/8", &[]).covers(&c("0.0.0.0/0", &[443])));
+        assert!(!c("10.0.0.0/8", &[]).covers(&c("::ffff:10.0.0.0/16", &[443])), "an IPv6 block, not an IPv4 one");
+        assert!(!c("10.0.0.0/8", &[]).covers(&c("64:ff9b::a00:0/16", &[443])));
         assert!(!c("10.0.0.0/8", &[443]).covers(&c("10.1.0.0/16", &[])));
         assert!(!c("10.0.0.0/8", &[443]).covers(&c("10.1.0.0/16", &[443, 22])));
         assert!(c("10.0.0.0/8", &[443, 22]).covers(&c("10.1.0.0/16", &[22])));

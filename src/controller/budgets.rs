@@ -82,6 +82,12 @@ impl Budgets {
         self.synced.load(Ordering::Relaxed)
     }
 
+    /// Whether namespace `ns` can be judged: its labels are known, or no budget selects by label.
+    pub fn knows(&self, ns: &str) -> bool {
+        self.namespaces.get(&ObjectRef::new(ns)).is_some()
+            || self.budgets.state().iter().all(|b| b.spec.namespace_selector.is_none())
+    }
+
     /// Waits (at most `limit`) until the budgets were read. False: they were not.
     pub async fn wait_synced(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
@@ -116,9 +122,15 @@ impl Budgets {
             .collect()
     }
 
-    /// The pool of a budget in its current period (created at the figure its status last said
-    /// for this period; the budget task raises it to the store's figure).
-    fn pool(&self, b: &AgentBudget, w: &Window) -> Arc<Pool> {
+    /// The pool of a budget, once the budget task has read its spend from the store (a budget
+    /// it has not read yet holds nothing for up to one tick: never with a figure of zero it
+    /// would have to take back).
+    fn pool(&self, b: &AgentBudget) -> Option<Arc<Pool>> {
+        self.pools.lock().ok()?.get(&b.name_any()).cloned()
+    }
+
+    /// The budget task's: the pool of a budget, created at `spent` when new.
+    fn ensure_pool(&self, b: &AgentBudget, w: &Window, spent: f64, exhausted: bool) -> Arc<Pool> {
         let name = b.name_any();
         let Ok(mut pools) = self.pools.lock() else {
             // Poisoned: a pool of its own, at the limit already (fails closed).
@@ -127,27 +139,23 @@ impl Budgets {
         pools
             .entry(name.clone())
             .or_insert_with(|| {
-                let st = b.status.clone().unwrap_or_default();
-                let spent = if st.period_start.as_deref() == Some(w.start.timestamp().to_string().as_str()) {
-                    st.spent_usd
-                } else {
-                    0.0
-                };
-                Arc::new(Pool::new(&name, b.spec.limit_usd, &w.key(), spent))
+                let pool = Pool::new(&name, b.spec.limit_usd, &w.key(), spent);
+                pool.set(b.spec.limit_usd, &w.key(), spent, exhausted);
+                Arc::new(pool)
             })
             .clone()
     }
 
     /// The pools an execution of namespace `ns` is held against.
     pub fn pools_for(&self, ns: &str) -> Vec<Arc<Pool>> {
-        self.covering(ns).iter().map(|(b, w)| self.pool(b, w)).collect()
+        self.covering(ns).iter().filter_map(|(b, _)| self.pool(b)).collect()
     }
 
     /// Why a new execution of `ns` must wait: the first spent budget covering it, and when it
     /// resets.
     pub fn exhausted(&self, ns: &str) -> Option<String> {
         self.covering(ns).into_iter().find_map(|(b, w)| {
-            let pool = self.pool(&b, &w);
+            let pool = self.pool(&b)?;
             pool.exhausted().then(|| {
                 let books = pool.books();
                 format!(
@@ -251,6 +259,11 @@ impl Books {
         if let Ok(mut pools) = me.pools.lock() {
             pools.retain(|name, _| live.contains(name));
         }
+        // A budget deleted (and perhaps created again under its name) is read from the store
+        // again: its spend this period carries over, never restarts at zero.
+        self.loaded.retain(|name, _| live.contains(name));
+        self.saved.retain(|name, _| live.contains(name));
+        self.written.retain(|name, _| live.contains(name));
         // Every open account held against the budgets of its namespace now: a budget created
         // while executions run holds their next request; a deleted one lets them go.
         if let Some(g) = &deps.gateways {
@@ -264,6 +277,28 @@ impl Books {
                 }
             }
         }
+        // Executions that a budget counts (running, or waiting for one), by namespace, and each
+        // namespace's labels: once per tick, not once per budget and execution.
+        let mut by_ns: HashMap<String, (u64, Vec<ObjectRef<AgentExecution>>)> = HashMap::new();
+        for ax in deps.executions.state() {
+            let st = ax.status.as_ref();
+            let (running, waiting) = match st.map(|s| s.phase) {
+                Some(Phase::Running) => (true, false),
+                Some(Phase::Queued) => (false, st.and_then(|s| s.reason.as_ref()) == Some(&Reason::BudgetExhausted)),
+                _ => (false, false),
+            };
+            if !(running || waiting) {
+                continue;
+            }
+            let e = by_ns.entry(ax.namespace().unwrap_or_default()).or_default();
+            if running {
+                e.0 += 1;
+            } else {
+                e.1.push(ObjectRef::from_obj(&*ax));
+            }
+        }
+        let ns_labels: HashMap<String, BTreeMap<String, String>> =
+            by_ns.keys().map(|ns| (ns.clone(), me.labels(ns))).collect();
         for b in budgets {
             let name = b.name_any();
             let valid = budget::validate(&b).map_err(|e| e.to_string()).and_then(|()| {
@@ -281,7 +316,6 @@ impl Books {
                 }
             };
             let key = w.key();
-            let pool = me.pool(&b, &w);
             // A new period, or a budget first seen: the store's figure for it (never below what
             // this process counted already).
             let mut stored = None;
@@ -298,8 +332,16 @@ impl Books {
                 self.loaded.insert(name.clone(), key.clone());
                 self.saved.remove(&name);
             }
-            let was_exhausted = pool.exhausted();
             let (spent, exhausted) = stored.unwrap_or((0.0, false));
+            // The figure its status gave for this period counts too (a store lost or replaced).
+            let st_old = b.status.clone().unwrap_or_default();
+            let spent = if st_old.period_start.as_deref() == Some(w.start.timestamp().to_string().as_str()) {
+                spent.max(st_old.spent_usd)
+            } else {
+                spent
+            };
+            let pool = me.ensure_pool(&b, &w, spent, exhausted);
+            let was_exhausted = pool.exhausted();
             pool.set(b.spec.limit_usd, &key, spent, exhausted);
             let books = pool.books();
             if let Some(store) = &deps.store
@@ -318,24 +360,14 @@ impl Books {
             deps.metrics.budget_limit_usd.get_or_create(&label).set(books.limit_usd);
             deps.metrics.budget_resets_at.get_or_create(&label).set(w.end.timestamp().as_second());
             // Executions of its namespaces, running and waiting for it.
-            let labels_of = |ns: &str| me.labels(ns);
-            let (mut running, mut waiting) = (0u64, 0u64);
-            let mut queued = Vec::new();
-            for ax in deps.executions.state() {
-                let ns = ax.namespace().unwrap_or_default();
-                if !budget::covers(&b, &ns, &labels_of(&ns)) {
-                    continue;
-                }
-                let st = ax.status.as_ref();
-                match st.map(|s| s.phase) {
-                    Some(Phase::Running) => running += 1,
-                    Some(Phase::Queued) if st.and_then(|s| s.reason.as_ref()) == Some(&Reason::BudgetExhausted) => {
-                        waiting += 1;
-                        queued.push(ObjectRef::from_obj(&*ax));
-                    }
-                    _ => {}
+            let (mut running, mut queued) = (0u64, Vec::new());
+            for (ns, (r, waiting)) in &by_ns {
+                if budget::covers(&b, ns, &ns_labels[ns]) {
+                    running += r;
+                    queued.extend(waiting.iter().cloned());
                 }
             }
+            let waiting = queued.len() as u64;
             // A reset (or a higher limit) lets the waiting executions start now, not at their
             // next recheck.
             if was_exhausted && !pool.exhausted() {

@@ -281,10 +281,11 @@ pub async fn run(
     // After a restart, a running pod's first request to the gateway or the relay opens its
     // execution's account (reading its Secrets then, not for every running execution at once).
     let opener: crate::gateway::Opener = {
-        let (cache, client, reports, synced) =
-            (cache.clone(), client.clone(), Arc::downgrade(&reports), synced.clone());
+        let (cache, client, reports, synced, store) =
+            (cache.clone(), client.clone(), Arc::downgrade(&reports), synced.clone(), store.clone());
         Arc::new(move |ns: String, name: String| {
-            let (cache, client, reports, synced) = (cache.clone(), client.clone(), reports.clone(), synced.clone());
+            let (cache, client, reports, synced, store) =
+                (cache.clone(), client.clone(), reports.clone(), synced.clone(), store.clone());
             async move {
                 let Some(reports) = reports.upgrade() else { return false };
                 // Right after a restart the watch has not listed yet: ask the API server, so a
@@ -314,9 +315,23 @@ pub async fn run(
                 if !matches!(read::inline_config_maps(&client, &ns, &mut ax, template.as_mut()).await, Ok(Ok(()))) {
                     return false;
                 }
-                // The limits the cluster's policies set when it started (its budget among them).
-                crate::api::policy::freeze(&mut ax);
-                let Ok(r) = crate::api::resolve(&ax, template.as_slice()) else { return false };
+                // The limits the cluster's policies set when it started (its budget and model list
+                // among them), from the store where only the controller writes; an execution
+                // started before the store kept them has its status's.
+                let recorded = match &store {
+                    Some(s) => match s.execution_policy(&ledger::uid(&ax)).await {
+                        Ok(r) => r,
+                        Err(_) => return false,
+                    },
+                    None => None,
+                };
+                let frozen = match recorded {
+                    Some(record) => record,
+                    None => ax.status.as_ref().and_then(|s| s.policy.clone()),
+                };
+                crate::api::policy::freeze(&mut ax, frozen.as_ref());
+                let Ok(mut r) = crate::api::resolve(&ax, template.as_slice()) else { return false };
+                r.policy = frozen;
                 match executor::reopen(&client, &ax, &r, &reports).await {
                     Ok(opened) => opened,
                     Err(e) => {

@@ -53,6 +53,12 @@ impl Policies {
         if all.is_empty() {
             return Ok(Vec::new());
         }
+        // A namespace the watch has not seen yet (created with the execution, by GitOps) has no
+        // labels here: a label selector would skip it. Wait for it rather than run unchecked.
+        if all.iter().any(|p| p.spec.namespace_selector.is_some()) && self.namespaces.get(&ObjectRef::new(ns)).is_none()
+        {
+            return Err(NotSynced);
+        }
         let labels = labels_of(&self.namespaces, ns);
         Ok(policy::selecting(&all, &labels).into_iter().cloned().collect())
     }

@@ -52,14 +52,14 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
     // The cluster's policies: their defaults under the template's, their maximums and
     // allowlists over the result. Decided once, when the execution starts: a started execution
     // keeps the limits its status records (a policy edited later changes no running agent).
-    let started = ax.status.as_ref().is_some_and(|s| s.agent_config_hash.is_some());
+    let (started, frozen) = started(ax, ctx).await?;
     let policies = if started {
-        crate::api::policy::freeze(&mut effective);
+        crate::api::policy::freeze(&mut effective, frozen.as_ref());
         Vec::new()
     } else {
-        let (Ok(policies), true) = (ctx.policies.selecting(&ns), ctx.budgets.synced()) else {
+        let (Ok(policies), true) = (ctx.policies.selecting(&ns), ctx.budgets.synced() && ctx.budgets.knows(&ns)) else {
             return Err(Error::Executor(
-                "waiting for the watches of AgentPolicies, AgentBudgets and Namespaces to list".into(),
+                "waiting for the watches of AgentPolicies, AgentBudgets and Namespaces to list (or to see this namespace)".into(),
             ));
         };
         crate::api::policy::apply_defaults(&mut effective, template.as_ref(), &policies.iter().collect::<Vec<_>>());
@@ -80,7 +80,9 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         Ok(r) => r,
         Err(e) => return Ok(Err(Stall { reason: Reason::InvalidSpec, message: e.to_string(), recheck: false })),
     };
-    if !policies.is_empty() {
+    if started {
+        resolved.policy = frozen;
+    } else if !policies.is_empty() {
         match check_policies(ax, ctx, &resolved, &policies) {
             Ok(record) => resolved.policy = Some(record),
             Err(stall) => return Ok(Err(stall)),
@@ -107,6 +109,23 @@ pub async fn read_spec(ax: &AgentExecution, ctx: &Context) -> Result<Result<Spec
         return Ok(Err(Stall { reason: Reason::ApiKeyMissing, message, recheck: true }));
     }
     Ok(Ok(Spec { resolved, effective, template }))
+}
+
+/// Whether the execution was started (by a controller of this store), and what the policies
+/// decided then. With a store, only its record counts: a status someone else wrote (an
+/// `agentConfigHash`, a `policy`) neither skips the policies nor sets the limits. Without a
+/// store, the status is all there is.
+pub async fn started(ax: &AgentExecution, ctx: &Context) -> Result<(bool, Option<crate::api::PolicyRecord>), Error> {
+    match &ctx.store {
+        Some(store) => Ok(match store.execution_policy(&super::ledger::uid(ax)).await? {
+            Some(record) => (true, record),
+            None => (false, None),
+        }),
+        None => {
+            let st = ax.status.as_ref();
+            Ok((st.is_some_and(|s| s.agent_config_hash.is_some()), st.and_then(|s| s.policy.clone())))
+        }
+    }
 }
 
 /// The policies' maximums and allowlists over a resolved execution. A refusal names the policy

@@ -211,10 +211,16 @@ async fn tell_refusals(ax: &AgentExecution, ctx: &Context) {
     ctx.ledger.update(&uid, |e| e.refusals_told = n);
     let note = Note {
         reason: "GatewayRefused".into(),
-        message: format!(
-            "the model gateway refused {n} request(s) of the agent outside its allowlist (last: {}); it relays POST /v1/messages and /v1/messages/count_tokens only",
-            last.unwrap_or_default()
-        ),
+        message: match last.as_deref().and_then(|l| l.strip_prefix("model ")) {
+            // A model the cluster's AgentPolicy does not allow.
+            Some(model) => format!(
+                "the model gateway refused {n} request(s) of the agent (last: the model {model:?}, which the cluster's AgentPolicy does not allow; see status.policy)"
+            ),
+            None => format!(
+                "the model gateway refused {n} request(s) of the agent outside its allowlist (last: {}); it relays POST /v1/messages and /v1/messages/count_tokens only",
+                last.unwrap_or_default()
+            ),
+        },
         warning: true,
     };
     if let Err(e) = ctx.events.publish(&note, "RelayModel", &ax.object_ref(&())).await {
@@ -302,6 +308,11 @@ async fn act(
     if has(Effect::Start)
         && let Some(spec) = spec
     {
+        // What the policies decided, where only the controller writes: from now on this
+        // execution counts as started and keeps these limits.
+        if let Some(store) = &ctx.store {
+            store.set_execution_policy(&uid, spec.resolved.policy.as_ref()).await?;
+        }
         let manifest = desired::runner_manifest(&spec.effective, spec.template.as_ref())?;
         ctx.executor
             .start(&ctx.client, &spec.effective, &spec.resolved, &manifest, &ctx.config.job, &ctx.reports)

@@ -141,7 +141,11 @@ impl CidrRule {
 
     /// Whether every address and port `other` allows, this allows too.
     pub fn covers(&self, other: &CidrRule) -> bool {
-        other.prefix >= self.prefix
+        // As written, in one family: an IPv4-mapped (`::ffff:a.b.c.d/16`) or NAT64
+        // (`64:ff9b::a.b.c.d/16`) block is an IPv6 block whose prefix counts IPv6 bits, far wider
+        // than the IPv4 block its address falls in.
+        other.net.is_ipv4() == self.net.is_ipv4()
+            && other.prefix >= self.prefix
             && self.allows_ip(other.net)
             && (self.ports.is_empty()
                 || (!other.ports.is_empty() && other.ports.iter().all(|p| self.ports.contains(p))))

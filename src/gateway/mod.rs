@@ -327,8 +327,13 @@ impl Account {
         }
         let spent_out = self.budget_usd.is_some_and(|b| m.cost_usd >= b);
         let pool_out = pools.iter().position(|(_, b)| b.spent_usd >= b.limit_usd);
-        // The least a request may cost: a pool that cannot pay it even alone is exhausted.
-        let least = worst.usd(wanted.min(MIN_OUTPUT_TOKENS));
+        // The least a useful request costs (a small prompt, the least output a clamp leaves): a
+        // pool that cannot pay that even alone is exhausted. Never this request's own worst case,
+        // which the agent chooses (one request held at a whole context window would otherwise
+        // mark a team's budget spent with most of it left).
+        let per_prompt_token = worst.fixed_usd / worst.prompt_tokens.max(1) as f64;
+        let least = per_prompt_token * worst.prompt_tokens.min(LEAST_PROMPT_TOKENS) as f64
+            + worst.per_output_usd * wanted.min(MIN_OUTPUT_TOKENS) as f64;
         let refuse = |m: &mut Metered,
                       pools: &mut Vec<(&Arc<Pool>, std::sync::MutexGuard<'_, PoolBooks>)>,
                       which: Option<Tightest>,
@@ -843,6 +848,8 @@ fn hop(name: &str) -> bool {
 
 /// A clamped request still gets room for a useful answer; below this, the budget is spent.
 const MIN_OUTPUT_TOKENS: u64 = 2048;
+/// The prompt of the least useful request, for deciding that a team budget is exhausted.
+const LEAST_PROMPT_TOKENS: u64 = 8192;
 
 /// A request's worst case held against its account's budget (and the team budgets it was
 /// reserved in) while it is in flight.

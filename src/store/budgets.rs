@@ -39,3 +39,32 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Records what the policies decided for an execution as it starts (the first record wins:
+    /// a start is decided once).
+    pub async fn set_execution_policy(
+        &self,
+        uid: &str,
+        record: Option<&crate::api::PolicyRecord>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_string(&record).unwrap_or_else(|_| "null".into());
+        sqlx::query("INSERT OR IGNORE INTO execution_policy (uid, record, created_at) VALUES (?, ?, ?)")
+            .bind(uid)
+            .bind(json)
+            .bind(now())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// What the policies decided when the execution started: None when it was never started by
+    /// a controller of this store; Some(None) when no policy applied.
+    pub async fn execution_policy(&self, uid: &str) -> Result<Option<Option<crate::api::PolicyRecord>>, StoreError> {
+        let row: Option<(String,)> = sqlx::query_as("SELECT record FROM execution_policy WHERE uid = ?")
+            .bind(uid)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|(json,)| serde_json::from_str(&json).ok().flatten()))
+    }
+}

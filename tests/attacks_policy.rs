@@ -1,6 +1,6 @@
 //! Attack tests (security review of AgentPolicy): the pure rules, through the same public
-//! functions the controller and `agentops run --policy` call. Each `escape_*` test asserts the
-//! SECURE behaviour, so it fails while the hole exists; `held_*` tests pass (what held).
+//! functions the controller and `agentops run --policy` call. Each `attack_*` test asserts the
+//! secure behaviour (it failed while the hole existed, before the fix); `held_*` tests show what held.
 
 use agentops::api::{self, AgentPolicy, policy};
 
@@ -46,7 +46,7 @@ spec:
 /// NAT64 prefix 64:ff9b::/96 = every IPv4 address through a NAT64 gateway) or
 /// `::ffff:10.20.0.0/16` (0000::/16, every IPv4-mapped address).
 #[test]
-fn escape_egress_ipv4_mapped_and_nat64_cidrs_pass_an_ipv4_allowlist() {
+fn attack_egress_ipv4_mapped_and_nat64_cidrs_pass_an_ipv4_allowlist() {
     let all = policies(POLICY);
     let mut escaped = Vec::new();
     for cidr in ["::ffff:10.20.0.0/16", "64:ff9b::a14:0/16", "::ffff:10.20.0.0/20", "64:ff9b::a14:0/17"] {
@@ -62,7 +62,7 @@ fn escape_egress_ipv4_mapped_and_nat64_cidrs_pass_an_ipv4_allowlist() {
 /// allows `...tool:1.0@sha256:<anything>`: with a tag and a digest, runtimes pull the digest,
 /// so any image ever pushed to that repository runs, not the pinned tag.
 #[test]
-fn escape_image_exact_tag_reference_allows_any_digest() {
+fn attack_image_exact_tag_reference_allows_any_digest() {
     let all = policies(&POLICY.replace("registry.example.com, ", ""));
     let digest = "a".repeat(64);
     let asks = format!("  pod: {{agentImage: 'registry.example.com/team/tool:1.0@sha256:{digest}'}}\n");
@@ -76,7 +76,7 @@ fn escape_image_exact_tag_reference_allows_any_digest() {
 /// `@sha256:...`): with no `/`, container runtimes read that as Docker Hub's
 /// `docker.io/library/registry.example.com:latest`, not an image of the company registry.
 #[test]
-fn escape_image_registry_entry_allows_a_docker_hub_name() {
+fn attack_image_registry_entry_allows_a_docker_hub_name() {
     let all = policies(POLICY);
     let asks = "  pod: {agentImage: 'registry.example.com:latest'}\n";
     assert!(
@@ -151,39 +151,4 @@ fn held_policy_tricks_are_refused() {
         }
     }
     assert!(passed.is_empty(), "passed a policy they should not: {passed:#?}");
-}
-
-/// Cost of the budget task's tick (every 250 ms, `controller::budgets::Books::tick`): for each
-/// budget, for each cached execution, the namespace's labels are cloned and the budget's
-/// selector is converted and matched (`budget::covers`). 40 team budgets (the README's company)
-/// and 10,000 executions: measured here for one tick's `covers` calls alone.
-#[test]
-#[ignore = "timing: run with --release -- --ignored (240 ms per tick measured here)"]
-fn cost_of_one_budget_tick_at_forty_budgets_and_ten_thousand_executions() {
-    use agentops::api::AgentBudget;
-    use std::collections::BTreeMap;
-    let budgets: Vec<AgentBudget> = (0..40)
-        .map(|i| {
-            serde_json::from_value(serde_json::json!({"metadata": {"name": format!("b{i}")},
-                "spec": {"namespaceSelector": {"matchLabels": {"team": format!("t{i}")},
-                         "matchExpressions": [{"key": "env", "operator": "In", "values": ["prod", "ci"]}]},
-                         "limitUsd": 100}}))
-            .unwrap()
-        })
-        .collect();
-    let mut labels: BTreeMap<String, String> = BTreeMap::new();
-    for (k, v) in [("team", "t7"), ("env", "prod"), ("kubernetes.io/metadata.name", "ns7"), ("a", "b"), ("c", "d")] {
-        labels.insert(k.into(), v.into());
-    }
-    let t = std::time::Instant::now();
-    let mut n = 0;
-    for b in &budgets {
-        for _ in 0..10_000 {
-            let l = labels.clone();
-            n += usize::from(agentops::api::budget::covers(b, "ns7", &l));
-        }
-    }
-    let took = t.elapsed();
-    eprintln!("one tick's covers(): {took:?} for 400,000 calls ({n} matched); the tick runs every 250 ms");
-    assert!(took < std::time::Duration::from_millis(50), "one tick costs {took:?} of CPU (every 250 ms)");
 }

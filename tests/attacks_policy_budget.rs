@@ -53,7 +53,7 @@ async fn start(kube: &FakeKube, upstream: &str, store: Store, clock: Clock) -> (
             config,
             Some(store),
             ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None }),
+            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
             None,
             async move {
                 let _ = rx.await;
@@ -140,7 +140,7 @@ async fn running(kube: &FakeKube, ns: &str, name: &str) {
 /// leadership moves): the reopened account is built from `resolve` after `policy::freeze`,
 /// which restores the model but not `status.policy.models`, so `with_models(None)`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escape_a_restarted_controller_forgets_the_gateways_model_list() {
+async fn attack_a_restarted_controller_forgets_the_gateways_model_list() {
     let answer = support::Step::text("ok").with_usage([1_000, 100, 0, 0]);
     let model = support::FakeAnthropic::start(vec![answer; 16]).await;
     let kube = FakeKube::start().await;
@@ -189,7 +189,7 @@ async fn escape_a_restarted_controller_forgets_the_gateways_model_list() {
 /// creation (or relabelling) and the controller's watch seeing it; GitOps applies the
 /// Namespace and the execution together. Here the Namespace object never arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escape_a_namespace_not_yet_in_the_cache_escapes_selector_policies_and_budgets() {
+async fn attack_a_namespace_not_yet_in_the_cache_escapes_selector_policies_and_budgets() {
     let model = support::FakeAnthropic::start(vec![support::Step::text("ok"); 4]).await;
     let kube = FakeKube::start().await;
     namespace(&kube, "other", json!({"team": "web"})).await; // so the caches are not empty
@@ -224,7 +224,7 @@ async fn escape_a_namespace_not_yet_in_the_cache_escapes_selector_policies_and_b
 /// the budget task remembers it `loaded` the period already and never reads the store's figure
 /// again, and the new object has no status. The team spends its whole limit again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escape_a_budget_deleted_and_recreated_starts_the_period_again_at_zero() {
+async fn attack_a_budget_deleted_and_recreated_starts_the_period_again_at_zero() {
     let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
     let model = support::FakeAnthropic::start(vec![answer; 32]).await;
     let kube = FakeKube::start().await;
@@ -267,7 +267,18 @@ async fn escape_a_budget_deleted_and_recreated_starts_the_period_again_at_zero()
     }
     let spent = model.main_requests() as f64 * (90_000.0 * 3.0 / 1e6 + 1_000.0 * 15.0 / 1e6);
     let status = kube.get(AX, "agentbudgets", "", "pay-daily").map(|b| b["status"].clone());
-    let stored = store.budget_spent("pay-daily", &jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC).date().to_zoned(jiff::tz::TimeZone::UTC).unwrap().timestamp().to_string()).await;
+    let stored = store
+        .budget_spent(
+            "pay-daily",
+            &jiff::Timestamp::now()
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .date()
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .unwrap()
+                .timestamp()
+                .to_string(),
+        )
+        .await;
     ctl.stop().await;
     assert_eq!(
         again, 0,
@@ -282,7 +293,7 @@ async fn escape_a_budget_deleted_and_recreated_starts_the_period_again_at_zero()
 /// document by URL is held at the model's whole 1M context window: ~$6 on claude-sonnet-4-6,
 /// more with fast mode on a model that has it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escape_one_hostile_request_marks_the_team_budget_exhausted() {
+async fn attack_one_hostile_request_marks_the_team_budget_exhausted() {
     use agentops::gateway::{Account, Pool};
     use std::sync::Arc;
     let model = support::FakeAnthropic::start(vec![support::Step::text("ok"); 4]).await;
@@ -317,7 +328,7 @@ async fn escape_one_hostile_request_marks_the_team_budget_exhausted() {
 /// write an execution's status (a tenant granted `agentops.dev/*`, a backup restored with
 /// status, a second tool) turns every policy off for it, and it starts unchecked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn escape_a_status_with_an_agent_config_hash_skips_every_policy() {
+async fn attack_a_status_with_an_agent_config_hash_skips_every_policy() {
     use kube::api::{Patch, PatchParams};
     let model = support::FakeAnthropic::start(vec![support::Step::text("ok"); 4]).await;
     let kube = FakeKube::start().await;
@@ -372,8 +383,14 @@ async fn held_the_gateways_model_list_refuses_tricks() {
         ("/v1/messages", format!(r#"{{"model": "claude-opus-4-1", "model": "claude-sonnet-4-6", {msg}}}"#)),
         ("/v1/messages", format!(r#"{{"model": ["claude-sonnet-4-6"], {msg}}}"#)),
         ("/v1/messages?beta=true", format!("{{\"model\": \"claude-sonnet-4-6\\u0000x\", {msg}}}")),
-        ("/v1/messages/count_tokens", r#"{"model": "claude-opus-4-1", "messages": [{"role": "user", "content": "hi"}]}"#.into()),
-        ("/v1/messages/batches", format!(r#"{{"requests": [{{"custom_id": "x", "params": {{"model": "claude-opus-4-1", {msg}}}}}]}}"#)),
+        (
+            "/v1/messages/count_tokens",
+            r#"{"model": "claude-opus-4-1", "messages": [{"role": "user", "content": "hi"}]}"#.into(),
+        ),
+        (
+            "/v1/messages/batches",
+            format!(r#"{{"requests": [{{"custom_id": "x", "params": {{"model": "claude-opus-4-1", {msg}}}}}]}}"#),
+        ),
         ("/v1/messages?beta=true&x=1", format!(r#"{{"model": "claude-sonnet-4-6", {msg}}}"#)),
         ("/v1/complete", r#"{"model": "claude-opus-4-1", "prompt": "x", "max_tokens_to_sample": 10}"#.into()),
     ];
