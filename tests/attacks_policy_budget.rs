@@ -1,6 +1,6 @@
 //! Attack tests (security review of AgentPolicy / AgentBudget) against the real controller and
-//! its gateway, driven like `tests/budget.rs`. Each test asserts the SECURE behaviour, so it
-//! fails while the hole exists.
+//! its gateway, driven like `tests/budget.rs`. Each `attack_*` test asserts the secure behaviour
+//! (it failed while the hole existed, before the fix).
 
 mod support;
 
