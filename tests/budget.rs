@@ -427,3 +427,43 @@ async fn a_budget_created_mid_run_holds_the_running_execution() {
     }
     ctl.stop().await;
 }
+
+/// End to end with the real CLI: an agent whose model requests go through a controller gateway
+/// whose team budget is spent stops `Failed`/`BudgetExhausted`, saying so, and nothing is
+/// pushed. (One machine's run relays through its own gateway to the controller's route, with
+/// the account's token as its key: the same refusal a runner pod's agent gets.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stops_budget_exhausted_when_its_team_budget_is_spent() {
+    use agentops::api::Phase;
+    use agentops::gateway::Gateways;
+    let h = support::Harness::new(vec![
+        support::Step::tool("Write", json!({"file_path": "work.txt", "content": "done\n"})),
+        support::Step::text("Wrote work.txt."),
+    ])
+    .await;
+    let gateways = Arc::new(Gateways::new(&h.model.base_url).unwrap());
+    // $0.01: less than any request of the CLI's can cost.
+    let pool = Arc::new(Pool::new("payments-monthly", 0.01, "p", 0.0));
+    gateways.open("pay", "x", Account::new(support::API_KEY, "team-token", None).with_pools(vec![pool.clone()]));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/gateway/pay/x", listener.local_addr().unwrap());
+    let app = gateways.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    support::write_secret(&h.opts.secrets_dir, "anthropic", "api-key", "team-token");
+    let env = move |k: &str| match k {
+        "ANTHROPIC_BASE_URL" => Some(base.clone()),
+        "CLAUDE_CODE_MAX_RETRIES" => Some("0".into()),
+        "ANTHROPIC_API_KEY" => None,
+        other => std::env::var(other).ok(),
+    };
+    let r = h.resolved(&h.manifest("teamspent", "    model: claude-sonnet-4-6\n"));
+    let s = agentops::runner::run_execution(&h.store, &h.opts, &r, &env, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((s.phase, s.reason.as_deref()), (Phase::Failed, Some("BudgetExhausted")), "{s:#?}");
+    let message = s.message.clone().unwrap_or_default();
+    assert!(message.contains("team budget") && message.contains("payments-monthly"), "{message}");
+    assert!(!s.git.pushed, "nothing pushed");
+    assert_eq!(h.model.main_requests(), 0, "the refused request never reached the model");
+    assert!(pool.books().refused > 0 && pool.books().exhausted);
+}
