@@ -254,6 +254,16 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     .await;
     assert_eq!(st["limitUsd"], limit);
     assert_eq!(st["resetsAt"], "2026-12-07T00:00:00+00:00");
+    // The gauges say the same.
+    let metrics = support::http().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let gauge = |name: &str| -> f64 {
+        let prefix = format!("{name}{{budget=\"pay-daily\"}} ");
+        let line = metrics.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{prefix}: {metrics}"));
+        line[prefix.len()..].trim().parse().unwrap()
+    };
+    assert!((gauge("agentops_team_budget_spent_usd") - spent).abs() < 1e-6);
+    assert_eq!(gauge("agentops_team_budget_limit_usd"), limit);
+    assert_eq!(gauge("agentops_team_budget_resets_at_seconds"), 1_796_601_600.0);
     assert_eq!(st["running"], 4, "a, b, c and early");
     let sum = until("the executions' costs", || {
         let sum: f64 = names

@@ -220,7 +220,8 @@ impl Running {
     }
 }
 
-fn start(kube: &FakeKube) -> Running {
+/// A controller with its API listener (where, with no probes listener, metrics are too); its URL.
+fn start(kube: &FakeKube) -> (Running, String) {
     let mut config = ControllerConfig {
         recheck_stalled: Duration::from_millis(200),
         retry_after: Duration::from_millis(200),
@@ -228,7 +229,8 @@ fn start(kube: &FakeKube) -> Running {
     };
     let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     std.set_nonblocking(true).unwrap();
-    config.job.report_url = Some(format!("http://{}", std.local_addr().unwrap()));
+    let base = format!("http://{}", std.local_addr().unwrap());
+    config.job.report_url = Some(base.clone());
     config.job.git_relay = false;
     let http = tokio::net::TcpListener::from_std(std).unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -247,7 +249,7 @@ fn start(kube: &FakeKube) -> Running {
         )
         .await
     });
-    Running { stop: Some(tx), task }
+    (Running { stop: Some(tx), task }, base)
 }
 
 async fn namespace(kube: &FakeKube, name: &str, labels: Value) {
@@ -321,7 +323,7 @@ spec:
     for p in policies(&format!("{COMPANY}---{payments}")) {
         policies_api.create(&PostParams::default(), &p).await.unwrap();
     }
-    let ctl = start(&kube);
+    let (ctl, base) = start(&kube);
     let pay: Api<AgentExecution> = Api::namespaced(kube.client(), "pay");
     let web: Api<AgentExecution> = Api::namespaced(kube.client(), "web");
 
@@ -390,6 +392,8 @@ spec:
     })
     .await;
     assert_eq!(company["refused"], 0);
+    let metrics = support::http().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("agentops_policy_refusals_total{policy=\"payments\"} 1\n"), "{metrics}");
     let names: Vec<&str> = company["namespaces"].as_array().unwrap().iter().filter_map(|n| n.as_str()).collect();
     assert!(names.contains(&"pay") && names.contains(&"web"), "{names:?}");
 
