@@ -15,7 +15,8 @@ use agentops::gateway::egress::{CidrRule, EgressPolicy, EgressProxy, HostRule, R
 fn resolver() -> Resolver {
     std::sync::Arc::new(|host: String, port: u16| {
         Box::pin(async move {
-            match host.as_str() {
+            // The controller's proxy asks for names fully qualified (`allowed.test.`).
+            match host.trim_end_matches('.') {
                 "allowed.test" | "other.test" => Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))]),
                 "internal.test" => Ok(vec![SocketAddr::from(([10, 0, 0, 5], port))]),
                 _ => Err(std::io::Error::other("no such host")),

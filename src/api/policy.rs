@@ -423,6 +423,22 @@ pub fn check(r: &Resolved, policies: &[&AgentPolicy], local_executor: bool) -> R
                 }
             }
         }
+        // An address written as a host is an IP block of one address: `allowed.egress` bounds it
+        // too (else any private address could be named as a host).
+        if let Some(blocks) = &a.egress {
+            let allowed: Vec<CidrRule> =
+                blocks.iter().filter_map(|b| CidrRule::parse(&b.cidr, b.ports.clone()).ok()).collect();
+            for (i, rule) in r.egress_hosts.iter().enumerate() {
+                let Ok(ip) = rule.host.parse::<std::net::IpAddr>() else { continue };
+                let one = CidrRule { net: ip, prefix: if ip.is_ipv4() { 32 } else { 128 }, ports: vec![rule.port] };
+                if !allowed.iter().any(|a| a.covers(&one)) {
+                    return Err(refuse(
+                        &format!("spec.egressHosts[{i}]"),
+                        format!("opens the address {}:{} (outside allowed.egress)", rule.host, rule.port),
+                    ));
+                }
+            }
+        }
         if let Some(hosts) = &a.egress_hosts {
             let allowed: Vec<HostRule> = hosts.iter().filter_map(|h| HostRule::parse(h).ok()).collect();
             for (i, rule) in r.egress_hosts.iter().enumerate() {

@@ -221,6 +221,16 @@ pub async fn reopen(client: &Client, ax: &AgentExecution, r: &Resolved, reports:
     if tokens.model.as_deref().is_some_and(|t| reports.model_retired(t)) {
         return Ok(false);
     }
+    // Only what is not open: an open account is never replaced (that would drop the holds of
+    // its requests in flight, its in-flight bound and the figures of answers being metered).
+    let (ns, name) = super::context::key(ax);
+    let (model, git, egress) = reports.open_routes(&ns, &name);
+    let tokens = RunnerTokens {
+        model: tokens.model.filter(|_| !model),
+        git: tokens.git.filter(|_| !git),
+        egress: tokens.egress.filter(|_| !egress),
+        ..tokens
+    };
     tokens.open(reports, ax, r).await?;
     Ok(true)
 }

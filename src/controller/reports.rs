@@ -145,6 +145,15 @@ impl Reports {
     }
 
     /// Whether this model token belonged to an execution that ended.
+    /// What of an execution's routes is open here: (model account, git route, egress account).
+    pub fn open_routes(&self, ns: &str, name: &str) -> (bool, bool, bool) {
+        (
+            self.gateways.as_ref().is_some_and(|g| g.is_open(ns, name)),
+            self.git.as_ref().is_some_and(|g| g.is_open(ns, name)),
+            self.egress.as_ref().is_some_and(|p| p.is_open(&crate::gateway::egress::proxy_user(ns, name))),
+        )
+    }
+
     pub fn model_retired(&self, token: &str) -> bool {
         self.gateways.as_ref().is_some_and(|g| g.retired(token))
     }

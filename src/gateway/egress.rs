@@ -331,7 +331,23 @@ pub fn proxy_user(ns: &str, name: &str) -> String {
 /// The namespace and name a proxy user name stands for.
 pub fn parse_proxy_user(user: &str) -> Option<(String, String)> {
     let (ns, name) = user.split_once('.')?;
-    (!ns.is_empty() && !name.is_empty()).then(|| (ns.to_string(), name.to_string()))
+    // A namespace is a DNS label, an execution's name a DNS subdomain: nothing else is ever
+    // looked up (no `..`, `/`, `%`, empty parts reach an API path).
+    let label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (label(ns) && name.len() <= 253 && name.split('.').all(label)).then(|| (ns.to_string(), name.to_string()))
+}
+
+impl EgressProxy {
+    /// Whether `user` has an open account.
+    pub fn is_open(&self, user: &str) -> bool {
+        self.shared.users.lock().is_ok_and(|u| u.contains_key(user))
+    }
 }
 
 /// One account to open: who, with what token, where it may connect, and what was counted
@@ -349,13 +365,25 @@ struct Shared {
     /// The token of each user's open account.
     users: Mutex<HashMap<String, String>>,
     opener: std::sync::OnceLock<EgressOpener>,
-    /// Places for connections that have not yet sent a head with a known token.
-    unproven: Arc<tokio::sync::Semaphore>,
+    /// Connections that have not yet sent a head with a known token, oldest first: at most
+    /// `MAX_UNPROVEN`; a new one pushes the oldest out (silent connections cannot lock the
+    /// agents out, who send their head at once).
+    unproven: Arc<Mutex<std::collections::VecDeque<(u64, CancellationToken)>>>,
+    next_conn: std::sync::atomic::AtomicU64,
     resolver: Resolver,
     idle: Duration,
     /// Loopback, unspecified and link-local addresses are refused whatever the rules say.
     refuse_local: bool,
+    /// The controller's proxy (connections leave from its pod): a private address needs a CIDR
+    /// rule even when written as a host, and names are resolved fully qualified.
+    cluster: bool,
+    /// Users whose account an opener was asked for and did not give, and when: not asked again
+    /// for `RETRY_OPEN` (an unauthenticated client costs the controller no reads in a loop).
+    tried: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How long a user whose account could not be opened is not looked up again.
+const RETRY_OPEN: Duration = Duration::from_secs(30);
 
 /// A running egress proxy; stops when dropped.
 pub struct EgressProxy {
@@ -378,7 +406,7 @@ impl EgressProxy {
 
     /// Serves on `listener` (bound by the caller: the controller's `--egress-addr`).
     pub fn serve(listener: TcpListener, resolver: Resolver, idle: Duration) -> std::io::Result<Self> {
-        Self::serve_as(listener, resolver, idle, false)
+        Self::serve_as(listener, resolver, idle, false, false)
     }
 
     /// The controller's proxy: its connections leave from the controller's pod, so, unless
@@ -386,7 +414,7 @@ impl EgressProxy {
     /// its unauthenticated metrics among them) or a link-local one (the node's metadata service
     /// and the credentials of the controller's service account there).
     pub fn serve_controllers(l: EgressListener, idle: Duration) -> std::io::Result<Self> {
-        Self::serve_as(l.listener, l.resolver, idle, !l.allow_local)
+        Self::serve_as(l.listener, l.resolver, idle, !l.allow_local, true)
     }
 
     fn serve_as(
@@ -394,16 +422,20 @@ impl EgressProxy {
         resolver: Resolver,
         idle: Duration,
         refuse_local: bool,
+        cluster: bool,
     ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             accounts: Mutex::new(HashMap::new()),
             users: Mutex::new(HashMap::new()),
             opener: std::sync::OnceLock::new(),
-            unproven: Arc::new(tokio::sync::Semaphore::new(MAX_UNPROVEN)),
+            unproven: Arc::new(Mutex::new(std::collections::VecDeque::new())),
+            next_conn: std::sync::atomic::AtomicU64::new(0),
             resolver,
             idle,
             refuse_local,
+            cluster,
+            tried: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
         let (s, st) = (shared.clone(), stop.clone());
@@ -418,13 +450,24 @@ impl EgressProxy {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
-                // Connections that have not shown a token yet are bounded too.
-                let Ok(unproven) = s.unproven.clone().try_acquire_owned() else { continue };
+                // Connections that have not shown a token yet are bounded too: the oldest goes.
+                let id = s.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let pushed_out = CancellationToken::new();
+                if let Ok(mut q) = s.unproven.lock() {
+                    while q.len() >= MAX_UNPROVEN {
+                        if let Some((_, oldest)) = q.pop_front() {
+                            oldest.cancel();
+                        }
+                    }
+                    q.push_back((id, pushed_out.clone()));
+                }
+                let unproven = Unproven { id, queue: s.unproven.clone() };
                 let _ = conn.set_nodelay(true);
                 let (s, st) = (s.clone(), st.clone());
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = serve(&s, conn, unproven) => {}
+                        _ = pushed_out.cancelled() => {}
                         _ = st.cancelled() => {}
                     }
                 });
@@ -578,6 +621,16 @@ fn proxy_credentials(head: &Head) -> Option<(String, String)> {
 
 /// `host:port` of a CONNECT target, or of an absolute `http://` URL with its origin-form path.
 fn destination(head: &Head) -> Option<(String, u16, Option<String>)> {
+    let (host, port, path) = target(head)?;
+    // A host name or an address, nothing else: what is recorded (status, Events, the store)
+    // stays bounded and plain.
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'));
+    valid.then_some((host, port, path))
+}
+
+fn target(head: &Head) -> Option<(String, u16, Option<String>)> {
     if head.method == "CONNECT" {
         let (host, port) = head.target.rsplit_once(':')?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -599,7 +652,21 @@ fn destination(head: &Head) -> Option<(String, u16, Option<String>)> {
     Some((host.trim_end_matches('.').to_string(), url.port().unwrap_or(80), Some(path)))
 }
 
-async fn serve(shared: &Shared, mut conn: TcpStream, unproven: tokio::sync::OwnedSemaphorePermit) {
+/// A connection's place among the unproven ones, given up when dropped.
+struct Unproven {
+    id: u64,
+    queue: Arc<Mutex<std::collections::VecDeque<(u64, CancellationToken)>>>,
+}
+
+impl Drop for Unproven {
+    fn drop(&mut self) {
+        if let Ok(mut q) = self.queue.lock() {
+            q.retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+async fn serve(shared: &Shared, mut conn: TcpStream, unproven: Unproven) {
     let head = read_head(&mut conn).await;
     let Some(head) = head else {
         return answer(&mut conn, "400 Bad Request", "", "agentops egress: not an HTTP proxy request\n").await;
@@ -611,12 +678,22 @@ async fn serve(shared: &Shared, mut conn: TcpStream, unproven: tokio::sync::Owne
     // controller keeps it), while this connection still holds its unproven place.
     if account.is_none()
         && let Some((user, token)) = &credentials
-        && !user.is_empty()
+        && parse_proxy_user(user).is_some()
         && shared.users.lock().is_ok_and(|u| !u.contains_key(user))
+        && !shared.tried.lock().is_ok_and(|t| t.get(user).is_some_and(|at| at.elapsed() < RETRY_OPEN))
         && let Some(open) = shared.opener.get()
-        && open(user.clone()).await
     {
-        account = find(token);
+        if open(user.clone()).await {
+            account = find(token);
+        }
+        if account.is_none()
+            && let Ok(mut t) = shared.tried.lock()
+        {
+            if t.len() > 10_000 {
+                t.retain(|_, at| at.elapsed() < RETRY_OPEN);
+            }
+            t.insert(user.clone(), std::time::Instant::now());
+        }
     }
     drop(unproven);
     let Some(account) = account else {
@@ -707,13 +784,25 @@ impl Drop for OpenGuard<'_> {
 async fn connect(shared: &Shared, policy: &EgressPolicy, host: &str, port: u16) -> Result<TcpStream, String> {
     // An address named in a host rule is the user's explicit choice (e.g. `127.0.0.1:5432` on
     // one machine), except link-local ones (cloud metadata): those need a CIDR rule.
+    // Not in a cluster: there the proxy connects from the controller's pod, and a private
+    // address (the API server's ClusterIP, another team's Service, the controller's own pod)
+    // needs a CIDR rule, which a policy's `allowed.egress` bounds.
     let named = host
         .parse::<IpAddr>()
         .ok()
         .filter(|ip| !is_link_local(*ip))
+        .filter(|_| !shared.cluster)
         .filter(|_| policy.hosts.iter().any(|r| r.host == host && r.port == port));
     let addrs = match host.parse::<IpAddr>() {
         Ok(ip) => vec![SocketAddr::new(ip, port)],
+        // In a cluster a name is looked up fully qualified: never through the pod's search list
+        // (`pypi.org` must not become the Service `pypi` of a namespace `org`).
+        Err(_) if shared.cluster => {
+            tokio::time::timeout(CONNECT_DEADLINE, (shared.resolver)(format!("{}.", host.trim_end_matches('.')), port))
+                .await
+                .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
+                .map_err(|e| format!("{host} does not resolve: {e}"))?
+        }
         Err(_) => tokio::time::timeout(CONNECT_DEADLINE, (shared.resolver)(host.to_string(), port))
             .await
             .map_err(|_| format!("{host} did not resolve within {} s", CONNECT_DEADLINE.as_secs()))?
@@ -815,8 +904,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
                 return IpAddr::V4(v4);
             }
             let s = v6.segments();
-            // 64:ff9b::/96, the NAT64 well-known prefix.
-            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+            // 64:ff9b::/96 (the NAT64 well-known prefix), 64:ff9b:1::/48 (local-use NAT64) and
+            // ::ffff:0:0/96 (SIIT): an IPv4 address inside.
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            let local_nat64 = s[..3] == [0x64, 0xff9b, 1];
+            let siit = s[..6] == [0, 0, 0, 0, 0xffff, 0];
+            if nat64 || local_nat64 || siit {
                 return IpAddr::V4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
             }
             IpAddr::V6(v6)

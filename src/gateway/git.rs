@@ -74,6 +74,11 @@ impl GitRelays {
     }
 
     /// The execution ended: its tokens stop working.
+    /// Whether an execution's route is open.
+    pub fn is_open(&self, ns: &str, name: &str) -> bool {
+        self.routes.lock().is_ok_and(|r| r.contains_key(&(ns.to_string(), name.to_string())))
+    }
+
     pub fn close(&self, ns: &str, name: &str) {
         let key = (ns.to_string(), name.to_string());
         if let Ok(mut r) = self.routes.lock() {

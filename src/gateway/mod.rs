@@ -715,6 +715,11 @@ impl Gateways {
         (m.refused_not_allowed > 0).then(|| (m.refused_not_allowed, m.last_refused.clone()))
     }
 
+    /// Whether an execution's account is open.
+    pub fn is_open(&self, ns: &str, name: &str) -> bool {
+        self.accounts.lock().is_ok_and(|a| a.contains_key(&(ns.to_string(), name.to_string())))
+    }
+
     /// What one execution's account counted, while it is open.
     pub fn metered(&self, ns: &str, name: &str) -> Option<Metered> {
         let a = self.accounts.lock().ok()?.get(&(ns.to_string(), name.to_string())).cloned()?;
