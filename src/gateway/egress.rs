@@ -27,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Connections one execution may hold open at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Tunnels open at once through one proxy, every execution together: the controller's file
+/// descriptors (shared with its API and model gateway) are not every tenant's to take.
+pub const MAX_TOTAL_CONNECTIONS: usize = 2048;
 /// Connections the proxy holds before they have shown a known token (all executions).
 const MAX_UNPROVEN: usize = 128;
 /// Largest request head (request line and headers) read from the agent.
@@ -377,6 +380,8 @@ struct Shared {
     /// The controller's proxy (connections leave from its pod): a private address needs a CIDR
     /// rule even when written as a host, and names are resolved fully qualified.
     cluster: bool,
+    /// Tunnels open, every account together (`MAX_TOTAL_CONNECTIONS`).
+    open_total: AtomicUsize,
     /// Users whose account an opener was asked for and did not give, and when: not asked again
     /// for `RETRY_OPEN` (an unauthenticated client costs the controller no reads in a loop).
     tried: Mutex<HashMap<String, std::time::Instant>>,
@@ -435,6 +440,7 @@ impl EgressProxy {
             idle,
             refuse_local,
             cluster,
+            open_total: AtomicUsize::new(0),
             tried: Mutex::new(HashMap::new()),
         });
         let stop = CancellationToken::new();
@@ -734,6 +740,13 @@ async fn serve(shared: &Shared, mut conn: TcpStream, unproven: Unproven) {
         return answer(&mut conn, "429 Too Many Requests", "", &format!("agentops egress: {why}\n")).await;
     }
     let _open = OpenGuard(&account.open);
+    if shared.open_total.fetch_add(1, Ordering::SeqCst) >= MAX_TOTAL_CONNECTIONS {
+        shared.open_total.fetch_sub(1, Ordering::SeqCst);
+        let why = format!("the proxy has {MAX_TOTAL_CONNECTIONS} connections open for all executions; try again");
+        record(refuse(why.clone()));
+        return answer(&mut conn, "503 Service Unavailable", "", &format!("agentops egress: {why}\n")).await;
+    }
+    let _total = OpenGuard(&shared.open_total);
     let upstream = match connect(shared, &account.policy, &host, port).await {
         Ok(u) => u,
         Err(why) => {
