@@ -477,3 +477,27 @@ async fn an_agent_stops_budget_exhausted_when_its_team_budget_is_spent() {
     assert_eq!(h.model.main_requests(), 0, "the refused request never reached the model");
     assert!(pool.books().refused > 0 && pool.books().exhausted);
 }
+
+/// `maxTurns` binds an agent that calls the gateway itself, not only the CLI: past the backstop
+/// (twice the turns and ten more: subagents' and side requests count at the gateway) every
+/// request is refused with words the runner maps to `MaxTurns`, and never reaches the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_calling_the_gateway_itself_stops_at_the_turn_backstop() {
+    let model = support::FakeAnthropic::start(vec![small_answer(); 40]).await;
+    let gateways = Arc::new(agentops::gateway::Gateways::new(&model.base_url).unwrap());
+    gateways.open("ns", "t", Account::new(support::API_KEY, "tok-t", None).with_max_turns(Some(3)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let app = gateways.clone().router();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let backstop = agentops::gateway::turn_backstop(3);
+    assert_eq!(backstop, 16);
+    for i in 0..backstop {
+        let (status, text) = ask_with(&base, "ns", "t", "tok-t", &small_request()).await;
+        assert_eq!(status, 200, "answer {i}: {text}");
+    }
+    let (status, text) = ask_with(&base, "ns", "t", "tok-t", &small_request()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains(agentops::gateway::TURNS_SPENT), "{text}");
+    assert_eq!(model.main_requests() as u64, backstop, "the refused request never reached the model");
+}

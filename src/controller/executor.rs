@@ -259,7 +259,9 @@ impl RunnerTokens {
             let st = ax.status.clone().unwrap_or_default();
             // Its remote MCP servers are those its runner was given, not the template's today.
             let frozen = self.frozen.as_ref().map(|c| Resolved { agent_config: c.clone(), ..r.clone() });
-            reports.open_model(&ns, &name, frozen.as_ref().unwrap_or(r), model, (st.usage, st.cost_usd)).await?;
+            reports
+                .open_model(&ns, &name, frozen.as_ref().unwrap_or(r), model, (st.usage, st.cost_usd, st.num_turns))
+                .await?;
         }
         if let Some((clone, publish)) = &self.git {
             reports.open_git(&ns, &name, r, clone, publish).await?;

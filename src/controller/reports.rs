@@ -213,7 +213,7 @@ impl Reports {
         name: &str,
         r: &Resolved,
         token: &str,
-        spent: (crate::api::Usage, f64),
+        spent: (crate::api::Usage, f64, u64),
     ) -> Result<(), super::context::Error> {
         let Some(gateways) = &self.gateways else { return Ok(()) };
         let Some(key_ref) = &r.api_key else {
@@ -251,8 +251,10 @@ impl Reports {
         };
         let account = Account::new(&key, token, r.max_budget_usd)
             .with_models(r.policy.as_ref().and_then(|p| p.models.clone()))
+            .with_max_turns(r.max_turns)
             .with_pools(pools)
             .with_spent(spent.0, spent.1)
+            .with_turns(spent.2)
             .with_mcp(routes)
             .on_change(self.throttled_wake(ns, name));
         gateways.open(ns, name, account);

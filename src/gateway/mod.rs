@@ -46,6 +46,17 @@ const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 /// Words of the refusal once the budget is spent (the runner maps them to `BudgetExceeded`).
 pub const BUDGET_SPENT: &str = "agentops: spec.agent.maxBudgetUsd is spent";
 
+/// Words of the refusal once an execution's requests pass its turn limit's backstop (the
+/// runner maps them to `MaxTurns`).
+pub const TURNS_SPENT: &str = "agentops: spec.agent.maxTurns is used";
+
+/// The gateway's backstop under `maxTurns`: the CLI ends a run at its turns; the gateway, which
+/// counts every answer (subagents' and side requests too), refuses past twice that and ten more.
+/// An agent calling the gateway itself gets no further than that.
+pub fn turn_backstop(max_turns: u32) -> u64 {
+    2 * u64::from(max_turns) + 10
+}
+
 /// Words of the refusal once a team budget (AgentBudget) is spent (the runner maps them to
 /// `BudgetExhausted`).
 pub const TEAM_BUDGET_SPENT: &str = "agentops: the team budget";
@@ -216,6 +227,8 @@ pub struct Account {
     /// The team budgets it is held against with the other executions of its namespace (sorted
     /// by name: the lock order). Replaced when budgets come, go or change their namespaces.
     pools: Mutex<Vec<Arc<Pool>>>,
+    /// Answers it may be given (`turn_backstop` of its `maxTurns`); unset: any.
+    max_answers: std::sync::OnceLock<u64>,
 }
 
 impl Account {
@@ -234,7 +247,16 @@ impl Account {
             mcp_in_flight: Arc::new(tokio::sync::Semaphore::new(mcp::MAX_MCP_IN_FLIGHT)),
             models: std::sync::OnceLock::new(),
             pools: Mutex::new(Vec::new()),
+            max_answers: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Refuses requests once its answers pass the backstop of `max_turns` (`turn_backstop`).
+    pub fn with_max_turns(self, max_turns: Option<u32>) -> Self {
+        if let Some(n) = max_turns {
+            let _ = self.max_answers.set(turn_backstop(n));
+        }
+        self
     }
 
     /// Holds its requests against these team budgets too (with every other account of theirs).
@@ -290,9 +312,24 @@ impl Account {
         self
     }
 
+    /// Counts the answers already given (recorded before this process opened the account), so
+    /// that the turn backstop goes on from them.
+    pub fn with_turns(self, turns: u64) -> Self {
+        if let Ok(mut m) = self.metered.lock() {
+            m.turns = turns;
+        }
+        self
+    }
+
     /// Holds a request's worst case against the budget, lowering its `max_tokens` to what the
     /// budget left can pay for when needed. Err: the budget cannot pay for the request.
     fn reserve(self: &Arc<Self>, req: &Request, body: Bytes) -> Result<(Option<Hold>, Bytes), String> {
+        if !req.free
+            && let Some(max) = self.max_answers.get()
+            && self.metered.lock().is_ok_and(|m| m.turns >= *max)
+        {
+            return Err(format!("{TURNS_SPENT} ({max} answers: twice spec.agent.maxTurns and ten more)"));
+        }
         let held_pools = self.pools();
         if self.budget_usd.is_none() && held_pools.is_empty() {
             return Ok((None, body));
@@ -572,6 +609,13 @@ impl Gateway {
             let _ = axum::serve(listener, app).with_graceful_shutdown(until).await;
         });
         Ok(Self { base_url, token, shared, stop })
+    }
+
+    /// Refuses requests past the backstop of `max_turns` (see `Account::with_max_turns`).
+    pub fn restrict_turns(&self, max_turns: Option<u32>) {
+        if let Some(n) = max_turns {
+            let _ = self.shared.account.max_answers.set(turn_backstop(n));
+        }
     }
 
     /// Refuses requests naming a model the policies do not allow (see `Account::with_models`).

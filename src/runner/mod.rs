@@ -561,6 +561,7 @@ impl<'a> Run<'a> {
                 {
                     Ok(g) => {
                         g.restrict_models(self.r.policy.as_ref().and_then(|p| p.models.clone()));
+                        g.restrict_turns(self.r.max_turns);
                         Some(g)
                     }
                     Err(e) => {
@@ -989,6 +990,14 @@ impl<'a> Run<'a> {
                         format!(
                             "the agent reached spec.agent.maxBudgetUsd (${}); nothing was pushed",
                             self.r.max_budget_usd.unwrap_or_default()
+                        ),
+                    ),
+                    _ if text.contains(crate::gateway::TURNS_SPENT) => Outcome::failed(
+                        Reason::MaxTurns,
+                        format!(
+                            "the agent's requests passed the gateway's backstop of spec.agent.maxTurns ({}): {}; nothing was pushed",
+                            self.r.max_turns.unwrap_or_default(),
+                            self.redactor.redact(&truncate(text, 300))
                         ),
                     ),
                     _ if text.contains(crate::gateway::TEAM_BUDGET_SPENT) => Outcome::failed(
