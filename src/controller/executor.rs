@@ -449,7 +449,27 @@ async fn observe_job(
     // name is not this execution's runner (it goes, and this one starts its own).
     let owner = job.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|o| o.controller == Some(true)));
     if owner.map(|o| o.uid.as_str()) != ax.metadata.uid.as_deref() {
-        delete_ignoring_missing(&jobs, &name).await?;
+        // The watch may still show the namesake's Job after this process replaced it with this
+        // execution's own: never delete that one (the ledger knows it was just created, and the
+        // delete names the old Job's uid, which the API server checks).
+        if ledger.started_within(&ledger::uid(ax), JUST_STARTED) {
+            return Ok((Observation::Running { progress: None }, PodWords::default()));
+        }
+        let dp = kube::api::DeleteParams {
+            propagation_policy: Some(kube::api::PropagationPolicy::Background),
+            preconditions: job
+                .metadata
+                .uid
+                .clone()
+                .map(|uid| kube::api::Preconditions { uid: Some(uid), resource_version: None }),
+            ..Default::default()
+        };
+        match jobs.delete(&name, &dp).await {
+            Ok(_) => {}
+            // Gone already, or no longer that Job (a newer one of this name): nothing to delete.
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
         return Ok((Observation::NotStarted, PodWords::default()));
     }
     let conds = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();

@@ -646,10 +646,22 @@ async fn handle(
             let obj = commit(&shared, &mut s, key, new, if fresh { "ADDED" } else { "MODIFIED" });
             ok(if fresh { 201 } else { 200 }, &obj)
         }
-        Method::DELETE => match delete(&shared, &mut s, &key) {
-            Some(o) => ok(200, &o),
-            None => not_found(),
-        },
+        Method::DELETE => {
+            // DeleteOptions.preconditions.uid, as the API server checks it: a delete meant for
+            // one object never takes a newer one of the same name (409 Conflict).
+            let wanted = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|b| b["preconditions"]["uid"].as_str().map(String::from));
+            if let (Some(uid), Some(obj)) = (wanted, s.objects.get(&key))
+                && obj["metadata"]["uid"].as_str() != Some(uid.as_str())
+            {
+                return status_body(409, "Conflict", "Precondition failed: UID in precondition does not match");
+            }
+            match delete(&shared, &mut s, &key) {
+                Some(o) => ok(200, &o),
+                None => not_found(),
+            }
+        }
         _ => status_body(405, "MethodNotAllowed", "method not allowed"),
     }
 }
