@@ -8,76 +8,14 @@ use std::time::Duration;
 
 use agentops::api::{AgentBudget, AgentExecution, AgentPolicy};
 use agentops::controller::budgets::Clock;
-use agentops::controller::{self, ControllerConfig, ExecutorKind};
 use agentops::store::Store;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
+use support::cluster::{model_token, namespace, secrets, start, until};
 use support::kube_api::FakeKube;
 
 const AX: &str = "apis/agentops.dev/v1alpha1";
 const BATCH: &str = "apis/batch/v1";
-const CORE: &str = "api/v1";
-
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<controller::Stopped>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-async fn start(kube: &FakeKube, upstream: &str, store: Store, clock: Clock) -> (Running, String) {
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    let mut config = ControllerConfig {
-        recheck_stalled: Duration::from_millis(200),
-        retry_after: Duration::from_millis(200),
-        ..Default::default()
-    };
-    config.job.report_url = Some(base.clone());
-    config.job.git_relay = false;
-    config.model_upstream = upstream.to_string();
-    config.clock = clock;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let task = tokio::spawn(async move {
-        controller::run(
-            client,
-            config,
-            Some(store),
-            ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
-            None,
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-    });
-    (Running { stop: Some(tx), task }, base)
-}
-
-async fn secrets(kube: &FakeKube, ns: &str) {
-    let api: Api<Secret> = Api::namespaced(kube.client(), ns);
-    for (secret, key, value) in [("git-cred", "token", support::TOKEN), ("anthropic", "api-key", support::API_KEY)] {
-        let s: Secret =
-            serde_json::from_value(json!({"metadata": {"name": secret}, "stringData": {key: value}})).unwrap();
-        api.create(&PostParams::default(), &s).await.unwrap();
-    }
-}
-
-async fn namespace(kube: &FakeKube, name: &str, labels: Value) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-    Api::<Namespace>::all(kube.client()).create(&PostParams::default(), &ns).await.unwrap();
-    secrets(kube, name).await;
-}
 
 fn execution(name: &str, agent: Value) -> AgentExecution {
     let mut a = json!({"model": "claude-sonnet-4-6", "apiKeySecretRef": {"name": "anthropic"}});
@@ -92,24 +30,6 @@ fn execution(name: &str, agent: Value) -> AgentExecution {
                  "agent": a}
     }))
     .unwrap()
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn token(kube: &FakeKube, ns: &str, name: &str) -> String {
-    use base64::Engine;
-    let s = kube.get(CORE, "secrets", ns, &format!("agentops-runner-{name}")).expect("runner Secret");
-    let b64 = s["data"]["model"].as_str().expect("model token");
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
 }
 
 fn request(model: &str) -> Value {
@@ -153,13 +73,13 @@ async fn attack_a_restarted_controller_forgets_the_gateways_model_list() {
     Api::<AgentPolicy>::all(kube.client()).create(&PostParams::default(), &p).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
-    let (ctl, base) = start(&kube, &model.base_url, store.clone(), Clock::default()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store.clone()), Clock::default()).await;
     Api::<AgentExecution>::namespaced(kube.client(), "pay")
         .create(&PostParams::default(), &execution("a", json!({})))
         .await
         .unwrap();
     running(&kube, "pay", "a").await;
-    let t = token(&kube, "pay", "a");
+    let t = model_token(&kube, "pay", "a");
     assert_eq!(ask(&base, "pay", "a", &t, "claude-sonnet-4-6").await.0, 200);
     // A hostile model name: refused (403), and its Event carries no escape sequence.
     let (status, _) = ask(&base, "pay", "a", &t, "claude-opus-4-1\n\u{1b}]52;c;ZXZpbA==\u{7}\u{1b}[2K").await;
@@ -172,7 +92,7 @@ async fn attack_a_restarted_controller_forgets_the_gateways_model_list() {
     let before = model.main_requests();
 
     ctl.stop().await;
-    let (ctl, base) = start(&kube, &model.base_url, store.clone(), Clock::default()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store.clone()), Clock::default()).await;
     let (status, text) = ask(&base, "pay", "a", &t, "claude-opus-4-1").await;
     let relayed = model.main_requests() - before;
     ctl.stop().await;
@@ -204,7 +124,7 @@ async fn attack_a_namespace_not_yet_in_the_cache_escapes_selector_policies_and_b
     Api::<AgentPolicy>::all(kube.client()).create(&PostParams::default(), &p).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
-    let (ctl, _base) = start(&kube, &model.base_url, store, Clock::default()).await;
+    let (ctl, _base) = start(&kube, Some(&model.base_url), Some(store), Clock::default()).await;
     Api::<AgentExecution>::namespaced(kube.client(), "pay")
         .create(&PostParams::default(), &execution("big", json!({"model": "claude-opus-4-1", "maxBudgetUsd": 5000.0})))
         .await
@@ -240,13 +160,13 @@ async fn attack_a_budget_deleted_and_recreated_starts_the_period_again_at_zero()
     };
     let budgets: Api<AgentBudget> = Api::all(kube.client());
     budgets.create(&PostParams::default(), &budget()).await.unwrap();
-    let (ctl, base) = start(&kube, &model.base_url, store.clone(), Clock::default()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store.clone()), Clock::default()).await;
     Api::<AgentExecution>::namespaced(kube.client(), "pay")
         .create(&PostParams::default(), &execution("a", json!({})))
         .await
         .unwrap();
     running(&kube, "pay", "a").await;
-    let t = token(&kube, "pay", "a");
+    let t = model_token(&kube, "pay", "a");
     let mut ok = 0;
     while ask(&base, "pay", "a", &t, "claude-sonnet-4-6").await.0 == 200 {
         ok += 1;
@@ -341,7 +261,7 @@ async fn attack_a_status_with_an_agent_config_hash_skips_every_policy() {
     Api::<AgentPolicy>::all(kube.client()).create(&PostParams::default(), &p).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
-    let (ctl, _base) = start(&kube, &model.base_url, store, Clock::default()).await;
+    let (ctl, _base) = start(&kube, Some(&model.base_url), Some(store), Clock::default()).await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "pay");
     api.create(&PostParams::default(), &execution("big", json!({"model": "claude-opus-4-1", "maxBudgetUsd": 5000.0})))
         .await

@@ -12,74 +12,15 @@ use std::time::Duration;
 
 use agentops::api::{AgentBudget, AgentExecution};
 use agentops::controller::budgets::Clock;
-use agentops::controller::{self, ControllerConfig, ExecutorKind};
 use agentops::gateway::{Account, Pool, TEAM_BUDGET_SPENT};
 use agentops::store::Store;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
+use support::cluster::{model_token, namespace, start, until};
 use support::kube_api::FakeKube;
 
 const AX: &str = "apis/agentops.dev/v1alpha1";
 const BATCH: &str = "apis/batch/v1";
-const CORE: &str = "api/v1";
-
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<controller::Stopped>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-/// A controller whose gateway relays to `upstream`, with its runner listener; returns its URL.
-async fn start(kube: &FakeKube, upstream: &str, store: Store, clock: Clock) -> (Running, String) {
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", http.local_addr().unwrap());
-    let mut config = ControllerConfig {
-        recheck_stalled: Duration::from_millis(200),
-        retry_after: Duration::from_millis(200),
-        ..Default::default()
-    };
-    config.job.report_url = Some(base.clone());
-    config.job.git_relay = false;
-    config.model_upstream = upstream.to_string();
-    config.clock = clock;
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let task = tokio::spawn(async move {
-        controller::run(
-            client,
-            config,
-            Some(store),
-            ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
-            None,
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-    });
-    (Running { stop: Some(tx), task }, base)
-}
-
-async fn namespace(kube: &FakeKube, name: &str) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
-    Api::<Namespace>::all(kube.client()).create(&PostParams::default(), &ns).await.unwrap();
-    let api: Api<Secret> = Api::namespaced(kube.client(), name);
-    for (secret, key, value) in [("git-cred", "token", support::TOKEN), ("anthropic", "api-key", support::API_KEY)] {
-        let s: Secret =
-            serde_json::from_value(json!({"metadata": {"name": secret}, "stringData": {key: value}})).unwrap();
-        api.create(&PostParams::default(), &s).await.unwrap();
-    }
-}
 
 fn execution(name: &str) -> AgentExecution {
     serde_json::from_value(json!({
@@ -90,24 +31,6 @@ fn execution(name: &str) -> AgentExecution {
                  "agent": {"model": "claude-sonnet-4-6", "apiKeySecretRef": {"name": "anthropic"}}}
     }))
     .unwrap()
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn token(kube: &FakeKube, ns: &str, name: &str) -> String {
-    use base64::Engine;
-    let s = kube.get(CORE, "secrets", ns, &format!("agentops-runner-{name}")).expect("runner Secret");
-    let b64 = s["data"]["model"].as_str().expect("model token");
-    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
 }
 
 /// ~90,000 tokens of prompt: the gateway holds ~$0.60 for it (1 token per byte at the dearest
@@ -163,8 +86,8 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
     let model = support::FakeAnthropic::start(vec![answer; 64]).await;
     let kube = FakeKube::start().await;
-    namespace(&kube, "pay").await;
-    namespace(&kube, "web").await;
+    namespace(&kube, "pay", json!({})).await;
+    namespace(&kube, "web", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
     // 2026-12-06T12:00:00Z, moved by the test.
@@ -180,7 +103,7 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     }))
     .unwrap();
     Api::<AgentBudget>::all(kube.client()).create(&PostParams::default(), &budget).await.unwrap();
-    let (ctl, base) = start(&kube, &model.base_url, store.clone(), clock.clone()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store.clone()), clock.clone()).await;
     let pay: Api<AgentExecution> = Api::namespaced(kube.client(), "pay");
     let names = ["a", "b", "c"];
     for n in names {
@@ -190,7 +113,7 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
         until("Running", || (kube.get(AX, "agentexecutions", "pay", n)?["status"]["phase"] == "Running").then_some(()))
             .await;
     }
-    let tokens: Vec<String> = names.iter().map(|n| token(&kube, "pay", n)).collect();
+    let tokens: Vec<String> = names.iter().map(|n| model_token(&kube, "pay", n)).collect();
 
     // Three executions, four requests each, all at once.
     let mut tasks = Vec::new();
@@ -312,7 +235,7 @@ async fn a_namespace_budget_holds_concurrent_executions_queues_survives_a_restar
     ctl.stop().await;
     let (kept, exhausted) = store.budget_spent("pay-daily", "2026-12-06T00:00:00Z").await.unwrap().unwrap();
     assert!((kept - spent).abs() < 1e-9 && exhausted, "{kept} {exhausted}");
-    let (ctl, base) = start(&kube, &model.base_url, store.clone(), clock.clone()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store.clone()), clock.clone()).await;
     let (status, text) = ask(&base, "pay", "a", &tokens[0]).await;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains(TEAM_BUDGET_SPENT), "{text}");
@@ -401,15 +324,15 @@ async fn a_budget_created_mid_run_holds_the_running_execution() {
     let answer = support::Step::text("ok").with_usage([90_000, 1_000, 0, 0]);
     let model = support::FakeAnthropic::start(vec![answer; 8]).await;
     let kube = FakeKube::start().await;
-    namespace(&kube, "late").await;
+    namespace(&kube, "late", json!({})).await;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("controller.db")).await.unwrap();
-    let (ctl, base) = start(&kube, &model.base_url, store, Clock::default()).await;
+    let (ctl, base) = start(&kube, Some(&model.base_url), Some(store), Clock::default()).await;
     let api: Api<AgentExecution> = Api::namespaced(kube.client(), "late");
     api.create(&PostParams::default(), &execution("r")).await.unwrap();
     until("Running", || (kube.get(AX, "agentexecutions", "late", "r")?["status"]["phase"] == "Running").then_some(()))
         .await;
-    let token = token(&kube, "late", "r");
+    let token = model_token(&kube, "late", "r");
     assert_eq!(ask(&base, "late", "r", &token).await.0, 200, "no budget yet");
     // $0.50: less than one request's worst case (~$0.66).
     let budget: AgentBudget = serde_json::from_value(json!({

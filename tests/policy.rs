@@ -10,10 +10,9 @@ mod support;
 use std::time::Duration;
 
 use agentops::api::{self, AgentExecution, AgentPolicy, policy};
-use agentops::controller::{self, ControllerConfig, ExecutorKind};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
+use support::cluster::{namespace, start, until};
 use support::kube_api::FakeKube;
 use support::*;
 
@@ -206,62 +205,6 @@ fn a_bad_policy_is_refused_naming_its_field() {
 
 // --- The controller ---------------------------------------------------------------------
 
-struct Running {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<controller::Stopped>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
-
-/// A controller with its API listener (where, with no probes listener, metrics are too); its URL.
-fn start(kube: &FakeKube) -> (Running, String) {
-    let mut config = ControllerConfig {
-        recheck_stalled: Duration::from_millis(200),
-        retry_after: Duration::from_millis(200),
-        ..Default::default()
-    };
-    let std = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    std.set_nonblocking(true).unwrap();
-    let base = format!("http://{}", std.local_addr().unwrap());
-    config.job.report_url = Some(base.clone());
-    config.job.git_relay = false;
-    let http = tokio::net::TcpListener::from_std(std).unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let client = kube.client();
-    let task = tokio::spawn(async move {
-        controller::run(
-            client,
-            config,
-            None,
-            ExecutorKind::Job,
-            agentops::server::serve(agentops::server::Listeners { api: Some(http), probes: None, egress: None }),
-            None,
-            async move {
-                let _ = rx.await;
-            },
-        )
-        .await
-    });
-    (Running { stop: Some(tx), task }, base)
-}
-
-async fn namespace(kube: &FakeKube, name: &str, labels: Value) {
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}})).unwrap();
-    Api::<Namespace>::all(kube.client()).create(&PostParams::default(), &ns).await.unwrap();
-    let api: Api<Secret> = Api::namespaced(kube.client(), name);
-    for (secret, key) in [("git-cred", "token"), ("anthropic", "api-key")] {
-        let s: Secret = serde_json::from_value(json!({"metadata": {"name": secret}, "data": {key: "eA=="}})).unwrap();
-        api.create(&PostParams::default(), &s).await.unwrap();
-    }
-}
-
 fn execution(name: &str, agent: Value) -> AgentExecution {
     serde_json::from_value(json!({
         "apiVersion": "agentops.dev/v1alpha1", "kind": "AgentExecution",
@@ -280,17 +223,6 @@ fn json_with(mut a: Value, b: Value) -> Value {
         }
     }
     a
-}
-
-async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 fn manifest_of(kube: &FakeKube, ns: &str, name: &str) -> String {
@@ -323,7 +255,7 @@ spec:
     for p in policies(&format!("{COMPANY}---{payments}")) {
         policies_api.create(&PostParams::default(), &p).await.unwrap();
     }
-    let (ctl, base) = start(&kube);
+    let (ctl, base) = start(&kube, None, None, Default::default()).await;
     let pay: Api<AgentExecution> = Api::namespaced(kube.client(), "pay");
     let web: Api<AgentExecution> = Api::namespaced(kube.client(), "web");
 

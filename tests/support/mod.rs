@@ -2,6 +2,7 @@
 //! smart-HTTP server, a scripted fake Anthropic API, and a harness that wires them to the runner.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod fake_anthropic;
 pub mod fake_forge;
 pub mod fake_mcp;
