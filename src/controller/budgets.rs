@@ -20,7 +20,6 @@ use super::decide::Note;
 use super::events::Events;
 use super::metrics::{BudgetLabel, Metrics};
 use crate::api::budget::{self, Window};
-use crate::api::policy::NAME_LABEL;
 use crate::api::{AgentBudget, AgentBudgetStatus, AgentExecution, Phase, Reason};
 use crate::gateway::Pool;
 use crate::store::Store;
@@ -101,9 +100,7 @@ impl Budgets {
     }
 
     fn labels(&self, ns: &str) -> BTreeMap<String, String> {
-        let mut labels = self.namespaces.get(&ObjectRef::new(ns)).map(|n| n.labels().clone()).unwrap_or_default();
-        labels.insert(NAME_LABEL.into(), ns.into());
-        labels
+        super::policies::labels_of(&self.namespaces, ns)
     }
 
     /// The valid budgets covering namespace `ns`, with their current period.

@@ -77,7 +77,7 @@ impl Policies {
 
 /// A namespace's labels, with the name label Kubernetes always sets (also when the cache does
 /// not have the namespace).
-fn labels_of(namespaces: &Store<Namespace>, ns: &str) -> BTreeMap<String, String> {
+pub(crate) fn labels_of(namespaces: &Store<Namespace>, ns: &str) -> BTreeMap<String, String> {
     let mut labels = namespaces.get(&ObjectRef::new(ns)).map(|n| n.labels().clone()).unwrap_or_default();
     labels.insert(NAME_LABEL.into(), ns.into());
     labels
